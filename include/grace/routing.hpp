@@ -1,0 +1,63 @@
+#pragma once
+/// @file routing.hpp
+/// Online replica routing (spec §5), shared by the evaluator's replay, the CPU runtime and (by construction)
+/// the GPU runtime: given a token's source GPU and a chosen expert, pick the GPU of one of its instances.
+///
+/// WRR is smooth weighted round-robin (nginx) over integer weights summing to Q. Its pick sequence repeats
+/// with period Q, so the router precomputes, for every (source GPU, expert), the length-Q sequence over the
+/// instances eligible from that source (all instances for WRR; the nearest tier for TAR) and keeps a counter
+/// per (source GPU, expert): the i-th selection takes position (offset + i) mod Q.
+
+#include <cstdint>
+#include <vector>
+
+#include "grace/plan.hpp"
+#include "grace/topology.hpp"
+
+namespace grace {
+
+/// Smooth weighted round-robin sequence of length sum(weights): entry i is the index (into weights) picked at
+/// step i. Ties go to the lowest index. Throws kInvalidArgument for an empty list or a weight < 1.
+std::vector<uint8_t> smooth_wrr_sequence(const std::vector<int>& weights);
+
+/// Rounds positive real weights to integers >= 1 summing to `period` (largest remainder, ties to the lower
+/// index). Throws kInvalidArgument if period < weights.size().
+std::vector<int> round_weights(const std::vector<double>& weights, int period);
+
+/// Stateful router for one layer of a plan. Deterministic: the same plan, policy, seed and sequence of calls
+/// give the same picks.
+class ReplicaRouter {
+public:
+    /// Builds the per-(source GPU, expert) tables. `seed` drives the SGLang policies.
+    ReplicaRouter(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy, uint64_t seed = 0);
+
+    /// GPU chosen for selection j (0 <= j < k) of a token whose flat index in the replayed stream is `token`,
+    /// on source GPU `source`, choosing `expert`. `token` matters only to the vLLM policy (t*k + j) and the
+    /// dynamic SGLang policy. Advances the WRR counter of (source, expert).
+    int route(int source, int expert, int64_t token, int j, int top_k);
+
+    /// Position in instance_gpus[expert] of the last pick (for per-instance loads).
+    int last_instance() const { return last_instance_; }
+
+    /// WRR counter of (source, expert): how many selections it has routed (mod Q).
+    int wrr_offset(int source, int expert) const { return offsets_[static_cast<size_t>(source) * num_experts_ + expert]; }
+    /// Sets all counters back to zero.
+    void reset();
+    RoutingPolicy policy() const { return policy_; }
+
+private:
+    const LayerPlan* layer_;
+    Topology topology_;
+    RoutingPolicy policy_;
+    uint64_t seed_;
+    int num_experts_;
+    int period_;
+    int last_instance_ = 0;
+    // For (source, expert): the instance-index sequence (length period_) in sequences_, starting at seq_begin_.
+    std::vector<uint8_t> sequences_;
+    std::vector<int64_t> seq_begin_;
+    std::vector<int> offsets_;
+    std::vector<int> static_choice_;  // SGLang static: instance index per (source, expert)
+};
+
+}  // namespace grace

@@ -1,0 +1,83 @@
+// The `grace` command-line tool. Every error reaches main as an exception and is printed as one line,
+// `grace: error: ...`, with a non-zero exit.
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <unistd.h>
+
+#include "command.hpp"
+#include "grace/error.hpp"
+
+namespace grace::cli {
+
+std::vector<Command>& registry() {
+    static std::vector<Command> commands;
+    return commands;
+}
+
+void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int>& experts_flag) {
+    sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)");
+    sub.add_option_function<std::string>("--model", [&overrides](const std::string& v) { overrides.model = v; },
+                                         "Model name (overrides metadata)");
+    sub.add_option_function<std::string>("--dataset", [&overrides](const std::string& v) { overrides.dataset = v; },
+                                         "Dataset name (overrides metadata)");
+    sub.add_option_function<std::string>("--weights", [&overrides](const std::string& v) { overrides.weights_path = v; },
+                                         "Gate weights .npy [T, L, k] (overrides metadata)");
+}
+
+Progress::Progress(std::string label, int64_t total) : label_(std::move(label)), total_(std::max<int64_t>(total, 1)) {
+    const char* env = std::getenv("GRACE_PROGRESS");
+    enabled_ = env ? std::string(env) == "1" : isatty(STDERR_FILENO);
+}
+
+void Progress::update(int64_t done) {
+    if (!enabled_) return;
+    int percent = static_cast<int>(100 * std::min(done, total_) / total_);
+    if (percent == last_percent_) return;
+    last_percent_ = percent;
+    int filled = percent * 30 / 100;
+    std::fprintf(stderr, "\r%-28s [%s%s] %3d%%", label_.c_str(), std::string(filled, '#').c_str(),
+                 std::string(30 - filled, '.').c_str(), percent);
+    std::fflush(stderr);
+}
+
+void Progress::finish() {
+    if (!enabled_) return;
+    update(total_);
+    std::fprintf(stderr, "\n");
+}
+
+}  // namespace grace::cli
+
+int main(int argc, char** argv) {
+    using namespace grace::cli;
+    CLI::App app{"grace: expert grouping, replication and locality-aware routing for distributed MoE inference"};
+    app.require_subcommand(1);
+    app.set_version_flag("--version", "grace 0.1.0");
+    auto& commands = registry();
+    std::stable_sort(commands.begin(), commands.end(), [](const Command& a, const Command& b) { return a.order < b.order; });
+    std::function<int()> run;
+    for (auto& command : commands) {
+        CLI::App* sub = app.add_subcommand(command.name, command.help);
+        auto runner = command.setup(*sub);
+        sub->callback([&run, runner] { run = runner; });
+    }
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        std::cerr << "grace: error: " << e.what() << "\n";
+        return 2;
+    }
+    try {
+        return run ? run() : 0;
+    } catch (const std::exception& e) {
+        std::cerr << "grace: error: " << e.what() << "\n";
+        return 1;
+    }
+}
