@@ -1,0 +1,225 @@
+#include "grace/trace.hpp"
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "grace/error.hpp"
+#include "grace/io.hpp"
+#include "grace/npy.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace grace {
+
+namespace {
+
+constexpr int kMaxTopK = 64;
+
+std::string stem_path(const std::string& trace_path) {
+    fs::path p(trace_path);
+    if (p.extension() == ".npy") p.replace_extension();
+    return p.string();
+}
+
+// Checks one chunk's ids: range and distinctness within each (token, layer). `first_token` only labels errors.
+void validate_ids(const int32_t* ids, int64_t tokens, int layers, int k, int num_experts, int64_t first_token) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int l = 0; l < layers; ++l) {
+            const int32_t* row = ids + (t * layers + l) * k;
+            for (int j = 0; j < k; ++j) {
+                int32_t e = row[j];
+                GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", first_token + t, ", layer ",
+                                  l, " is out of range [0, ", num_experts, ")");
+                for (int i = 0; i < j; ++i)
+                    GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ",
+                                      first_token + t, ", layer ", l);
+            }
+        }
+    }
+}
+
+struct Metadata {
+    int num_experts = 0;
+    std::string model, dataset, weights_path;
+};
+
+Metadata read_metadata(const std::string& trace_path, const TraceOverrides& overrides) {
+    Metadata m;
+    std::string meta_path = trace_metadata_path(trace_path);
+    std::error_code ec;
+    if (fs::exists(meta_path, ec)) {
+        json j;
+        try {
+            j = json::parse(read_text(meta_path));
+        } catch (const json::exception& e) {
+            GRACE_CHECK_INPUT(false, meta_path, ": not valid JSON (", e.what(), ")");
+        }
+        GRACE_CHECK_INPUT(j.is_object(), meta_path, ": trace metadata must be a JSON object");
+        try {
+            if (j.contains("num_experts")) m.num_experts = j.at("num_experts").get<int>();
+            if (j.contains("model")) m.model = j.at("model").get<std::string>();
+            if (j.contains("dataset")) m.dataset = j.at("dataset").get<std::string>();
+            if (j.contains("weights") && !j.at("weights").is_null()) {
+                fs::path w = j.at("weights").get<std::string>();
+                if (w.is_relative()) w = fs::path(trace_path).parent_path() / w;
+                m.weights_path = w.string();
+            }
+        } catch (const json::exception& e) {
+            GRACE_CHECK_INPUT(false, meta_path, ": bad field type (", e.what(), ")");
+        }
+    }
+    if (overrides.num_experts) m.num_experts = *overrides.num_experts;
+    if (overrides.model) m.model = *overrides.model;
+    if (overrides.dataset) m.dataset = *overrides.dataset;
+    if (overrides.weights_path) m.weights_path = *overrides.weights_path;
+    GRACE_CHECK_INPUT(m.num_experts > 0, trace_path, ": number of experts unknown: give --experts E or \"num_experts\" in ",
+                      meta_path);
+    return m;
+}
+
+// Interprets the id array's shape as [T, L, k] or [T, k].
+void trace_shape(const NpyHeader& h, const std::string& path, int64_t& tokens, int& layers, int& k) {
+    GRACE_CHECK_INPUT(h.is_integer() && h.dtype != DType::kBool, path, ": expert ids must be integers, got ",
+                      h.dtype_name());
+    GRACE_CHECK_INPUT(h.shape.size() == 2 || h.shape.size() == 3, path, ": expected shape [tokens, layers, top_k] or ",
+                      "[tokens, top_k], got rank ", h.shape.size());
+    tokens = h.shape[0];
+    layers = h.shape.size() == 3 ? static_cast<int>(h.shape[1]) : 1;
+    k = static_cast<int>(h.shape.back());
+    GRACE_CHECK_INPUT(tokens >= 1, path, ": empty trace (0 tokens)");
+    GRACE_CHECK_INPUT(layers >= 1, path, ": trace has 0 layers");
+    GRACE_CHECK_INPUT(k >= 1 && k <= kMaxTopK, path, ": top_k = ", k, " is out of range [1, ", kMaxTopK, "]");
+}
+
+}  // namespace
+
+std::string trace_metadata_path(const std::string& trace_path) { return stem_path(trace_path) + ".json"; }
+
+void RoutingTrace::validate() const {
+    GRACE_CHECK_INPUT(num_tokens >= 1, "empty trace (0 tokens)");
+    GRACE_CHECK_INPUT(num_layers >= 1, "trace has ", num_layers, " layers");
+    GRACE_CHECK_INPUT(top_k >= 1, "top_k = ", top_k, " must be at least 1");
+    GRACE_CHECK_INPUT(top_k <= num_experts, "top_k = ", top_k, " exceeds the number of experts E = ", num_experts);
+    const int64_t n = num_tokens * num_layers * top_k;
+    GRACE_CHECK_INPUT(static_cast<int64_t>(expert_ids.size()) == n, "trace holds ", expert_ids.size(),
+                      " ids but [T, L, k] = [", num_tokens, ", ", num_layers, ", ", top_k, "] needs ", n);
+    validate_ids(expert_ids.data(), num_tokens, num_layers, top_k, num_experts, 0);
+    if (!gate_weights.empty()) {
+        GRACE_CHECK_INPUT(static_cast<int64_t>(gate_weights.size()) == n, "gate weights hold ", gate_weights.size(),
+                          " values but the ids' shape [", num_tokens, ", ", num_layers, ", ", top_k, "] needs ", n);
+        for (int64_t i = 0; i < n; ++i)
+            GRACE_CHECK_INPUT(std::isfinite(gate_weights[i]), "gate weight at token ", i / (num_layers * top_k),
+                              ", layer ", (i / top_k) % num_layers, " is not finite (", gate_weights[i], ")");
+    }
+}
+
+RoutingTrace RoutingTrace::slice_tokens(int64_t begin, int64_t end) const {
+    GRACE_CHECK_ARG(0 <= begin && begin <= end && end <= num_tokens, "token range [", begin, ", ", end,
+                    ") is outside [0, ", num_tokens, ")");
+    RoutingTrace out = *this;
+    const int64_t row = static_cast<int64_t>(num_layers) * top_k;
+    out.num_tokens = end - begin;
+    out.expert_ids.assign(expert_ids.begin() + begin * row, expert_ids.begin() + end * row);
+    if (has_weights()) out.gate_weights.assign(gate_weights.begin() + begin * row, gate_weights.begin() + end * row);
+    return out;
+}
+
+RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides) {
+    TraceReader reader(path, overrides);
+    RoutingTrace trace;
+    reader.next(reader.num_tokens(), trace);
+    std::string weights_path = read_metadata(path, overrides).weights_path;
+    if (!weights_path.empty()) {
+        std::vector<int64_t> shape;
+        NpyHeader h = read_npy_header(weights_path);
+        GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
+        std::vector<double> w = read_npy_float(weights_path, &shape);
+        bool ok = (shape.size() == 3 && shape[0] == trace.num_tokens && shape[1] == trace.num_layers &&
+                   shape[2] == trace.top_k) ||
+                  (shape.size() == 2 && trace.num_layers == 1 && shape[0] == trace.num_tokens && shape[1] == trace.top_k);
+        GRACE_CHECK_INPUT(ok, weights_path, ": gate weights must have the ids' shape [", trace.num_tokens, ", ",
+                          trace.num_layers, ", ", trace.top_k, "]");
+        trace.gate_weights.assign(w.begin(), w.end());
+        for (size_t i = 0; i < w.size(); ++i)
+            GRACE_CHECK_INPUT(std::isfinite(w[i]), weights_path, ": gate weight at token ",
+                              i / (trace.num_layers * trace.top_k), " is not finite (", w[i], ")");
+    }
+    return trace;
+}
+
+void save_trace(const RoutingTrace& trace, const std::string& path) {
+    trace.validate();
+    check_output_dir(path);
+    std::string stem = stem_path(path);
+    json meta = {{"format", "grace.trace/v1"},   {"num_experts", trace.num_experts}, {"num_layers", trace.num_layers},
+                 {"top_k", trace.top_k},         {"num_tokens", trace.num_tokens},   {"model", trace.model},
+                 {"dataset", trace.dataset},     {"weights", nullptr}};
+    if (trace.has_weights()) {
+        std::string wpath = stem + ".weights.npy";
+        write_npy(wpath, trace.gate_weights, {trace.num_tokens, trace.num_layers, trace.top_k});
+        meta["weights"] = fs::path(wpath).filename().string();
+    }
+    write_npy(path, trace.expert_ids, {trace.num_tokens, trace.num_layers, trace.top_k});
+    write_text_atomic(trace_metadata_path(path), meta.dump(2) + "\n");
+}
+
+struct TraceReader::Impl {
+    std::string path;
+    std::unique_ptr<NpyRowReader> reader;
+    Metadata meta;
+    int64_t tokens = 0;
+    int layers = 0, k = 0;
+    int64_t next_token = 0;
+    std::vector<int64_t> buffer;
+};
+
+TraceReader::TraceReader(const std::string& path, const TraceOverrides& overrides) : impl_(std::make_unique<Impl>()) {
+    impl_->path = path;
+    impl_->reader = std::make_unique<NpyRowReader>(path);
+    trace_shape(impl_->reader->header(), path, impl_->tokens, impl_->layers, impl_->k);
+    impl_->meta = read_metadata(path, overrides);
+    GRACE_CHECK_INPUT(impl_->k <= impl_->meta.num_experts, path, ": top_k = ", impl_->k,
+                      " exceeds the number of experts E = ", impl_->meta.num_experts);
+}
+
+TraceReader::~TraceReader() = default;
+TraceReader::TraceReader(TraceReader&&) noexcept = default;
+TraceReader& TraceReader::operator=(TraceReader&&) noexcept = default;
+
+int64_t TraceReader::num_tokens() const { return impl_->tokens; }
+int TraceReader::num_layers() const { return impl_->layers; }
+int TraceReader::top_k() const { return impl_->k; }
+int TraceReader::num_experts() const { return impl_->meta.num_experts; }
+const std::string& TraceReader::model() const { return impl_->meta.model; }
+const std::string& TraceReader::dataset() const { return impl_->meta.dataset; }
+
+bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token) {
+    GRACE_CHECK_ARG(max_tokens >= 1, "chunk size must be at least 1 token");
+    int64_t first = impl_->next_token;
+    int64_t rows = impl_->reader->read_int(max_tokens, impl_->buffer);
+    chunk.num_tokens = rows;
+    chunk.num_layers = impl_->layers;
+    chunk.top_k = impl_->k;
+    chunk.num_experts = impl_->meta.num_experts;
+    chunk.model = impl_->meta.model;
+    chunk.dataset = impl_->meta.dataset;
+    chunk.gate_weights.clear();
+    chunk.expert_ids.resize(impl_->buffer.size());
+    const int64_t e_max = impl_->meta.num_experts;
+    for (size_t i = 0; i < impl_->buffer.size(); ++i) {
+        int64_t v = impl_->buffer[i];
+        // Range first, so a huge id cannot wrap into a valid int32.
+        GRACE_CHECK_INPUT(v >= 0 && v < e_max, impl_->path, ": expert id ", v, " at token ",
+                          first + static_cast<int64_t>(i) / (impl_->layers * impl_->k), ", layer ",
+                          (static_cast<int64_t>(i) / impl_->k) % impl_->layers, " is out of range [0, ", e_max, ")");
+        chunk.expert_ids[i] = static_cast<int32_t>(v);
+    }
+    validate_ids(chunk.expert_ids.data(), rows, impl_->layers, impl_->k, impl_->meta.num_experts, first);
+    impl_->next_token += rows;
+    if (first_token) *first_token = first;
+    return rows > 0;
+}
+
+}  // namespace grace

@@ -1,0 +1,165 @@
+#include "grace/trace.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "grace/error.hpp"
+#include "grace/npy.hpp"
+#include "grace/topology.hpp"
+#include "test_util.hpp"
+
+namespace grace {
+namespace {
+
+using testing::TempDir;
+using testing::write_bytes;
+
+RoutingTrace small_trace() {
+    RoutingTrace t;
+    t.num_tokens = 3;
+    t.num_layers = 2;
+    t.top_k = 2;
+    t.num_experts = 4;
+    t.model = "toy";
+    t.dataset = "unit";
+    t.expert_ids = {0, 1, 2, 3, /*t1*/ 1, 2, 0, 3, /*t2*/ 3, 0, 1, 2};
+    t.gate_weights = {0.6f, 0.4f, 0.5f, 0.5f, 0.7f, 0.3f, 0.9f, 0.1f, 0.55f, 0.45f, 0.2f, 0.8f};
+    return t;
+}
+
+std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+TEST(Trace, SaveLoadRoundTripWithMetadataAndWeights) {
+    TempDir dir;
+    RoutingTrace t = small_trace();
+    save_trace(t, dir.file("trace.npy"));
+    EXPECT_TRUE(std::filesystem::exists(dir.file("trace.json")));
+    EXPECT_TRUE(std::filesystem::exists(dir.file("trace.weights.npy")));
+    RoutingTrace u = load_trace(dir.file("trace.npy"));
+    EXPECT_EQ(u.num_tokens, 3);
+    EXPECT_EQ(u.num_layers, 2);
+    EXPECT_EQ(u.top_k, 2);
+    EXPECT_EQ(u.num_experts, 4);
+    EXPECT_EQ(u.model, "toy");
+    EXPECT_EQ(u.dataset, "unit");
+    EXPECT_EQ(u.expert_ids, t.expert_ids);
+    EXPECT_EQ(u.gate_weights, t.gate_weights);
+    EXPECT_EQ(u.id(1, 1, 0), 0);
+}
+
+TEST(Trace, FlagsOverrideMetadataAndTwoDimensionalIsOneLayer) {
+    TempDir dir;
+    write_npy(dir.file("one.npy"), std::vector<int32_t>{0, 5, 7, 2}, {2, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("one.npy")); }).find("number of experts unknown"), std::string::npos);
+    TraceOverrides o;
+    o.num_experts = 8;
+    o.model = "m";
+    RoutingTrace t = load_trace(dir.file("one.npy"), o);
+    EXPECT_EQ(t.num_layers, 1);
+    EXPECT_EQ(t.top_k, 2);
+    EXPECT_EQ(t.model, "m");
+    EXPECT_EQ(t.id(1, 0, 1), 2);
+}
+
+TEST(Trace, RejectsBadIdsShapesAndWeights) {
+    TempDir dir;
+    TraceOverrides o;
+    o.num_experts = 4;
+    write_npy(dir.file("oor.npy"), std::vector<int32_t>{0, 4}, {1, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("oor.npy"), o); }).find("expert id 4 at token 0, layer 0 is out of range"),
+              std::string::npos);
+    write_npy(dir.file("neg.npy"), std::vector<int32_t>{-1, 2}, {1, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("neg.npy"), o); }).find("out of range"), std::string::npos);
+    write_npy(dir.file("rep.npy"), std::vector<int32_t>{1, 2, 3, 3}, {2, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("rep.npy"), o); }).find("repeated in the top-k of token 1"),
+              std::string::npos);
+    write_npy(dir.file("rank1.npy"), std::vector<int32_t>{1, 2}, {2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("rank1.npy"), o); }).find("rank 1"), std::string::npos);
+    write_npy(dir.file("empty.npy"), std::vector<int32_t>{}, {0, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("empty.npy"), o); }).find("empty trace"), std::string::npos);
+    write_npy(dir.file("bigk.npy"), std::vector<int32_t>{0, 1, 2, 3, 0}, {1, 5});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("bigk.npy"), o); }).find("exceeds the number of experts"),
+              std::string::npos);
+    write_npy(dir.file("flt.npy"), std::vector<float>{0.f, 1.f}, {1, 2});
+    EXPECT_NE(error_of([&] { load_trace(dir.file("flt.npy"), o); }).find("must be integers"), std::string::npos);
+
+    write_npy(dir.file("ok.npy"), std::vector<int32_t>{0, 1}, {1, 2});
+    write_npy(dir.file("w_nan.npy"), std::vector<float>{0.5f, std::nanf("")}, {1, 2});
+    TraceOverrides wo = o;
+    wo.weights_path = dir.file("w_nan.npy");
+    EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("not finite"), std::string::npos);
+    write_npy(dir.file("w_shape.npy"), std::vector<float>{0.5f, 0.5f, 0.1f}, {1, 3});
+    wo.weights_path = dir.file("w_shape.npy");
+    EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("ids' shape"), std::string::npos);
+}
+
+TEST(Trace, ValidateCatchesInMemoryMistakes) {
+    RoutingTrace t = small_trace();
+    t.gate_weights[3] = INFINITY;
+    EXPECT_NE(error_of([&] { t.validate(); }).find("not finite"), std::string::npos);
+    RoutingTrace e = small_trace();
+    e.num_tokens = 0;
+    e.expert_ids.clear();
+    EXPECT_NE(error_of([&] { e.validate(); }).find("empty trace"), std::string::npos);
+}
+
+TEST(Trace, SaveToMissingFolderFailsWithoutPartialFiles) {
+    TempDir dir;
+    EXPECT_NE(error_of([&] { save_trace(small_trace(), dir.file("missing/t.npy")); }).find("does not exist"),
+              std::string::npos);
+    EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+}
+
+TEST(Trace, ReaderStreamsChunksEqualToWholeLoad) {
+    TempDir dir;
+    RoutingTrace t;
+    t.num_tokens = 101;
+    t.num_layers = 3;
+    t.top_k = 2;
+    t.num_experts = 16;
+    for (int64_t i = 0; i < t.num_tokens * t.num_layers; ++i) {
+        t.expert_ids.push_back(static_cast<int32_t>(i % 16));
+        t.expert_ids.push_back(static_cast<int32_t>((i * 7 + 3) % 16 == i % 16 ? (i + 1) % 16 : (i * 7 + 3) % 16));
+    }
+    save_trace(t, dir.file("s.npy"));
+    TraceReader reader(dir.file("s.npy"));
+    std::vector<int32_t> all;
+    RoutingTrace chunk;
+    int64_t first = -1, expected_first = 0;
+    while (reader.next(17, chunk, &first)) {
+        EXPECT_EQ(first, expected_first);
+        expected_first += chunk.num_tokens;
+        all.insert(all.end(), chunk.expert_ids.begin(), chunk.expert_ids.end());
+    }
+    EXPECT_EQ(all, t.expert_ids);
+    EXPECT_EQ(t.slice_tokens(10, 20).expert_ids,
+              std::vector<int32_t>(t.expert_ids.begin() + 60, t.expert_ids.begin() + 120));
+}
+
+TEST(Topology, ParsesAndRejects) {
+    Topology t = Topology::parse("2x4");
+    EXPECT_EQ(t.num_gpus(), 8);
+    EXPECT_EQ(t.node_of(5), 1);
+    EXPECT_EQ(t.local_index(5), 1);
+    EXPECT_EQ(t.gpu_at(1, 3), 7);
+    EXPECT_EQ(t.to_string(), "2x4");
+    EXPECT_NE(error_of([] { Topology::parse("2x0"); }).find("has a zero"), std::string::npos);
+    EXPECT_NE(error_of([] { Topology::parse("0x4"); }).find("has a zero"), std::string::npos);
+    EXPECT_NE(error_of([] { Topology::parse("two"); }).find("NxM"), std::string::npos);
+    EXPECT_NE(error_of([] { Topology::parse("2x-1"); }).find("NxM"), std::string::npos);
+    // Contiguous data-parallel blocks: 10 tokens on 4 GPUs -> 3,2,3,2 split by floor(t*G/T).
+    std::vector<int> homes;
+    for (int t = 0; t < 10; ++t) homes.push_back(home_gpu(t, 10, 4));
+    EXPECT_EQ(homes, (std::vector<int>{0, 0, 0, 1, 1, 2, 2, 2, 3, 3}));
+}
+
+}  // namespace
+}  // namespace grace
