@@ -116,7 +116,13 @@ struct LocalMoeShape {
 
 /// Time of each stage of the last forward() (filled only when profiling is on), milliseconds.
 struct LocalMoeTimings {
-    float permute_ms = 0, gemm_up_ms = 0, act_ms = 0, gemm_down_ms = 0, unpermute_ms = 0, total_ms = 0;
+    float sort_ms = 0;       ///< counting sort by expert + positions (+ counts to the host, async)
+    float permute_ms = 0;    ///< the row copy into expert order
+    float gemm_up_ms = 0;    ///< grouped gate+up GEMM (includes the host sync for the counts)
+    float act_ms = 0;        ///< SiLU(gate) * up
+    float gemm_down_ms = 0;  ///< grouped down GEMM
+    float unpermute_ms = 0;  ///< gate-weighted sum back into token order
+    float total_ms = 0;      ///< all of the above
 };
 
 /// The local expert layer: permute tokens into per-expert contiguous rows, grouped GEMM gate+up ([H -> 2I],
@@ -142,6 +148,9 @@ public:
                                               const std::vector<uint16_t>& w13, const std::vector<uint16_t>& w2,
                                               const std::vector<uint16_t>& x, const std::vector<int32_t>& topk_idx,
                                               const std::vector<float>& topk_weights, int num_tokens);
+    /// Re-runs the expert part of the last forward (up GEMM, SiLU*up if `with_activation`, down GEMM) on its
+    /// workspace, with no host synchronization: for timing the grouped GEMMs alone.
+    void rerun_experts(void* stream = nullptr, bool with_activation = true);
     /// Records per-stage events when on (adds synchronizations; for benchmarks).
     void set_profiling(bool on);
     const LocalMoeTimings& last_timings() const;

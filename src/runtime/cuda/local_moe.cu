@@ -97,7 +97,7 @@ struct LocalMoe::Impl {
     int32_t* h_seg = nullptr;          // pinned [E + 1]
     std::vector<int32_t> counts;
     bool profiling = false;
-    cudaEvent_t ev[6] = {};
+    cudaEvent_t ev[7] = {};
     LocalMoeTimings timings;
 
     void gemm(int which, const std::vector<int>& experts, cudaStream_t stream);
@@ -221,10 +221,11 @@ void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk
     CUDA_LAUNCH_CHECK();
     CUDA_RUNTIME_CHECK(cudaMemcpyAsync(m.h_seg, m.seg_start.data(), sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost,
                                        stream));
+    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[1], stream));
     permute_kernel<<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(
         static_cast<const uint4*>(x), m.pos.data(), n, k, H / kVec, reinterpret_cast<uint4*>(m.xp.data()));
     CUDA_LAUNCH_CHECK();
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[1], stream));
+    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[2], stream));
     CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));  // the GEMM shapes live on the host
     std::vector<int> experts;
     for (int e = 0; e < E; ++e) {
@@ -233,30 +234,50 @@ void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk
     }
     const int64_t rows = m.h_seg[E];
     m.gemm(0, experts, stream);
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[2], stream));
+    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[3], stream));
     if (rows > 0) {
         const int64_t items = rows * (I / kVec);
         silu_mul_kernel<<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
             reinterpret_cast<const uint4*>(m.y1.data()), rows, I / kVec, reinterpret_cast<uint4*>(m.act.data()));
         CUDA_LAUNCH_CHECK();
     }
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[3], stream));
-    m.gemm(1, experts, stream);
     if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[4], stream));
+    m.gemm(1, experts, stream);
+    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[5], stream));
     const int hv = H / kVec;
     unpermute_kernel<<<num_tokens, std::min(hv, 256), 0, stream>>>(
         reinterpret_cast<const uint4*>(m.y2.data()), m.pos.data(), topk_weights, k, hv, static_cast<uint4*>(out));
     CUDA_LAUNCH_CHECK();
     if (m.profiling) {
-        CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[5], stream));
-        CUDA_RUNTIME_CHECK(cudaEventSynchronize(m.ev[5]));
+        CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[6], stream));
+        CUDA_RUNTIME_CHECK(cudaEventSynchronize(m.ev[6]));
         auto ms = [&](int a, int b) {
             float v = 0;
             CUDA_RUNTIME_CHECK(cudaEventElapsedTime(&v, m.ev[a], m.ev[b]));
             return v;
         };
-        m.timings = {ms(0, 1), ms(1, 2), ms(2, 3), ms(3, 4), ms(4, 5), ms(0, 5)};
+        m.timings = {ms(0, 1), ms(1, 2), ms(2, 3), ms(3, 4), ms(4, 5), ms(5, 6), ms(0, 6)};
     }
+}
+
+void LocalMoe::rerun_experts(void* stream_ptr, bool with_activation) {
+    auto& m = *impl_;
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    const int E = m.shape.num_experts, I = m.shape.intermediate;
+    std::vector<int> experts;
+    for (int e = 0; e < E; ++e)
+        if (m.counts[e] > 0) experts.push_back(e);
+    if (experts.empty()) return;
+    CUBLAS_CHECK(cublasSetStream(m.handle, stream));
+    m.gemm(0, experts, stream);
+    const int64_t rows = m.h_seg[E];
+    if (with_activation && rows > 0) {
+        const int64_t items = rows * (I / kVec);
+        silu_mul_kernel<<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
+            reinterpret_cast<const uint4*>(m.y1.data()), rows, I / kVec, reinterpret_cast<uint4*>(m.act.data()));
+        CUDA_LAUNCH_CHECK();
+    }
+    m.gemm(1, experts, stream);
 }
 
 std::vector<uint16_t> LocalMoe::forward_host(const LocalMoeShape& shape, GroupedGemmBackend backend,
