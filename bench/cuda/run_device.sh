@@ -12,6 +12,10 @@ cmake -S . -B build-dev -G Ninja -DGRACE_USE_CUDA=ON -DGRACE_USE_MPI=OFF -DGRACE
 echo "== tests"; build-dev/tests/cuda/grace_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "OK|FAIL|PASSED|rel_l2|Skipped"
 echo "== memcheck"; compute-sanitizer --tool memcheck --leak-check full build-dev/tests/cuda/grace_cuda_tests \
   > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|LEAK SUMMARY|PASSED|FAILED" "$OUT/memcheck.log"
+echo "== racecheck (shared memory), router + sort"; compute-sanitizer --tool racecheck \
+  build-dev/tests/cuda/grace_cuda_tests --gtest_filter='GpuReplicaRouter.*:LocalMoe.MatchesCpuReferenceHybrid' \
+  > "$OUT/racecheck.log" 2>&1; echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log"
+cat "$OUT/racecheck.log" >> "$OUT/memcheck.log"; rm "$OUT/racecheck.log"
 echo "== bench"; build-dev/bench/cuda/bm_moe_gpu --out "$OUT" --routing-dir /tmp/grace_routing 2>&1 | tee "$OUT/bench.log"
 echo "== torch"; PYTHONUNBUFFERED=1 python3 bench/cuda/torch_moe_reference.py --routing-dir /tmp/grace_routing \
   --out "$OUT/torch_ref.json" 2>&1 | tee -a "$OUT/bench.log"

@@ -104,6 +104,7 @@ private:
 enum class GroupedGemmBackend {
     kCublasGrouped,  ///< one cublasGemmGroupedBatchedEx per projection (CUDA 12.5+)
     kCublasLoop,     ///< one cublasGemmEx per non-empty expert per projection
+    kHybrid,         ///< experts with >= hybrid_threshold rows: own cublasGemmEx; the rest: one grouped call
 };
 
 /// Shape of the local expert layer.
@@ -131,7 +132,7 @@ struct LocalMoeTimings {
 class LocalMoe {
 public:
     /// Allocates workspace for up to `max_tokens` tokens. Throws kInvalidArgument for a bad shape.
-    LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend = GroupedGemmBackend::kCublasGrouped);
+    LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend = GroupedGemmBackend::kHybrid);
     ~LocalMoe();
     LocalMoe(const LocalMoe&) = delete;
     LocalMoe& operator=(const LocalMoe&) = delete;
@@ -147,7 +148,8 @@ public:
     static std::vector<uint16_t> forward_host(const LocalMoeShape& shape, GroupedGemmBackend backend,
                                               const std::vector<uint16_t>& w13, const std::vector<uint16_t>& w2,
                                               const std::vector<uint16_t>& x, const std::vector<int32_t>& topk_idx,
-                                              const std::vector<float>& topk_weights, int num_tokens);
+                                              const std::vector<float>& topk_weights, int num_tokens,
+                                              int hybrid_threshold = 1024);
     /// Re-runs the expert part of the last forward (up GEMM, SiLU*up if `with_activation`, down GEMM) on its
     /// workspace, with no host synchronization: for timing the grouped GEMMs alone.
     void rerun_experts(void* stream = nullptr, bool with_activation = true);
@@ -157,6 +159,9 @@ public:
     /// [E] tokens per expert of the last forward (host copy).
     const std::vector<int32_t>& last_counts() const;
     GroupedGemmBackend backend() const;
+    /// Rows from which kHybrid gives an expert its own GEMM (default 1024: where one GEMM's GPU time passes
+    /// the ~10 us host cost of issuing it, measured on an H100).
+    void set_hybrid_threshold(int rows);
     void set_backend(GroupedGemmBackend backend);
 
 private:

@@ -230,7 +230,8 @@ std::vector<float> cpu_moe(const gc::LocalMoeShape& sh, const std::vector<float>
     return out;
 }
 
-void check_moe(gc::LocalMoeShape sh, int T, double mask, gc::GroupedGemmBackend backend, uint32_t seed) {
+void check_moe(gc::LocalMoeShape sh, int T, double mask, gc::GroupedGemmBackend backend, uint32_t seed,
+               int hybrid_threshold = 1024) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.f, 1.f);
     auto fill = [&](size_t n, float scale, std::vector<uint16_t>& b, std::vector<float>& f) {
@@ -247,7 +248,7 @@ void check_moe(gc::LocalMoeShape sh, int T, double mask, gc::GroupedGemmBackend 
     std::vector<float> wt(size_t(T) * k);
     std::uniform_real_distribution<float> u(0.05f, 1.f);
     for (auto& w : wt) w = u(rng);
-    const auto out = gc::LocalMoe::forward_host(sh, backend, bw13, bw2, bx, idx, wt, T);
+    const auto out = gc::LocalMoe::forward_host(sh, backend, bw13, bw2, bx, idx, wt, T, hybrid_threshold);
     const auto ref = cpu_moe(sh, fw13, fw2, fx, idx, wt, T);
     double num = 0, den = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
@@ -276,6 +277,13 @@ TEST(LocalMoe, MatchesCpuReferenceLoop) {
     check_moe({16, 2, 64, 32}, 5, 0.0, gc::GroupedGemmBackend::kCublasLoop, 4);
     check_moe({8, 2, 64, 32}, 37, 0.1, gc::GroupedGemmBackend::kCublasLoop, 5);
     check_moe({128, 8, 128, 96}, 600, 0.0, gc::GroupedGemmBackend::kCublasLoop, 6);
+}
+
+TEST(LocalMoe, MatchesCpuReferenceHybrid) {
+    REQUIRE_GPU();
+    // threshold 40: the popular experts get their own GEMM, the rest go through the grouped call
+    check_moe({64, 8, 256, 128}, 300, 0.05, gc::GroupedGemmBackend::kHybrid, 7, 40);
+    check_moe({32, 4, 128, 64}, 1000, 0.0, gc::GroupedGemmBackend::kHybrid, 8, 100);
 }
 
 TEST(LocalMoe, ZeroTokensIsANoOp) {

@@ -97,6 +97,7 @@ struct LocalMoe::Impl {
     int32_t* h_seg = nullptr;          // pinned [E + 1]
     std::vector<int32_t> counts;
     bool profiling = false;
+    int hybrid_threshold = 1024;
     cudaEvent_t ev[7] = {};
     LocalMoeTimings timings;
 
@@ -152,6 +153,7 @@ const LocalMoeTimings& LocalMoe::last_timings() const { return impl_->timings; }
 const std::vector<int32_t>& LocalMoe::last_counts() const { return impl_->counts; }
 GroupedGemmBackend LocalMoe::backend() const { return impl_->backend; }
 void LocalMoe::set_backend(GroupedGemmBackend backend) { impl_->backend = backend; }
+void LocalMoe::set_hybrid_threshold(int rows) { impl_->hybrid_threshold = std::max(1, rows); }
 
 // which 0: y1[rows of e] = xp[rows of e] @ w13[e]^T   (m = 2I, k = H)
 // which 1: y2[rows of e] = act[rows of e] @ w2[e]^T   (m = H,  k = I)
@@ -165,21 +167,27 @@ void LocalMoe::Impl::gemm(int which, const std::vector<int>& experts, cudaStream
     const bf16* X = which == 0 ? xp.data() : act.data();
     bf16* C = which == 0 ? y1.data() : y2.data();
     const float alpha = 1.0f, beta = 0.0f;
-    const int groups = static_cast<int>(experts.size());
-    if (groups == 0) return;
-    if (backend == GroupedGemmBackend::kCublasLoop) {
-        for (int e : experts) {
+    std::vector<int> own, grouped;  // experts with their own GEMM call / in the grouped call
+    for (int e : experts)
+        ((backend == GroupedGemmBackend::kCublasLoop ||
+          (backend == GroupedGemmBackend::kHybrid && counts[e] >= hybrid_threshold))
+             ? own
+             : grouped)
+            .push_back(e);
+    const int groups = static_cast<int>(grouped.size());
+    {
+        for (int e : own) {
             CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, M, counts[e], K, &alpha,
                                       W + static_cast<size_t>(e) * M * K, CUDA_R_16BF, K,
                                       X + static_cast<size_t>(h_seg[e]) * K, CUDA_R_16BF, K, &beta,
                                       C + static_cast<size_t>(h_seg[e]) * M, CUDA_R_16BF, M, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT));
         }
-        return;
     }
+    if (groups == 0) return;
     const void** hp = h_ptrs + static_cast<size_t>(which) * 3 * E;
     for (int g = 0; g < groups; ++g) {
-        const int e = experts[g];
+        const int e = grouped[g];
         hp[g] = W + static_cast<size_t>(e) * M * K;
         hp[E + g] = X + static_cast<size_t>(h_seg[e]) * K;
         hp[2 * E + g] = C + static_cast<size_t>(h_seg[e]) * M;
@@ -189,7 +197,7 @@ void LocalMoe::Impl::gemm(int which, const std::vector<int>& experts, cudaStream
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<int> ms(groups, M), ns(groups), ks(groups, K), ld_w(groups, K), ld_c(groups, M), size(groups, 1);
     std::vector<float> alphas(groups, alpha), betas(groups, beta);
-    for (int g = 0; g < groups; ++g) ns[g] = counts[experts[g]];
+    for (int g = 0; g < groups; ++g) ns[g] = counts[grouped[g]];
     CUBLAS_CHECK(cublasGemmGroupedBatchedEx(handle, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(),
                                             alphas.data(), dp, CUDA_R_16BF, ld_w.data(), dp + E, CUDA_R_16BF,
                                             ld_w.data(), betas.data(), const_cast<void* const*>(dp + 2 * E),
@@ -283,7 +291,8 @@ void LocalMoe::rerun_experts(void* stream_ptr, bool with_activation) {
 std::vector<uint16_t> LocalMoe::forward_host(const LocalMoeShape& shape, GroupedGemmBackend backend,
                                              const std::vector<uint16_t>& w13, const std::vector<uint16_t>& w2,
                                              const std::vector<uint16_t>& x, const std::vector<int32_t>& topk_idx,
-                                             const std::vector<float>& topk_weights, int num_tokens) {
+                                             const std::vector<float>& topk_weights, int num_tokens,
+                                             int hybrid_threshold) {
     const size_t E = shape.num_experts, H = shape.hidden, I = shape.intermediate, k = shape.top_k;
     const size_t T = static_cast<size_t>(num_tokens);
     GRACE_CHECK_ARG(w13.size() == E * 2 * I * H && w2.size() == E * H * I && x.size() == T * H &&
@@ -300,6 +309,7 @@ std::vector<uint16_t> LocalMoe::forward_host(const LocalMoeShape& shape, Grouped
     CUDA_RUNTIME_CHECK(cudaMemset(dout.data(), 0xff, dout.bytes()));  // poison: every element must be written
     LocalMoe moe(shape, std::max(1, num_tokens), backend);
     moe.set_weights(dw13.data(), dw2.data());
+    moe.set_hybrid_threshold(hybrid_threshold);
     moe.forward(dx.data(), didx.data(), dw.data(), dout.data(), num_tokens, nullptr);
     CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
     return dout.download(T * H);

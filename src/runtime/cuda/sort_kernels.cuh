@@ -30,6 +30,7 @@ static __global__ void __launch_bounds__(kSortThreads) block_rank_kernel(const i
     for (int i = tid; i < num_keys; i += kSortThreads) s_running[i] = 0;
     const int64_t base = static_cast<int64_t>(blockIdx.x) * kSortItems;
     for (int r = 0; r < kSortRounds; ++r) {
+        __syncthreads();  // the previous round's reads of s_warp end before it is cleared
         for (int i = tid; i < kSortWarps * num_keys; i += kSortThreads) s_warp[i] = 0;
         __syncthreads();
         const int64_t p = base + static_cast<int64_t>(r) * kSortThreads + tid;
