@@ -154,6 +154,7 @@ struct EvalMetrics {
     std::vector<int64_t> gpu_load;   ///< [G] selections per GPU (totals: summed over layers)
     std::vector<double> gpu_compute_time_s;  ///< [G] (totals: summed)
     std::vector<std::vector<int64_t>> instance_load;  ///< [E][n_e] (layers only)
+    std::vector<int64_t> copies;      ///< [G, G] dispatch copy matrix of the scheme (layers only; TrafficMatrix)
 };
 
 /// A full evaluation.

@@ -128,7 +128,14 @@ json metrics_json(const EvalMetrics& m) {
     j["end_to_end_s"] = m.end_to_end_s;
     j["gpu_load"] = m.gpu_load;
     j["gpu_compute_time_s"] = m.gpu_compute_time_s;
-    if (m.layer >= 0) j["instance_load"] = m.instance_load;
+    if (m.layer >= 0) {
+        j["instance_load"] = m.instance_load;
+        const size_t G = m.gpu_load.size();
+        json rows = json::array();
+        for (size_t s = 0; s < G && m.copies.size() == G * G; ++s)
+            rows.push_back(std::vector<int64_t>(m.copies.begin() + s * G, m.copies.begin() + (s + 1) * G));
+        j["copies"] = std::move(rows);
+    }
     return j;
 }
 
@@ -201,6 +208,7 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
         m.cross_node_ratio = all > 0 ? static_cast<double>(m.cross_node_copies) / all : 0;
         m.gpu_load = c.gpu_load;
         m.instance_load = c.instance_load;
+        m.copies = tm.copies;
         double sum = 0, mx = 0;
         for (int64_t v : c.gpu_load) sum += v, mx = std::max(mx, static_cast<double>(v));
         const double mean = sum / G;
