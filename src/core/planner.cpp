@@ -408,6 +408,8 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
     plan.source = "stats model=" + stats.model + " dataset=" + stats.dataset;
     plan.layers.resize(L);
 
+    const bool needs_affinity =
+        spec.grouping != "vanilla" && spec.grouping != "eplb-hierarchical" && spec.grouping != "eplb-global";
     std::vector<std::exception_ptr> errors(L);
     const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -415,9 +417,11 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
         try {
             LayerInput in;
             in.layer = l;
-            in.affinity.resize(static_cast<size_t>(E) * E);
-            const int64_t* a = stats.layer_affinity(l);
-            for (size_t i = 0; i < in.affinity.size(); ++i) in.affinity[i] = static_cast<double>(a[i]);
+            if (needs_affinity) {
+                in.affinity.resize(static_cast<size_t>(E) * E);
+                const int64_t* a = stats.layer_affinity(l);
+                for (size_t i = 0; i < in.affinity.size(); ++i) in.affinity[i] = static_cast<double>(a[i]);
+            }
             in.load.resize(E);
             const int64_t* ld = stats.layer_load(l);
             for (int e = 0; e < E; ++e) in.load[e] = static_cast<double>(ld[e]);
