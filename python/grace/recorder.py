@@ -252,10 +252,16 @@ class RoutingRecorder:
 
     def _resolve(self, b):
         out = b.gate_out
-        if isinstance(out, (tuple, list)) and len(out) >= 3 and torch.is_tensor(out[2]) \
-                and not torch.is_floating_point(out[2]):
-            b.source = "router"
-            return out[2].reshape(-1, out[2].shape[-1]), out[1].reshape(-1, out[1].shape[-1])
+        if isinstance(out, (tuple, list)):
+            # A router that returns its selection: the integer tensor is the ids, the float tensor of the same
+            # shape the weights ((logits, weights, ids) in transformers 5.x; (ids, weights) in 4.x DeepSeek-V3).
+            ints = [x for x in out if torch.is_tensor(x) and not torch.is_floating_point(x) and x.dim() >= 1]
+            if ints:
+                idx = ints[0].reshape(-1, ints[0].shape[-1])
+                ws = [x for x in out if torch.is_tensor(x) and torch.is_floating_point(x)
+                      and x.numel() == idx.numel()]
+                b.source = "router"
+                return idx, (ws[0].reshape(idx.shape) if ws else None)
         if b.expert_in is not None:
             idx, w = b.expert_in
             idx = idx.reshape(-1, idx.shape[-1])
