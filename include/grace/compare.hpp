@@ -93,6 +93,10 @@ std::string compare_to_json(const CompareResult& result);
 /// compare.csv: one line per entry with the totals and the relative changes.
 std::string compare_to_csv(const CompareResult& result);
 
+/// Writes every plan of the comparison to `dir`/plans/METHOD-NxM.json ('+' and ':' in the method become '_'),
+/// so that `grace eval` can replay any row later. Returns the paths written. Throws kIo.
+std::vector<std::string> save_compare_plans(const CompareResult& result, const std::string& dir);
+
 /// A titled comparison for the report.
 struct ReportSection {
     std::string title;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -222,6 +223,20 @@ json totals_json(const EvalMetrics& t) {
 }
 
 }  // namespace
+
+std::vector<std::string> save_compare_plans(const CompareResult& r, const std::string& dir) {
+    const std::filesystem::path folder = std::filesystem::path(dir) / "plans";
+    std::filesystem::create_directories(folder);
+    std::vector<std::string> out;
+    for (const auto& plan : r.plans) {
+        std::string name = plan.method + "-" + plan.topology.to_string();
+        std::replace(name.begin(), name.end(), '+', '_');
+        std::replace(name.begin(), name.end(), ':', '_');
+        out.push_back((folder / (name + ".json")).string());
+        save_plan(plan, out.back());
+    }
+    return out;
+}
 
 std::string compare_to_json(const CompareResult& r) {
     json j;

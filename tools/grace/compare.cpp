@@ -66,6 +66,7 @@ int run_compare_cmd(const CompareArgs& a) {
     write_dir_atomic(a.output, [&](const std::string& tmp) {
         write_report({{"Component analysis and baselines", desc, &res, true}}, tmp,
                      "GRACE comparison: " + res.model + " / " + res.dataset);
+        save_compare_plans(res, tmp);
     });
     std::printf("profile %.2f s, plan %.2f s, replay+price %.2f s\nwrote %s/report.html\n", res.seconds_profile,
                 res.seconds_plan, res.seconds_replay, a.output.c_str());

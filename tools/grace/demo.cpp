@@ -99,6 +99,7 @@ int run_demo(const DemoArgs& a) {
                        &cross, false},
                       {"In-distribution on " + a.other, "The same comparison on the second dataset.", &other_same, false}},
                      tmp, "GRACE demo: " + a.preset + " (" + a.dataset + ", " + a.other + ")");
+        save_compare_plans(same, tmp);
     });
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("\nwrote %s/report.html (and compare*.json, compare*.csv, fig0_*.svg) in %.1f s\n", report_dir.c_str(), secs);
