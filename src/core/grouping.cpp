@@ -76,25 +76,32 @@ GroupState::GroupState(const double* a, int num_experts, const Grouping& start)
     : a_(a), e_(num_experts), n_(start.num_groups), group_of_(start.group_of), size_(start.num_groups, 0),
       aff_(static_cast<size_t>(num_experts) * start.num_groups, 0.0) {
     for (int g : group_of_) ++size_[g];
-    for (int e = 0; e < e_; ++e) {
-        const double* row = a_ + static_cast<size_t>(e) * e_;
-        double* out = aff_.data() + static_cast<size_t>(e) * n_;
-        for (int j = 0; j < e_; ++j) out[group_of_[j]] += row[j];  // a[e][e] = 0
+    for (int j = 0; j < e_; ++j) {  // row j of A, added to the row of j's group (A symmetric, zero diagonal)
+        const double* row = a_ + static_cast<size_t>(j) * e_;
+        double* out = aff_.data() + static_cast<size_t>(group_of_[j]) * e_;
+        for (int e = 0; e < e_; ++e) out[e] += row[e];
     }
 }
 
 void GroupState::move(int e, int to) {
     const int from = group_of_[e];
     if (from == to) return;
-    const double* row = a_ + static_cast<size_t>(e) * e_;  // symmetric: column e = row e
+    const double* row = a_ + static_cast<size_t>(e) * e_;
+    double* af = aff_.data() + static_cast<size_t>(from) * e_;
+    double* at = aff_.data() + static_cast<size_t>(to) * e_;
     for (int x = 0; x < e_; ++x) {
-        double* ax = aff_.data() + static_cast<size_t>(x) * n_;
-        ax[from] -= row[x];
-        ax[to] += row[x];
+        af[x] -= row[x];
+        at[x] += row[x];
     }
     group_of_[e] = to;
     --size_[from];
     ++size_[to];
+}
+
+double GroupState::intra_sum() const {
+    double s = 0;
+    for (int e = 0; e < e_; ++e) s += aff(e, group_of_[e]);
+    return 0.5 * s;
 }
 
 Grouping GroupState::grouping() const { return Grouping{n_, group_of_}; }
@@ -255,18 +262,6 @@ Grouping controlled_clean(const std::vector<double>& a, int E, const Grouping& s
     return st.grouping();
 }
 
-double utilization_clean(const std::vector<double>& a, int E, const Grouping& g, double total) {
-    if (total <= 0) return 1.0;
-    double intra = 0;
-    for (int i = 0; i < E; ++i) {
-        const double* row = a.data() + static_cast<size_t>(i) * E;
-        for (int j = i + 1; j < E; ++j) {
-            if (g.group_of[i] == g.group_of[j]) intra += row[j];
-        }
-    }
-    return intra / total;
-}
-
 }  // namespace
 
 Grouping controlled_grouping(const std::vector<double>& affinity, int num_experts, const Grouping& start, int lo,
@@ -323,10 +318,14 @@ KneeResult knee_grouping(const std::vector<double>& affinity, int num_experts, c
     KneeResult res;
     std::vector<Grouping> groupings;
     groupings.reserve(grid.size());
+    const detail::GroupState base(a.data(), E, fully_non_uniform);  // O(E^2) once; each point copies O(E n)
     for (size_t p = 0; p < grid.size(); ++p) {
-        groupings.push_back(controlled_clean(a, E, fully_non_uniform, bounds[p].first, bounds[p].second, refine));
-        res.curve.push_back(KneePoint{grid[p], utilization_clean(a, E, groupings.back(), total),
-                                      size_deviation(groupings.back())});
+        detail::GroupState st = base;
+        detail::repair_sizes(st, bounds[p].first, bounds[p].second);
+        if (refine) detail::refine_groups(a.data(), E, st, bounds[p].first, bounds[p].second);
+        groupings.push_back(st.grouping());
+        const double u = total > 0 ? st.intra_sum() / total : 1.0;
+        res.curve.push_back(KneePoint{grid[p], u, size_deviation(groupings.back())});
     }
     // Kneedle: normalize D (x) and U (y) to [0, 1], farthest point from the chord first -> last.
     double dmin = res.curve[0].d, dmax = dmin, umin = res.curve[0].u, umax = umin;

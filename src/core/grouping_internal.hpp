@@ -24,17 +24,19 @@ public:
     GroupState(const double* a, int num_experts, const Grouping& start);
     int group(int e) const { return group_of_[e]; }
     int size(int g) const { return size_[g]; }
-    double aff(int e, int g) const { return aff_[static_cast<size_t>(e) * n_ + g]; }
+    double aff(int e, int g) const { return aff_[static_cast<size_t>(g) * e_ + e]; }
     int num_groups() const { return n_; }
     int num_experts() const { return e_; }
     void move(int e, int to);
+    /// Sum of A over intra-group pairs i < j, in O(E).
+    double intra_sum() const;
     Grouping grouping() const;
 
 private:
     const double* a_;
     int e_, n_;
     std::vector<int> group_of_, size_;
-    std::vector<double> aff_;  // [E, n]
+    std::vector<double> aff_;  // [n, E]: a move updates two contiguous rows
 };
 
 /// Steps 1-2 of controlled grouping (spec §3) on a clean matrix; the state ends with sizes in [lo, hi].

@@ -108,6 +108,136 @@ double kmeans_once(const std::vector<double>& pts, int m, int d, int k, int max_
     return inertia;
 }
 
+
+/// Number of eigenvalues of the symmetric tridiagonal (d, e) below x (Sturm sequence).
+int sturm_count(const Eigen::VectorXd& d, const Eigen::VectorXd& e, double x) {
+    const int m = static_cast<int>(d.size());
+    int count = 0;
+    double q = d(0) - x;
+    for (int i = 0;;) {
+        if (q < 0) ++count;
+        if (++i == m) break;
+        if (q == 0) q = std::numeric_limits<double>::min();
+        q = d(i) - x - e(i - 1) * e(i - 1) / q;
+    }
+    return count;
+}
+
+/// The `k` largest eigenpairs of the symmetric matrix `m`, eigenvector columns in descending eigenvalue order.
+/// Only k vectors are needed, so instead of a full eigendecomposition (whose Givens accumulation dominates,
+/// ~4x the cost) we tridiagonalize, find the k eigenvalues by bisection, get their vectors by inverse iteration
+/// on the tridiagonal matrix (re-orthogonalized inside clusters of close eigenvalues, as LAPACK's dstein), and
+/// transform back with the Householder reflectors.
+Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k) {
+    const int n = static_cast<int>(m.rows());
+    Eigen::Tridiagonalization<Eigen::MatrixXd> tri(m);
+    const Eigen::VectorXd d = tri.diagonal();
+    const Eigen::VectorXd e = tri.subDiagonal();
+    double gl = d(0), gu = d(0), norm = 0;
+    for (int i = 0; i < n; ++i) {
+        const double r = (i > 0 ? std::abs(e(i - 1)) : 0.0) + (i + 1 < n ? std::abs(e(i)) : 0.0);
+        gl = std::min(gl, d(i) - r);
+        gu = std::max(gu, d(i) + r);
+        norm = std::max(norm, std::abs(d(i)) + r);
+    }
+    const double eps = std::numeric_limits<double>::epsilon();
+    std::vector<double> lambda(k);
+    for (int j = 0; j < k; ++j) {  // the (n-1-j)-th smallest eigenvalue
+        const int idx = n - 1 - j;
+        double lo = gl - eps * norm, hi = gu + eps * norm;
+        for (int it = 0; it < 200 && hi - lo > 2 * eps * std::max(std::abs(lo), std::abs(hi)) + 1e-300; ++it) {
+            const double mid = 0.5 * (lo + hi);
+            if (mid <= lo || mid >= hi) break;
+            if (sturm_count(d, e, mid) > idx) hi = mid;
+            else lo = mid;
+        }
+        lambda[j] = 0.5 * (lo + hi);
+    }
+    // Inverse iteration on T - lambda I (LU with partial pivoting), deterministic start vectors.
+    Eigen::MatrixXd x(n, k);
+    const double ortol = 1e-3 * std::max(norm, 1e-300), pertol = 10 * eps * std::max(norm, 1e-300);
+    std::vector<double> a(n), b(n), rhs(n);
+    std::vector<char> swapped(n);
+    int cluster_start = 0;
+    double prev_shift = 0;
+    detail::SplitMix64 rng(0x5EC7A1ULL);
+    for (int j = 0; j < k; ++j) {
+        double shift = lambda[j];
+        if (j > 0 && std::abs(lambda[j] - lambda[j - 1]) < ortol) {
+            if (shift >= prev_shift - pertol) shift = prev_shift - pertol;  // distinct shifts inside a cluster
+        } else {
+            cluster_start = j;
+        }
+        prev_shift = shift;
+        // Factor T - shift I = P L U (U has two super-diagonals).
+        for (int i = 0; i < n; ++i) {
+            a[i] = d(i) - shift;
+            b[i] = i + 1 < n ? e(i) : 0.0;  // super-diagonal
+        }
+        std::vector<double> l(n, 0.0);
+        std::vector<double> u0(n), u1(n, 0.0), u2(n, 0.0);
+        double diag = a[0], up1 = b[0], up2 = 0;
+        for (int i = 0; i < n; ++i) {
+            if (i + 1 < n) {
+                const double sub = e(i);  // T(i+1, i)
+                double next_diag = a[i + 1], next_up1 = i + 2 < n ? b[i + 1] : 0.0;
+                if (std::abs(sub) > std::abs(diag)) {  // swap rows i and i+1
+                    swapped[i] = 1;
+                    const double mult = diag / sub;
+                    u0[i] = sub;
+                    u1[i] = next_diag;
+                    u2[i] = next_up1;
+                    l[i] = mult;
+                    diag = up1 - mult * next_diag;
+                    up1 = up2 - mult * next_up1;
+                    up2 = 0;
+                } else {
+                    swapped[i] = 0;
+                    if (diag == 0) diag = pertol;
+                    const double mult = sub / diag;
+                    u0[i] = diag;
+                    u1[i] = up1;
+                    u2[i] = up2;
+                    l[i] = mult;
+                    diag = next_diag - mult * up1;
+                    up1 = next_up1 - mult * up2;
+                    up2 = 0;
+                }
+            } else {
+                u0[i] = diag == 0 ? pertol : diag;
+            }
+        }
+        for (int i = 0; i < n; ++i) rhs[i] = rng.uniform() - 0.5;
+        for (int iter = 0; iter < 4; ++iter) {
+            // Solve L: apply the row swaps and multipliers.
+            for (int i = 0; i + 1 < n; ++i) {
+                if (swapped[i]) std::swap(rhs[i], rhs[i + 1]);
+                rhs[i + 1] -= l[i] * rhs[i];
+            }
+            // Solve U.
+            for (int i = n - 1; i >= 0; --i) {
+                double v = rhs[i];
+                if (i + 1 < n) v -= u1[i] * rhs[i + 1];
+                if (i + 2 < n) v -= u2[i] * rhs[i + 2];
+                const double piv = std::abs(u0[i]) < pertol ? (u0[i] < 0 ? -pertol : pertol) : u0[i];
+                rhs[i] = v / piv;
+            }
+            for (int p = cluster_start; p < j; ++p) {  // re-orthogonalize against the cluster
+                double dot = 0;
+                for (int i = 0; i < n; ++i) dot += rhs[i] * x(i, p);
+                for (int i = 0; i < n; ++i) rhs[i] -= dot * x(i, p);
+            }
+            double nrm = 0;
+            for (double v : rhs) nrm += v * v;
+            nrm = std::sqrt(nrm);
+            GRACE_ASSERT(nrm > 0 && std::isfinite(nrm));
+            for (double& v : rhs) v /= nrm;
+        }
+        for (int i = 0; i < n; ++i) x(i, j) = rhs[i];
+    }
+    return tri.matrixQ() * x;
+}
+
 }  // namespace
 
 Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts, int num_groups,
@@ -145,13 +275,12 @@ Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts,
         for (int i = 0; i < E; ++i) dinv(i) = dinv(i) > 0 ? 1.0 / std::sqrt(dinv(i)) : 0.0;
         // The n smallest eigenvalues of L_sym = I - D^-1/2 W D^-1/2 are the n largest of D^-1/2 W D^-1/2.
         const Eigen::MatrixXd m = dinv.asDiagonal() * w * dinv.asDiagonal();
-        Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(m, Eigen::ComputeEigenvectors);
-        GRACE_ASSERT(es.info() == Eigen::Success);
+        const Eigen::MatrixXd vec = top_eigenvectors(m, n);
         std::vector<double> pts(static_cast<size_t>(E) * n);
         for (int i = 0; i < E; ++i) {
             double norm = 0;
             for (int c = 0; c < n; ++c) {
-                const double v = es.eigenvectors()(i, E - 1 - c);
+                const double v = vec(i, c);
                 pts[static_cast<size_t>(i) * n + c] = v;
                 norm += v * v;
             }

@@ -187,7 +187,7 @@ RoutingTrace random_trace(Rng& rng, int64_t T, int L, int k, int E) {
 
 TEST(Replay, SchemeInvariantsOnRandomPlans) {
     Rng rng(7);
-    const Topology topos[] = {{1, 2, std::nullopt}, {2, 2, std::nullopt}, {2, 4, std::nullopt}, {4, 2, std::nullopt}};
+    const Topology topos[] = {{1, 2, std::nullopt}, {2, 2, std::nullopt}, {2, 4, std::nullopt}, {4, 4, std::nullopt}};
     const RoutingPolicy policies[] = {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
                                       RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
     for (int trial = 0; trial < 24; ++trial) {
@@ -228,6 +228,58 @@ TEST(Replay, ChunksAndThreadsGiveIdenticalCounts) {
             EXPECT_EQ(whole[l].flat_dedup.copies, chunked[l].flat_dedup.copies);
             EXPECT_EQ(whole[l].hsc.copies, chunked[l].hsc.copies);
             EXPECT_EQ(whole[l].instance_load, chunked[l].instance_load);
+        }
+    }
+}
+
+// The replay's routing tables must pick exactly what ReplicaRouter::route picks, token by token, and its
+// copy matrices must equal a direct per-token application of spec §6's table (both the small-G bit-set path
+// and the large-G path).
+TEST(Replay, MatchesReplicaRouterCallByCall) {
+    Rng rng(5);
+    for (Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
+        const int G = topo.num_gpus(), M = topo.gpus_per_node;
+        for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic,
+                                     RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary}) {
+            const ExpertPlan plan = random_plan(rng, 24, 2, 3, topo, policy);
+            const RoutingTrace trace = random_trace(rng, 777, 2, 3, 24);
+            const auto counts = replay_trace(trace, plan);
+            for (int l = 0; l < 2; ++l) {
+                ReplicaRouter router(plan.layers[l], topo, policy, plan.seed);
+                std::vector<int64_t> flat(G * G, 0), dedup(G * G, 0), hsc(G * G, 0);
+                std::vector<std::vector<int64_t>> inst(24);
+                for (int e = 0; e < 24; ++e) inst[e].assign(plan.layers[l].instance_gpus[e].size(), 0);
+                for (int64_t t = 0; t < trace.num_tokens; ++t) {
+                    const int h = home_gpu(t, trace.num_tokens, G);
+                    std::vector<int> dsts;
+                    for (int j = 0; j < 3; ++j) {
+                        const int e = trace.id(t, l, j);
+                        const int d = router.route(h, e, t, j, 3);
+                        ++inst[e][router.last_instance()];
+                        if (d != h) ++flat[h * G + d];
+                        if (std::find(dsts.begin(), dsts.end(), d) == dsts.end()) dsts.push_back(d);
+                    }
+                    std::vector<int> nodes;
+                    for (int d : dsts) {
+                        if (d != h) ++dedup[h * G + d];
+                        const int b = d / M, peer = b * M + h % M;
+                        if (b == h / M) {
+                            if (d != h) ++hsc[h * G + d];
+                            continue;
+                        }
+                        if (std::find(nodes.begin(), nodes.end(), b) == nodes.end()) {
+                            nodes.push_back(b);
+                            ++hsc[h * G + peer];
+                        }
+                        if (d != peer) ++hsc[peer * G + d];
+                    }
+                }
+                SCOPED_TRACE(::testing::Message() << to_string(policy) << " on " << topo.to_string() << " layer " << l);
+                EXPECT_EQ(counts[l].instance_load, inst);
+                EXPECT_EQ(counts[l].flat.copies, flat);
+                EXPECT_EQ(counts[l].flat_dedup.copies, dedup);
+                EXPECT_EQ(counts[l].hsc.copies, hsc);
+            }
         }
     }
 }
