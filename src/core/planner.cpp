@@ -288,9 +288,6 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
             } else if (spec.grouping == "c2r") {
                 g = c2r_grouping(in.affinity, E, G);
             } else if (spec.grouping == "metis") {
-                // METIS keeps its random state in globals (GKlib): concurrent calls would make the plan depend on
-                // thread timing, so they are serialized.
-#pragma omp critical(grace_metis)
                 g = metis_grouping(in.affinity, in.load, E, G, so.seed);
                 bool repair = false;  // METIS balances load, not counts: enforce 1..cap experts per GPU
                 for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);
