@@ -146,13 +146,22 @@ int run_impl(RunOptions& o) {
         ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
         if (!o.preset.empty() && !o.first_moe_layer) first_moe_layer = find_expert_preset(o.preset).first_moe_layer;
     } else {
+        // No checkpoint and no shape: a trace recorded or generated for a known preset gives the shape.
+        if (o.preset.empty() && shape.hidden == 0 && shape.intermediate == 0) {
+            try {
+                find_expert_preset(trace.model);
+                o.preset = trace.model;
+            } catch (const Error&) {
+            }
+        }
         if (!o.preset.empty()) {
             const ExpertPreset& p = find_expert_preset(o.preset);
             if (shape.hidden == 0) shape.hidden = p.shape.hidden;
             if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
         }
         GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
-                        "give --weights CKPT, or --preset P (and/or --hidden H --intermediate I) for a seeded random init");
+                        "the trace's model '", trace.model, "' is no preset: give --weights CKPT, or --preset P (and/or ",
+                        "--hidden H --intermediate I) for a seeded random init");
     }
     auto make_expert = [&](int layer, int e) {
         if (ckpt) return load_expert(*ckpt, layer + first_moe_layer, e, dtype, shape.hidden > 0 ? shape : ExpertShape{});
