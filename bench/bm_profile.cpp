@@ -1,6 +1,8 @@
-// Profiler throughput on in-memory traces (no file I/O): BM_Profile/<preset>/<threads>.
+// Profiler throughput on in-memory traces (no file I/O): BM_Profile/<preset>/<threads>. The trace is
+// `grace gen --dataset wikitext --seed 1 --no-weights` with GRACE_BENCH_TOKENS tokens (default 200000).
 #include <benchmark/benchmark.h>
 
+#include <cstdlib>
 #include <map>
 #include <string>
 
@@ -16,7 +18,8 @@ const grace::RoutingTrace& trace_for(const std::string& preset) {
         grace::GeneratorOptions o;
         o.preset = preset;
         o.dataset = "wikitext";
-        o.num_tokens = 200000;
+        const char* env = std::getenv("GRACE_BENCH_TOKENS");  // the side-by-side script sets the trace size
+        o.num_tokens = env ? std::atoll(env) : 200000;
         o.with_weights = false;
         o.seed = 1;
         it = cache.emplace(preset, grace::generate_trace(o)).first;
