@@ -11,6 +11,10 @@ std::unique_ptr<Communicator> make_mpi_communicator(const CommunicatorOptions& o
 int mpi_world_size();
 int mpi_world_rank();
 #endif
+#ifdef GRACE_HAVE_NCCL
+/// The NCCL backend (src/runtime/cuda/nccl_communicator.cpp): device buffers, one process per GPU.
+std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options);
+#endif
 
 /// Checks an alltoallv layout against the group size and returns the total receive bytes.
 void check_layout(const AlltoallvLayout& layout, int group_size);
