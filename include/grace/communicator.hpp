@@ -127,4 +127,11 @@ std::vector<std::string> available_backends();
 int launched_process_count();
 int launched_process_rank();
 
+/// Ends the whole launched job (MPI_Abort on MPI_COMM_WORLD when MPI is built and initialized; otherwise exits
+/// this process) after printing `message` to stderr. For failures before or outside a Communicator. Never returns.
+[[noreturn]] void abort_launched_job(int code, const std::string& message);
+
+/// Host name of this process.
+std::string host_name();
+
 }  // namespace grace

@@ -77,6 +77,10 @@ void expert_forward(const ExpertWeights& weights, const float* x, int64_t n, flo
 /// the independent reference that the runtime's outputs are checked against.
 void expert_forward_reference(const ExpertWeights& weights, const float* x, int64_t n, float* y);
 
+/// Threads Eigen may use inside one GEMM (default 1: under MPI the ranks are the parallelism, and one thread
+/// keeps results independent of the thread count).
+void set_expert_threads(int num_threads);
+
 /// silu(v) = v / (1 + exp(-v)).
 float silu(float v);
 

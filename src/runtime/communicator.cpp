@@ -38,11 +38,7 @@ public:
     }
     std::string backend() const override { return "local"; }
     MemorySpace memory_space() const override { return MemorySpace::kHost; }
-    std::string host() const override {
-        char name[256] = {0};
-        gethostname(name, sizeof(name) - 1);
-        return name;
-    }
+    std::string host() const override { return host_name(); }
     std::unique_ptr<CommRequest> start_alltoallv(CommGroup group, const void* send, void* recv,
                                                  const AlltoallvLayout& layout) override {
         detail::check_layout(layout, group_size(group));
@@ -101,6 +97,21 @@ std::vector<std::string> available_backends() {
     names.push_back("nccl");
 #endif
     return names;
+}
+
+std::string host_name() {
+    char name[256] = {0};
+    gethostname(name, sizeof(name) - 1);
+    return name;
+}
+
+void abort_launched_job(int code, const std::string& message) {
+#ifdef GRACE_USE_MPI
+    detail::mpi_abort_world(code, message);
+#endif
+    std::fprintf(stderr, "%s\n", message.c_str());
+    std::fflush(stderr);
+    std::_Exit(code);
 }
 
 int launched_process_count() {

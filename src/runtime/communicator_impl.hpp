@@ -1,6 +1,7 @@
 #pragma once
 // Internal: constructors of the built-in backends, used by make_communicator.
 #include <memory>
+#include <string>
 
 #include "grace/communicator.hpp"
 
@@ -10,6 +11,8 @@ namespace grace::detail {
 std::unique_ptr<Communicator> make_mpi_communicator(const CommunicatorOptions& options);
 int mpi_world_size();
 int mpi_world_rank();
+/// If MPI is initialized: prints `message`, MPI_Abort(MPI_COMM_WORLD). Otherwise returns.
+void mpi_abort_world(int code, const std::string& message);
 #endif
 #ifdef GRACE_HAVE_NCCL
 /// The NCCL backend (src/runtime/cuda/nccl_communicator.cpp): device buffers, one process per GPU.

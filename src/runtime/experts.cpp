@@ -174,3 +174,10 @@ void expert_forward_reference(const ExpertWeights& weights, const float* x, int6
 }
 
 }  // namespace grace
+
+namespace grace {
+void set_expert_threads(int num_threads) {
+    GRACE_CHECK_ARG(num_threads >= 1, "thread count must be >= 1, got ", num_threads);
+    Eigen::setNbThreads(num_threads);
+}
+}  // namespace grace

@@ -1,5 +1,8 @@
 // MPI backend of the Communicator: the CPU reference. Every MPI call goes through GRACE_MPI_CHECK, which
 // turns a failure into grace::Error(kBackend) naming the call, the rank and the host.
+// The C API only: keep OpenMPI/MPICH from pulling in their deprecated C++ bindings.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #include <unistd.h>
 
@@ -14,12 +17,6 @@
 namespace grace::detail {
 
 namespace {
-
-std::string host_name() {
-    char name[256] = {0};
-    gethostname(name, sizeof(name) - 1);
-    return name;
-}
 
 int world_rank_or_minus_one() {
     int initialized = 0, finalized = 0;
@@ -115,10 +112,17 @@ public:
             req->rc[r] = to_int(layout.recv_counts[r], "receive count");
             req->rd[r] = to_int(layout.recv_displs[r], "receive offset");
         }
-        // MPI wants non-null buffers even when every count is zero.
-        static char dummy = 0;
-        const void* s = send ? send : &dummy;
-        void* r = recv ? recv : &dummy;
+        // MPI wants non-null buffers even when every count is zero, and they must differ: OpenMPI's libnbc
+        // treats sendbuf == recvbuf as MPI_IN_PLACE, whose schedule does not match the other ranks' (a hang).
+        static char dummy_send = 0, dummy_recv = 0;
+        const void* s = send ? send : &dummy_send;
+        void* r = recv ? recv : &dummy_recv;
+        GRACE_CHECK_ARG(s != r, "alltoallv: send and receive buffers must differ (no in-place exchange)");
+        if (std::getenv("GRACE_MPI_DEBUG")) {
+            std::string line = cat("rank ", rank_, " group ", n, ":");
+            for (int q = 0; q < n; ++q) line += cat(" [", q, "] s", req->sc[q], "@", req->sd[q], " r", req->rc[q], "@", req->rd[q]);
+            std::fprintf(stderr, "%s\n", line.c_str());
+        }
         GRACE_MPI_CHECK(MPI_Ialltoallv(s, req->sc.data(), req->sd.data(), MPI_BYTE, r, req->rc.data(), req->rd.data(),
                                        MPI_BYTE, comm(group), &req->request));
         return req;
@@ -182,6 +186,17 @@ int mpi_world_rank() {
     int r = 0;
     GRACE_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &r));
     return r;
+}
+
+void mpi_abort_world(int code, const std::string& message) {
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (!initialized || finalized) return;
+    std::fprintf(stderr, "%s\n", message.c_str());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, code);
+    std::_Exit(code);
 }
 
 std::unique_ptr<Communicator> make_mpi_communicator(const CommunicatorOptions& options) {
