@@ -246,6 +246,9 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
             } else if (spec.grouping == "c2r") {
                 g = c2r_grouping(in.affinity, E, G);
             } else if (spec.grouping == "metis") {
+                // METIS keeps its random state in globals (GKlib): concurrent calls would make the plan depend on
+                // thread timing, so they are serialized.
+#pragma omp critical(grace_metis)
                 g = metis_grouping(in.affinity, in.load, E, G, so.seed);
                 bool repair = false;  // METIS balances load, not counts: enforce 1..cap experts per GPU
                 for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);
@@ -259,7 +262,16 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
                     g = controlled_grouping(in.affinity, E, full, lo, hi, options.refine);
                     lp.r_star = spec.controlled_ratio;
                 } else {
-                    KneeResult knee = knee_grouping(in.affinity, E, full, cap, options.refine, false);
+                    // The knee search is required here: refuse a shape where every r gives the same bounds (e.g. as
+                    // many GPUs as experts), since there is nothing to choose. A data-driven single point (the
+                    // spectral grouping already uniform) is accepted.
+                    const auto b0 = controlled_bounds(E, G, 0.0, cap);
+                    const auto b1 = controlled_bounds(E, G, static_cast<double>(E), cap);
+                    GRACE_CHECK_ARG(E > G && b0 != b1, "spectral-controlled: the knee search has a single point (",
+                                    E, " experts on ", G, " GPUs", cap ? cat(" with ", cap, " slots") : std::string(),
+                                    " allow only group sizes [", b0.first, ", ", b0.second,
+                                    "]); give a ratio (spectral-controlled:R) or another grouping");
+                    KneeResult knee = knee_grouping(in.affinity, E, full, cap, options.refine, true);
                     lp.knee_curves.push_back(std::move(knee.curve));
                     lp.r_star = knee.r_star;
                     g = std::move(knee.grouping);
@@ -396,6 +408,8 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
     plan.source = "stats model=" + stats.model + " dataset=" + stats.dataset;
     plan.layers.resize(L);
 
+    const bool needs_affinity =
+        spec.grouping != "vanilla" && spec.grouping != "eplb-hierarchical" && spec.grouping != "eplb-global";
     std::vector<std::exception_ptr> errors(L);
     const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -403,9 +417,11 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
         try {
             LayerInput in;
             in.layer = l;
-            in.affinity.resize(static_cast<size_t>(E) * E);
-            const int64_t* a = stats.layer_affinity(l);
-            for (size_t i = 0; i < in.affinity.size(); ++i) in.affinity[i] = static_cast<double>(a[i]);
+            if (needs_affinity) {
+                in.affinity.resize(static_cast<size_t>(E) * E);
+                const int64_t* a = stats.layer_affinity(l);
+                for (size_t i = 0; i < in.affinity.size(); ++i) in.affinity[i] = static_cast<double>(a[i]);
+            }
             in.load.resize(E);
             const int64_t* ld = stats.layer_load(l);
             for (int e = 0; e < E; ++e) in.load[e] = static_cast<double>(ld[e]);

@@ -195,10 +195,24 @@ void replicate_layer(LayerPlan& layer, const std::vector<double>& load, const To
             replicate_experts(load, budget, phy2log, rank, logcnt);
             std::vector<double> pred = base;
             for (int p = E; p < budget; ++p) {
-                const int e = phy2log[p];
-                const std::vector<int> targets =
-                    ranked_targets(h, e, pred, topology, topology.node_of(layer.primary_gpu[e]));
-                if (targets.empty()) continue;
+                int e = phy2log[p];
+                std::vector<int> targets = ranked_targets(h, e, pred, topology, topology.node_of(layer.primary_gpu[e]));
+                if (targets.empty()) {
+                    // Every GPU already holds e or is full: the slot goes to the placeable expert with the highest
+                    // load per instance (water-filling restricted to what the constraints allow).
+                    int best = -1;
+                    double best_v = -1;
+                    for (int x = 0; x < E; ++x) {
+                        const double v = load[x] / h.expert_count[x];
+                        if (v <= best_v) continue;
+                        bool placeable = false;
+                        for (int g = 0; g < G && !placeable; ++g) placeable = h.can_take(g, x);
+                        if (placeable) best_v = v, best = x;
+                    }
+                    if (best < 0) break;  // no free slot anywhere
+                    e = best;
+                    targets = ranked_targets(h, e, pred, topology, topology.node_of(layer.primary_gpu[e]));
+                }
                 const int n = h.expert_count[e];
                 for (int g = 0; g < G; ++g)
                     if (h.has(g, e)) pred[g] -= load[e] / n - load[e] / (n + 1);

@@ -1,0 +1,280 @@
+#include "grace/stats.hpp"
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "core/profile_kernels.hpp"
+#include "grace/error.hpp"
+#include "grace/io.hpp"
+#include "grace/npy.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace grace {
+
+namespace {
+
+/// Fills affinity (symmetric, zero diagonal) and loads from the counter's upper-triangle pairs.
+void finish_stats(const detail::PairCounter& counter, RoutingStats& st) {
+    const int L = st.num_layers, E = st.num_experts, k = st.top_k;
+    const size_t ee = static_cast<size_t>(E) * E;
+    st.affinity = counter.upper_pairs();
+    st.load.assign(static_cast<size_t>(L) * E, 0);
+    if (k >= 2) {
+        for (int l = 0; l < L; ++l) {
+            int64_t* a = st.affinity.data() + l * ee;
+            for (int i = 0; i < E; ++i)
+                for (int j = i + 1; j < E; ++j) a[static_cast<size_t>(j) * E + i] = a[static_cast<size_t>(i) * E + j];
+            // Every token holding i pairs i with exactly k-1 others, so l_i = (sum_j A_ij) / (k-1), exactly.
+            for (int i = 0; i < E; ++i) {
+                int64_t row = 0;
+                for (int j = 0; j < E; ++j) row += a[static_cast<size_t>(i) * E + j];
+                GRACE_ASSERT(row % (k - 1) == 0);
+                st.load[static_cast<size_t>(l) * E + i] = row / (k - 1);
+            }
+        }
+    } else {
+        st.load = counter.direct_load();
+    }
+    st.source_load = counter.source_load();
+}
+
+ProfileOptions checked(const ProfileOptions& o) {
+    GRACE_CHECK_ARG(o.num_threads >= 0, "number of threads must be >= 0 (0 = all), got ", o.num_threads);
+    GRACE_CHECK_ARG(o.chunk_tokens >= 1, "chunk size must be at least 1 token, got ", o.chunk_tokens);
+    if (o.topology) o.topology->validate();
+    return o;
+}
+
+void check_layer_shape(const std::vector<int64_t>& shape, int rank_max, const std::string& what) {
+    GRACE_CHECK_INPUT(!shape.empty() && static_cast<int>(shape.size()) <= rank_max, what, " must have rank ",
+                      rank_max - 1, " or ", rank_max, ", got rank ", shape.size());
+}
+
+int64_t as_count(double v, const std::string& what) {
+    GRACE_CHECK_INPUT(std::isfinite(v) && v >= 0 && v == std::floor(v) && v < 9.0e15, what, " = ", v,
+                      " is not a non-negative whole count");
+    return static_cast<int64_t>(v);
+}
+
+}  // namespace
+
+void RoutingStats::validate() const {
+    GRACE_CHECK_INPUT(num_layers >= 1 && num_experts >= 1, "statistics need L >= 1 and E >= 1, got L = ", num_layers,
+                      ", E = ", num_experts);
+    GRACE_CHECK_INPUT(top_k >= 0 && top_k <= num_experts, "top_k = ", top_k, " must lie in [0, E = ", num_experts, "]");
+    GRACE_CHECK_INPUT(num_tokens >= 0, "num_tokens = ", num_tokens, " is negative");
+    const size_t L = num_layers, E = num_experts;
+    GRACE_CHECK_INPUT(affinity.size() == L * E * E, "affinity has ", affinity.size(), " entries, expected L*E*E = ",
+                      L * E * E);
+    GRACE_CHECK_INPUT(load.size() == L * E, "load has ", load.size(), " entries, expected L*E = ", L * E);
+    GRACE_CHECK_INPUT(num_gpus >= 0, "num_gpus = ", num_gpus, " is negative");
+    GRACE_CHECK_INPUT(source_load.size() == L * num_gpus * E, "source_load has ", source_load.size(),
+                      " entries, expected L*G*E = ", L * num_gpus * E);
+    for (size_t l = 0; l < L; ++l)
+        for (size_t i = 0; i < E; ++i) {
+            GRACE_CHECK_INPUT(load[l * E + i] >= 0, "load of expert ", i, " at layer ", l, " is negative");
+            GRACE_CHECK_INPUT(affinity[(l * E + i) * E + i] == 0, "affinity diagonal A[", l, "][", i, "][", i,
+                              "] = ", affinity[(l * E + i) * E + i], " is not 0");
+            for (size_t j = i + 1; j < E; ++j) {
+                int64_t a = affinity[(l * E + i) * E + j], b = affinity[(l * E + j) * E + i];
+                GRACE_CHECK_INPUT(a == b, "affinity is not symmetric at layer ", l, ": A[", i, "][", j, "] = ", a,
+                                  " but A[", j, "][", i, "] = ", b);
+                GRACE_CHECK_INPUT(a >= 0, "affinity A[", l, "][", i, "][", j, "] = ", a, " is negative");
+            }
+        }
+    for (int64_t v : source_load) GRACE_CHECK_INPUT(v >= 0, "source_load has a negative entry ", v);
+}
+
+RoutingStats profile_trace(const RoutingTrace& trace, const ProfileOptions& options) {
+    ProfileOptions o = checked(options);
+    GRACE_CHECK_INPUT(trace.num_tokens >= 1, "cannot profile an empty trace (0 tokens)");
+    GRACE_CHECK_INPUT(trace.num_layers >= 1, "trace has ", trace.num_layers, " layers");
+    GRACE_CHECK_INPUT(trace.top_k >= 1 && trace.top_k <= trace.num_experts, "top_k = ", trace.top_k,
+                      " must lie in [1, E = ", trace.num_experts, "]");
+    GRACE_CHECK_INPUT(trace.expert_ids.size() ==
+                          static_cast<size_t>(trace.num_tokens) * trace.num_layers * trace.top_k,
+                      "trace holds ", trace.expert_ids.size(), " ids, expected T*L*k = ",
+                      trace.num_tokens * trace.num_layers * trace.top_k);
+    for (float w : trace.gate_weights)
+        GRACE_CHECK_INPUT(std::isfinite(w), "gate weights contain a non-finite value (", w, ")");
+    RoutingStats st;
+    st.num_layers = trace.num_layers;
+    st.num_experts = trace.num_experts;
+    st.top_k = trace.top_k;
+    st.num_tokens = trace.num_tokens;
+    st.model = trace.model;
+    st.dataset = trace.dataset;
+    st.num_gpus = o.topology ? o.topology->num_gpus() : 0;
+    detail::PairCounter counter(st.num_layers, st.num_experts, st.top_k, st.num_tokens, st.num_gpus, o.num_threads);
+    counter.add(trace.expert_ids.data(), trace.num_tokens, 0);
+    finish_stats(counter, st);
+    return st;
+}
+
+RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& overrides,
+                                const ProfileOptions& options) {
+    ProfileOptions o = checked(options);
+    TraceReader reader(path, overrides);
+    GRACE_CHECK_INPUT(reader.num_tokens() >= 1, path, ": cannot profile an empty trace (0 tokens)");
+    RoutingStats st;
+    st.num_layers = reader.num_layers();
+    st.num_experts = reader.num_experts();
+    st.top_k = reader.top_k();
+    st.num_tokens = reader.num_tokens();
+    st.model = reader.model();
+    st.dataset = reader.dataset();
+    st.num_gpus = o.topology ? o.topology->num_gpus() : 0;
+    detail::PairCounter counter(st.num_layers, st.num_experts, st.top_k, st.num_tokens, st.num_gpus, o.num_threads);
+    RoutingTrace chunk;
+    int64_t first = 0;
+    while (reader.next(o.chunk_tokens, chunk, &first)) counter.add(chunk.expert_ids.data(), chunk.num_tokens, first);
+    GRACE_CHECK_INPUT(counter.tokens_seen() == st.num_tokens, path, ": read ", counter.tokens_seen(),
+                      " tokens, the header says ", st.num_tokens);
+    finish_stats(counter, st);
+    return st;
+}
+
+void save_stats(const RoutingStats& stats, const std::string& dir) {
+    stats.validate();
+    std::string clean = dir;
+    while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+    check_output_dir(clean);
+    json meta = {{"format", "grace.stats/v1"},  {"num_layers", stats.num_layers}, {"num_experts", stats.num_experts},
+                 {"top_k", stats.top_k},        {"num_tokens", stats.num_tokens}, {"model", stats.model},
+                 {"dataset", stats.dataset},    {"num_gpus", stats.num_gpus}};
+    const int64_t L = stats.num_layers, E = stats.num_experts, G = stats.num_gpus;
+    write_dir_atomic(clean, [&](const std::string& tmp) {
+        write_npy((fs::path(tmp) / "affinity.npy").string(), stats.affinity, {L, E, E});
+        write_npy((fs::path(tmp) / "load.npy").string(), stats.load, {L, E});
+        if (G > 0) write_npy((fs::path(tmp) / "source_load.npy").string(), stats.source_load, {L, G, E});
+        write_text_atomic((fs::path(tmp) / "meta.json").string(), meta.dump(2) + "\n");
+    });
+}
+
+RoutingStats load_stats(const std::string& dir) {
+    const std::string meta_path = (fs::path(dir) / "meta.json").string();
+    json meta;
+    try {
+        meta = json::parse(read_text(meta_path));
+    } catch (const json::exception& e) {
+        GRACE_CHECK_INPUT(false, meta_path, ": not valid JSON (", e.what(), ")");
+    }
+    RoutingStats st;
+    try {
+        GRACE_CHECK_INPUT(meta.is_object() && meta.value("format", "") == "grace.stats/v1", meta_path,
+                          ": not a grace.stats/v1 file");
+        st.num_layers = meta.at("num_layers").get<int>();
+        st.num_experts = meta.at("num_experts").get<int>();
+        st.top_k = meta.value("top_k", 0);
+        st.num_tokens = meta.value("num_tokens", int64_t{0});
+        st.model = meta.value("model", "");
+        st.dataset = meta.value("dataset", "");
+        st.num_gpus = meta.value("num_gpus", 0);
+    } catch (const json::exception& e) {
+        GRACE_CHECK_INPUT(false, meta_path, ": missing or mistyped field (", e.what(), ")");
+    }
+    GRACE_CHECK_INPUT(st.num_layers >= 1 && st.num_experts >= 1 && st.num_gpus >= 0, meta_path,
+                      ": num_layers and num_experts must be >= 1, num_gpus >= 0");
+    const int64_t L = st.num_layers, E = st.num_experts, G = st.num_gpus;
+    auto read = [&](const std::string& name, const std::vector<int64_t>& expect) {
+        std::string p = (fs::path(dir) / name).string();
+        std::vector<int64_t> shape;
+        auto data = read_npy_int(p, &shape);
+        GRACE_CHECK_INPUT(shape == expect, p, ": shape does not match meta.json (L = ", L, ", E = ", E, ", G = ", G,
+                          ")");
+        return data;
+    };
+    st.affinity = read("affinity.npy", {L, E, E});
+    st.load = read("load.npy", {L, E});
+    if (G > 0) st.source_load = read("source_load.npy", {L, G, E});
+    try {
+        st.validate();
+    } catch (const Error& e) {
+        throw Error(e.code(), dir + ": " + e.what());
+    }
+    return st;
+}
+
+RoutingStats stats_from_aggregates(const std::vector<double>& coactivation, const std::vector<int64_t>& coact_shape,
+                                   const std::vector<double>& load, const std::vector<int64_t>& load_shape,
+                                   bool ordered_pairs, int top_k) {
+    GRACE_CHECK_INPUT(coact_shape.size() == 2 || coact_shape.size() == 3,
+                      "co-activation must be [L, E, E] or [E, E], got rank ", coact_shape.size());
+    const int64_t E = coact_shape.back();
+    GRACE_CHECK_INPUT(E >= 1 && coact_shape[coact_shape.size() - 2] == E,
+                      "co-activation must be [L, E, E] or [E, E], got a non-square [", coact_shape[coact_shape.size() - 2],
+                      ", ", E, "] block");
+    const int64_t L = coact_shape.size() == 3 ? coact_shape[0] : 1;
+    GRACE_CHECK_INPUT(L >= 1, "co-activation has no layers");
+    GRACE_CHECK_INPUT(static_cast<int64_t>(coactivation.size()) == L * E * E, "co-activation holds ",
+                      coactivation.size(), " values, its shape says ", L * E * E);
+    GRACE_CHECK_ARG(top_k >= 0 && top_k <= E, "top_k = ", top_k, " must lie in [0, E = ", E, "]");
+    RoutingStats st;
+    st.num_layers = static_cast<int>(L);
+    st.num_experts = static_cast<int>(E);
+    st.top_k = top_k;
+    st.affinity.assign(L * E * E, 0);
+    for (int64_t l = 0; l < L; ++l)
+        for (int64_t i = 0; i < E; ++i)
+            for (int64_t j = 0; j < E; ++j) {
+                if (i == j) continue;  // the diagonal carries no pair (C2R's files mark it with -1 or 0)
+                double v = coactivation[(l * E + i) * E + j];
+                double w = coactivation[(l * E + j) * E + i];
+                GRACE_CHECK_INPUT(v == w, "co-activation is not symmetric at layer ", l, ": [", i, "][", j, "] = ", v,
+                                  " but [", j, "][", i, "] = ", w);
+                int64_t c = as_count(v, cat("co-activation [", l, "][", i, "][", j, "]"));
+                if (ordered_pairs) {
+                    GRACE_CHECK_INPUT(c % 2 == 0, "co-activation [", l, "][", i, "][", j, "] = ", c,
+                                      " is odd, so it cannot count ordered pairs (2*A); import without "
+                                      "--ordered-pairs if entries already count tokens");
+                    c /= 2;
+                }
+                st.affinity[(l * E + i) * E + j] = c;
+            }
+    if (!load.empty()) {
+        check_layer_shape(load_shape, 2, "load");
+        const int64_t lL = load_shape.size() == 2 ? load_shape[0] : 1;
+        GRACE_CHECK_INPUT(lL == L && load_shape.back() == E, "load shape does not match co-activation [L = ", L,
+                          ", E = ", E, "]");
+        GRACE_CHECK_INPUT(static_cast<int64_t>(load.size()) == L * E, "load holds ", load.size(), " values, expected ",
+                          L * E);
+        st.load.resize(L * E);
+        for (int64_t i = 0; i < L * E; ++i) st.load[i] = as_count(load[i], cat("load [", i / E, "][", i % E, "]"));
+    } else {
+        GRACE_CHECK_INPUT(top_k >= 2, "loads cannot be derived from co-activation without top_k >= 2; give --load");
+        st.load.resize(L * E);
+        for (int64_t l = 0; l < L; ++l)
+            for (int64_t i = 0; i < E; ++i) {
+                int64_t row = 0;
+                for (int64_t j = 0; j < E; ++j) row += st.affinity[(l * E + i) * E + j];
+                GRACE_CHECK_INPUT(row % (top_k - 1) == 0, "row sum ", row, " of expert ", i, " at layer ", l,
+                                  " is not a multiple of k-1 = ", top_k - 1, ": co-activation is not from top-", top_k,
+                                  " routing");
+                st.load[l * E + i] = row / (top_k - 1);
+            }
+    }
+    if (top_k >= 1) {
+        int64_t total = 0;
+        for (int64_t i = 0; i < E; ++i) total += st.load[i];
+        if (total % top_k == 0) st.num_tokens = total / top_k;
+    }
+    st.validate();
+    return st;
+}
+
+RoutingStats import_aggregates(const std::string& coactivation_path, const std::string& load_path,
+                               bool ordered_pairs, int top_k) {
+    std::vector<int64_t> cshape, lshape;
+    std::vector<double> coact = read_npy_float(coactivation_path, &cshape), load;
+    if (!load_path.empty()) load = read_npy_float(load_path, &lshape);
+    try {
+        return stats_from_aggregates(coact, cshape, load, lshape, ordered_pairs, top_k);
+    } catch (const Error& e) {
+        throw Error(e.code(), coactivation_path + ": " + e.what());
+    }
+}
+
+}  // namespace grace

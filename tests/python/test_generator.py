@@ -1,0 +1,99 @@
+#!/usr/bin/python3
+"""`grace gen`: determinism (bytes, thread counts) and statistics inside the calibrated real ranges."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+GRACE = os.environ.get("GRACE_BIN", "build/tools/grace/grace")
+SRC = os.environ.get("GRACE_SOURCE_DIR", os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(SRC, "scripts"))
+import calibrate  # noqa: E402  (metric definitions and real-data readers shared with the calibration)
+
+REAL = os.path.join(SRC, "tests", "data", "real")
+
+
+def run(*args, ok=True):
+    p = subprocess.run([GRACE, *map(str, args)], capture_output=True, text=True)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"grace {' '.join(map(str, args))} failed: {p.stderr}")
+    return p
+
+
+def read(path):
+    return open(path, "rb").read()
+
+
+class Generator(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.d = self.tmp.name
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def path(self, name):
+        return os.path.join(self.d, name)
+
+    def gen(self, name, *extra, preset="olmoe", dataset="wikitext", tokens=5000, seed=1):
+        run("gen", "--preset", preset, "--dataset", dataset, "--tokens", tokens, "--seed", seed, *extra, "-o", self.path(name))
+        return self.path(name)
+
+    def test_same_seed_same_bytes_for_any_thread_count(self):
+        a = self.gen("a.npy", "--threads", 1)
+        b = self.gen("b.npy", "--threads", 2)
+        self.assertEqual(read(a), read(b))
+        self.assertEqual(read(self.path("a.weights.npy")), read(self.path("b.weights.npy")))
+        meta = json.load(open(self.path("a.json")))
+        self.assertEqual((meta["format"], meta["num_experts"], meta["top_k"], meta["num_layers"], meta["model"],
+                          meta["dataset"], meta["weights"]),
+                         ("grace.trace/v1", 64, 8, 16, "olmoe", "wikitext", "a.weights.npy"))
+        c = self.gen("c.npy", seed=2)
+        self.assertNotEqual(read(a), read(c))
+        ids, w = np.load(a), np.load(self.path("a.weights.npy"))
+        self.assertEqual(ids.shape, (5000, 16, 8))
+        self.assertEqual(w.shape, ids.shape)
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+        self.assertTrue((np.diff(w, axis=-1) <= 0).all())
+        s = np.sort(ids, axis=-1)
+        self.assertTrue((s[..., 1:] != s[..., :-1]).all())
+
+    def test_missing_output_folder_is_one_line_error(self):
+        p = run("gen", "--tokens", 10, "-o", self.path("nope/t.npy"), ok=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertTrue(p.stderr.startswith("grace: error:") and p.stderr.count("\n") == 1, p.stderr)
+        self.assertFalse(os.path.exists(self.path("nope")))
+        p = run("gen", "--preset", "gpt", "--tokens", 10, "-o", self.path("t.npy"), ok=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("qwen3-30b-a3b", p.stderr)
+
+    def stats(self, preset, dataset, tokens):
+        t = self.gen(f"{preset}-{dataset}.npy", "--no-weights", preset=preset, dataset=dataset, tokens=tokens)
+        run("profile", t, "-q", "-o", self.path(f"{preset}-{dataset}.stats"))
+        return (np.load(self.path(f"{preset}-{dataset}.stats/affinity.npy")),
+                np.load(self.path(f"{preset}-{dataset}.stats/load.npy")))
+
+    def assert_inside(self, what, real, gen):
+        self.assertGreaterEqual(min(gen), min(real), f"{what}: generated {min(gen):.3f} < real min {min(real):.3f}")
+        self.assertLessEqual(max(gen), max(real), f"{what}: generated {max(gen):.3f} > real max {max(real):.3f}")
+
+    def test_statistics_inside_the_calibrated_real_ranges(self):
+        real = calibrate.real_olmoe_loads(REAL)
+        for preset, ds, model in [("olmoe", "arxiv", "olmoe"), ("olmoe", "c4", "olmoe"), ("mixtral", "github", "mistral")]:
+            _, load = self.stats(preset, ds, 208896 if preset == "olmoe" else 204800)
+            gen = [calibrate.load_ratios(x) for x in load]
+            for i, name in enumerate(["max/mean", "min/mean", "Gini"]):
+                self.assert_inside(f"{preset}/{ds} load {name}", [v[i] for _, _, v in real[model]], [g[i] for g in gen])
+        A, _ = self.stats("mixtral", "book", 204800)
+        C, _ = calibrate.real_c2r(REAL)
+        self.assert_inside("mixtral top-10% pair share", [calibrate.top_pair_share(c) for c in C],
+                           [calibrate.top_pair_share(a) for a in A])
+        self.assert_inside("mixtral U4", [calibrate.u4(c) for c in C], [calibrate.u4(a) for a in A])
+
+
+if __name__ == "__main__":
+    sys.exit(0 if unittest.main(exit=False).result.wasSuccessful() else 1)

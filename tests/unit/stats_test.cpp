@@ -1,0 +1,242 @@
+// Profiler (spec §2), statistics folders and aggregated imports.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include "grace/error.hpp"
+#include "grace/generator.hpp"
+#include "grace/npy.hpp"
+#include "grace/stats.hpp"
+#include "test_util.hpp"
+
+namespace grace {
+namespace {
+
+RoutingTrace make_trace(int64_t T, int L, int k, int E, std::vector<int32_t> ids) {
+    RoutingTrace t;
+    t.num_tokens = T;
+    t.num_layers = L;
+    t.top_k = k;
+    t.num_experts = E;
+    t.expert_ids = std::move(ids);
+    return t;
+}
+
+RoutingTrace small_generated(int64_t T = 3000) {
+    GeneratorOptions o;
+    o.preset = "olmoe";
+    o.dataset = "github";
+    o.num_tokens = T;
+    o.num_layers = 3;
+    o.seed = 7;
+    return generate_trace(o);
+}
+
+void expect_same(const RoutingStats& a, const RoutingStats& b) {
+    EXPECT_EQ(a.num_layers, b.num_layers);
+    EXPECT_EQ(a.num_experts, b.num_experts);
+    EXPECT_EQ(a.top_k, b.top_k);
+    EXPECT_EQ(a.num_tokens, b.num_tokens);
+    EXPECT_EQ(a.affinity, b.affinity);
+    EXPECT_EQ(a.load, b.load);
+    EXPECT_EQ(a.num_gpus, b.num_gpus);
+    EXPECT_EQ(a.source_load, b.source_load);
+}
+
+std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "<no error>";
+}
+
+// 4 tokens, one layer, k = 3, E = 5, ids in router order (unsorted on purpose):
+//   t0 {2,0,1}  t1 {1,2,4}  t2 {3,1,0}  t3 {4,2,1}
+// pairs: t0 01 02 12; t1 12 14 24; t2 01 03 13; t3 12 14 24
+// A01=2 A02=1 A03=1 A12=3 A13=1 A14=2 A24=2, others 0; loads 2,4,3,1,2; homes on 2 GPUs: t0,t1 -> 0, t2,t3 -> 1.
+TEST(Profile, HandWorkedFourTokens) {
+    RoutingTrace t = make_trace(4, 1, 3, 5, {2, 0, 1, 1, 2, 4, 3, 1, 0, 4, 2, 1});
+    ProfileOptions o;
+    o.topology = Topology::parse("1x2");
+    RoutingStats st = profile_trace(t, o);
+    const int64_t A[5][5] = {{0, 2, 1, 1, 0}, {2, 0, 3, 1, 2}, {1, 3, 0, 0, 2}, {1, 1, 0, 0, 0}, {0, 2, 2, 0, 0}};
+    for (int i = 0; i < 5; ++i)
+        for (int j = 0; j < 5; ++j) EXPECT_EQ(st.affinity_at(0, i, j), A[i][j]) << i << "," << j;
+    EXPECT_EQ(st.load, (std::vector<int64_t>{2, 4, 3, 1, 2}));
+    EXPECT_EQ(st.num_tokens, 4);
+    EXPECT_EQ(st.num_gpus, 2);
+    EXPECT_EQ(st.source_load, (std::vector<int64_t>{1, 2, 2, 0, 1, 1, 2, 1, 1, 1}));
+    EXPECT_NO_THROW(st.validate());
+}
+
+TEST(Profile, TopOneCountsLoadsWithoutPairs) {
+    RoutingStats st = profile_trace(make_trace(3, 2, 1, 3, {0, 2, 0, 1, 2, 1}));
+    EXPECT_EQ(st.load, (std::vector<int64_t>{2, 0, 1, 0, 2, 1}));
+    for (int64_t a : st.affinity) EXPECT_EQ(a, 0);
+}
+
+TEST(Profile, ThreadCountDoesNotChangeResults) {
+    RoutingTrace t = small_generated();
+    ProfileOptions o;
+    o.topology = Topology::parse("2x2");
+    o.num_threads = 1;
+    RoutingStats one = profile_trace(t, o);
+    for (int threads : {2, 3, 5, 8}) {
+        o.num_threads = threads;
+        expect_same(one, profile_trace(t, o));
+    }
+    // Loads sum to T*k per layer and rows of A to (k-1) * load.
+    for (int l = 0; l < one.num_layers; ++l) {
+        int64_t total = 0;
+        for (int i = 0; i < one.num_experts; ++i) {
+            total += one.load_at(l, i);
+            int64_t row = 0;
+            for (int j = 0; j < one.num_experts; ++j) row += one.affinity_at(l, i, j);
+            EXPECT_EQ(row, (one.top_k - 1) * one.load_at(l, i));
+        }
+        EXPECT_EQ(total, one.num_tokens * one.top_k);
+    }
+}
+
+TEST(Profile, MoreThan65535TokensPerThreadFlushWithoutOverflow) {
+    // One expert pair in every token: a uint16 cell would wrap without the periodic flush.
+    const int64_t T = 200000;
+    std::vector<int32_t> ids;
+    for (int64_t t = 0; t < T; ++t) {
+        ids.push_back(0);
+        ids.push_back(1);
+    }
+    ProfileOptions o;
+    o.num_threads = 1;
+    RoutingStats st = profile_trace(make_trace(T, 1, 2, 2, ids), o);
+    EXPECT_EQ(st.affinity_at(0, 0, 1), T);
+    EXPECT_EQ(st.load_at(0, 1), T);
+}
+
+TEST(Profile, StreamingEqualsInMemory) {
+    testing::TempDir dir;
+    RoutingTrace t = small_generated(5000);
+    save_trace(t, dir.file("t.npy"));
+    ProfileOptions o;
+    o.topology = Topology::parse("2x4");
+    RoutingStats mem = profile_trace(t, o);
+    for (int64_t chunk : {int64_t{1} << 16, int64_t{999}, int64_t{7}}) {
+        o.chunk_tokens = chunk;
+        RoutingStats file = profile_trace_file(dir.file("t.npy"), {}, o);
+        expect_same(mem, file);
+        EXPECT_EQ(file.model, "olmoe");
+        EXPECT_EQ(file.dataset, "github");
+    }
+}
+
+TEST(Profile, RejectsBadInputs) {
+    // k > E
+    EXPECT_NE(error_of([] { profile_trace(make_trace(1, 1, 3, 2, {0, 1, 0})); }).find("top_k"), std::string::npos);
+    // negative id, id out of range, repeated id: the message names the token and layer.
+    std::string neg = error_of([] { profile_trace(make_trace(2, 1, 2, 4, {0, 1, -1, 2})); });
+    EXPECT_NE(neg.find("-1"), std::string::npos) << neg;
+    EXPECT_NE(neg.find("token 1"), std::string::npos) << neg;
+    std::string big = error_of([] { profile_trace(make_trace(2, 2, 2, 4, {0, 1, 2, 3, 0, 1, 2, 4})); });
+    EXPECT_NE(big.find("out of range"), std::string::npos) << big;
+    EXPECT_NE(big.find("token 1, layer 1"), std::string::npos) << big;
+    std::string rep = error_of([] { profile_trace(make_trace(2, 1, 3, 4, {0, 1, 2, 3, 3, 1})); });
+    EXPECT_NE(rep.find("repeated"), std::string::npos) << rep;
+    // The first violation in token order is reported whatever the thread count.
+    std::vector<int32_t> ids(2 * 10000);
+    for (int64_t t = 0; t < 10000; ++t) {
+        ids[2 * t] = 0;
+        ids[2 * t + 1] = 1;
+    }
+    ids[2 * 7000 + 1] = 0;
+    ids[2 * 9000] = 9;
+    ProfileOptions o;
+    o.num_threads = 4;
+    std::string first = error_of([&] { profile_trace(make_trace(10000, 1, 2, 3, ids), o); });
+    EXPECT_NE(first.find("token 7000"), std::string::npos) << first;
+    // NaN weights, empty trace, shape mismatch, bad options.
+    RoutingTrace w = make_trace(1, 1, 2, 4, {0, 1});
+    w.gate_weights = {0.5f, std::numeric_limits<float>::quiet_NaN()};
+    EXPECT_NE(error_of([&] { profile_trace(w); }).find("non-finite"), std::string::npos);
+    EXPECT_NE(error_of([] { profile_trace(make_trace(0, 1, 2, 4, {})); }).find("empty"), std::string::npos);
+    EXPECT_THROW(profile_trace(make_trace(2, 1, 2, 4, {0, 1})), Error);
+    ProfileOptions bad;
+    bad.num_threads = -1;
+    EXPECT_THROW(profile_trace(make_trace(1, 1, 2, 4, {0, 1}), bad), Error);
+}
+
+TEST(Profile, FileWithBadIdFails) {
+    testing::TempDir dir;
+    write_npy(dir.file("t.npy"), std::vector<int32_t>{0, 1, 1, 1}, {2, 2});
+    TraceOverrides ov;
+    ov.num_experts = 4;
+    EXPECT_THROW(profile_trace_file(dir.file("t.npy"), ov), Error);
+}
+
+TEST(Stats, SaveLoadRoundTripAndMissingFolder) {
+    testing::TempDir dir;
+    ProfileOptions o;
+    o.topology = Topology::parse("1x4");
+    RoutingStats st = profile_trace(small_generated(500), o);
+    save_stats(st, dir.file("s"));
+    RoutingStats back = load_stats(dir.file("s"));
+    expect_same(st, back);
+    EXPECT_EQ(back.model, "olmoe");
+    // Overwriting works; a missing parent fails with kIo and leaves nothing behind.
+    save_stats(st, dir.file("s"));
+    try {
+        save_stats(st, dir.file("missing/s"));
+        FAIL() << "no error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kIo);
+    }
+    EXPECT_FALSE(std::filesystem::exists(dir.file("missing")));
+    // A corrupted folder is rejected, naming the problem.
+    write_npy(dir.file("s/load.npy"), std::vector<int64_t>{1, 2, 3}, {3});
+    EXPECT_NE(error_of([&] { load_stats(dir.file("s")); }).find("load.npy"), std::string::npos);
+}
+
+TEST(Stats, ValidateCatchesAsymmetryAndNegatives) {
+    RoutingStats st = profile_trace(make_trace(1, 1, 2, 3, {0, 1}));
+    EXPECT_NO_THROW(st.validate());
+    RoutingStats bad = st;
+    bad.affinity[1] = 5;
+    EXPECT_NE(error_of([&] { bad.validate(); }).find("symmetric"), std::string::npos);
+    bad = st;
+    bad.affinity[0] = 1;
+    EXPECT_NE(error_of([&] { bad.validate(); }).find("diagonal"), std::string::npos);
+    bad = st;
+    bad.load[2] = -1;
+    EXPECT_NE(error_of([&] { bad.validate(); }).find("negative"), std::string::npos);
+}
+
+TEST(Stats, FromAggregatesHalvesOrderedPairsAndDerivesLoads) {
+    // Token sets {0,1}, {0,1}, {1,2} (k = 2): A01 = 2, A12 = 1; ordered-pair counts double each entry.
+    std::vector<double> twice = {0, 4, 0, 4, 0, 2, 0, 2, 0};
+    RoutingStats st = stats_from_aggregates(twice, {3, 3}, {}, {}, true, 2);
+    EXPECT_EQ(st.affinity, (std::vector<int64_t>{0, 2, 0, 2, 0, 1, 0, 1, 0}));
+    EXPECT_EQ(st.load, (std::vector<int64_t>{2, 3, 1}));
+    EXPECT_EQ(st.num_tokens, 3);
+    // Without halving, with loads given, and with C2R's diagonal marker ignored.
+    std::vector<double> once = {-1, 2, 0, 2, -1, 1, 0, 1, -1};
+    RoutingStats st2 = stats_from_aggregates(once, {1, 3, 3}, {2, 3, 1}, {1, 3}, false, 2);
+    EXPECT_EQ(st2.affinity, st.affinity);
+    EXPECT_EQ(st2.load, st.load);
+    // Odd ordered-pair entry, asymmetry, negatives, fractions, shapes, derived loads that do not divide.
+    EXPECT_NE(error_of([] { stats_from_aggregates({0, 3, 3, 0}, {2, 2}, {}, {}, true, 2); }).find("odd"),
+              std::string::npos);
+    EXPECT_NE(error_of([] { stats_from_aggregates({0, 3, 2, 0}, {2, 2}, {}, {}, false, 2); }).find("symmetric"),
+              std::string::npos);
+    EXPECT_THROW(stats_from_aggregates({0, -2, -2, 0}, {2, 2}, {}, {}, false, 2), Error);
+    EXPECT_THROW(stats_from_aggregates({0, 1.5, 1.5, 0}, {2, 2}, {}, {}, false, 2), Error);
+    EXPECT_THROW(stats_from_aggregates({0, 1, 1, 0, 0, 0}, {2, 3}, {}, {}, false, 2), Error);
+    EXPECT_THROW(stats_from_aggregates({0, 1, 1, 0}, {2, 2}, {1, 1, 1}, {3}, false, 2), Error);
+    EXPECT_THROW(stats_from_aggregates({0, 1, 1, 0}, {2, 2}, {}, {}, false, 1), Error);
+    EXPECT_THROW(stats_from_aggregates({0, 1, 0, 1, 0, 0, 0, 0, 0}, {3, 3}, {}, {}, false, 3), Error);
+}
+
+}  // namespace
+}  // namespace grace
