@@ -32,6 +32,14 @@ struct Stage {
     std::vector<std::vector<int32_t>> meta;  // [n][copies * recs * rec_ints]
     std::vector<uint64_t> send_copies, recv_copies;
     int64_t total_send = 0, total_recv = 0;
+    std::unique_ptr<CommRequest> payload_req, meta_req;  // in flight between start and finish
+
+    void finish() {
+        if (payload_req) payload_req->wait();
+        if (meta_req) meta_req->wait();
+        payload_req.reset();
+        meta_req.reset();
+    }
 
     void reset(CommGroup g, int size, int me, int records, int ints) {
         group = g, n = size, self = me, recs = records, rec_ints = ints;
@@ -78,7 +86,6 @@ struct GpuMoeLayer::Impl {
     // Device buffers (grow only).
     DeviceBuffer<bf16> d_hidden;
     DeviceBuffer<int32_t> d_ids;
-    DeviceBuffer<float> d_wts;
     DeviceBuffer<int32_t> r_inst, r_rank, r_tpr, r_tpi;
     DeviceBuffer<bool> r_in_rank;
     struct DevStage {
@@ -100,7 +107,7 @@ struct GpuMoeLayer::Impl {
         b.copies += copies, b.payload += payload, b.metadata += meta, b.control += control;
     }
 
-    // Gathers and sends the stage's payload and metadata; returns when both have arrived.
+    // Gathers the stage's payload rows and starts the payload and metadata exchanges (s.finish() completes them).
     void dispatch_stage(Stage& s, DevStage& d, const bf16* src0, const bf16* src1) {
         s.send_copies.assign(s.n, 0);
         s.total_send = 0;
@@ -140,12 +147,10 @@ struct GpuMoeLayer::Impl {
             CUDA_RUNTIME_CHECK(cudaMemcpy(d.meta_send.data(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice));
             detail::gather_rows(src0, src1, d.idx.data(), s.total_send, H, d.payload_send.data());
         }
-        auto p = comm.start_alltoallv(s.group, d.payload_send.data(), d.payload_recv.data(),
-                                      make_layout(s.send_copies, s.recv_copies, prow));
-        auto m = comm.start_alltoallv(s.group, d.meta_send.data(), d.meta_recv.data(),
-                                      make_layout(s.send_copies, s.recv_copies, mrow));
-        p->wait();
-        m->wait();
+        s.payload_req = comm.start_alltoallv(s.group, d.payload_send.data(), d.payload_recv.data(),
+                                             make_layout(s.send_copies, s.recv_copies, prow));
+        s.meta_req = comm.start_alltoallv(s.group, d.meta_send.data(), d.meta_recv.data(),
+                                          make_layout(s.send_copies, s.recv_copies, mrow));
     }
 
     // Sends one bf16 vector back per received copy (`partials`, receive order) and adds each returned vector
@@ -231,7 +236,7 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
     const auto t_start = Clock::now();
     auto t0 = Clock::now();
     for (int64_t i = 0; i < T * k; ++i)
-        GRACE_CHECK_ARG(h_ids[i] >= -1 && h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i],
+        GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i],
                         " is outside [0, ", E, ")");
     route(d_ids.data(), T, k, first_token);
     stats.local_selections = T * k;
@@ -272,6 +277,7 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         stats.layout_s = seconds_since(t0);
         t0 = Clock::now();
         dispatch_stage(s, ds1, hidden, hidden);
+        s.finish();
         stats.dispatch_s = seconds_since(t0);
         t0 = Clock::now();
         partials = run_experts(s, ds1);
@@ -311,10 +317,11 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         stats.layout_s = seconds_since(t0);
         t0 = Clock::now();
         dispatch_stage(a, ds1, hidden, hidden);
-        stats.dispatch_s = seconds_since(t0);
+        const double stage1_start_s = seconds_since(t0);
 
         // Stage 2: entries are the own tokens (gather index t, accumulator row t) and the received stage-1 rows
-        // (gather index -(r+1), accumulator row T + r); one copy per (entry, destination GPU on this node).
+        // (gather index -(r+1), accumulator row T + r); one copy per (entry, destination GPU on this node). The
+        // own tokens are queued while stage 1 is in flight.
         t0 = Clock::now();
         Stage& s = s2;
         s.reset(CommGroup::kNode, topo.gpus_per_node, my_local, k, 2);
@@ -335,6 +342,12 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         for (int64_t t = 0; t < T; ++t)
             queue(static_cast<int32_t>(t), static_cast<int32_t>(t), h_ids.data() + t * k, dest.data() + t * k,
                   h_w.data() + t * k);
+        stats.overlap_s = seconds_since(t0);
+        stats.layout_s += stats.overlap_s;
+        t0 = Clock::now();
+        a.finish();
+        stats.dispatch_s = stage1_start_s + seconds_since(t0);
+        t0 = Clock::now();
         std::vector<int32_t> m1(static_cast<size_t>(a.total_recv) * k * 3);
         if (!m1.empty())
             CUDA_RUNTIME_CHECK(cudaMemcpy(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost));
@@ -354,6 +367,7 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         stats.layout_s += seconds_since(t0);
         t0 = Clock::now();
         dispatch_stage(s, ds2, hidden, ds1.payload_recv.data());
+        s.finish();
         stats.dispatch_s += seconds_since(t0);
         t0 = Clock::now();
         partials = run_experts(s, ds2);

@@ -190,6 +190,7 @@ public:
         if (global_) ncclCommAbort(global_);
         node_ = global_ = nullptr;
         host_comm_->abort(code, message);
+        std::_Exit(code);  // not reached: the host communicator's abort does not return
     }
 
 private:
