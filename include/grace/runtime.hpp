@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "grace/communicator.hpp"
+#include "grace/eval.hpp"
 #include "grace/experts.hpp"
 #include "grace/plan.hpp"
 #include "grace/routing.hpp"
@@ -32,12 +33,9 @@
 
 namespace grace {
 
-/// Dispatch/combine scheme (spec §6).
-enum class CommScheme { kFlat, kFlatDedup, kHsc };
-/// "flat", "flat-dedup", "hsc".
-std::string to_string(CommScheme scheme);
-/// Inverse of to_string; throws kInvalidArgument listing the valid names.
-CommScheme parse_comm_scheme(const std::string& name);
+// CommScheme (flat, flat-dedup, 2dh, hsc), to_string and parse_comm_scheme come from eval.hpp, so that the
+// runtime and the evaluator name schemes identically. The runtime executes flat, flat-dedup and hsc; 2dh is
+// priced by the evaluator only (kUnsupported here).
 
 /// Link classes of the declared topology.
 enum class LinkClass { kIntraNode = 0, kCrossNode = 1 };
@@ -62,6 +60,9 @@ struct MoeCallStats {
     /// Bytes sent by this rank, [LinkClass]: dispatch and combine.
     std::array<LinkBytes, 2> dispatch{};
     std::array<LinkBytes, 2> combine{};
+    /// [G]: dispatch token copies this rank sent to each GPU (all stages; its row of the evaluator's
+    /// TrafficMatrix, spec §6).
+    std::vector<int64_t> dispatch_copies_to;
     int64_t local_selections = 0;  ///< selections this rank routed (T_local * k)
     int64_t expert_rows = 0;       ///< (copy, expert) rows this rank's experts computed
 };
@@ -93,7 +94,7 @@ public:
     /// `layer` must be finalized (instance_gpus, wrr_weights) for `topology`; `communicator` must use the same
     /// topology and outlive the layer; `local_experts` must hold exactly the experts of
     /// layer.gpu_experts[communicator.rank()] (any order), all of one shape. Throws kInvalidArgument naming what
-    /// is missing or inconsistent.
+    /// is missing or inconsistent, kUnsupported for the 2dh scheme.
     MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
              std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options = {});
     ~MoeLayer();

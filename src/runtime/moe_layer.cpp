@@ -7,22 +7,6 @@
 
 namespace grace {
 
-std::string to_string(CommScheme scheme) {
-    switch (scheme) {
-        case CommScheme::kFlat: return "flat";
-        case CommScheme::kFlatDedup: return "flat-dedup";
-        case CommScheme::kHsc: return "hsc";
-    }
-    return "?";
-}
-
-CommScheme parse_comm_scheme(const std::string& name) {
-    if (name == "flat") return CommScheme::kFlat;
-    if (name == "flat-dedup") return CommScheme::kFlatDedup;
-    if (name == "hsc") return CommScheme::kHsc;
-    throw Error(ErrorCode::kInvalidArgument, cat("unknown communication scheme '", name, "' (flat, flat-dedup, hsc)"));
-}
-
 DispatchLayout compute_dispatch_layout(const int32_t* dest_ranks, const int32_t* topk_ids, int64_t num_tokens,
                                        int top_k, int num_experts, const Topology& topology) {
     const int G = topology.num_gpus(), N = topology.nodes;
@@ -145,6 +129,7 @@ struct MoeLayer::Impl {
     void count_sent(std::array<LinkBytes, 2>& bytes, int global_dest, int64_t copies, int64_t payload, int64_t meta,
                     int64_t control) {
         auto& b = bytes[topo.node_of(global_dest) == my_node ? 0 : 1];
+        if (&bytes == &stats.dispatch) stats.dispatch_copies_to[global_dest] += copies;
         b.copies += copies;
         b.payload += payload;
         b.metadata += meta;
@@ -298,6 +283,7 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
                              float* out, int64_t first_token) {
     GRACE_CHECK_ARG(T >= 0 && k >= 1, "forward needs num_tokens >= 0 and top_k >= 1, got ", T, " and ", k);
     stats = MoeCallStats{};
+    stats.dispatch_copies_to.assign(G, 0);
     const auto t_start = Clock::now();
     // Routing.
     auto t0 = Clock::now();
@@ -481,6 +467,8 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
                    std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options)
     : impl_(std::make_unique<Impl>(layer, topology, communicator, std::move(local_experts), options)) {
     Impl& m = *impl_;
+    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
+                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
     GRACE_CHECK_ARG(communicator.topology() == topology || (communicator.topology().nodes == topology.nodes &&
                                                             communicator.topology().gpus_per_node == topology.gpus_per_node),
                     "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",

@@ -13,6 +13,7 @@
 #include "core/rng.hpp"
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
+#include "grace/eval.hpp"
 #include "grace/experts.hpp"
 #include "grace/plan.hpp"
 #include "grace/routing.hpp"
@@ -114,6 +115,7 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
 
     double max_err = 0;
     std::vector<double> sent(16, 0.0);  // [dispatch|combine][intra|cross][payload, meta, control, copies]
+    std::vector<double> matrix(static_cast<size_t>(G) * G, 0.0);  // [s, d] dispatch copies, all layers
     for (int l = 0; l < kLayers; ++l) {
         const LayerPlan& lp = plan.layers[l];
         std::vector<ExpertWeights> local, all;
@@ -152,6 +154,7 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
                     max_err = std::max(max_err, static_cast<double>(std::fabs(out[t * kHidden + h] - ref[h]) / scale));
             }
             const MoeCallStats& st = layer.last_stats();
+            for (int d = 0; d < G; ++d) matrix[static_cast<size_t>(me) * G + d] += static_cast<double>(st.dispatch_copies_to[d]);
             for (int c = 0; c < 2; ++c) {
                 const LinkBytes* lb[2] = {&st.dispatch[c], &st.combine[c]};
                 for (int d = 0; d < 2; ++d) {
@@ -166,7 +169,23 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     std::vector<double> err{max_err};
     comm.allreduce_max(err);
     comm.allreduce_sum(sent);
+    comm.allreduce_sum(matrix);
 
+    // The evaluator's prediction (branch eval): the per-(source, destination) copy matrix of each layer.
+    RoutingTrace rt;
+    rt.num_tokens = T;
+    rt.num_layers = kLayers;
+    rt.top_k = kTopK;
+    rt.num_experts = kExperts;
+    rt.expert_ids = tr.ids;
+    std::vector<double> eval_matrix(matrix.size(), 0.0);
+    int64_t eval_copies[2] = {0, 0};
+    for (int l = 0; l < kLayers; ++l) {
+        const TrafficMatrix tm = count_traffic(rt, plan, policy, scheme, l, 5);
+        for (size_t i = 0; i < eval_matrix.size(); ++i) eval_matrix[i] += static_cast<double>(tm.copies[i]);
+        eval_copies[0] += tm.intra_node_copies;
+        eval_copies[1] += tm.cross_node_copies;
+    }
     // Independent prediction, over the whole trace in trace order.
     int64_t pred[2] = {0, 0};  // copies [intra, cross]
     int64_t pred_meta[2] = {0, 0};
@@ -184,7 +203,9 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     };
     expect(err[0] <= 1e-5, cat("output differs from the dense reference: max rel err ", err[0]));
     const char* cls[2] = {"intra", "cross"};
+    expect(matrix == eval_matrix, "per-(source, destination) copies differ from the evaluator's count_traffic");
     for (int c = 0; c < 2; ++c) {
+        expect(eval_copies[c] == pred[c], cat(cls[c], " evaluator copies ", eval_copies[c], " != own count ", pred[c]));
         expect(sent[c * 4 + 3] == pred[c], cat(cls[c], " dispatch copies ", sent[c * 4 + 3], " != predicted ", pred[c]));
         expect(sent[c * 4 + 0] == pred[c] * kHidden * 4.0,
                cat(cls[c], " dispatch payload ", sent[c * 4 + 0], " != predicted ", pred[c] * kHidden * 4));

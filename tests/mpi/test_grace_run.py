@@ -182,6 +182,29 @@ def main():
         p, _ = run(common + ["-o", os.path.join(d, "w.json")], np_=3, timeout=60)
         check(p.returncode != 0 and "needs 4 processes" in p.stderr, "wrong process count is an error")
 
+        # End to end: grace gen -> grace plan -> grace run vs grace eval, copies per link class equal.
+        tr, pl = os.path.join(d, "g.npy"), os.path.join(d, "g_plan.json")
+        p1 = subprocess.run([GRACE, "gen", "--preset", "olmoe", "--tokens", "600", "--layers", "2", "--seed", "2",
+                             "--threads", "1", "-o", tr], capture_output=True, text=True)
+        p2 = subprocess.run([GRACE, "plan", "--trace", tr, "--topology", "2x2", "--method", "grace", "--threads", "1",
+                             "-q", "-o", pl], capture_output=True, text=True)
+        check(p1.returncode == 0 and p2.returncode == 0, f"gen + plan ({p1.stderr[-200:]}{p2.stderr[-200:]})")
+        for scheme in ["flat", "flat-dedup", "hsc"]:
+            rr, ev = os.path.join(d, f"g_run_{scheme}.json"), os.path.join(d, f"g_eval_{scheme}")
+            p, _ = run(["--plan", pl, "--trace", tr, "--comm", scheme, "--hidden", "32", "--intermediate", "16",
+                        "--batch-tokens", "64", "-o", rr])
+            pe = subprocess.run([GRACE, "eval", "--trace", tr, "--plan", pl, "--comm", scheme, "--hidden", "32",
+                                 "--intermediate", "16", "-o", ev], capture_output=True, text=True)
+            if p.returncode != 0 or pe.returncode != 0:
+                check(False, f"gen/plan/run/eval {scheme} ({p.stderr[-200:]}{pe.stderr[-200:]})")
+                continue
+            got = json.load(open(rr))["bytes"]["dispatch"]
+            want = json.load(open(ev + ".json"))["total"]
+            check([got["intra_node"]["copies"], got["cross_node"]["copies"]] ==
+                  [want["intra_node_copies"], want["cross_node_copies"]],
+                  f"grace run {scheme} copies equal grace eval's on a generated trace and a grace plan "
+                  f"({got['cross_node']['copies']} cross)")
+
         # One rank without MPI: the local backend on a 1x1 plan.
         write_case(d, 1, 1, name="plan_1.json")
         p = subprocess.run([GRACE, "run", "--backend", "local", "--plan", os.path.join(d, "plan_1.json"), "--trace",
