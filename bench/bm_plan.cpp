@@ -91,10 +91,20 @@ void run(benchmark::State& state, int L, int E, int k, Topology topo, const char
 void BM_PlanGraceQwen3(benchmark::State& state) { run(state, 48, 128, 8, Topology{2, 4, std::nullopt}, "grace"); }
 void BM_PlanGraceDeepSeekV3(benchmark::State& state) { run(state, 58, 256, 8, Topology{4, 8, std::nullopt}, "grace"); }
 void BM_PlanEplbDeepSeekV3(benchmark::State& state) { run(state, 58, 256, 8, Topology{4, 8, 9}, "eplb"); }
+// Attribution: grouping alone (no replication, routing tables still built) and the vanilla floor (stats
+// validation, replication and routing tables, plan validation: everything but grouping).
+void BM_PlanHgOnlyDeepSeekV3(benchmark::State& state) {
+    run(state, 58, 256, 8, Topology{4, 8, std::nullopt}, "hierarchical+none+primary");
+}
+void BM_PlanVanillaDrDeepSeekV3(benchmark::State& state) {
+    run(state, 58, 256, 8, Topology{4, 8, std::nullopt}, "vanilla+dynamic+tar");
+}
 
 BENCHMARK(BM_PlanGraceQwen3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_PlanGraceDeepSeekV3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_PlanEplbDeepSeekV3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
+BENCHMARK(BM_PlanHgOnlyDeepSeekV3)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
+BENCHMARK(BM_PlanVanillaDrDeepSeekV3)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 
 }  // namespace
 }  // namespace grace

@@ -2,6 +2,7 @@
 /// Baseline groupings (spec §8): Occult and C2R reconstructions, METIS k-way, vanilla.
 
 #include <algorithm>
+#include <mutex>
 #include <cmath>
 #include <numeric>
 
@@ -233,6 +234,10 @@ Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<d
     options[METIS_OPTION_SEED] = static_cast<idx_t>(seed & 0x7fffffff);
     options[METIS_OPTION_NUMBERING] = 0;
     std::vector<idx_t> part(E, 0);
+    // METIS keeps its random state in process globals (GKlib): concurrent calls would make the result depend
+    // on thread timing, so every call in the process is serialized here.
+    static std::mutex metis_mutex;
+    std::lock_guard<std::mutex> lock(metis_mutex);
     const int rc = METIS_PartGraphKway(&nvtxs, &ncon, xadj.data(), adjncy.empty() ? nullptr : adjncy.data(),
                                        vwgt.data(), nullptr, adjncy.empty() ? nullptr : adjwgt.data(), &nparts,
                                        nullptr, &ubvec, options, &objval, part.data());

@@ -136,6 +136,44 @@ int eplb_num_groups(int E, const Topology& topo, bool hierarchical) {
     return 1;  // falls back to EPLB's global policy
 }
 
+// EPLB may place two replicas of one expert on one GPU, which grace.plan/v1 forbids. Each such duplicate is
+// swapped with a replica x on another GPU h such that h lacks e and the duplicate's GPU lacks x, choosing the
+// x whose load per replica is closest to e's (ties: lower GPU, then lower slot), so GPU loads barely change.
+// A duplicate with no such swap becomes -1 (dropped). phy2log is [P] with per_gpu slots per GPU.
+void repair_eplb_duplicates(std::vector<int>& phy2log, const std::vector<int>& logcnt, const std::vector<double>& load,
+                            int G, int per_gpu) {
+    auto on_gpu = [&](int g, int e) {
+        for (int i = 0; i < per_gpu; ++i)
+            if (phy2log[static_cast<size_t>(g) * per_gpu + i] == e) return true;
+        return false;
+    };
+    auto per_replica = [&](int e) { return load[e] / std::max(1, logcnt[e]); };
+    for (int g = 0; g < G; ++g)
+        for (int i = 0; i < per_gpu; ++i) {
+            const size_t p = static_cast<size_t>(g) * per_gpu + i;
+            const int e = phy2log[p];
+            bool dup = false;
+            for (int j = 0; j < i && !dup; ++j) dup = phy2log[static_cast<size_t>(g) * per_gpu + j] == e;
+            if (!dup) continue;
+            size_t best = SIZE_MAX;
+            double best_cost = 0;
+            for (int h = 0; h < G; ++h) {
+                if (h == g || on_gpu(h, e)) continue;
+                for (int j = 0; j < per_gpu; ++j) {
+                    const size_t q = static_cast<size_t>(h) * per_gpu + j;
+                    const int x = phy2log[q];
+                    if (x < 0 || on_gpu(g, x)) continue;
+                    const double cost = std::abs(per_replica(x) - per_replica(e));
+                    if (best == SIZE_MAX || cost < best_cost) best = q, best_cost = cost;
+                }
+            }
+            if (best == SIZE_MAX)
+                phy2log[p] = -1;
+            else
+                std::swap(phy2log[p], phy2log[best]);
+        }
+}
+
 void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec) {
     const int G = topo.num_gpus();
     const bool eplb_rep = spec.replication == "eplb";
@@ -153,10 +191,14 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
     const bool hier = spec.grouping == "eplb-hierarchical";
     const EplbResult r = rebalance_experts(in.load, 1, E, P, eplb_num_groups(E, topo, hier), hier ? topo.nodes : 1, G);
     const int per_gpu = P / G;
-    for (int e = 0; e < E; ++e) {
-        const int slot = r.log2phy[static_cast<size_t>(e) * r.max_replicas];
-        lp.primary_gpu[e] = slot / per_gpu;
-        lp.gpu_experts[slot / per_gpu].push_back(e);
+    std::vector<int> phy2log = r.phy2log;
+    repair_eplb_duplicates(phy2log, r.logcnt, in.load, G, per_gpu);
+    for (int p = 0; p < P; ++p) {
+        const int e = phy2log[p];
+        if (e >= 0 && lp.primary_gpu[e] < 0) {  // an expert's first slot holds its primary
+            lp.primary_gpu[e] = p / per_gpu;
+            lp.gpu_experts[p / per_gpu].push_back(e);
+        }
     }
     if (!eplb_rep) {
         ReplicationOptions ro;
@@ -167,12 +209,12 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
     ReplicationOptions none;
     none.method = ReplicationMethod::kNone;
     replicate_layer(lp, in.load, topo, none);  // records gamma and the loads before replication
-    // EPLB's other replicas; a second copy of an expert on one GPU is dropped and its slot refilled by the
-    // padding rule (the most useful expert that GPU lacks).
+    // EPLB's other replicas; a duplicate the repair could not swap away (-1) leaves a slot that the padding rule
+    // refills (the most useful expert that GPU lacks).
     for (int p = 0; p < P; ++p) {
-        const int e = r.phy2log[p], g = p / per_gpu;
+        const int e = phy2log[p], g = p / per_gpu;
         auto& ex = lp.gpu_experts[g];
-        if (std::find(ex.begin(), ex.end(), e) == ex.end()) ex.push_back(e);
+        if (e >= 0 && std::find(ex.begin(), ex.end(), e) == ex.end()) ex.push_back(e);
     }
     for (auto& ex : lp.gpu_experts) std::sort(ex.begin(), ex.end());
     pad_to_equal_slots(lp, in.load, E, topo, per_gpu);
@@ -246,9 +288,6 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
             } else if (spec.grouping == "c2r") {
                 g = c2r_grouping(in.affinity, E, G);
             } else if (spec.grouping == "metis") {
-                // METIS keeps its random state in globals (GKlib): concurrent calls would make the plan depend on
-                // thread timing, so they are serialized.
-#pragma omp critical(grace_metis)
                 g = metis_grouping(in.affinity, in.load, E, G, so.seed);
                 bool repair = false;  // METIS balances load, not counts: enforce 1..cap experts per GPU
                 for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);

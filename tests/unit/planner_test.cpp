@@ -220,3 +220,31 @@ TEST(Planner, BadInputIsOneLineInvalidArgument) {
 
 }  // namespace
 }  // namespace grace
+
+namespace grace {
+namespace {
+
+// EPLB's global policy on the spec §8 golden input puts both replicas of expert 1 on GPU 7
+// (phy2log row 0 = [10,6, 10,7, 0,2, 11,4, 5,9, 5,4, 8,3, 1,1]). The planner swaps the duplicate with the replica
+// whose load per replica is closest (expert 1: 132/2 = 66; expert 3 on GPU 6: 61), keeping EPLB's counts.
+TEST(Planner, EplbDuplicateIsSwappedAway) {
+    RoutingStats st;
+    st.num_layers = 1;
+    st.num_experts = 12;
+    st.top_k = 1;
+    st.load = {90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86};
+    st.affinity.assign(144, 0);
+    PlanOptions opt;
+    opt.method = "eplb-global+eplb:16";
+    const ExpertPlan plan = make_plan(st, Topology{2, 4, std::nullopt}, opt);
+    const LayerPlan& lp = plan.layers[0];
+    EXPECT_EQ(lp.gpu_experts, (std::vector<std::vector<int>>{{6, 10}, {7, 10}, {0, 2}, {4, 11}, {5, 9}, {4, 5}, {1, 8},
+                                                             {1, 3}}));
+    EXPECT_EQ(lp.primary_gpu[1], 6);
+    EXPECT_EQ(lp.primary_gpu[3], 7);
+    const std::vector<int> logcnt = {1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1};
+    for (int e = 0; e < 12; ++e) EXPECT_EQ(static_cast<int>(lp.instance_gpus[e].size()), logcnt[e]) << e;
+}
+
+}  // namespace
+}  // namespace grace
