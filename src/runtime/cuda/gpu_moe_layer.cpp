@@ -396,6 +396,10 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
                          std::vector<ExpertWeights> local_experts, const GpuMoeLayerOptions& options)
     : impl_(std::make_unique<Impl>(layer, topology, communicator, options)) {
     Impl& m = *impl_;
+    GRACE_CHECK(options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup ||
+                    options.scheme == CommScheme::kHsc,
+                ErrorCode::kUnsupported, "the GPU MoE layer runs flat, flat-dedup and hsc, not '",
+                to_string(options.scheme), "'");
     GRACE_CHECK_ARG(communicator.memory_space() == MemorySpace::kDevice, "GpuMoeLayer needs a device-memory "
                     "communicator (backend 'nccl'), got '", communicator.backend(), "'");
     GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
