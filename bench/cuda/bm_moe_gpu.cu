@@ -127,6 +127,79 @@ int main(int argc, char** argv) try {
     js << "{\"device\": {\"name\": \"" << prop.name << "\", \"sms\": " << prop.multiProcessorCount
        << ", \"copy_GBps\": " << copy_gbps << ", \"dense_gemm_8192_tflops\": " << dense_peak_tflops << "},\n \"shapes\": {";
 
+    if (get_arg(argc, argv, "--threshold-sweep", "0") == "1") {
+        // Expert GEMMs only (rerun_experts, no activation), side by side in one run: dense cuBLAS over all T*k
+        // rows, the grouped call, the per-expert loop, and the hybrid at several row cut-offs.
+        std::printf("\nthreshold sweep (expert GEMM ms, %% of dense same FLOPs)\n");
+        std::ostringstream sj;
+        sj << "{\"device\": \"" << prop.name << "\", \"copy_GBps\": " << copy_gbps << ", \"threshold_sweep\": [";
+        bool first_row = true;
+        for (const Shape& sh : shapes) {
+            const int E = sh.E, k = sh.k, H = sh.H, I = sh.I;
+            for (int T : {2048, 8192, 16384}) {
+                DeviceBuffer<bf16> w13(size_t(E) * 2 * I * H), w2(size_t(E) * H * I), x(size_t(T) * H), out(size_t(T) * H);
+                fill(w13.data(), w13.size(), 11, 1.f / std::sqrt(float(H)));
+                fill(w2.data(), w2.size(), 12, 1.f / std::sqrt(float(I)));
+                fill(x.data(), x.size(), 13, 1.f);
+                std::mt19937_64 rng(1000 * E + T);  // the same routing as the main benchmark
+                std::vector<int> perm(E);
+                for (int e = 0; e < E; ++e) perm[e] = e;
+                std::shuffle(perm.begin(), perm.end(), rng);
+                std::uniform_real_distribution<double> u(1e-12, 1.0);
+                std::vector<int32_t> idx(size_t(T) * k);
+                std::vector<float> wts(size_t(T) * k);
+                std::vector<std::pair<double, int>> g(E);
+                for (int t = 0; t < T; ++t) {
+                    for (int r = 0; r < E; ++r) g[r] = {-sh.zipf_s * std::log(r + 1.0) - std::log(-std::log(u(rng))), perm[r]};
+                    std::partial_sort(g.begin(), g.begin() + k, g.end(), std::greater<>());
+                    for (int j = 0; j < k; ++j) idx[size_t(t) * k + j] = g[j].second, wts[size_t(t) * k + j] = float(u(rng) + 0.1);
+                }
+                DeviceBuffer<int32_t> d_idx(idx.size());
+                DeviceBuffer<float> d_w(wts.size());
+                CUDA_RUNTIME_CHECK(cudaMemcpy(d_idx.data(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+                CUDA_RUNTIME_CHECK(cudaMemcpy(d_w.data(), wts.data(), wts.size() * 4, cudaMemcpyHostToDevice));
+                const size_t nsel = size_t(T) * k;
+                DeviceBuffer<bf16> dA(nsel * H), dC1(nsel * 2 * I), dC2(nsel * H);
+                fill(dA.data(), dA.size(), 14, 1.f);
+                const double flops = 2.0 * double(T) * k * (double(H) * 2 * I + double(I) * H);
+                const double dense_ms = time_ms([&] {
+                    gemm_tn(cublas, 2 * I, T * k, H, w13.data(), dA.data(), dC1.data());
+                    gemm_tn(cublas, H, T * k, I, w2.data(), dC1.data(), dC2.data());
+                }, 2, iters, 3);
+                LocalMoe moe({E, k, H, I}, T, GroupedGemmBackend::kCublasGrouped);
+                moe.set_weights(w13.data(), w2.data());
+                moe.forward(x.data(), d_idx.data(), d_w.data(), out.data(), T, nullptr);
+                std::printf("%-14s T=%5d dense %.3f ms (%.0f TF/s):", sh.name.c_str(), T, dense_ms, flops / dense_ms / 1e9);
+                sj << (first_row ? "" : ",") << "\n  {\"shape\": \"" << sh.name << "\", \"T\": " << T
+                   << ", \"dense_ms\": " << dense_ms;
+                first_row = false;
+                struct Variant { const char* name; GroupedGemmBackend b; int thr; };
+                const Variant variants[] = {{"grouped", GroupedGemmBackend::kCublasGrouped, 0},
+                                            {"loop", GroupedGemmBackend::kCublasLoop, 0},
+                                            {"hybrid64", GroupedGemmBackend::kHybrid, 64},
+                                            {"hybrid128", GroupedGemmBackend::kHybrid, 128},
+                                            {"hybrid256", GroupedGemmBackend::kHybrid, 256},
+                                            {"hybrid512", GroupedGemmBackend::kHybrid, 512},
+                                            {"hybrid768", GroupedGemmBackend::kHybrid, 768},
+                                            {"hybrid1024", GroupedGemmBackend::kHybrid, 1024},
+                                            {"hybrid2048", GroupedGemmBackend::kHybrid, 2048}};
+                for (const Variant& v : variants) {
+                    moe.set_backend(v.b);
+                    if (v.thr) moe.set_hybrid_threshold(v.thr);
+                    const double ms = time_ms([&] { moe.rerun_experts(nullptr, false); }, 2, iters, 3);
+                    std::printf(" %s %.3f (%.0f%%)", v.name, ms, 100 * dense_ms / ms);
+                    sj << ", \"" << v.name << "_ms\": " << ms;
+                }
+                std::printf("\n");
+                sj << "}";
+            }
+        }
+        sj << "]}\n";
+        std::ofstream(out_dir + "/threshold_sweep.json") << sj.str();
+        cublasDestroy(cublas);
+        return 0;
+    }
+
     std::ostringstream table;  // h100-gemm-table.json
     table << "{\"device\": \"" << prop.name << "\",\n \"method\": \"cublasGemmEx bf16 (fp32 accumulate): gate+up [n,H]x[H,2I] then down [n,I]x[I,H] for one expert, weights rotated over 8 experts so they come from HBM; seconds: GPU time from a CUDA graph of 16 such pairs (median of 8 replays / 16); seconds_eager_launch: the same pairs issued back to back from the host (includes cuBLAS host cost, ~10 us/call); excludes SiLU*up and permutation\",\n \"shapes\": {";
 

@@ -149,7 +149,7 @@ public:
                                               const std::vector<uint16_t>& w13, const std::vector<uint16_t>& w2,
                                               const std::vector<uint16_t>& x, const std::vector<int32_t>& topk_idx,
                                               const std::vector<float>& topk_weights, int num_tokens,
-                                              int hybrid_threshold = 1024);
+                                              int hybrid_threshold = 512);
     /// Re-runs the expert part of the last forward (up GEMM, SiLU*up if `with_activation`, down GEMM) on its
     /// workspace, with no host synchronization: for timing the grouped GEMMs alone.
     void rerun_experts(void* stream = nullptr, bool with_activation = true);
@@ -159,8 +159,9 @@ public:
     /// [E] tokens per expert of the last forward (host copy).
     const std::vector<int32_t>& last_counts() const;
     GroupedGemmBackend backend() const;
-    /// Rows from which kHybrid gives an expert its own GEMM (default 1024: where one GEMM's GPU time passes
-    /// the ~10 us host cost of issuing it, measured on an H100).
+    /// Rows from which kHybrid gives an expert its own GEMM (default 512: in a side-by-side sweep of 64..2048 on
+    /// an H100 it was the best or within 3% of the best cut-off at both model shapes and T = 2048..16384; see
+    /// bench/results/gpu.md).
     void set_hybrid_threshold(int rows);
     void set_backend(GroupedGemmBackend backend);
 

@@ -93,7 +93,12 @@ public:
     /// trace). Chunks must come in token order per layer; different layers may be fed from different threads.
     /// Throws kInvalidInput if the chunk's E or L does not match the plan, or the tokens run past T.
     void consume_layer(const RoutingTrace& chunk, int64_t first_token, int layer);
-    /// consume_layer for every layer, layers spread over options.num_threads threads.
+    /// consume_layer on raw ids: token i's k ids are at ids + i * stride (stride = L*k for a [T, L, k] chunk, k
+    /// for a layer-major copy, see LayerMajorIds). Ids must be valid (in [0, E), distinct per token).
+    void consume_layer_ids(const int32_t* ids, size_t stride, int64_t num_tokens, int top_k, int64_t first_token,
+                           int layer);
+    /// consume_layer for every layer, layers spread over options.num_threads threads (via a LayerMajorIds copy,
+    /// which makes every layer's ids contiguous).
     void consume(const RoutingTrace& chunk, int64_t first_token);
     /// The counts so far, [L].
     std::vector<LayerCounts> counts() const;
@@ -102,6 +107,21 @@ public:
 private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
+};
+
+/// A layer-major copy [L, T, k] of a chunk's ids: the replay of one layer then reads contiguous memory instead of
+/// one cache line per token (the [T, L, k] layout's stride), which is what bounds the replay's speed.
+class LayerMajorIds {
+public:
+    /// Transposes `chunk` using `num_threads` threads (0 = all).
+    LayerMajorIds(const RoutingTrace& chunk, int num_threads = 0);
+    /// The [T, k] ids of layer l.
+    const int32_t* layer(int l) const { return ids_.data() + static_cast<size_t>(l) * num_tokens_ * top_k_; }
+
+private:
+    int64_t num_tokens_;
+    int top_k_;
+    std::vector<int32_t> ids_;
 };
 
 /// Checks that `plan` can be evaluated on `trace`: same E and L (k may differ), valid plan. Throws

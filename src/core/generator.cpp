@@ -144,6 +144,8 @@ constexpr int kMaxTopK = 64;
 struct AliasEntry {
     float prob;     ///< keep this outcome with probability prob, else take alias
     int32_t alias;
+    float p_self;   ///< probability of this outcome, and of its alias: one cache access per draw
+    float p_alias;
 };
 struct AliasTable {
     std::vector<AliasEntry> entry;
@@ -154,7 +156,7 @@ AliasTable build_alias(const std::vector<double>& w) {
     const int n = static_cast<int>(w.size());
     double total = std::accumulate(w.begin(), w.end(), 0.0);
     AliasTable t;
-    t.entry.assign(n, AliasEntry{1.0f, 0});
+    t.entry.assign(n, AliasEntry{1.0f, 0, 0.0f, 0.0f});
     t.p.resize(n);
     std::vector<double> scaled(n);
     std::vector<int> small, large;
@@ -174,6 +176,10 @@ AliasTable build_alias(const std::vector<double>& w) {
             large.pop_back();
             small.push_back(l);
         }
+    }
+    for (auto& e : t.entry) {
+        e.p_self = t.p[&e - t.entry.data()];
+        e.p_alias = t.p[e.alias];
     }
     return t;
 }
@@ -293,12 +299,14 @@ inline void draw_experts(const AliasTable& tab, int E, int k, Stream& s, int32_t
         int i = static_cast<int>(((r >> 32) * static_cast<uint64_t>(E)) >> 32);
         float u = static_cast<float>(r & 0xffffffu) * (1.0f / 16777216.0f);
         const AliasEntry a = entry[i];
-        int e = u < a.prob ? i : a.alias;
+        const bool keep = u < a.prob;
+        const int e = keep ? i : a.alias;
+        const float pe = keep ? a.p_self : a.p_alias;
         bool repeat = false;
         for (int j = 0; j < n; ++j) repeat |= got[j] == e;
         if (!repeat) {
             got[n] = e;
-            gp[n++] = prob[e];
+            gp[n++] = pe;
         } else if (++tries > 64 * k) {
             // Pathological mass on few experts: finish exactly by sequential sampling over what remains.
             while (n < k) {

@@ -1,5 +1,5 @@
 #pragma once
-// The profiler's counting kernel (internal). Counts, per layer, the unordered pairs i < j of every token's
+// The profiler's counting kernel (internal). Counts, per layer, the pairs of router positions a < b of every token's
 // top-k set into per-thread uint16 tables of E*E cells (32 KiB for E = 128: one layer's table stays in L1
 // while a block of tokens is counted), flushed into per-thread int64 tables before a cell can overflow.
 // Integer sums do not depend on the order they are added in, so the result is the same for any thread count.
@@ -19,7 +19,7 @@ public:
     /// Throws kInvalidInput for an id out of range or repeated within a token's top-k (first one in token order).
     void add(const int32_t* ids, int64_t num_tokens, int64_t first_token);
 
-    /// Pair counts [L, E, E], upper triangle only (i < j), summed over threads.
+    /// Pair counts [L, E, E], upper triangle only (i < j), summed over threads (lower triangle and diagonal 0).
     std::vector<int64_t> upper_pairs() const;
     /// Loads counted directly [L, E] (only filled when top_k == 1; otherwise derive from the pairs).
     std::vector<int64_t> direct_load() const;

@@ -78,17 +78,25 @@ std::unique_ptr<Communicator> make_communicator(const std::string& name, const C
                                              "-DGRACE_USE_MPI=ON)");
 #endif
     }
-    if (name == "nccl")
+    if (name == "nccl") {
+#ifdef GRACE_HAVE_NCCL
+        return detail::make_nccl_communicator(options);
+#else
         throw Error(ErrorCode::kUnsupported, "communicator backend 'nccl' was not built into this binary");
+#endif
+    }
     throw Error(ErrorCode::kInvalidArgument, cat("unknown communicator backend '", name, "' (known: local, mpi, nccl)"));
 }
 
 std::vector<std::string> available_backends() {
+    std::vector<std::string> names{"local"};
 #ifdef GRACE_USE_MPI
-    return {"local", "mpi"};
-#else
-    return {"local"};
+    names.push_back("mpi");
 #endif
+#ifdef GRACE_HAVE_NCCL
+    names.push_back("nccl");
+#endif
+    return names;
 }
 
 std::string host_name() {

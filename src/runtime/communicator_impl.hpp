@@ -14,6 +14,10 @@ int mpi_world_rank();
 /// If MPI is initialized: prints `message`, MPI_Abort(MPI_COMM_WORLD). Otherwise returns.
 void mpi_abort_world(int code, const std::string& message);
 #endif
+#ifdef GRACE_HAVE_NCCL
+/// The NCCL backend (src/runtime/cuda/nccl_communicator.cpp): device buffers, one process per GPU.
+std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options);
+#endif
 
 /// Checks an alltoallv layout against the group size and returns the total receive bytes.
 void check_layout(const AlltoallvLayout& layout, int group_size);

@@ -134,23 +134,29 @@ const ExpertPlan& Replayer::plan() const { return impl_->plan; }
 
 void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int layer) {
     const ExpertPlan& p = impl_->plan;
-    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
     GRACE_CHECK_INPUT(chunk.num_experts == p.num_experts, "the trace has ", chunk.num_experts,
                       " experts but the plan has ", p.num_experts);
     GRACE_CHECK_INPUT(chunk.num_layers == p.num_layers, "the trace has ", chunk.num_layers, " layers but the plan has ",
                       p.num_layers);
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    consume_layer_ids(chunk.expert_ids.data() + static_cast<size_t>(layer) * chunk.top_k,
+                      static_cast<size_t>(chunk.num_layers) * chunk.top_k, chunk.num_tokens, chunk.top_k, first_token,
+                      layer);
+}
+
+void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
+    const ExpertPlan& p = impl_->plan;
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
     LayerState& st = impl_->layers[layer];
     GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
                     first_token);
     const int64_t T = impl_->total_tokens;
-    const int64_t n = chunk.num_tokens;
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
     if (n == 0) return;
     const Topology& topo = p.topology;
     const int G = topo.num_gpus();
     const int M = topo.gpus_per_node;
-    const int k = chunk.top_k;
-    const int L = chunk.num_layers;
     const int32_t* table = st.table.data();
     SequenceState* sequences = st.sequences.data();
     const int period = st.period;
@@ -164,8 +170,6 @@ void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int
     // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
     auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
     int64_t next_home = block_begin(h + 1);
-    const int32_t* ids = chunk.expert_ids.data() + static_cast<size_t>(layer) * k;
-    const size_t stride = static_cast<size_t>(L) * k;
     for (int64_t i = 0; i < n; ++i, ids += stride) {
         const int64_t t = first_token + i;
         while (t >= next_home) next_home = block_begin(++h + 1);
@@ -225,23 +229,41 @@ void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int
 
 void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
     const int L = impl_->plan.num_layers;
+    GRACE_CHECK_INPUT(chunk.num_experts == impl_->plan.num_experts, "the trace has ", chunk.num_experts,
+                      " experts but the plan has ", impl_->plan.num_experts);
     GRACE_CHECK_INPUT(chunk.num_layers == L, "the trace has ", chunk.num_layers, " layers but the plan has ", L);
     GRACE_CHECK_INPUT(chunk.top_k <= 64, "top_k ", chunk.top_k, " exceeds the evaluator's limit of 64");
+    const int threads = impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads();
+    const LayerMajorIds lm(chunk, threads);
     std::vector<std::string> errors(L);
-    const int threads = impl_->num_threads > 0 ? impl_->num_threads : 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads > 0 ? threads : omp_get_max_threads()) if (L > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (L > 1)
     for (int l = 0; l < L; ++l) {
         try {
-            consume_layer(chunk, first_token, l);
+            consume_layer_ids(lm.layer(l), chunk.top_k, chunk.num_tokens, chunk.top_k, first_token, l);
         } catch (const std::exception& e) {
             errors[l] = e.what();
         }
     }
-    for (int l = 0; l < L; ++l)
-        if (!errors[l].empty()) {
-            // Re-run serially to rethrow with the original code.
-            consume_layer(chunk, first_token, l);
+    for (const auto& e : errors) GRACE_CHECK_INPUT(e.empty(), e);
+}
+
+LayerMajorIds::LayerMajorIds(const RoutingTrace& chunk, int num_threads)
+    : num_tokens_(chunk.num_tokens), top_k_(chunk.top_k) {
+    const int L = chunk.num_layers, k = chunk.top_k;
+    const int64_t n = chunk.num_tokens;
+    ids_.resize(static_cast<size_t>(n) * L * k);
+    // Tiles of tokens keep both the reads and the L write streams inside the cache.
+    constexpr int64_t kTile = 256;
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 4 * kTile)
+    for (int64_t b = 0; b < n; b += kTile) {
+        const int64_t e = std::min(n, b + kTile);
+        for (int l = 0; l < L; ++l) {
+            int32_t* out = ids_.data() + (static_cast<size_t>(l) * n + b) * k;
+            const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
+            for (int64_t t = b; t < e; ++t, out += k, in += static_cast<size_t>(L) * k) std::copy(in, in + k, out);
         }
+    }
 }
 
 std::vector<LayerCounts> Replayer::counts() const {

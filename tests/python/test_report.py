@@ -141,6 +141,17 @@ class Report(unittest.TestCase):
         self.assertTrue(bad.stderr.startswith("grace: error:"), bad.stderr)
         self.assertFalse(os.path.exists(out + "2"))
 
+    def test_compare_is_identical_for_any_thread_count(self):
+        trace = os.path.join(self.out, "traces", "olmoe-wikitext.npy")
+        outs = []
+        for threads in (1, 2):
+            out = os.path.join(self.tmp.name, f"det{threads}")
+            r = run("compare", "--trace", trace, "--topology", "2x4", "--threads", threads, "-o", out)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with open(os.path.join(out, "compare.json"), "rb") as f:
+                outs.append(f.read())
+        self.assertEqual(outs[0], outs[1])
+
     def test_report_screenshot_is_not_blank(self):
         if not os.path.exists(CHROMIUM):
             self.skipTest("chromium is not installed (apt-get install chromium): cannot render report.html")

@@ -146,16 +146,17 @@ TEST(Profile, RejectsBadInputs) {
     std::string rep = error_of([] { profile_trace(make_trace(2, 1, 3, 4, {0, 1, 2, 3, 3, 1})); });
     EXPECT_NE(rep.find("repeated"), std::string::npos) << rep;
     // The first violation in token order is reported whatever the thread count.
-    std::vector<int32_t> ids(2 * 10000);
-    for (int64_t t = 0; t < 10000; ++t) {
+    std::vector<int32_t> ids(2 * 40000);  // large enough for the parallel path
+    for (int64_t t = 0; t < 40000; ++t) {
         ids[2 * t] = 0;
         ids[2 * t + 1] = 1;
     }
     ids[2 * 7000 + 1] = 0;
     ids[2 * 9000] = 9;
+    ids[2 * 30000] = 9;
     ProfileOptions o;
     o.num_threads = 4;
-    std::string first = error_of([&] { profile_trace(make_trace(10000, 1, 2, 3, ids), o); });
+    std::string first = error_of([&] { profile_trace(make_trace(40000, 1, 2, 3, ids), o); });
     EXPECT_NE(first.find("token 7000"), std::string::npos) << first;
     // NaN weights, empty trace, shape mismatch, bad options.
     RoutingTrace w = make_trace(1, 1, 2, 4, {0, 1});

@@ -17,6 +17,9 @@
 #include "grace/plan.hpp"
 #include "grace/runtime.hpp"
 #include "grace/trace.hpp"
+#ifdef GRACE_USE_CUDA
+#include "grace/cuda_layer.hpp"
+#endif
 
 namespace grace::cli {
 namespace {
@@ -107,9 +110,48 @@ json bytes_json(Communicator& comm, const ByteSums& b) {
     return total.to_json();
 }
 
+// The CPU MoeLayer, or the GPU layer when the communicator works on device memory (--backend nccl / cuda):
+// both have the same forward contract.
+struct LayerRunner {
+    std::unique_ptr<MoeLayer> cpu;
+#ifdef GRACE_USE_CUDA
+    std::unique_ptr<cuda::GpuMoeLayer> gpu;
+#endif
+    LayerRunner(const LayerPlan& lp, const Topology& topo, Communicator& comm, std::vector<ExpertWeights> local,
+                const MoeLayerOptions& mo) {
+#ifdef GRACE_USE_CUDA
+        if (comm.memory_space() == MemorySpace::kDevice) {
+            cuda::GpuMoeLayerOptions go;
+            go.scheme = mo.scheme, go.policy = mo.policy, go.routing_seed = mo.routing_seed;
+            gpu = std::make_unique<cuda::GpuMoeLayer>(lp, topo, comm, std::move(local), go);
+            return;
+        }
+#endif
+        cpu = std::make_unique<MoeLayer>(lp, topo, comm, std::move(local), mo);
+    }
+    void forward(const float* x, const int32_t* ids, const float* w, int64_t n, int k, float* out, int64_t first) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return gpu->forward(x, ids, w, n, k, out, first);
+#endif
+        cpu->forward(x, ids, w, n, k, out, first);
+    }
+    const MoeCallStats& last_stats() const {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return gpu->last_stats();
+#endif
+        return cpu->last_stats();
+    }
+    int hidden() const {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return gpu->hidden();
+#endif
+        return cpu->hidden();
+    }
+};
+
 int run_impl(RunOptions& o) {
     const ExpertPlan plan = load_plan(o.plan_path);
-    std::string backend = o.backend;
+    std::string backend = o.backend == "cuda" ? "nccl" : o.backend;  // the GPU layer runs over NCCL
     if (backend.empty()) {
         const auto built = available_backends();
         backend = std::find(built.begin(), built.end(), "mpi") != built.end() ? "mpi" : "local";
@@ -205,7 +247,7 @@ int run_impl(RunOptions& o) {
         mo.scheme = scheme;
         mo.policy = o.routing ? parse_routing_policy(*o.routing) : lp.policy;
         mo.routing_seed = o.seed;
-        MoeLayer layer(lp, plan.topology, *comm, std::move(local), mo);
+        LayerRunner layer(lp, plan.topology, *comm, std::move(local), mo);
         if (l == 0) {
             H = layer.hidden();
             hidden.resize(static_cast<size_t>(T_local) * H);
@@ -371,7 +413,7 @@ GRACE_COMMAND("run", "Replay a trace through a plan on the real MoE layer (MPI r
                   sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)");
                   sub.add_option("--first-moe-layer", o->first_moe_layer,
                                  "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
-                  sub.add_option("--backend", o->backend, "Communicator backend: mpi or local (default: mpi if built)");
+                  sub.add_option("--backend", o->backend, "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer");
                   sub.add_option("--threads", o->threads, "Eigen threads per rank")->default_val(1);
                   sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
                   sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");

@@ -1,0 +1,528 @@
+// The expert-parallel MoE layer on GPUs (see include/grace/cuda_layer.hpp): device routing, host-planned
+// dispatch layout, payload gather / metadata split / combine reduction on the device, exchanges through the
+// Communicator interface, LocalMoe for the experts.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "cuda_check.hpp"
+#include "device_buffer.hpp"
+#include "grace/cuda_layer.hpp"
+#include "grace/error.hpp"
+#include "grace/routing.hpp"
+#include "layer_kernels.hpp"
+
+namespace grace::cuda {
+namespace {
+
+using bf16 = uint16_t;  // bf16 bits; the kernels see __nv_bfloat16
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+
+// One exchange stage on the host side: per target group rank q, the copies queued for it.
+struct Stage {
+    CommGroup group = CommGroup::kGlobal;
+    int n = 0;         // group size
+    int self = 0;      // caller's group rank
+    int recs = 1;      // metadata records per copy
+    int rec_ints = 2;  // int32 words per record
+    std::vector<std::vector<int32_t>> src;   // [n][copies] gather index (>= 0 own hidden row, < 0 stage-1 row)
+    std::vector<std::vector<int32_t>> acc;   // [n][copies] accumulator row the returned vector adds into
+    std::vector<std::vector<int32_t>> meta;  // [n][copies * recs * rec_ints]
+    std::vector<uint64_t> send_copies, recv_copies;
+    int64_t total_send = 0, total_recv = 0;
+    std::unique_ptr<CommRequest> payload_req, meta_req;  // in flight between start and finish
+
+    void finish() {
+        if (payload_req) payload_req->wait();
+        if (meta_req) meta_req->wait();
+        payload_req.reset();
+        meta_req.reset();
+    }
+
+    void reset(CommGroup g, int size, int me, int records, int ints) {
+        group = g, n = size, self = me, recs = records, rec_ints = ints;
+        src.assign(n, {});
+        acc.assign(n, {});
+        meta.assign(n, {});
+    }
+    size_t meta_row_bytes() const { return static_cast<size_t>(recs) * rec_ints * 4; }
+};
+
+AlltoallvLayout make_layout(const std::vector<uint64_t>& send, const std::vector<uint64_t>& recv, size_t row) {
+    AlltoallvLayout l;
+    const size_t n = send.size();
+    l.send_counts.resize(n), l.send_displs.resize(n), l.recv_counts.resize(n), l.recv_displs.resize(n);
+    size_t so = 0, ro = 0;
+    for (size_t q = 0; q < n; ++q) {
+        l.send_displs[q] = so, l.send_counts[q] = send[q] * row, so += l.send_counts[q];
+        l.recv_displs[q] = ro, l.recv_counts[q] = recv[q] * row, ro += l.recv_counts[q];
+    }
+    return l;
+}
+
+}  // namespace
+
+struct GpuMoeLayer::Impl {
+    LayerPlan layer;
+    Topology topo;
+    Communicator& comm;
+    GpuMoeLayerOptions options;
+    ReplicaRouter host_router;
+    std::unique_ptr<GpuReplicaRouter> gpu_router;
+    int H = 0, I = 0, E = 0, G = 0, me = 0, my_node = 0, my_local = 0, n_local = 0;
+    std::vector<int32_t> slot_of;  // [G * E]: position of expert e in gpu_experts[g], or -1
+    DeviceBuffer<bf16> w13, w2;
+    std::unique_ptr<LocalMoe> local_moe;
+    int local_moe_cap = 0, local_moe_k = 0;
+    bool last_on_device = false;
+
+    MoeCallStats stats;
+    std::vector<int32_t> dest;
+    std::vector<int32_t> h_ids;
+    std::vector<float> h_w;
+    Stage s1, s2;
+    // Device buffers (grow only).
+    DeviceBuffer<bf16> d_hidden;
+    DeviceBuffer<int32_t> d_ids;
+    DeviceBuffer<int32_t> r_inst, r_rank, r_tpr, r_tpi;
+    DeviceBuffer<bool> r_in_rank;
+    struct DevStage {
+        DeviceBuffer<int32_t> idx, meta_send, meta_recv, ptr, list;
+        DeviceBuffer<bf16> payload_send, payload_recv, back_send, back_recv;
+    } ds1, ds2;
+    DeviceBuffer<int32_t> loc_slot;
+    DeviceBuffer<float> loc_w, acc;
+    DeviceBuffer<bf16> acc_bf16;
+
+    Impl(const LayerPlan& l, const Topology& t, Communicator& c, const GpuMoeLayerOptions& o)
+        : layer(l), topo(t), comm(c), options(o), host_router(layer, topo, o.policy, o.routing_seed) {}
+
+    int slot(int gpu, int expert) const { return slot_of[static_cast<size_t>(gpu) * E + expert]; }
+
+    void count_sent(std::array<LinkBytes, 2>& bytes, int global_dest, int64_t copies, int64_t payload, int64_t meta,
+                    int64_t control) {
+        auto& b = bytes[topo.node_of(global_dest) == my_node ? 0 : 1];
+        b.copies += copies, b.payload += payload, b.metadata += meta, b.control += control;
+    }
+
+    // Gathers the stage's payload rows and starts the payload and metadata exchanges (s.finish() completes them).
+    void dispatch_stage(Stage& s, DevStage& d, const bf16* src0, const bf16* src1) {
+        s.send_copies.assign(s.n, 0);
+        s.total_send = 0;
+        for (int q = 0; q < s.n; ++q) s.send_copies[q] = s.src[q].size(), s.total_send += s.src[q].size();
+        std::vector<int32_t> idx, meta;
+        idx.reserve(s.total_send);
+        meta.reserve(s.total_send * s.recs * s.rec_ints);
+        for (int q = 0; q < s.n; ++q) {
+            idx.insert(idx.end(), s.src[q].begin(), s.src[q].end());
+            meta.insert(meta.end(), s.meta[q].begin(), s.meta[q].end());
+        }
+        std::vector<uint8_t> peers(s.n, 1);
+        peers[s.self] = 0;
+        if (s.group == CommGroup::kGlobal && options.scheme == CommScheme::kHsc) {
+            std::fill(peers.begin(), peers.end(), 0);
+            for (int b = 0; b < topo.nodes; ++b)
+                if (b != my_node) peers[topo.gpu_at(b, my_local)] = 1;
+        }
+        s.recv_copies = comm.exchange_counts(s.group, s.send_copies, peers);
+        s.recv_copies[s.self] = s.send_copies[s.self];
+        s.total_recv = 0;
+        for (int q = 0; q < s.n; ++q) s.total_recv += static_cast<int64_t>(s.recv_copies[q]);
+        const size_t prow = static_cast<size_t>(H) * 2, mrow = s.meta_row_bytes();
+        for (int q = 0; q < s.n; ++q) {
+            if (q == s.self) continue;
+            const int64_t c = static_cast<int64_t>(s.send_copies[q]);
+            count_sent(stats.dispatch, comm.global_rank(s.group, q), c, c * static_cast<int64_t>(prow),
+                       c * static_cast<int64_t>(mrow), peers[q] ? 8 : 0);
+        }
+        d.idx.reserve(std::max<int64_t>(1, s.total_send));
+        d.payload_send.reserve(std::max<int64_t>(1, s.total_send) * H);
+        d.meta_send.reserve(std::max<size_t>(1, meta.size()));
+        d.payload_recv.reserve(std::max<int64_t>(1, s.total_recv) * H);
+        d.meta_recv.reserve(std::max<int64_t>(1, s.total_recv) * s.recs * s.rec_ints);
+        if (s.total_send > 0) {
+            CUDA_RUNTIME_CHECK(cudaMemcpy(d.idx.data(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+            CUDA_RUNTIME_CHECK(cudaMemcpy(d.meta_send.data(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice));
+            detail::gather_rows(src0, src1, d.idx.data(), s.total_send, H, d.payload_send.data());
+        }
+        s.payload_req = comm.start_alltoallv(s.group, d.payload_send.data(), d.payload_recv.data(),
+                                             make_layout(s.send_copies, s.recv_copies, prow));
+        s.meta_req = comm.start_alltoallv(s.group, d.meta_send.data(), d.meta_recv.data(),
+                                          make_layout(s.send_copies, s.recv_copies, mrow));
+    }
+
+    // Sends one bf16 vector back per received copy (`partials`, receive order) and adds each returned vector
+    // into acc (fp32) at the row its copy named.
+    void combine_stage(Stage& s, DevStage& d, const bf16* partials) {
+        const size_t prow = static_cast<size_t>(H) * 2;
+        for (int q = 0; q < s.n; ++q)
+            if (q != s.self) {
+                const int64_t c = static_cast<int64_t>(s.recv_copies[q]);
+                count_sent(stats.combine, comm.global_rank(s.group, q), c, c * static_cast<int64_t>(prow), 0, 0);
+            }
+        d.back_recv.reserve(std::max<int64_t>(1, s.total_send) * H);
+        comm.alltoallv(s.group, partials, d.back_recv.data(), make_layout(s.recv_copies, s.send_copies, prow));
+        if (s.total_send == 0) return;
+        // Target-major lists: returned row i (send order) adds into acc row s.acc[q][m].
+        int64_t targets = 0;
+        for (int q = 0; q < s.n; ++q)
+            for (int32_t a : s.acc[q]) targets = std::max<int64_t>(targets, a + 1);
+        std::vector<int32_t> ptr(targets + 1, 0), list(s.total_send);
+        for (int q = 0; q < s.n; ++q)
+            for (int32_t a : s.acc[q]) ++ptr[a + 1];
+        for (int64_t t = 0; t < targets; ++t) ptr[t + 1] += ptr[t];
+        std::vector<int32_t> fill(ptr.begin(), ptr.end() - 1);
+        int32_t i = 0;
+        for (int q = 0; q < s.n; ++q)
+            for (int32_t a : s.acc[q]) list[fill[a]++] = i++;
+        d.ptr.reserve(targets + 1);
+        d.list.reserve(list.size());
+        CUDA_RUNTIME_CHECK(cudaMemcpy(d.ptr.data(), ptr.data(), ptr.size() * 4, cudaMemcpyHostToDevice));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(d.list.data(), list.data(), list.size() * 4, cudaMemcpyHostToDevice));
+        detail::combine_reduce(d.back_recv.data(), d.ptr.data(), d.list.data(), targets, H, acc.data());
+    }
+
+    // The experts on the rows received by the last stage `s` (records {slot, weight}); partials in receive order.
+    const bf16* run_experts(Stage& s, DevStage& d) {
+        const int64_t R = s.total_recv;
+        if (R == 0) return d.payload_recv.data();
+        GRACE_CHECK(n_local > 0, ErrorCode::kInternal, "rank ", me, " received ", R, " copies but holds no experts");
+        if (!local_moe || R > local_moe_cap || local_moe_k != s.recs) {
+            const int64_t grown = local_moe_k == s.recs ? 2 * static_cast<int64_t>(local_moe_cap) : 0;
+            local_moe_cap = static_cast<int>(std::max<int64_t>(R, grown));
+            local_moe_k = s.recs;
+            local_moe.reset();
+            local_moe = std::make_unique<LocalMoe>(LocalMoeShape{n_local, s.recs, H, I}, local_moe_cap, options.gemm);
+            local_moe->set_weights(w13.data(), w2.data());
+        }
+        const int64_t n = R * s.recs;
+        loc_slot.reserve(n);
+        loc_w.reserve(n);
+        detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data());
+        d.back_send.reserve(R * H);
+        local_moe->forward(d.payload_recv.data(), loc_slot.data(), loc_w.data(), d.back_send.data(),
+                           static_cast<int>(R), nullptr);
+        for (int32_t c : local_moe->last_counts()) stats.expert_rows += c;
+        return d.back_send.data();
+    }
+
+    void route(const int32_t* d_topk, int64_t T, int k, int64_t first_token) {
+        dest.assign(static_cast<size_t>(T) * k, -1);
+        last_on_device = static_cast<bool>(gpu_router);
+        if (T == 0) return;
+        if (gpu_router) {
+            r_inst.reserve(T * k), r_rank.reserve(T * k), r_in_rank.reserve(T * G);
+            r_tpr.reserve(G), r_tpi.reserve(gpu_router->num_instances());
+            gpu_router->route(me, d_topk, static_cast<int>(T), k,
+                              RouteOutputs{r_inst.data(), r_rank.data(), r_tpr.data(), r_in_rank.data(), r_tpi.data()},
+                              nullptr);
+            CUDA_RUNTIME_CHECK(cudaMemcpy(dest.data(), r_rank.data(), dest.size() * 4, cudaMemcpyDeviceToHost));
+            return;
+        }
+        for (int64_t t = 0; t < T; ++t)
+            for (int j = 0; j < k; ++j) {
+                const int32_t e = h_ids[t * k + j];
+                if (e >= 0) dest[t * k + j] = host_router.route(me, e, first_token + t, j, k);
+            }
+    }
+
+    void forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token);
+};
+
+void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token) {
+    stats = MoeCallStats{};
+    const auto t_start = Clock::now();
+    auto t0 = Clock::now();
+    for (int64_t i = 0; i < T * k; ++i)
+        GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i],
+                        " is outside [0, ", E, ")");
+    route(d_ids.data(), T, k, first_token);
+    stats.local_selections = T * k;
+    stats.routing_s = seconds_since(t0);
+
+    t0 = Clock::now();
+    auto rec2 = [&](std::vector<int32_t>& meta, int32_t slot_id, float w) {
+        int32_t wb;
+        std::memcpy(&wb, &w, 4);
+        meta.push_back(slot_id), meta.push_back(wb);
+    };
+    int64_t acc_rows = T;
+    const bf16* partials = nullptr;
+    if (options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup) {
+        const bool dedup = options.scheme == CommScheme::kFlatDedup;
+        Stage& s = s1;
+        s.reset(CommGroup::kGlobal, G, me, dedup ? k : 1, 2);
+        for (int64_t t = 0; t < T; ++t) {
+            const int32_t* d = dest.data() + t * k;
+            for (int j = 0; j < k; ++j) {
+                if (d[j] < 0) continue;
+                if (!dedup) {
+                    s.src[d[j]].push_back(static_cast<int32_t>(t));
+                    s.acc[d[j]].push_back(static_cast<int32_t>(t));
+                    rec2(s.meta[d[j]], slot(d[j], h_ids[t * k + j]), h_w[t * k + j]);
+                    continue;
+                }
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && d[i] != d[j];
+                if (!first) continue;
+                s.src[d[j]].push_back(static_cast<int32_t>(t));
+                s.acc[d[j]].push_back(static_cast<int32_t>(t));
+                for (int i = 0; i < k; ++i)
+                    if (d[i] == d[j]) rec2(s.meta[d[j]], slot(d[j], h_ids[t * k + i]), h_w[t * k + i]);
+                    else rec2(s.meta[d[j]], -1, 0.0f);
+            }
+        }
+        stats.layout_s = seconds_since(t0);
+        t0 = Clock::now();
+        dispatch_stage(s, ds1, hidden, hidden);
+        s.finish();
+        stats.dispatch_s = seconds_since(t0);
+        t0 = Clock::now();
+        partials = run_experts(s, ds1);
+        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+        stats.expert_s = seconds_since(t0);
+        t0 = Clock::now();
+        acc.reserve(std::max<int64_t>(1, acc_rows) * H);
+        CUDA_RUNTIME_CHECK(cudaMemsetAsync(acc.data(), 0, static_cast<size_t>(acc_rows) * H * 4, nullptr));
+        combine_stage(s, ds1, partials);
+    } else {
+        // Stage 1: one copy per (token, other destination node) to this rank's peer there, records {e, dest, w}.
+        Stage& a = s1;
+        a.reset(CommGroup::kGlobal, G, me, k, 3);
+        for (int64_t t = 0; t < T; ++t) {
+            const int32_t* d = dest.data() + t * k;
+            for (int j = 0; j < k; ++j) {
+                if (d[j] < 0) continue;
+                const int b = topo.node_of(d[j]);
+                if (b == my_node) continue;
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
+                if (!first) continue;
+                const int peer = topo.gpu_at(b, my_local);
+                a.src[peer].push_back(static_cast<int32_t>(t));
+                a.acc[peer].push_back(static_cast<int32_t>(t));
+                for (int i = 0; i < k; ++i) {
+                    const bool on_b = d[i] >= 0 && topo.node_of(d[i]) == b;
+                    float w = on_b ? h_w[t * k + i] : 0.0f;
+                    int32_t wb;
+                    std::memcpy(&wb, &w, 4);
+                    a.meta[peer].push_back(on_b ? h_ids[t * k + i] : -1);
+                    a.meta[peer].push_back(on_b ? d[i] : -1);
+                    a.meta[peer].push_back(wb);
+                }
+            }
+        }
+        stats.layout_s = seconds_since(t0);
+        t0 = Clock::now();
+        dispatch_stage(a, ds1, hidden, hidden);
+        const double stage1_start_s = seconds_since(t0);
+
+        // Stage 2: entries are the own tokens (gather index t, accumulator row t) and the received stage-1 rows
+        // (gather index -(r+1), accumulator row T + r); one copy per (entry, destination GPU on this node). The
+        // own tokens are queued while stage 1 is in flight.
+        t0 = Clock::now();
+        Stage& s = s2;
+        s.reset(CommGroup::kNode, topo.gpus_per_node, my_local, k, 2);
+        auto queue = [&](int32_t src, int32_t acc_row, const int32_t* e, const int32_t* d, const float* w) {
+            for (int j = 0; j < k; ++j) {
+                if (e[j] < 0 || d[j] < 0 || topo.node_of(d[j]) != my_node) continue;
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && !(e[i] >= 0 && d[i] == d[j]);
+                if (!first) continue;
+                const int q = topo.local_index(d[j]);
+                s.src[q].push_back(src);
+                s.acc[q].push_back(acc_row);
+                for (int i = 0; i < k; ++i)
+                    if (e[i] >= 0 && d[i] == d[j]) rec2(s.meta[q], slot(d[j], e[i]), w[i]);
+                    else rec2(s.meta[q], -1, 0.0f);
+            }
+        };
+        for (int64_t t = 0; t < T; ++t)
+            queue(static_cast<int32_t>(t), static_cast<int32_t>(t), h_ids.data() + t * k, dest.data() + t * k,
+                  h_w.data() + t * k);
+        stats.overlap_s = seconds_since(t0);
+        stats.layout_s += stats.overlap_s;
+        t0 = Clock::now();
+        a.finish();
+        stats.dispatch_s = stage1_start_s + seconds_since(t0);
+        t0 = Clock::now();
+        std::vector<int32_t> m1(static_cast<size_t>(a.total_recv) * k * 3);
+        if (!m1.empty())
+            CUDA_RUNTIME_CHECK(cudaMemcpy(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost));
+        std::vector<int32_t> e(k), d(k);
+        std::vector<float> w(k);
+        for (int64_t r = 0; r < a.total_recv; ++r) {
+            for (int j = 0; j < k; ++j) {
+                const int32_t* rec = m1.data() + (r * k + j) * 3;
+                e[j] = rec[0], d[j] = rec[1];
+                std::memcpy(&w[j], &rec[2], 4);
+                GRACE_CHECK(e[j] < 0 || (d[j] >= 0 && topo.node_of(d[j]) == my_node), ErrorCode::kInternal,
+                            "HSC stage 1 delivered a selection for GPU ", d[j], " to rank ", me);
+            }
+            queue(static_cast<int32_t>(-r - 1), static_cast<int32_t>(T + r), e.data(), d.data(), w.data());
+        }
+        acc_rows = T + a.total_recv;
+        stats.layout_s += seconds_since(t0);
+        t0 = Clock::now();
+        dispatch_stage(s, ds2, hidden, ds1.payload_recv.data());
+        s.finish();
+        stats.dispatch_s += seconds_since(t0);
+        t0 = Clock::now();
+        partials = run_experts(s, ds2);
+        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+        stats.expert_s = seconds_since(t0);
+
+        t0 = Clock::now();
+        acc.reserve(std::max<int64_t>(1, acc_rows) * H);
+        CUDA_RUNTIME_CHECK(cudaMemsetAsync(acc.data(), 0, static_cast<size_t>(acc_rows) * H * 4, nullptr));
+        combine_stage(s, ds2, partials);
+        // Stage 1 back: the node's partial sums (fp32 rows T..) as bf16 to the origin.
+        const int64_t nf = a.total_recv * H;
+        acc_bf16.reserve(std::max<int64_t>(1, nf));
+        detail::to_bf16(acc.data() + T * H, nf, acc_bf16.data());
+        combine_stage(a, ds1, acc_bf16.data());
+    }
+    if (T > 0)
+        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(out_dev, acc.data(), static_cast<size_t>(T) * H * 4, cudaMemcpyDeviceToDevice,
+                                           nullptr));
+    CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+    stats.combine_s = seconds_since(t0);
+    stats.total_s = seconds_since(t_start);
+}
+
+GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
+                         std::vector<ExpertWeights> local_experts, const GpuMoeLayerOptions& options)
+    : impl_(std::make_unique<Impl>(layer, topology, communicator, options)) {
+    Impl& m = *impl_;
+    GRACE_CHECK(options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup ||
+                    options.scheme == CommScheme::kHsc,
+                ErrorCode::kUnsupported, "the GPU MoE layer runs flat, flat-dedup and hsc, not '",
+                to_string(options.scheme), "'");
+    GRACE_CHECK_ARG(communicator.memory_space() == MemorySpace::kDevice, "GpuMoeLayer needs a device-memory "
+                    "communicator (backend 'nccl'), got '", communicator.backend(), "'");
+    GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
+                        communicator.topology().gpus_per_node == topology.gpus_per_node,
+                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
+                    topology.to_string());
+    m.G = topology.num_gpus();
+    m.me = communicator.rank();
+    m.my_node = topology.node_of(m.me);
+    m.my_local = topology.local_index(m.me);
+    m.E = static_cast<int>(layer.primary_gpu.size());
+    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == m.G, "layer ", layer.layer, " plan has ",
+                    layer.gpu_experts.size(), " GPUs but the topology has ", m.G);
+    m.slot_of.assign(static_cast<size_t>(m.G) * m.E, -1);
+    for (int g = 0; g < m.G; ++g)
+        for (size_t i = 0; i < layer.gpu_experts[g].size(); ++i) {
+            const int e = layer.gpu_experts[g][i];
+            GRACE_CHECK_ARG(e >= 0 && e < m.E, "layer ", layer.layer, " GPU ", g, " holds expert ", e, " outside [0, ",
+                            m.E, ")");
+            m.slot_of[static_cast<size_t>(g) * m.E + e] = static_cast<int32_t>(i);
+        }
+    const auto& mine = layer.gpu_experts[m.me];
+    m.n_local = static_cast<int>(mine.size());
+    GRACE_CHECK_ARG(local_experts.size() == mine.size(), "rank ", m.me, " was given ", local_experts.size(),
+                    " experts but the plan puts ", mine.size(), " on it in layer ", layer.layer);
+    std::vector<const ExpertWeights*> by_slot(mine.size(), nullptr);
+    for (const auto& w : local_experts) {
+        const int s = w.expert >= 0 && w.expert < m.E ? m.slot(m.me, w.expert) : -1;
+        GRACE_CHECK_ARG(s >= 0, "local expert ", w.expert, " is not on rank ", m.me, " in layer ", layer.layer);
+        GRACE_CHECK_ARG(!by_slot[s], "local expert ", w.expert, " given twice");
+        GRACE_CHECK_ARG(w.shape == local_experts[0].shape, "local expert ", w.expert, " has another shape");
+        by_slot[s] = &w;
+    }
+    std::vector<double> shape{local_experts.empty() ? 0.0 : local_experts[0].shape.hidden,
+                              local_experts.empty() ? 0.0 : local_experts[0].shape.intermediate};
+    communicator.allreduce_max(shape);
+    m.H = static_cast<int>(shape[0]);
+    m.I = static_cast<int>(shape[1]);
+    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && m.I > 0 && m.I % 8 == 0, "GpuMoeLayer needs H and I positive multiples "
+                    "of 8, got H=", m.H, " I=", m.I);
+    for (const auto& w : local_experts)
+        GRACE_CHECK_ARG(w.shape.hidden == m.H && w.shape.intermediate == m.I, "rank ", m.me, " expert ", w.expert,
+                        " has H=", w.shape.hidden, " I=", w.shape.intermediate, ", another rank has H=", m.H, " I=", m.I);
+    if (m.n_local > 0) {
+        const size_t HI = static_cast<size_t>(m.H) * m.I;
+        std::vector<uint16_t> w13(2 * HI * m.n_local), w2(HI * m.n_local);
+        auto put = [](const ExpertWeights& w, const std::vector<float>& f, const std::vector<uint16_t>& b, uint16_t* dst,
+                      size_t n) {
+            if (w.storage == DType::kBF16) std::memcpy(dst, b.data(), n * 2);
+            else for (size_t i = 0; i < n; ++i) dst[i] = float_to_bf16(f[i]);
+        };
+        for (int s = 0; s < m.n_local; ++s) {
+            const ExpertWeights& w = *by_slot[s];
+            put(w, w.gate, w.gate_bf16, w13.data() + 2 * HI * s, HI);
+            put(w, w.up, w.up_bf16, w13.data() + 2 * HI * s + HI, HI);
+            put(w, w.down, w.down_bf16, w2.data() + HI * s, HI);
+        }
+        m.w13.resize(w13.size());
+        m.w2.resize(w2.size());
+        CUDA_RUNTIME_CHECK(cudaMemcpy(m.w13.data(), w13.data(), w13.size() * 2, cudaMemcpyHostToDevice));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(m.w2.data(), w2.data(), w2.size() * 2, cudaMemcpyHostToDevice));
+    }
+    if (options.policy == RoutingPolicy::kWrr || options.policy == RoutingPolicy::kTar ||
+        options.policy == RoutingPolicy::kPrimary)
+        m.gpu_router = std::make_unique<GpuReplicaRouter>(build_route_table(m.layer, topology, options.policy));
+}
+
+GpuMoeLayer::~GpuMoeLayer() = default;
+
+void GpuMoeLayer::forward_device(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                                 int64_t num_tokens, int top_k, float* out, int64_t first_token) {
+    auto& m = *impl_;
+    GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens < (int64_t{1} << 31) / std::max(1, m.H) && top_k >= 1,
+                    "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
+    const size_t n = static_cast<size_t>(num_tokens) * top_k;
+    m.h_ids.resize(n);
+    m.h_w.resize(n);
+    if (n) {
+        CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToHost));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_w.data(), topk_weights, n * 4, cudaMemcpyDeviceToHost));
+    }
+    // The router reads its ids from d_ids.
+    m.d_ids.reserve(std::max<size_t>(1, n));
+    if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToDevice));
+    m.forward(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k, out, first_token);
+}
+
+void GpuMoeLayer::forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                          int top_k, float* out, int64_t first_token) {
+    auto& m = *impl_;
+    GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens < (int64_t{1} << 31) / std::max(1, m.H) && top_k >= 1,
+                    "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
+    const size_t n = static_cast<size_t>(num_tokens) * top_k, nh = static_cast<size_t>(num_tokens) * m.H;
+    m.h_ids.assign(topk_ids, topk_ids + n);
+    m.h_w.assign(topk_weights, topk_weights + n);
+    std::vector<uint16_t> xb(nh);
+    for (size_t i = 0; i < nh; ++i) xb[i] = float_to_bf16(hidden[i]);
+    m.d_hidden.reserve(std::max<size_t>(1, nh));
+    m.d_ids.reserve(std::max<size_t>(1, n));
+    DeviceBuffer<float> d_out(std::max<size_t>(1, nh));
+    if (nh) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_hidden.data(), xb.data(), nh * 2, cudaMemcpyHostToDevice));
+    if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyHostToDevice));
+    m.forward(m.d_hidden.data(), num_tokens, top_k, d_out.data(), first_token);
+    if (nh) CUDA_RUNTIME_CHECK(cudaMemcpy(out, d_out.data(), nh * 4, cudaMemcpyDeviceToHost));
+}
+
+std::vector<float> GpuMoeLayer::forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
+                                        const std::vector<float>& topk_weights, int top_k, int64_t first_token) {
+    GRACE_CHECK_ARG(top_k >= 1, "top_k must be >= 1, got ", top_k);
+    const int64_t T = static_cast<int64_t>(topk_ids.size()) / top_k;
+    GRACE_CHECK_ARG(static_cast<int64_t>(topk_ids.size()) == T * top_k && topk_weights.size() == topk_ids.size(),
+                    "topk_ids has ", topk_ids.size(), " and topk_weights ", topk_weights.size(),
+                    " entries; both must be num_tokens * top_k");
+    GRACE_CHECK_ARG(static_cast<int64_t>(hidden.size()) == T * impl_->H, "hidden has ", hidden.size(),
+                    " values, expected num_tokens * H = ", T, " * ", impl_->H);
+    std::vector<float> out(static_cast<size_t>(T) * impl_->H);
+    forward(hidden.data(), topk_ids.data(), topk_weights.data(), T, top_k, out.data(), first_token);
+    return out;
+}
+
+const MoeCallStats& GpuMoeLayer::last_stats() const { return impl_->stats; }
+const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const { return impl_->dest; }
+bool GpuMoeLayer::routed_on_device() const { return impl_->last_on_device; }
+int GpuMoeLayer::hidden() const { return impl_->H; }
+
+}  // namespace grace::cuda

@@ -1,0 +1,256 @@
+// The GPU MoE layer against the CPU reference backend (the runtime's MoeLayer), rank by rank:
+// - 1x1 over the real "nccl" communicator (one process; run it under mpirun -n 1 on a device);
+// - 2x2 and 1x4 topologies with 4 ranks as 4 threads sharing the one GPU (ThreadHub test double), the CPU
+//   MoeLayer over the same hub in host memory, so flat / flat-dedup / hsc exchanges with real peers are covered.
+// Routing decisions must be identical (destination GPU of every selection, across two batches so the WRR
+// offsets carry); outputs within the documented bf16 tolerance (relative L2 <= 2e-2 per rank).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <thread>
+
+#include "grace/communicator.hpp"
+#include "grace/cuda_layer.hpp"
+#include "grace/cuda_moe.hpp"
+#include "grace/error.hpp"
+#include "grace/experts.hpp"
+#include "grace/plan.hpp"
+#include "grace/runtime.hpp"
+#include "hub_communicator.hpp"
+
+namespace gc = grace::cuda;
+using grace::CommScheme;
+using grace::RoutingPolicy;
+
+namespace {
+
+#define REQUIRE_GPU()                                                 \
+    do {                                                              \
+        if (!gc::device_available()) GTEST_SKIP() << "no CUDA device"; \
+    } while (0)
+
+constexpr double kTolerance = 2e-2;
+
+uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+double unit(uint64_t a, uint64_t b) { return (mix(a * 0x100000001b3ull ^ mix(b)) >> 11) * 0x1.0p-53; }
+
+// Expert e's primary on GPU (e * 5) % G; the first E/4 experts ("hot") get one or two replicas; non-uniform
+// WRR weights. Every GPU holds at least one expert.
+grace::LayerPlan make_layer(int E, const grace::Topology& topo) {
+    const int G = topo.num_gpus();
+    grace::LayerPlan layer;
+    layer.gpu_experts.assign(G, {});
+    layer.primary_gpu.resize(E);
+    for (int e = 0; e < E; ++e) {
+        const int p = (e * 5) % G;
+        layer.primary_gpu[e] = p;
+        layer.gpu_experts[p].push_back(e);
+        if (e < E / 4 && G > 1) {
+            layer.gpu_experts[(p + 1) % G].push_back(e);
+            if (e % 2 == 0 && G > 2) layer.gpu_experts[(p + G / 2 + 1) % G].push_back(e);
+        }
+    }
+    for (auto& v : layer.gpu_experts) {
+        std::sort(v.begin(), v.end());
+        v.erase(std::unique(v.begin(), v.end()), v.end());
+    }
+    layer.wrr_period = 60;
+    layer.finalize(E);
+    for (int e = 0; e < E; ++e) {
+        std::vector<double> w;
+        for (size_t i = 0; i < layer.instance_gpus[e].size(); ++i) w.push_back(1.0 + (e + 3 * i) % 4);
+        layer.wrr_weights[e] = grace::round_weights(w, layer.wrr_period);
+    }
+    return layer;
+}
+
+struct Batch {
+    std::vector<float> hidden;  // bf16-representable values
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+};
+
+// Skewed top-k without replacement (half the tokens draw from the first quarter of the experts), 5% masked.
+Batch make_batch(uint64_t seed, int T, int k, int E, int H) {
+    Batch b;
+    b.hidden.resize(size_t(T) * H);
+    for (size_t i = 0; i < b.hidden.size(); ++i)
+        b.hidden[i] = gc::bf16_to_float(gc::float_to_bf16(static_cast<float>(2 * unit(seed, i) - 1)));
+    b.ids.assign(size_t(T) * k, -1);
+    b.weights.assign(size_t(T) * k, 0.0f);
+    std::vector<int> pool(E);
+    for (int t = 0; t < T; ++t) {
+        std::iota(pool.begin(), pool.end(), 0);
+        const int n = unit(seed + 1, t) < 0.5 ? std::max(k, E / 4) : E;
+        for (int j = 0; j < k; ++j) {
+            const int pick = j + static_cast<int>(unit(seed + 2, size_t(t) * k + j) * (n - j));
+            std::swap(pool[j], pool[pick]);
+            const bool masked = unit(seed + 3, size_t(t) * k + j) < 0.05;
+            b.ids[size_t(t) * k + j] = masked ? -1 : pool[j];
+            b.weights[size_t(t) * k + j] = static_cast<float>(0.05 + unit(seed + 4, size_t(t) * k + j));
+        }
+    }
+    return b;
+}
+
+std::vector<grace::ExpertWeights> experts_of(const grace::LayerPlan& layer, int g, grace::ExpertShape shape) {
+    std::vector<grace::ExpertWeights> w;
+    for (int e : layer.gpu_experts[g]) w.push_back(grace::random_expert(1234, 0, e, shape, grace::DType::kBF16));
+    return w;
+}
+
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i])) return INFINITY;
+        num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        den += double(b[i]) * b[i];
+    }
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+struct Case {
+    int E, k, H, I, T;
+};
+
+// Runs two batches per rank on the CPU MoeLayer and the GPU layer (G threads over two hubs) and compares.
+void compare_on_hub(const grace::Topology& topo, const Case& c, CommScheme scheme, RoutingPolicy policy) {
+    const int G = topo.num_gpus();
+    const auto layer = make_layer(c.E, topo);
+    grace::test::ThreadHub host_hub(G), dev_hub(G);
+    std::vector<std::string> failures(G);
+    std::vector<double> errors(G * 2, 0);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < G; ++r)
+        threads.emplace_back([&, r] {
+            try {
+                grace::test::HubCommunicator hc(host_hub, topo, r, grace::MemorySpace::kHost);
+                grace::test::HubCommunicator dc(dev_hub, topo, r, grace::MemorySpace::kDevice);
+                const grace::ExpertShape shape{c.H, c.I};
+                grace::MoeLayerOptions co;
+                co.scheme = scheme, co.policy = policy, co.routing_seed = 7;
+                auto weights = experts_of(layer, r, shape);
+                grace::MoeLayer cpu(layer, topo, hc, weights, co);
+                gc::GpuMoeLayerOptions go;
+                go.scheme = scheme, go.policy = policy, go.routing_seed = 7;
+                gc::GpuMoeLayer gpu(layer, topo, dc, std::move(weights), go);
+                for (int call = 0; call < 2; ++call) {
+                    const int T = c.T + call * 3 - r;  // uneven batches; may differ per rank
+                    const Batch b = make_batch(100 * call + r, T, c.k, c.E, c.H);
+                    const int64_t first = int64_t(call) * 1000 + int64_t(r) * T;
+                    const auto ref = cpu.forward(b.hidden, b.ids, b.weights, c.k, first);
+                    const auto out = gpu.forward(b.hidden, b.ids, b.weights, c.k, first);
+                    if (gpu.last_dest_ranks() != cpu.last_dest_ranks())
+                        failures[r] += grace::cat("call ", call, ": destinations differ; ");
+                    if (gpu.routed_on_device() != (policy == RoutingPolicy::kWrr || policy == RoutingPolicy::kTar ||
+                                                   policy == RoutingPolicy::kPrimary))
+                        failures[r] += "routed on the wrong side; ";
+                    errors[r * 2 + call] = rel_l2(out, ref);
+                    if (!(errors[r * 2 + call] <= kTolerance))
+                        failures[r] += grace::cat("call ", call, ": rel L2 ", errors[r * 2 + call], "; ");
+                    // Same wire traffic pattern as the CPU layer (copies per link class).
+                    for (int lc = 0; lc < 2; ++lc)
+                        if (gpu.last_stats().dispatch[lc].copies != cpu.last_stats().dispatch[lc].copies)
+                            failures[r] += grace::cat("call ", call, " link ", lc, ": ",
+                                                      gpu.last_stats().dispatch[lc].copies, " copies vs CPU ",
+                                                      cpu.last_stats().dispatch[lc].copies, "; ");
+                }
+            } catch (const std::exception& e) {
+                failures[r] += e.what();
+            }
+        });
+    for (auto& t : threads) t.join();
+    double worst = 0;
+    for (double e : errors) worst = std::max(worst, e);
+    for (int r = 0; r < G; ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
+    std::printf("[ %s %s %s E=%d H=%d I=%d ] max rel L2 %.2e\n", topo.to_string().c_str(),
+                grace::to_string(scheme).c_str(), grace::to_string(policy).c_str(), c.E, c.H, c.I, worst);
+}
+
+const RoutingPolicy kPolicies[] = {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
+                                   RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
+const CommScheme kSchemes[] = {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::kHsc};
+
+}  // namespace
+
+TEST(GpuMoeLayer, SmallShapeEverySchemeAndPolicy2x2) {
+    REQUIRE_GPU();
+    for (auto scheme : kSchemes)
+        for (auto policy : kPolicies) compare_on_hub(grace::Topology{2, 2}, Case{16, 4, 64, 32, 40}, scheme, policy);
+}
+
+TEST(GpuMoeLayer, SmallShapeOneNodeAndFourNodes) {
+    REQUIRE_GPU();
+    for (auto scheme : kSchemes) {
+        compare_on_hub(grace::Topology{1, 4}, Case{16, 4, 64, 32, 33}, scheme, RoutingPolicy::kTar);
+        compare_on_hub(grace::Topology{4, 1}, Case{16, 4, 64, 32, 33}, scheme, RoutingPolicy::kWrr);
+    }
+}
+
+// The model shapes of the issue (olmoe: E=64, k=8, H=2048, I=1024; qwen3-30b-a3b: E=128, k=8, H=2048, I=768),
+// every routing policy, 2x2, with all three schemes for TAR and HSC for the rest (the CPU reference is slow).
+TEST(GpuMoeLayer, OlmoeShapeEveryPolicy) {
+    REQUIRE_GPU();
+    const auto& p = grace::find_expert_preset("olmoe");
+    const Case c{p.num_experts, 8, p.shape.hidden, p.shape.intermediate, 24};
+    for (auto policy : kPolicies) compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kHsc, policy);
+    compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kFlat, RoutingPolicy::kTar);
+    compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kFlatDedup, RoutingPolicy::kTar);
+}
+
+TEST(GpuMoeLayer, Qwen3ShapeEveryPolicy) {
+    REQUIRE_GPU();
+    const auto& p = grace::find_expert_preset("qwen3-30b-a3b");
+    const Case c{p.num_experts, 8, p.shape.hidden, p.shape.intermediate, 24};
+    for (auto policy : kPolicies) compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kHsc, policy);
+    compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kFlat, RoutingPolicy::kWrr);
+    compare_on_hub(grace::Topology{2, 2}, c, CommScheme::kFlatDedup, RoutingPolicy::kWrr);
+}
+
+// 1x1 over the real NCCL communicator against the CPU MoeLayer over the "local" communicator.
+TEST(GpuMoeLayer, OneGpuOverNcclMatchesCpu) {
+    REQUIRE_GPU();
+    if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
+    const grace::Topology topo{1, 1};
+    auto nccl = grace::make_communicator("nccl", {topo});
+    auto local = grace::make_communicator("local", {topo});
+    ASSERT_EQ(nccl->memory_space(), grace::MemorySpace::kDevice);
+    const Case c{16, 4, 128, 64, 50};
+    const auto layer = make_layer(c.E, topo);
+    for (auto scheme : kSchemes)
+        for (auto policy : {RoutingPolicy::kTar, RoutingPolicy::kVllm}) {
+            grace::MoeLayerOptions co;
+            co.scheme = scheme, co.policy = policy;
+            gc::GpuMoeLayerOptions go;
+            go.scheme = scheme, go.policy = policy;
+            grace::MoeLayer cpu(layer, topo, *local, experts_of(layer, 0, {c.H, c.I}), co);
+            gc::GpuMoeLayer gpu(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+            const Batch b = make_batch(5, c.T, c.k, c.E, c.H);
+            const auto ref = cpu.forward(b.hidden, b.ids, b.weights, c.k);
+            const auto out = gpu.forward(b.hidden, b.ids, b.weights, c.k);
+            EXPECT_EQ(gpu.last_dest_ranks(), cpu.last_dest_ranks());
+            EXPECT_LE(rel_l2(out, ref), kTolerance) << grace::to_string(scheme) << " " << grace::to_string(policy);
+            // Zero tokens is a valid call.
+            EXPECT_TRUE(gpu.forward(std::vector<float>{}, {}, {}, c.k).empty());
+        }
+}
+
+TEST(GpuMoeLayer, RejectsHostCommunicatorAndMissingExperts) {
+    REQUIRE_GPU();
+    const grace::Topology topo{1, 1};
+    auto local = grace::make_communicator("local", {topo});
+    const auto layer = make_layer(8, topo);
+    EXPECT_THROW(gc::GpuMoeLayer(layer, topo, *local, experts_of(layer, 0, {64, 32})), grace::Error);
+    grace::test::ThreadHub hub(1);
+    grace::test::HubCommunicator dc(hub, topo, 0, grace::MemorySpace::kDevice);
+    auto some = experts_of(layer, 0, {64, 32});
+    some.pop_back();
+    EXPECT_THROW(gc::GpuMoeLayer(layer, topo, dc, std::move(some)), grace::Error);
+}
