@@ -161,16 +161,35 @@ HardwareModel parse_hardware(const std::string& json_text, const std::string& ba
     return hw;
 }
 
+namespace {
+// Presets measured on real machines (src/sim/presets/*.json), embedded at build time.
+struct MeasuredPreset {
+    const char* name;
+    const char* json;
+};
+const MeasuredPreset kMeasuredPresets[] = {
+#include "hardware_presets.inc"
+};
+}  // namespace
+
 const std::vector<std::string>& hardware_presets() {
-    static const std::vector<std::string> names = {"a100-testbed", "h100-ib"};
+    static const std::vector<std::string> names = [] {
+        std::vector<std::string> n = {"a100-testbed", "h100-ib"};
+        for (const auto& p : kMeasuredPresets) n.push_back(p.name);
+        return n;
+    }();
     return names;
 }
 
 HardwareModel load_hardware(const std::string& name_or_path) {
     if (name_or_path == "a100-testbed") return parse_hardware(kA100Testbed);
     if (name_or_path == "h100-ib") return parse_hardware(kH100Ib);
+    for (const auto& p : kMeasuredPresets)
+        if (name_or_path == p.name) return parse_hardware(p.json);
+    std::string known;
+    for (const auto& n : hardware_presets()) known += (known.empty() ? "" : ", ") + n;
     GRACE_CHECK_ARG(std::filesystem::exists(name_or_path), "unknown hardware '", name_or_path,
-                    "': not a preset (a100-testbed, h100-ib) and not a file");
+                    "': not a preset (", known, ") and not a file");
     try {
         HardwareModel hw =
             parse_hardware(read_text(name_or_path), std::filesystem::path(name_or_path).parent_path().string());
