@@ -5,6 +5,7 @@
 //   `iters` round trips after 2 warm-up ones. latency = half the median round trip; bandwidth = size / (half the
 //   median round trip), per pair, and summed over the concurrent pairs for "cross x M" (one direction at a time:
 //   a ping-pong never sends both ways at once).
+#define OMPI_SKIP_MPICXX 1  // the C API only (MPI::MPI_C), not the deprecated C++ bindings
 #include <mpi.h>
 
 #include <algorithm>

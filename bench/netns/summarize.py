@@ -48,14 +48,14 @@ def main(out):
           f"H={first['hidden']}, k={first['top_k']}, {first['dtype']}; times in ms, max over ranks of the per-rank "
           f"sum over all forwards, median of {rows[SCHEMES[0]]['n']} interleaved repeats.\n")
     print("| scheme | dispatch | combine | dispatch+combine | vs flat | expert | total | hsc overlap | "
-          "cross-node MB (runtime) | veth MB (measured) | intra-node MB | dispatch+combine per repeat |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "cross-node MB (runtime) | veth MB (measured) | veth / runtime | intra-node MB | dispatch+combine per repeat |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = rows.get("flat", next(iter(rows.values())))["med"]["a2a"]
     for s, r in rows.items():
         m = r["med"]
         print(f"| {s} | {m['dispatch']:.1f} | {m['combine']:.1f} | {m['a2a']:.1f} | {m['a2a'] / base:.2f} | "
               f"{m['expert']:.1f} | {m['total']:.1f} | {m['hsc_overlap']:.1f} | {r['cross'] / 1e6:.1f} | "
-              f"{r['veth'] / 1e6:.1f} | {r['intra'] / 1e6:.1f} | "
+              f"{r['veth'] / 1e6:.1f} | {r['veth'] / r['cross']:.3f} | {r['intra'] / 1e6:.1f} | "
               f"{', '.join(f'{x:.0f}' for x in r['all_a2a'])} |")
     if "flat" in rows and "hsc" in rows:
         f, h = rows["flat"], rows["hsc"]
