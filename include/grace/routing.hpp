@@ -43,6 +43,17 @@ public:
     int wrr_offset(int source, int expert) const { return offsets_[static_cast<size_t>(source) * num_experts_ + expert]; }
     /// Sets all counters back to zero.
     void reset();
+    /// Restores the WRR counters, [G * E] (e.g. carried across batches by a runtime).
+    void set_offsets(const std::vector<int>& offsets);
+    const std::vector<int>& offsets() const { return offsets_; }
+    /// The per-(source, expert) pick sequence, period() entries of instance indices (for device-side routing,
+    /// which must pick exactly what this router picks). Valid for the WRR and TAR policies.
+    const uint8_t* sequence(int source, int expert) const {
+        return sequences_.data() + seq_begin_[static_cast<size_t>(source) * num_experts_ + expert];
+    }
+    /// Flat copy of all sequences, [G * E][Q] (source-major), for upload to a device.
+    std::vector<uint8_t> flat_sequences() const;
+    int period() const { return period_; }
     RoutingPolicy policy() const { return policy_; }
 
 private:

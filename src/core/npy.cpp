@@ -376,7 +376,7 @@ void write_npy_impl(const std::string& path, const std::vector<T>& data, const s
         }
         head += dict;
         bool ok = std::fwrite(head.data(), 1, head.size(), f) == head.size();
-        ok = ok && std::fwrite(data.data(), sizeof(T), data.size(), f) == data.size();
+        ok = ok && (data.empty() || std::fwrite(data.data(), sizeof(T), data.size(), f) == data.size());
         ok = (std::fclose(f) == 0) && ok;
         GRACE_CHECK(ok, ErrorCode::kIo, "error while writing ", path);
     });

@@ -1,0 +1,206 @@
+#pragma once
+/// @file eval.hpp
+/// The evaluator (spec §5-§7): replays a routing trace through an ExpertPlan with a routing policy, counts every
+/// token copy under a communication scheme, and prices the counts with the cost model of hardware.hpp.
+///
+/// Replay: one ReplicaRouter per layer (WRR and TAR are stateful), tokens in trace order; token t of a trace of
+/// T tokens starts on GPU home_gpu(t, T, G). Each of its k selections is routed to a destination GPU. Counting
+/// (spec §6), for one token with home h and destination set D:
+///   flat / 2dh: one copy per selection whose destination d != h, sent h -> d;
+///   flat-dedup: one copy per distinct d in D, d != h, sent h -> d;
+///   hsc: one cross-node copy h -> p(b) = b*M + h%M per distinct remote node b of D; then, inside node b, one
+///        copy p(b) -> d per distinct d in D on b with d != p(b); on the home node one copy h -> d per distinct
+///        d != h.
+/// A copy is "cross-node" when source and destination GPU are on different nodes, else "intra-node".
+/// Copies are counted for dispatch; combine sends the same copies back (the transposed matrix), so every
+/// copy/byte figure below is per direction. Bytes = copies * H * element_size (activations only; ids and
+/// gate weights are metadata, not counted).
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "grace/hardware.hpp"
+#include "grace/plan.hpp"
+#include "grace/topology.hpp"
+#include "grace/trace.hpp"
+
+namespace grace {
+
+/// Communication scheme of the all-to-all (spec §6).
+enum class CommScheme {
+    kFlat,       ///< one copy per selection, one synchronized all-to-all (MegaBlocks / Tutel style)
+    kFlatDedup,  ///< one copy per destination GPU (DeepEP intranode / Occult style)
+    k2dh,        ///< Tutel's 2D-hierarchical all-to-all: flat's volume, fewer and larger cross-node messages
+    kHsc,        ///< hierarchical sparse: one copy per destination node to the peer GPU, then intra-node
+};
+
+/// "flat", "flat-dedup", "2dh", "hsc".
+std::string to_string(CommScheme scheme);
+/// Inverse of to_string; throws kInvalidArgument listing the valid names.
+CommScheme parse_comm_scheme(const std::string& name);
+
+/// Dispatch copies of one layer under one scheme between every ordered pair of GPUs.
+struct TrafficMatrix {
+    int num_gpus = 0;               ///< G
+    std::vector<int64_t> copies;    ///< [G, G] row-major: copies[s*G + d] = token copies GPU s sends to GPU d;
+                                    ///< the diagonal is 0 (a GPU does not send to itself)
+    int64_t cross_node_copies = 0;  ///< sum of copies[s][d] with node(s) != node(d)
+    int64_t intra_node_copies = 0;  ///< sum of copies[s][d] with node(s) == node(d), s != d
+
+    /// copies[s*G + d].
+    int64_t at(int s, int d) const { return copies[static_cast<size_t>(s) * num_gpus + d]; }
+};
+
+/// Everything the replay of one layer under one routing policy counts; every scheme at once.
+struct LayerCounts {
+    int layer = 0;
+    int64_t num_tokens = 0;                         ///< tokens replayed
+    int64_t local_selections = 0;                   ///< selections routed to the token's home GPU
+    std::vector<std::vector<int64_t>> instance_load;  ///< [E][n_e]: selections per instance (instance_gpus order)
+    std::vector<int64_t> gpu_load;                  ///< [G]: selections processed per GPU
+    TrafficMatrix flat;                             ///< flat and 2dh
+    TrafficMatrix flat_dedup;                       ///< flat-dedup
+    TrafficMatrix hsc;                              ///< hsc (stage 1 = the cross-node entries, stage 2 = intra)
+
+    /// The matrix of `scheme` (2dh shares flat's).
+    const TrafficMatrix& traffic(CommScheme scheme) const;
+};
+
+/// Replay settings.
+struct ReplayOptions {
+    /// Routing policy for every layer; unset = each layer's plan policy.
+    std::optional<RoutingPolicy> policy;
+    /// Seed of the SGLang policies; unset = the plan's seed.
+    std::optional<uint64_t> seed;
+    int num_threads = 0;  ///< 0 = all; results are identical for any count (layers are independent)
+};
+
+/// Streaming replay of a trace through a plan: feed it the trace's tokens in order, in chunks of any size.
+/// Memory is O(L * (G^2 + instances)) plus the routers, independent of T.
+class Replayer {
+public:
+    /// `total_tokens` is T of the whole trace (it fixes every token's home GPU). Throws kInvalidInput if the
+    /// plan is invalid, kInvalidArgument if total_tokens < 1.
+    Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOptions& options = {});
+    ~Replayer();
+    Replayer(Replayer&&) noexcept;
+    Replayer& operator=(Replayer&&) noexcept;
+
+    /// Replays layer `layer` of `chunk` (tokens first_token .. first_token + chunk.num_tokens - 1 of the whole
+    /// trace). Chunks must come in token order per layer; different layers may be fed from different threads.
+    /// Throws kInvalidInput if the chunk's E or L does not match the plan, or the tokens run past T.
+    void consume_layer(const RoutingTrace& chunk, int64_t first_token, int layer);
+    /// consume_layer for every layer, layers spread over options.num_threads threads.
+    void consume(const RoutingTrace& chunk, int64_t first_token);
+    /// The counts so far, [L].
+    std::vector<LayerCounts> counts() const;
+    const ExpertPlan& plan() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+/// Checks that `plan` can be evaluated on `trace`: same E and L (k may differ), valid plan. Throws
+/// kInvalidInput naming the mismatch.
+void check_plan_matches_trace(const ExpertPlan& plan, const RoutingTrace& trace);
+
+/// Replays the whole trace. Throws as check_plan_matches_trace.
+std::vector<LayerCounts> replay_trace(const RoutingTrace& trace, const ExpertPlan& plan,
+                                      const ReplayOptions& options = {});
+
+/// The per-(source GPU, destination GPU) dispatch copy matrix of one layer, for one policy and scheme: what a
+/// runtime executing `plan` on `trace` (tokens on their home GPUs, routers starting at zero) must send. Bytes =
+/// copies * H * element size. Throws as check_plan_matches_trace, kInvalidArgument for a layer out of range.
+TrafficMatrix count_traffic(const RoutingTrace& trace, const ExpertPlan& plan, RoutingPolicy policy, CommScheme scheme,
+                            int layer, uint64_t seed = 0);
+
+/// The model dimensions the pricing needs.
+struct ModelShape {
+    std::string model;     ///< preset name (selects the GEMM table), may be empty
+    int hidden = 0;        ///< H
+    int intermediate = 0;  ///< I
+};
+
+/// Resolves H and I: the hardware file's overrides, else `find_preset(model)`. Throws kInvalidArgument when
+/// neither gives them.
+ModelShape resolve_model_shape(const HardwareModel& hardware, const std::string& model);
+
+/// Metrics of one layer, or totals over layers (spec §7). Times in seconds, per forward pass of the trace as one
+/// batch; copies and bytes per direction (dispatch; combine is the same).
+struct EvalMetrics {
+    int layer = -1;                   ///< -1 for the totals
+    int64_t cross_node_copies = 0;
+    int64_t intra_node_copies = 0;
+    int64_t local_selections = 0;     ///< selections served on the home GPU (no copy)
+    int64_t cross_node_bytes = 0;
+    int64_t intra_node_bytes = 0;
+    double cross_node_ratio = 0;      ///< cross / (cross + intra) copies
+    double load_std = 0;              ///< population std of GPU loads (totals: mean over layers)
+    double balancedness = 0;          ///< mean/max GPU load (totals: mean over layers)
+    double imbalance_ratio = 0;       ///< (max-mean)/mean GPU load (totals: mean over layers)
+    double dispatch_time_s = 0;
+    double combine_time_s = 0;
+    double all_to_all_time_s = 0;     ///< dispatch + combine
+    double compute_time_s = 0;        ///< max over GPUs of expert compute
+    double mean_compute_time_s = 0;   ///< mean over GPUs of expert compute
+    double gpu_idle_time_s = 0;       ///< mean over GPUs of (max compute - compute)
+    double moe_layer_time_s = 0;      ///< dispatch + max compute + combine
+    double non_moe_time_s = 0;        ///< non-MoE time of the busiest GPU (ceil(T/G) tokens)
+    double end_to_end_s = 0;          ///< moe_layer_time_s + non_moe_time_s (totals: the sum over layers)
+    std::vector<int64_t> gpu_load;   ///< [G] selections per GPU (totals: summed over layers)
+    std::vector<double> gpu_compute_time_s;  ///< [G] (totals: summed)
+    std::vector<std::vector<int64_t>> instance_load;  ///< [E][n_e] (layers only)
+    std::vector<int64_t> copies;      ///< [G, G] dispatch copy matrix of the scheme (layers only; TrafficMatrix)
+};
+
+/// A full evaluation.
+struct EvalReport {
+    std::string method;        ///< the plan's method
+    std::string policy;        ///< routing policy used ("plan" if per-layer policies were kept and differ)
+    CommScheme scheme = CommScheme::kFlat;
+    Topology topology;
+    std::string hardware;      ///< hardware model name
+    std::string compute_model; ///< ComputeModel::source()
+    ModelShape shape;
+    std::string dataset;
+    int64_t num_tokens = 0;
+    int top_k = 0;
+    std::vector<EvalMetrics> layers;
+    EvalMetrics total;
+};
+
+/// Prices replay counts under `scheme` (spec §7):
+///   flat, flat-dedup: t = max(max_node max(cross bytes out, in) / B_net, max_gpu max(intra out, in) / B_nvl)
+///                     + max_gpu(alpha_net * cross messages + alpha_nvl * intra messages);
+///   2dh: as flat, but each GPU sends one cross-node message per remote node it reaches (aggregated through the
+///        peer) and M-1 intra-node messages more for the aggregation stage;
+///   hsc: t = t_cross + t_intra, each bounded the same way on its own links and messages.
+/// A message is one non-empty (source, destination) pair; combine mirrors dispatch (same time).
+EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan& plan, CommScheme scheme,
+                        const HardwareModel& hardware, const ModelShape& shape, int64_t num_tokens);
+
+/// Evaluation options.
+struct EvalOptions {
+    ReplayOptions replay;
+    CommScheme scheme = CommScheme::kHsc;
+    HardwareModel hardware;  ///< must be set (e.g. load_hardware("a100-testbed"))
+    std::optional<ModelShape> shape;  ///< H and I; unset = resolve_model_shape(hardware, trace.model)
+};
+
+/// Replays and prices. Throws as check_plan_matches_trace, resolve_model_shape, HardwareModel::validate.
+EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const EvalOptions& options);
+
+/// JSON: {"format": "grace.eval/v1", ..., "total": {...}, "layers": [{...}, ...]}.
+std::string report_to_json(const EvalReport& report);
+/// CSV: one row per layer, then a row "total".
+std::string report_to_csv(const EvalReport& report);
+/// Writes STEM.json and STEM.csv atomically (a trailing .json on `stem` is dropped). Throws kIo.
+void save_report(const EvalReport& report, const std::string& stem);
+/// A short fixed-width terminal table of the totals.
+std::string format_report_table(const EvalReport& report);
+
+}  // namespace grace

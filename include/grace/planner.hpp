@@ -1,0 +1,51 @@
+#pragma once
+/// @file planner.hpp
+/// `grace plan`: statistics + topology -> ExpertPlan (spec §3-§5, paper Sec. 4).
+///
+/// A method is a compact spec of three components, `GROUPING+REPLICATION+ROUTING`, e.g.
+/// `hierarchical+dynamic+tar`; `grace` is shorthand for exactly that. Components:
+///   grouping:    vanilla | occult | c2r | spectral-full | spectral-controlled[:R] (R a ratio, default: knee)
+///                | hierarchical | metis | eplb-hierarchical | eplb-global
+///   replication: none | fixed | dynamic | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
+///                the GPUs' slots)
+///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic
+/// Missing trailing components default to `none` and `primary`.
+
+#include <cstdint>
+#include <string>
+
+#include "grace/plan.hpp"
+#include "grace/stats.hpp"
+#include "grace/topology.hpp"
+
+namespace grace {
+
+/// A parsed method spec.
+struct MethodSpec {
+    std::string grouping = "vanilla";
+    double controlled_ratio = -1;  ///< spectral-controlled:R; -1 = knee point
+    std::string replication = "none";
+    int replication_slots = 0;     ///< eplb:SLOTS, physical experts per layer; 0 = default
+    RoutingPolicy routing = RoutingPolicy::kPrimary;
+    /// Canonical text, e.g. "hierarchical+dynamic+tar".
+    std::string to_string() const;
+};
+
+/// Parses a method spec; throws kInvalidArgument naming an unknown component and listing the valid ones.
+MethodSpec parse_method(const std::string& text);
+
+/// Planner options.
+struct PlanOptions {
+    std::string method = "grace";
+    uint64_t seed = 0;
+    int num_threads = 0;          ///< 0 = all; the plan is byte-identical for any count
+    int wrr_period = 120;         ///< Q
+    bool refine = false;          ///< spec §3 step 3 (KL swaps) in controlled grouping
+};
+
+/// Plans every layer. Throws kInvalidArgument for an impossible request (more GPUs than experts, too few
+/// slots for every expert, a zero in the topology, an unknown method component, a knee search with one point
+/// when a knee is required), kInvalidInput for malformed statistics.
+ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const PlanOptions& options);
+
+}  // namespace grace

@@ -1,0 +1,135 @@
+#pragma once
+/// @file runtime.hpp
+/// An expert-parallel MoE layer that runs for real over a Communicator (the CPU reference backend), in the
+/// shape DeepEP's and Megatron's dispatcher users know: create it once from a plan's LayerPlan, the topology,
+/// a communicator and the local expert weights, then per batch
+/// `forward(hidden [T_local, H], topk_ids [T_local, k], topk_weights [T_local, k]) -> [T_local, H]`.
+///
+/// Inside forward: replica routing (ReplicaRouter, its WRR counters carried across calls), the dispatch
+/// layout (num_tokens_per_rank, num_tokens_per_node deduplicated, is_token_in_rank), dispatch, the local
+/// experts (SwiGLU), and combine, with one of three schemes (spec §6):
+/// - kFlat: one copy per selection to the chosen GPU; combine returns one vector per selection.
+/// - kFlatDedup: one copy per destination GPU; the destination sums its selections; one vector back.
+/// - kHsc: stage 1 on the global communicator, each rank exchanging only with its peers (same local index on
+///   other nodes; zero-sized elsewhere), non-blocking so that the intra-node layout is computed meanwhile;
+///   stage 2 on the node communicator. Combine mirrors it: partial sums are reduced inside the destination
+///   node at the peer first, then one vector per (token, node) goes back across.
+/// A copy to the caller's own GPU is a local copy, not traffic. Wire payload is fp32 activations
+/// (H * 4 bytes per copy); metadata (expert ids, destinations, gate weights) is counted separately, and so is
+/// control traffic (the per-peer counts exchanged before each all-to-all).
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "grace/communicator.hpp"
+#include "grace/eval.hpp"
+#include "grace/experts.hpp"
+#include "grace/plan.hpp"
+#include "grace/routing.hpp"
+#include "grace/topology.hpp"
+
+namespace grace {
+
+// CommScheme (flat, flat-dedup, 2dh, hsc), to_string and parse_comm_scheme come from eval.hpp, so that the
+// runtime and the evaluator name schemes identically. The runtime executes flat, flat-dedup and hsc; 2dh is
+// priced by the evaluator only (kUnsupported here).
+
+/// Link classes of the declared topology.
+enum class LinkClass { kIntraNode = 0, kCrossNode = 1 };
+
+/// Bytes one rank sent over one link class, split by kind.
+struct LinkBytes {
+    int64_t payload = 0;   ///< token activations (copies x H x 4)
+    int64_t metadata = 0;  ///< expert ids, destinations and gate weights sent with the copies
+    int64_t control = 0;   ///< per-peer counts exchanged before each all-to-all
+    int64_t copies = 0;    ///< token vectors (payload rows)
+};
+
+/// What one forward call did on this rank. Times are wall-clock seconds on this rank.
+struct MoeCallStats {
+    double routing_s = 0;   ///< replica routing of every selection
+    double layout_s = 0;    ///< dispatch layout and packing of send buffers (HSC: includes the overlapped part)
+    double dispatch_s = 0;  ///< dispatch communication (incl. waits) and unpacking
+    double expert_s = 0;    ///< local SwiGLU experts
+    double combine_s = 0;   ///< combine communication and reductions
+    double total_s = 0;     ///< whole forward
+    double overlap_s = 0;   ///< HSC: layout work done while stage 1 was in flight
+    /// Bytes sent by this rank, [LinkClass]: dispatch and combine.
+    std::array<LinkBytes, 2> dispatch{};
+    std::array<LinkBytes, 2> combine{};
+    /// [G]: dispatch token copies this rank sent to each GPU (all stages; its row of the evaluator's
+    /// TrafficMatrix, spec §6).
+    std::vector<int64_t> dispatch_copies_to;
+    int64_t local_selections = 0;  ///< selections this rank routed (T_local * k)
+    int64_t expert_rows = 0;       ///< (copy, expert) rows this rank's experts computed
+};
+
+/// DeepEP-style dispatch layout of one rank's tokens, given each selection's destination GPU.
+struct DispatchLayout {
+    std::vector<int> num_tokens_per_rank;   ///< [G]: tokens with at least one selection on GPU g
+    std::vector<int> num_tokens_per_node;   ///< [N]: tokens with at least one selection on node n
+    std::vector<int> num_tokens_per_expert; ///< [E]: selections of expert e
+    std::vector<uint8_t> is_token_in_rank;  ///< [T_local, G]: 1 if token t has a selection on GPU g
+};
+
+/// Computes the layout from dest_ranks [T_local, k] (GPU of each selection) and topk_ids [T_local, k].
+/// Throws kInvalidArgument for a destination outside [0, G) or an expert outside [0, E).
+DispatchLayout compute_dispatch_layout(const int32_t* dest_ranks, const int32_t* topk_ids, int64_t num_tokens,
+                                       int top_k, int num_experts, const Topology& topology);
+
+/// Options of a MoeLayer.
+struct MoeLayerOptions {
+    CommScheme scheme = CommScheme::kHsc;      ///< dispatch/combine scheme
+    RoutingPolicy policy = RoutingPolicy::kTar; ///< replica routing policy
+    uint64_t routing_seed = 0;                  ///< seed of the SGLang policies
+    bool overlap = true;                        ///< HSC: pack stage 2 while stage 1 is in flight
+};
+
+/// One MoE layer on one rank.
+class MoeLayer {
+public:
+    /// `layer` must be finalized (instance_gpus, wrr_weights) for `topology`; `communicator` must use the same
+    /// topology and outlive the layer; `local_experts` must hold exactly the experts of
+    /// layer.gpu_experts[communicator.rank()] (any order), all of one shape. Throws kInvalidArgument naming what
+    /// is missing or inconsistent, kUnsupported for the 2dh scheme.
+    MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
+             std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options = {});
+    ~MoeLayer();
+    MoeLayer(const MoeLayer&) = delete;
+    MoeLayer& operator=(const MoeLayer&) = delete;
+
+    /// Collective over all ranks (every rank must call it, with num_tokens = 0 if it has none).
+    /// hidden [num_tokens, H], topk_ids [num_tokens, k] (expert ids; -1 = no selection), topk_weights
+    /// [num_tokens, k]; writes out [num_tokens, H] = sum_j w_j * expert_{e_j}(hidden). `first_token` is the
+    /// global flat index of this rank's first token in the replayed stream (the vLLM and SGLang-dynamic
+    /// policies use it, as the evaluator does). Throws kInvalidArgument for bad ids/shapes, kBackend.
+    void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                 int top_k, float* out, int64_t first_token = 0);
+    /// Vector form: returns [num_tokens, H].
+    std::vector<float> forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
+                               const std::vector<float>& topk_weights, int top_k, int64_t first_token = 0);
+
+    /// Statistics of the last forward call.
+    const MoeCallStats& last_stats() const;
+    /// Layout of the last forward call.
+    const DispatchLayout& last_layout() const;
+    /// Destination GPU of every selection of the last call, [num_tokens, k] (-1 for no selection).
+    const std::vector<int32_t>& last_dest_ranks() const;
+    /// The replica router (its WRR counters persist across calls).
+    ReplicaRouter& router();
+    /// Hidden size H.
+    int hidden() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+/// Exchanges plan_hash(plan) between all ranks; throws kInvalidInput listing the ranks whose plan differs
+/// from rank 0's (every rank throws the same message).
+void check_same_plan(Communicator& communicator, const ExpertPlan& plan);
+
+}  // namespace grace

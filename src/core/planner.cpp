@@ -1,0 +1,478 @@
+#include "grace/planner.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <exception>
+#include <sstream>
+
+#include "core/rng.hpp"
+#include "grace/eplb.hpp"
+#include "grace/error.hpp"
+#include "grace/grouping.hpp"
+#include "grace/replication.hpp"
+#include "grace/routing.hpp"
+
+namespace grace {
+
+namespace {
+
+constexpr const char* kGroupings[] = {"vanilla",        "occult",       "c2r",   "spectral-full", "spectral-controlled",
+                                      "hierarchical",   "metis",        "eplb-hierarchical", "eplb-global"};
+constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "eplb"};
+
+std::string join_names(const char* const* names, size_t n) {
+    std::string s;
+    for (size_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::string(names[i]);
+    return s;
+}
+
+std::string format_ratio(double r) {
+    std::ostringstream os;
+    os.precision(6);
+    os << r;
+    return os.str();
+}
+
+// Splits "name:param" into name and (possibly empty) param.
+std::pair<std::string, std::string> split_param(const std::string& s) {
+    const size_t c = s.find(':');
+    if (c == std::string::npos) return {s, ""};
+    return {s.substr(0, c), s.substr(c + 1)};
+}
+
+// ---- group -> GPU mapping ------------------------------------------------------------------------------------
+
+// Maps the G groups of a flat grouping to GPUs: groups are packed onto nodes (M per node) to maximize the
+// affinity kept inside nodes (greedy growth from the most connected free group, then improving swaps); inside
+// a node, groups go to local GPUs in ascending group order. Returns gpu_of_group.
+std::vector<int> place_groups_on_nodes(const std::vector<double>& a, int E, const Grouping& grouping,
+                                       const Topology& topo) {
+    const int G = topo.num_gpus(), N = topo.nodes, M = topo.gpus_per_node;
+    std::vector<int> gpu_of(G);
+    for (int g = 0; g < G; ++g) gpu_of[g] = g;
+    if (N == 1 || M == 1) return gpu_of;
+    std::vector<double> b(static_cast<size_t>(G) * G, 0.0);
+    for (int i = 0; i < E; ++i) {
+        const int gi = grouping.group_of[i];
+        const double* row = a.data() + static_cast<size_t>(i) * E;
+        for (int j = 0; j < E; ++j) b[static_cast<size_t>(gi) * G + grouping.group_of[j]] += row[j];
+    }
+    auto B = [&](int x, int y) { return b[static_cast<size_t>(x) * G + y]; };
+    std::vector<int> node_of(G, -1);
+    for (int n = 0; n < N; ++n) {
+        int seed = -1;
+        double best = -1;
+        for (int x = 0; x < G; ++x) {
+            if (node_of[x] >= 0) continue;
+            double s = 0;
+            for (int y = 0; y < G; ++y)
+                if (y != x && node_of[y] < 0) s += B(x, y);
+            if (s > best) best = s, seed = x;
+        }
+        node_of[seed] = n;
+        std::vector<double> gain(G, 0.0);
+        for (int y = 0; y < G; ++y) gain[y] = B(seed, y);
+        for (int k = 1; k < M; ++k) {
+            int pick = -1;
+            double pv = -1;
+            for (int y = 0; y < G; ++y)
+                if (node_of[y] < 0 && gain[y] > pv) pv = gain[y], pick = y;
+            node_of[pick] = n;
+            for (int y = 0; y < G; ++y) gain[y] += B(pick, y);
+        }
+    }
+    // Improving swaps between nodes (first improvement, bounded sweeps).
+    double total = 0;
+    for (double x : b) total += x;
+    const double eps = 1e-12 * std::max(total, 1.0);
+    for (int sweep = 0; sweep < 50; ++sweep) {
+        bool improved = false;
+        for (int x = 0; x < G; ++x)
+            for (int y = x + 1; y < G; ++y) {
+                const int nx = node_of[x], ny = node_of[y];
+                if (nx == ny) continue;
+                double gain = 0;
+                for (int z = 0; z < G; ++z) {
+                    if (z == x || z == y) continue;
+                    if (node_of[z] == ny) gain += B(x, z) - B(y, z);
+                    if (node_of[z] == nx) gain += B(y, z) - B(x, z);
+                }
+                if (gain > eps) {
+                    std::swap(node_of[x], node_of[y]);
+                    improved = true;
+                }
+            }
+        if (!improved) break;
+    }
+    std::vector<int> next_local(N, 0);
+    for (int g = 0; g < G; ++g) gpu_of[g] = topo.gpu_at(node_of[g], next_local[node_of[g]]++);
+    return gpu_of;
+}
+
+// ---- one layer ----------------------------------------------------------------------------------------------
+
+struct LayerInput {
+    int layer;
+    std::vector<double> affinity;  // [E, E]
+    std::vector<double> load;      // [E]
+};
+
+std::vector<double> sub_matrix(const std::vector<double>& a, int E, const std::vector<int>& ids) {
+    const int n = static_cast<int>(ids.size());
+    std::vector<double> s(static_cast<size_t>(n) * n);
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) s[static_cast<size_t>(i) * n + j] = a[static_cast<size_t>(ids[i]) * E + ids[j]];
+    return s;
+}
+
+// Number of EPLB expert groups for the hierarchical policy: one per GPU when E splits evenly, else one per node.
+int eplb_num_groups(int E, const Topology& topo, bool hierarchical) {
+    if (!hierarchical) return 1;
+    if (E % topo.num_gpus() == 0) return topo.num_gpus();
+    if (E % topo.nodes == 0) return topo.nodes;
+    return 1;  // falls back to EPLB's global policy
+}
+
+// EPLB may place two replicas of one expert on one GPU, which grace.plan/v1 forbids. Each such duplicate is
+// swapped with a replica x on another GPU h such that h lacks e and the duplicate's GPU lacks x, choosing the
+// x whose load per replica is closest to e's (ties: lower GPU, then lower slot), so GPU loads barely change.
+// A duplicate with no such swap becomes -1 (dropped). phy2log is [P] with per_gpu slots per GPU.
+void repair_eplb_duplicates(std::vector<int>& phy2log, const std::vector<int>& logcnt, const std::vector<double>& load,
+                            int G, int per_gpu) {
+    auto on_gpu = [&](int g, int e) {
+        for (int i = 0; i < per_gpu; ++i)
+            if (phy2log[static_cast<size_t>(g) * per_gpu + i] == e) return true;
+        return false;
+    };
+    auto per_replica = [&](int e) { return load[e] / std::max(1, logcnt[e]); };
+    for (int g = 0; g < G; ++g)
+        for (int i = 0; i < per_gpu; ++i) {
+            const size_t p = static_cast<size_t>(g) * per_gpu + i;
+            const int e = phy2log[p];
+            bool dup = false;
+            for (int j = 0; j < i && !dup; ++j) dup = phy2log[static_cast<size_t>(g) * per_gpu + j] == e;
+            if (!dup) continue;
+            size_t best = SIZE_MAX;
+            double best_cost = 0;
+            for (int h = 0; h < G; ++h) {
+                if (h == g || on_gpu(h, e)) continue;
+                for (int j = 0; j < per_gpu; ++j) {
+                    const size_t q = static_cast<size_t>(h) * per_gpu + j;
+                    const int x = phy2log[q];
+                    if (x < 0 || on_gpu(g, x)) continue;
+                    const double cost = std::abs(per_replica(x) - per_replica(e));
+                    if (best == SIZE_MAX || cost < best_cost) best = q, best_cost = cost;
+                }
+            }
+            if (best == SIZE_MAX)
+                phy2log[p] = -1;
+            else
+                std::swap(phy2log[p], phy2log[best]);
+        }
+}
+
+void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec) {
+    const int G = topo.num_gpus();
+    const bool eplb_rep = spec.replication == "eplb";
+    int P = G * ((E + G - 1) / G);
+    if (eplb_rep) {
+        if (spec.replication_slots > 0)
+            P = spec.replication_slots;
+        else
+            P = topo.slots_per_gpu ? G * *topo.slots_per_gpu : G * ((E + G - 1) / G + 1);
+    }
+    GRACE_CHECK_ARG(P % G == 0, "eplb:", P, " physical slots do not split evenly over ", G, " GPUs");
+    GRACE_CHECK_ARG(P >= E, "eplb:", P, " physical slots cannot hold the ", E, " experts");
+    GRACE_CHECK_ARG(!topo.slots_per_gpu || P / G <= *topo.slots_per_gpu, "eplb:", P, " needs ", P / G,
+                    " slots per GPU but the topology has ", *topo.slots_per_gpu);
+    const bool hier = spec.grouping == "eplb-hierarchical";
+    const EplbResult r = rebalance_experts(in.load, 1, E, P, eplb_num_groups(E, topo, hier), hier ? topo.nodes : 1, G);
+    const int per_gpu = P / G;
+    std::vector<int> phy2log = r.phy2log;
+    repair_eplb_duplicates(phy2log, r.logcnt, in.load, G, per_gpu);
+    for (int p = 0; p < P; ++p) {
+        const int e = phy2log[p];
+        if (e >= 0 && lp.primary_gpu[e] < 0) {  // an expert's first slot holds its primary
+            lp.primary_gpu[e] = p / per_gpu;
+            lp.gpu_experts[p / per_gpu].push_back(e);
+        }
+    }
+    if (!eplb_rep) {
+        ReplicationOptions ro;
+        ro.method = parse_replication_method(spec.replication);
+        replicate_layer(lp, in.load, topo, ro);
+        return;
+    }
+    ReplicationOptions none;
+    none.method = ReplicationMethod::kNone;
+    replicate_layer(lp, in.load, topo, none);  // records gamma and the loads before replication
+    // EPLB's other replicas; a duplicate the repair could not swap away (-1) leaves a slot that the padding rule
+    // refills (the most useful expert that GPU lacks).
+    for (int p = 0; p < P; ++p) {
+        const int e = phy2log[p], g = p / per_gpu;
+        auto& ex = lp.gpu_experts[g];
+        if (e >= 0 && std::find(ex.begin(), ex.end(), e) == ex.end()) ex.push_back(e);
+    }
+    for (auto& ex : lp.gpu_experts) std::sort(ex.begin(), ex.end());
+    pad_to_equal_slots(lp, in.load, E, topo, per_gpu);
+    std::vector<int> count(E, 0);
+    for (const auto& ex : lp.gpu_experts)
+        for (int e : ex) ++count[e];
+    lp.hot_experts.clear();
+    lp.num_replicas = 0;
+    for (int e = 0; e < E; ++e) {
+        if (count[e] > 1) lp.hot_experts.push_back(e);
+        lp.num_replicas = std::max(lp.num_replicas, count[e] - 1);
+    }
+}
+
+LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
+                     const PlanOptions& options) {
+    const int G = topo.num_gpus(), N = topo.nodes, M = topo.gpus_per_node;
+    const int cap = topo.slots_per_gpu ? *topo.slots_per_gpu : 0;
+    LayerPlan lp;
+    lp.layer = in.layer;
+    lp.policy = spec.routing;
+    lp.wrr_period = options.wrr_period;
+    lp.gpu_experts.assign(G, {});
+    lp.primary_gpu.assign(E, -1);
+    SpectralOptions so;
+    so.seed = mix64(options.seed, static_cast<uint64_t>(in.layer), 0);
+
+    if (spec.grouping == "eplb-hierarchical" || spec.grouping == "eplb-global") {
+        plan_eplb_grouping(lp, in, E, topo, spec);
+    } else {
+        std::vector<int> gpu_of_expert(E, -1);
+        if (spec.grouping == "hierarchical") {
+            Grouping nodes;
+            if (N == 1) {
+                nodes.num_groups = 1;
+                nodes.group_of.assign(E, 0);
+            } else {
+                nodes = spectral_grouping(in.affinity, E, N, so, M, cap > 0 ? M * cap : 0);
+            }
+            const auto members = nodes.members();
+            lp.knee_curves.assign(N, {});
+            double r_sum = 0;
+            int r_count = 0;
+            for (int n = 0; n < N; ++n) {
+                const std::vector<int>& ids = members[n];
+                const int ni = static_cast<int>(ids.size());
+                Grouping local;
+                if (M == 1) {
+                    local.num_groups = 1;
+                    local.group_of.assign(ni, 0);
+                } else {
+                    const std::vector<double> sub = sub_matrix(in.affinity, E, ids);
+                    SpectralOptions so2 = so;
+                    so2.seed = mix64(options.seed, static_cast<uint64_t>(in.layer), static_cast<uint64_t>(n) + 1);
+                    const Grouping full = spectral_grouping(sub, ni, M, so2, 1, cap);
+                    KneeResult knee = knee_grouping(sub, ni, full, cap, options.refine, true);
+                    lp.knee_curves[n] = std::move(knee.curve);
+                    r_sum += knee.r_star;
+                    ++r_count;
+                    local = std::move(knee.grouping);
+                }
+                for (int i = 0; i < ni; ++i) gpu_of_expert[ids[i]] = topo.gpu_at(n, local.group_of[i]);
+            }
+            lp.r_star = r_count ? r_sum / r_count : -1;
+        } else {
+            Grouping g;
+            if (spec.grouping == "vanilla") {
+                g = vanilla_grouping(E, G);
+            } else if (spec.grouping == "occult") {
+                g = occult_grouping(in.affinity, E, G);
+            } else if (spec.grouping == "c2r") {
+                g = c2r_grouping(in.affinity, E, G);
+            } else if (spec.grouping == "metis") {
+                g = metis_grouping(in.affinity, in.load, E, G, so.seed);
+                bool repair = false;  // METIS balances load, not counts: enforce 1..cap experts per GPU
+                for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);
+                if (repair) g = controlled_grouping(in.affinity, E, g, 1, cap > 0 ? cap : E, false);
+            } else if (spec.grouping == "spectral-full") {
+                g = spectral_grouping(in.affinity, E, G, so, 1, cap);
+            } else if (spec.grouping == "spectral-controlled") {
+                const Grouping full = spectral_grouping(in.affinity, E, G, so, 1, cap);
+                if (spec.controlled_ratio >= 0) {
+                    const auto [lo, hi] = controlled_bounds(E, G, spec.controlled_ratio, cap);
+                    g = controlled_grouping(in.affinity, E, full, lo, hi, options.refine);
+                    lp.r_star = spec.controlled_ratio;
+                } else {
+                    // The knee search is required here: refuse a shape where every r gives the same bounds (e.g. as
+                    // many GPUs as experts), since there is nothing to choose. A data-driven single point (the
+                    // spectral grouping already uniform) is accepted.
+                    const auto b0 = controlled_bounds(E, G, 0.0, cap);
+                    const auto b1 = controlled_bounds(E, G, static_cast<double>(E), cap);
+                    GRACE_CHECK_ARG(E > G && b0 != b1, "spectral-controlled: the knee search has a single point (",
+                                    E, " experts on ", G, " GPUs", cap ? cat(" with ", cap, " slots") : std::string(),
+                                    " allow only group sizes [", b0.first, ", ", b0.second,
+                                    "]); give a ratio (spectral-controlled:R) or another grouping");
+                    KneeResult knee = knee_grouping(in.affinity, E, full, cap, options.refine, true);
+                    lp.knee_curves.push_back(std::move(knee.curve));
+                    lp.r_star = knee.r_star;
+                    g = std::move(knee.grouping);
+                }
+            } else {
+                GRACE_ASSERT(false);
+            }
+            const std::vector<int> gpu_of_group =
+                spec.grouping == "vanilla" ? [&] {
+                    std::vector<int> v(G);
+                    for (int i = 0; i < G; ++i) v[i] = i;
+                    return v;
+                }()
+                                           : place_groups_on_nodes(in.affinity, E, g, topo);
+            for (int e = 0; e < E; ++e) gpu_of_expert[e] = gpu_of_group[g.group_of[e]];
+        }
+        for (int e = 0; e < E; ++e) {
+            GRACE_ASSERT(gpu_of_expert[e] >= 0 && gpu_of_expert[e] < G);
+            lp.primary_gpu[e] = gpu_of_expert[e];
+            lp.gpu_experts[gpu_of_expert[e]].push_back(e);
+        }
+        for (int g = 0; g < G; ++g)
+            GRACE_CHECK_ARG(cap == 0 || static_cast<int>(lp.gpu_experts[g].size()) <= cap, "layer ", in.layer,
+                            ": grouping '", spec.grouping, "' put ", lp.gpu_experts[g].size(), " experts on GPU ", g,
+                            ", more than its ", cap, " slots");
+        ReplicationOptions ro;
+        ro.method = parse_replication_method(spec.replication);
+        ro.eplb_slots = spec.replication_slots;
+        replicate_layer(lp, in.load, topo, ro);
+    }
+    build_routing_tables(lp, in.load, E, G);
+    return lp;
+}
+
+}  // namespace
+
+std::string MethodSpec::to_string() const {
+    std::string g = grouping;
+    if (grouping == "spectral-controlled" && controlled_ratio >= 0) g += ":" + format_ratio(controlled_ratio);
+    std::string r = replication;
+    if (replication == "eplb" && replication_slots > 0) r += ":" + std::to_string(replication_slots);
+    return g + "+" + r + "+" + grace::to_string(routing);
+}
+
+MethodSpec parse_method(const std::string& text) {
+    std::string t = text;
+    if (t == "grace") t = "hierarchical+dynamic+tar";
+    if (t == "eplb") t = "eplb-hierarchical+eplb+sglang-static";
+    std::vector<std::string> parts;
+    size_t start = 0;
+    for (;;) {
+        const size_t p = t.find('+', start);
+        parts.push_back(t.substr(start, p == std::string::npos ? std::string::npos : p - start));
+        if (p == std::string::npos) break;
+        start = p + 1;
+    }
+    GRACE_CHECK_ARG(parts.size() <= 3, "method '", text, "' has ", parts.size(),
+                    " components; expected GROUPING[+REPLICATION[+ROUTING]] or 'grace' or 'eplb'");
+    MethodSpec spec;
+    {
+        auto [name, param] = split_param(parts[0]);
+        bool known = std::find_if(std::begin(kGroupings), std::end(kGroupings),
+                                  [&](const char* k) { return name == k; }) != std::end(kGroupings);
+        GRACE_CHECK_ARG(known, "unknown grouping '", parts[0], "' in method '", text, "' (valid: ",
+                        join_names(kGroupings, std::size(kGroupings)), ")");
+        spec.grouping = name;
+        if (!param.empty() || parts[0].find(':') != std::string::npos) {
+            GRACE_CHECK_ARG(name == "spectral-controlled", "grouping '", name, "' takes no parameter (got '", parts[0],
+                            "')");
+            char* end = nullptr;
+            const double r = std::strtod(param.c_str(), &end);
+            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && std::isfinite(r) && r >= 0,
+                            "spectral-controlled ratio '", param, "' is not a number >= 0");
+            spec.controlled_ratio = r;
+        }
+    }
+    if (parts.size() >= 2) {
+        auto [name, param] = split_param(parts[1]);
+        bool known = std::find_if(std::begin(kReplications), std::end(kReplications),
+                                  [&](const char* k) { return name == k; }) != std::end(kReplications);
+        GRACE_CHECK_ARG(known, "unknown replication '", parts[1], "' in method '", text, "' (valid: ",
+                        join_names(kReplications, std::size(kReplications)), ")");
+        spec.replication = name;
+        if (parts[1].find(':') != std::string::npos) {
+            GRACE_CHECK_ARG(name == "eplb", "replication '", name, "' takes no parameter (got '", parts[1], "')");
+            char* end = nullptr;
+            const long v = std::strtol(param.c_str(), &end, 10);
+            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && v >= 1 && v <= INT_MAX, "eplb slot count '",
+                            param, "' is not a positive integer");
+            spec.replication_slots = static_cast<int>(v);
+        }
+    }
+    if (parts.size() >= 3) {
+        try {
+            spec.routing = parse_routing_policy(parts[2]);
+        } catch (const Error&) {
+            GRACE_CHECK_ARG(false, "unknown routing '", parts[2], "' in method '", text,
+                            "' (valid: primary, wrr, tar, vllm, sglang-static, sglang-dynamic)");
+        }
+    }
+    return spec;
+}
+
+ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const PlanOptions& options) {
+    topology.validate();
+    const MethodSpec spec = parse_method(options.method);
+    stats.validate();
+    const int E = stats.num_experts, L = stats.num_layers, G = topology.num_gpus();
+    GRACE_CHECK_ARG(G <= E, "topology ", topology.to_string(), " has ", G, " GPUs but the statistics have only ", E,
+                    " experts (every GPU needs at least one)");
+    if (topology.slots_per_gpu)
+        GRACE_CHECK_ARG(static_cast<int64_t>(G) * *topology.slots_per_gpu >= E, "topology ", topology.to_string(),
+                        " has ", G, " x ", *topology.slots_per_gpu, " = ", G * *topology.slots_per_gpu,
+                        " slots, too few for the ", E, " experts");
+    GRACE_CHECK_ARG(options.wrr_period >= 1 && options.wrr_period <= 65535, "WRR period ", options.wrr_period,
+                    " is outside [1, 65535]");
+    GRACE_CHECK_ARG(options.num_threads >= 0, "num_threads must be >= 0, got ", options.num_threads);
+
+    ExpertPlan plan;
+    plan.num_experts = E;
+    plan.num_layers = L;
+    if (stats.top_k > 0) {
+        plan.top_k = stats.top_k;
+    } else {
+        // Imported loads without k: estimate it from the first layer (sum of loads = T * k).
+        int64_t sum = 0;
+        for (int e = 0; e < E; ++e) sum += stats.load_at(0, e);
+        plan.top_k = stats.num_tokens > 0 ? static_cast<int>(std::llround(static_cast<double>(sum) / stats.num_tokens)) : 1;
+        plan.top_k = std::clamp(plan.top_k, 1, E);
+    }
+    plan.topology = topology;
+    plan.method = spec.to_string();
+    plan.seed = options.seed;
+    plan.source = "stats model=" + stats.model + " dataset=" + stats.dataset;
+    plan.layers.resize(L);
+
+    const bool needs_affinity =
+        spec.grouping != "vanilla" && spec.grouping != "eplb-hierarchical" && spec.grouping != "eplb-global";
+    std::vector<std::exception_ptr> errors(L);
+    const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int l = 0; l < L; ++l) {
+        try {
+            LayerInput in;
+            in.layer = l;
+            if (needs_affinity) {
+                in.affinity.resize(static_cast<size_t>(E) * E);
+                const int64_t* a = stats.layer_affinity(l);
+                for (size_t i = 0; i < in.affinity.size(); ++i) in.affinity[i] = static_cast<double>(a[i]);
+            }
+            in.load.resize(E);
+            const int64_t* ld = stats.layer_load(l);
+            for (int e = 0; e < E; ++e) in.load[e] = static_cast<double>(ld[e]);
+            plan.layers[l] = plan_layer(in, E, topology, spec, options);
+        } catch (...) {
+            errors[l] = std::current_exception();
+        }
+    }
+    for (int l = 0; l < L; ++l)
+        if (errors[l]) std::rethrow_exception(errors[l]);
+    plan.validate();
+    return plan;
+}
+
+}  // namespace grace

@@ -1,0 +1,190 @@
+#include "grace/routing.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "grace/error.hpp"
+#include "rng.hpp"
+
+namespace grace {
+
+std::vector<uint8_t> smooth_wrr_sequence(const std::vector<int>& weights) {
+    GRACE_CHECK_ARG(!weights.empty() && weights.size() <= 255, "WRR needs 1 to 255 instances, got ", weights.size());
+    int total = 0;
+    for (int w : weights) {
+        GRACE_CHECK_ARG(w >= 1, "WRR weight ", w, " must be at least 1");
+        total += w;
+    }
+    std::vector<int> current(weights.size(), 0);
+    std::vector<uint8_t> seq(static_cast<size_t>(total));
+    for (int step = 0; step < total; ++step) {
+        size_t best = 0;
+        for (size_t i = 0; i < weights.size(); ++i) {
+            current[i] += weights[i];
+            if (current[i] > current[best]) best = i;
+        }
+        current[best] -= total;
+        seq[step] = static_cast<uint8_t>(best);
+    }
+    return seq;
+}
+
+std::vector<int> round_weights(const std::vector<double>& weights, int period) {
+    const int n = static_cast<int>(weights.size());
+    GRACE_CHECK_ARG(n >= 1, "cannot round an empty weight list");
+    GRACE_CHECK_ARG(period >= n, "WRR period ", period, " is smaller than the instance count ", n);
+    double sum = 0;
+    for (double w : weights) {
+        GRACE_CHECK_ARG(std::isfinite(w) && w > 0, "WRR weight ", w, " must be positive and finite");
+        sum += w;
+    }
+    std::vector<double> exact(n);
+    std::vector<int> out(n);
+    int assigned = 0;
+    for (int i = 0; i < n; ++i) {
+        exact[i] = weights[i] / sum * period;
+        out[i] = std::max(1, static_cast<int>(std::floor(exact[i])));
+        assigned += out[i];
+    }
+    // Largest remainder: hand out what is left to the largest fractional parts (ties: lower index); if the
+    // minimum of one overshot, take back from the most over-allocated instances.
+    while (assigned < period) {
+        int best = 0;
+        double best_gap = -1e300;
+        for (int i = 0; i < n; ++i) {
+            double gap = exact[i] - out[i];
+            if (gap > best_gap) best_gap = gap, best = i;
+        }
+        ++out[best];
+        ++assigned;
+    }
+    while (assigned > period) {
+        int best = -1;
+        double best_gap = -1e300;
+        for (int i = 0; i < n; ++i) {
+            if (out[i] <= 1) continue;
+            double gap = out[i] - exact[i];
+            if (gap > best_gap) best_gap = gap, best = i;
+        }
+        GRACE_ASSERT(best >= 0);
+        --out[best];
+        --assigned;
+    }
+    return out;
+}
+
+ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy, uint64_t seed)
+    : layer_(&layer), topology_(topology), policy_(policy), seed_(seed),
+      num_experts_(static_cast<int>(layer.instance_gpus.size())), period_(layer.wrr_period) {
+    GRACE_CHECK_ARG(num_experts_ > 0 && layer.wrr_weights.size() == layer.instance_gpus.size(),
+                    "routing needs a finalized layer plan (instance_gpus and wrr_weights for every expert)");
+    const int G = topology.num_gpus();
+    const size_t pairs = static_cast<size_t>(G) * num_experts_;
+    offsets_.assign(pairs, 0);
+    seq_begin_.assign(pairs, 0);
+    if (policy == RoutingPolicy::kWrr) {
+        // Every source shares the expert's sequence over all instances.
+        std::vector<int64_t> expert_begin(num_experts_);
+        for (int e = 0; e < num_experts_; ++e) {
+            expert_begin[e] = static_cast<int64_t>(sequences_.size());
+            auto seq = smooth_wrr_sequence(layer.wrr_weights[e]);
+            GRACE_CHECK_INPUT(static_cast<int>(seq.size()) == period_, "layer ", layer.layer, ": WRR weights of expert ",
+                              e, " sum to ", seq.size(), ", not the period ", period_);
+            sequences_.insert(sequences_.end(), seq.begin(), seq.end());
+        }
+        for (int s = 0; s < G; ++s)
+            for (int e = 0; e < num_experts_; ++e) seq_begin_[static_cast<size_t>(s) * num_experts_ + e] = expert_begin[e];
+    } else if (policy == RoutingPolicy::kTar) {
+        // The tier depends only on (source, expert): build each tier's sequence over its instances, with the
+        // instance weights renormalized to the period.
+        sequences_.reserve(pairs * period_);
+        for (int s = 0; s < G; ++s) {
+            const int node = topology.node_of(s);
+            for (int e = 0; e < num_experts_; ++e) {
+                const auto& gpus = layer.instance_gpus[e];
+                std::vector<int> tier;
+                for (size_t i = 0; i < gpus.size(); ++i)
+                    if (gpus[i] == s) tier.push_back(static_cast<int>(i));
+                if (tier.empty())
+                    for (size_t i = 0; i < gpus.size(); ++i)
+                        if (topology.node_of(gpus[i]) == node) tier.push_back(static_cast<int>(i));
+                if (tier.empty()) {
+                    tier.resize(gpus.size());
+                    std::iota(tier.begin(), tier.end(), 0);
+                }
+                seq_begin_[static_cast<size_t>(s) * num_experts_ + e] = static_cast<int64_t>(sequences_.size());
+                if (tier.size() == 1) {
+                    sequences_.insert(sequences_.end(), period_, static_cast<uint8_t>(tier[0]));
+                    continue;
+                }
+                std::vector<double> w;
+                for (int i : tier) w.push_back(layer.wrr_weights[e][i]);
+                auto seq = smooth_wrr_sequence(round_weights(w, period_));
+                for (uint8_t pick : seq) sequences_.push_back(static_cast<uint8_t>(tier[pick]));
+            }
+        }
+    } else if (policy == RoutingPolicy::kSglangStatic) {
+        static_choice_.assign(pairs, 0);
+        for (int s = 0; s < G; ++s)
+            for (int e = 0; e < num_experts_; ++e) {
+                const auto& gpus = layer.instance_gpus[e];
+                auto local = std::find(gpus.begin(), gpus.end(), s);
+                int pick = local != gpus.end()
+                               ? static_cast<int>(local - gpus.begin())
+                               : static_cast<int>(mix64(seed, static_cast<uint64_t>(s), static_cast<uint64_t>(e)) %
+                                                  gpus.size());
+                static_choice_[static_cast<size_t>(s) * num_experts_ + e] = pick;
+            }
+    }
+}
+
+int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k) {
+    const auto& gpus = layer_->instance_gpus[expert];
+    const size_t key = static_cast<size_t>(source) * num_experts_ + expert;
+    int pick = 0;
+    switch (policy_) {
+        case RoutingPolicy::kPrimary:
+            pick = 0;
+            break;
+        case RoutingPolicy::kWrr:
+        case RoutingPolicy::kTar: {
+            int& offset = offsets_[key];
+            pick = sequences_[seq_begin_[key] + offset];
+            if (++offset == period_) offset = 0;
+            break;
+        }
+        case RoutingPolicy::kVllm:
+            pick = static_cast<int>((token * top_k + j) % static_cast<int64_t>(gpus.size()));
+            break;
+        case RoutingPolicy::kSglangStatic:
+            pick = static_choice_[key];
+            break;
+        case RoutingPolicy::kSglangDynamic:
+            pick = static_cast<int>(mix64(seed_ ^ 0x5eed5eedULL, static_cast<uint64_t>(token) * 1024 + j,
+                                          static_cast<uint64_t>(expert)) %
+                                    gpus.size());
+            break;
+    }
+    last_instance_ = pick;
+    return gpus[pick];
+}
+
+void ReplicaRouter::reset() { std::fill(offsets_.begin(), offsets_.end(), 0); }
+
+void ReplicaRouter::set_offsets(const std::vector<int>& offsets) {
+    GRACE_CHECK_ARG(offsets.size() == offsets_.size(), "expected ", offsets_.size(), " WRR offsets, got ", offsets.size());
+    for (int o : offsets) GRACE_CHECK_ARG(o >= 0 && o < period_, "WRR offset ", o, " is outside [0, ", period_, ")");
+    offsets_ = offsets;
+}
+
+std::vector<uint8_t> ReplicaRouter::flat_sequences() const {
+    GRACE_CHECK_ARG(policy_ == RoutingPolicy::kWrr || policy_ == RoutingPolicy::kTar,
+                    "pick sequences exist only for the wrr and tar policies");
+    std::vector<uint8_t> out;
+    out.reserve(seq_begin_.size() * period_);
+    for (int64_t begin : seq_begin_) out.insert(out.end(), sequences_.begin() + begin, sequences_.begin() + begin + period_);
+    return out;
+}
+
+}  // namespace grace

@@ -1,0 +1,548 @@
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "grace/error.hpp"
+#include "grace/runtime.hpp"
+
+namespace grace {
+
+DispatchLayout compute_dispatch_layout(const int32_t* dest_ranks, const int32_t* topk_ids, int64_t num_tokens,
+                                       int top_k, int num_experts, const Topology& topology) {
+    const int G = topology.num_gpus(), N = topology.nodes;
+    DispatchLayout layout;
+    layout.num_tokens_per_rank.assign(G, 0);
+    layout.num_tokens_per_node.assign(N, 0);
+    layout.num_tokens_per_expert.assign(num_experts, 0);
+    layout.is_token_in_rank.assign(static_cast<size_t>(num_tokens) * G, 0);
+    std::vector<uint8_t> in_node(N);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        uint8_t* in_rank = layout.is_token_in_rank.data() + t * G;
+        std::fill(in_node.begin(), in_node.end(), 0);
+        for (int j = 0; j < top_k; ++j) {
+            const int32_t e = topk_ids[t * top_k + j];
+            if (e < 0) continue;
+            const int32_t d = dest_ranks[t * top_k + j];
+            GRACE_CHECK_ARG(e < num_experts, "token ", t, " selection ", j, ": expert ", e, " is outside [0, ",
+                            num_experts, ")");
+            GRACE_CHECK_ARG(d >= 0 && d < G, "token ", t, " selection ", j, ": destination ", d, " is outside [0, ", G, ")");
+            ++layout.num_tokens_per_expert[e];
+            if (!in_rank[d]) {
+                in_rank[d] = 1;
+                ++layout.num_tokens_per_rank[d];
+            }
+            const int n = topology.node_of(d);
+            if (!in_node[n]) {
+                in_node[n] = 1;
+                ++layout.num_tokens_per_node[n];
+            }
+        }
+    }
+    return layout;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// One metadata record per selection carried with a copy. Which fields go on the wire depends on the stage:
+// kExpertWeight (flat, flat-dedup, HSC stage 2) or kExpertDestWeight (HSC stage 1, where the peer forwards).
+enum class RecordKind { kExpertWeight, kExpertDestWeight };
+int record_bytes(RecordKind kind) { return kind == RecordKind::kExpertWeight ? 8 : 12; }
+
+struct Record {
+    int32_t expert = -1;
+    int32_t dest = -1;
+    float weight = 0;
+};
+
+// One all-to-all exchange (a dispatch stage) and its mirror in combine. Copies are queued per target group
+// rank; each copy is a payload row (H floats, from `x`) followed by `records_per_copy` metadata records.
+struct Stage {
+    CommGroup group = CommGroup::kGlobal;
+    RecordKind kind = RecordKind::kExpertWeight;
+    int records_per_copy = 1;
+    int n = 0;                                 // group size
+    std::vector<std::vector<const float*>> x;  // [n][copies] payload source
+    std::vector<std::vector<float*>> accum;    // [n][copies] where the returned vector is added in combine
+    std::vector<std::vector<Record>> records;  // [n][copies * records_per_copy]
+    std::vector<uint8_t> peers;                // [n] ranks exchanged with (counts), symmetric
+    // Exchange state.
+    AlltoallvLayout layout;
+    std::vector<char> send, recv;
+    std::vector<uint64_t> recv_copies;  // [n]
+    int64_t total_recv = 0;
+    std::unique_ptr<CommRequest> request;
+
+    void reset(CommGroup g, RecordKind k, int recs, int size) {
+        group = g;
+        kind = k;
+        records_per_copy = recs;
+        n = size;
+        x.assign(n, {});
+        accum.assign(n, {});
+        records.assign(n, {});
+        peers.assign(n, 0);
+    }
+    size_t row_bytes(int H) const { return static_cast<size_t>(H) * 4 + static_cast<size_t>(records_per_copy) * record_bytes(kind); }
+};
+
+}  // namespace
+
+struct MoeLayer::Impl {
+    LayerPlan layer;
+    Topology topo;
+    Communicator& comm;
+    MoeLayerOptions options;
+    ReplicaRouter router;
+    std::vector<ExpertWeights> experts;
+    std::vector<int> slot_of_expert;  // [E] index into experts or -1
+    int H = 0, E = 0, G = 0, M = 0, me = 0, my_node = 0, my_local = 0;
+
+    MoeCallStats stats;
+    DispatchLayout layout;
+    std::vector<int32_t> dest;
+    std::vector<ExpertWorkspace> workspaces;
+    // A local expert evaluation: x row, weight, where w * f(x) is added.
+    struct Assignment {
+        const float* x;
+        float weight;
+        float* accum;
+    };
+    std::vector<std::vector<Assignment>> assignments;  // [local slot]
+    Stage s1, s2;
+    std::vector<float> forward_accum;  // HSC: per received stage-1 copy, the node's partial sum
+    std::vector<float> gather_x, gather_y;
+
+    Impl(const LayerPlan& l, const Topology& t, Communicator& c, std::vector<ExpertWeights> local,
+         const MoeLayerOptions& o)
+        : layer(l), topo(t), comm(c), options(o), router(layer, topo, o.policy, o.routing_seed), experts(std::move(local)) {}
+
+    void add_local(int32_t expert, const float* x, float weight, float* accum) {
+        const int slot = expert >= 0 && expert < E ? slot_of_expert[expert] : -1;
+        GRACE_CHECK(slot >= 0, ErrorCode::kInternal, "rank ", me, " was sent expert ", expert,
+                    " of layer ", layer.layer, " which it does not hold");
+        assignments[slot].push_back({x, weight, accum});
+    }
+
+    void count_sent(std::array<LinkBytes, 2>& bytes, int global_dest, int64_t copies, int64_t payload, int64_t meta,
+                    int64_t control) {
+        auto& b = bytes[topo.node_of(global_dest) == my_node ? 0 : 1];
+        if (&bytes == &stats.dispatch) stats.dispatch_copies_to[global_dest] += copies;
+        b.copies += copies;
+        b.payload += payload;
+        b.metadata += meta;
+        b.control += control;
+    }
+
+    // Packs the queued copies, exchanges counts with the stage's peers and starts the all-to-all.
+    void start_stage(Stage& s) {
+        const size_t row = s.row_bytes(H);
+        std::vector<uint64_t> send_copies(s.n);
+        size_t total = 0;
+        for (int q = 0; q < s.n; ++q) {
+            send_copies[q] = s.x[q].size();
+            total += s.x[q].size();
+        }
+        s.send.resize(total * row);
+        s.layout.send_counts.assign(s.n, 0);
+        s.layout.send_displs.assign(s.n, 0);
+        size_t off = 0;
+        const int rb = record_bytes(s.kind);
+        for (int q = 0; q < s.n; ++q) {
+            s.layout.send_displs[q] = off;
+            s.layout.send_counts[q] = s.x[q].size() * row;
+            for (size_t m = 0; m < s.x[q].size(); ++m) {
+                char* p = s.send.data() + off + m * row;
+                std::memcpy(p, s.x[q][m], static_cast<size_t>(H) * 4);
+                p += static_cast<size_t>(H) * 4;
+                for (int r = 0; r < s.records_per_copy; ++r) {
+                    const Record& rec = s.records[q][m * s.records_per_copy + r];
+                    std::memcpy(p, &rec.expert, 4);
+                    if (s.kind == RecordKind::kExpertDestWeight) {
+                        std::memcpy(p + 4, &rec.dest, 4);
+                        std::memcpy(p + 8, &rec.weight, 4);
+                    } else {
+                        std::memcpy(p + 4, &rec.weight, 4);
+                    }
+                    p += rb;
+                }
+            }
+            off += s.layout.send_counts[q];
+        }
+        const int self = s.group == CommGroup::kGlobal ? me : my_local;
+        GRACE_ASSERT(s.x[self].empty());
+        s.recv_copies = comm.exchange_counts(s.group, send_copies, s.peers);
+        s.layout.recv_counts.assign(s.n, 0);
+        s.layout.recv_displs.assign(s.n, 0);
+        size_t roff = 0;
+        s.total_recv = 0;
+        for (int q = 0; q < s.n; ++q) {
+            s.layout.recv_displs[q] = roff;
+            s.layout.recv_counts[q] = s.recv_copies[q] * row;
+            roff += s.layout.recv_counts[q];
+            s.total_recv += static_cast<int64_t>(s.recv_copies[q]);
+        }
+        s.recv.resize(roff);
+        for (int q = 0; q < s.n; ++q) {
+            if (q == self) continue;
+            const int64_t c = static_cast<int64_t>(s.x[q].size());
+            const int g = comm.global_rank(s.group, q);
+            count_sent(stats.dispatch, g, c, c * H * 4, c * s.records_per_copy * rb, s.peers[q] ? 8 : 0);
+        }
+        s.request = comm.start_alltoallv(s.group, s.send.data(), s.recv.data(), s.layout);
+    }
+
+    // Visits every received copy: fn(source group rank, copy index within the stage's receive order, x, records).
+    template <typename Fn>
+    void for_each_received(const Stage& s, Fn&& fn) {
+        const size_t row = s.row_bytes(H);
+        const int rb = record_bytes(s.kind);
+        std::vector<Record> recs(s.records_per_copy);
+        int64_t index = 0;
+        for (int q = 0; q < s.n; ++q) {
+            for (uint64_t m = 0; m < s.recv_copies[q]; ++m, ++index) {
+                const char* p = s.recv.data() + s.layout.recv_displs[q] + m * row;
+                const float* x = reinterpret_cast<const float*>(p);
+                const char* r = p + static_cast<size_t>(H) * 4;
+                for (int i = 0; i < s.records_per_copy; ++i, r += rb) {
+                    std::memcpy(&recs[i].expert, r, 4);
+                    if (s.kind == RecordKind::kExpertDestWeight) {
+                        std::memcpy(&recs[i].dest, r + 4, 4);
+                        std::memcpy(&recs[i].weight, r + 8, 4);
+                    } else {
+                        recs[i].dest = -1;
+                        std::memcpy(&recs[i].weight, r + 4, 4);
+                    }
+                }
+                fn(q, index, x, recs);
+            }
+        }
+    }
+
+    // Sends back one vector per received copy (rows of `partials`, in receive order) and adds each returned
+    // vector into the accumulator of the copy it answers.
+    void combine_stage(Stage& s, const std::vector<float>& partials) {
+        const size_t row = static_cast<size_t>(H) * 4;
+        AlltoallvLayout back;
+        back.send_counts.resize(s.n);
+        back.send_displs.resize(s.n);
+        back.recv_counts.resize(s.n);
+        back.recv_displs.resize(s.n);
+        size_t soff = 0, roff = 0;
+        const int self = s.group == CommGroup::kGlobal ? me : my_local;
+        for (int q = 0; q < s.n; ++q) {
+            back.send_displs[q] = soff;
+            back.send_counts[q] = s.recv_copies[q] * row;
+            soff += back.send_counts[q];
+            back.recv_displs[q] = roff;
+            back.recv_counts[q] = s.x[q].size() * row;
+            roff += back.recv_counts[q];
+            if (q != self) {
+                const int64_t c = static_cast<int64_t>(s.recv_copies[q]);
+                count_sent(stats.combine, comm.global_rank(s.group, q), c, c * H * 4, 0, 0);
+            }
+        }
+        std::vector<float> returned(roff / 4);
+        comm.alltoallv(s.group, partials.data(), returned.data(), back);
+        for (int q = 0; q < s.n; ++q) {
+            const float* src = returned.data() + back.recv_displs[q] / 4;
+            for (size_t m = 0; m < s.accum[q].size(); ++m) {
+                float* acc = s.accum[q][m];
+                const float* v = src + m * H;
+                for (int h = 0; h < H; ++h) acc[h] += v[h];
+            }
+        }
+    }
+
+    void run_experts() {
+        for (size_t slot = 0; slot < experts.size(); ++slot) {
+            auto& list = assignments[slot];
+            if (list.empty()) continue;
+            const int64_t n = static_cast<int64_t>(list.size());
+            gather_x.resize(static_cast<size_t>(n) * H);
+            gather_y.resize(static_cast<size_t>(n) * H);
+            for (int64_t r = 0; r < n; ++r) std::memcpy(gather_x.data() + r * H, list[r].x, static_cast<size_t>(H) * 4);
+            expert_forward(experts[slot], gather_x.data(), n, gather_y.data(), workspaces[slot]);
+            for (int64_t r = 0; r < n; ++r) {
+                const float w = list[r].weight;
+                const float* y = gather_y.data() + r * H;
+                float* acc = list[r].accum;
+                for (int h = 0; h < H; ++h) acc[h] += w * y[h];
+            }
+            stats.expert_rows += n;
+        }
+    }
+
+    void forward(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k, float* out,
+                 int64_t first_token);
+};
+
+void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k,
+                             float* out, int64_t first_token) {
+    GRACE_CHECK_ARG(T >= 0 && k >= 1, "forward needs num_tokens >= 0 and top_k >= 1, got ", T, " and ", k);
+    stats = MoeCallStats{};
+    stats.dispatch_copies_to.assign(G, 0);
+    const auto t_start = Clock::now();
+    // Routing.
+    auto t0 = Clock::now();
+    dest.assign(static_cast<size_t>(T) * k, -1);
+    for (int64_t t = 0; t < T; ++t)
+        for (int j = 0; j < k; ++j) {
+            const int32_t e = ids[t * k + j];
+            if (e < 0) continue;
+            GRACE_CHECK_ARG(e < E, "topk_ids[", t, ", ", j, "] = ", e, " is outside [0, ", E, ")");
+            dest[t * k + j] = router.route(me, e, first_token + t, j, k);
+        }
+    stats.local_selections = T * k;
+    stats.routing_s = seconds_since(t0);
+
+    // Layout and packing.
+    t0 = Clock::now();
+    layout = compute_dispatch_layout(dest.data(), ids, T, k, E, topo);
+    std::fill(out, out + T * H, 0.0f);
+    for (auto& a : assignments) a.clear();
+    const float* x_of = hidden;
+    auto token_x = [&](int64_t t) { return x_of + t * H; };
+    double overlap = 0;
+
+    if (options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup) {
+        const bool dedup = options.scheme == CommScheme::kFlatDedup;
+        Stage& s = s1;
+        s.reset(CommGroup::kGlobal, RecordKind::kExpertWeight, dedup ? k : 1, G);
+        for (int q = 0; q < G; ++q) s.peers[q] = q != me;
+        for (int q = 0; q < G; ++q)
+            if (q != me && dedup) {
+                s.x[q].reserve(layout.num_tokens_per_rank[q]);
+                s.accum[q].reserve(layout.num_tokens_per_rank[q]);
+            }
+        for (int64_t t = 0; t < T; ++t) {
+            const int32_t* d = dest.data() + t * k;
+            for (int j = 0; j < k; ++j) {
+                if (d[j] < 0) continue;
+                if (d[j] == me) {
+                    add_local(ids[t * k + j], token_x(t), weights[t * k + j], out + t * H);
+                    continue;
+                }
+                if (!dedup) {
+                    s.x[d[j]].push_back(token_x(t));
+                    s.accum[d[j]].push_back(out + t * H);
+                    s.records[d[j]].push_back({ids[t * k + j], -1, weights[t * k + j]});
+                    continue;
+                }
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && d[i] != d[j];
+                if (!first) continue;
+                s.x[d[j]].push_back(token_x(t));
+                s.accum[d[j]].push_back(out + t * H);
+                for (int i = 0; i < k; ++i)
+                    s.records[d[j]].push_back(d[i] == d[j] ? Record{ids[t * k + i], -1, weights[t * k + i]} : Record{});
+            }
+        }
+        if (dedup)
+            for (int q = 0; q < G; ++q)
+                GRACE_ASSERT(q == me || static_cast<int>(s.x[q].size()) == layout.num_tokens_per_rank[q]);
+        stats.layout_s = seconds_since(t0);
+
+        t0 = Clock::now();
+        start_stage(s);
+        s.request->wait();
+        std::vector<float> partials(static_cast<size_t>(s.total_recv) * H, 0.0f);
+        for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
+            for (const Record& r : recs)
+                if (r.expert >= 0) add_local(r.expert, x, r.weight, partials.data() + index * H);
+        });
+        stats.dispatch_s = seconds_since(t0);
+
+        t0 = Clock::now();
+        run_experts();
+        stats.expert_s = seconds_since(t0);
+
+        t0 = Clock::now();
+        combine_stage(s, partials);
+        stats.combine_s = seconds_since(t0);
+    } else {
+        // HSC stage 1: own tokens to the peer (same local index) of every other destination node.
+        Stage& a = s1;
+        a.reset(CommGroup::kGlobal, RecordKind::kExpertDestWeight, k, G);
+        for (int b = 0; b < topo.nodes; ++b)
+            if (b != my_node) a.peers[topo.gpu_at(b, my_local)] = 1;
+        for (int64_t t = 0; t < T; ++t) {
+            const int32_t* d = dest.data() + t * k;
+            for (int j = 0; j < k; ++j) {
+                if (d[j] < 0) continue;
+                const int b = topo.node_of(d[j]);
+                if (b == my_node) continue;
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
+                if (!first) continue;
+                const int peer = topo.gpu_at(b, my_local);
+                a.x[peer].push_back(token_x(t));
+                a.accum[peer].push_back(out + t * H);
+                for (int i = 0; i < k; ++i)
+                    a.records[peer].push_back(d[i] >= 0 && topo.node_of(d[i]) == b
+                                                  ? Record{ids[t * k + i], d[i], weights[t * k + i]}
+                                                  : Record{});
+            }
+        }
+        for (int b = 0; b < topo.nodes; ++b)
+            if (b != my_node)
+                GRACE_ASSERT(static_cast<int>(a.x[topo.gpu_at(b, my_local)].size()) == layout.num_tokens_per_node[b]);
+        stats.layout_s = seconds_since(t0);
+
+        t0 = Clock::now();
+        start_stage(a);
+        double stage1_start_s = seconds_since(t0);
+
+        // While stage 1 is in flight: the intra-node part of the own tokens (stage-2 queue and local work).
+        auto t_overlap = Clock::now();
+        Stage& s = s2;
+        s.reset(CommGroup::kNode, RecordKind::kExpertWeight, k, topo.gpus_per_node);
+        for (int q = 0; q < s.n; ++q) s.peers[q] = q != my_local;
+        // Queues the copies of one entry row (x, its k records restricted to this node) into stage 2.
+        auto queue_node_copies = [&](const float* x, const Record* recs, float* accum) {
+            for (int j = 0; j < k; ++j) {
+                const int32_t dj = recs[j].dest;
+                if (recs[j].expert < 0 || dj < 0 || topo.node_of(dj) != my_node) continue;
+                if (dj == me) {
+                    add_local(recs[j].expert, x, recs[j].weight, accum);
+                    continue;
+                }
+                bool first = true;
+                for (int i = 0; i < j; ++i) first = first && !(recs[i].expert >= 0 && recs[i].dest == dj);
+                if (!first) continue;
+                const int q = topo.local_index(dj);
+                s.x[q].push_back(x);
+                s.accum[q].push_back(accum);
+                for (int i = 0; i < k; ++i)
+                    s.records[q].push_back(recs[i].expert >= 0 && recs[i].dest == dj
+                                               ? Record{recs[i].expert, -1, recs[i].weight}
+                                               : Record{});
+            }
+        };
+        std::vector<Record> own(k);
+        for (int64_t t = 0; t < T; ++t) {
+            for (int j = 0; j < k; ++j) own[j] = Record{ids[t * k + j], dest[t * k + j], weights[t * k + j]};
+            queue_node_copies(token_x(t), own.data(), out + t * H);
+        }
+        overlap = seconds_since(t_overlap);
+        stats.overlap_s = overlap;
+        stats.layout_s += overlap;
+
+        t0 = Clock::now();
+        a.request->wait();
+        // Forwarded rows: each received stage-1 copy gets a node-level accumulator.
+        forward_accum.assign(static_cast<size_t>(a.total_recv) * H, 0.0f);
+        for_each_received(a, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
+            for (const Record& r : recs)
+                GRACE_CHECK(r.expert < 0 || (r.dest >= 0 && topo.node_of(r.dest) == my_node), ErrorCode::kInternal,
+                            "HSC stage 1 delivered a selection for GPU ", r.dest, " to rank ", me);
+            queue_node_copies(x, recs.data(), forward_accum.data() + index * H);
+        });
+        start_stage(s);
+        s.request->wait();
+        std::vector<float> partials(static_cast<size_t>(s.total_recv) * H, 0.0f);
+        for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
+            for (const Record& r : recs)
+                if (r.expert >= 0) add_local(r.expert, x, r.weight, partials.data() + index * H);
+        });
+        stats.dispatch_s = stage1_start_s + seconds_since(t0);
+
+        t0 = Clock::now();
+        run_experts();
+        stats.expert_s = seconds_since(t0);
+
+        // Combine mirrors dispatch: reduce inside the node first (stage 2 back), then one vector per
+        // (token, node) back across (stage 1 back).
+        t0 = Clock::now();
+        combine_stage(s, partials);
+        combine_stage(a, forward_accum);
+        stats.combine_s = seconds_since(t0);
+    }
+    stats.total_s = seconds_since(t_start);
+}
+
+MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
+                   std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options)
+    : impl_(std::make_unique<Impl>(layer, topology, communicator, std::move(local_experts), options)) {
+    Impl& m = *impl_;
+    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
+                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
+    GRACE_CHECK_ARG(communicator.topology() == topology || (communicator.topology().nodes == topology.nodes &&
+                                                            communicator.topology().gpus_per_node == topology.gpus_per_node),
+                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
+                    topology.to_string());
+    m.G = topology.num_gpus();
+    m.M = topology.gpus_per_node;
+    m.me = communicator.rank();
+    m.my_node = topology.node_of(m.me);
+    m.my_local = topology.local_index(m.me);
+    m.E = static_cast<int>(layer.primary_gpu.size());
+    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == m.G, "layer ", layer.layer, " plan has ",
+                    layer.gpu_experts.size(), " GPUs but the topology has ", m.G);
+    m.slot_of_expert.assign(m.E, -1);
+    for (size_t s = 0; s < m.experts.size(); ++s) {
+        const int e = m.experts[s].expert;
+        GRACE_CHECK_ARG(e >= 0 && e < m.E, "local expert ", e, " is outside [0, ", m.E, ")");
+        GRACE_CHECK_ARG(m.slot_of_expert[e] < 0, "local expert ", e, " given twice");
+        m.slot_of_expert[e] = static_cast<int>(s);
+        if (s == 0) m.H = m.experts[0].shape.hidden;
+        GRACE_CHECK_ARG(m.experts[s].shape == m.experts[0].shape, "local expert ", e, " has shape H=",
+                        m.experts[s].shape.hidden, " I=", m.experts[s].shape.intermediate, ", expert ",
+                        m.experts[0].expert, " has H=", m.experts[0].shape.hidden, " I=", m.experts[0].shape.intermediate);
+    }
+    const auto& mine = layer.gpu_experts[m.me];
+    for (int e : mine)
+        GRACE_CHECK_ARG(e >= 0 && e < m.E && m.slot_of_expert[e] >= 0, "rank ", m.me, " holds expert ", e, " in layer ",
+                        layer.layer, " of the plan but its weights were not given");
+    GRACE_CHECK_ARG(mine.size() == m.experts.size(), "rank ", m.me, " was given ", m.experts.size(),
+                    " experts but the plan puts ", mine.size(), " on it in layer ", layer.layer);
+    // H must be known even on a rank without experts: agree on it across ranks.
+    std::vector<double> h{static_cast<double>(m.H)};
+    communicator.allreduce_max(h);
+    GRACE_CHECK_ARG(m.H == 0 || m.H == static_cast<int>(h[0]), "rank ", m.me, " has hidden size ", m.H,
+                    " but another rank has ", h[0]);
+    m.H = static_cast<int>(h[0]);
+    GRACE_CHECK_ARG(m.H > 0, "layer ", layer.layer, ": no rank holds any expert weights");
+    m.workspaces.resize(m.experts.size());
+    m.assignments.resize(m.experts.size());
+}
+
+MoeLayer::~MoeLayer() = default;
+
+void MoeLayer::forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                       int top_k, float* out, int64_t first_token) {
+    impl_->forward(hidden, topk_ids, topk_weights, num_tokens, top_k, out, first_token);
+}
+
+std::vector<float> MoeLayer::forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
+                                     const std::vector<float>& topk_weights, int top_k, int64_t first_token) {
+    GRACE_CHECK_ARG(top_k >= 1, "top_k must be >= 1, got ", top_k);
+    const int64_t T = static_cast<int64_t>(topk_ids.size()) / top_k;
+    GRACE_CHECK_ARG(static_cast<int64_t>(topk_ids.size()) == T * top_k && topk_weights.size() == topk_ids.size(),
+                    "topk_ids has ", topk_ids.size(), " and topk_weights ", topk_weights.size(),
+                    " entries; both must be num_tokens * top_k");
+    GRACE_CHECK_ARG(static_cast<int64_t>(hidden.size()) == T * impl_->H, "hidden has ", hidden.size(),
+                    " values, expected num_tokens * H = ", T, " * ", impl_->H);
+    std::vector<float> out(static_cast<size_t>(T) * impl_->H);
+    forward(hidden.data(), topk_ids.data(), topk_weights.data(), T, top_k, out.data(), first_token);
+    return out;
+}
+
+const MoeCallStats& MoeLayer::last_stats() const { return impl_->stats; }
+const DispatchLayout& MoeLayer::last_layout() const { return impl_->layout; }
+const std::vector<int32_t>& MoeLayer::last_dest_ranks() const { return impl_->dest; }
+ReplicaRouter& MoeLayer::router() { return impl_->router; }
+int MoeLayer::hidden() const { return impl_->H; }
+
+void check_same_plan(Communicator& communicator, const ExpertPlan& plan) {
+    const auto hashes = communicator.allgather(plan_hash(plan));
+    std::string differ;
+    for (size_t r = 1; r < hashes.size(); ++r)
+        if (hashes[r] != hashes[0]) differ += (differ.empty() ? "" : ", ") + std::to_string(r);
+    GRACE_CHECK_INPUT(differ.empty(), "ranks hold different plans: plan_hash of rank(s) ", differ,
+                      " differs from rank 0's (", std::hex, hashes[0], std::dec, ")");
+}
+
+}  // namespace grace

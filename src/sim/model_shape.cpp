@@ -1,0 +1,23 @@
+#include "grace/error.hpp"
+#include "grace/eval.hpp"
+#include "grace/generator.hpp"
+
+namespace grace {
+
+ModelShape resolve_model_shape(const HardwareModel& hw, const std::string& model) {
+    ModelShape s;
+    s.model = model;
+    s.hidden = hw.hidden;
+    s.intermediate = hw.intermediate;
+    if (s.hidden > 0 && s.intermediate > 0) return s;
+    bool known = false;
+    for (const auto& p : model_presets()) known |= p.name == model;
+    GRACE_CHECK_ARG(known, "model '", model, "' has no preset: give \"hidden\" and \"intermediate\" in the hardware file",
+                    " (or --hidden/--intermediate)");
+    const ModelPreset& p = find_preset(model);
+    if (s.hidden <= 0) s.hidden = p.hidden;
+    if (s.intermediate <= 0) s.intermediate = p.intermediate;
+    return s;
+}
+
+}  // namespace grace

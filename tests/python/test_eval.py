@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""`grace eval` against an independent NumPy computation (spec §6, §7), plus its bad-input errors.
+
+Primary routing under all four communication schemes on a generated trace and random plans (2x2 and 2x4):
+every layer's copy matrix, cross/intra-node copies and bytes, GPU loads, load std, balancedness and imbalance
+must equal what NumPy computes from the spec's table.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+GRACE = os.environ.get("GRACE_BIN", "build/tools/grace/grace")
+H, ELEM = 2048, 2  # olmoe hidden size, bf16
+
+
+def run(*args):
+    return subprocess.run([GRACE, *map(str, args)], capture_output=True, text=True)
+
+
+def make_trace(folder, T=3000, L=3, k=4, E=16, seed=1):
+    rng = np.random.default_rng(seed)
+    pop = rng.zipf(1.6, size=(L, E)).astype(float)
+    ids = np.empty((T, L, k), dtype=np.int32)
+    for l in range(L):
+        p = pop[l] / pop[l].sum()
+        # Gumbel top-k: k distinct experts per token, popularity-weighted.
+        g = np.log(p)[None, :] - np.log(-np.log(rng.random((T, E))))
+        ids[:, l, :] = np.argsort(-g, axis=1)[:, :k]
+    path = os.path.join(folder, "trace.npy")
+    np.save(path, ids)
+    with open(os.path.join(folder, "trace.json"), "w") as f:
+        json.dump({"format": "grace.trace/v1", "num_experts": E, "model": "olmoe", "dataset": "numpy-test",
+                   "top_k": k, "num_layers": L}, f)
+    return path, ids
+
+
+def make_plan(folder, name, E, L, k, N, M, seed, drop_expert=None, policy="primary"):
+    rng = np.random.default_rng(seed)
+    G = N * M
+    layers = []
+    primaries = []
+    for l in range(L):
+        prim = rng.integers(0, G, size=E)
+        gpu_experts = [[] for _ in range(G)]
+        for e in range(E):
+            if e == drop_expert:
+                continue
+            gpu_experts[prim[e]].append(e)
+            for g in range(G):  # some replicas, which primary routing must ignore
+                if g != prim[e] and rng.random() < 0.2:
+                    gpu_experts[g].append(e)
+        layers.append({"layer": l, "gpu_experts": [sorted(x) for x in gpu_experts],
+                       "primary_gpu": [int(x) for x in prim], "routing": {"policy": policy}})
+        primaries.append(prim)
+    plan = {"format": "grace.plan/v1", "num_experts": E, "num_layers": L, "top_k": k,
+            "topology": {"nodes": N, "gpus_per_node": M, "slots_per_gpu": None}, "method": "random", "layers": layers}
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(plan, f)
+    return path, primaries
+
+
+def numpy_counts(ids_l, prim, N, M):
+    """Copy matrices [G, G] per scheme for one layer under primary routing, straight from spec §6's table."""
+    T, k = ids_l.shape
+    G = N * M
+    home = (np.arange(T) * G) // T
+    dst = prim[ids_l]  # [T, k]
+    flat = np.zeros((G, G), dtype=np.int64)
+    np.add.at(flat, (np.repeat(home, k), dst.ravel()), 1)
+    hit = np.zeros((T, G), dtype=bool)
+    hit[np.repeat(np.arange(T), k), dst.ravel()] = True
+    dedup = np.zeros((G, G), dtype=np.int64)
+    for d in range(G):
+        np.add.at(dedup[:, d], home[hit[:, d]], 1)
+    hsc = np.zeros((G, G), dtype=np.int64)
+    node_hit = hit.reshape(T, N, M).any(axis=2)
+    hn, hl = home // M, home % M
+    for b in range(N):
+        remote = (hn != b) & node_hit[:, b]
+        peer = b * M + hl
+        np.add.at(hsc, (home[remote], peer[remote]), 1)  # stage 1: one copy per remote node
+        for loc in range(M):
+            d = b * M + loc
+            home_node = (hn == b) & hit[:, d] & (home != d)
+            np.add.at(hsc, (home[home_node], np.full(home_node.sum(), d)), 1)
+            fwd = remote & hit[:, d] & (peer != d)  # stage 2 inside node b, from the peer
+            np.add.at(hsc, (peer[fwd], np.full(fwd.sum(), d)), 1)
+    for m in (flat, dedup, hsc):
+        np.fill_diagonal(m, 0)
+    gpu_load = np.bincount(dst.ravel(), minlength=G)
+    return {"flat": flat, "2dh": flat, "flat-dedup": dedup, "hsc": hsc}, gpu_load
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def split(m, N, M):
+    node = np.arange(N * M) // M
+    cross = node[:, None] != node[None, :]
+    return int(m[cross].sum()), int(m[~cross].sum())
+
+
+class EvalMatchesNumpy(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.dir = cls.tmp.name
+        cls.trace, cls.ids = make_trace(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_primary_routing_all_schemes(self):
+        T, L, k = self.ids.shape
+        for (N, M) in [(2, 2), (2, 4)]:
+            plan, prims = make_plan(self.dir, f"plan{N}x{M}.json", 16, L, k, N, M, seed=N * 10 + M)
+            for scheme in ["flat", "flat-dedup", "2dh", "hsc"]:
+                with self.subTest(topology=f"{N}x{M}", scheme=scheme):
+                    out = os.path.join(self.dir, f"r_{N}x{M}_{scheme}")
+                    r = run("eval", "--trace", self.trace, "--plan", plan, "--comm", scheme, "--routing", "primary",
+                            "--hardware", "a100-testbed", "-o", out)
+                    self.assertEqual(r.returncode, 0, r.stderr)
+                    rep = load_json(out + ".json")
+                    self.assertTrue(os.path.exists(out + ".csv"))
+                    tot_cross = tot_intra = 0
+                    for l in range(L):
+                        mats, load = numpy_counts(self.ids[:, l, :], prims[l], N, M)
+                        want = mats[scheme]
+                        got = rep["layers"][l]
+                        np.testing.assert_array_equal(np.array(got["copies"]), want)
+                        cross, intra = split(want, N, M)
+                        self.assertEqual(got["cross_node_copies"], cross)
+                        self.assertEqual(got["intra_node_copies"], intra)
+                        self.assertEqual(got["cross_node_bytes"], cross * H * ELEM)
+                        self.assertEqual(got["intra_node_bytes"], intra * H * ELEM)
+                        np.testing.assert_array_equal(got["gpu_load"], load)
+                        self.assertAlmostEqual(got["load_std"], float(load.std()), places=6)
+                        self.assertAlmostEqual(got["balancedness"], load.mean() / load.max(), places=12)
+                        self.assertAlmostEqual(got["imbalance_ratio"], (load.max() - load.mean()) / load.mean(), places=12)
+                        self.assertAlmostEqual(got["cross_node_ratio"], cross / (cross + intra), places=12)
+                        tot_cross += cross
+                        tot_intra += intra
+                        # MoE layer time = dispatch + max compute + combine; idle = max - mean compute.
+                        comp = np.array(got["gpu_compute_time_s"])
+                        self.assertAlmostEqual(got["gpu_idle_time_s"], comp.max() - comp.mean(), places=12)
+                        self.assertAlmostEqual(got["moe_layer_time_s"],
+                                               got["dispatch_time_s"] + comp.max() + got["combine_time_s"], places=12)
+                    self.assertEqual(rep["total"]["cross_node_copies"], tot_cross)
+                    self.assertEqual(rep["total"]["intra_node_copies"], tot_intra)
+
+    def test_cross_node_invariant_between_schemes(self):
+        T, L, k = self.ids.shape
+        for seed in range(5):
+            N, M = (2, 2) if seed % 2 else (4, 2)
+            plan, _ = make_plan(self.dir, f"inv{seed}.json", 16, L, k, N, M, seed=100 + seed, policy="tar")
+            cross = {}
+            for scheme in ["flat", "flat-dedup", "hsc"]:
+                out = os.path.join(self.dir, f"inv{seed}_{scheme}")
+                r = run("eval", "--trace", self.trace, "--plan", plan, "--comm", scheme, "-o", out)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                cross[scheme] = load_json(out + ".json")["total"]["cross_node_copies"]
+            self.assertLessEqual(cross["hsc"], cross["flat-dedup"])
+            self.assertLessEqual(cross["flat-dedup"], cross["flat"])
+
+    def assert_one_line_error(self, r, needle):
+        self.assertNotEqual(r.returncode, 0)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, r.stderr)
+        self.assertTrue(lines[0].startswith("grace: error:"), r.stderr)
+        self.assertIn(needle, lines[0])
+
+    def test_bad_input(self):
+        T, L, k = self.ids.shape
+        good, _ = make_plan(self.dir, "good.json", 16, L, k, 2, 2, seed=3)
+        out = os.path.join(self.dir, "bad")
+        # E mismatch between plan and trace.
+        wrong_e, _ = make_plan(self.dir, "wrong_e.json", 20, L, k, 2, 2, seed=3)
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", wrong_e, "--comm", "hsc", "-o", out),
+                                   "experts")
+        # Layer mismatch.
+        wrong_l, _ = make_plan(self.dir, "wrong_l.json", 16, L + 1, k, 2, 2, seed=3)
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", wrong_l, "--comm", "hsc", "-o", out),
+                                   "layers")
+        # Topology mismatch with --topology.
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "hsc", "--topology",
+                                       "2x4", "-o", out), "topology")
+        # An expert without an instance.
+        holey, _ = make_plan(self.dir, "holey.json", 16, L, k, 2, 2, seed=3, drop_expert=5)
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", holey, "--comm", "hsc", "-o", out),
+                                   "expert 5")
+        # Hardware with a non-positive bandwidth, and one with a missing field.
+        hw = {"format": "grace.hardware/v1", "element_size": 2, "intra_node": {"bandwidth_GBps": 0, "latency_us": 5},
+              "cross_node": {"bandwidth_Gbps": 25, "latency_us": 30}, "compute": {"peak_tflops": 100, "n_half": 10}}
+        hw_path = os.path.join(self.dir, "hw.json")
+        dump_json(hw, hw_path)
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "hsc", "--hardware",
+                                       hw_path, "-o", out), "bandwidth must be positive")
+        del hw["compute"]
+        hw["intra_node"]["bandwidth_GBps"] = 600
+        dump_json(hw, hw_path)
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "hsc", "--hardware",
+                                       hw_path, "-o", out), "compute")
+        # Unknown scheme / policy / hardware preset.
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "mesh", "-o", out),
+                                   "mesh")
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "hsc", "--routing",
+                                       "random", "-o", out), "random")
+        self.assert_one_line_error(run("eval", "--trace", self.trace, "--plan", good, "--comm", "hsc", "--hardware",
+                                       "tpu-pod", "-o", out), "tpu-pod")
+        # No partial output was left behind by any failure.
+        self.assertFalse(os.path.exists(out + ".json"))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,0 +1,360 @@
+#include "grace/eval.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.hpp"
+#include "grace/error.hpp"
+#include "grace/hardware.hpp"
+#include "grace/routing.hpp"
+#include "test_util.hpp"
+
+namespace grace {
+namespace {
+
+// 2x2 (GPUs 0,1 on node 0; 2,3 on node 1), E = 5, k = 2, one layer.
+// Instances (primary first): e0 [0, 2], e1 [1], e2 [3, 0], e3 [2, 3], e4 [3]; uniform WRR weights.
+ExpertPlan hand_plan(RoutingPolicy policy) {
+    ExpertPlan p;
+    p.num_experts = 5;
+    p.num_layers = 1;
+    p.top_k = 2;
+    p.topology = Topology{2, 2, std::nullopt};
+    p.method = "hand";
+    LayerPlan lp;
+    lp.gpu_experts = {{0, 2}, {1}, {0, 3}, {2, 3, 4}};
+    lp.primary_gpu = {0, 1, 3, 2, 3};
+    lp.policy = policy;
+    lp.finalize(5);
+    p.layers = {lp};
+    p.validate();
+    return p;
+}
+
+RoutingTrace hand_trace() {
+    RoutingTrace t;
+    t.num_tokens = 8;
+    t.num_layers = 1;
+    t.top_k = 2;
+    t.num_experts = 5;
+    t.model = "hand";
+    // Homes: t0,t1 -> GPU 0; t2,t3 -> 1; t4,t5 -> 2; t6,t7 -> 3.
+    t.expert_ids = {3, 4, 3, 2, 0, 2, 2, 3, 0, 1, 2, 3, 0, 2, 1, 0};
+    t.validate();
+    return t;
+}
+
+std::vector<int64_t> matrix(std::initializer_list<std::tuple<int, int, int64_t>> entries, int G = 4) {
+    std::vector<int64_t> m(G * G, 0);
+    for (auto [s, d, v] : entries) m[s * G + d] = v;
+    return m;
+}
+
+// Worked by hand (see the comments): TAR picks the same GPU, else the same node, else WRR over all, and the
+// WRR counter is per (source GPU, expert). e3 from GPU 0 alternates 2, 3; from GPU 1 it starts at 2.
+//   t0 (h0) [3,4] -> 2, 3      t1 (h0) [3,2] -> 3, 0(local)   t2 (h1) [0,2] -> 0, 0   t3 (h1) [2,3] -> 0, 2
+//   t4 (h2) [0,1] -> 2(l), 1   t5 (h2) [2,3] -> 3, 2(l)       t6 (h3) [0,2] -> 2, 3(l) t7 (h3) [1,0] -> 1, 2
+TEST(Replay, TarHandWorkedExample) {
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    const RoutingTrace trace = hand_trace();
+    const auto counts = replay_trace(trace, plan);
+    ASSERT_EQ(counts.size(), 1u);
+    const LayerCounts& c = counts[0];
+    EXPECT_EQ(c.local_selections, 4);
+    EXPECT_EQ(c.instance_load, (std::vector<std::vector<int64_t>>{{1, 3}, {2}, {2, 3}, {3, 1}, {1}}));
+    EXPECT_EQ(c.gpu_load, (std::vector<int64_t>{4, 2, 6, 4}));
+    EXPECT_EQ(c.flat.copies,
+              matrix({{0, 2, 1}, {0, 3, 2}, {1, 0, 3}, {1, 2, 1}, {2, 1, 1}, {2, 3, 1}, {3, 1, 1}, {3, 2, 2}}));
+    EXPECT_EQ(c.flat.cross_node_copies, 6);
+    EXPECT_EQ(c.flat.intra_node_copies, 6);
+    EXPECT_EQ(c.flat_dedup.copies,
+              matrix({{0, 2, 1}, {0, 3, 2}, {1, 0, 2}, {1, 2, 1}, {2, 1, 1}, {2, 3, 1}, {3, 1, 1}, {3, 2, 2}}));
+    EXPECT_EQ(c.flat_dedup.cross_node_copies, 6);
+    EXPECT_EQ(c.flat_dedup.intra_node_copies, 5);
+    // HSC: cross copies go to the peer b*M + h%M, which forwards inside its node.
+    EXPECT_EQ(c.hsc.copies,
+              matrix({{0, 2, 2}, {2, 3, 3}, {1, 0, 2}, {1, 3, 1}, {3, 2, 3}, {2, 0, 1}, {0, 1, 1}, {3, 1, 1}}));
+    EXPECT_EQ(c.hsc.cross_node_copies, 5);
+    EXPECT_EQ(c.hsc.intra_node_copies, 9);
+    EXPECT_EQ(&c.traffic(CommScheme::k2dh), &c.flat);
+    // count_traffic gives the same matrix.
+    EXPECT_EQ(count_traffic(trace, plan, RoutingPolicy::kTar, CommScheme::kHsc, 0).copies, c.hsc.copies);
+}
+
+TEST(Replay, PrimaryRoutingIgnoresReplicas) {
+    const auto c = replay_trace(hand_trace(), hand_plan(RoutingPolicy::kTar), {RoutingPolicy::kPrimary})[0];
+    EXPECT_EQ(c.instance_load, (std::vector<std::vector<int64_t>>{{4, 0}, {2}, {5, 0}, {4, 0}, {1}}));
+    EXPECT_EQ(c.gpu_load, (std::vector<int64_t>{4, 2, 4, 6}));
+}
+
+HardwareModel test_hardware() {
+    HardwareModel hw;
+    hw.name = "test";
+    hw.element_size = 2;
+    hw.intra_node_bandwidth = 1e7;
+    hw.cross_node_bandwidth = 1e6;
+    hw.intra_node_latency = 1e-6;
+    hw.cross_node_latency = 1e-5;
+    hw.peak_flops = 1e12;
+    hw.n_half = 0;
+    hw.non_moe_seconds_per_token = 1e-3;
+    return hw;
+}
+
+// 1000 bytes per copy. flat: node 0 sends 4 copies across = 4000 B at 1e6 B/s = 4 ms; the largest intra-node
+// volume is GPU 1's 3 copies = 0.3 ms; the busiest GPU has 2 cross messages and 1 intra message: 21 us.
+// hsc: 3 ms + 2 messages * 10 us (stage 1), then 0.3 ms + 1 message * 1 us (stage 2).
+TEST(Pricing, HandWorkedAllToAllTimes) {
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    const RoutingTrace trace = hand_trace();
+    EvalOptions opt;
+    opt.hardware = test_hardware();
+    opt.shape = ModelShape{"hand", 500, 1000};
+    opt.scheme = CommScheme::kFlat;
+    EvalReport flat = evaluate(trace, plan, opt);
+    EXPECT_NEAR(flat.layers[0].dispatch_time_s, 4e-3 + 21e-6, 1e-12);
+    EXPECT_EQ(flat.total.cross_node_bytes, 6000);
+    opt.scheme = CommScheme::kHsc;
+    EvalReport hsc = evaluate(trace, plan, opt);
+    // Stage-1 messages: GPU 0 sends 1 (to 2) and receives 1 (from 2): 1 message each way, 10 us.
+    EXPECT_NEAR(hsc.layers[0].dispatch_time_s, 3e-3 + 10e-6 + 3e-4 + 1e-6, 1e-12);
+    EXPECT_EQ(hsc.total.cross_node_copies, 5);
+    EXPECT_EQ(hsc.total.intra_node_copies, 9);
+    // Compute: f(n) = 6*H*I*n/peak = 3e-6 s per token; loads 4, 2, 6, 4 -> max 18 us, mean 12 us.
+    EXPECT_NEAR(hsc.layers[0].compute_time_s, 18e-6, 1e-15);
+    EXPECT_NEAR(hsc.layers[0].gpu_idle_time_s, 6e-6, 1e-15);
+    EXPECT_NEAR(hsc.layers[0].balancedness, 4.0 / 6.0, 1e-12);
+    EXPECT_NEAR(hsc.layers[0].imbalance_ratio, 0.5, 1e-12);
+    EXPECT_NEAR(hsc.layers[0].load_std, std::sqrt(2.0), 1e-12);
+    EXPECT_NEAR(hsc.layers[0].moe_layer_time_s, 2 * hsc.layers[0].dispatch_time_s + 18e-6, 1e-15);
+    EXPECT_NEAR(hsc.total.end_to_end_s, hsc.layers[0].moe_layer_time_s + 2 * 1e-3, 1e-15);
+    EXPECT_NEAR(hsc.total.cross_node_ratio, 5.0 / 14.0, 1e-12);
+}
+
+ExpertPlan random_plan(Rng& rng, int E, int L, int k, Topology topo, RoutingPolicy policy) {
+    ExpertPlan p;
+    p.num_experts = E;
+    p.num_layers = L;
+    p.top_k = k;
+    p.topology = topo;
+    p.seed = rng.next();
+    const int G = topo.num_gpus();
+    for (int l = 0; l < L; ++l) {
+        LayerPlan lp;
+        lp.layer = l;
+        lp.gpu_experts.assign(G, {});
+        lp.primary_gpu.resize(E);
+        for (int e = 0; e < E; ++e) {
+            int g = static_cast<int>(rng.next() % G);
+            lp.primary_gpu[e] = g;
+            lp.gpu_experts[g].push_back(e);
+            for (int r = 0; r < G; ++r)
+                if (r != g && rng.next() % 5 == 0) lp.gpu_experts[r].push_back(e);
+        }
+        lp.policy = policy;
+        lp.finalize(E);
+        for (int e = 0; e < E; ++e) {
+            std::vector<double> w;
+            for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i) w.push_back(1.0 + rng.next() % 7);
+            lp.wrr_weights[e] = round_weights(w, lp.wrr_period);
+        }
+        p.layers.push_back(std::move(lp));
+    }
+    p.validate();
+    return p;
+}
+
+RoutingTrace random_trace(Rng& rng, int64_t T, int L, int k, int E) {
+    RoutingTrace t;
+    t.num_tokens = T;
+    t.num_layers = L;
+    t.top_k = k;
+    t.num_experts = E;
+    t.expert_ids.resize(T * L * k);
+    for (int64_t i = 0; i < T * L; ++i) {
+        std::vector<int> pick;
+        while (static_cast<int>(pick.size()) < k) {
+            // Skewed: low ids are hotter.
+            int e = static_cast<int>((rng.next() % E) * (rng.next() % E) / E);
+            if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
+        }
+        for (int j = 0; j < k; ++j) t.expert_ids[i * k + j] = pick[j];
+    }
+    return t;
+}
+
+TEST(Replay, SchemeInvariantsOnRandomPlans) {
+    Rng rng(7);
+    const Topology topos[] = {{1, 2, std::nullopt}, {2, 2, std::nullopt}, {2, 4, std::nullopt}, {4, 4, std::nullopt}};
+    const RoutingPolicy policies[] = {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
+                                      RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
+    for (int trial = 0; trial < 24; ++trial) {
+        const Topology topo = topos[trial % 4];
+        const int E = 8 + static_cast<int>(rng.next() % 40), k = 1 + static_cast<int>(rng.next() % 6);
+        const ExpertPlan plan = random_plan(rng, E, 2, k, topo, policies[trial % 6]);
+        const RoutingTrace trace = random_trace(rng, 300 + static_cast<int64_t>(rng.next() % 300), 2, k, E);
+        for (const LayerCounts& c : replay_trace(trace, plan)) {
+            SCOPED_TRACE(::testing::Message() << "trial " << trial << " layer " << c.layer);
+            EXPECT_LE(c.hsc.cross_node_copies, c.flat_dedup.cross_node_copies);
+            EXPECT_LE(c.flat_dedup.cross_node_copies, c.flat.cross_node_copies);
+            EXPECT_LE(c.flat_dedup.intra_node_copies, c.flat.intra_node_copies);
+            EXPECT_EQ(c.flat.cross_node_copies + c.flat.intra_node_copies + c.local_selections, trace.num_tokens * k);
+            int64_t sum = 0;
+            for (int64_t v : c.gpu_load) sum += v;
+            EXPECT_EQ(sum, trace.num_tokens * k);
+            if (topo.nodes == 1) EXPECT_EQ(c.hsc.copies, c.flat_dedup.copies);
+        }
+    }
+}
+
+TEST(Replay, ChunksAndThreadsGiveIdenticalCounts) {
+    Rng rng(11);
+    const Topology topo{2, 4, std::nullopt};
+    for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic}) {
+        const ExpertPlan plan = random_plan(rng, 32, 3, 4, topo, policy);
+        const RoutingTrace trace = random_trace(rng, 1001, 3, 4, 32);
+        ReplayOptions one;
+        one.num_threads = 1;
+        const auto whole = replay_trace(trace, plan, one);
+        ReplayOptions two;
+        two.num_threads = 2;
+        Replayer r(plan, trace.num_tokens, two);
+        for (int64_t b = 0; b < trace.num_tokens; b += 97) r.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
+        const auto chunked = r.counts();
+        for (int l = 0; l < 3; ++l) {
+            EXPECT_EQ(whole[l].flat.copies, chunked[l].flat.copies);
+            EXPECT_EQ(whole[l].flat_dedup.copies, chunked[l].flat_dedup.copies);
+            EXPECT_EQ(whole[l].hsc.copies, chunked[l].hsc.copies);
+            EXPECT_EQ(whole[l].instance_load, chunked[l].instance_load);
+        }
+    }
+}
+
+// The replay's routing tables must pick exactly what ReplicaRouter::route picks, token by token, and its
+// copy matrices must equal a direct per-token application of spec §6's table (both the small-G bit-set path
+// and the large-G path).
+TEST(Replay, MatchesReplicaRouterCallByCall) {
+    Rng rng(5);
+    for (Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
+        const int G = topo.num_gpus(), M = topo.gpus_per_node;
+        for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic,
+                                     RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary}) {
+            const ExpertPlan plan = random_plan(rng, 24, 2, 3, topo, policy);
+            const RoutingTrace trace = random_trace(rng, 777, 2, 3, 24);
+            const auto counts = replay_trace(trace, plan);
+            for (int l = 0; l < 2; ++l) {
+                ReplicaRouter router(plan.layers[l], topo, policy, plan.seed);
+                std::vector<int64_t> flat(G * G, 0), dedup(G * G, 0), hsc(G * G, 0);
+                std::vector<std::vector<int64_t>> inst(24);
+                for (int e = 0; e < 24; ++e) inst[e].assign(plan.layers[l].instance_gpus[e].size(), 0);
+                for (int64_t t = 0; t < trace.num_tokens; ++t) {
+                    const int h = home_gpu(t, trace.num_tokens, G);
+                    std::vector<int> dsts;
+                    for (int j = 0; j < 3; ++j) {
+                        const int e = trace.id(t, l, j);
+                        const int d = router.route(h, e, t, j, 3);
+                        ++inst[e][router.last_instance()];
+                        if (d != h) ++flat[h * G + d];
+                        if (std::find(dsts.begin(), dsts.end(), d) == dsts.end()) dsts.push_back(d);
+                    }
+                    std::vector<int> nodes;
+                    for (int d : dsts) {
+                        if (d != h) ++dedup[h * G + d];
+                        const int b = d / M, peer = b * M + h % M;
+                        if (b == h / M) {
+                            if (d != h) ++hsc[h * G + d];
+                            continue;
+                        }
+                        if (std::find(nodes.begin(), nodes.end(), b) == nodes.end()) {
+                            nodes.push_back(b);
+                            ++hsc[h * G + peer];
+                        }
+                        if (d != peer) ++hsc[peer * G + d];
+                    }
+                }
+                SCOPED_TRACE(::testing::Message() << to_string(policy) << " on " << topo.to_string() << " layer " << l);
+                EXPECT_EQ(counts[l].instance_load, inst);
+                EXPECT_EQ(counts[l].flat.copies, flat);
+                EXPECT_EQ(counts[l].flat_dedup.copies, dedup);
+                EXPECT_EQ(counts[l].hsc.copies, hsc);
+            }
+        }
+    }
+}
+
+TEST(Replay, RejectsMismatchedTraceAndPlan) {
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    RoutingTrace t = hand_trace();
+    t.num_experts = 6;
+    EXPECT_THROW(replay_trace(t, plan), Error);
+    try {
+        replay_trace(t, plan);
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kInvalidInput);
+        EXPECT_NE(std::string(e.what()).find("5 experts"), std::string::npos) << e.what();
+    }
+    RoutingTrace t2 = hand_trace();
+    t2.num_layers = 2;
+    t2.expert_ids.resize(32, 0);
+    EXPECT_THROW(replay_trace(t2, plan), Error);
+    EXPECT_THROW(count_traffic(hand_trace(), plan, RoutingPolicy::kTar, CommScheme::kHsc, 1), Error);
+}
+
+TEST(CommScheme, ParsesNamesAndRejectsUnknown) {
+    for (auto s : {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::k2dh, CommScheme::kHsc})
+        EXPECT_EQ(parse_comm_scheme(to_string(s)), s);
+    EXPECT_THROW(parse_comm_scheme("mesh"), Error);
+}
+
+TEST(Hardware, PresetsParseAndBadFilesAreRejected) {
+    for (const auto& name : hardware_presets()) {
+        HardwareModel hw = load_hardware(name);
+        EXPECT_EQ(hw.name, name);
+        EXPECT_GT(hw.cross_node_bandwidth, 0);
+        // Round trip.
+        HardwareModel back = parse_hardware(hardware_to_json(hw));
+        EXPECT_DOUBLE_EQ(back.cross_node_bandwidth, hw.cross_node_bandwidth);
+        EXPECT_DOUBLE_EQ(back.intra_node_latency, hw.intra_node_latency);
+    }
+    EXPECT_DOUBLE_EQ(load_hardware("a100-testbed").cross_node_bandwidth, 25e9 / 8);
+    EXPECT_DOUBLE_EQ(load_hardware("a100-testbed").intra_node_bandwidth, 600e9);
+    const std::string base = R"({"format": "grace.hardware/v1", "element_size": 2,
+        "intra_node": {"bandwidth_GBps": 600, "latency_us": 5}, "compute": {"peak_tflops": 100, "n_half": 10},)";
+    EXPECT_NO_THROW(parse_hardware(base + R"("cross_node": {"bandwidth_Gbps": 25, "latency_us": 30}})"));
+    EXPECT_THROW(parse_hardware(base + R"("cross_node": {"bandwidth_Gbps": -25, "latency_us": 30}})"), Error);
+    EXPECT_THROW(parse_hardware(base + R"("cross_node": {"bandwidth_Gbps": 0, "latency_us": 30}})"), Error);
+    EXPECT_THROW(parse_hardware(base + R"("cross_node": {"latency_us": 30}})"), Error);
+    EXPECT_THROW(parse_hardware(base + R"("cross_node": {"bandwidth_Gbps": 1, "bandwidth_GBps": 1, "latency_us": 3}})"),
+                 Error);
+    try {
+        parse_hardware(base + R"("cross_node": {"bandwidth_Gbps": -25, "latency_us": 30}})");
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("cross_node bandwidth must be positive"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(load_hardware("no-such-preset"), Error);
+}
+
+TEST(Hardware, GemmTableInterpolation) {
+    const std::string text = R"({"format": "grace.hardware/v1", "element_size": 2,
+        "intra_node": {"bandwidth_GBps": 600, "latency_us": 5}, "cross_node": {"bandwidth_Gbps": 25, "latency_us": 30},
+        "compute": {"peak_tflops": 100, "n_half": 10},
+        "gemm_table": {"device": "X", "shapes": {"olmoe": {"hidden": 2048, "intermediate": 1024,
+                        "tokens": [16, 64], "seconds": [1e-4, 2e-4]}}}})";
+    HardwareModel hw = parse_hardware(text);
+    ComputeModel table(hw, "olmoe", 2048, 1024);
+    EXPECT_EQ(table.source(), "table:olmoe");
+    EXPECT_EQ(table.expert_seconds(0), 0);
+    EXPECT_DOUBLE_EQ(table.expert_seconds(8), 1e-4);
+    EXPECT_DOUBLE_EQ(table.expert_seconds(40), 1.5e-4);
+    EXPECT_DOUBLE_EQ(table.expert_seconds(112), 3e-4);
+    // Matched by shape when the name differs; analytic otherwise.
+    EXPECT_EQ(ComputeModel(hw, "other", 2048, 1024).source(), "table:olmoe");
+    ComputeModel analytic(hw, "other", 1000, 1000);
+    EXPECT_EQ(analytic.source(), "analytic");
+    EXPECT_DOUBLE_EQ(analytic.expert_seconds(90), 6e6 * 100 / 1e14);
+}
+
+}  // namespace
+}  // namespace grace

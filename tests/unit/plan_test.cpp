@@ -1,0 +1,130 @@
+#include "grace/plan.hpp"
+
+#include <gtest/gtest.h>
+
+#include "grace/error.hpp"
+#include "test_util.hpp"
+
+namespace grace {
+namespace {
+
+// 2 nodes x 2 GPUs, 4 experts: primaries 0->0, 1->1, 2->3, 3->2; replicas: expert 0 on 2 and 3, expert 2 on 2.
+ExpertPlan toy_plan() {
+    ExpertPlan p;
+    p.num_experts = 4;
+    p.num_layers = 1;
+    p.top_k = 2;
+    p.topology = Topology{2, 2, std::nullopt};
+    p.method = "test";
+    LayerPlan lp;
+    lp.gpu_experts = {{0}, {1}, {0, 2, 3}, {0, 2}};
+    lp.primary_gpu = {0, 1, 3, 2};
+    lp.policy = RoutingPolicy::kTar;
+    lp.finalize(4);
+    p.layers.push_back(lp);
+    return p;
+}
+
+std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+TEST(Plan, FinalizeOrdersInstancesPrimaryFirst) {
+    ExpertPlan p = toy_plan();
+    const LayerPlan& lp = p.layers[0];
+    EXPECT_EQ(lp.instance_gpus[0], (std::vector<int>{0, 2, 3}));
+    EXPECT_EQ(lp.instance_gpus[2], (std::vector<int>{3, 2}));
+    EXPECT_EQ(lp.wrr_weights[0], (std::vector<int>{40, 40, 40}));
+    EXPECT_EQ(lp.wrr_weights[1], (std::vector<int>{120}));
+    EXPECT_EQ(lp.num_instances(), 7);
+    EXPECT_NO_THROW(p.validate());
+}
+
+TEST(Plan, JsonRoundTripIsByteIdentical) {
+    ExpertPlan p = toy_plan();
+    p.layers[0].r_star = 0.25;
+    p.layers[0].knee_curves = {{{0, 0.5, 0}, {0.5, 0.7, 1}}};
+    p.layers[0].hot_experts = {0};
+    p.layers[0].predicted_gpu_load = {1.5, 2, 3, 4};
+    std::string a = plan_to_json(p);
+    ExpertPlan q = plan_from_json(a);
+    EXPECT_EQ(plan_to_json(q), a);
+    EXPECT_EQ(plan_hash(q), plan_hash(p));
+    EXPECT_EQ(q.layers[0].knee_curves[0][1].u, 0.7);
+    EXPECT_NE(a.find("\"format\": \"grace.plan/v1\""), std::string::npos);
+}
+
+TEST(Plan, ValidateNamesEachViolation) {
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].gpu_experts[1] = {};
+        EXPECT_NE(error_of([&] { p.validate(); }).find("expert 1 has no instance"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].primary_gpu[3] = 0;
+        EXPECT_NE(error_of([&] { p.validate(); }).find("expert 3's primary GPU 0 does not hold it"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].gpu_experts[2] = {0, 0, 2, 3};
+        EXPECT_NE(error_of([&] { p.validate(); }).find("holds two instances of expert 0"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.topology.slots_per_gpu = 2;
+        EXPECT_NE(error_of([&] { p.validate(); }).find("holds 3 instances but has only 2 slots"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].wrr_weights[0] = {40, 40, 39};
+        EXPECT_NE(error_of([&] { p.validate(); }).find("sum to 119"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].gpu_experts[2] = {0, 2, 7};
+        EXPECT_NE(error_of([&] { p.validate(); }).find("holds expert 7"), std::string::npos);
+    }
+    {
+        ExpertPlan p = toy_plan();
+        p.layers[0].gpu_experts = {{0}, {1}, {2}};
+        EXPECT_NE(error_of([&] { p.validate(); }).find("topology 2x2 has 4"), std::string::npos);
+    }
+}
+
+TEST(Plan, ParsingRejectsMalformedJson) {
+    EXPECT_NE(error_of([] { plan_from_json("{"); }).find("not valid JSON"), std::string::npos);
+    EXPECT_NE(error_of([] { plan_from_json(R"({"format": "other"})"); }).find("expected 'grace.plan/v1'"),
+              std::string::npos);
+    EXPECT_NE(error_of([] { plan_from_json(R"({"format": "grace.plan/v1", "num_experts": 4})"); }).find("num_layers"),
+              std::string::npos);
+    // A minimal plan from another tool (no routing tables) is completed, then validated.
+    std::string minimal = R"({"format": "grace.plan/v1", "num_experts": 2, "num_layers": 1, "top_k": 1,
+        "topology": {"nodes": 1, "gpus_per_node": 2, "slots_per_gpu": null}, "method": "x",
+        "layers": [{"layer": 0, "gpu_experts": [[0], [1]], "primary_gpu": [0, 1]}]})";
+    ExpertPlan p = plan_from_json(minimal);
+    EXPECT_EQ(p.layers[0].instance_gpus[1], (std::vector<int>{1}));
+}
+
+TEST(Plan, SaveLoadAndMissingFolder) {
+    testing::TempDir dir;
+    ExpertPlan p = toy_plan();
+    save_plan(p, dir.file("p.json"));
+    EXPECT_EQ(plan_to_json(load_plan(dir.file("p.json"))), plan_to_json(p));
+    EXPECT_NE(error_of([&] { save_plan(p, dir.file("no/p.json")); }).find("does not exist"), std::string::npos);
+}
+
+TEST(RoutingPolicyNames, RoundTripAndUnknown) {
+    for (auto pol : {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm,
+                     RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic})
+        EXPECT_EQ(parse_routing_policy(to_string(pol)), pol);
+    EXPECT_NE(error_of([] { parse_routing_policy("fastest"); }).find("unknown routing policy 'fastest'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace grace

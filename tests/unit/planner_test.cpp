@@ -1,0 +1,250 @@
+// make_plan: method specs, constraints for every method, determinism, bad input.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <set>
+
+#include "grace/error.hpp"
+#include "grace/planner.hpp"
+#include "grace/replication.hpp"
+#include "unit/planner_test_util.hpp"
+
+namespace grace {
+namespace {
+
+using testing::make_random_stats;
+
+const char* kAllGroupings[] = {"vanilla",      "occult", "c2r",           "spectral-full", "spectral-controlled",
+                               "spectral-controlled:0.25", "hierarchical", "metis", "eplb-hierarchical",
+                               "eplb-global"};
+const char* kAllReplications[] = {"none", "fixed", "dynamic", "eplb"};
+
+ErrorCode code_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.code();
+    }
+    return ErrorCode::kInternal;
+}
+
+std::string message_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+TEST(PlannerMethod, ParsesAndPrintsCanonically) {
+    EXPECT_EQ(parse_method("grace").to_string(), "hierarchical+dynamic+tar");
+    EXPECT_EQ(parse_method("eplb").to_string(), "eplb-hierarchical+eplb+sglang-static");
+    EXPECT_EQ(parse_method("occult").to_string(), "occult+none+primary");
+    const MethodSpec m = parse_method("spectral-controlled:0.3+eplb:72+wrr");
+    EXPECT_EQ(m.grouping, "spectral-controlled");
+    EXPECT_DOUBLE_EQ(m.controlled_ratio, 0.3);
+    EXPECT_EQ(m.replication_slots, 72);
+    EXPECT_EQ(m.routing, RoutingPolicy::kWrr);
+    EXPECT_EQ(m.to_string(), "spectral-controlled:0.3+eplb:72+wrr");
+    EXPECT_EQ(parse_method("spectral-controlled+dynamic").controlled_ratio, -1);
+}
+
+TEST(PlannerMethod, RejectsUnknownComponents) {
+    for (const char* bad : {"spectral", "occult+dyn", "occult+none+round-robin", "vanilla:0.2", "occult+fixed:3",
+                            "spectral-controlled:x", "spectral-controlled:-1", "a+b+c+d", "occult+eplb:0"}) {
+        EXPECT_EQ(code_of([&] { parse_method(bad); }), ErrorCode::kInvalidArgument) << bad;
+    }
+    const std::string msg = message_of([] { parse_method("spectral+none"); });
+    EXPECT_NE(msg.find("unknown grouping 'spectral'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("hierarchical"), std::string::npos) << msg;  // lists the valid ones
+    EXPECT_EQ(msg.find('\n'), std::string::npos);
+    const std::string msg2 = message_of([] { parse_method("occult+dyn"); });
+    EXPECT_NE(msg2.find("none, fixed, dynamic, eplb"), std::string::npos) << msg2;
+}
+
+// Checks every constraint directly (independently of ExpertPlan::validate).
+void check_constraints(const ExpertPlan& plan, const std::string& what) {
+    const int G = plan.topology.num_gpus(), E = plan.num_experts;
+    for (const LayerPlan& lp : plan.layers) {
+        std::vector<int> count(E, 0);
+        for (int g = 0; g < G; ++g) {
+            std::set<int> s(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end());
+            ASSERT_EQ(s.size(), lp.gpu_experts[g].size()) << what << ": duplicate on GPU " << g;
+            if (plan.topology.slots_per_gpu) ASSERT_LE(static_cast<int>(s.size()), *plan.topology.slots_per_gpu) << what;
+            for (int e : s) ++count[e];
+        }
+        for (int e = 0; e < E; ++e) {
+            ASSERT_GE(count[e], 1) << what << ": expert " << e << " missing";
+            const auto& p = lp.gpu_experts[lp.primary_gpu[e]];
+            ASSERT_TRUE(std::binary_search(p.begin(), p.end(), e)) << what;
+            int sum = 0;
+            for (int w : lp.wrr_weights[e]) sum += w;
+            ASSERT_EQ(sum, lp.wrr_period) << what;
+        }
+    }
+}
+
+TEST(Planner, EveryMethodKeepsTheConstraints) {
+    const RoutingStats st = make_random_stats(2, 32, 4, 600, 7);
+    for (const Topology& topo : {Topology{2, 2, std::nullopt}, Topology{2, 4, 6}, Topology{1, 4, 9}}) {
+        for (const char* g : kAllGroupings)
+            for (const char* r : kAllReplications) {
+                const std::string method = std::string(g) + "+" + r + "+tar";
+                PlanOptions opt;
+                opt.method = method;
+                opt.num_threads = 2;
+                ExpertPlan plan;
+                ASSERT_NO_THROW(plan = make_plan(st, topo, opt)) << method << " on " << topo.to_string();
+                check_constraints(plan, method + " on " + topo.to_string());
+                if (std::string(r) == "eplb" && topo.slots_per_gpu) {
+                    // the default budget fills every slot
+                    for (const auto& lp : plan.layers)
+                        EXPECT_EQ(lp.num_instances(), topo.num_gpus() * *topo.slots_per_gpu) << method;
+                }
+            }
+    }
+}
+
+TEST(Planner, ReplicationNeverMovesPrimaries) {
+    const RoutingStats st = make_random_stats(3, 32, 4, 600, 11);
+    const Topology topo{2, 4, 6};
+    for (const char* g : kAllGroupings) {
+        PlanOptions base;
+        base.method = std::string(g) + "+none";
+        const ExpertPlan p0 = make_plan(st, topo, base);
+        for (const char* r : {"fixed", "dynamic", "eplb"}) {
+            if (std::string(r) == "eplb" && std::string(g).rfind("eplb", 0) == 0) continue;  // EPLB places anew
+            PlanOptions opt;
+            opt.method = std::string(g) + "+" + r;
+            const ExpertPlan p1 = make_plan(st, topo, opt);
+            for (int l = 0; l < st.num_layers; ++l) {
+                EXPECT_EQ(p0.layers[l].primary_gpu, p1.layers[l].primary_gpu) << opt.method << " layer " << l;
+                for (int gpu = 0; gpu < topo.num_gpus(); ++gpu)
+                    for (int e : p0.layers[l].gpu_experts[gpu])
+                        EXPECT_TRUE(std::binary_search(p1.layers[l].gpu_experts[gpu].begin(),
+                                                       p1.layers[l].gpu_experts[gpu].end(), e))
+                            << opt.method;
+                EXPECT_EQ(p0.layers[l].gpu_load_before, p1.layers[l].gpu_load_before);
+            }
+        }
+    }
+}
+
+TEST(Planner, GraceRecordsDiagnostics) {
+    const RoutingStats st = make_random_stats(2, 32, 4, 800, 3);
+    PlanOptions opt;
+    const ExpertPlan plan = make_plan(st, Topology{2, 4, std::nullopt}, opt);
+    EXPECT_EQ(plan.method, "hierarchical+dynamic+tar");
+    for (const LayerPlan& lp : plan.layers) {
+        EXPECT_EQ(lp.policy, RoutingPolicy::kTar);
+        EXPECT_EQ(lp.knee_curves.size(), 2u);
+        EXPECT_GE(lp.r_star, 0);
+        // gamma and R follow from gpu_load_before (Equation 3), and predicted loads sum to the total load.
+        EXPECT_NEAR(lp.gamma, load_skew(lp.gpu_load_before), 1e-12);
+        EXPECT_EQ(lp.num_replicas, replica_count(lp.gamma, 8));
+        double before = 0, after = 0;
+        for (double x : lp.gpu_load_before) before += x;
+        for (double x : lp.predicted_gpu_load) after += x;
+        EXPECT_NEAR(before, after, 1e-6 * before);
+        EXPECT_LE(*std::max_element(lp.predicted_gpu_load.begin(), lp.predicted_gpu_load.end()),
+                  *std::max_element(lp.gpu_load_before.begin(), lp.gpu_load_before.end()) + 1e-9);
+        // every hot expert is a primary of the heaviest GPU and has R replicas (no slot limit here)
+        const int heavy = static_cast<int>(std::max_element(lp.gpu_load_before.begin(), lp.gpu_load_before.end()) -
+                                           lp.gpu_load_before.begin());
+        for (int e : lp.hot_experts) {
+            EXPECT_EQ(lp.primary_gpu[e], heavy);
+            EXPECT_EQ(static_cast<int>(lp.instance_gpus[e].size()), lp.num_replicas + 1);
+        }
+    }
+}
+
+TEST(Planner, ByteIdenticalForAnyThreadCount) {
+    const RoutingStats st = make_random_stats(6, 32, 4, 500, 5);
+    for (const char* method : {"grace", "metis+dynamic+wrr", "spectral-controlled+eplb+tar", "eplb", "occult+fixed"}) {
+        PlanOptions opt;
+        opt.method = method;
+        opt.seed = 42;
+        opt.num_threads = 1;
+        omp_set_num_threads(1);
+        const std::string one = plan_to_json(make_plan(st, Topology{2, 4, 8}, opt));
+        opt.num_threads = 2;
+        omp_set_num_threads(2);
+        const std::string two = plan_to_json(make_plan(st, Topology{2, 4, 8}, opt));
+        opt.num_threads = 0;
+        const std::string all = plan_to_json(make_plan(st, Topology{2, 4, 8}, opt));
+        EXPECT_EQ(one, two) << method;
+        EXPECT_EQ(one, all) << method;
+    }
+    omp_set_num_threads(omp_get_num_procs());
+}
+
+TEST(Planner, VanillaIsContiguous) {
+    const RoutingStats st = make_random_stats(1, 16, 2, 100, 1);
+    PlanOptions opt;
+    opt.method = "vanilla";
+    const ExpertPlan plan = make_plan(st, Topology{2, 2, std::nullopt}, opt);
+    for (int e = 0; e < 16; ++e) EXPECT_EQ(plan.layers[0].primary_gpu[e], e / 4);
+}
+
+TEST(Planner, BadInputIsOneLineInvalidArgument) {
+    const RoutingStats st = make_random_stats(1, 8, 2, 100, 1);
+    PlanOptions opt;
+    auto expect_arg = [](const std::function<void()>& f, const std::string& needle) {
+        const std::string msg = message_of(f);
+        EXPECT_EQ(code_of(f), ErrorCode::kInvalidArgument) << msg;
+        EXPECT_NE(msg.find(needle), std::string::npos) << msg;
+        EXPECT_EQ(msg.find('\n'), std::string::npos);
+    };
+    // more GPUs than experts
+    expect_arg([&] { make_plan(st, Topology{4, 4, std::nullopt}, opt); }, "16 GPUs but the statistics have only 8");
+    // too few slots
+    expect_arg([&] { make_plan(st, Topology{1, 4, 1}, opt); }, "too few for the 8 experts");
+    // unknown method component
+    opt.method = "hierarchical+dynamo";
+    expect_arg([&] { make_plan(st, Topology{1, 4, std::nullopt}, opt); }, "unknown replication 'dynamo'");
+    opt.method = "grace";
+    // NxM with a zero
+    expect_arg([&] { make_plan(st, Topology{0, 4, std::nullopt}, opt); }, "");
+    expect_arg([] { Topology::parse("2x0"); }, "");
+    // knee search with a single point: 8 experts on 8 GPUs leaves only the uniform grouping
+    opt.method = "spectral-controlled+none";
+    expect_arg([&] { make_plan(st, Topology{2, 4, std::nullopt}, opt); }, "");
+    // malformed statistics are kInvalidInput
+    RoutingStats broken = st;
+    broken.affinity[1] += 1;  // asymmetric
+    opt.method = "grace";
+    EXPECT_EQ(code_of([&] { make_plan(broken, Topology{1, 2, std::nullopt}, opt); }), ErrorCode::kInvalidInput);
+}
+
+}  // namespace
+}  // namespace grace
+
+namespace grace {
+namespace {
+
+// EPLB's global policy on the spec §8 golden input puts both replicas of expert 1 on GPU 7
+// (phy2log row 0 = [10,6, 10,7, 0,2, 11,4, 5,9, 5,4, 8,3, 1,1]). The planner swaps the duplicate with the replica
+// whose load per replica is closest (expert 1: 132/2 = 66; expert 3 on GPU 6: 61), keeping EPLB's counts.
+TEST(Planner, EplbDuplicateIsSwappedAway) {
+    RoutingStats st;
+    st.num_layers = 1;
+    st.num_experts = 12;
+    st.top_k = 1;
+    st.load = {90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86};
+    st.affinity.assign(144, 0);
+    PlanOptions opt;
+    opt.method = "eplb-global+eplb:16";
+    const ExpertPlan plan = make_plan(st, Topology{2, 4, std::nullopt}, opt);
+    const LayerPlan& lp = plan.layers[0];
+    EXPECT_EQ(lp.gpu_experts, (std::vector<std::vector<int>>{{6, 10}, {7, 10}, {0, 2}, {4, 11}, {5, 9}, {4, 5}, {1, 8},
+                                                             {1, 3}}));
+    EXPECT_EQ(lp.primary_gpu[1], 6);
+    EXPECT_EQ(lp.primary_gpu[3], 7);
+    const std::vector<int> logcnt = {1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1};
+    for (int e = 0; e < 12; ++e) EXPECT_EQ(static_cast<int>(lp.instance_gpus[e].size()), logcnt[e]) << e;
+}
+
+}  // namespace
+}  // namespace grace

@@ -1,0 +1,102 @@
+// `grace plan`: statistics (or a trace, profiled on the fly) + topology -> grace.plan/v1, with a per-layer summary.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <numeric>
+
+#include "command.hpp"
+#include "grace/error.hpp"
+#include "grace/planner.hpp"
+#include "grace/stats.hpp"
+#include "grace/trace.hpp"
+
+namespace grace::cli {
+namespace {
+
+std::function<int()> setup_plan(CLI::App& sub) {
+    struct Args {
+        std::string stats, trace, out, topology;
+        std::optional<int> slots;
+        TraceOverrides overrides;
+        std::optional<int> experts;
+        PlanOptions options;
+        bool quiet = false;
+    };
+    auto a = std::make_shared<Args>();
+    sub.add_option("--stats", a->stats, "Statistics folder (grace profile / grace import-stats)");
+    sub.add_option("--trace", a->trace,
+                   "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E");
+    sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required();
+    sub.add_option("--slots-per-gpu", a->slots, "Expert slots (instances) per GPU; default unlimited");
+    sub.add_option("--method", a->options.method,
+                   "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
+                   "(= eplb-hierarchical+eplb+sglang-static)")
+        ->capture_default_str();
+    sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")->capture_default_str();
+    sub.add_option("--threads", a->options.num_threads, "Threads over layers (0 = all; the plan is identical)")
+        ->capture_default_str();
+    sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")->capture_default_str();
+    sub.add_flag("--refine", a->options.refine, "Improving swaps after controlled grouping (spec §3 step 3)");
+    sub.add_option("-o,--output", a->out, "Output plan JSON")->required();
+    sub.add_flag("-q,--quiet", a->quiet, "No per-layer summary");
+    add_trace_flags(sub, a->overrides, a->experts);
+    return [a] {
+        GRACE_CHECK_ARG(!a->stats.empty() || !a->trace.empty(), "grace plan needs --stats or --trace");
+        Topology topo = Topology::parse(a->topology);
+        if (a->slots) {
+            GRACE_CHECK_ARG(*a->slots >= 1, "--slots-per-gpu must be >= 1, got ", *a->slots);
+            topo.slots_per_gpu = *a->slots;
+        }
+        if (a->experts) a->overrides.num_experts = *a->experts;
+        auto t0 = std::chrono::steady_clock::now();
+        RoutingStats st;
+        std::string source;
+        if (!a->stats.empty()) {
+            st = load_stats(a->stats);
+            source = a->stats;
+            if (!a->trace.empty()) {
+                TraceReader reader(a->trace, a->overrides);
+                GRACE_CHECK_ARG(reader.num_experts() == st.num_experts, "statistics ", a->stats, " have E=",
+                                st.num_experts, " experts but the trace ", a->trace, " has E=", reader.num_experts());
+                GRACE_CHECK_ARG(reader.num_layers() == st.num_layers, "statistics ", a->stats, " have L=",
+                                st.num_layers, " layers but the trace ", a->trace, " has L=", reader.num_layers());
+            } else if (a->experts) {
+                GRACE_CHECK_ARG(*a->experts == st.num_experts, "statistics ", a->stats, " have E=", st.num_experts,
+                                " experts but --experts says ", *a->experts);
+            }
+        } else {
+            st = profile_trace_file(a->trace, a->overrides);
+            source = a->trace;
+        }
+        ExpertPlan plan = make_plan(st, topo, a->options);
+        plan.source = source;
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        save_plan(plan, a->out);
+        std::printf("planned %s: E=%d L=%d k=%d on %s with %s in %.3f s -> %s\n", source.c_str(), plan.num_experts,
+                    plan.num_layers, plan.top_k, topo.to_string().c_str(), plan.method.c_str(), secs, a->out.c_str());
+        if (!a->quiet) {
+            std::printf("layer      r*   gamma   R  hot  instances  load max/mean before  predicted max/mean\n");
+            for (const LayerPlan& lp : plan.layers) {
+                auto ratio = [](const std::vector<double>& v) {
+                    if (v.empty()) return 0.0;
+                    const double mean = std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+                    return mean > 0 ? *std::max_element(v.begin(), v.end()) / mean : 0.0;
+                };
+                char rs[32];
+                if (lp.r_star >= 0)
+                    std::snprintf(rs, sizeof rs, "%7.3f", lp.r_star);
+                else
+                    std::snprintf(rs, sizeof rs, "%7s", "-");
+                std::printf("%5d  %s  %6.3f  %2d  %3zu  %9d  %20.3f  %18.3f\n", lp.layer, rs, lp.gamma, lp.num_replicas,
+                            lp.hot_experts.size(), lp.num_instances(), ratio(lp.gpu_load_before),
+                            ratio(lp.predicted_gpu_load));
+            }
+        }
+        return 0;
+    };
+}
+
+GRACE_COMMAND("plan", "Plan expert placement, replication and routing tables", setup_plan, 30);
+
+}  // namespace
+}  // namespace grace::cli

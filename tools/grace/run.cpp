@@ -1,0 +1,377 @@
+// `grace run`: replays a trace through a plan on the real MoE layer (MPI CPU reference backend), layer by layer,
+// batch by batch, and reports per-phase times and bytes per link class as JSON. Under mpirun every rank runs
+// this; a rank that fails aborts the whole job (MPI_Abort) with a message naming it.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "command.hpp"
+#include "core/rng.hpp"
+#include "grace/communicator.hpp"
+#include "grace/error.hpp"
+#include "grace/experts.hpp"
+#include "grace/io.hpp"
+#include "grace/plan.hpp"
+#include "grace/runtime.hpp"
+#include "grace/trace.hpp"
+
+namespace grace::cli {
+namespace {
+
+using nlohmann::json;
+
+struct RunOptions {
+    std::string plan_path, trace_path, output;
+    std::string comm = "hsc";
+    std::optional<std::string> routing;
+    int layers = 0;
+    int64_t batch_tokens = 0;
+    bool verify = false;
+    std::optional<std::string> weights_ckpt;
+    std::string preset;
+    uint64_t seed = 0;
+    std::string dtype = "fp32";
+    int hidden = 0, intermediate = 0;
+    std::optional<int> first_moe_layer;
+    std::string backend;
+    int threads = 1;
+    double tolerance = 1e-4;
+    TraceOverrides overrides;
+    std::optional<int> experts_flag;
+};
+
+// Salts of the seeded inputs (independent of the weight streams).
+constexpr uint64_t kHiddenSalt = 0x68696464656eULL;
+constexpr uint64_t kGateSalt = 0x67617465ULL;
+
+// Per-layer accumulators on one rank.
+struct PhaseSums {
+    double v[7] = {0, 0, 0, 0, 0, 0, 0};  // routing, layout, dispatch, expert, combine, total, overlap
+    void add(const MoeCallStats& s) {
+        v[0] += s.routing_s, v[1] += s.layout_s, v[2] += s.dispatch_s, v[3] += s.expert_s, v[4] += s.combine_s,
+            v[5] += s.total_s, v[6] += s.overlap_s;
+    }
+};
+const char* kPhaseNames[7] = {"routing", "layout", "dispatch", "expert", "combine", "total", "hsc_overlap"};
+
+// [dispatch|combine][intra|cross][payload, metadata, control, copies]
+struct ByteSums {
+    double v[2][2][4] = {};
+    void add(const MoeCallStats& s) {
+        for (int c = 0; c < 2; ++c) {
+            const LinkBytes* lb[2] = {&s.dispatch[c], &s.combine[c]};
+            for (int d = 0; d < 2; ++d) {
+                v[d][c][0] += static_cast<double>(lb[d]->payload);
+                v[d][c][1] += static_cast<double>(lb[d]->metadata);
+                v[d][c][2] += static_cast<double>(lb[d]->control);
+                v[d][c][3] += static_cast<double>(lb[d]->copies);
+            }
+        }
+    }
+    void add_from(const ByteSums& o) {
+        for (int d = 0; d < 2; ++d)
+            for (int c = 0; c < 2; ++c)
+                for (int i = 0; i < 4; ++i) v[d][c][i] += o.v[d][c][i];
+    }
+    json to_json() const {
+        json out;
+        const char* dir[2] = {"dispatch", "combine"};
+        const char* cls[2] = {"intra_node", "cross_node"};
+        for (int d = 0; d < 2; ++d)
+            for (int c = 0; c < 2; ++c)
+                out[dir[d]][cls[c]] = {{"payload", static_cast<int64_t>(v[d][c][0])},
+                                       {"metadata", static_cast<int64_t>(v[d][c][1])},
+                                       {"control", static_cast<int64_t>(v[d][c][2])},
+                                       {"copies", static_cast<int64_t>(v[d][c][3])}};
+        return out;
+    }
+};
+
+json phase_json(Communicator& comm, const PhaseSums& p) {
+    std::vector<double> mx(p.v, p.v + 7), sum(p.v, p.v + 7);
+    comm.allreduce_max(mx);
+    comm.allreduce_sum(sum);
+    json out;
+    for (int i = 0; i < 7; ++i) out[kPhaseNames[i]] = {{"max", mx[i]}, {"mean", sum[i] / comm.size()}};
+    return out;
+}
+
+json bytes_json(Communicator& comm, const ByteSums& b) {
+    std::vector<double> flat(std::begin(b.v[0][0]), std::begin(b.v[0][0]) + 16);
+    comm.allreduce_sum(flat);
+    ByteSums total;
+    std::copy(flat.begin(), flat.end(), &total.v[0][0][0]);
+    return total.to_json();
+}
+
+int run_impl(RunOptions& o) {
+    const ExpertPlan plan = load_plan(o.plan_path);
+    std::string backend = o.backend;
+    if (backend.empty()) {
+        const auto built = available_backends();
+        backend = std::find(built.begin(), built.end(), "mpi") != built.end() ? "mpi" : "local";
+    }
+    if (backend == "local" && plan.topology.num_gpus() > 1) {
+        const auto built = available_backends();
+        GRACE_CHECK(std::find(built.begin(), built.end(), "mpi") != built.end(), ErrorCode::kUnsupported,
+                    "the plan's topology ", plan.topology.to_string(), " needs ", plan.topology.num_gpus(),
+                    " ranks but this grace was built without MPI: it runs a single rank (topology 1x1) only");
+    }
+    auto comm = make_communicator(backend, CommunicatorOptions{plan.topology});
+    check_same_plan(*comm, plan);
+    const int me = comm->rank(), G = comm->size();
+    set_expert_threads(o.threads);
+
+    if (o.experts_flag) o.overrides.num_experts = *o.experts_flag;
+    if (!o.overrides.num_experts) o.overrides.num_experts = plan.num_experts;
+    const RoutingTrace trace = load_trace(o.trace_path, o.overrides);
+    GRACE_CHECK_INPUT(trace.num_experts == plan.num_experts, "trace has ", trace.num_experts,
+                      " experts but the plan has ", plan.num_experts);
+    GRACE_CHECK_INPUT(trace.top_k == plan.top_k, "trace has top_k ", trace.top_k, " but the plan has ", plan.top_k);
+    const int L = o.layers > 0 ? o.layers : std::min(trace.num_layers, plan.num_layers);
+    GRACE_CHECK_ARG(L <= trace.num_layers && L <= plan.num_layers, "--layers ", L, " exceeds the trace's ",
+                    trace.num_layers, " or the plan's ", plan.num_layers, " layers");
+    const CommScheme scheme = parse_comm_scheme(o.comm);
+    const DType dtype = parse_dtype(o.dtype);
+    GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
+
+    // Expert shape and weight source.
+    std::unique_ptr<SafetensorsCheckpoint> ckpt;
+    ExpertShape shape{o.hidden, o.intermediate};
+    int first_moe_layer = o.first_moe_layer.value_or(0);
+    if (o.weights_ckpt) {
+        ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
+        if (!o.preset.empty() && !o.first_moe_layer) first_moe_layer = find_expert_preset(o.preset).first_moe_layer;
+    } else {
+        if (!o.preset.empty()) {
+            const ExpertPreset& p = find_expert_preset(o.preset);
+            if (shape.hidden == 0) shape.hidden = p.shape.hidden;
+            if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
+        }
+        GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
+                        "give --weights CKPT, or --preset P (and/or --hidden H --intermediate I) for a seeded random init");
+    }
+    auto make_expert = [&](int layer, int e) {
+        if (ckpt) return load_expert(*ckpt, layer + first_moe_layer, e, dtype, shape.hidden > 0 ? shape : ExpertShape{});
+        return random_expert(o.seed, layer, e, shape, dtype);
+    };
+
+    // This rank's tokens: the home_gpu blocks of the whole trace.
+    const int64_t T = trace.num_tokens;
+    auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
+    const int64_t begin = block_begin(me), end = block_begin(me + 1);
+    for (int64_t t : {begin, end - 1})
+        if (t >= begin && t < end) GRACE_ASSERT(home_gpu(t, T, G) == me);
+    const int64_t T_local = end - begin;
+    int64_t max_local = 0;
+    for (int g = 0; g < G; ++g) max_local = std::max(max_local, block_begin(g + 1) - block_begin(g));
+    const int64_t B = o.batch_tokens > 0 ? o.batch_tokens : std::max<int64_t>(max_local, 1);
+    const int64_t steps = (max_local + B - 1) / B;
+    const int k = trace.top_k;
+
+    int H = 0;
+    std::vector<float> hidden;  // [T_local, H], residual stream carried across layers
+    const char* fail_env = std::getenv("GRACE_FAIL_RANK");
+    const int fail_rank = fail_env ? std::atoi(fail_env) : -1;
+    const char* fail_layer_env = std::getenv("GRACE_FAIL_LAYER");
+    const int fail_layer = fail_layer_env ? std::atoi(fail_layer_env) : 0;
+
+    json per_layer = json::array();
+    PhaseSums all_phases;
+    ByteSums all_bytes;
+    double worst_err = 0, worst_abs = 0;
+    int64_t expert_rows = 0;
+    std::string worst_where;
+    for (int l = 0; l < L; ++l) {
+        const LayerPlan& lp = plan.layers[l];
+        std::vector<ExpertWeights> local;
+        for (int e : lp.gpu_experts[me]) local.push_back(make_expert(l, e));
+        std::vector<ExpertWeights> all;  // --verify: every expert, for the dense reference
+        if (o.verify)
+            for (int e = 0; e < plan.num_experts; ++e) all.push_back(make_expert(l, e));
+        MoeLayerOptions mo;
+        mo.scheme = scheme;
+        mo.policy = o.routing ? parse_routing_policy(*o.routing) : lp.policy;
+        mo.routing_seed = o.seed;
+        MoeLayer layer(lp, plan.topology, *comm, std::move(local), mo);
+        if (l == 0) {
+            H = layer.hidden();
+            hidden.resize(static_cast<size_t>(T_local) * H);
+            for (int64_t t = 0; t < T_local; ++t)
+                for (int h = 0; h < H; ++h)
+                    hidden[t * H + h] =
+                        static_cast<float>(2.0 * to_unit(mix64(o.seed ^ kHiddenSalt, static_cast<uint64_t>(begin + t),
+                                                               static_cast<uint64_t>(h))) - 1.0);
+        }
+        GRACE_CHECK_INPUT(layer.hidden() == H, "layer ", l, " experts have hidden size ", layer.hidden(), ", layer 0 had ", H);
+        PhaseSums phases;
+        ByteSums bytes;
+        double layer_err = 0;
+        int64_t layer_rows = 0;
+        std::vector<int32_t> ids;
+        std::vector<float> gates, out, ref_y;
+        ExpertWorkspace ws;
+        for (int64_t step = 0; step < steps; ++step) {
+            if (me == fail_rank && l == fail_layer)
+                throw Error(ErrorCode::kInternal, cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l,
+                                                      " batch ", step));
+            const int64_t b0 = std::min(T_local, step * B), b1 = std::min(T_local, (step + 1) * B);
+            const int64_t n = b1 - b0;
+            ids.resize(static_cast<size_t>(n) * k);
+            gates.resize(static_cast<size_t>(n) * k);
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t tg = begin + b0 + t;
+                double sum = 0;
+                for (int j = 0; j < k; ++j) {
+                    ids[t * k + j] = trace.id(tg, l, j);
+                    double w = trace.has_weights()
+                                   ? trace.gate_weights[(tg * trace.num_layers + l) * k + j]
+                                   : 0.5 + to_unit(mix64(o.seed ^ kGateSalt, static_cast<uint64_t>(tg * trace.num_layers + l),
+                                                         static_cast<uint64_t>(j)));
+                    gates[t * k + j] = static_cast<float>(w);
+                    sum += w;
+                }
+                if (!trace.has_weights())
+                    for (int j = 0; j < k; ++j) gates[t * k + j] = static_cast<float>(gates[t * k + j] / sum);
+            }
+            out.resize(static_cast<size_t>(n) * H);
+            const float* x = hidden.data() + b0 * H;
+            layer.forward(x, ids.data(), gates.data(), n, k, out.data(), begin + b0);
+            phases.add(layer.last_stats());
+            bytes.add(layer.last_stats());
+            layer_rows += layer.last_stats().expert_rows;
+            if (o.verify) {
+                // Dense reference: each token, sum_j w_j * expert_{e_j}(x) with the plain-loop SwiGLU.
+                ref_y.resize(H);
+                std::vector<float> ref(H), mag(H);
+                for (int64_t t = 0; t < n; ++t) {
+                    std::fill(ref.begin(), ref.end(), 0.0f);
+                    std::fill(mag.begin(), mag.end(), 0.0f);
+                    for (int j = 0; j < k; ++j) {
+                        const int e = ids[t * k + j];
+                        if (e < 0) continue;
+                        expert_forward_reference(all[e], x + t * H, 1, ref_y.data());
+                        for (int h = 0; h < H; ++h) {
+                            ref[h] += gates[t * k + j] * ref_y[h];
+                            mag[h] += std::fabs(gates[t * k + j] * ref_y[h]);
+                        }
+                    }
+                    float scale = 0, diff = 0;
+                    for (int h = 0; h < H; ++h) {
+                        scale = std::max(scale, mag[h]);
+                        diff = std::max(diff, std::fabs(out[t * H + h] - ref[h]));
+                    }
+                    const double err = scale > 0 ? diff / scale : diff;
+                    worst_abs = std::max(worst_abs, static_cast<double>(diff));
+                    if (err > worst_err) {
+                        worst_err = err;
+                        worst_where = cat("layer ", l, " token ", begin + b0 + t);
+                    }
+                    layer_err = std::max(layer_err, err);
+                }
+            }
+            // Residual stream: the next layer sees x + moe(x).
+            float* hx = hidden.data() + b0 * H;
+            for (int64_t i = 0; i < n * H; ++i) hx[i] += out[i];
+        }
+        all_bytes.add_from(bytes);
+        for (int i = 0; i < 7; ++i) all_phases.v[i] += phases.v[i];
+        expert_rows += layer_rows;
+        std::vector<double> agg{static_cast<double>(layer_rows), layer_err};
+        std::vector<double> rows_sum{agg[0]}, err_max{agg[1]};
+        comm->allreduce_sum(rows_sum);
+        comm->allreduce_max(err_max);
+        json lj = {{"layer", l}, {"policy", to_string(mo.policy)}, {"time_s", phase_json(*comm, phases)},
+                   {"bytes", bytes_json(*comm, bytes)}, {"expert_rows", static_cast<int64_t>(rows_sum[0])}};
+        if (o.verify) lj["max_rel_err"] = err_max[0];
+        per_layer.push_back(lj);
+    }
+    std::vector<double> errs{worst_err, worst_abs};
+    comm->allreduce_max(errs);
+    json report = {{"format", "grace.run/v1"},
+                   {"plan", o.plan_path},
+                   {"plan_hash", cat(std::hex, plan_hash(plan))},
+                   {"trace", o.trace_path},
+                   {"topology", plan.topology.to_string()},
+                   {"backend", comm->backend()},
+                   {"scheme", to_string(scheme)},
+                   {"routing", o.routing ? *o.routing : std::string("plan")},
+                   {"num_tokens", T},
+                   {"layers", L},
+                   {"batch_tokens", B},
+                   {"steps_per_layer", steps},
+                   {"hidden", H},
+                   {"top_k", k},
+                   {"dtype", to_string(dtype)},
+                   {"weights", ckpt ? o.weights_ckpt.value() : cat("random(seed=", o.seed, ")")},
+                   {"wire_bytes_per_element", 4},
+                   {"time_s", phase_json(*comm, all_phases)},
+                   {"bytes", bytes_json(*comm, all_bytes)},
+                   {"per_layer", per_layer}};
+    const bool passed = !o.verify || errs[0] <= o.tolerance;
+    if (o.verify)
+        report["verify"] = {{"max_rel_err", errs[0]}, {"max_abs_err", errs[1]}, {"tolerance", o.tolerance},
+                            {"passed", passed},
+                            {"metric", "max over tokens of max_h |y - y_ref| / max_h sum_j |w_j f_j(x)_h|"}};
+    if (me == 0) {
+        write_text_atomic(o.output, report.dump(2) + "\n");
+        std::cout << "grace run: " << plan.topology.to_string() << " " << to_string(scheme) << ", " << L
+                  << " layers x " << steps << " steps, total " << report["time_s"]["total"]["max"].get<double>()
+                  << " s (max over ranks)";
+        if (o.verify) std::cout << ", verify max_rel_err " << errs[0] << (passed ? " (passed)" : " (FAILED)");
+        std::cout << " -> " << o.output << "\n";
+    }
+    comm->barrier();
+    GRACE_CHECK_INPUT(passed, "verify failed: max relative error ", errs[0], " exceeds the tolerance ", o.tolerance,
+                      me == 0 && !worst_where.empty() ? cat(" (rank 0: ", worst_where, ")") : std::string());
+    return 0;
+}
+
+int run_command(RunOptions& o) {
+    const int nproc = launched_process_count();
+    try {
+        return run_impl(o);
+    } catch (const std::exception& e) {
+        // A failing rank must end the whole job: the others may be blocked in a collective.
+        if (nproc > 1)
+            abort_launched_job(1, cat("grace: error: rank ", launched_process_rank(), " (host ", host_name(), "): ",
+                                      e.what()));
+        throw;
+    }
+}
+
+GRACE_COMMAND("run", "Replay a trace through a plan on the real MoE layer (MPI runtime); per-phase times and bytes",
+              [](CLI::App& sub) -> std::function<int()> {
+                  auto o = std::make_shared<RunOptions>();
+                  sub.add_option("--plan", o->plan_path, "Plan file (grace.plan/v1)")->required();
+                  sub.add_option("--trace", o->trace_path, "Routing trace (.npy)")->required();
+                  sub.add_option("--comm", o->comm, "Dispatch scheme: flat, flat-dedup or hsc")->default_val("hsc");
+                  sub.add_option("--routing", o->routing, "Replica routing policy (default: the plan's per layer)");
+                  sub.add_option("--layers", o->layers, "Number of layers to run (default: all)");
+                  sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)");
+                  sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
+                  sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")->default_val(1e-4);
+                  sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
+                  sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...)");
+                  sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
+                  sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")->default_val("fp32");
+                  sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)");
+                  sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)");
+                  sub.add_option("--first-moe-layer", o->first_moe_layer,
+                                 "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
+                  sub.add_option("--backend", o->backend, "Communicator backend: mpi or local (default: mpi if built)");
+                  sub.add_option("--threads", o->threads, "Eigen threads per rank")->default_val(1);
+                  sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
+                  sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");
+                  sub.add_option_function<std::string>(
+                      "--gate-weights", [o](const std::string& v) { o->overrides.weights_path = v; },
+                      "Gate weights .npy [T, L, k] (overrides the trace's metadata; default: seeded)");
+                  return [o] { return run_command(*o); };
+              },
+              60);
+
+}  // namespace
+}  // namespace grace::cli
