@@ -141,11 +141,10 @@ constexpr int kMaxTopK = 64;
 // ---- sampling tables -----------------------------------------------------------------------------------
 
 /// Vose alias table over E outcomes; prob in [0, 1], alias an index.
+/// 4 bytes, so that a layer's tables (topics x E entries) stay in L2 while a block of tokens is drawn.
 struct AliasEntry {
-    float prob;     ///< keep this outcome with probability prob, else take alias
-    int32_t alias;
-    float p_self;   ///< probability of this outcome, and of its alias: one cache access per draw
-    float p_alias;
+    uint16_t keep;   ///< keep this outcome when a 16-bit uniform is below keep (out of 65536), else take alias
+    uint16_t alias;  ///< the alias (this outcome itself where it is always kept)
 };
 struct AliasTable {
     std::vector<AliasEntry> entry;
@@ -156,30 +155,34 @@ AliasTable build_alias(const std::vector<double>& w) {
     const int n = static_cast<int>(w.size());
     double total = std::accumulate(w.begin(), w.end(), 0.0);
     AliasTable t;
-    t.entry.assign(n, AliasEntry{1.0f, 0, 0.0f, 0.0f});
+    std::vector<double> keep(n, 1.0);
+    std::vector<int> alias(n);
     t.p.resize(n);
     std::vector<double> scaled(n);
     std::vector<int> small, large;
     for (int i = 0; i < n; ++i) {
         t.p[i] = static_cast<float>(w[i] / total);
-        t.entry[i].alias = i;
+        alias[i] = i;
         scaled[i] = w[i] / total * n;
         (scaled[i] < 1.0 ? small : large).push_back(i);
     }
     while (!small.empty() && !large.empty()) {
         int s = small.back(), l = large.back();
         small.pop_back();
-        t.entry[s].prob = static_cast<float>(scaled[s]);
-        t.entry[s].alias = l;
+        keep[s] = scaled[s];
+        alias[s] = l;
         scaled[l] = (scaled[l] + scaled[s]) - 1.0;
         if (scaled[l] < 1.0) {
             large.pop_back();
             small.push_back(l);
         }
     }
-    for (auto& e : t.entry) {
-        e.p_self = t.p[&e - t.entry.data()];
-        e.p_alias = t.p[e.alias];
+    t.entry.resize(n);
+    for (int i = 0; i < n; ++i) {
+        double q = std::round(keep[i] * 65536.0);
+        if (q >= 65536.0) alias[i] = i;  // always this outcome
+        t.entry[i].keep = static_cast<uint16_t>(std::min(q, 65535.0));
+        t.entry[i].alias = static_cast<uint16_t>(alias[i]);
     }
     return t;
 }
@@ -297,16 +300,12 @@ inline void draw_experts(const AliasTable& tab, int E, int k, Stream& s, int32_t
     while (n < k) {
         uint64_t r = s.next();
         int i = static_cast<int>(((r >> 32) * static_cast<uint64_t>(E)) >> 32);
-        float u = static_cast<float>(r & 0xffffffu) * (1.0f / 16777216.0f);
         const AliasEntry a = entry[i];
-        const bool keep = u < a.prob;
-        const int e = keep ? i : a.alias;
-        const float pe = keep ? a.p_self : a.p_alias;
+        const int e = (r & 0xffffu) < a.keep ? i : a.alias;
         bool repeat = false;
         for (int j = 0; j < n; ++j) repeat |= got[j] == e;
         if (!repeat) {
-            got[n] = e;
-            gp[n++] = pe;
+            got[n++] = e;
         } else if (++tries > 64 * k) {
             // Pathological mass on few experts: finish exactly by sequential sampling over what remains.
             while (n < k) {
@@ -326,12 +325,12 @@ inline void draw_experts(const AliasTable& tab, int E, int k, Stream& s, int32_t
                     acc += prob[c];
                     if (acc > target) break;
                 }
-                got[n] = pick;
-                gp[n++] = prob[pick];
+                got[n++] = pick;
             }
         }
     }
     // Descending probability (stable over draw order), weights renormalized over the chosen experts.
+    for (int a = 0; a < k; ++a) gp[a] = prob[got[a]];
     for (int a = 1; a < k; ++a) {
         int32_t e = got[a];
         float pe = gp[a];
@@ -414,7 +413,7 @@ RoutingTrace generate_trace(const GeneratorOptions& options) {
     float* w_out = options.with_weights ? trace.gate_weights.data() : nullptr;
 
     // Blocks of tokens, layer by layer inside a block, so that one layer's tables stay in cache.
-    constexpr int64_t kBlock = 256;
+    constexpr int64_t kBlock = 1024;
     const int64_t num_blocks = (T + kBlock - 1) / kBlock;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
     for (int64_t blk = 0; blk < num_blocks; ++blk) {

@@ -97,9 +97,18 @@ bool count_layer(const int32_t* ids, int64_t row, int l, int k_rt, int64_t b0, i
         }
         if (bad) return false;
         if (table) {
-            for (int a = 0; a + 1 < k; ++a) {
-                uint16_t* trow = table + v[a] * E;
-                for (int b = a + 1; b < k; ++b) ++trow[v[b]];
+            if constexpr (K > 0) {
+#pragma GCC unroll 64
+                for (int a = 0; a + 1 < K; ++a) {
+                    uint16_t* trow = table + v[a] * E;
+#pragma GCC unroll 64
+                    for (int b = a + 1; b < K; ++b) ++trow[v[b]];
+                }
+            } else {
+                for (int a = 0; a + 1 < k; ++a) {
+                    uint16_t* trow = table + v[a] * E;
+                    for (int b = a + 1; b < k; ++b) ++trow[v[b]];
+                }
             }
         }
         if (source) {
