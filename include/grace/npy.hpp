@@ -54,6 +54,9 @@ public:
     int64_t read_int(int64_t max_rows, std::vector<int64_t>& out);
     /// Same for floating-point values (integers are converted).
     int64_t read_float(int64_t max_rows, std::vector<double>& out);
+    /// Reads integer rows as int32; native-order int32 files are read straight into `out` with no conversion
+    /// (the fast path for traces). A value outside int32 throws kInvalidInput.
+    int64_t read_int32(int64_t max_rows, std::vector<int32_t>& out);
 
 private:
     template <typename T>

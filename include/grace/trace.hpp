@@ -77,8 +77,12 @@ public:
     const std::string& model() const;
     const std::string& dataset() const;
     /// Reads the next up-to-`max_tokens` tokens into `chunk` (a trace of that many tokens, no weights);
-    /// returns false at the end. `first_token` receives the index of the chunk's first token.
+    /// returns false at the end. `first_token` receives the index of the chunk's first token. May be called
+    /// from another thread than the previous call (not concurrently), e.g. to read ahead.
     bool next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token = nullptr);
+    /// Turns the id checks of next() off, for a caller that checks every id itself while consuming it (the
+    /// profiler fuses the check into counting). On by default.
+    void set_validation(bool enabled);
 
 private:
     struct Impl;

@@ -1,6 +1,7 @@
 #include "grace/npy.hpp"
 
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -319,6 +320,31 @@ int64_t NpyRowReader::read_rows(int64_t max_rows, std::vector<T>& out, bool requ
 }
 
 int64_t NpyRowReader::read_int(int64_t max_rows, std::vector<int64_t>& out) { return read_rows(max_rows, out, true); }
+
+int64_t NpyRowReader::read_int32(int64_t max_rows, std::vector<int32_t>& out) {
+    const bool native = header_.big_endian == (std::endian::native == std::endian::big);
+    if (header_.dtype != DType::kInt32 || !native) {
+        std::vector<int64_t> wide;
+        int64_t rows = read_rows(max_rows, wide, true);
+        out.resize(wide.size());
+        for (size_t i = 0; i < wide.size(); ++i) {
+            GRACE_CHECK_INPUT(wide[i] >= INT32_MIN && wide[i] <= INT32_MAX, path_, ": value ", wide[i], " at element ",
+                              i, " of the chunk does not fit in int32");
+            out[i] = static_cast<int32_t>(wide[i]);
+        }
+        return rows;
+    }
+    int64_t rows = std::min<int64_t>(max_rows, num_rows() - rows_done_);
+    if (rows <= 0) {
+        out.clear();
+        return 0;
+    }
+    out.resize(static_cast<size_t>(rows * row_size()));
+    GRACE_CHECK(std::fread(out.data(), sizeof(int32_t), out.size(), file_) == out.size(), ErrorCode::kIo,
+                "read error in ", path_, " (file truncated while reading?)");
+    rows_done_ += rows;
+    return rows;
+}
 int64_t NpyRowReader::read_float(int64_t max_rows, std::vector<double>& out) { return read_rows(max_rows, out, false); }
 
 std::vector<int64_t> read_npy_int(const std::string& path, std::vector<int64_t>* shape) {

@@ -131,41 +131,24 @@ RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& o
     st.dataset = reader.dataset();
     st.num_gpus = o.topology ? o.topology->num_gpus() : 0;
     detail::PairCounter counter(st.num_layers, st.num_experts, st.top_k, st.num_tokens, st.num_gpus, o.num_threads);
-    const NpyHeader header = read_npy_header(path);
-    if (header.dtype == DType::kInt32 && !header.big_endian) {
-        // What grace writes: read chunks straight into the counting buffer (the kernel checks the ids, in
-        // parallel, with the same messages TraceReader gives), reading chunk c+1 while chunk c is counted.
-        const int64_t row = static_cast<int64_t>(st.num_layers) * st.top_k;
-        const int64_t chunk = std::max<int64_t>(1, std::min(o.chunk_tokens, st.num_tokens));
-        std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-        GRACE_CHECK(file != nullptr, ErrorCode::kIo, path, ": cannot open");
-        GRACE_CHECK(std::fseek(file.get(), header.data_offset, SEEK_SET) == 0, ErrorCode::kIo, path, ": cannot seek");
-        auto read_chunk = [&](std::vector<int32_t>& buf, int64_t n) {
-            buf.resize(static_cast<size_t>(n * row));
-            size_t got = std::fread(buf.data(), sizeof(int32_t), buf.size(), file.get());
-            GRACE_CHECK(got == buf.size(), ErrorCode::kIo, path, ": read error or truncated file");
-        };
-        std::vector<int32_t> cur, next;
-        read_chunk(cur, chunk);
-        for (int64_t first = 0; first < st.num_tokens;) {
-            const int64_t n = std::min(chunk, st.num_tokens - first);
-            const int64_t n_next = std::min(chunk, st.num_tokens - first - n);
-            std::future<void> pending;
-            if (n_next > 0) pending = std::async(std::launch::async, [&] { read_chunk(next, n_next); });
-            try {
-                counter.add(cur.data(), n, first);
-            } catch (const Error& e) {
-                if (pending.valid()) pending.wait();
-                throw Error(e.code(), path + ": " + e.what());
-            }
-            if (pending.valid()) pending.get();
-            first += n;
-            std::swap(cur, next);
+    // The counting kernel checks every id as it counts (in parallel, with TraceReader's messages), so the reader
+    // skips its own pass; chunk c+1 is read on another thread while chunk c is counted.
+    reader.set_validation(false);
+    const int64_t chunk = std::max<int64_t>(1, std::min(o.chunk_tokens, st.num_tokens));
+    RoutingTrace cur, next;
+    int64_t first = 0, next_first = 0;
+    bool have = reader.next(chunk, cur, &first);
+    while (have) {
+        std::future<bool> pending = std::async(std::launch::async, [&] { return reader.next(chunk, next, &next_first); });
+        try {
+            counter.add(cur.expert_ids.data(), cur.num_tokens, first);
+        } catch (const Error& e) {
+            pending.wait();
+            throw Error(e.code(), path + ": " + e.what());
         }
-    } else {
-        RoutingTrace chunk;
-        int64_t first = 0;
-        while (reader.next(o.chunk_tokens, chunk, &first)) counter.add(chunk.expert_ids.data(), chunk.num_tokens, first);
+        have = pending.get();
+        std::swap(cur, next);
+        first = next_first;
     }
     GRACE_CHECK_INPUT(counter.tokens_seen() == st.num_tokens, path, ": read ", counter.tokens_seen(),
                       " tokens, the header says ", st.num_tokens);

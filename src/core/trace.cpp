@@ -1,5 +1,6 @@
 #include "grace/trace.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -24,20 +25,42 @@ std::string stem_path(const std::string& trace_path) {
 }
 
 // Checks one chunk's ids: range and distinctness within each (token, layer). `first_token` only labels errors.
-void validate_ids(const int32_t* ids, int64_t tokens, int layers, int k, int num_experts, int64_t first_token) {
-    for (int64_t t = 0; t < tokens; ++t) {
-        for (int l = 0; l < layers; ++l) {
-            const int32_t* row = ids + (t * layers + l) * k;
-            for (int j = 0; j < k; ++j) {
-                int32_t e = row[j];
-                GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", first_token + t, ", layer ",
-                                  l, " is out of range [0, ", num_experts, ")");
-                for (int i = 0; i < j; ++i)
-                    GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ",
-                                      first_token + t, ", layer ", l);
-            }
+// The scan runs in parallel; the first bad token (in order) is then re-checked serially for its message, so the
+// error does not depend on the thread count.
+bool row_ok(const int32_t* row, int k, int num_experts) {
+    for (int j = 0; j < k; ++j) {
+        if (static_cast<uint32_t>(row[j]) >= static_cast<uint32_t>(num_experts)) return false;
+        for (int i = 0; i < j; ++i)
+            if (row[i] == row[j]) return false;
+    }
+    return true;
+}
+
+void report_bad_token(const int32_t* ids, int layers, int k, int num_experts, int64_t token) {
+    for (int l = 0; l < layers; ++l) {
+        const int32_t* row = ids + l * k;
+        for (int j = 0; j < k; ++j) {
+            int32_t e = row[j];
+            GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", token, ", layer ", l,
+                              " is out of range [0, ", num_experts, ")");
+            for (int i = 0; i < j; ++i)
+                GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ", token, ", layer ", l);
         }
     }
+}
+
+void validate_ids(const int32_t* ids, int64_t tokens, int layers, int k, int num_experts, int64_t first_token) {
+    const int64_t row = static_cast<int64_t>(layers) * k;
+    int64_t first_bad = tokens;
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (tokens * row > (1 << 18))
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int l = 0; l < layers; ++l)
+            if (!row_ok(ids + t * row + l * k, k, num_experts)) {
+                first_bad = std::min(first_bad, t);
+                break;
+            }
+    }
+    if (first_bad < tokens) report_bad_token(ids + first_bad * row, layers, k, num_experts, first_token + first_bad);
 }
 
 struct Metadata {
@@ -172,7 +195,7 @@ struct TraceReader::Impl {
     int64_t tokens = 0;
     int layers = 0, k = 0;
     int64_t next_token = 0;
-    std::vector<int64_t> buffer;
+    bool validate = true;
 };
 
 TraceReader::TraceReader(const std::string& path, const TraceOverrides& overrides) : impl_(std::make_unique<Impl>()) {
@@ -195,10 +218,12 @@ int TraceReader::num_experts() const { return impl_->meta.num_experts; }
 const std::string& TraceReader::model() const { return impl_->meta.model; }
 const std::string& TraceReader::dataset() const { return impl_->meta.dataset; }
 
+void TraceReader::set_validation(bool enabled) { impl_->validate = enabled; }
+
 bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token) {
     GRACE_CHECK_ARG(max_tokens >= 1, "chunk size must be at least 1 token");
     int64_t first = impl_->next_token;
-    int64_t rows = impl_->reader->read_int(max_tokens, impl_->buffer);
+    int64_t rows = impl_->reader->read_int32(max_tokens, chunk.expert_ids);
     chunk.num_tokens = rows;
     chunk.num_layers = impl_->layers;
     chunk.top_k = impl_->k;
@@ -206,17 +231,8 @@ bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_t
     chunk.model = impl_->meta.model;
     chunk.dataset = impl_->meta.dataset;
     chunk.gate_weights.clear();
-    chunk.expert_ids.resize(impl_->buffer.size());
-    const int64_t e_max = impl_->meta.num_experts;
-    for (size_t i = 0; i < impl_->buffer.size(); ++i) {
-        int64_t v = impl_->buffer[i];
-        // Range first, so a huge id cannot wrap into a valid int32.
-        GRACE_CHECK_INPUT(v >= 0 && v < e_max, impl_->path, ": expert id ", v, " at token ",
-                          first + static_cast<int64_t>(i) / (impl_->layers * impl_->k), ", layer ",
-                          (static_cast<int64_t>(i) / impl_->k) % impl_->layers, " is out of range [0, ", e_max, ")");
-        chunk.expert_ids[i] = static_cast<int32_t>(v);
-    }
-    validate_ids(chunk.expert_ids.data(), rows, impl_->layers, impl_->k, impl_->meta.num_experts, first);
+    if (impl_->validate)
+        validate_ids(chunk.expert_ids.data(), rows, impl_->layers, impl_->k, impl_->meta.num_experts, first);
     impl_->next_token += rows;
     if (first_token) *first_token = first;
     return rows > 0;

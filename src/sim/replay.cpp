@@ -274,7 +274,6 @@ std::vector<LayerCounts> Replayer::counts() const {
     std::vector<LayerCounts> out(p.num_layers);
     for (int l = 0; l < p.num_layers; ++l) {
         const LayerState& st = impl_->layers[l];
-        const LayerPlan& lp = *st.plan;
         LayerCounts& c = out[l];
         c.layer = l;
         c.num_tokens = st.next_token;
