@@ -5,7 +5,8 @@
 /// A method is a compact spec of three components, `GROUPING+REPLICATION+ROUTING`, e.g.
 /// `hierarchical+dynamic+tar`; `grace` is shorthand for exactly that. Components:
 ///   grouping:    vanilla | occult | c2r | spectral-full | spectral-controlled[:R] (R a ratio, default: knee)
-///                | hierarchical | metis | eplb-hierarchical | eplb-global
+///                | hierarchical[:R] (R bounds the node-level group sizes to [(1-R)E/N, (1+R)E/N]; without R the node
+///                level is fully non-uniform, as in the paper) | metis | eplb-hierarchical | eplb-global
 ///   replication: none | fixed | dynamic | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
 ///                the GPUs' slots)
 ///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic
@@ -24,6 +25,7 @@ namespace grace {
 struct MethodSpec {
     std::string grouping = "vanilla";
     double controlled_ratio = -1;  ///< spectral-controlled:R; -1 = knee point
+    double node_ratio = -1;        ///< hierarchical:R, node-level size bound; -1 = fully non-uniform (paper)
     std::string replication = "none";
     int replication_slots = 0;     ///< eplb:SLOTS, physical experts per layer; 0 = default
     RoutingPolicy routing = RoutingPolicy::kPrimary;

@@ -253,6 +253,10 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
                 nodes.group_of.assign(E, 0);
             } else {
                 nodes = spectral_grouping(in.affinity, E, N, so, M, cap > 0 ? M * cap : 0);
+                if (spec.node_ratio >= 0) {
+                    auto [lo, hi] = controlled_bounds(E, N, spec.node_ratio, cap > 0 ? M * cap : 0);
+                    nodes = controlled_grouping(in.affinity, E, nodes, std::max(lo, M), hi, options.refine);
+                }
             }
             const auto members = nodes.members();
             lp.knee_curves.assign(N, {});
@@ -350,6 +354,7 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
 std::string MethodSpec::to_string() const {
     std::string g = grouping;
     if (grouping == "spectral-controlled" && controlled_ratio >= 0) g += ":" + format_ratio(controlled_ratio);
+    if (grouping == "hierarchical" && node_ratio >= 0) g += ":" + format_ratio(node_ratio);
     std::string r = replication;
     if (replication == "eplb" && replication_slots > 0) r += ":" + std::to_string(replication_slots);
     return g + "+" + r + "+" + grace::to_string(routing);
@@ -378,13 +383,13 @@ MethodSpec parse_method(const std::string& text) {
                         join_names(kGroupings, std::size(kGroupings)), ")");
         spec.grouping = name;
         if (!param.empty() || parts[0].find(':') != std::string::npos) {
-            GRACE_CHECK_ARG(name == "spectral-controlled", "grouping '", name, "' takes no parameter (got '", parts[0],
-                            "')");
+            GRACE_CHECK_ARG(name == "spectral-controlled" || name == "hierarchical", "grouping '", name,
+                            "' takes no parameter (got '", parts[0], "')");
             char* end = nullptr;
             const double r = std::strtod(param.c_str(), &end);
-            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && std::isfinite(r) && r >= 0,
-                            "spectral-controlled ratio '", param, "' is not a number >= 0");
-            spec.controlled_ratio = r;
+            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && std::isfinite(r) && r >= 0, name, " ratio '", param,
+                            "' is not a number >= 0");
+            (name == "hierarchical" ? spec.node_ratio : spec.controlled_ratio) = r;
         }
     }
     if (parts.size() >= 2) {

@@ -248,3 +248,32 @@ TEST(Planner, EplbDuplicateIsSwappedAway) {
 
 }  // namespace
 }  // namespace grace
+
+namespace grace {
+namespace {
+
+TEST(Planner, HierarchicalNodeRatioBoundsNodeSizes) {
+    EXPECT_EQ(parse_method("hierarchical:0.25+dynamic+tar").to_string(), "hierarchical:0.25+dynamic+tar");
+    EXPECT_EQ(parse_method("hierarchical:0.25").node_ratio, 0.25);
+    EXPECT_EQ(parse_method("hierarchical").node_ratio, -1);
+    EXPECT_THROW(parse_method("hierarchical:x"), Error);
+    const RoutingStats st = testing::make_random_stats(4, 32, 4, 800, 9, 2);
+    const Topology topo{2, 2, std::nullopt};
+    for (double r : {0.0, 0.25}) {
+        PlanOptions o;
+        o.method = "hierarchical:" + std::to_string(r).substr(0, 4) + "+none+primary";
+        const ExpertPlan plan = make_plan(st, topo, o);
+        // Node group sizes (primaries per node) within [max(M, floor((1-r)E/N)), ceil((1+r)E/N)], E/N = 16.
+        const int lo = std::max(2, static_cast<int>(std::floor((1 - r) * 16))), hi = static_cast<int>(std::ceil((1 + r) * 16));
+        for (const LayerPlan& lp : plan.layers) {
+            int node0 = 0;
+            for (int e = 0; e < 32; ++e) node0 += topo.node_of(lp.primary_gpu[e]) == 0;
+            EXPECT_GE(node0, lo) << "r=" << r;
+            EXPECT_LE(node0, hi) << "r=" << r;
+            EXPECT_GE(32 - node0, lo) << "r=" << r;
+        }
+    }
+}
+
+}  // namespace
+}  // namespace grace
