@@ -336,6 +336,18 @@ TEST(Hardware, PresetsParseAndBadFilesAreRejected) {
     EXPECT_THROW(load_hardware("no-such-preset"), Error);
 }
 
+TEST(Hardware, MeasuredH100PresetCarriesItsGemmTables) {
+    // src/sim/presets/h100-measured.json: GEMM times from the H100 run (bench/results/gpu.md).
+    const HardwareModel hw = load_hardware("h100-measured");
+    ASSERT_EQ(hw.gemm_tables.count("olmoe"), 1u);
+    ASSERT_EQ(hw.gemm_tables.count("qwen3-30b-a3b"), 1u);
+    const ComputeModel olmoe(hw, "olmoe", 2048, 1024);
+    EXPECT_EQ(olmoe.source(), "table:olmoe");
+    // The table's own point at 16384 tokens: 302.17 us; and interpolation stays monotone in between.
+    EXPECT_NEAR(olmoe.expert_seconds(16384), 3.0217e-4, 1e-9);
+    EXPECT_GT(olmoe.expert_seconds(8192), olmoe.expert_seconds(4096));
+}
+
 TEST(Hardware, GemmTableInterpolation) {
     const std::string text = R"({"format": "grace.hardware/v1", "element_size": 2,
         "intra_node": {"bandwidth_GBps": 600, "latency_us": 5}, "cross_node": {"bandwidth_Gbps": 25, "latency_us": 30},
