@@ -24,15 +24,6 @@ namespace grace::cuda {
 /// True when a CUDA device is usable (cudaGetDeviceCount succeeds and returns >= 1).
 bool device_available();
 
-/// Smooth weighted round-robin (nginx) over integer weights (spec §5): each step adds w_j to every current
-/// weight, picks the largest (lowest index on ties) and subtracts sum(w) from it. Returns the sum(w) picks
-/// (indices into `weights`). Throws kInvalidArgument for an empty list or a weight < 1.
-std::vector<int32_t> smooth_wrr(const std::vector<int>& weights);
-
-/// Largest-remainder rounding of positive weights to integers >= 1 summing to `period` (ties to the lower
-/// index). Used to re-normalize a TAR tier's weights to Q. Throws kInvalidArgument if period < size.
-std::vector<int> round_to_period(const std::vector<double>& weights, int period);
-
 /// The flat routing table the GPU router consumes; it can be filled from the CPU router's sequences or by
 /// build_route_table below.
 struct RouteTable {
@@ -51,9 +42,9 @@ struct RouteTable {
     void validate() const;
 };
 
-/// Builds the table for `policy` (kPrimary, kWrr or kTar; others throw kUnsupported) from a finalized layer:
-/// WRR uses each expert's weights over all instances; TAR, per source, the tier (same GPU, else same node,
-/// else all) with the tier's weights re-normalized to Q by round_to_period; primary is instance 0 always.
+/// Builds the table for `policy` (kPrimary, kWrr or kTar; others throw kUnsupported) from a finalized layer.
+/// The WRR and TAR sequences are the CPU grace::ReplicaRouter's own (ReplicaRouter::flat_sequences), so the
+/// device picks exactly what the host picks; primary is instance 0 always.
 RouteTable build_route_table(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy);
 
 /// Device outputs of GpuReplicaRouter::route; all pointers are device memory sized as noted.

@@ -73,7 +73,7 @@ grace::LayerPlan random_layer(std::mt19937& rng, int E, int G, int Q) {
         layer.instance_gpus[e] = inst;
         std::vector<double> ws;
         for (int i = 0; i < n; ++i) ws.push_back(w(rng));
-        layer.wrr_weights[e] = gc::round_to_period(ws, Q);
+        layer.wrr_weights[e] = grace::round_weights(ws, Q);
     }
     return layer;
 }
@@ -93,24 +93,6 @@ std::vector<int32_t> random_topk(std::mt19937& rng, int T, int k, int E, double 
 }
 
 }  // namespace
-
-TEST(SmoothWrr, MatchesNginxSequence) {
-    EXPECT_EQ(gc::smooth_wrr({5, 1, 1}), (std::vector<int32_t>{0, 0, 1, 0, 2, 0, 0}));
-    EXPECT_EQ(gc::smooth_wrr({1, 1}), (std::vector<int32_t>{0, 1}));
-    const auto s = gc::smooth_wrr({3, 7, 110});
-    ASSERT_EQ(s.size(), 120u);
-    EXPECT_EQ(std::count(s.begin(), s.end(), 0), 3);
-    EXPECT_EQ(std::count(s.begin(), s.end(), 1), 7);
-    EXPECT_THROW(gc::smooth_wrr({2, 0}), grace::Error);
-}
-
-TEST(RoundToPeriod, SumsToPeriodWithFloorOne) {
-    EXPECT_EQ(gc::round_to_period({1, 1, 1}, 120), (std::vector<int>{40, 40, 40}));
-    EXPECT_EQ(gc::round_to_period({1, 1}, 3), (std::vector<int>{2, 1}));
-    const auto w = gc::round_to_period({1000, 1, 1}, 120);
-    EXPECT_EQ(std::accumulate(w.begin(), w.end(), 0), 120);
-    EXPECT_GE(*std::min_element(w.begin(), w.end()), 1);
-}
 
 TEST(RouteTable, TarStaysInNearestTier) {
     std::mt19937 rng(7);

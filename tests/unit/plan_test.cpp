@@ -25,14 +25,7 @@ ExpertPlan toy_plan() {
     return p;
 }
 
-std::string error_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using testing::error_of;
 
 TEST(Plan, FinalizeOrdersInstancesPrimaryFirst) {
     ExpertPlan p = toy_plan();

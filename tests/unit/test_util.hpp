@@ -3,8 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <string>
+
+#include "grace/error.hpp"
 
 namespace grace::testing {
 
@@ -25,6 +28,16 @@ public:
 private:
     std::filesystem::path path_;
 };
+
+/// The message of the grace::Error that `f` throws, or "" if it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
     std::ofstream out(path, std::ios::binary);

@@ -28,14 +28,7 @@ RoutingTrace small_trace() {
     return t;
 }
 
-std::string error_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using testing::error_of;
 
 TEST(Trace, SaveLoadRoundTripWithMetadataAndWeights) {
     TempDir dir;

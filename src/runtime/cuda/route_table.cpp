@@ -1,4 +1,4 @@
-// Host side of the GPU router: the smooth-WRR sequences (spec §5) flattened into the table the kernel reads.
+// Host side of the GPU router: the CPU router's pick sequences (spec §5) flattened into the table the kernel reads.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,69 +7,10 @@
 #include "grace/cuda_moe.hpp"
 #include "grace/error.hpp"
 #include "grace/plan.hpp"
+#include "grace/routing.hpp"
 #include "grace/topology.hpp"
 
 namespace grace::cuda {
-
-std::vector<int32_t> smooth_wrr(const std::vector<int>& weights) {
-    GRACE_CHECK_ARG(!weights.empty(), "smooth_wrr: empty weight list");
-    int64_t total = 0;
-    for (size_t j = 0; j < weights.size(); ++j) {
-        GRACE_CHECK_ARG(weights[j] >= 1, "smooth_wrr: weight ", j, " is ", weights[j], " (must be >= 1)");
-        total += weights[j];
-    }
-    std::vector<int64_t> current(weights.size(), 0);
-    std::vector<int32_t> picks(static_cast<size_t>(total));
-    for (int64_t step = 0; step < total; ++step) {
-        size_t best = 0;
-        for (size_t j = 0; j < weights.size(); ++j) {
-            current[j] += weights[j];
-            if (current[j] > current[best]) best = j;  // strict: ties keep the lowest index
-        }
-        current[best] -= total;
-        picks[static_cast<size_t>(step)] = static_cast<int32_t>(best);
-    }
-    return picks;
-}
-
-std::vector<int> round_to_period(const std::vector<double>& weights, int period) {
-    const int n = static_cast<int>(weights.size());
-    GRACE_CHECK_ARG(n >= 1, "round_to_period: empty weight list");
-    GRACE_CHECK_ARG(period >= n, "round_to_period: period ", period, " < ", n, " weights");
-    double sum = 0;
-    for (double w : weights) {
-        GRACE_CHECK_ARG(w > 0 && std::isfinite(w), "round_to_period: weight ", w, " is not positive");
-        sum += w;
-    }
-    // Same arithmetic, in the same order, as the CPU router's round_weights (src/core/routing.cpp), so that
-    // both sides floor the same doubles.
-    std::vector<double> exact(n);
-    std::vector<int> out(n);
-    int assigned = 0;
-    for (int i = 0; i < n; ++i) {
-        exact[i] = weights[i] / sum * period;
-        out[i] = std::max(1, static_cast<int>(std::floor(exact[i])));
-        assigned += out[i];
-    }
-    while (assigned < period) {  // largest remainder, ties to the lower index
-        int best = 0;
-        double best_gap = -1e300;
-        for (int i = 0; i < n; ++i)
-            if (exact[i] - out[i] > best_gap) best_gap = exact[i] - out[i], best = i;
-        ++out[best];
-        ++assigned;
-    }
-    while (assigned > period) {  // only after the >= 1 floor overshot: take from the most over-allocated
-        int best = -1;
-        double best_gap = -1e300;
-        for (int i = 0; i < n; ++i)
-            if (out[i] > 1 && out[i] - exact[i] > best_gap) best_gap = out[i] - exact[i], best = i;
-        GRACE_ASSERT(best >= 0);
-        --out[best];
-        --assigned;
-    }
-    return out;
-}
 
 void RouteTable::validate() const {
     GRACE_CHECK_ARG(num_sources >= 1 && num_experts >= 1 && period >= 1, "RouteTable: bad sizes G=", num_sources,
@@ -115,45 +56,11 @@ RouteTable build_route_table(const LayerPlan& layer, const Topology& topology, R
         for (int g : layer.instance_gpus[e]) t.instance_gpu.push_back(g);
         t.instance_ptr.push_back(static_cast<int32_t>(t.instance_gpu.size()));
     }
-    t.sequence.assign(static_cast<size_t>(G) * E * Q, 0);
-    for (int e = 0; e < E; ++e) {
-        const auto& gpus = layer.instance_gpus[e];
-        const int n = static_cast<int>(gpus.size());
-        GRACE_CHECK_ARG(n >= 1, "GPU router: expert ", e, " has no instance");
-        std::vector<int> w = e < static_cast<int>(layer.wrr_weights.size()) ? layer.wrr_weights[e] : std::vector<int>{};
-        if (w.empty()) w = round_to_period(std::vector<double>(n, 1.0), Q);
-        GRACE_CHECK_ARG(static_cast<int>(w.size()) == n, "GPU router: expert ", e, " has ", w.size(),
-                        " weights for ", n, " instances");
-        for (int s = 0; s < G; ++s) {
-            int32_t* row = &t.sequence[(static_cast<size_t>(s) * E + e) * Q];
-            if (policy == RoutingPolicy::kPrimary) continue;  // instance 0 everywhere
-            std::vector<int> tier;  // instance indices eligible from s
-            if (policy == RoutingPolicy::kTar) {
-                for (int i = 0; i < n; ++i)
-                    if (gpus[i] == s) tier.push_back(i);
-                if (tier.empty())
-                    for (int i = 0; i < n; ++i)
-                        if (topology.node_of(gpus[i]) == topology.node_of(s)) tier.push_back(i);
-            }
-            if (tier.empty()) {
-                tier.resize(n);
-                std::iota(tier.begin(), tier.end(), 0);
-            }
-            if (tier.size() == 1) {
-                std::fill(row, row + Q, tier[0]);
-                continue;
-            }
-            std::vector<int> tier_weights = w;  // WRR: the plan's weights as they are
-            if (policy == RoutingPolicy::kTar) {
-                std::vector<double> tw;
-                for (int i : tier) tw.push_back(w[i]);
-                tier_weights = round_to_period(tw, Q);
-            }
-            const std::vector<int32_t> picks = smooth_wrr(tier_weights);
-            GRACE_CHECK_ARG(static_cast<int>(picks.size()) == Q, "GPU router: WRR weights of expert ", e, " sum to ",
-                            picks.size(), ", not the period ", Q);
-            for (int q = 0; q < Q; ++q) row[q] = tier[picks[q]];
-        }
+    t.sequence.assign(static_cast<size_t>(G) * E * Q, 0);  // primary: instance 0 everywhere
+    if (policy != RoutingPolicy::kPrimary) {
+        const std::vector<uint8_t> seq = ReplicaRouter(layer, topology, policy).flat_sequences();
+        GRACE_ASSERT(seq.size() == t.sequence.size());
+        std::copy(seq.begin(), seq.end(), t.sequence.begin());
     }
     return t;
 }
