@@ -18,7 +18,9 @@ BUILD=${GRACE_FINAL_BUILD_DIR:-build-final}
 LOGS=/tmp/grace_final_logs; rm -rf "$LOGS"; mkdir -p "$LOGS" /tmp/grace_routing
 WORK=/tmp/grace_final_work; rm -rf "$WORK"; mkdir -p "$WORK"
 NPROC=$(nproc)
-MPIRUN="mpirun --allow-run-as-root -n 1"
+# --bind-to none: Open MPI binds a 1-process job to one core by default, which serialized the --threads 16 verify
+# reference in the first device call (every grace run hit its limit).
+MPIRUN="mpirun --allow-run-as-root --bind-to none -n 1"
 T0=$(date +%s)
 declare -a SUMMARY=()
 
@@ -68,7 +70,7 @@ for backend in cuda mpi; do
     [[ $backend == cuda && $SKIP_GPU == 1 ]] && continue
     for policy in primary wrr tar; do
         echo "\$ $MPIRUN $G run $RUN_COMMON --routing $policy --backend $backend -o $WORK/run_${backend}_${policy}.json" >> "$LOGS/grace_run.log"
-        step "grace run --backend $backend --routing $policy" 90 grace_run.log \
+        step "grace run --backend $backend --routing $policy" 150 grace_run.log \
             $MPIRUN $G run $RUN_COMMON --routing $policy --backend $backend -o "$WORK/run_${backend}_${policy}.json"
         cp "$WORK/run_${backend}_${policy}.json" "$LOGS/" 2>/dev/null
     done
