@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <thread>
 
@@ -100,9 +102,34 @@ Batch make_batch(uint64_t seed, int T, int k, int E, int H) {
     return b;
 }
 
+// Experts 0..E-1 of a shape (seed 1234, layer 0, bf16), made once per shape over all cores: at the model shapes
+// making them is most of a comparison's time, and every comparison of a shape uses the same ones.
+std::mutex g_pool_mutex;
+std::map<std::pair<int, int>, std::vector<grace::ExpertWeights>> g_pool;
+
+void warm_experts(int E, grace::ExpertShape shape) {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    auto& pool = g_pool[{shape.hidden, shape.intermediate}];
+    const int have = static_cast<int>(pool.size());
+    if (have >= E) return;
+    pool.resize(E);
+    const int nt = std::max(1, std::min<int>(E - have, static_cast<int>(std::thread::hardware_concurrency())));
+    std::vector<std::thread> workers;
+    for (int w = 0; w < nt; ++w)
+        workers.emplace_back([&, w] {
+            for (int e = have + w; e < E; e += nt) pool[e] = grace::random_expert(1234, 0, e, shape, grace::DType::kBF16);
+        });
+    for (auto& t : workers) t.join();
+}
+
 std::vector<grace::ExpertWeights> experts_of(const grace::LayerPlan& layer, int g, grace::ExpertShape shape) {
+    int E = 0;
+    for (int e : layer.gpu_experts[g]) E = std::max(E, e + 1);
+    warm_experts(E, shape);
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    const auto& pool = g_pool[{shape.hidden, shape.intermediate}];
     std::vector<grace::ExpertWeights> w;
-    for (int e : layer.gpu_experts[g]) w.push_back(grace::random_expert(1234, 0, e, shape, grace::DType::kBF16));
+    for (int e : layer.gpu_experts[g]) w.push_back(pool[e]);
     return w;
 }
 
@@ -124,6 +151,7 @@ struct Case {
 void compare_on_hub(const grace::Topology& topo, const Case& c, CommScheme scheme, RoutingPolicy policy) {
     const int G = topo.num_gpus();
     const auto layer = make_layer(c.E, topo);
+    warm_experts(c.E, {c.H, c.I});
     grace::test::ThreadHub host_hub(G), dev_hub(G);
     std::vector<std::string> failures(G);
     std::vector<double> errors(G * 2, 0);

@@ -16,6 +16,7 @@
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
 #include "grace/runtime.hpp"
+#include "grace/safetensors.hpp"
 #include "grace/trace.hpp"
 #ifdef GRACE_USE_CUDA
 #include "grace/cuda_layer.hpp"
@@ -238,11 +239,30 @@ int run_impl(RunOptions& o) {
     std::string worst_where;
     for (int l = 0; l < L; ++l) {
         const LayerPlan& lp = plan.layers[l];
-        std::vector<ExpertWeights> local;
-        for (int e : lp.gpu_experts[me]) local.push_back(make_expert(l, e));
+        // Seeded random experts are independent of each other: built over --threads (a checkpoint is read in order).
+        const std::vector<int>& mine = lp.gpu_experts[me];
+        std::vector<ExpertWeights> local(mine.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(o.threads) if (!ckpt)
+        for (size_t i = 0; i < mine.size(); ++i) local[i] = make_expert(l, mine[i]);
         std::vector<ExpertWeights> all;  // --verify: every expert, for the dense reference
-        if (o.verify)
-            for (int e = 0; e < plan.num_experts; ++e) all.push_back(make_expert(l, e));
+        if (o.verify) {
+            all.resize(plan.num_experts);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(o.threads) if (!ckpt)
+            for (int e = 0; e < plan.num_experts; ++e) {
+                all[e] = make_expert(l, e);
+                // The reference reads fp32: widen bf16 weights once (exact) rather than per multiply-add.
+                if (all[e].storage == DType::kBF16) {
+                    ExpertWeights& w = all[e];
+                    auto widen = [](std::vector<uint16_t>& b, std::vector<float>& f) {
+                        f.resize(b.size());
+                        for (size_t i = 0; i < b.size(); ++i) f[i] = bf16_to_float(b[i]);
+                        std::vector<uint16_t>().swap(b);
+                    };
+                    widen(w.gate_bf16, w.gate), widen(w.up_bf16, w.up), widen(w.down_bf16, w.down);
+                    w.storage = DType::kF32;
+                }
+            }
+        }
         MoeLayerOptions mo;
         mo.scheme = scheme;
         mo.policy = o.routing ? parse_routing_policy(*o.routing) : lp.policy;
@@ -263,7 +283,7 @@ int run_impl(RunOptions& o) {
         double layer_err = 0;
         int64_t layer_rows = 0;
         std::vector<int32_t> ids;
-        std::vector<float> gates, out, ref_y;
+        std::vector<float> gates, out;
         ExpertWorkspace ws;
         for (int64_t step = 0; step < steps; ++step) {
             if (me == fail_rank && l == fail_layer)
@@ -295,33 +315,42 @@ int run_impl(RunOptions& o) {
             bytes.add(layer.last_stats());
             layer_rows += layer.last_stats().expert_rows;
             if (o.verify) {
-                // Dense reference: each token, sum_j w_j * expert_{e_j}(x) with the plain-loop SwiGLU.
-                ref_y.resize(H);
-                std::vector<float> ref(H), mag(H);
-                for (int64_t t = 0; t < n; ++t) {
-                    std::fill(ref.begin(), ref.end(), 0.0f);
-                    std::fill(mag.begin(), mag.end(), 0.0f);
-                    for (int j = 0; j < k; ++j) {
-                        const int e = ids[t * k + j];
-                        if (e < 0) continue;
-                        expert_forward_reference(all[e], x + t * H, 1, ref_y.data());
-                        for (int h = 0; h < H; ++h) {
-                            ref[h] += gates[t * k + j] * ref_y[h];
-                            mag[h] += std::fabs(gates[t * k + j] * ref_y[h]);
+                // Dense reference: each token, sum_j w_j * expert_{e_j}(x) with the plain-loop SwiGLU. Tokens are
+                // independent, so they are spread over --threads; the reduction below is sequential (same result
+                // for any thread count).
+                std::vector<double> tok_err(static_cast<size_t>(n)), tok_abs(static_cast<size_t>(n));
+#pragma omp parallel num_threads(o.threads)
+                {
+                    std::vector<float> ref(H), mag(H), ref_y(H);
+#pragma omp for schedule(dynamic, 8)
+                    for (int64_t t = 0; t < n; ++t) {
+                        std::fill(ref.begin(), ref.end(), 0.0f);
+                        std::fill(mag.begin(), mag.end(), 0.0f);
+                        for (int j = 0; j < k; ++j) {
+                            const int e = ids[t * k + j];
+                            if (e < 0) continue;
+                            expert_forward_reference(all[e], x + t * H, 1, ref_y.data());
+                            for (int h = 0; h < H; ++h) {
+                                ref[h] += gates[t * k + j] * ref_y[h];
+                                mag[h] += std::fabs(gates[t * k + j] * ref_y[h]);
+                            }
                         }
+                        float scale = 0, diff = 0;
+                        for (int h = 0; h < H; ++h) {
+                            scale = std::max(scale, mag[h]);
+                            diff = std::max(diff, std::fabs(out[t * H + h] - ref[h]));
+                        }
+                        tok_err[t] = scale > 0 ? diff / scale : diff;
+                        tok_abs[t] = diff;
                     }
-                    float scale = 0, diff = 0;
-                    for (int h = 0; h < H; ++h) {
-                        scale = std::max(scale, mag[h]);
-                        diff = std::max(diff, std::fabs(out[t * H + h] - ref[h]));
-                    }
-                    const double err = scale > 0 ? diff / scale : diff;
-                    worst_abs = std::max(worst_abs, static_cast<double>(diff));
-                    if (err > worst_err) {
-                        worst_err = err;
+                }
+                for (int64_t t = 0; t < n; ++t) {
+                    worst_abs = std::max(worst_abs, tok_abs[t]);
+                    if (tok_err[t] > worst_err) {
+                        worst_err = tok_err[t];
                         worst_where = cat("layer ", l, " token ", begin + b0 + t);
                     }
-                    layer_err = std::max(layer_err, err);
+                    layer_err = std::max(layer_err, tok_err[t]);
                 }
             }
             // Residual stream: the next layer sees x + moe(x).
@@ -414,7 +443,7 @@ GRACE_COMMAND("run", "Replay a trace through a plan on the real MoE layer (MPI r
                   sub.add_option("--first-moe-layer", o->first_moe_layer,
                                  "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
                   sub.add_option("--backend", o->backend, "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer");
-                  sub.add_option("--threads", o->threads, "Eigen threads per rank")->default_val(1);
+                  sub.add_option("--threads", o->threads, "Eigen threads per rank (also the threads of the --verify reference)")->default_val(1);
                   sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
                   sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");
                   sub.add_option_function<std::string>(
