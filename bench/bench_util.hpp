@@ -23,7 +23,8 @@ inline std::vector<double> block_affinity(int E, int blocks, uint64_t seed) {
         for (int j = i + 1; j < E; ++j) {
             const double base = block_of[i] == block_of[j] ? 400.0 : 10.0;
             const double w = base * (0.25 + static_cast<double>(next_u64(s) % 1000) / 666.0);
-            a[static_cast<size_t>(i) * E + j] = a[static_cast<size_t>(j) * E + i] = static_cast<double>(static_cast<int64_t>(w));
+            a[static_cast<size_t>(i) * E + j] = a[static_cast<size_t>(j) * E + i] =
+                static_cast<double>(static_cast<int64_t>(w));
         }
     return a;
 }
@@ -35,8 +36,8 @@ inline std::vector<double> skewed_loads(int L, int E, uint64_t seed) {
     for (int l = 0; l < L; ++l)
         for (int e = 0; e < E; ++e) {
             const double rank = 1.0 + static_cast<double>(next_u64(s) % E);
-            w[static_cast<size_t>(l) * E + e] = static_cast<double>(static_cast<int64_t>(200000.0 / rank)) +
-                                                static_cast<double>(next_u64(s) % 97);
+            w[static_cast<size_t>(l) * E + e] =
+                static_cast<double>(static_cast<int64_t>(200000.0 / rank)) + static_cast<double>(next_u64(s) % 97);
         }
     return w;
 }

@@ -22,8 +22,8 @@ void BM_EplbDeepSeekV3Global(benchmark::State& state) {
 BENCHMARK(BM_EplbDeepSeekV3Global)->Unit(benchmark::kMillisecond);
 
 void BM_EplbReadmeExample(benchmark::State& state) {
-    const std::vector<double> w = {90, 132, 40, 61, 104, 165, 39, 4,   73,  56,  183, 86,
-                                   20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16,  27};
+    const std::vector<double> w = {90, 132, 40,  61, 104, 165, 39,  4,   73,  56, 183, 86,
+                                   20, 107, 104, 64, 19,  197, 187, 157, 172, 86, 16,  27};
     for (auto _ : state) benchmark::DoNotOptimize(grace::rebalance_experts(w, 2, 12, 16, 4, 2, 8));
 }
 BENCHMARK(BM_EplbReadmeExample)->Unit(benchmark::kMicrosecond);

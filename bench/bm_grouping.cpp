@@ -20,7 +20,12 @@ void BM_SpectralGrouping(benchmark::State& state) {
     const auto a = block_affinity(E, n + 2, 7);
     for (auto _ : state) benchmark::DoNotOptimize(grace::spectral_grouping(a, E, n));
 }
-BENCHMARK(BM_SpectralGrouping)->Args({64, 8})->Args({128, 2})->Args({128, 8})->Args({256, 4})->Args({256, 32})
+BENCHMARK(BM_SpectralGrouping)
+    ->Args({64, 8})
+    ->Args({128, 2})
+    ->Args({128, 8})
+    ->Args({256, 4})
+    ->Args({256, 32})
     ->Unit(benchmark::kMillisecond);
 
 void BM_KneeGrouping(benchmark::State& state) {
@@ -36,8 +41,14 @@ void BM_KneeGrouping(benchmark::State& state) {
     }
     state.counters["grid_points"] = static_cast<double>(points);
 }
-BENCHMARK(BM_KneeGrouping)->Args({64, 8, 0})->Args({128, 8, 0})->Args({128, 8, 1})->Args({256, 8, 0})
-    ->Args({256, 8, 1})->Args({256, 32, 0})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_KneeGrouping)
+    ->Args({64, 8, 0})
+    ->Args({128, 8, 0})
+    ->Args({128, 8, 1})
+    ->Args({256, 8, 0})
+    ->Args({256, 8, 1})
+    ->Args({256, 32, 0})
+    ->Unit(benchmark::kMillisecond);
 
 /// One layer of hierarchical grouping: level 1 into N nodes (at least M experts each), level 2 per node.
 void group_layer(const std::vector<double>& a, int E, int N, int M) {
@@ -46,7 +57,8 @@ void group_layer(const std::vector<double>& a, int E, int N, int M) {
         const int m = static_cast<int>(mem.size());
         std::vector<double> sub(static_cast<size_t>(m) * m);
         for (int i = 0; i < m; ++i)
-            for (int j = 0; j < m; ++j) sub[static_cast<size_t>(i) * m + j] = a[static_cast<size_t>(mem[i]) * E + mem[j]];
+            for (int j = 0; j < m; ++j)
+                sub[static_cast<size_t>(i) * m + j] = a[static_cast<size_t>(mem[i]) * E + mem[j]];
         const grace::Grouping fnu = grace::spectral_grouping(sub, m, M);
         benchmark::DoNotOptimize(grace::knee_grouping(sub, m, fnu));
     }
@@ -63,7 +75,10 @@ void BM_PlannerGroupingShape(benchmark::State& state) {
     }
 }
 // Qwen3-30B-A3B: 48 layers x 128 experts on 2 x 4; DeepSeek-V3: 58 x 256 on 4 x 8.
-BENCHMARK(BM_PlannerGroupingShape)->Args({48, 128, 2, 4})->Args({58, 256, 4, 8})->Unit(benchmark::kMillisecond)
+BENCHMARK(BM_PlannerGroupingShape)
+    ->Args({48, 128, 2, 4})
+    ->Args({58, 256, 4, 8})
+    ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
 }  // namespace

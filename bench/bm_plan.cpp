@@ -42,7 +42,8 @@ RoutingStats synthetic_stats(int L, int E, int k, int T, uint64_t seed) {
         std::iota(perm.begin(), perm.end(), 0);
         for (int e = E - 1; e > 0; --e) std::swap(perm[e], perm[rng.below(e + 1)]);
         for (int e = 0; e < E; ++e) {
-            const double pop = 1.2 * std::sqrt(-2 * std::log(1 - rng.uniform())) * std::cos(6.283185307 * rng.uniform());
+            const double pop =
+                1.2 * std::sqrt(-2 * std::log(1 - rng.uniform())) * std::cos(6.283185307 * rng.uniform());
             for (int t = 0; t < topics; ++t)
                 logw[static_cast<size_t>(t) * E + e] = pop + ((perm[e] * topics / E) == t ? 2.5 : 0.0);
         }
@@ -50,7 +51,8 @@ RoutingStats synthetic_stats(int L, int E, int k, int T, uint64_t seed) {
         int64_t* aff = st.affinity.data() + static_cast<size_t>(l) * E * E;
         for (int tok = 0; tok < T; ++tok) {
             const double u = rng.uniform();
-            const int topic = static_cast<int>(std::lower_bound(topic_cdf.begin(), topic_cdf.end(), u) - topic_cdf.begin());
+            const int topic =
+                static_cast<int>(std::lower_bound(topic_cdf.begin(), topic_cdf.end(), u) - topic_cdf.begin());
             const double* w = logw.data() + static_cast<size_t>(std::min(topic, topics - 1)) * E;
             for (int e = 0; e < E; ++e) key[e] = w[e] - std::log(-std::log(std::max(rng.uniform(), 1e-300)));
             std::iota(idx.begin(), idx.end(), 0);

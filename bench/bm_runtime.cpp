@@ -33,8 +33,8 @@ std::vector<float> input(int64_t n, int H) {
 }
 
 void report(benchmark::State& state, grace::ExpertShape s, int64_t n) {
-    state.counters["GFLOP/s"] = benchmark::Counter(grace::expert_flops(s, n) * static_cast<double>(state.iterations()) / 1e9,
-                                                   benchmark::Counter::kIsRate);
+    state.counters["GFLOP/s"] = benchmark::Counter(
+        grace::expert_flops(s, n) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
 void BM_ExpertForward(benchmark::State& state) {
@@ -78,7 +78,8 @@ void BM_BlasSgemm(benchmark::State& state) {
     std::vector<float> X = input(n, H), Wg = input(I, H), Wu = input(I, H), Wd = input(H, I);
     std::vector<float> G(static_cast<size_t>(n) * I), U(G.size()), Y(static_cast<size_t>(n) * H);
     const float one = 1, zero = 0;
-    // Row-major C[n, I] = X[n, H] * W[I, H]^T is column-major C^T[I, n] = W^T... : sgemm("T", "N", I, n, H, W, H, X, H).
+    // Row-major C[n, I] = X[n, H] * W[I, H]^T is column-major C^T[I, n] = W^T... : sgemm("T", "N", I, n, H, W, H, X,
+    // H).
     for (auto _ : state) {
         sgemm_("T", "N", &I, &n, &H, &one, Wg.data(), &H, X.data(), &H, &zero, G.data(), &I);
         sgemm_("T", "N", &I, &n, &H, &one, Wu.data(), &H, X.data(), &H, &zero, U.data(), &I);

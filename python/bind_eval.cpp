@@ -24,9 +24,9 @@ std::vector<double> expert_load_from_py(const py::object& load, const ExpertPlan
 void bind_eval(py::module_& m) {
     m.def(
         "evaluate",
-        [](const py::object& ids, const py::object& plan_obj, const std::string& comm, std::optional<std::string> routing,
-           const std::string& hardware, int hidden, int intermediate, int threads, std::optional<int> num_experts,
-           const std::string& model, const std::string& dataset, int64_t chunk) {
+        [](const py::object& ids, const py::object& plan_obj, const std::string& comm,
+           std::optional<std::string> routing, const std::string& hardware, int hidden, int intermediate, int threads,
+           std::optional<int> num_experts, const std::string& model, const std::string& dataset, int64_t chunk) {
             // Same order of steps and checks as tools/grace/eval.cpp.
             EvalOptions opt;
             opt.scheme = parse_comm_scheme(comm);

@@ -35,8 +35,9 @@ void bind_planner(py::module_& m) {
         "Plans expert placement from a statistics dict (grace.profile / grace.load_stats) on a topology (\"NxM\" or "
         "(N, M)) with a method spec (e.g. 'grace' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
         "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there).");
-    m.def("parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
-          "Canonical form of a method spec; raises GraceError for an unknown component.");
+    m.def(
+        "parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
+        "Canonical form of a method spec; raises GraceError for an unknown component.");
 }
 
 }  // namespace grace::py_bind

@@ -7,7 +7,8 @@ RoutingStats stats_from_py(const py::object& obj) {
     GRACE_CHECK_ARG(py::isinstance<py::dict>(obj), "stats must be a dict (as grace.profile returns), got ",
                     py::str(obj.get_type()).cast<std::string>());
     py::dict d = py::reinterpret_borrow<py::dict>(obj);
-    GRACE_CHECK_ARG(d.contains("load") && d.contains("affinity"), "stats dict needs 'load' [L, E] and 'affinity' [L, E, E]");
+    GRACE_CHECK_ARG(d.contains("load") && d.contains("affinity"),
+                    "stats dict needs 'load' [L, E] and 'affinity' [L, E, E]");
     RoutingStats st;
     std::vector<int64_t> ls, as;
     st.load = int_values(d["load"], "stats['load']", {2}, &ls);
@@ -25,7 +26,8 @@ RoutingStats stats_from_py(const py::object& obj) {
     if (d.contains("source_load") && !d["source_load"].is_none()) {
         std::vector<int64_t> ss;
         st.source_load = int_values(d["source_load"], "stats['source_load']", {3}, &ss);
-        GRACE_CHECK_ARG(ss[0] == ls[0] && ss[2] == ls[1], "stats['source_load'] must be [L, G, E], got ", shape_str(ss));
+        GRACE_CHECK_ARG(ss[0] == ls[0] && ss[2] == ls[1], "stats['source_load'] must be [L, G, E], got ",
+                        shape_str(ss));
         st.num_gpus = static_cast<int>(ss[1]);
     }
     st.validate();
@@ -43,8 +45,9 @@ py::dict stats_to_py(const RoutingStats& st) {
     d["load"] = to_array(st.load, {st.num_layers, st.num_experts});
     d["affinity"] = to_array(st.affinity, {st.num_layers, st.num_experts, st.num_experts});
     d["num_gpus"] = st.num_gpus;
-    d["source_load"] = st.num_gpus > 0 ? py::object(to_array(st.source_load, {st.num_layers, st.num_gpus, st.num_experts}))
-                                       : py::none();
+    d["source_load"] = st.num_gpus > 0
+                           ? py::object(to_array(st.source_load, {st.num_layers, st.num_gpus, st.num_experts}))
+                           : py::none();
     return d;
 }
 
@@ -83,10 +86,12 @@ void bind_stats(py::module_& m) {
         },
         py::arg("path"), py::arg("num_experts") = py::none(), py::arg("topology") = py::none(), py::arg("threads") = 0,
         "Profiles a trace file by streaming it (what `grace profile TRACE` computes).");
-    m.def("save_stats", [](const py::object& stats, const std::string& dir) { save_stats(stats_from_py(stats), dir); },
-          py::arg("stats"), py::arg("dir"), "Writes a statistics dict as a grace.stats/v1 folder.");
-    m.def("load_stats", [](const std::string& dir) { return stats_to_py(load_stats(dir)); }, py::arg("dir"),
-          "Reads a grace.stats/v1 folder as a dict.");
+    m.def(
+        "save_stats", [](const py::object& stats, const std::string& dir) { save_stats(stats_from_py(stats), dir); },
+        py::arg("stats"), py::arg("dir"), "Writes a statistics dict as a grace.stats/v1 folder.");
+    m.def(
+        "load_stats", [](const std::string& dir) { return stats_to_py(load_stats(dir)); }, py::arg("dir"),
+        "Reads a grace.stats/v1 folder as a dict.");
     m.def(
         "stats_from_aggregates",
         [](const py::object& coactivation, const py::object& load, bool ordered_pairs, int top_k) {

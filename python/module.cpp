@@ -53,8 +53,8 @@ std::vector<double> real_values(const py::object& obj, const char* name, std::in
                                 std::vector<int64_t>* shape) {
     py::array a = as_array(obj, name);
     char kind = a.dtype().kind();
-    GRACE_CHECK_ARG(kind == 'i' || kind == 'u' || kind == 'f', name, " must be a real (float or integer) array, got dtype ",
-                    dtype_str(a));
+    GRACE_CHECK_ARG(kind == 'i' || kind == 'u' || kind == 'f', name,
+                    " must be a real (float or integer) array, got dtype ", dtype_str(a));
     require_rank(a, name, ranks);
     if (shape) *shape = shape_of(a);
     auto c = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
@@ -121,9 +121,7 @@ ExpertPlan plan_from_py(const py::object& plan) {
     return plan_from_json(text);
 }
 
-py::dict plan_to_py(const ExpertPlan& plan) {
-    return py::module_::import("json").attr("loads")(plan_to_json(plan));
-}
+py::dict plan_to_py(const ExpertPlan& plan) { return py::module_::import("json").attr("loads")(plan_to_json(plan)); }
 
 Topology topology_from_py(const py::object& obj) {
     if (py::isinstance<py::str>(obj)) return Topology::parse(obj.cast<std::string>());
@@ -181,8 +179,8 @@ void bind_core(py::module_& m) {
            const std::string& model, const std::string& dataset) {
             save_trace(trace_from_arrays(ids, num_experts, weights, model, dataset), path);
         },
-        py::arg("path"), py::arg("ids"), py::arg("num_experts"), py::arg("weights") = py::none(),
-        py::arg("model") = "", py::arg("dataset") = "",
+        py::arg("path"), py::arg("ids"), py::arg("num_experts"), py::arg("weights") = py::none(), py::arg("model") = "",
+        py::arg("dataset") = "",
         "Writes ids [T, L, k] (any integer dtype) as an int32 trace plus metadata (and weights).");
     m.def(
         "validate_trace",
@@ -192,23 +190,29 @@ void bind_core(py::module_& m) {
         py::arg("ids"), py::arg("num_experts"), py::arg("weights") = py::none(),
         "Raises GraceError naming the first violation of the trace invariants (ids in [0, E), distinct per token).");
 
-    m.def("load_plan", [](const std::string& path) { return plan_to_py(load_plan(path)); }, py::arg("path"),
-          "Reads and validates a grace.plan/v1 file; returns its JSON object as a dict.");
-    m.def("save_plan", [](const py::object& plan, const std::string& path) { save_plan(plan_from_py(plan), path); },
-          py::arg("plan"), py::arg("path"), "Validates a plan dict and writes it (canonical JSON, atomic).");
-    m.def("validate_plan", [](const py::object& plan) { return plan_to_py(plan_from_py(plan)); }, py::arg("plan"),
-          "Validates a plan dict / JSON string; returns the canonical dict (derived fields filled).");
-    m.def("plan_hash", [](const py::object& plan) { return plan_hash(plan_from_py(plan)); }, py::arg("plan"),
-          "64-bit FNV-1a hash of the plan's canonical JSON (what runtime ranks compare).");
-    m.def("plan_to_json", [](const py::object& plan) { return plan_to_json(plan_from_py(plan)); }, py::arg("plan"),
-          "Canonical grace.plan/v1 JSON text of a plan.");
+    m.def(
+        "load_plan", [](const std::string& path) { return plan_to_py(load_plan(path)); }, py::arg("path"),
+        "Reads and validates a grace.plan/v1 file; returns its JSON object as a dict.");
+    m.def(
+        "save_plan", [](const py::object& plan, const std::string& path) { save_plan(plan_from_py(plan), path); },
+        py::arg("plan"), py::arg("path"), "Validates a plan dict and writes it (canonical JSON, atomic).");
+    m.def(
+        "validate_plan", [](const py::object& plan) { return plan_to_py(plan_from_py(plan)); }, py::arg("plan"),
+        "Validates a plan dict / JSON string; returns the canonical dict (derived fields filled).");
+    m.def(
+        "plan_hash", [](const py::object& plan) { return plan_hash(plan_from_py(plan)); }, py::arg("plan"),
+        "64-bit FNV-1a hash of the plan's canonical JSON (what runtime ranks compare).");
+    m.def(
+        "plan_to_json", [](const py::object& plan) { return plan_to_json(plan_from_py(plan)); }, py::arg("plan"),
+        "Canonical grace.plan/v1 JSON text of a plan.");
 
-    m.def("smooth_wrr_sequence",
-          [](const std::vector<int>& weights) {
-              auto s = smooth_wrr_sequence(weights);
-              return to_array(std::vector<int32_t>(s.begin(), s.end()), {static_cast<int64_t>(s.size())});
-          },
-          py::arg("weights"), "Smooth weighted round-robin pick sequence (length sum(weights)).");
+    m.def(
+        "smooth_wrr_sequence",
+        [](const std::vector<int>& weights) {
+            auto s = smooth_wrr_sequence(weights);
+            return to_array(std::vector<int32_t>(s.begin(), s.end()), {static_cast<int64_t>(s.size())});
+        },
+        py::arg("weights"), "Smooth weighted round-robin pick sequence (length sum(weights)).");
     m.def("round_weights", &round_weights, py::arg("weights"), py::arg("period"),
           "Rounds positive weights to integers >= 1 summing to period (largest remainder).");
 
@@ -226,17 +230,19 @@ void bind_core(py::module_& m) {
                  return r;
              }),
              py::arg("plan"), py::arg("layer") = 0, py::arg("policy") = py::none(), py::arg("seed") = 0)
-        .def("route", [](PyRouter& r, int source, int expert, int64_t token, int j, int top_k) {
-                 const Topology& topo = r.plan->topology;
-                 GRACE_CHECK_ARG(source >= 0 && source < topo.num_gpus(), "source GPU ", source, " is outside [0, ",
-                                 topo.num_gpus(), ")");
-                 GRACE_CHECK_ARG(expert >= 0 && expert < r.plan->num_experts, "expert ", expert, " is outside [0, ",
-                                 r.plan->num_experts, ")");
-                 GRACE_CHECK_ARG(j >= 0 && j < top_k, "j = ", j, " must be in [0, top_k = ", top_k, ")");
-                 return r.router->route(source, expert, token, j, top_k);
-             },
-             py::arg("source"), py::arg("expert"), py::arg("token"), py::arg("j"), py::arg("top_k"),
-             "GPU chosen for selection j of token `token` on GPU `source` choosing `expert`.")
+        .def(
+            "route",
+            [](PyRouter& r, int source, int expert, int64_t token, int j, int top_k) {
+                const Topology& topo = r.plan->topology;
+                GRACE_CHECK_ARG(source >= 0 && source < topo.num_gpus(), "source GPU ", source, " is outside [0, ",
+                                topo.num_gpus(), ")");
+                GRACE_CHECK_ARG(expert >= 0 && expert < r.plan->num_experts, "expert ", expert, " is outside [0, ",
+                                r.plan->num_experts, ")");
+                GRACE_CHECK_ARG(j >= 0 && j < top_k, "j = ", j, " must be in [0, top_k = ", top_k, ")");
+                return r.router->route(source, expert, token, j, top_k);
+            },
+            py::arg("source"), py::arg("expert"), py::arg("token"), py::arg("j"), py::arg("top_k"),
+            "GPU chosen for selection j of token `token` on GPU `source` choosing `expert`.")
         .def(
             "route_tokens",
             [](PyRouter& r, const py::object& ids, const py::object& sources, int64_t first_token) {
@@ -261,15 +267,16 @@ void bind_core(py::module_& m) {
         .def_property_readonly("period", [](const PyRouter& r) { return r.router->period(); })
         .def_property_readonly("policy", [](const PyRouter& r) { return to_string(r.router->policy()); })
         .def("reset", [](PyRouter& r) { r.router->reset(); })
-        .def("sequence",
-             [](const PyRouter& r, int source, int expert) {
-                 GRACE_CHECK_ARG(source >= 0 && source < r.plan->topology.num_gpus() && expert >= 0 &&
-                                     expert < r.plan->num_experts,
-                                 "(source, expert) = (", source, ", ", expert, ") out of range");
-                 const uint8_t* p = r.router->sequence(source, expert);
-                 return to_array(std::vector<int32_t>(p, p + r.router->period()), {r.router->period()});
-             },
-             py::arg("source"), py::arg("expert"), "WRR/TAR pick sequence (instance indices) of (source, expert).");
+        .def(
+            "sequence",
+            [](const PyRouter& r, int source, int expert) {
+                GRACE_CHECK_ARG(
+                    source >= 0 && source < r.plan->topology.num_gpus() && expert >= 0 && expert < r.plan->num_experts,
+                    "(source, expert) = (", source, ", ", expert, ") out of range");
+                const uint8_t* p = r.router->sequence(source, expert);
+                return to_array(std::vector<int32_t>(p, p + r.router->period()), {r.router->period()});
+            },
+            py::arg("source"), py::arg("expert"), "WRR/TAR pick sequence (instance indices) of (source, expert).");
 }
 
 }  // namespace grace::py_bind

@@ -21,15 +21,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 jobs=$(nproc)
-build() {  # build DIR [cmake args...]
+build() {  # build DIR [cmake args...]; BUILD_TARGET (optional) limits what is built
   local dir=$1; shift
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
-  cmake --build "$dir" -j "$jobs"
+  cmake --build "$dir" -j "$jobs" ${BUILD_TARGET:+--target "$BUILD_TARGET"}
 }
 
 case "$mode" in
   demo)
-    build build
+    BUILD_TARGET=grace build build   # the tool alone; the tests and benchmarks are the test job's
     ./build/tools/grace/grace demo -o out/demo
     ;;
   test)

@@ -60,8 +60,9 @@ int main(int argc, char** argv) {
         std::printf("# %s, %d ranks, T_local=%lld, E=%d, k=%d, H=%d fp32, TAR, %d iterations (median)\n",
                     topo.to_string().c_str(), G, static_cast<long long>(T_local), E, k, H, iters);
     if (me == 0)
-        std::printf("| scheme | time (ms) | dispatch (ms) | combine (ms) | algbw (GB/s) | busbw (GB/s) | wire MB/rank | "
-                    "wirebw (GB/s) | cross-node MB |\n|---|---|---|---|---|---|---|---|---|\n");
+        std::printf(
+            "| scheme | time (ms) | dispatch (ms) | combine (ms) | algbw (GB/s) | busbw (GB/s) | wire MB/rank | "
+            "wirebw (GB/s) | cross-node MB |\n|---|---|---|---|---|---|---|---|---|\n");
     for (CommScheme scheme : {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::kHsc}) {
         MoeLayer layer(lp, topo, *comm, mine, {scheme, RoutingPolicy::kTar});
         std::vector<double> times, disp, comb;

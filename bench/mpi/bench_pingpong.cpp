@@ -54,8 +54,9 @@ int main(int argc, char** argv) {
     if (me == 0) {
         std::printf("# %d ranks, %d per node; hosts:", n, M);
         for (int r = 0; r < n; ++r) std::printf(" %d=%s", r, &hosts[static_cast<size_t>(r) * MPI_MAX_PROCESSOR_NAME]);
-        std::printf("\n| pairs | size (B) | latency (us) | bandwidth per pair (MB/s) | total (MB/s) | total (Gbit/s) |\n"
-                    "|---|---|---|---|---|---|\n");
+        std::printf(
+            "\n| pairs | size (B) | latency (us) | bandwidth per pair (MB/s) | total (MB/s) | total (Gbit/s) |\n"
+            "|---|---|---|---|---|---|\n");
     }
     const int sizes[] = {8, 65536, 1 << 20, 8 << 20};
     std::vector<char> buf(8 << 20, 1);

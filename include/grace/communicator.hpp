@@ -33,7 +33,7 @@ enum class MemorySpace { kHost, kDevice };
 /// A started non-blocking operation. wait() completes it (once; later calls return at once). Destroying a
 /// request that was not waited for waits for it (a started collective must complete on every rank).
 class CommRequest {
-public:
+  public:
     virtual ~CommRequest() = default;
     /// Blocks until the operation has completed and its receive buffer may be read. Throws kBackend.
     virtual void wait() = 0;
@@ -56,7 +56,7 @@ struct CommunicatorOptions {
 /// One abstract communicator: rank/size/node info, variable all-to-all (blocking and non-blocking) on the
 /// global or node group, small allgather/allreduce helpers, barrier and abort.
 class Communicator {
-public:
+  public:
     virtual ~Communicator() = default;
 
     /// Backend name ("mpi", "local", ...).
@@ -107,7 +107,7 @@ public:
     /// Ends every process of the job with `code` (MPI_Abort); prints `message` first. Never returns.
     [[noreturn]] virtual void abort(int code, const std::string& message) = 0;
 
-protected:
+  protected:
     Communicator(Topology topology, int rank) : topology_(std::move(topology)), rank_(rank) {}
     Topology topology_;
     int rank_ = 0;

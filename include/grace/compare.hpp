@@ -25,7 +25,7 @@ struct CompareRow {
     std::string name;    ///< display name, e.g. "+DR+TAR"
     std::string method;  ///< planner method spec, e.g. "hierarchical+dynamic+tar"
     CommScheme scheme = CommScheme::kHsc;
-    bool table1 = false; ///< one of the paper's Table 1 columns
+    bool table1 = false;  ///< one of the paper's Table 1 columns
 };
 
 /// The default rows, in order: Occult (occult+none+primary, flat-dedup), Occult+HSC, HG+HSC
@@ -44,7 +44,7 @@ struct CompareOptions {
     std::vector<Topology> topologies;  ///< e.g. {2x2, 2x4}
     HardwareModel hardware;            ///< cost model
     std::vector<CompareRow> rows = default_compare_rows();
-    std::string reference = "Occult"; ///< row the relative changes are taken against
+    std::string reference = "Occult";  ///< row the relative changes are taken against
     uint64_t seed = 0;                 ///< planner seed
     int num_threads = 0;               ///< 0 = all; results identical for any count
     int64_t chunk_tokens = 1 << 15;    ///< tokens per streamed chunk

@@ -40,15 +40,15 @@ namespace grace::cuda {
 
 /// Options of a GpuMoeLayer.
 struct GpuMoeLayerOptions {
-    CommScheme scheme = CommScheme::kHsc;        ///< dispatch/combine scheme
-    RoutingPolicy policy = RoutingPolicy::kTar;  ///< replica routing policy
-    uint64_t routing_seed = 0;                   ///< seed of the SGLang policies
+    CommScheme scheme = CommScheme::kHsc;                   ///< dispatch/combine scheme
+    RoutingPolicy policy = RoutingPolicy::kTar;             ///< replica routing policy
+    uint64_t routing_seed = 0;                              ///< seed of the SGLang policies
     GroupedGemmBackend gemm = GroupedGemmBackend::kHybrid;  ///< LocalMoe GEMM backend
 };
 
 /// One MoE layer on one rank's GPU (the current CUDA device, which the nccl communicator selected).
 class GpuMoeLayer {
-public:
+  public:
     /// `layer` finalized for `topology`; `communicator` with memory_space() == kDevice, the same topology, and
     /// outliving the layer; `local_experts` exactly the experts of layer.gpu_experts[communicator.rank()] (any
     /// order, one shape, H and I multiples of 8). Weights are converted to bf16 and uploaded. Throws
@@ -62,15 +62,15 @@ public:
     /// Collective over all ranks, host pointers, the CPU MoeLayer's contract: hidden [num_tokens, H] fp32
     /// (rounded to bf16 on upload), topk_ids [num_tokens, k] (-1 = none), topk_weights [num_tokens, k]; writes
     /// out [num_tokens, H] fp32. `first_token`: global index of this rank's first token (vLLM, SGLang dynamic).
-    void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
-                 int top_k, float* out, int64_t first_token = 0);
+    void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens, int top_k,
+                 float* out, int64_t first_token = 0);
     /// Vector form: returns [num_tokens, H].
     std::vector<float> forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
                                const std::vector<float>& topk_weights, int top_k, int64_t first_token = 0);
     /// Device form: hidden bf16 [num_tokens, H], topk_ids int32 and topk_weights float [num_tokens, k], out fp32
     /// [num_tokens, H], all device memory; returns when out is written (synchronizes the device).
-    void forward_device(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
-                        int64_t num_tokens, int top_k, float* out, int64_t first_token = 0);
+    void forward_device(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                        int top_k, float* out, int64_t first_token = 0);
 
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per
     /// link class with payload = copies * H * 2).
@@ -82,7 +82,7 @@ public:
     /// Hidden size H.
     int hidden() const;
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

@@ -14,9 +14,9 @@
 #include <vector>
 
 namespace grace {
-struct LayerPlan;              // grace/plan.hpp
-struct Topology;               // grace/topology.hpp
-enum class RoutingPolicy;      // grace/plan.hpp
+struct LayerPlan;          // grace/plan.hpp
+struct Topology;           // grace/topology.hpp
+enum class RoutingPolicy;  // grace/plan.hpp
 }  // namespace grace
 
 namespace grace::cuda {
@@ -49,10 +49,10 @@ RouteTable build_route_table(const LayerPlan& layer, const Topology& topology, R
 
 /// Device outputs of GpuReplicaRouter::route; all pointers are device memory sized as noted.
 struct RouteOutputs {
-    int32_t* topk_instance = nullptr;         ///< [num_tokens, top_k]: instance index in the expert's list, -1 masked
-    int32_t* topk_rank = nullptr;             ///< [num_tokens, top_k]: destination GPU, -1 masked
-    int32_t* num_tokens_per_rank = nullptr;   ///< [G]: tokens with at least one selection on each GPU
-    bool* is_token_in_rank = nullptr;         ///< [num_tokens, G]
+    int32_t* topk_instance = nullptr;        ///< [num_tokens, top_k]: instance index in the expert's list, -1 masked
+    int32_t* topk_rank = nullptr;            ///< [num_tokens, top_k]: destination GPU, -1 masked
+    int32_t* num_tokens_per_rank = nullptr;  ///< [G]: tokens with at least one selection on each GPU
+    bool* is_token_in_rank = nullptr;        ///< [num_tokens, G]
     int32_t* num_tokens_per_instance = nullptr;  ///< [num_instances]: selections per instance (CSR order)
 };
 
@@ -66,7 +66,7 @@ struct RouteResult {
 /// in this batch (token order, then j order) takes sequence position (offset[s,e] + i) mod Q; the offsets
 /// carry across batches. Not thread-safe; calls on one router must be ordered on one stream.
 class GpuReplicaRouter {
-public:
+  public:
     /// Uploads `table` (validated) to the current device.
     explicit GpuReplicaRouter(const RouteTable& table);
     ~GpuReplicaRouter();
@@ -86,7 +86,7 @@ public:
     int num_ranks() const;
     int num_instances() const;
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
@@ -121,7 +121,7 @@ struct LocalMoeTimings {
 /// rows [0, I) of W13 are the gate, [I, 2I) the up projection), SiLU(gate) * up, grouped GEMM down
 /// ([I -> H]), un-permute with the gate-weighted sum into [num_tokens, H]. bf16 storage, fp32 accumulation.
 class LocalMoe {
-public:
+  public:
     /// Allocates workspace for up to `max_tokens` tokens. Throws kInvalidArgument for a bad shape.
     LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend = GroupedGemmBackend::kHybrid);
     ~LocalMoe();
@@ -156,7 +156,7 @@ public:
     void set_hybrid_threshold(int rows);
     void set_backend(GroupedGemmBackend backend);
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

@@ -15,9 +15,9 @@ namespace grace {
 /// EPLB's output for L layers.
 struct EplbResult {
     int num_layers = 0;
-    int num_logical = 0;   ///< E
-    int num_physical = 0;  ///< P = num_replicas
-    int max_replicas = 0;  ///< X: width of log2phy
+    int num_logical = 0;       ///< E
+    int num_physical = 0;      ///< P = num_replicas
+    int max_replicas = 0;      ///< X: width of log2phy
     std::vector<int> phy2log;  ///< [L, P]: logical expert of each physical slot (slots contiguous per GPU)
     std::vector<int> log2phy;  ///< [L, E, X]: physical slots of each logical expert, -1 padded
     std::vector<int> logcnt;   ///< [L, E]: replica count of each logical expert

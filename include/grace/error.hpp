@@ -25,12 +25,12 @@ enum class ErrorCode {
 
 /// The exception every grace function throws. `what()` is one line, without the "grace: error:" prefix.
 class Error : public std::runtime_error {
-public:
+  public:
     Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
     /// The category of the failure.
     ErrorCode code() const noexcept { return code_; }
 
-private:
+  private:
     ErrorCode code_;
 };
 
@@ -45,8 +45,8 @@ std::string cat(Args&&... args) {
 }  // namespace grace
 
 /// Throws grace::Error(code, message) unless `cond` holds; the message parts are concatenated.
-#define GRACE_CHECK(cond, code, ...)                                         \
-    do {                                                                     \
+#define GRACE_CHECK(cond, code, ...)                                          \
+    do {                                                                      \
         if (!(cond)) throw ::grace::Error((code), ::grace::cat(__VA_ARGS__)); \
     } while (0)
 
@@ -55,9 +55,9 @@ std::string cat(Args&&... args) {
 #define GRACE_CHECK_INPUT(cond, ...) GRACE_CHECK(cond, ::grace::ErrorCode::kInvalidInput, __VA_ARGS__)
 
 /// Internal invariant: a failure is a bug in grace, reported with its location.
-#define GRACE_ASSERT(cond)                                                                                 \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            throw ::grace::Error(::grace::ErrorCode::kInternal,                                            \
+#define GRACE_ASSERT(cond)                                                                                         \
+    do {                                                                                                           \
+        if (!(cond))                                                                                               \
+            throw ::grace::Error(::grace::ErrorCode::kInternal,                                                    \
                                  ::grace::cat("internal error: ", #cond, " failed at ", __FILE__, ":", __LINE__)); \
     } while (0)

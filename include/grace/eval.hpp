@@ -57,13 +57,13 @@ struct TrafficMatrix {
 /// Everything the replay of one layer under one routing policy counts; every scheme at once.
 struct LayerCounts {
     int layer = 0;
-    int64_t num_tokens = 0;                         ///< tokens replayed
-    int64_t local_selections = 0;                   ///< selections routed to the token's home GPU
+    int64_t num_tokens = 0;                           ///< tokens replayed
+    int64_t local_selections = 0;                     ///< selections routed to the token's home GPU
     std::vector<std::vector<int64_t>> instance_load;  ///< [E][n_e]: selections per instance (instance_gpus order)
-    std::vector<int64_t> gpu_load;                  ///< [G]: selections processed per GPU
-    TrafficMatrix flat;                             ///< flat and 2dh
-    TrafficMatrix flat_dedup;                       ///< flat-dedup
-    TrafficMatrix hsc;                              ///< hsc (stage 1 = the cross-node entries, stage 2 = intra)
+    std::vector<int64_t> gpu_load;                    ///< [G]: selections processed per GPU
+    TrafficMatrix flat;                               ///< flat and 2dh
+    TrafficMatrix flat_dedup;                         ///< flat-dedup
+    TrafficMatrix hsc;                                ///< hsc (stage 1 = the cross-node entries, stage 2 = intra)
 
     /// The matrix of `scheme` (2dh shares flat's).
     const TrafficMatrix& traffic(CommScheme scheme) const;
@@ -81,7 +81,7 @@ struct ReplayOptions {
 /// Streaming replay of a trace through a plan: feed it the trace's tokens in order, in chunks of any size.
 /// Memory is O(L * (G^2 + instances)) plus the routers, independent of T.
 class Replayer {
-public:
+  public:
     /// `total_tokens` is T of the whole trace (it fixes every token's home GPU). Throws kInvalidInput if the
     /// plan is invalid, kInvalidArgument if total_tokens < 1.
     Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOptions& options = {});
@@ -104,7 +104,7 @@ public:
     std::vector<LayerCounts> counts() const;
     const ExpertPlan& plan() const;
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
@@ -112,13 +112,13 @@ private:
 /// A layer-major copy [L, T, k] of a chunk's ids: the replay of one layer then reads contiguous memory instead of
 /// one cache line per token (the [T, L, k] layout's stride), which is what bounds the replay's speed.
 class LayerMajorIds {
-public:
+  public:
     /// Transposes `chunk` using `num_threads` threads (0 = all).
     LayerMajorIds(const RoutingTrace& chunk, int num_threads = 0);
     /// The [T, k] ids of layer l.
     const int32_t* layer(int l) const { return ids_.data() + static_cast<size_t>(l) * num_tokens_ * top_k_; }
 
-private:
+  private:
     int64_t num_tokens_;
     int top_k_;
     std::vector<int32_t> ids_;
@@ -152,39 +152,39 @@ ModelShape resolve_model_shape(const HardwareModel& hardware, const std::string&
 /// Metrics of one layer, or totals over layers (spec §7). Times in seconds, per forward pass of the trace as one
 /// batch; copies and bytes per direction (dispatch; combine is the same).
 struct EvalMetrics {
-    int layer = -1;                   ///< -1 for the totals
+    int layer = -1;  ///< -1 for the totals
     int64_t cross_node_copies = 0;
     int64_t intra_node_copies = 0;
-    int64_t local_selections = 0;     ///< selections served on the home GPU (no copy)
+    int64_t local_selections = 0;  ///< selections served on the home GPU (no copy)
     int64_t cross_node_bytes = 0;
     int64_t intra_node_bytes = 0;
-    double cross_node_ratio = 0;      ///< cross / (cross + intra) copies
-    double load_std = 0;              ///< population std of GPU loads (totals: mean over layers)
-    double balancedness = 0;          ///< mean/max GPU load (totals: mean over layers)
-    double imbalance_ratio = 0;       ///< (max-mean)/mean GPU load (totals: mean over layers)
+    double cross_node_ratio = 0;  ///< cross / (cross + intra) copies
+    double load_std = 0;          ///< population std of GPU loads (totals: mean over layers)
+    double balancedness = 0;      ///< mean/max GPU load (totals: mean over layers)
+    double imbalance_ratio = 0;   ///< (max-mean)/mean GPU load (totals: mean over layers)
     double dispatch_time_s = 0;
     double combine_time_s = 0;
-    double all_to_all_time_s = 0;     ///< dispatch + combine
-    double compute_time_s = 0;        ///< max over GPUs of expert compute
-    double mean_compute_time_s = 0;   ///< mean over GPUs of expert compute
-    double gpu_idle_time_s = 0;       ///< mean over GPUs of (max compute - compute)
-    double moe_layer_time_s = 0;      ///< dispatch + max compute + combine
-    double non_moe_time_s = 0;        ///< non-MoE time of the busiest GPU (ceil(T/G) tokens)
-    double end_to_end_s = 0;          ///< moe_layer_time_s + non_moe_time_s (totals: the sum over layers)
-    std::vector<int64_t> gpu_load;   ///< [G] selections per GPU (totals: summed over layers)
+    double all_to_all_time_s = 0;            ///< dispatch + combine
+    double compute_time_s = 0;               ///< max over GPUs of expert compute
+    double mean_compute_time_s = 0;          ///< mean over GPUs of expert compute
+    double gpu_idle_time_s = 0;              ///< mean over GPUs of (max compute - compute)
+    double moe_layer_time_s = 0;             ///< dispatch + max compute + combine
+    double non_moe_time_s = 0;               ///< non-MoE time of the busiest GPU (ceil(T/G) tokens)
+    double end_to_end_s = 0;                 ///< moe_layer_time_s + non_moe_time_s (totals: the sum over layers)
+    std::vector<int64_t> gpu_load;           ///< [G] selections per GPU (totals: summed over layers)
     std::vector<double> gpu_compute_time_s;  ///< [G] (totals: summed)
     std::vector<std::vector<int64_t>> instance_load;  ///< [E][n_e] (layers only)
-    std::vector<int64_t> copies;      ///< [G, G] dispatch copy matrix of the scheme (layers only; TrafficMatrix)
+    std::vector<int64_t> copies;  ///< [G, G] dispatch copy matrix of the scheme (layers only; TrafficMatrix)
 };
 
 /// A full evaluation.
 struct EvalReport {
-    std::string method;        ///< the plan's method
-    std::string policy;        ///< routing policy used ("plan" if per-layer policies were kept and differ)
+    std::string method;  ///< the plan's method
+    std::string policy;  ///< routing policy used ("plan" if per-layer policies were kept and differ)
     CommScheme scheme = CommScheme::kFlat;
     Topology topology;
-    std::string hardware;      ///< hardware model name
-    std::string compute_model; ///< ComputeModel::source()
+    std::string hardware;       ///< hardware model name
+    std::string compute_model;  ///< ComputeModel::source()
     ModelShape shape;
     std::string dataset;
     int64_t num_tokens = 0;
@@ -207,7 +207,7 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
 struct EvalOptions {
     ReplayOptions replay;
     CommScheme scheme = CommScheme::kHsc;
-    HardwareModel hardware;  ///< must be set (e.g. load_hardware("a100-testbed"))
+    HardwareModel hardware;           ///< must be set (e.g. load_hardware("a100-testbed"))
     std::optional<ModelShape> shape;  ///< H and I; unset = resolve_model_shape(hardware, trace.model)
 };
 

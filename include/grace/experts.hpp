@@ -26,10 +26,10 @@ struct ExpertShape {
 
 /// Expert shape and checkpoint layout of a model preset.
 struct ExpertPreset {
-    std::string name;        ///< "olmoe", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral"
-    ExpertShape shape;       ///< H, I
-    int num_experts = 0;     ///< routed experts E
-    int first_moe_layer = 0; ///< checkpoint layer of MoE layer 0 (DeepSeek-V2: 1, its layer 0 is dense)
+    std::string name;         ///< "olmoe", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral"
+    ExpertShape shape;        ///< H, I
+    int num_experts = 0;      ///< routed experts E
+    int first_moe_layer = 0;  ///< checkpoint layer of MoE layer 0 (DeepSeek-V2: 1, its layer 0 is dense)
 };
 
 /// Looks up a preset (the shapes of spec §10); throws kInvalidArgument listing the known names.
@@ -37,7 +37,7 @@ const ExpertPreset& find_expert_preset(const std::string& name);
 
 /// The weights of one expert.
 struct ExpertWeights {
-    int expert = -1;           ///< logical expert id
+    int expert = -1;  ///< logical expert id
     ExpertShape shape;
     DType storage = DType::kF32;  ///< kF32 or kBF16
     /// fp32 storage: gate [I, H], up [I, H], down [H, I], row-major. Empty for bf16.

@@ -31,11 +31,11 @@ ExportFormat parse_export_format(const std::string& name);
 
 /// Equal-slot placement of every layer.
 struct PhysicalMap {
-    int num_layers = 0;     ///< L
-    int num_experts = 0;    ///< E
-    int num_gpus = 0;       ///< G
-    int slots_per_gpu = 0;  ///< S' (the same for all layers: the largest instance count of any GPU and layer)
-    int num_padded = 0;     ///< padding replicas added over all layers
+    int num_layers = 0;        ///< L
+    int num_experts = 0;       ///< E
+    int num_gpus = 0;          ///< G
+    int slots_per_gpu = 0;     ///< S' (the same for all layers: the largest instance count of any GPU and layer)
+    int num_padded = 0;        ///< padding replicas added over all layers
     std::vector<int> phy2log;  ///< [L, G * S']: logical expert of each physical slot
     int num_physical() const { return num_gpus * slots_per_gpu; }
 };

@@ -38,10 +38,10 @@ struct GeneratorOptions {
     std::string dataset = "wikitext";
     int64_t num_tokens = 16384;
     uint64_t seed = 0;
-    int num_layers = 0;            ///< 0 = the preset's
-    int sequence_length = 512;     ///< tokens per sequence (topic burstiness)
-    bool with_weights = true;      ///< also produce softmax gate weights
-    int num_threads = 0;           ///< 0 = all
+    int num_layers = 0;         ///< 0 = the preset's
+    int sequence_length = 512;  ///< tokens per sequence (topic burstiness)
+    bool with_weights = true;   ///< also produce softmax gate weights
+    int num_threads = 0;        ///< 0 = all
 };
 
 /// Generates a trace. Throws kInvalidArgument for an unknown preset/dataset or num_tokens < 1.

@@ -29,28 +29,28 @@ namespace grace {
 
 /// Measured grouped-GEMM time of one expert (gate, up and down projections) against its token count.
 struct GemmTable {
-    int hidden = 0;                ///< H the table was measured at
-    int intermediate = 0;          ///< I the table was measured at
-    std::vector<double> tokens;    ///< ascending token counts, >= 1
-    std::vector<double> seconds;   ///< time per expert at each count, > 0, same length as tokens
+    int hidden = 0;               ///< H the table was measured at
+    int intermediate = 0;         ///< I the table was measured at
+    std::vector<double> tokens;   ///< ascending token counts, >= 1
+    std::vector<double> seconds;  ///< time per expert at each count, > 0, same length as tokens
 };
 
 /// Link, compute and model-shape parameters of the cost model. All times in seconds, bandwidths in bytes/s.
 struct HardwareModel {
-    std::string name;                     ///< preset or file name
-    std::string description;              ///< free text
-    int element_size = 2;                 ///< bytes per activation element
-    double intra_node_bandwidth = 0;      ///< B_nvl: bytes/s per GPU per direction
-    double intra_node_latency = 0;        ///< alpha per intra-node message, s
-    double cross_node_bandwidth = 0;      ///< B_net: bytes/s per node per direction, shared by its GPUs
-    double cross_node_latency = 0;        ///< alpha per cross-node message, s
-    double peak_flops = 0;                ///< achievable expert GEMM flop/s of one GPU (analytic model)
-    double n_half = 0;                    ///< tokens at which the analytic GEMM reaches half of peak
-    std::string gemm_device;              ///< device the table was measured on (informational)
+    std::string name;                              ///< preset or file name
+    std::string description;                       ///< free text
+    int element_size = 2;                          ///< bytes per activation element
+    double intra_node_bandwidth = 0;               ///< B_nvl: bytes/s per GPU per direction
+    double intra_node_latency = 0;                 ///< alpha per intra-node message, s
+    double cross_node_bandwidth = 0;               ///< B_net: bytes/s per node per direction, shared by its GPUs
+    double cross_node_latency = 0;                 ///< alpha per cross-node message, s
+    double peak_flops = 0;                         ///< achievable expert GEMM flop/s of one GPU (analytic model)
+    double n_half = 0;                             ///< tokens at which the analytic GEMM reaches half of peak
+    std::string gemm_device;                       ///< device the table was measured on (informational)
     std::map<std::string, GemmTable> gemm_tables;  ///< by model name
-    double non_moe_seconds_per_token = -1;  ///< per token per layer on one GPU; < 0 = default 8*H^2/peak
-    int hidden = 0;                       ///< H override; 0 = from the trace's model preset
-    int intermediate = 0;                 ///< I override; 0 = from the trace's model preset
+    double non_moe_seconds_per_token = -1;         ///< per token per layer on one GPU; < 0 = default 8*H^2/peak
+    int hidden = 0;                                ///< H override; 0 = from the trace's model preset
+    int intermediate = 0;                          ///< I override; 0 = from the trace's model preset
 
     /// Throws kInvalidInput naming the first bad field: non-positive bandwidth, peak or element size,
     /// negative latency or n_half, a table that is empty, unsorted, of unequal lengths or non-positive.
@@ -59,7 +59,7 @@ struct HardwareModel {
 
 /// The expert-compute and non-MoE time functions of one model shape on one hardware model.
 class ComputeModel {
-public:
+  public:
     /// Chooses the GEMM table for `model` (by name, else by H/I), else the analytic default.
     ComputeModel(const HardwareModel& hardware, const std::string& model, int hidden, int intermediate);
     /// Seconds for one expert instance to process n tokens; 0 for n = 0.
@@ -69,7 +69,7 @@ public:
     /// "table:<model>" or "analytic".
     const std::string& source() const { return source_; }
 
-private:
+  private:
     const GemmTable* table_ = nullptr;
     GemmTable table_copy_;
     double flops_per_token_ = 0;

@@ -13,15 +13,28 @@
 namespace grace {
 
 /// Element type of an .npy array, independent of byte order.
-enum class DType { kInt8, kInt16, kInt32, kInt64, kUInt8, kUInt16, kUInt32, kUInt64, kFloat16, kFloat32, kFloat64, kBool };
+enum class DType {
+    kInt8,
+    kInt16,
+    kInt32,
+    kInt64,
+    kUInt8,
+    kUInt16,
+    kUInt32,
+    kUInt64,
+    kFloat16,
+    kFloat32,
+    kFloat64,
+    kBool
+};
 
 /// Parsed .npy header.
 struct NpyHeader {
     DType dtype = DType::kInt32;
-    int item_size = 4;              ///< bytes per element
-    bool big_endian = false;        ///< stored byte order
-    std::vector<int64_t> shape;     ///< C-order shape; empty for a scalar
-    int64_t data_offset = 0;        ///< byte offset of the first element in the file
+    int item_size = 4;           ///< bytes per element
+    bool big_endian = false;     ///< stored byte order
+    std::vector<int64_t> shape;  ///< C-order shape; empty for a scalar
+    int64_t data_offset = 0;     ///< byte offset of the first element in the file
     /// Product of shape (1 for a scalar).
     int64_t num_elements() const;
     /// "int32", "float64", ... (NumPy's names).
@@ -37,7 +50,7 @@ NpyHeader read_npy_header(const std::string& path);
 
 /// Streams rows of an .npy file: each row is the product of shape[1:] elements, converted on the fly.
 class NpyRowReader {
-public:
+  public:
     /// Opens `path`; throws as read_npy_header does.
     explicit NpyRowReader(const std::string& path);
     ~NpyRowReader();
@@ -58,7 +71,7 @@ public:
     /// (the fast path for traces). A value outside int32 throws kInvalidInput.
     int64_t read_int32(int64_t max_rows, std::vector<int32_t>& out);
 
-private:
+  private:
     template <typename T>
     int64_t read_rows(int64_t max_rows, std::vector<T>& out, bool require_integral);
     std::string path_;

@@ -52,13 +52,13 @@ struct LayerPlan {
     int wrr_period = 120;                            ///< Q
 
     // Diagnostics the planner records (optional; absent = empty / NaN / -1).
-    double r_star = -1;                      ///< chosen non-uniformity ratio (per node: mean) or -1
+    double r_star = -1;                               ///< chosen non-uniformity ratio (per node: mean) or -1
     std::vector<std::vector<KneePoint>> knee_curves;  ///< [N][points]: U/D curve of each node's GPU grouping
-    double gamma = 0;                        ///< load skew L_max / L_mean after grouping
-    int num_replicas = 0;                    ///< R, Equation 3
-    std::vector<int> hot_experts;            ///< replicated experts
-    std::vector<double> predicted_gpu_load;  ///< [G]: Equation 4 load prediction (tokens)
-    std::vector<double> gpu_load_before;     ///< [G]: load per GPU after grouping, before replication
+    double gamma = 0;                                 ///< load skew L_max / L_mean after grouping
+    int num_replicas = 0;                             ///< R, Equation 3
+    std::vector<int> hot_experts;                     ///< replicated experts
+    std::vector<double> predicted_gpu_load;           ///< [G]: Equation 4 load prediction (tokens)
+    std::vector<double> gpu_load_before;              ///< [G]: load per GPU after grouping, before replication
 
     /// Number of instances (physical slots) in this layer.
     int num_instances() const;
@@ -72,9 +72,9 @@ struct ExpertPlan {
     int num_layers = 0;   ///< L
     int top_k = 0;        ///< k
     Topology topology;
-    std::string method;   ///< the method spec it was made with, e.g. "hierarchical+dynamic+tar"
+    std::string method;  ///< the method spec it was made with, e.g. "hierarchical+dynamic+tar"
     uint64_t seed = 0;
-    std::string source;   ///< what it was planned from (stats folder or trace), free text
+    std::string source;  ///< what it was planned from (stats folder or trace), free text
     std::vector<LayerPlan> layers;
 
     /// Checks every constraint and throws kInvalidInput naming the first violation: shapes, ids in range,

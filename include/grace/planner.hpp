@@ -27,7 +27,7 @@ struct MethodSpec {
     double controlled_ratio = -1;  ///< spectral-controlled:R; -1 = knee point
     double node_ratio = -1;        ///< hierarchical:R, node-level size bound; -1 = fully non-uniform (paper)
     std::string replication = "none";
-    int replication_slots = 0;     ///< eplb:SLOTS, physical experts per layer; 0 = default
+    int replication_slots = 0;  ///< eplb:SLOTS, physical experts per layer; 0 = default
     RoutingPolicy routing = RoutingPolicy::kPrimary;
     /// Canonical text, e.g. "hierarchical+dynamic+tar".
     std::string to_string() const;
@@ -40,9 +40,9 @@ MethodSpec parse_method(const std::string& text);
 struct PlanOptions {
     std::string method = "grace";
     uint64_t seed = 0;
-    int num_threads = 0;          ///< 0 = all; the plan is byte-identical for any count
-    int wrr_period = 120;         ///< Q
-    bool refine = false;          ///< spec §3 step 3 (KL swaps) in controlled grouping
+    int num_threads = 0;   ///< 0 = all; the plan is byte-identical for any count
+    int wrr_period = 120;  ///< Q
+    bool refine = false;   ///< spec §3 step 3 (KL swaps) in controlled grouping
 };
 
 /// Plans every layer. Throws kInvalidArgument for an impossible request (more GPUs than experts, too few

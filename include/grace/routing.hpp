@@ -27,7 +27,7 @@ std::vector<int> round_weights(const std::vector<double>& weights, int period);
 /// Stateful router for one layer of a plan. Deterministic: the same plan, policy, seed and sequence of calls
 /// give the same picks.
 class ReplicaRouter {
-public:
+  public:
     /// Builds the per-(source GPU, expert) tables. `seed` drives the SGLang policies.
     ReplicaRouter(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy, uint64_t seed = 0);
 
@@ -40,7 +40,9 @@ public:
     int last_instance() const { return last_instance_; }
 
     /// WRR counter of (source, expert): how many selections it has routed (mod Q).
-    int wrr_offset(int source, int expert) const { return offsets_[static_cast<size_t>(source) * num_experts_ + expert]; }
+    int wrr_offset(int source, int expert) const {
+        return offsets_[static_cast<size_t>(source) * num_experts_ + expert];
+    }
     /// Sets all counters back to zero.
     void reset();
     /// Restores the WRR counters, [G * E] (e.g. carried across batches by a runtime).
@@ -56,7 +58,7 @@ public:
     int period() const { return period_; }
     RoutingPolicy policy() const { return policy_; }
 
-private:
+  private:
     const LayerPlan* layer_;
     Topology topology_;
     RoutingPolicy policy_;

@@ -69,10 +69,10 @@ struct MoeCallStats {
 
 /// DeepEP-style dispatch layout of one rank's tokens, given each selection's destination GPU.
 struct DispatchLayout {
-    std::vector<int> num_tokens_per_rank;   ///< [G]: tokens with at least one selection on GPU g
-    std::vector<int> num_tokens_per_node;   ///< [N]: tokens with at least one selection on node n
-    std::vector<int> num_tokens_per_expert; ///< [E]: selections of expert e
-    std::vector<uint8_t> is_token_in_rank;  ///< [T_local, G]: 1 if token t has a selection on GPU g
+    std::vector<int> num_tokens_per_rank;    ///< [G]: tokens with at least one selection on GPU g
+    std::vector<int> num_tokens_per_node;    ///< [N]: tokens with at least one selection on node n
+    std::vector<int> num_tokens_per_expert;  ///< [E]: selections of expert e
+    std::vector<uint8_t> is_token_in_rank;   ///< [T_local, G]: 1 if token t has a selection on GPU g
 };
 
 /// Computes the layout from dest_ranks [T_local, k] (GPU of each selection) and topk_ids [T_local, k].
@@ -82,15 +82,15 @@ DispatchLayout compute_dispatch_layout(const int32_t* dest_ranks, const int32_t*
 
 /// Options of a MoeLayer.
 struct MoeLayerOptions {
-    CommScheme scheme = CommScheme::kHsc;      ///< dispatch/combine scheme
-    RoutingPolicy policy = RoutingPolicy::kTar; ///< replica routing policy
-    uint64_t routing_seed = 0;                  ///< seed of the SGLang policies
-    bool overlap = true;                        ///< HSC: pack stage 2 while stage 1 is in flight
+    CommScheme scheme = CommScheme::kHsc;        ///< dispatch/combine scheme
+    RoutingPolicy policy = RoutingPolicy::kTar;  ///< replica routing policy
+    uint64_t routing_seed = 0;                   ///< seed of the SGLang policies
+    bool overlap = true;                         ///< HSC: pack stage 2 while stage 1 is in flight
 };
 
 /// One MoE layer on one rank.
 class MoeLayer {
-public:
+  public:
     /// `layer` must be finalized (instance_gpus, wrr_weights) for `topology`; `communicator` must use the same
     /// topology and outlive the layer; `local_experts` must hold exactly the experts of
     /// layer.gpu_experts[communicator.rank()] (any order), all of one shape. Throws kInvalidArgument naming what
@@ -106,8 +106,8 @@ public:
     /// [num_tokens, k]; writes out [num_tokens, H] = sum_j w_j * expert_{e_j}(hidden). `first_token` is the
     /// global flat index of this rank's first token in the replayed stream (the vLLM and SGLang-dynamic
     /// policies use it, as the evaluator does). Throws kInvalidArgument for bad ids/shapes, kBackend.
-    void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
-                 int top_k, float* out, int64_t first_token = 0);
+    void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens, int top_k,
+                 float* out, int64_t first_token = 0);
     /// Vector form: returns [num_tokens, H].
     std::vector<float> forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
                                const std::vector<float>& topk_weights, int top_k, int64_t first_token = 0);
@@ -123,7 +123,7 @@ public:
     /// Hidden size H.
     int hidden() const;
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

@@ -36,16 +36,16 @@ struct TensorInfo {
     std::string name;
     DType dtype = DType::kF32;
     std::vector<int64_t> shape;
-    std::string file;         ///< the file holding it
-    uint64_t offset = 0;      ///< absolute byte offset of its data in `file`
-    uint64_t num_bytes = 0;   ///< = numel * dtype_size
+    std::string file;        ///< the file holding it
+    uint64_t offset = 0;     ///< absolute byte offset of its data in `file`
+    uint64_t num_bytes = 0;  ///< = numel * dtype_size
     /// Product of the shape (1 for a scalar).
     int64_t numel() const;
 };
 
 /// An opened checkpoint (one file or a folder of shards): the tensor index; data is read on demand.
 class SafetensorsCheckpoint {
-public:
+  public:
     /// Opens `path` (a .safetensors file or a folder). Throws kIo if it cannot be read, kInvalidInput for a
     /// malformed header (bad length, bad JSON, unknown dtype, offsets out of range or not matching the shape),
     /// naming the file and the tensor.
@@ -62,7 +62,7 @@ public:
     /// The path it was opened from.
     const std::string& path() const { return path_; }
 
-private:
+  private:
     std::string read_raw(const TensorInfo& info) const;
     std::string path_;
     std::map<std::string, TensorInfo> tensors_;

@@ -25,10 +25,10 @@ namespace grace {
 
 /// Profiled or imported statistics for all layers.
 struct RoutingStats {
-    int num_layers = 0;     ///< L
-    int num_experts = 0;    ///< E
-    int top_k = 0;          ///< k (0 if unknown, e.g. imported loads without k)
-    int64_t num_tokens = 0; ///< T (0 if unknown)
+    int num_layers = 0;      ///< L
+    int num_experts = 0;     ///< E
+    int top_k = 0;           ///< k (0 if unknown, e.g. imported loads without k)
+    int64_t num_tokens = 0;  ///< T (0 if unknown)
     std::string model, dataset;
     std::vector<int64_t> affinity;     ///< [L, E, E], symmetric, zero diagonal
     std::vector<int64_t> load;         ///< [L, E]
@@ -40,7 +40,9 @@ struct RoutingStats {
     }
     int64_t load_at(int l, int i) const { return load[static_cast<int64_t>(l) * num_experts + i]; }
     /// Pointer to layer l's [E, E] affinity block.
-    const int64_t* layer_affinity(int l) const { return affinity.data() + static_cast<int64_t>(l) * num_experts * num_experts; }
+    const int64_t* layer_affinity(int l) const {
+        return affinity.data() + static_cast<int64_t>(l) * num_experts * num_experts;
+    }
     /// Pointer to layer l's [E] loads.
     const int64_t* layer_load(int l) const { return load.data() + static_cast<int64_t>(l) * num_experts; }
     /// Throws kInvalidInput unless shapes agree, A is symmetric with a zero diagonal and nothing is negative.
@@ -49,9 +51,9 @@ struct RoutingStats {
 
 /// Options of the profiler.
 struct ProfileOptions {
-    int num_threads = 0;                 ///< 0 = all hardware threads; results are identical for any count
-    std::optional<Topology> topology;    ///< if set, also count per-source-GPU loads
-    int64_t chunk_tokens = 1 << 16;      ///< tokens per streamed chunk (bounds memory beyond O(L*E^2))
+    int num_threads = 0;               ///< 0 = all hardware threads; results are identical for any count
+    std::optional<Topology> topology;  ///< if set, also count per-source-GPU loads
+    int64_t chunk_tokens = 1 << 16;    ///< tokens per streamed chunk (bounds memory beyond O(L*E^2))
 };
 
 /// Profiles an in-memory trace. Throws kInvalidArgument for bad options.
@@ -76,7 +78,7 @@ RoutingStats stats_from_aggregates(const std::vector<double>& coactivation, cons
                                    bool ordered_pairs, int top_k);
 
 /// Reads the .npy files and calls stats_from_aggregates. `load_path` may be empty.
-RoutingStats import_aggregates(const std::string& coactivation_path, const std::string& load_path,
-                               bool ordered_pairs, int top_k);
+RoutingStats import_aggregates(const std::string& coactivation_path, const std::string& load_path, bool ordered_pairs,
+                               int top_k);
 
 }  // namespace grace

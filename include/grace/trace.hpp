@@ -19,7 +19,7 @@ namespace grace {
 
 /// What a caller can say about a trace that its file may not (CLI: --experts, --model, --dataset, --weights).
 struct TraceOverrides {
-    std::optional<int> num_experts;   ///< E; required if the metadata file does not give it
+    std::optional<int> num_experts;  ///< E; required if the metadata file does not give it
     std::optional<std::string> model;
     std::optional<std::string> dataset;
     std::optional<std::string> weights_path;  ///< gate weights .npy, overriding the metadata's
@@ -27,12 +27,12 @@ struct TraceOverrides {
 
 /// An in-memory routing trace.
 struct RoutingTrace {
-    int64_t num_tokens = 0;    ///< T
-    int num_layers = 0;        ///< L
-    int top_k = 0;             ///< k
-    int num_experts = 0;       ///< E
-    std::string model;         ///< free text, e.g. "olmoe"
-    std::string dataset;       ///< free text, e.g. "wikitext"
+    int64_t num_tokens = 0;           ///< T
+    int num_layers = 0;               ///< L
+    int top_k = 0;                    ///< k
+    int num_experts = 0;              ///< E
+    std::string model;                ///< free text, e.g. "olmoe"
+    std::string dataset;              ///< free text, e.g. "wikitext"
     std::vector<int32_t> expert_ids;  ///< [T, L, k], row-major
     std::vector<float> gate_weights;  ///< [T, L, k] or empty
 
@@ -63,7 +63,7 @@ std::string trace_metadata_path(const std::string& trace_path);
 /// Streams a trace file in chunks of tokens without holding it in memory (for traces larger than RAM).
 /// Each chunk is validated as load_trace would validate it.
 class TraceReader {
-public:
+  public:
     /// Opens the trace and reads its metadata; throws as load_trace does (before reading any token).
     TraceReader(const std::string& path, const TraceOverrides& overrides = {});
     ~TraceReader();
@@ -84,7 +84,7 @@ public:
     /// profiler fuses the check into counting). On by default.
     void set_validation(bool enabled);
 
-private:
+  private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

@@ -2,8 +2,8 @@
 /// Baseline groupings (spec §8): Occult and C2R reconstructions, METIS k-way, vanilla.
 
 #include <algorithm>
-#include <mutex>
 #include <cmath>
+#include <mutex>
 #include <numeric>
 
 #include "grace/error.hpp"
@@ -95,8 +95,7 @@ Grouping occult_grouping(const std::vector<double>& affinity, int num_experts, i
     std::vector<int> order;
     for (int r = 0; r < E; ++r)
         if (!clusters[r].empty()) order.push_back(r);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int x, int y) { return clusters[x].size() > clusters[y].size(); });
+    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return clusters[x].size() > clusters[y].size(); });
     const std::vector<int> target = target_sizes(E, n);
     std::vector<std::vector<int>> groups(n);
     Grouping g{n, std::vector<int>(E, -1)};
@@ -157,10 +156,10 @@ Grouping c2r_grouping(const std::vector<double>& affinity, int num_experts, int 
             double best_score = -1;
             for (int h = 0; h < n; ++h) {
                 if (room(h) < 2) continue;
-                const double score =
-                    groups[h].empty() ? mean_pair
-                                      : (affinity_to(a, E, p.i, groups[h]) + affinity_to(a, E, p.j, groups[h])) /
-                                            (2.0 * static_cast<double>(groups[h].size()));
+                const double score = groups[h].empty()
+                                         ? mean_pair
+                                         : (affinity_to(a, E, p.i, groups[h]) + affinity_to(a, E, p.j, groups[h])) /
+                                               (2.0 * static_cast<double>(groups[h].size()));
                 if (score > best_score) {
                     best_score = score;
                     best = h;
@@ -239,8 +238,8 @@ Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<d
     static std::mutex metis_mutex;
     std::lock_guard<std::mutex> lock(metis_mutex);
     const int rc = METIS_PartGraphKway(&nvtxs, &ncon, xadj.data(), adjncy.empty() ? nullptr : adjncy.data(),
-                                       vwgt.data(), nullptr, adjncy.empty() ? nullptr : adjwgt.data(), &nparts,
-                                       nullptr, &ubvec, options, &objval, part.data());
+                                       vwgt.data(), nullptr, adjncy.empty() ? nullptr : adjwgt.data(), &nparts, nullptr,
+                                       &ubvec, options, &objval, part.data());
     GRACE_CHECK(rc == METIS_OK, ErrorCode::kBackend, "metis_grouping: METIS_PartGraphKway returned ", rc);
     Grouping g{n, std::vector<int>(part.begin(), part.end())};
     return detail::canonical(g);

@@ -74,8 +74,9 @@ ExportFormat parse_export_format(const std::string& name) {
 PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load) {
     plan.validate();
     const int L = plan.num_layers, E = plan.num_experts, G = plan.topology.num_gpus();
-    GRACE_CHECK_ARG(expert_load.empty() || expert_load.size() == static_cast<size_t>(L) * E, "export: expert loads have ",
-                    expert_load.size(), " entries, expected L*E = ", static_cast<size_t>(L) * E);
+    GRACE_CHECK_ARG(expert_load.empty() || expert_load.size() == static_cast<size_t>(L) * E,
+                    "export: expert loads have ", expert_load.size(),
+                    " entries, expected L*E = ", static_cast<size_t>(L) * E);
     PhysicalMap m;
     m.num_layers = L;
     m.num_experts = E;
@@ -88,7 +89,8 @@ PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>
         LayerPlan lp = plan.layers[l];
         std::vector<double> load(E, 1.0);
         if (!expert_load.empty()) {
-            load.assign(expert_load.begin() + static_cast<size_t>(l) * E, expert_load.begin() + static_cast<size_t>(l + 1) * E);
+            load.assign(expert_load.begin() + static_cast<size_t>(l) * E,
+                        expert_load.begin() + static_cast<size_t>(l + 1) * E);
         } else if (static_cast<int>(lp.predicted_gpu_load.size()) == G) {
             for (int e = 0; e < E; ++e) {
                 const int g = lp.primary_gpu[e];
@@ -129,8 +131,9 @@ std::string export_text(const PhysicalMap& m, const ExportOptions& options) {
                 const std::vector<int> r = row(m, l);
                 json devices = json::array();
                 for (int g = 0; g < G; ++g)
-                    devices.push_back({{"device_id", g},
-                                       {"device_expert", std::vector<int>(r.begin() + g * S, r.begin() + (g + 1) * S)}});
+                    devices.push_back(
+                        {{"device_id", g},
+                         {"device_expert", std::vector<int>(r.begin() + g * S, r.begin() + (g + 1) * S)}});
                 layers.push_back({{"layer_id", l}, {"device_count", G}, {"device_list", std::move(devices)}});
             }
             j["layer_list"] = std::move(layers);
@@ -177,8 +180,8 @@ std::string export_text(const PhysicalMap& m, const ExportOptions& options) {
 
 PhysicalMap export_plan(const ExpertPlan& plan, const ExportOptions& options, const std::string& path) {
     PhysicalMap m = build_physical_map(plan, options.expert_load);
-    const bool npy_dir = options.format == ExportFormat::kEplb &&
-                         !(path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0);
+    const bool npy_dir =
+        options.format == ExportFormat::kEplb && !(path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0);
     if (!npy_dir) {
         check_output_dir(path);
         write_text_atomic(path, export_text(m, options));
@@ -248,12 +251,14 @@ std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, 
         j = json::parse(text);
         if (format == ExportFormat::kSglang) {
             const auto rows = j.at("physical_to_logical_map").get<std::vector<std::vector<int>>>();
-            GRACE_CHECK_INPUT(static_cast<int>(rows.size()) >= layer_offset, what, ": fewer rows than the layer offset");
+            GRACE_CHECK_INPUT(static_cast<int>(rows.size()) >= layer_offset, what,
+                              ": fewer rows than the layer offset");
             for (size_t l = layer_offset; l < rows.size(); ++l) out.push_back(split_gpus(rows[l], num_gpus, what));
         } else if (format == ExportFormat::kVllmAscend) {
             for (const json& layer : j.at("layer_list")) {
                 std::vector<std::vector<int>> gpus;
-                for (const json& d : layer.at("device_list")) gpus.push_back(d.at("device_expert").get<std::vector<int>>());
+                for (const json& d : layer.at("device_list"))
+                    gpus.push_back(d.at("device_expert").get<std::vector<int>>());
                 GRACE_CHECK_INPUT(static_cast<int>(gpus.size()) == layer.at("device_count").get<int>(), what,
                                   ": device_count disagrees with device_list");
                 out.push_back(std::move(gpus));

@@ -90,13 +90,13 @@ struct Stream {
 
 /// The knobs of the model; docs/calibration.md says how each preset's values were chosen.
 struct ModelParams {
-    int num_topics;        ///< latent topics
-    double zipf_s;         ///< topic frequency ~ 1 / rank^s
-    double sigma_first;    ///< popularity logit std at the first layer
-    double sigma_last;     ///< ... at the last layer (linear in between)
-    double dataset_rho;    ///< weight of the dataset-specific part of the popularity (0 = same for all datasets)
-    int group_size;        ///< experts each topic prefers: one group of a per-layer random partition of the experts
-    double beta_lo;        ///< logit bonus of a preferred expert: uniform in [beta_lo, beta_hi], drawn per layer
+    int num_topics;      ///< latent topics
+    double zipf_s;       ///< topic frequency ~ 1 / rank^s
+    double sigma_first;  ///< popularity logit std at the first layer
+    double sigma_last;   ///< ... at the last layer (linear in between)
+    double dataset_rho;  ///< weight of the dataset-specific part of the popularity (0 = same for all datasets)
+    int group_size;      ///< experts each topic prefers: one group of a per-layer random partition of the experts
+    double beta_lo;      ///< logit bonus of a preferred expert: uniform in [beta_lo, beta_hi], drawn per layer
     double beta_hi;
     double layer_persist;  ///< P(topic kept from the previous layer)
     double seq_persist;    ///< P(topic kept from the previous token of the sequence)
@@ -134,7 +134,13 @@ struct DatasetInfo {
     double skew;
 };
 constexpr std::array<DatasetInfo, 7> kDatasets = {{
-    {"wikitext", 1.0}, {"arxiv", 1.05}, {"github", 1.05}, {"c4", 0.9}, {"book", 0.95}, {"tulu", 0.95}, {"mixed", 1.0},
+    {"wikitext", 1.0},
+    {"arxiv", 1.05},
+    {"github", 1.05},
+    {"c4", 0.9},
+    {"book", 0.95},
+    {"tulu", 0.95},
+    {"mixed", 1.0},
 }};
 constexpr int kMaxTopK = 64;
 
@@ -259,7 +265,8 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
                 score[e] = shared * normal(key(model_key, 0x72, l, e)) + rho * normal(key(model_key, ds_key, l, e));
             std::vector<int> order(m.E);
             std::iota(order.begin(), order.end(), 0);
-            std::sort(order.begin(), order.end(), [&](int x, int y) { return score[x] < score[y] || (score[x] == score[y] && x < y); });
+            std::sort(order.begin(), order.end(),
+                      [&](int x, int y) { return score[x] < score[y] || (score[x] == score[y] && x < y); });
             for (int r = 0; r < m.E; ++r) b[order[r]] = sigma * std::min(p.hot_cap, normal_quantile((r + 0.5) / m.E));
             for (int c = 0; c < m.topics; ++c) {
                 const auto& pref = prefers[static_cast<size_t>(l) * m.topics + c];
@@ -385,8 +392,7 @@ RoutingTrace generate_trace(const GeneratorOptions& options) {
     GRACE_CHECK_ARG(options.num_tokens >= 1, "number of tokens must be at least 1, got ", options.num_tokens);
     GRACE_CHECK_ARG(options.num_layers >= 0, "number of layers must be >= 0 (0 = the preset's), got ",
                     options.num_layers);
-    GRACE_CHECK_ARG(options.sequence_length >= 1, "sequence length must be at least 1, got ",
-                    options.sequence_length);
+    GRACE_CHECK_ARG(options.sequence_length >= 1, "sequence length must be at least 1, got ", options.sequence_length);
     GRACE_CHECK_ARG(options.num_threads >= 0, "number of threads must be >= 0 (0 = all), got ", options.num_threads);
 
     const int L = options.num_layers > 0 ? options.num_layers : entry.shape.num_layers;

@@ -37,8 +37,8 @@ namespace detail {
 std::vector<double> clean_affinity(const std::vector<double>& affinity, int num_experts, const char* fn) {
     GRACE_CHECK_ARG(num_experts >= 1, fn, ": num_experts must be >= 1, got ", num_experts);
     const size_t E = static_cast<size_t>(num_experts);
-    GRACE_CHECK_ARG(affinity.size() == E * E, fn, ": affinity has ", affinity.size(), " entries, expected E*E = ",
-                    E * E, " for E = ", num_experts);
+    GRACE_CHECK_ARG(affinity.size() == E * E, fn, ": affinity has ", affinity.size(),
+                    " entries, expected E*E = ", E * E, " for E = ", num_experts);
     std::vector<double> a(E * E, 0.0);
     for (size_t i = 0; i < E; ++i) {
         for (size_t j = i + 1; j < E; ++j) {
@@ -53,8 +53,8 @@ std::vector<double> clean_affinity(const std::vector<double>& affinity, int num_
 
 void check_num_groups(int num_experts, int num_groups, const char* fn) {
     GRACE_CHECK_ARG(num_groups >= 1, fn, ": num_groups must be >= 1, got ", num_groups);
-    GRACE_CHECK_ARG(num_groups <= num_experts, fn, ": num_groups (", num_groups, ") exceeds num_experts (",
-                    num_experts, ")");
+    GRACE_CHECK_ARG(num_groups <= num_experts, fn, ": num_groups (", num_groups, ") exceeds num_experts (", num_experts,
+                    ")");
 }
 
 Grouping canonical(const Grouping& g) {
@@ -73,7 +73,11 @@ Grouping canonical(const Grouping& g) {
 }
 
 GroupState::GroupState(const double* a, int num_experts, const Grouping& start)
-    : a_(a), e_(num_experts), n_(start.num_groups), group_of_(start.group_of), size_(start.num_groups, 0),
+    : a_(a),
+      e_(num_experts),
+      n_(start.num_groups),
+      group_of_(start.group_of),
+      size_(start.num_groups, 0),
       aff_(static_cast<size_t>(num_experts) * start.num_groups, 0.0) {
     for (int g : group_of_) ++size_[g];
     for (int j = 0; j < e_; ++j) {  // row j of A, added to the row of j's group (A symmetric, zero diagonal)
@@ -216,8 +220,8 @@ double affinity_utilization(const std::vector<double>& affinity, int num_experts
 
 double size_deviation(const Grouping& grouping) {
     const int E = static_cast<int>(grouping.group_of.size());
-    GRACE_CHECK_ARG(grouping.num_groups >= 1 && E >= 1, "size_deviation: empty grouping (num_groups = ",
-                    grouping.num_groups, ", experts = ", E, ")");
+    GRACE_CHECK_ARG(grouping.num_groups >= 1 && E >= 1,
+                    "size_deviation: empty grouping (num_groups = ", grouping.num_groups, ", experts = ", E, ")");
     const std::vector<int> s = grouping.sizes();
     const auto [mn, mx] = std::minmax_element(s.begin(), s.end());
     return (*mx - *mn) / (static_cast<double>(E) / grouping.num_groups);
@@ -249,10 +253,10 @@ void check_start(const Grouping& start, int num_experts, const char* fn) {
 
 void check_bounds(int num_experts, int n, int lo, int hi, const char* fn) {
     GRACE_CHECK_ARG(lo >= 0 && hi >= lo, fn, ": size bounds [", lo, ", ", hi, "] are not a valid range");
-    GRACE_CHECK_ARG(static_cast<long long>(n) * lo <= num_experts, fn, ": infeasible bounds: ", n, " groups of >= ",
-                    lo, " experts need more than E = ", num_experts);
-    GRACE_CHECK_ARG(static_cast<long long>(n) * hi >= num_experts, fn, ": infeasible bounds: ", n, " groups of <= ",
-                    hi, " experts cannot hold E = ", num_experts);
+    GRACE_CHECK_ARG(static_cast<long long>(n) * lo <= num_experts, fn, ": infeasible bounds: ", n, " groups of >= ", lo,
+                    " experts need more than E = ", num_experts);
+    GRACE_CHECK_ARG(static_cast<long long>(n) * hi >= num_experts, fn, ": infeasible bounds: ", n, " groups of <= ", hi,
+                    " experts cannot hold E = ", num_experts);
 }
 
 Grouping controlled_clean(const std::vector<double>& a, int E, const Grouping& start, int lo, int hi, bool refine) {
@@ -344,8 +348,8 @@ KneeResult knee_grouping(const std::vector<double>& affinity, int num_experts, c
     double best_dist = -1;
     for (size_t p = 0; p < res.curve.size(); ++p) {
         const double x = nx(res.curve[p].d), y = ny(res.curve[p].u);
-        const double dist = len > 0 ? std::abs((x1 - x0) * (y0 - y) - (x0 - x) * (y1 - y0)) / len
-                                    : std::hypot(x - x0, y - y0);
+        const double dist =
+            len > 0 ? std::abs((x1 - x0) * (y0 - y) - (x0 - x) * (y1 - y0)) / len : std::hypot(x - x0, y - y0);
         if (dist > best_dist + 1e-12) {  // ties go to the smaller r
             best_dist = dist;
             best = p;

@@ -20,7 +20,7 @@ Grouping canonical(const Grouping& g);
 /// A grouping with its sizes and the intra-affinity table a(e, g) = sum_{j in g, j != e} A_ej kept current
 /// under moves, so a move costs O(E) rather than a recomputation.
 class GroupState {
-public:
+  public:
     GroupState(const double* a, int num_experts, const Grouping& start);
     int group(int e) const { return group_of_[e]; }
     int size(int g) const { return size_[g]; }
@@ -32,7 +32,7 @@ public:
     double intra_sum() const;
     Grouping grouping() const;
 
-private:
+  private:
     const double* a_;
     int e_, n_;
     std::vector<int> group_of_, size_;

@@ -17,8 +17,8 @@ namespace {
 
 std::string temp_name_for(const fs::path& target) {
     static std::atomic<uint64_t> counter{0};
-    return (target.parent_path() / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." +
-                                    std::to_string(counter++)))
+    return (target.parent_path() /
+            ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++)))
         .string();
 }
 

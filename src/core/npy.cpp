@@ -51,7 +51,8 @@ void parse_descr(const std::string& quoted, NpyHeader& h, const std::string& pat
     } catch (...) {
         GRACE_CHECK_INPUT(false, path, ": unsupported dtype '", d, "' (expected an integer or float array)");
     }
-    GRACE_CHECK_INPUT(order == '<' || order == '>' || order == '|' || order == '=', path, ": unsupported dtype '", d, "'");
+    GRACE_CHECK_INPUT(order == '<' || order == '>' || order == '|' || order == '=', path, ": unsupported dtype '", d,
+                      "'");
     h.big_endian = order == '>' || (order == '=' && std::endian::native == std::endian::big);
     h.item_size = size;
     auto bad = [&] {
@@ -60,28 +61,44 @@ void parse_descr(const std::string& quoted, NpyHeader& h, const std::string& pat
     };
     switch (kind) {
         case 'i':
-            if (size == 1) h.dtype = DType::kInt8;
-            else if (size == 2) h.dtype = DType::kInt16;
-            else if (size == 4) h.dtype = DType::kInt32;
-            else if (size == 8) h.dtype = DType::kInt64;
-            else bad();
+            if (size == 1)
+                h.dtype = DType::kInt8;
+            else if (size == 2)
+                h.dtype = DType::kInt16;
+            else if (size == 4)
+                h.dtype = DType::kInt32;
+            else if (size == 8)
+                h.dtype = DType::kInt64;
+            else
+                bad();
             break;
         case 'u':
-            if (size == 1) h.dtype = DType::kUInt8;
-            else if (size == 2) h.dtype = DType::kUInt16;
-            else if (size == 4) h.dtype = DType::kUInt32;
-            else if (size == 8) h.dtype = DType::kUInt64;
-            else bad();
+            if (size == 1)
+                h.dtype = DType::kUInt8;
+            else if (size == 2)
+                h.dtype = DType::kUInt16;
+            else if (size == 4)
+                h.dtype = DType::kUInt32;
+            else if (size == 8)
+                h.dtype = DType::kUInt64;
+            else
+                bad();
             break;
         case 'f':
-            if (size == 2) h.dtype = DType::kFloat16;
-            else if (size == 4) h.dtype = DType::kFloat32;
-            else if (size == 8) h.dtype = DType::kFloat64;
-            else bad();
+            if (size == 2)
+                h.dtype = DType::kFloat16;
+            else if (size == 4)
+                h.dtype = DType::kFloat32;
+            else if (size == 8)
+                h.dtype = DType::kFloat64;
+            else
+                bad();
             break;
         case 'b':
-            if (size == 1) h.dtype = DType::kBool;
-            else bad();
+            if (size == 1)
+                h.dtype = DType::kBool;
+            else
+                bad();
             break;
         default:
             bad();
@@ -152,18 +169,30 @@ T load_swapped(const unsigned char* p, int size, bool swap) {
 double element_as_double(const NpyHeader& h, const unsigned char* p) {
     bool swap = h.big_endian != (std::endian::native == std::endian::big);
     switch (h.dtype) {
-        case DType::kInt8: return static_cast<int8_t>(*p);
-        case DType::kUInt8: return *p;
-        case DType::kBool: return *p != 0;
-        case DType::kInt16: return load_swapped<int16_t>(p, 2, swap);
-        case DType::kUInt16: return load_swapped<uint16_t>(p, 2, swap);
-        case DType::kInt32: return load_swapped<int32_t>(p, 4, swap);
-        case DType::kUInt32: return load_swapped<uint32_t>(p, 4, swap);
-        case DType::kInt64: return static_cast<double>(load_swapped<int64_t>(p, 8, swap));
-        case DType::kUInt64: return static_cast<double>(load_swapped<uint64_t>(p, 8, swap));
-        case DType::kFloat16: return half_to_float(load_swapped<uint16_t>(p, 2, swap));
-        case DType::kFloat32: return load_swapped<float>(p, 4, swap);
-        case DType::kFloat64: return load_swapped<double>(p, 8, swap);
+        case DType::kInt8:
+            return static_cast<int8_t>(*p);
+        case DType::kUInt8:
+            return *p;
+        case DType::kBool:
+            return *p != 0;
+        case DType::kInt16:
+            return load_swapped<int16_t>(p, 2, swap);
+        case DType::kUInt16:
+            return load_swapped<uint16_t>(p, 2, swap);
+        case DType::kInt32:
+            return load_swapped<int32_t>(p, 4, swap);
+        case DType::kUInt32:
+            return load_swapped<uint32_t>(p, 4, swap);
+        case DType::kInt64:
+            return static_cast<double>(load_swapped<int64_t>(p, 8, swap));
+        case DType::kUInt64:
+            return static_cast<double>(load_swapped<uint64_t>(p, 8, swap));
+        case DType::kFloat16:
+            return half_to_float(load_swapped<uint16_t>(p, 2, swap));
+        case DType::kFloat32:
+            return load_swapped<float>(p, 4, swap);
+        case DType::kFloat64:
+            return load_swapped<double>(p, 8, swap);
     }
     return 0;
 }
@@ -171,11 +200,12 @@ double element_as_double(const NpyHeader& h, const unsigned char* p) {
 int64_t element_as_int(const NpyHeader& h, const unsigned char* p, const std::string& path) {
     bool swap = h.big_endian != (std::endian::native == std::endian::big);
     switch (h.dtype) {
-        case DType::kInt64: return load_swapped<int64_t>(p, 8, swap);
+        case DType::kInt64:
+            return load_swapped<int64_t>(p, 8, swap);
         case DType::kUInt64: {
             uint64_t v = load_swapped<uint64_t>(p, 8, swap);
-            GRACE_CHECK_INPUT(v <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), path,
-                              ": value ", v, " does not fit in int64");
+            GRACE_CHECK_INPUT(v <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), path, ": value ", v,
+                              " does not fit in int64");
             return static_cast<int64_t>(v);
         }
         case DType::kFloat16:
@@ -186,7 +216,8 @@ int64_t element_as_int(const NpyHeader& h, const unsigned char* p, const std::st
                               ": expected whole numbers, found ", v);
             return static_cast<int64_t>(v);
         }
-        default: return static_cast<int64_t>(element_as_double(h, p));
+        default:
+            return static_cast<int64_t>(element_as_double(h, p));
     }
 }
 
@@ -205,18 +236,30 @@ bool NpyHeader::is_float() const {
 
 std::string NpyHeader::dtype_name() const {
     switch (dtype) {
-        case DType::kInt8: return "int8";
-        case DType::kInt16: return "int16";
-        case DType::kInt32: return "int32";
-        case DType::kInt64: return "int64";
-        case DType::kUInt8: return "uint8";
-        case DType::kUInt16: return "uint16";
-        case DType::kUInt32: return "uint32";
-        case DType::kUInt64: return "uint64";
-        case DType::kFloat16: return "float16";
-        case DType::kFloat32: return "float32";
-        case DType::kFloat64: return "float64";
-        case DType::kBool: return "bool";
+        case DType::kInt8:
+            return "int8";
+        case DType::kInt16:
+            return "int16";
+        case DType::kInt32:
+            return "int32";
+        case DType::kInt64:
+            return "int64";
+        case DType::kUInt8:
+            return "uint8";
+        case DType::kUInt16:
+            return "uint16";
+        case DType::kUInt32:
+            return "uint32";
+        case DType::kUInt64:
+            return "uint64";
+        case DType::kFloat16:
+            return "float16";
+        case DType::kFloat32:
+            return "float32";
+        case DType::kFloat64:
+            return "float64";
+        case DType::kBool:
+            return "bool";
     }
     return "?";
 }
@@ -257,8 +300,8 @@ NpyHeader read_npy_header(const std::string& path) {
     auto size = std::filesystem::file_size(path, ec);
     GRACE_CHECK(!ec, ErrorCode::kIo, "cannot stat ", path);
     __int128 need = static_cast<__int128>(h.num_elements()) * h.item_size + h.data_offset;
-    GRACE_CHECK_INPUT(static_cast<__int128>(size) >= need, path, ": truncated .npy file (", size, " bytes, shape needs ",
-                      static_cast<int64_t>(need), ")");
+    GRACE_CHECK_INPUT(static_cast<__int128>(size) >= need, path, ": truncated .npy file (", size,
+                      " bytes, shape needs ", static_cast<int64_t>(need), ")");
     return h;
 }
 

@@ -72,8 +72,9 @@ void LayerPlan::finalize(int num_experts) {
 }
 
 void ExpertPlan::validate() const {
-    GRACE_CHECK_INPUT(num_experts >= 1 && num_layers >= 1 && top_k >= 1, "plan: num_experts, num_layers and top_k must ",
-                      "be positive (got ", num_experts, ", ", num_layers, ", ", top_k, ")");
+    GRACE_CHECK_INPUT(num_experts >= 1 && num_layers >= 1 && top_k >= 1,
+                      "plan: num_experts, num_layers and top_k must ", "be positive (got ", num_experts, ", ",
+                      num_layers, ", ", top_k, ")");
     GRACE_CHECK_INPUT(top_k <= num_experts, "plan: top_k ", top_k, " exceeds num_experts ", num_experts);
     try {
         topology.validate();
@@ -81,8 +82,8 @@ void ExpertPlan::validate() const {
         throw Error(ErrorCode::kInvalidInput, cat("plan: ", e.what()));
     }
     const int G = topology.num_gpus();
-    GRACE_CHECK_INPUT(static_cast<int>(layers.size()) == num_layers, "plan: has ", layers.size(), " layers but num_layers is ",
-                      num_layers);
+    GRACE_CHECK_INPUT(static_cast<int>(layers.size()) == num_layers, "plan: has ", layers.size(),
+                      " layers but num_layers is ", num_layers);
     for (int l = 0; l < num_layers; ++l) {
         const LayerPlan& lp = layers[l];
         GRACE_CHECK_INPUT(lp.layer == l, "plan: layer entry ", l, " is labelled ", lp.layer);
@@ -95,8 +96,8 @@ void ExpertPlan::validate() const {
                 GRACE_CHECK_INPUT(static_cast<int>(ex.size()) <= *topology.slots_per_gpu, "plan layer ", l, ": GPU ", g,
                                   " holds ", ex.size(), " instances but has only ", *topology.slots_per_gpu, " slots");
             for (size_t i = 0; i < ex.size(); ++i) {
-                GRACE_CHECK_INPUT(ex[i] >= 0 && ex[i] < num_experts, "plan layer ", l, ": GPU ", g, " holds expert ", ex[i],
-                                  ", outside [0, ", num_experts, ")");
+                GRACE_CHECK_INPUT(ex[i] >= 0 && ex[i] < num_experts, "plan layer ", l, ": GPU ", g, " holds expert ",
+                                  ex[i], ", outside [0, ", num_experts, ")");
                 GRACE_CHECK_INPUT(i == 0 || ex[i] != ex[i - 1], "plan layer ", l, ": GPU ", g,
                                   " holds two instances of expert ", ex[i]);
                 GRACE_CHECK_INPUT(i == 0 || ex[i] > ex[i - 1], "plan layer ", l, ": GPU ", g,
@@ -104,36 +105,38 @@ void ExpertPlan::validate() const {
                 ++count[ex[i]];
             }
         }
-        GRACE_CHECK_INPUT(static_cast<int>(lp.primary_gpu.size()) == num_experts, "plan layer ", l, ": primary_gpu has ",
-                          lp.primary_gpu.size(), " entries, expected ", num_experts);
+        GRACE_CHECK_INPUT(static_cast<int>(lp.primary_gpu.size()) == num_experts, "plan layer ", l,
+                          ": primary_gpu has ", lp.primary_gpu.size(), " entries, expected ", num_experts);
         for (int e = 0; e < num_experts; ++e) {
             GRACE_CHECK_INPUT(count[e] >= 1, "plan layer ", l, ": expert ", e, " has no instance");
             int p = lp.primary_gpu[e];
-            GRACE_CHECK_INPUT(p >= 0 && p < G, "plan layer ", l, ": primary GPU ", p, " of expert ", e, " is outside [0, ",
-                              G, ")");
-            GRACE_CHECK_INPUT(std::binary_search(lp.gpu_experts[p].begin(), lp.gpu_experts[p].end(), e), "plan layer ", l,
-                              ": expert ", e, "'s primary GPU ", p, " does not hold it");
+            GRACE_CHECK_INPUT(p >= 0 && p < G, "plan layer ", l, ": primary GPU ", p, " of expert ", e,
+                              " is outside [0, ", G, ")");
+            GRACE_CHECK_INPUT(std::binary_search(lp.gpu_experts[p].begin(), lp.gpu_experts[p].end(), e), "plan layer ",
+                              l, ": expert ", e, "'s primary GPU ", p, " does not hold it");
             GRACE_CHECK_INPUT(count[e] <= 255, "plan layer ", l, ": expert ", e, " has more than 255 instances");
         }
-        GRACE_CHECK_INPUT(lp.wrr_period >= 1 && lp.wrr_period <= 65535, "plan layer ", l, ": WRR period ", lp.wrr_period,
-                          " is outside [1, 65535]");
+        GRACE_CHECK_INPUT(lp.wrr_period >= 1 && lp.wrr_period <= 65535, "plan layer ", l, ": WRR period ",
+                          lp.wrr_period, " is outside [1, 65535]");
         GRACE_CHECK_INPUT(static_cast<int>(lp.instance_gpus.size()) == num_experts &&
                               static_cast<int>(lp.wrr_weights.size()) == num_experts,
                           "plan layer ", l, ": routing tables must list every expert");
         for (int e = 0; e < num_experts; ++e) {
             const auto& inst = lp.instance_gpus[e];
-            GRACE_CHECK_INPUT(static_cast<int>(inst.size()) == count[e] && !inst.empty() && inst[0] == lp.primary_gpu[e],
-                              "plan layer ", l, ": routing instances of expert ", e,
-                              " do not match gpu_experts (primary first)");
+            GRACE_CHECK_INPUT(
+                static_cast<int>(inst.size()) == count[e] && !inst.empty() && inst[0] == lp.primary_gpu[e],
+                "plan layer ", l, ": routing instances of expert ", e, " do not match gpu_experts (primary first)");
             for (int g : inst)
-                GRACE_CHECK_INPUT(g >= 0 && g < G && std::binary_search(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end(), e),
-                                  "plan layer ", l, ": routing lists GPU ", g, " for expert ", e, ", which does not hold it");
+                GRACE_CHECK_INPUT(
+                    g >= 0 && g < G && std::binary_search(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end(), e),
+                    "plan layer ", l, ": routing lists GPU ", g, " for expert ", e, ", which does not hold it");
             const auto& w = lp.wrr_weights[e];
             GRACE_CHECK_INPUT(w.size() == inst.size(), "plan layer ", l, ": expert ", e, " has ", inst.size(),
                               " instances but ", w.size(), " WRR weights");
             int sum = 0;
             for (int x : w) {
-                GRACE_CHECK_INPUT(x >= 1, "plan layer ", l, ": WRR weight ", x, " of expert ", e, " must be at least 1");
+                GRACE_CHECK_INPUT(x >= 1, "plan layer ", l, ": WRR weight ", x, " of expert ", e,
+                                  " must be at least 1");
                 sum += x;
             }
             GRACE_CHECK_INPUT(sum == lp.wrr_period, "plan layer ", l, ": WRR weights of expert ", e, " sum to ", sum,
@@ -148,9 +151,10 @@ std::string plan_to_json(const ExpertPlan& plan) {
     j["num_experts"] = plan.num_experts;
     j["num_layers"] = plan.num_layers;
     j["top_k"] = plan.top_k;
-    j["topology"] = {{"nodes", plan.topology.nodes},
-                     {"gpus_per_node", plan.topology.gpus_per_node},
-                     {"slots_per_gpu", plan.topology.slots_per_gpu ? json(*plan.topology.slots_per_gpu) : json(nullptr)}};
+    j["topology"] = {
+        {"nodes", plan.topology.nodes},
+        {"gpus_per_node", plan.topology.gpus_per_node},
+        {"slots_per_gpu", plan.topology.slots_per_gpu ? json(*plan.topology.slots_per_gpu) : json(nullptr)}};
     j["method"] = plan.method;
     j["seed"] = plan.seed;
     j["source"] = plan.source;
@@ -171,9 +175,8 @@ std::string plan_to_json(const ExpertPlan& plan) {
             curves.push_back(c);
         }
         jl["grouping"] = {{"r_star", number_or_null(lp.r_star)}, {"knee_curves", curves}};
-        jl["replication"] = {{"gamma", number_or_null(lp.gamma)},
-                             {"num_replicas", lp.num_replicas},
-                             {"hot_experts", lp.hot_experts}};
+        jl["replication"] = {
+            {"gamma", number_or_null(lp.gamma)}, {"num_replicas", lp.num_replicas}, {"hot_experts", lp.hot_experts}};
         jl["gpu_load_before"] = lp.gpu_load_before;
         jl["predicted_gpu_load"] = lp.predicted_gpu_load;
         layers.push_back(std::move(jl));
@@ -236,7 +239,9 @@ ExpertPlan plan_from_json(const std::string& text) {
                 if (g.contains("knee_curves"))
                     for (const json& c : g.at("knee_curves")) {
                         std::vector<KneePoint> curve;
-                        for (const json& p : c) curve.push_back({p.at("r").get<double>(), p.at("u").get<double>(), p.at("d").get<double>()});
+                        for (const json& p : c)
+                            curve.push_back(
+                                {p.at("r").get<double>(), p.at("u").get<double>(), p.at("d").get<double>()});
                         lp.knee_curves.push_back(std::move(curve));
                     }
             }
@@ -246,7 +251,8 @@ ExpertPlan plan_from_json(const std::string& text) {
                 lp.num_replicas = r.value("num_replicas", 0);
                 if (r.contains("hot_experts")) lp.hot_experts = r.at("hot_experts").get<std::vector<int>>();
             }
-            if (jl.contains("gpu_load_before")) lp.gpu_load_before = jl.at("gpu_load_before").get<std::vector<double>>();
+            if (jl.contains("gpu_load_before"))
+                lp.gpu_load_before = jl.at("gpu_load_before").get<std::vector<double>>();
             if (jl.contains("predicted_gpu_load"))
                 lp.predicted_gpu_load = jl.at("predicted_gpu_load").get<std::vector<double>>();
             // A plan written by another tool may omit the routing tables: derive them.

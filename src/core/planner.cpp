@@ -19,8 +19,9 @@ namespace grace {
 
 namespace {
 
-constexpr const char* kGroupings[] = {"vanilla",        "occult",       "c2r",   "spectral-full", "spectral-controlled",
-                                      "hierarchical",   "metis",        "eplb-hierarchical", "eplb-global"};
+constexpr const char* kGroupings[] = {
+    "vanilla",           "occult",     "c2r", "spectral-full", "spectral-controlled", "hierarchical", "metis",
+    "eplb-hierarchical", "eplb-global"};
 constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "eplb"};
 
 std::string join_names(const char* const* names, size_t n) {
@@ -310,8 +311,8 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
                     // spectral grouping already uniform) is accepted.
                     const auto b0 = controlled_bounds(E, G, 0.0, cap);
                     const auto b1 = controlled_bounds(E, G, static_cast<double>(E), cap);
-                    GRACE_CHECK_ARG(E > G && b0 != b1, "spectral-controlled: the knee search has a single point (",
-                                    E, " experts on ", G, " GPUs", cap ? cat(" with ", cap, " slots") : std::string(),
+                    GRACE_CHECK_ARG(E > G && b0 != b1, "spectral-controlled: the knee search has a single point (", E,
+                                    " experts on ", G, " GPUs", cap ? cat(" with ", cap, " slots") : std::string(),
                                     " allow only group sizes [", b0.first, ", ", b0.second,
                                     "]); give a ratio (spectral-controlled:R) or another grouping");
                     KneeResult knee = knee_grouping(in.affinity, E, full, cap, options.refine, true);
@@ -379,16 +380,16 @@ MethodSpec parse_method(const std::string& text) {
         auto [name, param] = split_param(parts[0]);
         bool known = std::find_if(std::begin(kGroupings), std::end(kGroupings),
                                   [&](const char* k) { return name == k; }) != std::end(kGroupings);
-        GRACE_CHECK_ARG(known, "unknown grouping '", parts[0], "' in method '", text, "' (valid: ",
-                        join_names(kGroupings, std::size(kGroupings)), ")");
+        GRACE_CHECK_ARG(known, "unknown grouping '", parts[0], "' in method '", text,
+                        "' (valid: ", join_names(kGroupings, std::size(kGroupings)), ")");
         spec.grouping = name;
         if (!param.empty() || parts[0].find(':') != std::string::npos) {
             GRACE_CHECK_ARG(name == "spectral-controlled" || name == "hierarchical", "grouping '", name,
                             "' takes no parameter (got '", parts[0], "')");
             char* end = nullptr;
             const double r = std::strtod(param.c_str(), &end);
-            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && std::isfinite(r) && r >= 0, name, " ratio '", param,
-                            "' is not a number >= 0");
+            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && std::isfinite(r) && r >= 0, name, " ratio '",
+                            param, "' is not a number >= 0");
             (name == "hierarchical" ? spec.node_ratio : spec.controlled_ratio) = r;
         }
     }
@@ -396,15 +397,15 @@ MethodSpec parse_method(const std::string& text) {
         auto [name, param] = split_param(parts[1]);
         bool known = std::find_if(std::begin(kReplications), std::end(kReplications),
                                   [&](const char* k) { return name == k; }) != std::end(kReplications);
-        GRACE_CHECK_ARG(known, "unknown replication '", parts[1], "' in method '", text, "' (valid: ",
-                        join_names(kReplications, std::size(kReplications)), ")");
+        GRACE_CHECK_ARG(known, "unknown replication '", parts[1], "' in method '", text,
+                        "' (valid: ", join_names(kReplications, std::size(kReplications)), ")");
         spec.replication = name;
         if (parts[1].find(':') != std::string::npos) {
             GRACE_CHECK_ARG(name == "eplb", "replication '", name, "' takes no parameter (got '", parts[1], "')");
             char* end = nullptr;
             const long v = std::strtol(param.c_str(), &end, 10);
-            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && v >= 1 && v <= INT_MAX, "eplb slot count '",
-                            param, "' is not a positive integer");
+            GRACE_CHECK_ARG(!param.empty() && end && *end == '\0' && v >= 1 && v <= INT_MAX, "eplb slot count '", param,
+                            "' is not a positive integer");
             spec.replication_slots = static_cast<int>(v);
         }
     }
@@ -443,7 +444,8 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
         // Imported loads without k: estimate it from the first layer (sum of loads = T * k).
         int64_t sum = 0;
         for (int e = 0; e < E; ++e) sum += stats.load_at(0, e);
-        plan.top_k = stats.num_tokens > 0 ? static_cast<int>(std::llround(static_cast<double>(sum) / stats.num_tokens)) : 1;
+        plan.top_k =
+            stats.num_tokens > 0 ? static_cast<int>(std::llround(static_cast<double>(sum) / stats.num_tokens)) : 1;
         plan.top_k = std::clamp(plan.top_k, 1, E);
     }
     plan.topology = topology;

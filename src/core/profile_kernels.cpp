@@ -28,11 +28,11 @@ struct BadId {
 struct PairCounter::ThreadState {
     int layer_begin = 0, layer_end = 0;
     int token_group = 0;
-    int64_t pending = 0;            // tokens counted into `small` since the last flush
-    std::vector<uint16_t> small;    // [layers, E, E]
-    std::vector<int64_t> wide;      // [layers, E, E]
-    std::vector<int64_t> load;      // [layers, E] (top_k == 1 only)
-    std::vector<int64_t> source;    // [layers, G, E]
+    int64_t pending = 0;          // tokens counted into `small` since the last flush
+    std::vector<uint16_t> small;  // [layers, E, E]
+    std::vector<int64_t> wide;    // [layers, E, E]
+    std::vector<int64_t> load;    // [layers, E] (top_k == 1 only)
+    std::vector<int64_t> source;  // [layers, G, E]
     BadId bad;
 };
 
@@ -83,8 +83,8 @@ namespace {
 /// which the caller checks. Returns false (before touching the table) at the first token with an id outside
 /// [0, E). K > 0 fixes k at compile time so the pair loops unroll.
 template <int K>
-bool count_layer(const int32_t* ids, int64_t row, int l, int k_rt, int64_t b0, int64_t b1, uint32_t uE,
-                 uint16_t* table, int64_t* source, int G, int64_t first_token, int64_t total_tokens) {
+bool count_layer(const int32_t* ids, int64_t row, int l, int k_rt, int64_t b0, int64_t b1, uint32_t uE, uint16_t* table,
+                 int64_t* source, int G, int64_t first_token, int64_t total_tokens) {
     const int k = K > 0 ? K : k_rt;
     const size_t E = uE;
     for (int64_t t = b0; t < b1; ++t) {
@@ -124,11 +124,16 @@ using CountFn = bool (*)(const int32_t*, int64_t, int, int, int64_t, int64_t, ui
 
 CountFn count_fn(int k) {
     switch (k) {
-        case 2: return count_layer<2>;
-        case 4: return count_layer<4>;
-        case 6: return count_layer<6>;
-        case 8: return count_layer<8>;
-        default: return count_layer<0>;
+        case 2:
+            return count_layer<2>;
+        case 4:
+            return count_layer<4>;
+        case 6:
+            return count_layer<6>;
+        case 8:
+            return count_layer<8>;
+        default:
+            return count_layer<0>;
     }
 }
 

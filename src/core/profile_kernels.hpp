@@ -11,7 +11,7 @@ namespace grace::detail {
 
 /// Accumulates pair counts (upper triangle, i < j) and optional per-source-GPU loads over chunks of a trace.
 class PairCounter {
-public:
+  public:
     /// `num_gpus` > 0 also counts per-source loads with home_gpu(t, total_tokens, num_gpus).
     PairCounter(int num_layers, int num_experts, int top_k, int64_t total_tokens, int num_gpus, int num_threads);
 
@@ -27,7 +27,7 @@ public:
     std::vector<int64_t> source_load() const;
     int64_t tokens_seen() const { return tokens_seen_; }
 
-private:
+  private:
     struct ThreadState;
     void flush(ThreadState& s);
     int L_, E_, k_, G_, threads_;
@@ -35,7 +35,7 @@ private:
     int64_t tokens_seen_ = 0;
     std::vector<ThreadState> states_;
 
-public:
+  public:
     ~PairCounter();
     PairCounter(const PairCounter&) = delete;
     PairCounter& operator=(const PairCounter&) = delete;

@@ -29,7 +29,11 @@ struct Holdings {
     std::vector<int> gpu_count, expert_count;
 
     Holdings(const LayerPlan& layer, int E, int G, int capacity)
-        : num_experts(E), num_gpus(G), cap(capacity), holds(static_cast<size_t>(G) * E, 0), gpu_count(G, 0),
+        : num_experts(E),
+          num_gpus(G),
+          cap(capacity),
+          holds(static_cast<size_t>(G) * E, 0),
+          gpu_count(G, 0),
           expert_count(E, 0) {
         for (int g = 0; g < G; ++g)
             for (int e : layer.gpu_experts[g]) {

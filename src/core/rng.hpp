@@ -22,14 +22,14 @@ inline double to_unit(uint64_t x) { return static_cast<double>(x >> 11) * 0x1.0p
 
 /// A small sequential generator (splitmix64 stream) for algorithms that draw many numbers.
 class Rng {
-public:
+  public:
     explicit Rng(uint64_t seed) : state_(seed) {}
     uint64_t next() { return splitmix64(state_++ * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL); }
     double uniform() { return to_unit(next()); }
     /// Uniform integer in [0, n).
     uint64_t below(uint64_t n) { return static_cast<uint64_t>(uniform() * static_cast<double>(n)); }
 
-private:
+  private:
     uint64_t state_;
 };
 

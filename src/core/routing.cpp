@@ -75,8 +75,12 @@ std::vector<int> round_weights(const std::vector<double>& weights, int period) {
 }
 
 ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy, uint64_t seed)
-    : layer_(&layer), topology_(topology), policy_(policy), seed_(seed),
-      num_experts_(static_cast<int>(layer.instance_gpus.size())), period_(layer.wrr_period) {
+    : layer_(&layer),
+      topology_(topology),
+      policy_(policy),
+      seed_(seed),
+      num_experts_(static_cast<int>(layer.instance_gpus.size())),
+      period_(layer.wrr_period) {
     GRACE_CHECK_ARG(num_experts_ > 0 && layer.wrr_weights.size() == layer.instance_gpus.size(),
                     "routing needs a finalized layer plan (instance_gpus and wrr_weights for every expert)");
     const int G = topology.num_gpus();
@@ -89,12 +93,13 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
         for (int e = 0; e < num_experts_; ++e) {
             expert_begin[e] = static_cast<int64_t>(sequences_.size());
             auto seq = smooth_wrr_sequence(layer.wrr_weights[e]);
-            GRACE_CHECK_INPUT(static_cast<int>(seq.size()) == period_, "layer ", layer.layer, ": WRR weights of expert ",
-                              e, " sum to ", seq.size(), ", not the period ", period_);
+            GRACE_CHECK_INPUT(static_cast<int>(seq.size()) == period_, "layer ", layer.layer,
+                              ": WRR weights of expert ", e, " sum to ", seq.size(), ", not the period ", period_);
             sequences_.insert(sequences_.end(), seq.begin(), seq.end());
         }
         for (int s = 0; s < G; ++s)
-            for (int e = 0; e < num_experts_; ++e) seq_begin_[static_cast<size_t>(s) * num_experts_ + e] = expert_begin[e];
+            for (int e = 0; e < num_experts_; ++e)
+                seq_begin_[static_cast<size_t>(s) * num_experts_ + e] = expert_begin[e];
     } else if (policy == RoutingPolicy::kTar) {
         // The tier depends only on (source, expert): build each tier's sequence over its instances, with the
         // instance weights renormalized to the period.
@@ -161,9 +166,9 @@ int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k
             pick = static_choice_[key];
             break;
         case RoutingPolicy::kSglangDynamic:
-            pick = static_cast<int>(mix64(seed_ ^ 0x5eed5eedULL, static_cast<uint64_t>(token) * 1024 + j,
-                                          static_cast<uint64_t>(expert)) %
-                                    gpus.size());
+            pick = static_cast<int>(
+                mix64(seed_ ^ 0x5eed5eedULL, static_cast<uint64_t>(token) * 1024 + j, static_cast<uint64_t>(expert)) %
+                gpus.size());
             break;
     }
     last_instance_ = pick;
@@ -173,7 +178,8 @@ int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k
 void ReplicaRouter::reset() { std::fill(offsets_.begin(), offsets_.end(), 0); }
 
 void ReplicaRouter::set_offsets(const std::vector<int>& offsets) {
-    GRACE_CHECK_ARG(offsets.size() == offsets_.size(), "expected ", offsets_.size(), " WRR offsets, got ", offsets.size());
+    GRACE_CHECK_ARG(offsets.size() == offsets_.size(), "expected ", offsets_.size(), " WRR offsets, got ",
+                    offsets.size());
     for (int o : offsets) GRACE_CHECK_ARG(o >= 0 && o < period_, "WRR offset ", o, " is outside [0, ", period_, ")");
     offsets_ = offsets;
 }
@@ -183,7 +189,8 @@ std::vector<uint8_t> ReplicaRouter::flat_sequences() const {
                     "pick sequences exist only for the wrr and tar policies");
     std::vector<uint8_t> out;
     out.reserve(seq_begin_.size() * period_);
-    for (int64_t begin : seq_begin_) out.insert(out.end(), sequences_.begin() + begin, sequences_.begin() + begin + period_);
+    for (int64_t begin : seq_begin_)
+        out.insert(out.end(), sequences_.begin() + begin, sequences_.begin() + begin + period_);
     return out;
 }
 

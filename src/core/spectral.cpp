@@ -108,7 +108,6 @@ double kmeans_once(const std::vector<double>& pts, int m, int d, int k, int max_
     return inertia;
 }
 
-
 /// Number of eigenvalues of the symmetric tridiagonal (d, e) below x (Sturm sequence).
 int sturm_count(const Eigen::VectorXd& d, const Eigen::VectorXd& e, double x) {
     const int m = static_cast<int>(d.size());
@@ -148,8 +147,10 @@ Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k) {
         for (int it = 0; it < 200 && hi - lo > 2 * eps * std::max(std::abs(lo), std::abs(hi)) + 1e-300; ++it) {
             const double mid = 0.5 * (lo + hi);
             if (mid <= lo || mid >= hi) break;
-            if (sturm_count(d, e, mid) > idx) hi = mid;
-            else lo = mid;
+            if (sturm_count(d, e, mid) > idx)
+                hi = mid;
+            else
+                lo = mid;
         }
         lambda[j] = 0.5 * (lo + hi);
     }
@@ -252,8 +253,9 @@ Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts,
                     "spectral_grouping: eps_scale must be finite and >= 0, got ", options.eps_scale);
     const int E = num_experts, n = num_groups;
     const int hi = max_size > 0 ? max_size : E;
-    GRACE_CHECK_ARG(min_size >= 0 && max_size >= 0, "spectral_grouping: size bounds must be >= 0, got min_size = ",
-                    min_size, ", max_size = ", max_size);
+    GRACE_CHECK_ARG(min_size >= 0 && max_size >= 0,
+                    "spectral_grouping: size bounds must be >= 0, got min_size = ", min_size,
+                    ", max_size = ", max_size);
     GRACE_CHECK_ARG(min_size <= hi, "spectral_grouping: min_size (", min_size, ") exceeds max_size (", hi, ")");
     GRACE_CHECK_ARG(static_cast<long long>(n) * min_size <= E, "spectral_grouping: infeasible bounds: ", n,
                     " groups of >= ", min_size, " experts need more than E = ", E);

@@ -2,9 +2,9 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <future>
 #include <memory>
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "core/profile_kernels.hpp"
@@ -70,8 +70,8 @@ void RoutingStats::validate() const {
     GRACE_CHECK_INPUT(top_k >= 0 && top_k <= num_experts, "top_k = ", top_k, " must lie in [0, E = ", num_experts, "]");
     GRACE_CHECK_INPUT(num_tokens >= 0, "num_tokens = ", num_tokens, " is negative");
     const size_t L = num_layers, E = num_experts;
-    GRACE_CHECK_INPUT(affinity.size() == L * E * E, "affinity has ", affinity.size(), " entries, expected L*E*E = ",
-                      L * E * E);
+    GRACE_CHECK_INPUT(affinity.size() == L * E * E, "affinity has ", affinity.size(),
+                      " entries, expected L*E*E = ", L * E * E);
     GRACE_CHECK_INPUT(load.size() == L * E, "load has ", load.size(), " entries, expected L*E = ", L * E);
     GRACE_CHECK_INPUT(num_gpus >= 0, "num_gpus = ", num_gpus, " is negative");
     GRACE_CHECK_INPUT(source_load.size() == L * num_gpus * E, "source_load has ", source_load.size(),
@@ -97,10 +97,9 @@ RoutingStats profile_trace(const RoutingTrace& trace, const ProfileOptions& opti
     GRACE_CHECK_INPUT(trace.num_layers >= 1, "trace has ", trace.num_layers, " layers");
     GRACE_CHECK_INPUT(trace.top_k >= 1 && trace.top_k <= trace.num_experts, "top_k = ", trace.top_k,
                       " must lie in [1, E = ", trace.num_experts, "]");
-    GRACE_CHECK_INPUT(trace.expert_ids.size() ==
-                          static_cast<size_t>(trace.num_tokens) * trace.num_layers * trace.top_k,
-                      "trace holds ", trace.expert_ids.size(), " ids, expected T*L*k = ",
-                      trace.num_tokens * trace.num_layers * trace.top_k);
+    GRACE_CHECK_INPUT(trace.expert_ids.size() == static_cast<size_t>(trace.num_tokens) * trace.num_layers * trace.top_k,
+                      "trace holds ", trace.expert_ids.size(),
+                      " ids, expected T*L*k = ", trace.num_tokens * trace.num_layers * trace.top_k);
     for (float w : trace.gate_weights)
         GRACE_CHECK_INPUT(std::isfinite(w), "gate weights contain a non-finite value (", w, ")");
     RoutingStats st;
@@ -139,7 +138,8 @@ RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& o
     int64_t first = 0, next_first = 0;
     bool have = reader.next(chunk, cur, &first);
     while (have) {
-        std::future<bool> pending = std::async(std::launch::async, [&] { return reader.next(chunk, next, &next_first); });
+        std::future<bool> pending =
+            std::async(std::launch::async, [&] { return reader.next(chunk, next, &next_first); });
         try {
             counter.add(cur.expert_ids.data(), cur.num_tokens, first);
         } catch (const Error& e) {
@@ -161,9 +161,9 @@ void save_stats(const RoutingStats& stats, const std::string& dir) {
     std::string clean = dir;
     while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
     check_output_dir(clean);
-    json meta = {{"format", "grace.stats/v1"},  {"num_layers", stats.num_layers}, {"num_experts", stats.num_experts},
-                 {"top_k", stats.top_k},        {"num_tokens", stats.num_tokens}, {"model", stats.model},
-                 {"dataset", stats.dataset},    {"num_gpus", stats.num_gpus}};
+    json meta = {{"format", "grace.stats/v1"}, {"num_layers", stats.num_layers}, {"num_experts", stats.num_experts},
+                 {"top_k", stats.top_k},       {"num_tokens", stats.num_tokens}, {"model", stats.model},
+                 {"dataset", stats.dataset},   {"num_gpus", stats.num_gpus}};
     const int64_t L = stats.num_layers, E = stats.num_experts, G = stats.num_gpus;
     write_dir_atomic(clean, [&](const std::string& tmp) {
         write_npy((fs::path(tmp) / "affinity.npy").string(), stats.affinity, {L, E, E});
@@ -224,8 +224,8 @@ RoutingStats stats_from_aggregates(const std::vector<double>& coactivation, cons
                       "co-activation must be [L, E, E] or [E, E], got rank ", coact_shape.size());
     const int64_t E = coact_shape.back();
     GRACE_CHECK_INPUT(E >= 1 && coact_shape[coact_shape.size() - 2] == E,
-                      "co-activation must be [L, E, E] or [E, E], got a non-square [", coact_shape[coact_shape.size() - 2],
-                      ", ", E, "] block");
+                      "co-activation must be [L, E, E] or [E, E], got a non-square [",
+                      coact_shape[coact_shape.size() - 2], ", ", E, "] block");
     const int64_t L = coact_shape.size() == 3 ? coact_shape[0] : 1;
     GRACE_CHECK_INPUT(L >= 1, "co-activation has no layers");
     GRACE_CHECK_INPUT(static_cast<int64_t>(coactivation.size()) == L * E * E, "co-activation holds ",
@@ -284,8 +284,8 @@ RoutingStats stats_from_aggregates(const std::vector<double>& coactivation, cons
     return st;
 }
 
-RoutingStats import_aggregates(const std::string& coactivation_path, const std::string& load_path,
-                               bool ordered_pairs, int top_k) {
+RoutingStats import_aggregates(const std::string& coactivation_path, const std::string& load_path, bool ordered_pairs,
+                               int top_k) {
     std::vector<int64_t> cshape, lshape;
     std::vector<double> coact = read_npy_float(coactivation_path, &cshape), load;
     if (!load_path.empty()) load = read_npy_float(load_path, &lshape);

@@ -44,7 +44,8 @@ void report_bad_token(const int32_t* ids, int layers, int k, int num_experts, in
             GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", token, ", layer ", l,
                               " is out of range [0, ", num_experts, ")");
             for (int i = 0; i < j; ++i)
-                GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ", token, ", layer ", l);
+                GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ", token,
+                                  ", layer ", l);
         }
     }
 }
@@ -97,8 +98,8 @@ Metadata read_metadata(const std::string& trace_path, const TraceOverrides& over
     if (overrides.model) m.model = *overrides.model;
     if (overrides.dataset) m.dataset = *overrides.dataset;
     if (overrides.weights_path) m.weights_path = *overrides.weights_path;
-    GRACE_CHECK_INPUT(m.num_experts > 0, trace_path, ": number of experts unknown: give --experts E or \"num_experts\" in ",
-                      meta_path);
+    GRACE_CHECK_INPUT(m.num_experts > 0, trace_path,
+                      ": number of experts unknown: give --experts E or \"num_experts\" in ", meta_path);
     return m;
 }
 
@@ -159,9 +160,10 @@ RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides
         NpyHeader h = read_npy_header(weights_path);
         GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
         std::vector<double> w = read_npy_float(weights_path, &shape);
-        bool ok = (shape.size() == 3 && shape[0] == trace.num_tokens && shape[1] == trace.num_layers &&
-                   shape[2] == trace.top_k) ||
-                  (shape.size() == 2 && trace.num_layers == 1 && shape[0] == trace.num_tokens && shape[1] == trace.top_k);
+        bool ok =
+            (shape.size() == 3 && shape[0] == trace.num_tokens && shape[1] == trace.num_layers &&
+             shape[2] == trace.top_k) ||
+            (shape.size() == 2 && trace.num_layers == 1 && shape[0] == trace.num_tokens && shape[1] == trace.top_k);
         GRACE_CHECK_INPUT(ok, weights_path, ": gate weights must have the ids' shape [", trace.num_tokens, ", ",
                           trace.num_layers, ", ", trace.top_k, "]");
         trace.gate_weights.assign(w.begin(), w.end());
@@ -176,9 +178,10 @@ void save_trace(const RoutingTrace& trace, const std::string& path) {
     trace.validate();
     check_output_dir(path);
     std::string stem = stem_path(path);
-    json meta = {{"format", "grace.trace/v1"},   {"num_experts", trace.num_experts}, {"num_layers", trace.num_layers},
-                 {"top_k", trace.top_k},         {"num_tokens", trace.num_tokens},   {"model", trace.model},
-                 {"dataset", trace.dataset},     {"weights", nullptr}};
+    json meta = {{"format", "grace.trace/v1"},     {"num_experts", trace.num_experts},
+                 {"num_layers", trace.num_layers}, {"top_k", trace.top_k},
+                 {"num_tokens", trace.num_tokens}, {"model", trace.model},
+                 {"dataset", trace.dataset},       {"weights", nullptr}};
     if (trace.has_weights()) {
         std::string wpath = stem + ".weights.npy";
         write_npy(wpath, trace.gate_weights, {trace.num_tokens, trace.num_layers, trace.top_k});

@@ -1,9 +1,10 @@
 #include "grace/communicator.hpp"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <unistd.h>
 
 #include "grace/error.hpp"
 #include "runtime/communicator_impl.hpp"
@@ -14,8 +15,8 @@ namespace detail {
 
 void check_layout(const AlltoallvLayout& layout, int group_size) {
     const size_t n = static_cast<size_t>(group_size);
-    GRACE_CHECK_ARG(layout.send_counts.size() == n && layout.send_displs.size() == n && layout.recv_counts.size() == n &&
-                        layout.recv_displs.size() == n,
+    GRACE_CHECK_ARG(layout.send_counts.size() == n && layout.send_displs.size() == n &&
+                        layout.recv_counts.size() == n && layout.recv_displs.size() == n,
                     "alltoallv layout has ", layout.send_counts.size(), "/", layout.send_displs.size(), "/",
                     layout.recv_counts.size(), "/", layout.recv_displs.size(), " entries for a group of ", group_size);
 }
@@ -25,13 +26,13 @@ void check_layout(const AlltoallvLayout& layout, int group_size) {
 namespace {
 
 class DoneRequest final : public CommRequest {
-public:
+  public:
     void wait() override {}
 };
 
 // A single rank in this process: every collective is a local copy. For tests and tools without MPI.
 class LocalCommunicator final : public Communicator {
-public:
+  public:
     explicit LocalCommunicator(const Topology& topology) : Communicator(topology, 0) {
         GRACE_CHECK_ARG(topology.num_gpus() == 1, "the local backend runs one rank; topology ", topology.to_string(),
                         " needs ", topology.num_gpus(), " processes (use the mpi backend under mpirun)");
@@ -74,8 +75,9 @@ std::unique_ptr<Communicator> make_communicator(const std::string& name, const C
 #ifdef GRACE_USE_MPI
         return detail::make_mpi_communicator(options);
 #else
-        throw Error(ErrorCode::kUnsupported, "communicator backend 'mpi' was not built (configure with MPI found and "
-                                             "-DGRACE_USE_MPI=ON)");
+        throw Error(ErrorCode::kUnsupported,
+                    "communicator backend 'mpi' was not built (configure with MPI found and "
+                    "-DGRACE_USE_MPI=ON)");
 #endif
     }
     if (name == "nccl") {
@@ -85,7 +87,8 @@ std::unique_ptr<Communicator> make_communicator(const std::string& name, const C
         throw Error(ErrorCode::kUnsupported, "communicator backend 'nccl' was not built into this binary");
 #endif
     }
-    throw Error(ErrorCode::kInvalidArgument, cat("unknown communicator backend '", name, "' (known: local, mpi, nccl)"));
+    throw Error(ErrorCode::kInvalidArgument,
+                cat("unknown communicator backend '", name, "' (known: local, mpi, nccl)"));
 }
 
 std::vector<std::string> available_backends() {

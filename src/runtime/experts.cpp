@@ -95,15 +95,19 @@ ExpertWeights random_expert(uint64_t seed, int layer, int expert, ExpertShape sh
     w.storage = storage;
     const size_t n = static_cast<size_t>(shape.hidden) * shape.intermediate;
     auto fill = [&](int which, double fan_in, std::vector<float>& f32, std::vector<uint16_t>& b16) {
-        const uint64_t key = (static_cast<uint64_t>(layer) << 40) ^ (static_cast<uint64_t>(expert) << 8) ^
-                             static_cast<uint64_t>(which);
+        const uint64_t key =
+            (static_cast<uint64_t>(layer) << 40) ^ (static_cast<uint64_t>(expert) << 8) ^ static_cast<uint64_t>(which);
         const double bound = 1.0 / std::sqrt(fan_in);
-        if (storage == DType::kF32) f32.resize(n);
-        else b16.resize(n);
+        if (storage == DType::kF32)
+            f32.resize(n);
+        else
+            b16.resize(n);
         for (size_t i = 0; i < n; ++i) {
             const float v = static_cast<float>((2.0 * to_unit(mix64(seed, key, i)) - 1.0) * bound);
-            if (storage == DType::kF32) f32[i] = v;
-            else b16[i] = float_to_bf16(v);
+            if (storage == DType::kF32)
+                f32[i] = v;
+            else
+                b16[i] = float_to_bf16(v);
         }
     };
     fill(0, shape.hidden, w.gate, w.gate_bf16);
@@ -167,7 +171,8 @@ void expert_forward_reference(const ExpertWeights& weights, const float* x, int6
         }
         for (int h = 0; h < H; ++h) {
             float s = 0;
-            for (int i = 0; i < I; ++i) s += at(weights.down, weights.down_bf16, static_cast<size_t>(h) * I + i) * act[i];
+            for (int i = 0; i < I; ++i)
+                s += at(weights.down, weights.down_bf16, static_cast<size_t>(h) * I + i) * act[i];
             y[r * H + h] = s;
         }
     }

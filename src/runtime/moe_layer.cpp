@@ -25,7 +25,8 @@ DispatchLayout compute_dispatch_layout(const int32_t* dest_ranks, const int32_t*
             const int32_t d = dest_ranks[t * top_k + j];
             GRACE_CHECK_ARG(e < num_experts, "token ", t, " selection ", j, ": expert ", e, " is outside [0, ",
                             num_experts, ")");
-            GRACE_CHECK_ARG(d >= 0 && d < G, "token ", t, " selection ", j, ": destination ", d, " is outside [0, ", G, ")");
+            GRACE_CHECK_ARG(d >= 0 && d < G, "token ", t, " selection ", j, ": destination ", d, " is outside [0, ", G,
+                            ")");
             ++layout.num_tokens_per_expert[e];
             if (!in_rank[d]) {
                 in_rank[d] = 1;
@@ -85,7 +86,9 @@ struct Stage {
         records.assign(n, {});
         peers.assign(n, 0);
     }
-    size_t row_bytes(int H) const { return static_cast<size_t>(H) * 4 + static_cast<size_t>(records_per_copy) * record_bytes(kind); }
+    size_t row_bytes(int H) const {
+        return static_cast<size_t>(H) * 4 + static_cast<size_t>(records_per_copy) * record_bytes(kind);
+    }
 };
 
 }  // namespace
@@ -117,12 +120,17 @@ struct MoeLayer::Impl {
 
     Impl(const LayerPlan& l, const Topology& t, Communicator& c, std::vector<ExpertWeights> local,
          const MoeLayerOptions& o)
-        : layer(l), topo(t), comm(c), options(o), router(layer, topo, o.policy, o.routing_seed), experts(std::move(local)) {}
+        : layer(l),
+          topo(t),
+          comm(c),
+          options(o),
+          router(layer, topo, o.policy, o.routing_seed),
+          experts(std::move(local)) {}
 
     void add_local(int32_t expert, const float* x, float weight, float* accum) {
         const int slot = expert >= 0 && expert < E ? slot_of_expert[expert] : -1;
-        GRACE_CHECK(slot >= 0, ErrorCode::kInternal, "rank ", me, " was sent expert ", expert,
-                    " of layer ", layer.layer, " which it does not hold");
+        GRACE_CHECK(slot >= 0, ErrorCode::kInternal, "rank ", me, " was sent expert ", expert, " of layer ",
+                    layer.layer, " which it does not hold");
         assignments[slot].push_back({x, weight, accum});
     }
 
@@ -469,10 +477,11 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
     Impl& m = *impl_;
     GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
                 "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
-    GRACE_CHECK_ARG(communicator.topology() == topology || (communicator.topology().nodes == topology.nodes &&
-                                                            communicator.topology().gpus_per_node == topology.gpus_per_node),
-                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
-                    topology.to_string());
+    GRACE_CHECK_ARG(
+        communicator.topology() == topology || (communicator.topology().nodes == topology.nodes &&
+                                                communicator.topology().gpus_per_node == topology.gpus_per_node),
+        "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
+        topology.to_string());
     m.G = topology.num_gpus();
     m.M = topology.gpus_per_node;
     m.me = communicator.rank();
@@ -488,9 +497,10 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
         GRACE_CHECK_ARG(m.slot_of_expert[e] < 0, "local expert ", e, " given twice");
         m.slot_of_expert[e] = static_cast<int>(s);
         if (s == 0) m.H = m.experts[0].shape.hidden;
-        GRACE_CHECK_ARG(m.experts[s].shape == m.experts[0].shape, "local expert ", e, " has shape H=",
-                        m.experts[s].shape.hidden, " I=", m.experts[s].shape.intermediate, ", expert ",
-                        m.experts[0].expert, " has H=", m.experts[0].shape.hidden, " I=", m.experts[0].shape.intermediate);
+        GRACE_CHECK_ARG(m.experts[s].shape == m.experts[0].shape, "local expert ", e,
+                        " has shape H=", m.experts[s].shape.hidden, " I=", m.experts[s].shape.intermediate, ", expert ",
+                        m.experts[0].expert, " has H=", m.experts[0].shape.hidden,
+                        " I=", m.experts[0].shape.intermediate);
     }
     const auto& mine = layer.gpu_experts[m.me];
     for (int e : mine)

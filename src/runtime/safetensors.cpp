@@ -18,9 +18,12 @@ using nlohmann::json;
 
 std::string to_string(DType dtype) {
     switch (dtype) {
-        case DType::kF32: return "F32";
-        case DType::kBF16: return "BF16";
-        case DType::kF16: return "F16";
+        case DType::kF32:
+            return "F32";
+        case DType::kBF16:
+            return "BF16";
+        case DType::kF16:
+            return "F16";
     }
     return "?";
 }
@@ -101,11 +104,15 @@ void index_file(const std::string& file, std::map<std::string, TensorInfo>& out)
         info.name = name;
         info.file = file;
         const std::string dtype = t["dtype"].is_string() ? t["dtype"].get<std::string>() : "";
-        if (dtype == "F32") info.dtype = DType::kF32;
-        else if (dtype == "BF16") info.dtype = DType::kBF16;
-        else if (dtype == "F16") info.dtype = DType::kF16;
-        else throw Error(ErrorCode::kInvalidInput, cat(file, ": tensor '", name, "' has unsupported dtype '", dtype,
-                                                       "' (supported: F32, BF16, F16)"));
+        if (dtype == "F32")
+            info.dtype = DType::kF32;
+        else if (dtype == "BF16")
+            info.dtype = DType::kBF16;
+        else if (dtype == "F16")
+            info.dtype = DType::kF16;
+        else
+            throw Error(ErrorCode::kInvalidInput, cat(file, ": tensor '", name, "' has unsupported dtype '", dtype,
+                                                      "' (supported: F32, BF16, F16)"));
         GRACE_CHECK_INPUT(t["shape"].is_array(), file, ": tensor '", name, "' shape is not an array");
         for (const auto& d : t["shape"]) {
             GRACE_CHECK_INPUT(d.is_number_integer() && d.get<int64_t>() >= 0, file, ": tensor '", name,
@@ -113,8 +120,9 @@ void index_file(const std::string& file, std::map<std::string, TensorInfo>& out)
             info.shape.push_back(d.get<int64_t>());
         }
         const auto& off = t["data_offsets"];
-        GRACE_CHECK_INPUT(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
-                          file, ": tensor '", name, "' data_offsets must be [begin, end]");
+        GRACE_CHECK_INPUT(
+            off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(), file,
+            ": tensor '", name, "' data_offsets must be [begin, end]");
         const uint64_t b = off[0].get<uint64_t>(), e = off[1].get<uint64_t>();
         GRACE_CHECK_INPUT(b <= e && e <= data_size, file, ": tensor '", name, "' data_offsets [", b, ", ", e,
                           "] exceed the data section of ", data_size, " bytes");
@@ -233,7 +241,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
         for (int64_t d : t.shape) numel *= d;
         GRACE_CHECK_ARG(t.bytes.size() == static_cast<size_t>(numel) * dtype_size(t.dtype), "tensor '", name, "' has ",
                         t.bytes.size(), " bytes but its shape needs ", numel * dtype_size(t.dtype));
-        header[name] = {{"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+        header[name] = {
+            {"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
         offset += t.bytes.size();
     }
     std::string text = header.dump();

@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <filesystem>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -166,7 +166,8 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     for (const auto& r : replayers) counts.push_back(r.counts());
     for (auto& entry : res.entries) {
         const ExpertPlan& plan = res.plans[entry.plan_index];
-        entry.report = price_counts(counts[entry.plan_index], plan, entry.row.scheme, options.hardware, shape, res.num_tokens);
+        entry.report =
+            price_counts(counts[entry.plan_index], plan, entry.row.scheme, options.hardware, shape, res.num_tokens);
         entry.report.dataset = res.dataset;
         entry.report.policy = to_string(plan.layers[0].policy);
     }
@@ -193,12 +194,15 @@ std::string format_compare_table(const CompareResult& r) {
         for (const auto& e : r.entries) {
             if (!(e.topology == topo)) continue;
             const EvalMetrics& t = e.report.total;
-            double dc = ref ? rel(static_cast<double>(t.cross_node_copies), static_cast<double>(ref->report.total.cross_node_copies)) : 0;
+            double dc = ref ? rel(static_cast<double>(t.cross_node_copies),
+                                  static_cast<double>(ref->report.total.cross_node_copies))
+                            : 0;
             double sp = ref && t.end_to_end_s > 0 ? ref->report.total.end_to_end_s / t.end_to_end_s : 0;
             std::snprintf(buf, sizeof buf, "%-12s %-10s %12lld %12lld %9.2f %9.3f %9.1f %9.2f %9.2f %+7.1f%% %7.2fx\n",
-                          e.row.name.c_str(), to_string(e.row.scheme).c_str(), static_cast<long long>(t.cross_node_copies),
-                          static_cast<long long>(t.intra_node_copies), t.all_to_all_time_s * 1e3, t.gpu_idle_time_s * 1e3,
-                          t.load_std, t.moe_layer_time_s * 1e3, t.end_to_end_s * 1e3, 100 * dc, sp);
+                          e.row.name.c_str(), to_string(e.row.scheme).c_str(),
+                          static_cast<long long>(t.cross_node_copies), static_cast<long long>(t.intra_node_copies),
+                          t.all_to_all_time_s * 1e3, t.gpu_idle_time_s * 1e3, t.load_std, t.moe_layer_time_s * 1e3,
+                          t.end_to_end_s * 1e3, 100 * dc, sp);
             out += buf;
         }
     }
@@ -281,9 +285,10 @@ std::string compare_to_json(const CompareResult& r) {
 }
 
 std::string compare_to_csv(const CompareResult& r) {
-    std::string s = "topology,name,method,scheme,cross_node_copies,intra_node_copies,cross_node_bytes,intra_node_bytes,"
-                    "all_to_all_time_s,gpu_idle_time_s,load_std,balancedness,imbalance_ratio,moe_layer_time_s,"
-                    "end_to_end_s";
+    std::string s =
+        "topology,name,method,scheme,cross_node_copies,intra_node_copies,cross_node_bytes,intra_node_bytes,"
+        "all_to_all_time_s,gpu_idle_time_s,load_std,balancedness,imbalance_ratio,moe_layer_time_s,"
+        "end_to_end_s";
     for (const auto& m : kRelMetrics) s += std::string(",rel_") + m.key;
     s += ",end_to_end_speedup\n";
     char buf[64];

@@ -25,8 +25,8 @@ constexpr SchemeName kSchemeNames[] = {{CommScheme::kFlat, "flat"},
 
 // Bandwidth and latency bounds of one phase over a matrix restricted to cross-node or intra-node pairs.
 struct PhaseCost {
-    double cross_bw = 0;    // max over nodes of max(out, in) cross bytes / B_net
-    double intra_bw = 0;    // max over GPUs of max(out, in) intra bytes / B_nvl
+    double cross_bw = 0;                      // max over nodes of max(out, in) cross bytes / B_net
+    double intra_bw = 0;                      // max over GPUs of max(out, in) intra bytes / B_nvl
     std::vector<int> cross_msgs, intra_msgs;  // [G]: max(out, in) non-empty pairs
     std::vector<int> cross_nodes;             // [G]: max(out, in) distinct remote nodes reached
 };
@@ -56,7 +56,8 @@ PhaseCost phase_cost(const TrafficMatrix& m, const Topology& topo, double bytes_
                 ++intra_in[d];
             }
         }
-    for (int b = 0; b < N; ++b) c.cross_bw = std::max(c.cross_bw, std::max(node_out[b], node_in[b]) / hw.cross_node_bandwidth);
+    for (int b = 0; b < N; ++b)
+        c.cross_bw = std::max(c.cross_bw, std::max(node_out[b], node_in[b]) / hw.cross_node_bandwidth);
     c.cross_msgs.resize(G);
     c.intra_msgs.resize(G);
     c.cross_nodes.resize(G);
@@ -80,7 +81,8 @@ double all_to_all_seconds(const TrafficMatrix& m, CommScheme scheme, const Topol
         case CommScheme::kFlat:
         case CommScheme::kFlatDedup:
             for (int g = 0; g < G; ++g)
-                latency = std::max(latency, c.cross_msgs[g] * hw.cross_node_latency + c.intra_msgs[g] * hw.intra_node_latency);
+                latency = std::max(latency,
+                                   c.cross_msgs[g] * hw.cross_node_latency + c.intra_msgs[g] * hw.intra_node_latency);
             return std::max(c.cross_bw, c.intra_bw) + latency;
         case CommScheme::k2dh:
             for (int g = 0; g < G; ++g)
@@ -139,11 +141,25 @@ json metrics_json(const EvalMetrics& m) {
     return j;
 }
 
-const char* kCsvColumns[] = {"layer",           "cross_node_copies", "intra_node_copies", "local_selections",
-                             "cross_node_bytes", "intra_node_bytes",  "cross_node_ratio",  "load_std",
-                             "balancedness",     "imbalance_ratio",   "dispatch_time_s",   "combine_time_s",
-                             "all_to_all_time_s", "compute_time_s",   "mean_compute_time_s", "gpu_idle_time_s",
-                             "moe_layer_time_s", "non_moe_time_s",    "end_to_end_s"};
+const char* kCsvColumns[] = {"layer",
+                             "cross_node_copies",
+                             "intra_node_copies",
+                             "local_selections",
+                             "cross_node_bytes",
+                             "intra_node_bytes",
+                             "cross_node_ratio",
+                             "load_std",
+                             "balancedness",
+                             "imbalance_ratio",
+                             "dispatch_time_s",
+                             "combine_time_s",
+                             "all_to_all_time_s",
+                             "compute_time_s",
+                             "mean_compute_time_s",
+                             "gpu_idle_time_s",
+                             "moe_layer_time_s",
+                             "non_moe_time_s",
+                             "end_to_end_s"};
 
 std::string csv_row(const EvalMetrics& m) {
     std::string s = m.layer >= 0 ? std::to_string(m.layer) : "total";
@@ -174,8 +190,8 @@ CommScheme parse_comm_scheme(const std::string& name) {
 EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan& plan, CommScheme scheme,
                         const HardwareModel& hw, const ModelShape& shape, int64_t num_tokens) {
     hw.validate();
-    GRACE_CHECK_ARG(static_cast<int>(counts.size()) == plan.num_layers, "pricing needs counts for all ", plan.num_layers,
-                    " layers, got ", counts.size());
+    GRACE_CHECK_ARG(static_cast<int>(counts.size()) == plan.num_layers, "pricing needs counts for all ",
+                    plan.num_layers, " layers, got ", counts.size());
     const Topology& topo = plan.topology;
     const int G = topo.num_gpus();
     const ComputeModel compute(hw, shape.model, shape.hidden, shape.intermediate);
@@ -249,7 +265,8 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
         tot.moe_layer_time_s += m.moe_layer_time_s;
         tot.non_moe_time_s += m.non_moe_time_s;
         tot.end_to_end_s += m.end_to_end_s;
-        for (int g = 0; g < G; ++g) tot.gpu_load[g] += m.gpu_load[g], tot.gpu_compute_time_s[g] += m.gpu_compute_time_s[g];
+        for (int g = 0; g < G; ++g)
+            tot.gpu_load[g] += m.gpu_load[g], tot.gpu_compute_time_s[g] += m.gpu_compute_time_s[g];
         r.layers.push_back(std::move(m));
     }
     const double L = std::max<size_t>(counts.size(), 1);

@@ -108,10 +108,11 @@ void HardwareModel::validate() const {
         GRACE_CHECK_INPUT(t.hidden > 0 && t.intermediate > 0, "hardware ", name, ": GEMM table ", model,
                           " needs positive hidden and intermediate");
         for (size_t i = 0; i < t.tokens.size(); ++i) {
-            GRACE_CHECK_INPUT(std::isfinite(t.tokens[i]) && t.tokens[i] >= 1 && (i == 0 || t.tokens[i] > t.tokens[i - 1]),
-                              "hardware ", name, ": GEMM table ", model, " tokens must be >= 1 and strictly ascending");
-            GRACE_CHECK_INPUT(std::isfinite(t.seconds[i]) && t.seconds[i] > 0, "hardware ", name, ": GEMM table ", model,
-                              " seconds must be positive, got ", t.seconds[i]);
+            GRACE_CHECK_INPUT(
+                std::isfinite(t.tokens[i]) && t.tokens[i] >= 1 && (i == 0 || t.tokens[i] > t.tokens[i - 1]),
+                "hardware ", name, ": GEMM table ", model, " tokens must be >= 1 and strictly ascending");
+            GRACE_CHECK_INPUT(std::isfinite(t.seconds[i]) && t.seconds[i] > 0, "hardware ", name, ": GEMM table ",
+                              model, " seconds must be positive, got ", t.seconds[i]);
         }
     }
 }
@@ -124,7 +125,8 @@ HardwareModel parse_hardware(const std::string& json_text, const std::string& ba
         throw Error(ErrorCode::kInvalidInput, cat("hardware: not valid JSON (", e.what(), ")"));
     }
     GRACE_CHECK_INPUT(j.is_object(), "hardware: expected a JSON object");
-    GRACE_CHECK_INPUT(j.value("format", std::string()) == kFormat, "hardware: field \"format\" must be \"", kFormat, "\"");
+    GRACE_CHECK_INPUT(j.value("format", std::string()) == kFormat, "hardware: field \"format\" must be \"", kFormat,
+                      "\"");
     HardwareModel hw;
     hw.name = j.value("name", std::string("custom"));
     hw.description = j.value("description", std::string());
@@ -154,7 +156,8 @@ HardwareModel parse_hardware(const std::string& json_text, const std::string& ba
             parse_tables(g, hw);
         }
     }
-    if (j.contains("non_moe_seconds_per_token")) hw.non_moe_seconds_per_token = number(j, "non_moe_seconds_per_token", "");
+    if (j.contains("non_moe_seconds_per_token"))
+        hw.non_moe_seconds_per_token = number(j, "non_moe_seconds_per_token", "");
     if (j.contains("hidden")) hw.hidden = static_cast<int>(number(j, "hidden", ""));
     if (j.contains("intermediate")) hw.intermediate = static_cast<int>(number(j, "intermediate", ""));
     hw.validate();
@@ -188,8 +191,8 @@ HardwareModel load_hardware(const std::string& name_or_path) {
         if (name_or_path == p.name) return parse_hardware(p.json);
     std::string known;
     for (const auto& n : hardware_presets()) known += (known.empty() ? "" : ", ") + n;
-    GRACE_CHECK_ARG(std::filesystem::exists(name_or_path), "unknown hardware '", name_or_path,
-                    "': not a preset (", known, ") and not a file");
+    GRACE_CHECK_ARG(std::filesystem::exists(name_or_path), "unknown hardware '", name_or_path, "': not a preset (",
+                    known, ") and not a file");
     try {
         HardwareModel hw =
             parse_hardware(read_text(name_or_path), std::filesystem::path(name_or_path).parent_path().string());
@@ -212,8 +215,8 @@ std::string hardware_to_json(const HardwareModel& hw) {
     if (!hw.gemm_tables.empty()) {
         json shapes = json::object();
         for (const auto& [model, t] : hw.gemm_tables)
-            shapes[model] = {{"hidden", t.hidden}, {"intermediate", t.intermediate}, {"tokens", t.tokens},
-                             {"seconds", t.seconds}};
+            shapes[model] = {
+                {"hidden", t.hidden}, {"intermediate", t.intermediate}, {"tokens", t.tokens}, {"seconds", t.seconds}};
         j["gemm_table"] = {{"device", hw.gemm_device}, {"shapes", shapes}};
     }
     if (hw.non_moe_seconds_per_token >= 0) j["non_moe_seconds_per_token"] = hw.non_moe_seconds_per_token;

@@ -12,7 +12,8 @@ ModelShape resolve_model_shape(const HardwareModel& hw, const std::string& model
     if (s.hidden > 0 && s.intermediate > 0) return s;
     bool known = false;
     for (const auto& p : model_presets()) known |= p.name == model;
-    GRACE_CHECK_ARG(known, "model '", model, "' has no preset: give \"hidden\" and \"intermediate\" in the hardware file",
+    GRACE_CHECK_ARG(known, "model '", model,
+                    "' has no preset: give \"hidden\" and \"intermediate\" in the hardware file",
                     " (or --hidden/--intermediate)");
     const ModelPreset& p = find_preset(model);
     if (s.hidden <= 0) s.hidden = p.hidden;

@@ -43,15 +43,15 @@ struct LayerState {
     const LayerPlan* plan = nullptr;
     std::unique_ptr<ReplicaRouter> router;
     int period = 0;
-    std::vector<int32_t> table;             // [G*E]
+    std::vector<int32_t> table;  // [G*E]
     std::vector<SequenceState> sequences;
-    std::vector<int> inst_begin;            // [E+1]: offsets into the instance list
-    std::vector<int> inst_gpu;              // [instances]: GPU of each instance
-    std::vector<int64_t> src_inst;          // [G, instances]: selections from source GPU to instance
+    std::vector<int> inst_begin;    // [E+1]: offsets into the instance list
+    std::vector<int> inst_gpu;      // [instances]: GPU of each instance
+    std::vector<int64_t> src_inst;  // [G, instances]: selections from source GPU to instance
     // Destination sets: for G <= kMaxMaskGpus a histogram [G, 2^G] of (home GPU, destination-GPU bit set), turned
     // into flat-dedup and hsc copies once at the end; above that, the matrices directly (with stamps).
     std::vector<int64_t> mask_hist;
-    std::vector<int64_t> dedup, hsc;        // [G*G], large G only
+    std::vector<int64_t> dedup, hsc;  // [G*G], large G only
     std::vector<int64_t> gpu_stamp, node_stamp;
     int64_t next_token = 0;
 };
@@ -88,7 +88,8 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
         st.router = std::make_unique<ReplicaRouter>(lp, p.topology, policy, seed);
         st.period = lp.wrr_period;
         st.inst_begin.assign(E + 1, 0);
-        for (int e = 0; e < E; ++e) st.inst_begin[e + 1] = st.inst_begin[e] + static_cast<int>(lp.instance_gpus[e].size());
+        for (int e = 0; e < E; ++e)
+            st.inst_begin[e + 1] = st.inst_begin[e] + static_cast<int>(lp.instance_gpus[e].size());
         st.table.assign(static_cast<size_t>(G) * E, -1);
         for (int src = 0; src < G; ++src)
             for (int e = 0; e < E; ++e) {
@@ -112,7 +113,8 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
             }
         st.inst_gpu.resize(st.inst_begin[E]);
         for (int e = 0; e < E; ++e)
-            for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i) st.inst_gpu[st.inst_begin[e] + i] = lp.instance_gpus[e][i];
+            for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i)
+                st.inst_gpu[st.inst_begin[e] + i] = lp.instance_gpus[e][i];
         st.src_inst.assign(static_cast<size_t>(G) * st.inst_begin[E], 0);
         if (G <= kMaxMaskGpus) {
             st.mask_hist.assign(static_cast<size_t>(G) << G, 0);

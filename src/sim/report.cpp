@@ -15,11 +15,16 @@ namespace {
 std::string esc(const std::string& s) {
     std::string o;
     for (char c : s) {
-        if (c == '<') o += "&lt;";
-        else if (c == '>') o += "&gt;";
-        else if (c == '&') o += "&amp;";
-        else if (c == '"') o += "&quot;";
-        else o += c;
+        if (c == '<')
+            o += "&lt;";
+        else if (c == '>')
+            o += "&gt;";
+        else if (c == '&')
+            o += "&amp;";
+        else if (c == '"')
+            o += "&quot;";
+        else
+            o += c;
     }
     return o;
 }
@@ -41,7 +46,7 @@ std::string human(double v) {
 }
 
 class Svg {
-public:
+  public:
     Svg(double w, double h) : w_(w), h_(h) {}
     void rect(double x, double y, double w, double h, const std::string& fill, const std::string& extra = "") {
         body_ += "<rect x=\"" + num(x) + "\" y=\"" + num(y) + "\" width=\"" + num(std::max(w, 0.0)) + "\" height=\"" +
@@ -61,11 +66,12 @@ public:
     std::string str() const {
         return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + num(w_, 0) + "\" height=\"" + num(h_, 0) +
                "\" viewBox=\"0 0 " + num(w_, 0) + " " + num(h_, 0) +
-               "\" font-family=\"Helvetica, Arial, sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n" +
+               "\" font-family=\"Helvetica, Arial, sans-serif\">\n<rect width=\"100%\" height=\"100%\" "
+               "fill=\"white\"/>\n" +
                body_ + "</svg>\n";
     }
 
-private:
+  private:
     double w_, h_;
     std::string body_;
 };
@@ -141,15 +147,18 @@ std::string affinity_figure(const RoutingStats& stats, const ExpertPlan& plan, i
         for (int e = 0; e < E; ++e)
             if (lp.primary_gpu[e] == g) mine.push_back(e);
         std::sort(mine.begin(), mine.end(), [&](int a, int b) {
-            return stats.load_at(layer, a) != stats.load_at(layer, b) ? stats.load_at(layer, a) > stats.load_at(layer, b) : a < b;
+            return stats.load_at(layer, a) != stats.load_at(layer, b)
+                       ? stats.load_at(layer, a) > stats.load_at(layer, b)
+                       : a < b;
         });
         order.insert(order.end(), mine.begin(), mine.end());
         group_end.push_back(static_cast<int>(order.size()));
     }
     const double size = 560, cell = size / E, left = 60, top = 60;
     Svg svg(left + size + 120, top + size + 50);
-    svg.text((left + size) / 2 + 30, 24, "Affinity A_ij, layer " + std::to_string(layer) + ", experts ordered by GPU group", 15,
-             "middle", "font-weight=\"bold\"");
+    svg.text((left + size) / 2 + 30, 24,
+             "Affinity A_ij, layer " + std::to_string(layer) + ", experts ordered by GPU group", 15, "middle",
+             "font-weight=\"bold\"");
     svg.text((left + size) / 2 + 30, 44, label, 12, "middle");
     const int64_t* a = stats.layer_affinity(layer);
     // Linear white-to-blue scale clipped at the 99th percentile, so a few huge pairs do not wash out the rest.
@@ -197,8 +206,9 @@ std::string load_figure(const std::vector<std::pair<std::string, std::vector<int
     const int G = bars.empty() ? 0 : static_cast<int>(bars[0].second.size());
     const double left = 70, top = 70, plot_h = 300, plot_w = 620;
     Svg svg(left + plot_w + 30, top + plot_h + 60);
-    svg.text((left + plot_w) / 2 + 20, 24, "Per-GPU load, layer " + std::to_string(layer) + ": before and after replication",
-             15, "middle", "font-weight=\"bold\"");
+    svg.text((left + plot_w) / 2 + 20, 24,
+             "Per-GPU load, layer " + std::to_string(layer) + ": before and after replication", 15, "middle",
+             "font-weight=\"bold\"");
     svg.text((left + plot_w) / 2 + 20, 42, label, 12, "middle");
     double mx = 1;
     for (const auto& b : bars)
@@ -223,7 +233,8 @@ std::string load_figure(const std::vector<std::pair<std::string, std::vector<int
         svg.rect(left + 10 + s * 200, top - 20, 12, 12, kPalette[s % 8]);
         svg.text(left + 26 + s * 200, top - 10, bars[s].first + " (dashed: mean)", 11);
     }
-    for (int g = 0; g < G; ++g) svg.text(left + g * slot + slot / 2, top + plot_h + 16, "GPU " + std::to_string(g), 10, "middle");
+    for (int g = 0; g < G; ++g)
+        svg.text(left + g * slot + slot / 2, top + plot_h + 16, "GPU " + std::to_string(g), 10, "middle");
     svg.line(left, top + plot_h, left + plot_w, top + plot_h, "#333");
     svg.text(left + plot_w / 2, top + plot_h + 40, "selections (token-expert pairs) processed per GPU", 11, "middle");
     return svg.str();
@@ -261,13 +272,16 @@ std::string knee_figure(const LayerPlan& lp, const std::string& label) {
         }
         const char* col = kPalette[n % 8];
         svg.raw("<polyline points=\"" + pts + "\" fill=\"none\" stroke=\"" + col + "\" stroke-width=\"1.8\"/>\n");
-        for (const auto& p : curve) svg.raw("<circle cx=\"" + num(X(p.d)) + "\" cy=\"" + num(Y(p.u)) + "\" r=\"3\" fill=\"" + col + "\"/>\n");
+        for (const auto& p : curve)
+            svg.raw("<circle cx=\"" + num(X(p.d)) + "\" cy=\"" + num(Y(p.u)) + "\" r=\"3\" fill=\"" + col + "\"/>\n");
         svg.raw("<circle cx=\"" + num(X(curve[knee].d)) + "\" cy=\"" + num(Y(curve[knee].u)) +
                 "\" r=\"8\" fill=\"none\" stroke=\"black\" stroke-width=\"2\"/>\n");
         svg.rect(left + plot + 20, top + 10 + n * 20, 12, 12, col);
-        svg.text(left + plot + 36, top + 20 + n * 20, "node " + std::to_string(n) + " (" + std::to_string(curve.size()) + " r values)", 11);
+        svg.text(left + plot + 36, top + 20 + n * 20,
+                 "node " + std::to_string(n) + " (" + std::to_string(curve.size()) + " r values)", 11);
     }
-    svg.text(left + plot + 20, top + 20 + lp.knee_curves.size() * 20 + 10, "circle: knee, r* = " + num(lp.r_star, 3), 11);
+    svg.text(left + plot + 20, top + 20 + lp.knee_curves.size() * 20 + 10, "circle: knee, r* = " + num(lp.r_star, 3),
+             11);
     svg.text(left + plot / 2, top + plot + 40, "size deviation D (Eq. 2)", 12, "middle");
     svg.text(18, top + plot / 2, "intra-group affinity U (Eq. 1)", 12, "middle",
              "transform=\"rotate(-90 18 " + num(top + plot / 2) + ")\"");
@@ -307,18 +321,23 @@ Figures write_figures(const CompareResult& r, const std::string& dir, const std:
         int layer = 0;
         for (const auto& lp : plan.layers)
             if (lp.gamma > plan.layers[layer].gamma) layer = lp.layer;
-        const std::string label = r.model + " / " + r.profile_dataset + ", " + big.to_string() + ", plan " + plan.method;
+        const std::string label =
+            r.model + " / " + r.profile_dataset + ", " + big.to_string() + ", plan " + plan.method;
         put("affinity.svg", affinity_figure(r.stats, plan, layer, label),
-            "Affinity matrix of layer " + std::to_string(layer) + " (the most skewed after grouping), experts ordered by "
-            "their GRACE GPU group; red lines separate nodes. Dense diagonal blocks are co-activated experts kept together.");
+            "Affinity matrix of layer " + std::to_string(layer) +
+                " (the most skewed after grouping), experts ordered by "
+                "their GRACE GPU group; red lines separate nodes. Dense diagonal blocks are co-activated experts kept "
+                "together.");
         std::vector<std::pair<std::string, std::vector<int64_t>>> bars;
         if (hg) bars.push_back({"HG (no replicas)", hg->report.layers[layer].gpu_load});
-        if (const CompareEntry* wrr = r.find("+DR+WRR", big)) bars.push_back({"+DR+WRR", wrr->report.layers[layer].gpu_load});
+        if (const CompareEntry* wrr = r.find("+DR+WRR", big))
+            bars.push_back({"+DR+WRR", wrr->report.layers[layer].gpu_load});
         bars.push_back({"+DR+TAR", grace->report.layers[layer].gpu_load});
         put("load.svg", load_figure(bars, layer, label + ", measured on " + r.dataset),
-            "Per-GPU load of layer " + std::to_string(layer) + " measured by replay, before (HG) and after dynamic "
-            "replication (gamma = " + num(plan.layers[layer].gamma, 2) + ", R = " +
-                std::to_string(plan.layers[layer].num_replicas) + ").");
+            "Per-GPU load of layer " + std::to_string(layer) +
+                " measured by replay, before (HG) and after dynamic "
+                "replication (gamma = " +
+                num(plan.layers[layer].gamma, 2) + ", R = " + std::to_string(plan.layers[layer].num_replicas) + ").");
         if (!plan.layers[layer].knee_curves.empty())
             put("knee.svg", knee_figure(plan.layers[layer], label),
                 "U/D curve of the level-2 (GPU) grouping inside each node, layer " + std::to_string(layer) +
@@ -336,13 +355,14 @@ Figures write_figures(const CompareResult& r, const std::string& dir, const std:
             if (!(e.topology == t)) continue;
             const EvalMetrics& m = e.report.total;
             cats.back().push_back(e.row.name);
-            traffic.back().push_back({static_cast<double>(m.cross_node_bytes), static_cast<double>(m.intra_node_bytes)});
+            traffic.back().push_back(
+                {static_cast<double>(m.cross_node_bytes), static_cast<double>(m.intra_node_bytes)});
             time.back().push_back({m.all_to_all_time_s, m.mean_compute_time_s, m.gpu_idle_time_s});
         }
     }
     put("traffic.svg",
-        stacked_bars("Token traffic per direction, summed over layers", groups, cats, {"cross-node bytes", "intra-node bytes"},
-                     {"#d62728", "#1f77b4"}, traffic, "B"),
+        stacked_bars("Token traffic per direction, summed over layers", groups, cats,
+                     {"cross-node bytes", "intra-node bytes"}, {"#d62728", "#1f77b4"}, traffic, "B"),
         "Traffic breakdown per method: cross-node and intra-node bytes of the dispatch (the combine sends the same).");
     put("time.svg",
         stacked_bars("MoE layer time, summed over layers (" + r.hardware + ")", groups, cats,
@@ -357,11 +377,13 @@ std::string section_html(const ReportSection& sec, const Figures& figs) {
     const CompareResult& r = *sec.result;
     std::string h = "<h2>" + esc(sec.title) + "</h2>\n<p>" + esc(sec.description) + "</p>\n";
     h += "<p class=\"meta\">model <b>" + esc(r.model) + "</b>, planned on <b>" + esc(r.profile_dataset) +
-         "</b>, evaluated on <b>" + esc(r.dataset) + "</b> (" + std::to_string(r.num_tokens) + " tokens), hardware <b>" +
-         esc(r.hardware) + "</b>; relative changes against <b>" + esc(r.reference) + "</b>.</p>\n";
+         "</b>, evaluated on <b>" + esc(r.dataset) + "</b> (" + std::to_string(r.num_tokens) +
+         " tokens), hardware <b>" + esc(r.hardware) + "</b>; relative changes against <b>" + esc(r.reference) +
+         "</b>.</p>\n";
     for (const Topology& t : topologies_of(r)) {
         const CompareEntry* ref = r.find(r.reference, t);
-        h += "<h3>" + esc(t.to_string()) + " (" + std::to_string(t.nodes) + " nodes x " + std::to_string(t.gpus_per_node) +
+        h += "<h3>" + esc(t.to_string()) + " (" + std::to_string(t.nodes) + " nodes x " +
+             std::to_string(t.gpus_per_node) +
              " GPUs)</h3>\n<table>\n<tr><th>row</th><th>method</th><th>comm</th><th>cross-node copies</th>"
              "<th>intra-node copies</th><th>all-to-all ms</th><th>GPU idle ms</th><th>load std</th>"
              "<th>MoE layer ms</th><th>end-to-end ms</th><th>speedup</th></tr>\n";
@@ -374,16 +396,17 @@ std::string section_html(const ReportSection& sec, const Figures& figs) {
                 return s + "</td>";
             };
             const EvalMetrics* rm = ref ? &ref->report.total : nullptr;
-            h += std::string("<tr") + (e.row.name == "+DR+TAR" ? " class=\"grace\"" : "") + "><td>" + esc(e.row.name) +
-                 "</td><td><code>" + esc(e.row.method) + "</code></td><td>" + esc(to_string(e.row.scheme)) + "</td>" +
-                 cell(static_cast<double>(m.cross_node_copies), rm ? static_cast<double>(rm->cross_node_copies) : 0, 0) +
-                 cell(static_cast<double>(m.intra_node_copies), rm ? static_cast<double>(rm->intra_node_copies) : 0, 0) +
-                 cell(m.all_to_all_time_s * 1e3, rm ? rm->all_to_all_time_s * 1e3 : 0, 2) +
-                 cell(m.gpu_idle_time_s * 1e3, rm ? rm->gpu_idle_time_s * 1e3 : 0, 3) +
-                 cell(m.load_std, rm ? rm->load_std : 0, 1) +
-                 cell(m.moe_layer_time_s * 1e3, rm ? rm->moe_layer_time_s * 1e3 : 0, 2) +
-                 cell(m.end_to_end_s * 1e3, rm ? rm->end_to_end_s * 1e3 : 0, 2) + "<td>" +
-                 (rm && m.end_to_end_s > 0 ? num(rm->end_to_end_s / m.end_to_end_s, 2) + "x" : "") + "</td></tr>\n";
+            h +=
+                std::string("<tr") + (e.row.name == "+DR+TAR" ? " class=\"grace\"" : "") + "><td>" + esc(e.row.name) +
+                "</td><td><code>" + esc(e.row.method) + "</code></td><td>" + esc(to_string(e.row.scheme)) + "</td>" +
+                cell(static_cast<double>(m.cross_node_copies), rm ? static_cast<double>(rm->cross_node_copies) : 0, 0) +
+                cell(static_cast<double>(m.intra_node_copies), rm ? static_cast<double>(rm->intra_node_copies) : 0, 0) +
+                cell(m.all_to_all_time_s * 1e3, rm ? rm->all_to_all_time_s * 1e3 : 0, 2) +
+                cell(m.gpu_idle_time_s * 1e3, rm ? rm->gpu_idle_time_s * 1e3 : 0, 3) +
+                cell(m.load_std, rm ? rm->load_std : 0, 1) +
+                cell(m.moe_layer_time_s * 1e3, rm ? rm->moe_layer_time_s * 1e3 : 0, 2) +
+                cell(m.end_to_end_s * 1e3, rm ? rm->end_to_end_s * 1e3 : 0, 2) + "<td>" +
+                (rm && m.end_to_end_s > 0 ? num(rm->end_to_end_s / m.end_to_end_s, 2) + "x" : "") + "</td></tr>\n";
         }
         h += "</table>\n";
     }

@@ -1,5 +1,7 @@
 // The GPU backend checked against host references (ggml test-backend-ops style): routing picks must be
 // identical; the expert layer must match an fp32 CPU reference within a bf16 tolerance.
+#include "grace/cuda_moe.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -8,7 +10,6 @@
 #include <numeric>
 #include <random>
 
-#include "grace/cuda_moe.hpp"
 #include "grace/error.hpp"
 #include "grace/plan.hpp"
 #include "grace/routing.hpp"
@@ -18,9 +19,9 @@ namespace gc = grace::cuda;
 
 namespace {
 
-#define REQUIRE_GPU()                                                      \
-    do {                                                                   \
-        if (!gc::device_available()) GTEST_SKIP() << "no CUDA device";      \
+#define REQUIRE_GPU()                                                  \
+    do {                                                               \
+        if (!gc::device_available()) GTEST_SKIP() << "no CUDA device"; \
     } while (0)
 
 // Sequential reference of spec §5 over the flat table: one counter per (source, expert).
@@ -107,8 +108,10 @@ TEST(RouteTable, TarStaysInNearestTier) {
             const bool node = std::any_of(gpus.begin(), gpus.end(), [&](int g) { return g / 4 == s / 4; });
             for (int q = 0; q < 120; ++q) {
                 const int g = gpus[t.sequence[(size_t(s) * 32 + e) * 120 + q]];
-                if (local) EXPECT_EQ(g, s);
-                else if (node) EXPECT_EQ(g / 4, s / 4);
+                if (local)
+                    EXPECT_EQ(g, s);
+                else if (node)
+                    EXPECT_EQ(g / 4, s / 4);
             }
         }
 }
@@ -130,7 +133,8 @@ TEST(GpuReplicaRouter, MatchesHostReference) {
                 const auto idx = random_topk(rng, T, k, E, batch == 3 ? 0.1 : 0.0);
                 const auto g = gpu.route_host(s, idx, T, k);
                 const auto h = host.route(s, idx, T, k);
-                ASSERT_EQ(g.topk_instance, h.topk_instance) << "policy " << int(policy) << " E " << E << " batch " << batch;
+                ASSERT_EQ(g.topk_instance, h.topk_instance)
+                    << "policy " << int(policy) << " E " << E << " batch " << batch;
                 ASSERT_EQ(g.topk_rank, h.topk_rank);
                 ASSERT_EQ(g.num_tokens_per_rank, h.num_tokens_per_rank);
                 ASSERT_EQ(g.num_tokens_per_instance, h.num_tokens_per_instance);
@@ -271,12 +275,10 @@ TEST(LocalMoe, MatchesCpuReferenceHybrid) {
 TEST(LocalMoe, ZeroTokensIsANoOp) {
     REQUIRE_GPU();
     gc::LocalMoeShape sh{4, 2, 64, 32};
-    const auto out = gc::LocalMoe::forward_host(sh, gc::GroupedGemmBackend::kCublasGrouped,
-                                                std::vector<uint16_t>(4 * 64 * 64), std::vector<uint16_t>(4 * 64 * 32),
-                                                {}, {}, {}, 0);
+    const auto out =
+        gc::LocalMoe::forward_host(sh, gc::GroupedGemmBackend::kCublasGrouped, std::vector<uint16_t>(4 * 64 * 64),
+                                   std::vector<uint16_t>(4 * 64 * 32), {}, {}, {}, 0);
     EXPECT_TRUE(out.empty());
 }
 
-TEST(LocalMoe, RejectsBadShape) {
-    EXPECT_THROW(gc::LocalMoe(gc::LocalMoeShape{4, 2, 60, 32}, 16), grace::Error);
-}
+TEST(LocalMoe, RejectsBadShape) { EXPECT_THROW(gc::LocalMoe(gc::LocalMoeShape{4, 2, 60, 32}, 16), grace::Error); }

@@ -28,8 +28,8 @@ using grace::RoutingPolicy;
 
 namespace {
 
-#define REQUIRE_GPU()                                                 \
-    do {                                                              \
+#define REQUIRE_GPU()                                                  \
+    do {                                                               \
         if (!gc::device_available()) GTEST_SKIP() << "no CUDA device"; \
     } while (0)
 
@@ -117,7 +117,8 @@ void warm_experts(int E, grace::ExpertShape shape) {
     std::vector<std::thread> workers;
     for (int w = 0; w < nt; ++w)
         workers.emplace_back([&, w] {
-            for (int e = have + w; e < E; e += nt) pool[e] = grace::random_expert(1234, 0, e, shape, grace::DType::kBF16);
+            for (int e = have + w; e < E; e += nt)
+                pool[e] = grace::random_expert(1234, 0, e, shape, grace::DType::kBF16);
         });
     for (auto& t : workers) t.join();
 }
@@ -186,9 +187,9 @@ void compare_on_hub(const grace::Topology& topo, const Case& c, CommScheme schem
                     // Same wire traffic pattern as the CPU layer (copies per link class).
                     for (int lc = 0; lc < 2; ++lc)
                         if (gpu.last_stats().dispatch[lc].copies != cpu.last_stats().dispatch[lc].copies)
-                            failures[r] += grace::cat("call ", call, " link ", lc, ": ",
-                                                      gpu.last_stats().dispatch[lc].copies, " copies vs CPU ",
-                                                      cpu.last_stats().dispatch[lc].copies, "; ");
+                            failures[r] +=
+                                grace::cat("call ", call, " link ", lc, ": ", gpu.last_stats().dispatch[lc].copies,
+                                           " copies vs CPU ", cpu.last_stats().dispatch[lc].copies, "; ");
                 }
             } catch (const std::exception& e) {
                 failures[r] += e.what();
@@ -202,8 +203,9 @@ void compare_on_hub(const grace::Topology& topo, const Case& c, CommScheme schem
                 grace::to_string(scheme).c_str(), grace::to_string(policy).c_str(), c.E, c.H, c.I, worst);
 }
 
-const RoutingPolicy kPolicies[] = {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
-                                   RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
+const RoutingPolicy kPolicies[] = {RoutingPolicy::kPrimary,      RoutingPolicy::kWrr,
+                                   RoutingPolicy::kTar,          RoutingPolicy::kVllm,
+                                   RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
 const CommScheme kSchemes[] = {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::kHsc};
 
 }  // namespace

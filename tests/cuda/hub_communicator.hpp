@@ -18,7 +18,7 @@
 namespace grace::test {
 
 class ThreadHub {
-public:
+  public:
     explicit ThreadHub(int n) : barrier_(n), slots_(n) {}
     struct Slot {
         const void* send = nullptr;
@@ -29,18 +29,18 @@ public:
     void sync() { barrier_.arrive_and_wait(); }
     Slot& slot(int r) { return slots_[r]; }
 
-private:
+  private:
     std::barrier<> barrier_;
     std::vector<Slot> slots_;
 };
 
 class DoneRequest final : public CommRequest {
-public:
+  public:
     void wait() override {}
 };
 
 class HubCommunicator final : public Communicator {
-public:
+  public:
     HubCommunicator(ThreadHub& hub, const Topology& topology, int rank, MemorySpace space)
         : Communicator(topology, rank), hub_(hub), space_(space) {}
     std::string backend() const override { return space_ == MemorySpace::kDevice ? "hub-device" : "hub-host"; }
@@ -60,8 +60,8 @@ public:
             const auto& peer = hub_.slot(global_rank(group, q));
             const size_t bytes = peer.layout->send_counts[mine];
             if (bytes != layout.recv_counts[q]) {
-                error = cat("hub alltoallv: rank ", rank_, " expects ", layout.recv_counts[q], " bytes from group rank ",
-                            q, " which sends ", bytes);
+                error = cat("hub alltoallv: rank ", rank_, " expects ", layout.recv_counts[q],
+                            " bytes from group rank ", q, " which sends ", bytes);
                 continue;
             }
             if (bytes == 0) continue;
@@ -102,7 +102,7 @@ public:
     void barrier() override { hub_.sync(); }
     [[noreturn]] void abort(int, const std::string& message) override { throw std::runtime_error(message); }
 
-private:
+  private:
     void reduce(std::vector<double>& values, bool max) {
         hub_.slot(rank_).dbl = values;
         hub_.sync();

@@ -16,8 +16,8 @@
 
 namespace {
 
-#define REQUIRE_GPU()                                                          \
-    do {                                                                       \
+#define REQUIRE_GPU()                                                           \
+    do {                                                                        \
         if (!grace::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
     } while (0)
 
@@ -31,7 +31,9 @@ grace::Communicator& comm() {
     return *c;
 }
 
-size_t block_bytes(int from, int to, int round) { return ((from * 7 + to * 3 + round) % 4 == 0) ? 0 : 1 + (from * 131 + to * 17 + round * 1000) % 5000; }
+size_t block_bytes(int from, int to, int round) {
+    return ((from * 7 + to * 3 + round) % 4 == 0) ? 0 : 1 + (from * 131 + to * 17 + round * 1000) % 5000;
+}
 unsigned char pattern(int from, int to, size_t i) { return static_cast<unsigned char>(from * 31 + to * 7 + i * 13); }
 
 template <typename T>

@@ -97,7 +97,8 @@ Trace make_trace(int64_t T, uint64_t seed) {
                 tr.weights[i] = static_cast<float>(0.1 + to_unit(mix64(seed ^ 7, i, 0)));
                 sum += tr.weights[i];
             }
-            for (int j = 0; j < kTopK; ++j) tr.weights[(static_cast<size_t>(t) * kLayers + l) * kTopK + j] /= static_cast<float>(sum);
+            for (int j = 0; j < kTopK; ++j)
+                tr.weights[(static_cast<size_t>(t) * kLayers + l) * kTopK + j] /= static_cast<float>(sum);
         }
     return tr;
 }
@@ -154,7 +155,8 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
                     max_err = std::max(max_err, static_cast<double>(std::fabs(out[t * kHidden + h] - ref[h]) / scale));
             }
             const MoeCallStats& st = layer.last_stats();
-            for (int d = 0; d < G; ++d) matrix[static_cast<size_t>(me) * G + d] += static_cast<double>(st.dispatch_copies_to[d]);
+            for (int d = 0; d < G; ++d)
+                matrix[static_cast<size_t>(me) * G + d] += static_cast<double>(st.dispatch_copies_to[d]);
             for (int c = 0; c < 2; ++c) {
                 const LinkBytes* lb[2] = {&st.dispatch[c], &st.combine[c]};
                 for (int d = 0; d < 2; ++d) {
@@ -190,8 +192,8 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     int64_t pred[2] = {0, 0};  // copies [intra, cross]
     int64_t pred_meta[2] = {0, 0};
     for (int l = 0; l < kLayers; ++l) {
-        const auto c = testing_count::count_layer_copies(plan.layers[l], topo, policy, 5, tr.ids.data() + l * kTopK,
-                                                         T, kTopK, kLayers * kTopK, scheme);
+        const auto c = testing_count::count_layer_copies(plan.layers[l], topo, policy, 5, tr.ids.data() + l * kTopK, T,
+                                                         kTopK, kLayers * kTopK, scheme);
         for (int i = 0; i < 2; ++i) pred[i] += c.copies[i], pred_meta[i] += c.metadata_bytes[i];
     }
     bool ok = true;
@@ -206,11 +208,14 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     expect(matrix == eval_matrix, "per-(source, destination) copies differ from the evaluator's count_traffic");
     for (int c = 0; c < 2; ++c) {
         expect(eval_copies[c] == pred[c], cat(cls[c], " evaluator copies ", eval_copies[c], " != own count ", pred[c]));
-        expect(sent[c * 4 + 3] == pred[c], cat(cls[c], " dispatch copies ", sent[c * 4 + 3], " != predicted ", pred[c]));
+        expect(sent[c * 4 + 3] == pred[c],
+               cat(cls[c], " dispatch copies ", sent[c * 4 + 3], " != predicted ", pred[c]));
         expect(sent[c * 4 + 0] == pred[c] * kHidden * 4.0,
                cat(cls[c], " dispatch payload ", sent[c * 4 + 0], " != predicted ", pred[c] * kHidden * 4));
-        expect(sent[c * 4 + 1] == pred_meta[c], cat(cls[c], " metadata ", sent[c * 4 + 1], " != predicted ", pred_meta[c]));
-        expect(sent[8 + c * 4 + 0] == sent[c * 4 + 0], cat(cls[c], " combine payload ", sent[8 + c * 4], " != dispatch"));
+        expect(sent[c * 4 + 1] == pred_meta[c],
+               cat(cls[c], " metadata ", sent[c * 4 + 1], " != predicted ", pred_meta[c]));
+        expect(sent[8 + c * 4 + 0] == sent[c * 4 + 0],
+               cat(cls[c], " combine payload ", sent[8 + c * 4], " != dispatch"));
         expect(sent[8 + c * 4 + 3] == sent[c * 4 + 3], cat(cls[c], " combine copies differ from dispatch"));
     }
     if (topo.nodes == 1) expect(sent[4 + 3] == 0, "cross-node copies on a single node");
@@ -245,9 +250,9 @@ int main(int argc, char** argv) {
         const Trace traces[2] = {make_trace(37, 9), make_trace(std::max(1, topo.num_gpus() - 1), 10)};
         for (const Trace& tr : traces)
             for (CommScheme scheme : {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::kHsc})
-                for (RoutingPolicy policy : {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
-                                             RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic,
-                                             RoutingPolicy::kSglangDynamic}) {
+                for (RoutingPolicy policy :
+                     {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm,
+                      RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic}) {
                     std::string why;
                     if (!run_case(*comm, plan, tr, scheme, policy, tr.T > 10 ? 4 : 1, why)) {
                         ++failures;

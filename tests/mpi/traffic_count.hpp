@@ -19,9 +19,9 @@ struct Counts {
 };
 
 /// ids: layer l's ids of token 0; token t's ids are at ids + t * token_stride.
-inline Counts count_layer_copies(const grace::LayerPlan& layer, const grace::Topology& topo, grace::RoutingPolicy policy,
-                                 uint64_t seed, const int32_t* ids, int64_t T, int k, int64_t token_stride,
-                                 grace::CommScheme scheme) {
+inline Counts count_layer_copies(const grace::LayerPlan& layer, const grace::Topology& topo,
+                                 grace::RoutingPolicy policy, uint64_t seed, const int32_t* ids, int64_t T, int k,
+                                 int64_t token_stride, grace::CommScheme scheme) {
     using grace::CommScheme;
     grace::ReplicaRouter router(layer, topo, policy, seed);
     const int G = topo.num_gpus(), M = topo.gpus_per_node;

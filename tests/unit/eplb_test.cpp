@@ -1,5 +1,7 @@
 // EPLB (spec §8): the golden vectors of EPLB's README example for both policies, plus invariants.
 
+#include "grace/eplb.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,14 +9,13 @@
 #include <numeric>
 #include <vector>
 
-#include "grace/eplb.hpp"
 #include "grace/error.hpp"
 
 namespace grace {
 namespace {
 
-const std::vector<double> kReadmeWeight = {90, 132, 40, 61, 104, 165, 39, 4,   73,  56,  183, 86,
-                                           20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16,  27};
+const std::vector<double> kReadmeWeight = {90, 132, 40,  61, 104, 165, 39,  4,   73,  56, 183, 86,
+                                           20, 107, 104, 64, 19,  197, 187, 157, 172, 86, 16,  27};
 
 // Every structural invariant EPLB's output must satisfy, whatever the input.
 void expect_consistent(const EplbResult& r, int num_gpus) {
@@ -41,8 +42,8 @@ void expect_consistent(const EplbResult& r, int num_gpus) {
                     EXPECT_EQ(p, -1);
                 }
             }
-            const int seen = static_cast<int>(
-                std::count(r.phy2log.begin() + l * P, r.phy2log.begin() + (l + 1) * P, e));
+            const int seen =
+                static_cast<int>(std::count(r.phy2log.begin() + l * P, r.phy2log.begin() + (l + 1) * P, e));
             EXPECT_EQ(seen, c);
         }
         EXPECT_EQ(total, P);
@@ -53,8 +54,8 @@ void expect_consistent(const EplbResult& r, int num_gpus) {
 
 TEST(Eplb, HierarchicalGoldenVector) {
     const EplbResult r = rebalance_experts(kReadmeWeight, 2, 12, 16, 4, 2, 8);
-    const std::vector<int> phy2log = {5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
-                                      7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1};
+    const std::vector<int> phy2log = {5, 6,  5, 7, 8, 4,  3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
+                                      7, 10, 6, 8, 6, 11, 8, 9, 2,  4, 5,  1, 5, 0, 3,  1};
     const std::vector<int> logcnt = {1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1};
     EXPECT_EQ(r.phy2log, phy2log);
     EXPECT_EQ(r.logcnt, logcnt);
@@ -64,8 +65,8 @@ TEST(Eplb, HierarchicalGoldenVector) {
 
 TEST(Eplb, GlobalGoldenVector) {
     const EplbResult r = rebalance_experts(kReadmeWeight, 2, 12, 16, 3, 2, 8);  // 3 % 2 != 0: global
-    const std::vector<int> phy2log = {10, 6, 10, 7, 0, 2, 11, 4, 5, 9, 5, 4, 8, 3, 1, 1,
-                                      1, 10, 2, 4, 5, 11, 5, 0, 6, 7, 6, 3, 8, 8, 9, 7};
+    const std::vector<int> phy2log = {10, 6,  10, 7, 0, 2,  11, 4, 5, 9, 5, 4, 8, 3, 1, 1,
+                                      1,  10, 2,  4, 5, 11, 5,  0, 6, 7, 6, 3, 8, 8, 9, 7};
     const std::vector<int> logcnt = {1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1};
     EXPECT_EQ(r.phy2log, phy2log);
     EXPECT_EQ(r.logcnt, logcnt);

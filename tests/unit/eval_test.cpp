@@ -188,8 +188,9 @@ RoutingTrace random_trace(Rng& rng, int64_t T, int L, int k, int E) {
 TEST(Replay, SchemeInvariantsOnRandomPlans) {
     Rng rng(7);
     const Topology topos[] = {{1, 2, std::nullopt}, {2, 2, std::nullopt}, {2, 4, std::nullopt}, {4, 4, std::nullopt}};
-    const RoutingPolicy policies[] = {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar,
-                                      RoutingPolicy::kVllm, RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
+    const RoutingPolicy policies[] = {RoutingPolicy::kPrimary,      RoutingPolicy::kWrr,
+                                      RoutingPolicy::kTar,          RoutingPolicy::kVllm,
+                                      RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic};
     for (int trial = 0; trial < 24; ++trial) {
         const Topology topo = topos[trial % 4];
         const int E = 8 + static_cast<int>(rng.next() % 40), k = 1 + static_cast<int>(rng.next() % 6);
@@ -212,7 +213,8 @@ TEST(Replay, SchemeInvariantsOnRandomPlans) {
 TEST(Replay, ChunksAndThreadsGiveIdenticalCounts) {
     Rng rng(11);
     const Topology topo{2, 4, std::nullopt};
-    for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic}) {
+    for (RoutingPolicy policy :
+         {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic}) {
         const ExpertPlan plan = random_plan(rng, 32, 3, 4, topo, policy);
         const RoutingTrace trace = random_trace(rng, 1001, 3, 4, 32);
         ReplayOptions one;
@@ -221,7 +223,8 @@ TEST(Replay, ChunksAndThreadsGiveIdenticalCounts) {
         ReplayOptions two;
         two.num_threads = 2;
         Replayer r(plan, trace.num_tokens, two);
-        for (int64_t b = 0; b < trace.num_tokens; b += 97) r.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
+        for (int64_t b = 0; b < trace.num_tokens; b += 97)
+            r.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
         const auto chunked = r.counts();
         for (int l = 0; l < 3; ++l) {
             EXPECT_EQ(whole[l].flat.copies, chunked[l].flat.copies);

@@ -1,4 +1,6 @@
 // Exports: each format read back describes the plan's placement (plus padding replicas, never duplicates).
+#include "grace/export.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -6,7 +8,6 @@
 #include <set>
 
 #include "grace/error.hpp"
-#include "grace/export.hpp"
 #include "grace/npy.hpp"
 #include "grace/planner.hpp"
 #include "unit/planner_test_util.hpp"

@@ -1,4 +1,6 @@
 // Synthetic trace generator (spec §10).
+#include "grace/generator.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -6,7 +8,6 @@
 #include <numeric>
 
 #include "grace/error.hpp"
-#include "grace/generator.hpp"
 #include "grace/stats.hpp"
 
 namespace grace {

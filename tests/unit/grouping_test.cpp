@@ -1,5 +1,7 @@
 // Grouping (spec §3, §8): metrics, spectral clustering, controlled grouping, knee search, baselines.
 
+#include "grace/grouping.hpp"
+
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -15,7 +17,6 @@
 #include <vector>
 
 #include "grace/error.hpp"
-#include "grace/grouping.hpp"
 
 namespace grace {
 namespace {
@@ -164,7 +165,7 @@ TEST(GroupingMetrics, UtilizationHandWorked) {
 
 TEST(GroupingMetrics, SizeDeviationHandWorked) {
     EXPECT_DOUBLE_EQ(size_deviation(Grouping{2, {0, 0, 0, 1, 1, 1}}), 0.0);
-    EXPECT_DOUBLE_EQ(size_deviation(Grouping{3, {0, 0, 0, 0, 1, 2}}), 1.5);  // (4 - 1) / 2
+    EXPECT_DOUBLE_EQ(size_deviation(Grouping{3, {0, 0, 0, 0, 1, 2}}), 1.5);        // (4 - 1) / 2
     EXPECT_DOUBLE_EQ(size_deviation(Grouping{4, {0, 0, 0, 1, 1, 2}}), 3.0 / 1.5);  // empty group: (3 - 0) / 1.5
     const Grouping g{3, {2, 0, 2, 1, 2, 0}};
     EXPECT_EQ(g.sizes(), (std::vector<int>{2, 1, 3}));
@@ -313,7 +314,9 @@ TEST(ControlledGrouping, RejectsInfeasibleBounds) {
     EXPECT_NE(what.find("infeasible"), std::string::npos) << what;
     EXPECT_EQ(error_code_of([&] { controlled_grouping(a, 6, start, 1, 2); }), ErrorCode::kInvalidArgument);
     EXPECT_EQ(error_code_of([&] { controlled_grouping(a, 6, start, 3, 2); }), ErrorCode::kInvalidArgument);
-    EXPECT_EQ(error_code_of([&] { controlled_grouping(a, 6, Grouping{2, {0, 0, 0, 1, 1, 2}}, 3, 3); }),
+    EXPECT_EQ(error_code_of([&] {
+                  controlled_grouping(a, 6, Grouping{2, {0, 0, 0, 1, 1, 2}}, 3, 3);
+              }),
               ErrorCode::kInvalidArgument);
 }
 
@@ -474,8 +477,8 @@ TEST(GroupingRealData, C2rLlamaMoeLayers) {
     EXPECT_DOUBLE_EQ(affinity_utilization(layer(5), 8, vanilla_grouping(8, 2)), 0.4460888671875);
     EXPECT_DOUBLE_EQ(affinity_utilization(layer(5), 8, vanilla_grouping(8, 4)), 0.2670751953125);
 
-    // Every layer: the load file is the row sums of the ordered-pair counts, 2 * (A row) (top-2: a token adds one pair per
-    // expert), U matches the independent formula, and the affinity-driven methods beat vanilla on average.
+    // Every layer: the load file is the row sums of the ordered-pair counts, 2 * (A row) (top-2: a token adds one pair
+    // per expert), U matches the independent formula, and the affinity-driven methods beat vanilla on average.
     double sum_v = 0, sum_s = 0, sum_o = 0;
     for (int l = 0; l < 32; ++l) {
         const auto al = layer(l);

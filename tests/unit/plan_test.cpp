@@ -116,7 +116,8 @@ TEST(RoutingPolicyNames, RoundTripAndUnknown) {
     for (auto pol : {RoutingPolicy::kPrimary, RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kVllm,
                      RoutingPolicy::kSglangStatic, RoutingPolicy::kSglangDynamic})
         EXPECT_EQ(parse_routing_policy(to_string(pol)), pol);
-    EXPECT_NE(error_of([] { parse_routing_policy("fastest"); }).find("unknown routing policy 'fastest'"), std::string::npos);
+    EXPECT_NE(error_of([] { parse_routing_policy("fastest"); }).find("unknown routing policy 'fastest'"),
+              std::string::npos);
 }
 
 }  // namespace

@@ -1,4 +1,6 @@
 // make_plan: method specs, constraints for every method, determinism, bad input.
+#include "grace/planner.hpp"
+
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -6,7 +8,6 @@
 #include <set>
 
 #include "grace/error.hpp"
-#include "grace/planner.hpp"
 #include "grace/replication.hpp"
 #include "unit/planner_test_util.hpp"
 
@@ -15,8 +16,15 @@ namespace {
 
 using testing::make_random_stats;
 
-const char* kAllGroupings[] = {"vanilla",      "occult", "c2r",           "spectral-full", "spectral-controlled",
-                               "spectral-controlled:0.25", "hierarchical", "metis", "eplb-hierarchical",
+const char* kAllGroupings[] = {"vanilla",
+                               "occult",
+                               "c2r",
+                               "spectral-full",
+                               "spectral-controlled",
+                               "spectral-controlled:0.25",
+                               "hierarchical",
+                               "metis",
+                               "eplb-hierarchical",
                                "eplb-global"};
 const char* kAllReplications[] = {"none", "fixed", "dynamic", "eplb"};
 
@@ -72,7 +80,8 @@ void check_constraints(const ExpertPlan& plan, const std::string& what) {
         for (int g = 0; g < G; ++g) {
             std::set<int> s(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end());
             ASSERT_EQ(s.size(), lp.gpu_experts[g].size()) << what << ": duplicate on GPU " << g;
-            if (plan.topology.slots_per_gpu) ASSERT_LE(static_cast<int>(s.size()), *plan.topology.slots_per_gpu) << what;
+            if (plan.topology.slots_per_gpu)
+                ASSERT_LE(static_cast<int>(s.size()), *plan.topology.slots_per_gpu) << what;
             for (int e : s) ++count[e];
         }
         for (int e = 0; e < E; ++e) {
@@ -238,8 +247,8 @@ TEST(Planner, EplbDuplicateIsSwappedAway) {
     opt.method = "eplb-global+eplb:16";
     const ExpertPlan plan = make_plan(st, Topology{2, 4, std::nullopt}, opt);
     const LayerPlan& lp = plan.layers[0];
-    EXPECT_EQ(lp.gpu_experts, (std::vector<std::vector<int>>{{6, 10}, {7, 10}, {0, 2}, {4, 11}, {5, 9}, {4, 5}, {1, 8},
-                                                             {1, 3}}));
+    EXPECT_EQ(lp.gpu_experts,
+              (std::vector<std::vector<int>>{{6, 10}, {7, 10}, {0, 2}, {4, 11}, {5, 9}, {4, 5}, {1, 8}, {1, 3}}));
     EXPECT_EQ(lp.primary_gpu[1], 6);
     EXPECT_EQ(lp.primary_gpu[3], 7);
     const std::vector<int> logcnt = {1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1};
@@ -264,7 +273,8 @@ TEST(Planner, HierarchicalNodeRatioBoundsNodeSizes) {
         o.method = "hierarchical:" + std::to_string(r).substr(0, 4) + "+none+primary";
         const ExpertPlan plan = make_plan(st, topo, o);
         // Node group sizes (primaries per node) within [max(M, floor((1-r)E/N)), ceil((1+r)E/N)], E/N = 16.
-        const int lo = std::max(2, static_cast<int>(std::floor((1 - r) * 16))), hi = static_cast<int>(std::ceil((1 + r) * 16));
+        const int lo = std::max(2, static_cast<int>(std::floor((1 - r) * 16))),
+                  hi = static_cast<int>(std::ceil((1 + r) * 16));
         for (const LayerPlan& lp : plan.layers) {
             int node0 = 0;
             for (int e = 0; e < 32; ++e) node0 += topo.node_of(lp.primary_gpu[e]) == 0;

@@ -1,10 +1,11 @@
 // Replication (spec §4) and routing tables (spec §5) on hand-worked examples.
+#include "grace/replication.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "grace/error.hpp"
-#include "grace/replication.hpp"
 
 namespace grace {
 namespace {
@@ -26,7 +27,7 @@ TEST(Replication, EquationThreeAndSkew) {
     EXPECT_EQ(replica_count(1.0, 4), 0);          // balanced: no replicas
     EXPECT_EQ(replica_count(1.0 + 1e-12, 4), 0);  // rounding noise does not add a replica
     EXPECT_EQ(replica_count(1.01, 4), 1);
-    EXPECT_EQ(replica_count(7.5, 4), 3);          // capped at G - 1
+    EXPECT_EQ(replica_count(7.5, 4), 3);  // capped at G - 1
     EXPECT_DOUBLE_EQ(load_skew({0, 0}), 1.0);
 }
 

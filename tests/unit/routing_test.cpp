@@ -87,14 +87,16 @@ TEST(ReplicaRouter, EcosystemPolicies) {
     EXPECT_EQ(vllm.route(0, 0, 1, 1, 2), 0);
     ReplicaRouter sg(lp, topo, RoutingPolicy::kSglangStatic, 7);
     EXPECT_EQ(sg.route(3, 0, 0, 0, 2), 3);  // same-GPU replica
-    int fixed = sg.route(1, 0, 0, 0, 2);     // random but fixed per (rank, expert)
+    int fixed = sg.route(1, 0, 0, 0, 2);    // random but fixed per (rank, expert)
     for (int i = 0; i < 10; ++i) EXPECT_EQ(sg.route(1, 0, i, 0, 2), fixed);
     ReplicaRouter dyn(lp, topo, RoutingPolicy::kSglangDynamic, 7);
     std::map<int, int> counts;
     for (int i = 0; i < 3000; ++i) ++counts[dyn.route(0, 0, i, 0, 2)];
     for (int g : {0, 2, 3}) EXPECT_NEAR(counts[g], 1000, 120);
     ReplicaRouter dyn2(lp, topo, RoutingPolicy::kSglangDynamic, 7);
-    for (int i = 0; i < 50; ++i) EXPECT_EQ(dyn2.route(0, 0, i, 1, 2), ReplicaRouter(lp, topo, RoutingPolicy::kSglangDynamic, 7).route(0, 0, i, 1, 2));
+    for (int i = 0; i < 50; ++i)
+        EXPECT_EQ(dyn2.route(0, 0, i, 1, 2),
+                  ReplicaRouter(lp, topo, RoutingPolicy::kSglangDynamic, 7).route(0, 0, i, 1, 2));
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // Runtime pieces that need no MPI: safetensors reader, bf16/f16 conversion, SwiGLU against a hand computation,
 // checkpoint loading errors, the dispatch layout, the communicator factory, and the MoE layer on one local rank.
+#include "grace/runtime.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,7 +10,6 @@
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
 #include "grace/experts.hpp"
-#include "grace/runtime.hpp"
 #include "grace/safetensors.hpp"
 #include "test_util.hpp"
 
@@ -97,12 +98,15 @@ TEST(Safetensors, RejectsMalformedFiles) {
     expect_input_error("abc", "too short");
     expect_input_error(std::string("\xff\xff\xff\x00\x00\x00\x00\x00", 8) + "{}", "header length");
     expect_input_error(raw_safetensors("{not json", ""), "not valid JSON");
-    expect_input_error(raw_safetensors(R"({"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", std::string(8, '\0')),
-                       "unsupported dtype 'I64'");
-    expect_input_error(raw_safetensors(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
-                       "shape and dtype need 12");
-    expect_input_error(raw_safetensors(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(8, '\0')),
-                       "exceed the data section");
+    expect_input_error(
+        raw_safetensors(R"({"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", std::string(8, '\0')),
+        "unsupported dtype 'I64'");
+    expect_input_error(
+        raw_safetensors(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
+        "shape and dtype need 12");
+    expect_input_error(
+        raw_safetensors(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(8, '\0')),
+        "exceed the data section");
 }
 
 TEST(Safetensors, WriterRoundTripsAndShardedFolderIsIndexed) {
@@ -207,8 +211,9 @@ TEST(Experts, LoadsOlmoeNamesAndNamesMissingOrMisshapenTensors) {
     };
     EXPECT_NE(message(1, 2, {}).find("'model.layers.1.mlp.experts.2.gate_proj.weight' (expert 2 of layer 1)"),
               std::string::npos);
-    EXPECT_NE(message(1, 1, {}).find("'model.layers.1.mlp.experts.1.down_proj.weight' has shape [2, 3], expected [3, 2]"),
-              std::string::npos);
+    EXPECT_NE(
+        message(1, 1, {}).find("'model.layers.1.mlp.experts.1.down_proj.weight' has shape [2, 3], expected [3, 2]"),
+        std::string::npos);
     EXPECT_NE(message(1, 0, {4, 2}).find("expected [2, 4]"), std::string::npos);
     EXPECT_EQ(find_expert_preset("deepseek-v2-lite").first_moe_layer, 1);
     EXPECT_EQ(find_expert_preset("olmoe").shape, (ExpertShape{2048, 1024}));

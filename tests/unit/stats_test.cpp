@@ -1,4 +1,6 @@
 // Profiler (spec §2), statistics folders and aggregated imports.
+#include "grace/stats.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,7 +10,6 @@
 #include "grace/error.hpp"
 #include "grace/generator.hpp"
 #include "grace/npy.hpp"
-#include "grace/stats.hpp"
 #include "test_util.hpp"
 
 namespace grace {
@@ -227,9 +228,13 @@ TEST(Stats, FromAggregatesHalvesOrderedPairsAndDerivesLoads) {
     EXPECT_EQ(st2.affinity, st.affinity);
     EXPECT_EQ(st2.load, st.load);
     // Odd ordered-pair entry, asymmetry, negatives, fractions, shapes, derived loads that do not divide.
-    EXPECT_NE(error_of([] { stats_from_aggregates({0, 3, 3, 0}, {2, 2}, {}, {}, true, 2); }).find("odd"),
+    EXPECT_NE(error_of([] {
+                  stats_from_aggregates({0, 3, 3, 0}, {2, 2}, {}, {}, true, 2);
+              }).find("odd"),
               std::string::npos);
-    EXPECT_NE(error_of([] { stats_from_aggregates({0, 3, 2, 0}, {2, 2}, {}, {}, false, 2); }).find("symmetric"),
+    EXPECT_NE(error_of([] {
+                  stats_from_aggregates({0, 3, 2, 0}, {2, 2}, {}, {}, false, 2);
+              }).find("symmetric"),
               std::string::npos);
     EXPECT_THROW(stats_from_aggregates({0, -2, -2, 0}, {2, 2}, {}, {}, false, 2), Error);
     EXPECT_THROW(stats_from_aggregates({0, 1.5, 1.5, 0}, {2, 2}, {}, {}, false, 2), Error);

@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <string>
 
 #include "grace/error.hpp"
@@ -12,12 +12,11 @@
 namespace grace::testing {
 
 class TempDir {
-public:
+  public:
     TempDir() {
         auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-        path_ = std::filesystem::temp_directory_path() /
-                ("grace_test_" + std::string(info->test_suite_name()) + "_" + info->name() + "_" +
-                 std::to_string(::getpid()));
+        path_ = std::filesystem::temp_directory_path() / ("grace_test_" + std::string(info->test_suite_name()) + "_" +
+                                                          info->name() + "_" + std::to_string(::getpid()));
         std::filesystem::remove_all(path_);
         std::filesystem::create_directories(path_);
     }
@@ -25,7 +24,7 @@ public:
     std::string file(const std::string& name) const { return (path_ / name).string(); }
     const std::filesystem::path& path() const { return path_; }
 
-private:
+  private:
     std::filesystem::path path_;
 };
 
@@ -52,8 +51,8 @@ inline std::string read_bytes(const std::string& path) {
 /// Builds a raw .npy file by hand (independent of grace's writer) with a given descr, shape text and payload.
 inline std::string make_npy(const std::string& descr, const std::string& shape, const std::string& payload,
                             bool fortran = false) {
-    std::string dict = "{'descr': '" + descr + "', 'fortran_order': " + (fortran ? "True" : "False") +
-                       ", 'shape': " + shape + ", }";
+    std::string dict =
+        "{'descr': '" + descr + "', 'fortran_order': " + (fortran ? "True" : "False") + ", 'shape': " + shape + ", }";
     while ((10 + dict.size() + 1) % 64 != 0) dict += ' ';
     dict += '\n';
     std::string out = "\x93NUMPY";

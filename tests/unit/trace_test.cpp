@@ -67,8 +67,9 @@ TEST(Trace, RejectsBadIdsShapesAndWeights) {
     TraceOverrides o;
     o.num_experts = 4;
     write_npy(dir.file("oor.npy"), std::vector<int32_t>{0, 4}, {1, 2});
-    EXPECT_NE(error_of([&] { load_trace(dir.file("oor.npy"), o); }).find("expert id 4 at token 0, layer 0 is out of range"),
-              std::string::npos);
+    EXPECT_NE(
+        error_of([&] { load_trace(dir.file("oor.npy"), o); }).find("expert id 4 at token 0, layer 0 is out of range"),
+        std::string::npos);
     write_npy(dir.file("neg.npy"), std::vector<int32_t>{-1, 2}, {1, 2});
     EXPECT_NE(error_of([&] { load_trace(dir.file("neg.npy"), o); }).find("out of range"), std::string::npos);
     write_npy(dir.file("rep.npy"), std::vector<int32_t>{1, 2, 3, 3}, {2, 2});

@@ -30,12 +30,12 @@ void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int
 
 /// Prints to stderr (for progress) only when it is a terminal or GRACE_PROGRESS=1.
 class Progress {
-public:
+  public:
     Progress(std::string label, int64_t total);
     void update(int64_t done);
     void finish();
 
-private:
+  private:
     std::string label_;
     int64_t total_;
     bool enabled_;
@@ -47,4 +47,5 @@ private:
 #define GRACE_CLI_CONCAT2(a, b) a##b
 #define GRACE_CLI_CONCAT(a, b) GRACE_CLI_CONCAT2(a, b)
 /// Registers a subcommand at static-initialization time.
-#define GRACE_COMMAND(...) static ::grace::cli::Registrar GRACE_CLI_CONCAT(grace_cmd_, __LINE__)(::grace::cli::Command{__VA_ARGS__})
+#define GRACE_COMMAND(...) \
+    static ::grace::cli::Registrar GRACE_CLI_CONCAT(grace_cmd_, __LINE__)(::grace::cli::Command{__VA_ARGS__})

@@ -1,12 +1,13 @@
 // `grace compare`: the paper's component analysis (Table 1 / Figure 5 rows) plus the ecosystem baselines on
 // one trace, for several topologies; writes DIR/compare.json, compare.csv, SVG figures and report.html.
+#include "grace/compare.hpp"
+
 #include <iostream>
 #include <map>
 #include <memory>
 #include <sstream>
 
 #include "command.hpp"
-#include "grace/compare.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
 
@@ -81,9 +82,11 @@ GRACE_COMMAND(
         sub.add_option("--profile-trace", a->profile_trace, "Trace to plan on (default: --trace)");
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
-        sub.add_option("--hardware", a->hardware, "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
+        sub.add_option("--hardware", a->hardware,
+                       "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
             ->capture_default_str();
-        sub.add_option("--reference", a->reference, "Row the relative changes are taken against")->capture_default_str();
+        sub.add_option("--reference", a->reference, "Row the relative changes are taken against")
+            ->capture_default_str();
         sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str();
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
         sub.add_option("-o,--output", a->output, "Output folder (replaced atomically)")->required();

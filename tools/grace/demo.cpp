@@ -83,26 +83,30 @@ int run_demo(const DemoArgs& a) {
         auto speed = [&](const CompareResult& r) {
             const auto* g = r.find("+DR+TAR", t);
             const auto* o = r.find("Occult", t);
-            return g && o && g->report.total.end_to_end_s > 0 ? o->report.total.end_to_end_s / g->report.total.end_to_end_s : 0.0;
+            return g && o && g->report.total.end_to_end_s > 0
+                       ? o->report.total.end_to_end_s / g->report.total.end_to_end_s
+                       : 0.0;
         };
         std::printf("  %s: planned on %s %.2fx, planned on %s %.2fx (evaluated on %s)\n", t.to_string().c_str(),
                     a.dataset.c_str(), speed(same), a.other.c_str(), speed(cross), a.dataset.c_str());
     }
     const std::string report_dir = (std::filesystem::path(a.output) / "report").string();
     write_dir_atomic(report_dir, [&](const std::string& tmp) {
-        write_report({{"In-distribution: planned and evaluated on " + a.dataset,
-                       "The paper's component analysis (Table 1 rows, Occult to +DR+TAR) and the ecosystem baselines.",
-                       &same, true},
-                      {"Cross-dataset: planned on " + a.other + ", evaluated on " + a.dataset,
-                       "The paper's generalization test (Sec. 6.4): plans made from one dataset's statistics serve "
-                       "another dataset's tokens.",
-                       &cross, false},
-                      {"In-distribution on " + a.other, "The same comparison on the second dataset.", &other_same, false}},
-                     tmp, "GRACE demo: " + a.preset + " (" + a.dataset + ", " + a.other + ")");
+        write_report(
+            {{"In-distribution: planned and evaluated on " + a.dataset,
+              "The paper's component analysis (Table 1 rows, Occult to +DR+TAR) and the ecosystem baselines.", &same,
+              true},
+             {"Cross-dataset: planned on " + a.other + ", evaluated on " + a.dataset,
+              "The paper's generalization test (Sec. 6.4): plans made from one dataset's statistics serve "
+              "another dataset's tokens.",
+              &cross, false},
+             {"In-distribution on " + a.other, "The same comparison on the second dataset.", &other_same, false}},
+            tmp, "GRACE demo: " + a.preset + " (" + a.dataset + ", " + a.other + ")");
         save_compare_plans(same, tmp);
     });
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("\nwrote %s/report.html (and compare*.json, compare*.csv, fig0_*.svg) in %.1f s\n", report_dir.c_str(), secs);
+    std::printf("\nwrote %s/report.html (and compare*.json, compare*.csv, fig0_*.svg) in %.1f s\n", report_dir.c_str(),
+                secs);
     return 0;
 }
 

@@ -1,10 +1,11 @@
 // `grace eval`: replay a trace through a plan under a routing policy and a communication scheme, price it with
 // a hardware model, write REPORT.json + REPORT.csv and print a short table.
+#include "grace/eval.hpp"
+
 #include <iostream>
 
 #include "command.hpp"
 #include "grace/error.hpp"
-#include "grace/eval.hpp"
 #include "grace/hardware.hpp"
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
@@ -80,7 +81,8 @@ GRACE_COMMAND(
         sub.add_option("--routing", a->routing,
                        "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)");
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
-        sub.add_option("--hardware", a->hardware, "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
+        sub.add_option("--hardware", a->hardware,
+                       "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
             ->capture_default_str();
         sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)");
         sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)");

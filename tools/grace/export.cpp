@@ -1,9 +1,10 @@
 // `grace export`: plan -> the placement file a serving engine loads (SGLang, vLLM-Ascend, TensorRT-LLM, EPLB).
+#include "grace/export.hpp"
+
 #include <cstdio>
 
 #include "command.hpp"
 #include "grace/error.hpp"
-#include "grace/export.hpp"
 #include "grace/stats.hpp"
 
 namespace grace::cli {
@@ -32,8 +33,8 @@ std::function<int()> setup_export(CLI::App& sub) {
         if (!a->stats.empty()) {
             const RoutingStats st = load_stats(a->stats);
             GRACE_CHECK_ARG(st.num_experts == plan.num_experts && st.num_layers == plan.num_layers, "statistics ",
-                            a->stats, " have E=", st.num_experts, " L=", st.num_layers, " but the plan has E=",
-                            plan.num_experts, " L=", plan.num_layers);
+                            a->stats, " have E=", st.num_experts, " L=", st.num_layers,
+                            " but the plan has E=", plan.num_experts, " L=", plan.num_layers);
             opt.expert_load.assign(st.load.begin(), st.load.end());
         }
         const PhysicalMap m = export_plan(plan, opt, a->out);

@@ -1,9 +1,10 @@
 // The `grace` command-line tool. Every error reaches main as an exception and is printed as one line,
 // `grace: error: ...`, with a non-zero exit.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
-#include <unistd.h>
 
 #include "command.hpp"
 #include "grace/error.hpp"
@@ -17,12 +18,14 @@ std::vector<Command>& registry() {
 
 void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int>& experts_flag) {
     sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)");
-    sub.add_option_function<std::string>("--model", [&overrides](const std::string& v) { overrides.model = v; },
-                                         "Model name (overrides metadata)");
-    sub.add_option_function<std::string>("--dataset", [&overrides](const std::string& v) { overrides.dataset = v; },
-                                         "Dataset name (overrides metadata)");
-    sub.add_option_function<std::string>("--weights", [&overrides](const std::string& v) { overrides.weights_path = v; },
-                                         "Gate weights .npy [T, L, k] (overrides metadata)");
+    sub.add_option_function<std::string>(
+        "--model", [&overrides](const std::string& v) { overrides.model = v; }, "Model name (overrides metadata)");
+    sub.add_option_function<std::string>(
+        "--dataset", [&overrides](const std::string& v) { overrides.dataset = v; },
+        "Dataset name (overrides metadata)");
+    sub.add_option_function<std::string>(
+        "--weights", [&overrides](const std::string& v) { overrides.weights_path = v; },
+        "Gate weights .npy [T, L, k] (overrides metadata)");
 }
 
 Progress::Progress(std::string label, int64_t total) : label_(std::move(label)), total_(std::max<int64_t>(total, 1)) {
@@ -55,7 +58,8 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     app.set_version_flag("--version", "grace 0.1.0");
     auto& commands = registry();
-    std::stable_sort(commands.begin(), commands.end(), [](const Command& a, const Command& b) { return a.order < b.order; });
+    std::stable_sort(commands.begin(), commands.end(),
+                     [](const Command& a, const Command& b) { return a.order < b.order; });
     std::function<int()> run;
     for (auto& command : commands) {
         CLI::App* sub = app.add_subcommand(command.name, command.help);

@@ -56,10 +56,12 @@ std::function<int()> setup_plan(CLI::App& sub) {
             source = a->stats;
             if (!a->trace.empty()) {
                 TraceReader reader(a->trace, a->overrides);
-                GRACE_CHECK_ARG(reader.num_experts() == st.num_experts, "statistics ", a->stats, " have E=",
-                                st.num_experts, " experts but the trace ", a->trace, " has E=", reader.num_experts());
-                GRACE_CHECK_ARG(reader.num_layers() == st.num_layers, "statistics ", a->stats, " have L=",
-                                st.num_layers, " layers but the trace ", a->trace, " has L=", reader.num_layers());
+                GRACE_CHECK_ARG(reader.num_experts() == st.num_experts, "statistics ", a->stats,
+                                " have E=", st.num_experts, " experts but the trace ", a->trace,
+                                " has E=", reader.num_experts());
+                GRACE_CHECK_ARG(reader.num_layers() == st.num_layers, "statistics ", a->stats,
+                                " have L=", st.num_layers, " layers but the trace ", a->trace,
+                                " has L=", reader.num_layers());
             } else if (a->experts) {
                 GRACE_CHECK_ARG(*a->experts == st.num_experts, "statistics ", a->stats, " have E=", st.num_experts,
                                 " experts but --experts says ", *a->experts);

@@ -202,12 +202,13 @@ int run_impl(RunOptions& o) {
             if (shape.hidden == 0) shape.hidden = p.shape.hidden;
             if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
         }
-        GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
-                        "the trace's model '", trace.model, "' is no preset: give --weights CKPT, or --preset P (and/or ",
+        GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0, "the trace's model '", trace.model,
+                        "' is no preset: give --weights CKPT, or --preset P (and/or ",
                         "--hidden H --intermediate I) for a seeded random init");
     }
     auto make_expert = [&](int layer, int e) {
-        if (ckpt) return load_expert(*ckpt, layer + first_moe_layer, e, dtype, shape.hidden > 0 ? shape : ExpertShape{});
+        if (ckpt)
+            return load_expert(*ckpt, layer + first_moe_layer, e, dtype, shape.hidden > 0 ? shape : ExpertShape{});
         return random_expert(o.seed, layer, e, shape, dtype);
     };
 
@@ -275,9 +276,11 @@ int run_impl(RunOptions& o) {
                 for (int h = 0; h < H; ++h)
                     hidden[t * H + h] =
                         static_cast<float>(2.0 * to_unit(mix64(o.seed ^ kHiddenSalt, static_cast<uint64_t>(begin + t),
-                                                               static_cast<uint64_t>(h))) - 1.0);
+                                                               static_cast<uint64_t>(h))) -
+                                           1.0);
         }
-        GRACE_CHECK_INPUT(layer.hidden() == H, "layer ", l, " experts have hidden size ", layer.hidden(), ", layer 0 had ", H);
+        GRACE_CHECK_INPUT(layer.hidden() == H, "layer ", l, " experts have hidden size ", layer.hidden(),
+                          ", layer 0 had ", H);
         PhaseSums phases;
         ByteSums bytes;
         double layer_err = 0;
@@ -287,8 +290,8 @@ int run_impl(RunOptions& o) {
         ExpertWorkspace ws;
         for (int64_t step = 0; step < steps; ++step) {
             if (me == fail_rank && l == fail_layer)
-                throw Error(ErrorCode::kInternal, cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l,
-                                                      " batch ", step));
+                throw Error(ErrorCode::kInternal,
+                            cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l, " batch ", step));
             const int64_t b0 = std::min(T_local, step * B), b1 = std::min(T_local, (step + 1) * B);
             const int64_t n = b1 - b0;
             ids.resize(static_cast<size_t>(n) * k);
@@ -298,10 +301,11 @@ int run_impl(RunOptions& o) {
                 double sum = 0;
                 for (int j = 0; j < k; ++j) {
                     ids[t * k + j] = trace.id(tg, l, j);
-                    double w = trace.has_weights()
-                                   ? trace.gate_weights[(tg * trace.num_layers + l) * k + j]
-                                   : 0.5 + to_unit(mix64(o.seed ^ kGateSalt, static_cast<uint64_t>(tg * trace.num_layers + l),
-                                                         static_cast<uint64_t>(j)));
+                    double w =
+                        trace.has_weights()
+                            ? trace.gate_weights[(tg * trace.num_layers + l) * k + j]
+                            : 0.5 + to_unit(mix64(o.seed ^ kGateSalt, static_cast<uint64_t>(tg * trace.num_layers + l),
+                                                  static_cast<uint64_t>(j)));
                     gates[t * k + j] = static_cast<float>(w);
                     sum += w;
                 }
@@ -364,8 +368,11 @@ int run_impl(RunOptions& o) {
         std::vector<double> rows_sum{agg[0]}, err_max{agg[1]};
         comm->allreduce_sum(rows_sum);
         comm->allreduce_max(err_max);
-        json lj = {{"layer", l}, {"policy", to_string(mo.policy)}, {"time_s", phase_json(*comm, phases)},
-                   {"bytes", bytes_json(*comm, bytes)}, {"expert_rows", static_cast<int64_t>(rows_sum[0])}};
+        json lj = {{"layer", l},
+                   {"policy", to_string(mo.policy)},
+                   {"time_s", phase_json(*comm, phases)},
+                   {"bytes", bytes_json(*comm, bytes)},
+                   {"expert_rows", static_cast<int64_t>(rows_sum[0])}};
         if (o.verify) lj["max_rel_err"] = err_max[0];
         per_layer.push_back(lj);
     }
@@ -393,13 +400,15 @@ int run_impl(RunOptions& o) {
                    {"per_layer", per_layer}};
     const bool passed = !o.verify || errs[0] <= o.tolerance;
     if (o.verify)
-        report["verify"] = {{"max_rel_err", errs[0]}, {"max_abs_err", errs[1]}, {"tolerance", o.tolerance},
+        report["verify"] = {{"max_rel_err", errs[0]},
+                            {"max_abs_err", errs[1]},
+                            {"tolerance", o.tolerance},
                             {"passed", passed},
                             {"metric", "max over tokens of max_h |y - y_ref| / max_h sum_j |w_j f_j(x)_h|"}};
     if (me == 0) {
         write_text_atomic(o.output, report.dump(2) + "\n");
-        std::cout << "grace run: " << plan.topology.to_string() << " " << to_string(scheme) << ", " << L
-                  << " layers x " << steps << " steps, total " << report["time_s"]["total"]["max"].get<double>()
+        std::cout << "grace run: " << plan.topology.to_string() << " " << to_string(scheme) << ", " << L << " layers x "
+                  << steps << " steps, total " << report["time_s"]["total"]["max"].get<double>()
                   << " s (max over ranks)";
         if (o.verify) std::cout << ", verify max_rel_err " << errs[0] << (passed ? " (passed)" : " (FAILED)");
         std::cout << " -> " << o.output << "\n";
@@ -417,41 +426,45 @@ int run_command(RunOptions& o) {
     } catch (const std::exception& e) {
         // A failing rank must end the whole job: the others may be blocked in a collective.
         if (nproc > 1)
-            abort_launched_job(1, cat("grace: error: rank ", launched_process_rank(), " (host ", host_name(), "): ",
-                                      e.what()));
+            abort_launched_job(
+                1, cat("grace: error: rank ", launched_process_rank(), " (host ", host_name(), "): ", e.what()));
         throw;
     }
 }
 
-GRACE_COMMAND("run", "Replay a trace through a plan on the real MoE layer (MPI runtime); per-phase times and bytes",
-              [](CLI::App& sub) -> std::function<int()> {
-                  auto o = std::make_shared<RunOptions>();
-                  sub.add_option("--plan", o->plan_path, "Plan file (grace.plan/v1)")->required();
-                  sub.add_option("--trace", o->trace_path, "Routing trace (.npy)")->required();
-                  sub.add_option("--comm", o->comm, "Dispatch scheme: flat, flat-dedup or hsc")->default_val("hsc");
-                  sub.add_option("--routing", o->routing, "Replica routing policy (default: the plan's per layer)");
-                  sub.add_option("--layers", o->layers, "Number of layers to run (default: all)");
-                  sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)");
-                  sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
-                  sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")->default_val(1e-4);
-                  sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
-                  sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...)");
-                  sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
-                  sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")->default_val("fp32");
-                  sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)");
-                  sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)");
-                  sub.add_option("--first-moe-layer", o->first_moe_layer,
-                                 "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
-                  sub.add_option("--backend", o->backend, "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer");
-                  sub.add_option("--threads", o->threads, "Eigen threads per rank (also the threads of the --verify reference)")->default_val(1);
-                  sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
-                  sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");
-                  sub.add_option_function<std::string>(
-                      "--gate-weights", [o](const std::string& v) { o->overrides.weights_path = v; },
-                      "Gate weights .npy [T, L, k] (overrides the trace's metadata; default: seeded)");
-                  return [o] { return run_command(*o); };
-              },
-              60);
+GRACE_COMMAND(
+    "run", "Replay a trace through a plan on the real MoE layer (MPI runtime); per-phase times and bytes",
+    [](CLI::App& sub) -> std::function<int()> {
+        auto o = std::make_shared<RunOptions>();
+        sub.add_option("--plan", o->plan_path, "Plan file (grace.plan/v1)")->required();
+        sub.add_option("--trace", o->trace_path, "Routing trace (.npy)")->required();
+        sub.add_option("--comm", o->comm, "Dispatch scheme: flat, flat-dedup or hsc")->default_val("hsc");
+        sub.add_option("--routing", o->routing, "Replica routing policy (default: the plan's per layer)");
+        sub.add_option("--layers", o->layers, "Number of layers to run (default: all)");
+        sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)");
+        sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
+        sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")->default_val(1e-4);
+        sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
+        sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...)");
+        sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
+        sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")->default_val("fp32");
+        sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)");
+        sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)");
+        sub.add_option("--first-moe-layer", o->first_moe_layer,
+                       "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
+        sub.add_option(
+            "--backend", o->backend,
+            "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer");
+        sub.add_option("--threads", o->threads, "Eigen threads per rank (also the threads of the --verify reference)")
+            ->default_val(1);
+        sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
+        sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");
+        sub.add_option_function<std::string>(
+            "--gate-weights", [o](const std::string& v) { o->overrides.weights_path = v; },
+            "Gate weights .npy [T, L, k] (overrides the trace's metadata; default: seeded)");
+        return [o] { return run_command(*o); };
+    },
+    60);
 
 }  // namespace
 }  // namespace grace::cli

@@ -16,8 +16,7 @@ std::function<int()> setup_import(CLI::App& sub) {
         int top_k = 0;
     };
     auto a = std::make_shared<Args>();
-    sub.add_option("--coactivation", a->coact, "Co-activation .npy [L, E, E] or [E, E] (diagonal ignored)")
-        ->required();
+    sub.add_option("--coactivation", a->coact, "Co-activation .npy [L, E, E] or [E, E] (diagonal ignored)")->required();
     sub.add_option("--load", a->load, "Per-expert loads .npy [L, E] or [E] (default: row sums of A / (k-1))");
     sub.add_flag("--ordered-pairs", a->ordered,
                  "Entries count each pair twice (2*A): halve them; an odd entry is an error");

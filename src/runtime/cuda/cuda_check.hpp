@@ -7,26 +7,26 @@
 
 #include "grace/error.hpp"
 
-#define CUDA_RUNTIME_CHECK(expr)                                                                              \
-    do {                                                                                                     \
-        cudaError_t grace_err_ = (expr);                                                                     \
-        if (grace_err_ != cudaSuccess)                                                                       \
-            throw ::grace::Error(::grace::ErrorCode::kBackend,                                               \
-                                 ::grace::cat("CUDA error ", cudaGetErrorName(grace_err_), " (",             \
-                                              cudaGetErrorString(grace_err_), ") in ", #expr, " at ",        \
-                                              __FILE__, ":", __LINE__));                                     \
+#define CUDA_RUNTIME_CHECK(expr)                                                                                \
+    do {                                                                                                        \
+        cudaError_t grace_err_ = (expr);                                                                        \
+        if (grace_err_ != cudaSuccess)                                                                          \
+            throw ::grace::Error(                                                                               \
+                ::grace::ErrorCode::kBackend,                                                                   \
+                ::grace::cat("CUDA error ", cudaGetErrorName(grace_err_), " (", cudaGetErrorString(grace_err_), \
+                             ") in ", #expr, " at ", __FILE__, ":", __LINE__));                                 \
     } while (0)
 
 /// After a kernel launch: the launch configuration error, if any.
 #define CUDA_LAUNCH_CHECK() CUDA_RUNTIME_CHECK(cudaGetLastError())
 
-#define CUBLAS_CHECK(expr)                                                                                   \
-    do {                                                                                                     \
-        cublasStatus_t grace_st_ = (expr);                                                                   \
-        if (grace_st_ != CUBLAS_STATUS_SUCCESS)                                                              \
-            throw ::grace::Error(::grace::ErrorCode::kBackend,                                               \
-                                 ::grace::cat("cuBLAS error ", cublasGetStatusName(grace_st_), " in ", #expr, \
-                                              " at ", __FILE__, ":", __LINE__));                             \
+#define CUBLAS_CHECK(expr)                                                                                            \
+    do {                                                                                                              \
+        cublasStatus_t grace_st_ = (expr);                                                                            \
+        if (grace_st_ != CUBLAS_STATUS_SUCCESS)                                                                       \
+            throw ::grace::Error(::grace::ErrorCode::kBackend,                                                        \
+                                 ::grace::cat("cuBLAS error ", cublasGetStatusName(grace_st_), " in ", #expr, " at ", \
+                                              __FILE__, ":", __LINE__));                                              \
     } while (0)
 
 /// Host-side invariant for the backend (caller mistakes use GRACE_CHECK_ARG).

@@ -10,7 +10,7 @@ namespace grace::cuda {
 
 template <typename T>
 class DeviceBuffer {
-public:
+  public:
     DeviceBuffer() = default;
     explicit DeviceBuffer(size_t n) { resize(n); }
     ~DeviceBuffer() { release(); }
@@ -48,7 +48,7 @@ public:
     size_t size() const { return size_; }
     size_t bytes() const { return size_ * sizeof(T); }
 
-private:
+  private:
     void release() {
         if (ptr_) cudaFree(ptr_);
         ptr_ = nullptr;

@@ -19,14 +19,13 @@ using bf16 = uint16_t;  // bf16 bits; the kernels see __nv_bfloat16
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-
 // One exchange stage on the host side: per target group rank q, the copies queued for it.
 struct Stage {
     CommGroup group = CommGroup::kGlobal;
-    int n = 0;         // group size
-    int self = 0;      // caller's group rank
-    int recs = 1;      // metadata records per copy
-    int rec_ints = 2;  // int32 words per record
+    int n = 0;                               // group size
+    int self = 0;                            // caller's group rank
+    int recs = 1;                            // metadata records per copy
+    int rec_ints = 2;                        // int32 words per record
     std::vector<std::vector<int32_t>> src;   // [n][copies] gather index (>= 0 own hidden row, < 0 stage-1 row)
     std::vector<std::vector<int32_t>> acc;   // [n][copies] accumulator row the returned vector adds into
     std::vector<std::vector<int32_t>> meta;  // [n][copies * recs * rec_ints]
@@ -236,8 +235,7 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
     const auto t_start = Clock::now();
     auto t0 = Clock::now();
     for (int64_t i = 0; i < T * k; ++i)
-        GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i],
-                        " is outside [0, ", E, ")");
+        GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E, ")");
     route(d_ids.data(), T, k, first_token);
     stats.local_selections = T * k;
     stats.routing_s = seconds_since(t0);
@@ -270,8 +268,10 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
                 s.src[d[j]].push_back(static_cast<int32_t>(t));
                 s.acc[d[j]].push_back(static_cast<int32_t>(t));
                 for (int i = 0; i < k; ++i)
-                    if (d[i] == d[j]) rec2(s.meta[d[j]], slot(d[j], h_ids[t * k + i]), h_w[t * k + i]);
-                    else rec2(s.meta[d[j]], -1, 0.0f);
+                    if (d[i] == d[j])
+                        rec2(s.meta[d[j]], slot(d[j], h_ids[t * k + i]), h_w[t * k + i]);
+                    else
+                        rec2(s.meta[d[j]], -1, 0.0f);
             }
         }
         stats.layout_s = seconds_since(t0);
@@ -335,8 +335,10 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
                 s.src[q].push_back(src);
                 s.acc[q].push_back(acc_row);
                 for (int i = 0; i < k; ++i)
-                    if (e[i] >= 0 && d[i] == d[j]) rec2(s.meta[q], slot(d[j], e[i]), w[i]);
-                    else rec2(s.meta[q], -1, 0.0f);
+                    if (e[i] >= 0 && d[i] == d[j])
+                        rec2(s.meta[q], slot(d[j], e[i]), w[i]);
+                    else
+                        rec2(s.meta[q], -1, 0.0f);
             }
         };
         for (int64_t t = 0; t < T; ++t)
@@ -385,8 +387,8 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         combine_stage(a, ds1, acc_bf16.data());
     }
     if (T > 0)
-        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(out_dev, acc.data(), static_cast<size_t>(T) * H * 4, cudaMemcpyDeviceToDevice,
-                                           nullptr));
+        CUDA_RUNTIME_CHECK(
+            cudaMemcpyAsync(out_dev, acc.data(), static_cast<size_t>(T) * H * 4, cudaMemcpyDeviceToDevice, nullptr));
     CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
     stats.combine_s = seconds_since(t0);
     stats.total_s = seconds_since(t_start);
@@ -400,8 +402,10 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
                     options.scheme == CommScheme::kHsc,
                 ErrorCode::kUnsupported, "the GPU MoE layer runs flat, flat-dedup and hsc, not '",
                 to_string(options.scheme), "'");
-    GRACE_CHECK_ARG(communicator.memory_space() == MemorySpace::kDevice, "GpuMoeLayer needs a device-memory "
-                    "communicator (backend 'nccl'), got '", communicator.backend(), "'");
+    GRACE_CHECK_ARG(communicator.memory_space() == MemorySpace::kDevice,
+                    "GpuMoeLayer needs a device-memory "
+                    "communicator (backend 'nccl'), got '",
+                    communicator.backend(), "'");
     GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
                         communicator.topology().gpus_per_node == topology.gpus_per_node,
                     "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
@@ -438,18 +442,23 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
     communicator.allreduce_max(shape);
     m.H = static_cast<int>(shape[0]);
     m.I = static_cast<int>(shape[1]);
-    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && m.I > 0 && m.I % 8 == 0, "GpuMoeLayer needs H and I positive multiples "
-                    "of 8, got H=", m.H, " I=", m.I);
+    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && m.I > 0 && m.I % 8 == 0,
+                    "GpuMoeLayer needs H and I positive multiples "
+                    "of 8, got H=",
+                    m.H, " I=", m.I);
     for (const auto& w : local_experts)
         GRACE_CHECK_ARG(w.shape.hidden == m.H && w.shape.intermediate == m.I, "rank ", m.me, " expert ", w.expert,
-                        " has H=", w.shape.hidden, " I=", w.shape.intermediate, ", another rank has H=", m.H, " I=", m.I);
+                        " has H=", w.shape.hidden, " I=", w.shape.intermediate, ", another rank has H=", m.H,
+                        " I=", m.I);
     if (m.n_local > 0) {
         const size_t HI = static_cast<size_t>(m.H) * m.I;
         std::vector<uint16_t> w13(2 * HI * m.n_local), w2(HI * m.n_local);
-        auto put = [](const ExpertWeights& w, const std::vector<float>& f, const std::vector<uint16_t>& b, uint16_t* dst,
-                      size_t n) {
-            if (w.storage == DType::kBF16) std::memcpy(dst, b.data(), n * 2);
-            else for (size_t i = 0; i < n; ++i) dst[i] = float_to_bf16(f[i]);
+        auto put = [](const ExpertWeights& w, const std::vector<float>& f, const std::vector<uint16_t>& b,
+                      uint16_t* dst, size_t n) {
+            if (w.storage == DType::kBF16)
+                std::memcpy(dst, b.data(), n * 2);
+            else
+                for (size_t i = 0; i < n; ++i) dst[i] = float_to_bf16(f[i]);
         };
         for (int s = 0; s < m.n_local; ++s) {
             const ExpertWeights& w = *by_slot[s];

@@ -36,33 +36,34 @@ std::string host_name() {
 
 [[noreturn]] void throw_nccl(ncclResult_t res, const char* call, int rank, const char* file, int line) {
     const char* last = ncclGetLastError(nullptr);
-    throw Error(ErrorCode::kBackend, cat("NCCL error ", ncclGetErrorString(res), " in ", call, " on rank ", rank,
-                                         " (host ", host_name(), ") at ", file, ":", line,
-                                         last && *last ? cat(": ", last) : std::string()));
+    throw Error(ErrorCode::kBackend,
+                cat("NCCL error ", ncclGetErrorString(res), " in ", call, " on rank ", rank, " (host ", host_name(),
+                    ") at ", file, ":", line, last && *last ? cat(": ", last) : std::string()));
 }
 
 // `rank_for_errors_` must be in scope (the global rank, or -1 before it is known).
-#define GRACE_NCCL_CUDA_CHECK(expr)                                                                   \
-    do {                                                                                              \
-        cudaError_t grace_e_ = (expr);                                                                \
+#define GRACE_NCCL_CUDA_CHECK(expr)                                                                     \
+    do {                                                                                                \
+        cudaError_t grace_e_ = (expr);                                                                  \
         if (grace_e_ != cudaSuccess) throw_cuda(grace_e_, #expr, rank_for_errors_, __FILE__, __LINE__); \
     } while (0)
-#define GRACE_NCCL_CHECK(expr)                                                                        \
-    do {                                                                                              \
-        ncclResult_t grace_r_ = (expr);                                                               \
+#define GRACE_NCCL_CHECK(expr)                                                                          \
+    do {                                                                                                \
+        ncclResult_t grace_r_ = (expr);                                                                 \
         if (grace_r_ != ncclSuccess) throw_nccl(grace_r_, #expr, rank_for_errors_, __FILE__, __LINE__); \
     } while (0)
 
 // The process's index among the processes on this machine, from the launcher (OpenMPI, MPICH/Hydra,
 // MVAPICH, Slurm); the global rank when none is set.
 int machine_local_rank(int global_rank) {
-    for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"})
+    for (const char* var :
+         {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"})
         if (const char* v = std::getenv(var); v && *v) return std::atoi(v);
     return global_rank;
 }
 
 class NcclRequest final : public CommRequest {
-public:
+  public:
     NcclRequest(cudaEvent_t event, ncclComm_t comm, int rank) : event_(event), comm_(comm), rank_for_errors_(rank) {}
     ~NcclRequest() override {
         if (event_) {
@@ -78,20 +79,21 @@ public:
         if (err != cudaSuccess) {
             ncclResult_t async = ncclSuccess;
             ncclCommGetAsyncError(comm_, &async);
-            if (async != ncclSuccess) throw_nccl(async, "ncclCommGetAsyncError after a failed alltoallv", rank_for_errors_,
-                                                 __FILE__, __LINE__);
+            if (async != ncclSuccess)
+                throw_nccl(async, "ncclCommGetAsyncError after a failed alltoallv", rank_for_errors_, __FILE__,
+                           __LINE__);
             throw_cuda(err, "cudaEventSynchronize(alltoallv done)", rank_for_errors_, __FILE__, __LINE__);
         }
     }
 
-private:
+  private:
     cudaEvent_t event_ = nullptr;
     ncclComm_t comm_ = nullptr;
     int rank_for_errors_ = -1;
 };
 
 class NcclCommunicator final : public Communicator {
-public:
+  public:
     NcclCommunicator(const CommunicatorOptions& options, std::unique_ptr<Communicator> host)
         : Communicator(options.topology, host->rank()), host_comm_(std::move(host)), host_(host_name()) {
         rank_for_errors_ = rank_;
@@ -106,7 +108,8 @@ public:
         const char* nvls = std::getenv("NCCL_NVLS_ENABLE");
         if (!nvls || std::strcmp(nvls, "0") != 0) {
             if (nvls && rank_ == 0)
-                std::fprintf(stderr, "grace: NCCL_NVLS_ENABLE=%s overridden to 0 (NVLink multicast is always off)\n", nvls);
+                std::fprintf(stderr, "grace: NCCL_NVLS_ENABLE=%s overridden to 0 (NVLink multicast is always off)\n",
+                             nvls);
             setenv("NCCL_NVLS_ENABLE", "0", 1);
         }
 
@@ -126,9 +129,10 @@ public:
         int n = 0, r = 0;
         GRACE_NCCL_CHECK(ncclCommCount(node_, &n));
         GRACE_NCCL_CHECK(ncclCommUserRank(node_, &r));
-        GRACE_CHECK(n == topology_.gpus_per_node && r == local_rank(), ErrorCode::kInternal, "ncclCommSplit gave a node "
-                    "communicator of ", n, " ranks with rank ", r, "; expected ", topology_.gpus_per_node, " and ",
-                    local_rank());
+        GRACE_CHECK(n == topology_.gpus_per_node && r == local_rank(), ErrorCode::kInternal,
+                    "ncclCommSplit gave a node "
+                    "communicator of ",
+                    n, " ranks with rank ", r, "; expected ", topology_.gpus_per_node, " and ", local_rank());
         GRACE_NCCL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         GRACE_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
     }
@@ -157,7 +161,8 @@ public:
         GRACE_NCCL_CUDA_CHECK(cudaEventRecord(ready_, nullptr));
         GRACE_NCCL_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
         GRACE_CHECK_ARG(layout.send_counts[self] == layout.recv_counts[self], "nccl alltoallv on rank ", rank_,
-                        ": sending ", layout.send_counts[self], " bytes to self but expecting ", layout.recv_counts[self]);
+                        ": sending ", layout.send_counts[self], " bytes to self but expecting ",
+                        layout.recv_counts[self]);
         if (layout.send_counts[self] > 0)
             GRACE_NCCL_CUDA_CHECK(cudaMemcpyAsync(r + layout.recv_displs[self], s + layout.send_displs[self],
                                                   layout.send_counts[self], cudaMemcpyDeviceToDevice, stream_));
@@ -165,9 +170,11 @@ public:
         for (int q = 0; q < n; ++q) {
             if (q == self) continue;
             if (layout.send_counts[q] > 0)
-                GRACE_NCCL_CHECK(ncclSend(s + layout.send_displs[q], layout.send_counts[q], ncclUint8, q, comm, stream_));
+                GRACE_NCCL_CHECK(
+                    ncclSend(s + layout.send_displs[q], layout.send_counts[q], ncclUint8, q, comm, stream_));
             if (layout.recv_counts[q] > 0)
-                GRACE_NCCL_CHECK(ncclRecv(r + layout.recv_displs[q], layout.recv_counts[q], ncclUint8, q, comm, stream_));
+                GRACE_NCCL_CHECK(
+                    ncclRecv(r + layout.recv_displs[q], layout.recv_counts[q], ncclUint8, q, comm, stream_));
         }
         GRACE_NCCL_CHECK(ncclGroupEnd());
         cudaEvent_t done = nullptr;
@@ -195,7 +202,7 @@ public:
         std::_Exit(code);  // not reached: the host communicator's abort does not return
     }
 
-private:
+  private:
     std::unique_ptr<Communicator> host_comm_;
     std::string host_;
     int rank_for_errors_ = -1;
@@ -210,8 +217,8 @@ private:
 
 std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options) {
 #ifdef GRACE_USE_MPI
-    auto host = make_communicator(launched_process_count() > 1 || options.topology.num_gpus() > 1 ? "mpi" : "local",
-                                  options);
+    auto host =
+        make_communicator(launched_process_count() > 1 || options.topology.num_gpus() > 1 ? "mpi" : "local", options);
 #else
     auto host = make_communicator("local", options);
 #endif

@@ -23,8 +23,8 @@ void RouteTable::validate() const {
                     "RouteTable: instance_gpu has ", instance_gpu.size(), " entries, instance_ptr says ",
                     instance_ptr[num_experts]);
     for (size_t i = 0; i < instance_gpu.size(); ++i)
-        GRACE_CHECK_ARG(instance_gpu[i] >= 0 && instance_gpu[i] < num_sources, "RouteTable: instance ", i,
-                        " on GPU ", instance_gpu[i], " outside [0, ", num_sources, ")");
+        GRACE_CHECK_ARG(instance_gpu[i] >= 0 && instance_gpu[i] < num_sources, "RouteTable: instance ", i, " on GPU ",
+                        instance_gpu[i], " outside [0, ", num_sources, ")");
     GRACE_CHECK_ARG(sequence.size() == static_cast<size_t>(num_sources) * num_experts * period,
                     "RouteTable: sequence has ", sequence.size(), " entries, expected G*E*Q");
     for (int se = 0; se < num_sources * num_experts; ++se) {

@@ -32,13 +32,13 @@ int world_rank_or_minus_one() {
     char text[MPI_MAX_ERROR_STRING] = {0};
     int len = 0;
     MPI_Error_string(rc, text, &len);
-    throw Error(ErrorCode::kBackend,
-                cat("MPI error in ", call, " on rank ", world_rank_or_minus_one(), " (host ", host_name(), "): ", text));
+    throw Error(ErrorCode::kBackend, cat("MPI error in ", call, " on rank ", world_rank_or_minus_one(), " (host ",
+                                         host_name(), "): ", text));
 }
 
-#define GRACE_MPI_CHECK(call)                                   \
-    do {                                                        \
-        int grace_mpi_rc_ = (call);                             \
+#define GRACE_MPI_CHECK(call)                                                    \
+    do {                                                                         \
+        int grace_mpi_rc_ = (call);                                              \
         if (grace_mpi_rc_ != MPI_SUCCESS) throw_mpi_error(grace_mpi_rc_, #call); \
     } while (0)
 
@@ -65,7 +65,7 @@ int to_int(size_t v, const char* what) {
 }
 
 class MpiRequest final : public CommRequest {
-public:
+  public:
     std::vector<int> sc, sd, rc, rd;  // must outlive the non-blocking collective
     MPI_Request request = MPI_REQUEST_NULL;
     void wait() override {
@@ -78,7 +78,7 @@ public:
 };
 
 class MpiCommunicator final : public Communicator {
-public:
+  public:
     MpiCommunicator(const Topology& topology, int rank) : Communicator(topology, rank), host_(host_name()) {
         GRACE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &world_));
         GRACE_MPI_CHECK(MPI_Comm_set_errhandler(world_, MPI_ERRORS_RETURN));
@@ -120,7 +120,8 @@ public:
         GRACE_CHECK_ARG(s != r, "alltoallv: send and receive buffers must differ (no in-place exchange)");
         if (std::getenv("GRACE_MPI_DEBUG")) {
             std::string line = cat("rank ", rank_, " group ", n, ":");
-            for (int q = 0; q < n; ++q) line += cat(" [", q, "] s", req->sc[q], "@", req->sd[q], " r", req->rc[q], "@", req->rd[q]);
+            for (int q = 0; q < n; ++q)
+                line += cat(" [", q, "] s", req->sc[q], "@", req->sd[q], " r", req->rc[q], "@", req->rd[q]);
             std::fprintf(stderr, "%s\n", line.c_str());
         }
         GRACE_MPI_CHECK(MPI_Ialltoallv(s, req->sc.data(), req->sd.data(), MPI_BYTE, r, req->rc.data(), req->rd.data(),
@@ -139,8 +140,8 @@ public:
             counts[r] = peers[r] ? 1 : 0;
             displs[r] = r;
         }
-        GRACE_MPI_CHECK(MPI_Alltoallv(send.data(), counts.data(), displs.data(), MPI_UINT64_T, recv.data(), counts.data(),
-                                      displs.data(), MPI_UINT64_T, comm(group)));
+        GRACE_MPI_CHECK(MPI_Alltoallv(send.data(), counts.data(), displs.data(), MPI_UINT64_T, recv.data(),
+                                      counts.data(), displs.data(), MPI_UINT64_T, comm(group)));
         return recv;
     }
 
@@ -150,12 +151,12 @@ public:
         return out;
     }
     void allreduce_sum(std::vector<double>& values) override {
-        GRACE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM,
-                                      world_));
+        GRACE_MPI_CHECK(
+            MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM, world_));
     }
     void allreduce_max(std::vector<double>& values) override {
-        GRACE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_MAX,
-                                      world_));
+        GRACE_MPI_CHECK(
+            MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_MAX, world_));
     }
     void barrier() override { GRACE_MPI_CHECK(MPI_Barrier(world_)); }
     [[noreturn]] void abort(int code, const std::string& message) override {
@@ -165,7 +166,7 @@ public:
         std::_Exit(code);
     }
 
-private:
+  private:
     MPI_Comm comm(CommGroup group) const { return group == CommGroup::kGlobal ? world_ : node_; }
     std::string host_;
     MPI_Comm world_ = MPI_COMM_NULL;
@@ -203,8 +204,8 @@ std::unique_ptr<Communicator> make_mpi_communicator(const CommunicatorOptions& o
     const int size = mpi_world_size();
     const int rank = mpi_world_rank();
     GRACE_CHECK_ARG(size == options.topology.num_gpus(), "topology ", options.topology.to_string(), " needs ",
-                    options.topology.num_gpus(), " processes, but ", size,
-                    " were started (mpirun -n ", options.topology.num_gpus(), ")");
+                    options.topology.num_gpus(), " processes, but ", size, " were started (mpirun -n ",
+                    options.topology.num_gpus(), ")");
     return std::make_unique<MpiCommunicator>(options.topology, rank);
 }
 
