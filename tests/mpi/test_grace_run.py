@@ -181,6 +181,13 @@ def main():
               f"different plans on different ranks are detected ({time.time() - t0:.1f} s)")
         p, _ = run(common + ["-o", os.path.join(d, "w.json")], np_=3, timeout=60)
         check(p.returncode != 0 and "needs 4 processes" in p.stderr, "wrong process count is an error")
+        # Without a checkpoint or a shape, the trace's model must name a preset; 'toy' does not.
+        i = common.index("--hidden")
+        noshape = common[:i] + common[i + 4:]  # drops --hidden 16 --intermediate 8
+        assert "--intermediate" not in noshape
+        p, _ = run(noshape + ["--model", "toy", "-o", os.path.join(d, "ns.json")], timeout=60)
+        check(p.returncode != 0 and "the trace's model 'toy' is no preset" in p.stderr,
+              "no checkpoint, no shape and no preset model is a one-line error")
 
         # End to end: grace gen -> grace plan -> grace run vs grace eval, copies per link class equal.
         tr, pl = os.path.join(d, "g.npy"), os.path.join(d, "g_plan.json")

@@ -462,6 +462,11 @@ GRACE_COMMAND(
         sub.add_option_function<std::string>(
             "--gate-weights", [o](const std::string& v) { o->overrides.weights_path = v; },
             "Gate weights .npy [T, L, k] (overrides the trace's metadata; default: seeded)");
+        sub.add_option_function<std::string>(
+            "--model", [o](const std::string& v) { o->overrides.model = v; },
+            "Model name (overrides the trace's metadata; a preset name gives the expert shape)");
+        sub.add_option_function<std::string>(
+            "--dataset", [o](const std::string& v) { o->overrides.dataset = v; }, "Dataset name (overrides metadata)");
         return [o] { return run_command(*o); };
     },
     60);
