@@ -7,7 +7,8 @@
 ///   grouping:    vanilla | occult | c2r | spectral-full | spectral-controlled[:R] (R a ratio, default: knee)
 ///                | hierarchical[:R] (R bounds the node-level group sizes to [(1-R)E/N, (1+R)E/N]; without R the node
 ///                level is fully non-uniform, as in the paper) | metis | eplb-hierarchical | eplb-global
-///   replication: none | fixed | dynamic | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
+///   replication: none | fixed | dynamic | dynamic-iter (DR repeated on the next heaviest GPU, beyond the paper)
+///                | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
 ///                the GPUs' slots)
 ///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic
 /// Missing trailing components default to `none` and `primary`.

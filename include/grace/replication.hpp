@@ -21,6 +21,11 @@ enum class ReplicationMethod {
     kFixed,    ///< FR: one replica of each hot expert, on the least-loaded GPU (before replication)
     kDynamic,  ///< DR: R (Equation 3) replicas of each hot expert on the R least-loaded eligible GPUs
     kEplb,     ///< EPLB water-filling with a slot budget (replicate_experts), replicas placed greedily
+    /// DR repeated (spec §4, beyond the paper): after each round the GPU with the highest predicted load
+    /// (Equation 4, every instance of an expert taking an equal share) gets a DR round of its own, while the
+    /// predicted skew stays above ReplicationOptions::target_skew, slots remain and a round adds a replica;
+    /// a later round that does not lower the spread of the predicted loads is undone. Round 1 is exactly kDynamic.
+    kDynamicIterative,
 };
 
 /// "none", "fixed", "dynamic", "eplb".
@@ -34,6 +39,8 @@ struct ReplicationOptions {
     /// kEplb only: total physical slots of the layer (primaries + replicas); 0 = fill every GPU up to its
     /// slot capacity (or, without a capacity, one extra slot per GPU: G * (ceil(E/G) + 1)).
     int eplb_slots = 0;
+    /// kDynamicIterative only: stop once max/mean of the predicted GPU loads is at most this.
+    double target_skew = 1.05;
 };
 
 /// L_g: sum of `load` over the experts whose primary is on g, [G].

@@ -22,7 +22,7 @@ namespace {
 constexpr const char* kGroupings[] = {
     "vanilla",           "occult",     "c2r", "spectral-full", "spectral-controlled", "hierarchical", "metis",
     "eplb-hierarchical", "eplb-global"};
-constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "eplb"};
+constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "dynamic-iter", "eplb"};
 
 std::string join_names(const char* const* names, size_t n) {
     std::string s;

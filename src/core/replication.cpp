@@ -20,7 +20,8 @@ struct MethodName {
 constexpr MethodName kMethodNames[] = {{ReplicationMethod::kNone, "none"},
                                        {ReplicationMethod::kFixed, "fixed"},
                                        {ReplicationMethod::kDynamic, "dynamic"},
-                                       {ReplicationMethod::kEplb, "eplb"}};
+                                       {ReplicationMethod::kEplb, "eplb"},
+                                       {ReplicationMethod::kDynamicIterative, "dynamic-iter"}};
 
 // Which GPU holds which expert, and how many instances each GPU and expert has.
 struct Holdings {
@@ -87,7 +88,7 @@ std::string to_string(ReplicationMethod method) {
 ReplicationMethod parse_replication_method(const std::string& name) {
     for (const auto& m : kMethodNames)
         if (name == m.name) return m.method;
-    GRACE_CHECK_ARG(false, "unknown replication method '", name, "' (expected none, fixed, dynamic or eplb)");
+    GRACE_CHECK_ARG(false, "unknown replication method '", name, "' (expected none, fixed, dynamic, dynamic-iter or eplb)");
     return ReplicationMethod::kNone;
 }
 
@@ -179,6 +180,64 @@ void replicate_layer(LayerPlan& layer, const std::vector<double>& load, const To
                     pred[targets[i]] += share;
                 }
                 pred[heavy] -= load[e] - share;
+            }
+            break;
+        }
+        case ReplicationMethod::kDynamicIterative: {
+            // Every round gives the currently heaviest GPU the DR treatment, with loads predicted from all
+            // instances so far (each instance of e takes load[e] / count). Bounded by G rounds.
+            for (int round = 0; round < G; ++round) {
+                std::vector<double> pred = predict_gpu_loads(layer, load, G);
+                const double skew = load_skew(pred);
+                auto spread = [](const std::vector<double>& x) {
+                    double sq = 0;
+                    for (double v : x) sq += v * v;
+                    return sq;
+                };
+                const double spread_before = spread(pred);
+                // A round that does not lower the spread of the predicted loads (their sum of squares; the total is
+                // fixed) is undone, and the rounds stop.
+                const Holdings saved_holdings = h;
+                const std::vector<std::vector<int>> saved_experts = layer.gpu_experts;
+                const std::vector<int> saved_hot = layer.hot_experts;
+                if (skew <= options.target_skew) break;
+                const int hot_gpu = static_cast<int>(std::max_element(pred.begin(), pred.end()) - pred.begin());
+                const int r = replica_count(skew, G);
+                if (r <= 0) break;
+                // The heavy GPU's experts by the load share they bring it, heaviest first; the shortest prefix
+                // reaching (L_max - L_mean)(R+1)/R is the round's hot set (spec §4's rule).
+                std::vector<int> members = layer.gpu_experts[hot_gpu];
+                auto share_of = [&](int e) { return load[e] / h.expert_count[e]; };
+                std::stable_sort(members.begin(), members.end(), [&](int a, int b) { return share_of(a) > share_of(b); });
+                const double mean = std::accumulate(pred.begin(), pred.end(), 0.0) / G;
+                const double need = (pred[hot_gpu] - mean) * (r + 1) / r;
+                int added = 0;
+                double cum = 0;
+                for (int e : members) {
+                    if (cum >= need) break;
+                    cum += share_of(e);
+                    const std::vector<int> targets = ranked_targets(h, e, pred, topology, topology.node_of(hot_gpu));
+                    const int n = std::min<int>(r, static_cast<int>(targets.size()));
+                    if (n == 0) continue;
+                    const int before = h.expert_count[e];
+                    for (int g = 0; g < G; ++g)
+                        if (h.has(g, e)) pred[g] -= load[e] / before - load[e] / (before + n);
+                    for (int i = 0; i < n; ++i) {
+                        h.add(layer, targets[i], e);
+                        pred[targets[i]] += load[e] / (before + n);
+                    }
+                    added += n;
+                    if (std::find(layer.hot_experts.begin(), layer.hot_experts.end(), e) == layer.hot_experts.end())
+                        layer.hot_experts.push_back(e);
+                }
+                if (added == 0) break;
+                if (round > 0 && spread(pred) >= spread_before * (1 - 1e-12)) {
+                    h = saved_holdings;
+                    layer.gpu_experts = saved_experts;
+                    layer.hot_experts = saved_hot;
+                    break;
+                }
+                if (round == 0) layer.num_replicas = r;
             }
             break;
         }

@@ -53,6 +53,8 @@ std::vector<CompareRow> default_compare_rows() {
         {"EPLB+vLLM", "eplb-hierarchical+eplb+vllm", CommScheme::kHsc, false},
         {"EPLB+SGLang", "eplb-hierarchical+eplb+sglang-static", CommScheme::kHsc, false},
         {"METIS", "metis+none+primary", CommScheme::kHsc, false},
+        // Beyond the paper: DR repeated on the next heaviest GPU (spec §4's optional variant).
+        {"+DR-iter+TAR", "hierarchical+dynamic-iter+tar", CommScheme::kHsc, false},
     };
 }
 

@@ -26,7 +26,7 @@ const char* kAllGroupings[] = {"vanilla",
                                "metis",
                                "eplb-hierarchical",
                                "eplb-global"};
-const char* kAllReplications[] = {"none", "fixed", "dynamic", "eplb"};
+const char* kAllReplications[] = {"none", "fixed", "dynamic", "dynamic-iter", "eplb"};
 
 ErrorCode code_of(const std::function<void()>& f) {
     try {
@@ -69,7 +69,7 @@ TEST(PlannerMethod, RejectsUnknownComponents) {
     EXPECT_NE(msg.find("hierarchical"), std::string::npos) << msg;  // lists the valid ones
     EXPECT_EQ(msg.find('\n'), std::string::npos);
     const std::string msg2 = message_of([] { parse_method("occult+dyn"); });
-    EXPECT_NE(msg2.find("none, fixed, dynamic, eplb"), std::string::npos) << msg2;
+    EXPECT_NE(msg2.find("none, fixed, dynamic, dynamic-iter, eplb"), std::string::npos) << msg2;
 }
 
 // Checks every constraint directly (independently of ExpertPlan::validate).
@@ -123,7 +123,7 @@ TEST(Planner, ReplicationNeverMovesPrimaries) {
         PlanOptions base;
         base.method = std::string(g) + "+none";
         const ExpertPlan p0 = make_plan(st, topo, base);
-        for (const char* r : {"fixed", "dynamic", "eplb"}) {
+        for (const char* r : {"fixed", "dynamic", "dynamic-iter", "eplb"}) {
             if (std::string(r) == "eplb" && std::string(g).rfind("eplb", 0) == 0) continue;  // EPLB places anew
             PlanOptions opt;
             opt.method = std::string(g) + "+" + r;

@@ -69,6 +69,33 @@ TEST(Replication, DynamicHandWorked) {
 }
 
 // Ties on predicted load go to the heavy GPU's node first, then to the lower index.
+// Iterated DR, hand-worked on 1x4: primaries {0,1} {2,3} {4,5} {6,7}, loads 60 0 40 0 10 0 10 0 (mean 30).
+// Round 1 = DR: gamma 2, R 1, hot {0} (60 >= (60-30)*2); e0 -> GPU 2 (10, tie with GPU 3, lower index):
+//   predicted [30, 40, 40, 10] (each instance of e takes load/instances).
+// Round 2: heaviest GPU 1 (40, first max), skew 4/3 -> R 1, hot {2} (40 >= (40-30)*2); e2 -> GPU 3 (10):
+//   [30, 20, 40, 30], sum of squares 3800 < 4200: kept.
+// Round 3: heaviest GPU 2, hot {0}; e0 -> GPU 1 (20): [20, 40, 30, 30], sum of squares 3800, not lower: undone.
+TEST(Replication, DynamicIterativeHandWorked) {
+    const std::vector<double> load = {60, 0, 40, 0, 10, 0, 10, 0};
+    LayerPlan lp = make_layer({{0, 1}, {2, 3}, {4, 5}, {6, 7}}, 8);
+    replicate_layer(lp, load, Topology{1, 4, std::nullopt}, {ReplicationMethod::kDynamicIterative, 0});
+    EXPECT_EQ(lp.gpu_experts, (std::vector<std::vector<int>>{{0, 1}, {2, 3}, {0, 4, 5}, {2, 6, 7}}));
+    EXPECT_EQ(lp.hot_experts, (std::vector<int>{0, 2}));
+    EXPECT_EQ(lp.num_replicas, 1);
+    EXPECT_EQ(lp.primary_gpu, (std::vector<int>{0, 0, 1, 1, 2, 2, 3, 3}));
+    // Plain DR stops after round 1.
+    LayerPlan dr = make_layer({{0, 1}, {2, 3}, {4, 5}, {6, 7}}, 8);
+    replicate_layer(dr, load, Topology{1, 4, std::nullopt}, {ReplicationMethod::kDynamic, 0});
+    EXPECT_EQ(dr.gpu_experts, (std::vector<std::vector<int>>{{0, 1}, {2, 3}, {0, 4, 5}, {6, 7}}));
+    // On the DR hand-worked example the second round would raise the spread, so the result equals DR's.
+    const std::vector<double> load2 = {50, 30, 10, 10, 8, 7, 5, 0};
+    LayerPlan a = make_layer({{0, 1}, {2, 3}, {4, 5}, {6, 7}}, 8), b = a;
+    replicate_layer(a, load2, Topology{1, 4, std::nullopt}, {ReplicationMethod::kDynamic, 0});
+    replicate_layer(b, load2, Topology{1, 4, std::nullopt}, {ReplicationMethod::kDynamicIterative, 0});
+    EXPECT_EQ(a.gpu_experts, b.gpu_experts);
+    EXPECT_EQ(parse_replication_method("dynamic-iter"), ReplicationMethod::kDynamicIterative);
+}
+
 TEST(Replication, DynamicTiesPreferSameNode) {
     // 2x2: GPU 0 {0, 1} heavy (60 + 0), GPUs 1, 2, 3 each 10. mean 22.5, gamma 2.67, R = 2;
     // threshold (60 - 22.5) * 3 / 2 = 56.25 -> hot {0}; targets: GPU 1 (same node), then GPU 2 (lower index).
