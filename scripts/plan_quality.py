@@ -29,7 +29,10 @@ import numpy as np
 
 GROUPINGS = ["vanilla", "occult", "c2r", "metis", "spectral-full", "spectral-controlled", "hierarchical",
              "eplb-hierarchical", "eplb-global"]
-C2R_DIR_CANDIDATES = ["/work/shared/data/real/c2r-coactivation", "tests/data/real/c2r"]
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shared data folder beside the checkout, else the copy the tests carry.
+C2R_DIR_CANDIDATES = [os.path.join(_ROOT, "..", "shared", "data", "real", "c2r-coactivation"),
+                      os.path.join(_ROOT, "tests", "data", "real", "c2r")]
 
 
 def run(cmd):
