@@ -32,7 +32,7 @@ GROUPINGS = ["vanilla", "occult", "c2r", "metis", "spectral-full", "spectral-con
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shared data folder beside the checkout, else the copy the tests carry.
 C2R_DIR_CANDIDATES = [os.path.join(_ROOT, "..", "shared", "data", "real", "c2r-coactivation"),
-                      os.path.join(_ROOT, "tests", "data", "real", "c2r")]
+                      os.path.join(_ROOT, "tests", "data", "real", "c2r-coactivation")]
 
 
 def run(cmd):

@@ -452,12 +452,15 @@ TEST(BaselineGrouping, MetisRespectsBalance) {
 
 TEST(GroupingRealData, C2rLlamaMoeLayers) {
     std::vector<size_t> shape, lshape;
-    const std::string dir = std::string(GRACE_TEST_DATA_DIR) + "/real/c2r/";
+    const std::string dir = std::string(GRACE_TEST_DATA_DIR) + "/real/c2r-coactivation/";
     std::vector<double> co = load_npy(dir + "llama_moe_coactivation_base.npy", shape);
     const std::vector<double> load = load_npy(dir + "llama_moe_expert_load_base.npy", lshape);
     ASSERT_EQ(shape, (std::vector<size_t>{32, 8, 8}));
     ASSERT_EQ(lshape, (std::vector<size_t>{32, 8}));
-    for (double& x : co) x = x < 0 ? 0 : x / 2;  // ordered pairs -> A (spec §2); drop a -1 diagonal marker
+    // Spec §2 says C2R counts ordered pairs (2A); these files in fact count each token once per unordered pair
+    // (rows sum to the loads; docs/formats.md). U is scale-invariant, so the halving below changes no U; the
+    // totals quoted are of the halved matrix.
+    for (double& x : co) x = x < 0 ? 0 : x / 2;
     auto layer = [&](int l) { return std::vector<double>(co.begin() + l * 64, co.begin() + (l + 1) * 64); };
 
     // Layer 0, numbers from NumPy: halved upper-triangle total 102400; {0,1,3,6}{2,4,5,7} keeps 97155 -> U =
