@@ -26,13 +26,12 @@ void bind_eval(py::module_& m) {
         "evaluate",
         [](const py::object& ids, const py::object& plan_obj, const std::string& comm,
            std::optional<std::string> routing, const std::string& hardware, int hidden, int intermediate, int threads,
-           std::optional<int> num_experts, const std::string& model, const std::string& dataset, int64_t chunk) {
-            // Same order of steps and checks as tools/grace/eval.cpp.
+           std::optional<int> num_experts, const std::string& model, const std::string& dataset) {
+            // The CLI's checks, then the library's evaluate (the CLI streams the same replay from a file).
             EvalOptions opt;
             opt.scheme = parse_comm_scheme(comm);
             if (routing) opt.replay.policy = parse_routing_policy(*routing);
             opt.replay.num_threads = threads;
-            GRACE_CHECK_ARG(chunk >= 1, "chunk must be at least 1, got ", chunk);
             opt.hardware = load_hardware(hardware);
             if (hidden > 0) opt.hardware.hidden = hidden;
             if (intermediate > 0) opt.hardware.intermediate = intermediate;
@@ -43,29 +42,16 @@ void bind_eval(py::module_& m) {
                               " experts but the trace has ", trace.num_experts);
             GRACE_CHECK_INPUT(plan.num_layers == trace.num_layers, "the plan has ", plan.num_layers,
                               " layers but the trace has ", trace.num_layers);
-            const ModelShape shape = resolve_model_shape(opt.hardware, trace.model);
             EvalReport report;
             {
                 py::gil_scoped_release release;
-                Replayer replayer(plan, trace.num_tokens, opt.replay);
-                for (int64_t first = 0; first < trace.num_tokens; first += chunk)
-                    replayer.consume(trace.slice_tokens(first, std::min(trace.num_tokens, first + chunk)), first);
-                report = price_counts(replayer.counts(), plan, opt.scheme, opt.hardware, shape, trace.num_tokens);
-            }
-            report.dataset = trace.dataset;
-            if (opt.replay.policy) {
-                report.policy = to_string(*opt.replay.policy);
-            } else {
-                report.policy = to_string(plan.layers[0].policy);
-                for (const auto& lp : plan.layers)
-                    if (lp.policy != plan.layers[0].policy) report.policy = "plan";
+                report = evaluate(trace, plan, opt);
             }
             return json_loads(report_to_json(report));
         },
         py::arg("ids"), py::arg("plan"), py::arg("comm") = "hsc", py::arg("routing") = py::none(),
         py::arg("hardware") = "a100-testbed", py::arg("hidden") = 0, py::arg("intermediate") = 0,
         py::arg("threads") = 0, py::arg("num_experts") = py::none(), py::arg("model") = "", py::arg("dataset") = "",
-        py::arg("chunk") = int64_t{1} << 16,
         "Replays ids [T, L, k] through a plan (dict) under a routing policy (default: the plan's) and a "
         "communication scheme (flat, flat-dedup, 2dh, hsc), priced with a hardware preset or file; returns the "
         "report dict (the JSON `grace eval` writes). `model` selects the model preset for H and I.");

@@ -211,6 +211,10 @@ struct EvalOptions {
     std::optional<ModelShape> shape;  ///< H and I; unset = resolve_model_shape(hardware, trace.model)
 };
 
+/// The routing label a report carries: the override's name, else the plan's policy, or "plan" when its layers
+/// use different policies.
+std::string routing_label(const ExpertPlan& plan, const std::optional<RoutingPolicy>& override_policy);
+
 /// Replays and prices. Throws as check_plan_matches_trace, resolve_model_shape, HardwareModel::validate.
 EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const EvalOptions& options);
 

@@ -89,6 +89,11 @@ struct MoeLayerOptions {
 };
 
 /// One MoE layer on one rank.
+/// Checks the flat sizes of a forward call and returns num_tokens: `topk_ids` and `topk_weights` hold
+/// num_tokens * top_k values and `hidden` num_tokens * hidden_size. Throws kInvalidArgument naming the mismatch.
+/// Shared by every layer backend.
+int64_t forward_num_tokens(size_t hidden_values, size_t topk_ids, size_t topk_weights, int top_k, int hidden_size);
+
 class MoeLayer {
   public:
     /// `layer` must be finalized (instance_gpus, wrr_weights) for `topology`; `communicator` must use the same

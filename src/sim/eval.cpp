@@ -285,14 +285,15 @@ EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const Eva
     auto counts = replay_trace(trace, plan, options.replay);
     EvalReport r = price_counts(counts, plan, options.scheme, options.hardware, shape, trace.num_tokens);
     r.dataset = trace.dataset;
-    if (options.replay.policy) {
-        r.policy = to_string(*options.replay.policy);
-    } else {
-        r.policy = to_string(plan.layers[0].policy);
-        for (const auto& lp : plan.layers)
-            if (lp.policy != plan.layers[0].policy) r.policy = "plan";
-    }
+    r.policy = routing_label(plan, options.replay.policy);
     return r;
+}
+
+std::string routing_label(const ExpertPlan& plan, const std::optional<RoutingPolicy>& override_policy) {
+    if (override_policy) return to_string(*override_policy);
+    for (const auto& lp : plan.layers)
+        if (lp.policy != plan.layers[0].policy) return "plan";
+    return plan.layers.empty() ? "primary" : to_string(plan.layers[0].policy);
 }
 
 std::string report_to_json(const EvalReport& r) {

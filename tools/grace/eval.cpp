@@ -58,13 +58,7 @@ int run_eval(const EvalArgs& a) {
     progress.finish();
     EvalReport report = price_counts(replayer.counts(), plan, opt.scheme, opt.hardware, shape, reader.num_tokens());
     report.dataset = reader.dataset();
-    if (opt.replay.policy) {
-        report.policy = to_string(*opt.replay.policy);
-    } else {
-        report.policy = to_string(plan.layers[0].policy);
-        for (const auto& lp : plan.layers)
-            if (lp.policy != plan.layers[0].policy) report.policy = "plan";
-    }
+    report.policy = routing_label(plan, opt.replay.policy);
     save_report(report, a.output);
     std::cout << format_report_table(report);
     std::cout << "wrote " << a.output << ".json and " << a.output << ".csv\n";

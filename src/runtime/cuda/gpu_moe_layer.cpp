@@ -517,13 +517,7 @@ void GpuMoeLayer::forward(const float* hidden, const int32_t* topk_ids, const fl
 
 std::vector<float> GpuMoeLayer::forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
                                         const std::vector<float>& topk_weights, int top_k, int64_t first_token) {
-    GRACE_CHECK_ARG(top_k >= 1, "top_k must be >= 1, got ", top_k);
-    const int64_t T = static_cast<int64_t>(topk_ids.size()) / top_k;
-    GRACE_CHECK_ARG(static_cast<int64_t>(topk_ids.size()) == T * top_k && topk_weights.size() == topk_ids.size(),
-                    "topk_ids has ", topk_ids.size(), " and topk_weights ", topk_weights.size(),
-                    " entries; both must be num_tokens * top_k");
-    GRACE_CHECK_ARG(static_cast<int64_t>(hidden.size()) == T * impl_->H, "hidden has ", hidden.size(),
-                    " values, expected num_tokens * H = ", T, " * ", impl_->H);
+    const int64_t T = forward_num_tokens(hidden.size(), topk_ids.size(), topk_weights.size(), top_k, impl_->H);
     std::vector<float> out(static_cast<size_t>(T) * impl_->H);
     forward(hidden.data(), topk_ids.data(), topk_weights.data(), T, top_k, out.data(), first_token);
     return out;
