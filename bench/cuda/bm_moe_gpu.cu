@@ -17,6 +17,7 @@
 #include "cuda_check.hpp"
 #include "device_buffer.hpp"
 #include "grace/cuda_moe.hpp"
+#include "grouped_gemm_sm90.hpp"
 
 using namespace grace::cuda;
 using bf16 = __nv_bfloat16;
@@ -182,8 +183,10 @@ int main(int argc, char** argv) try {
                                             {"hybrid512", GroupedGemmBackend::kHybrid, 512},
                                             {"hybrid768", GroupedGemmBackend::kHybrid, 768},
                                             {"hybrid1024", GroupedGemmBackend::kHybrid, 1024},
-                                            {"hybrid2048", GroupedGemmBackend::kHybrid, 2048}};
+                                            {"hybrid2048", GroupedGemmBackend::kHybrid, 2048},
+                                            {"sm90", GroupedGemmBackend::kSm90, 0}};
                 for (const Variant& v : variants) {
+                    if (v.b == GroupedGemmBackend::kSm90 && !sm90_gemm_available()) continue;
                     moe.set_backend(v.b);
                     if (v.thr) moe.set_hybrid_threshold(v.thr);
                     const double ms = time_ms([&] { moe.rerun_experts(nullptr, false); }, 2, iters, 3);
@@ -277,10 +280,20 @@ int main(int argc, char** argv) try {
             }, 2, iters, 3);
             js << (ti ? "," : "") << "\n   {\"T\": " << T << ", \"max_over_mean\": " << skew
                << ", \"dense_same_flops_ms\": " << dense_ms << ", \"flops\": " << flops;
-            for (auto backend : {GroupedGemmBackend::kCublasGrouped, GroupedGemmBackend::kCublasLoop, GroupedGemmBackend::kHybrid}) {
+            std::vector<GroupedGemmBackend> backends = {GroupedGemmBackend::kCublasGrouped, GroupedGemmBackend::kCublasLoop,
+                                                        GroupedGemmBackend::kHybrid};
+            if (sm90_gemm_available()) backends.push_back(GroupedGemmBackend::kSm90);
+            if (sm90_gemm_available()) backends.push_back(GroupedGemmBackend::kSm90);  // again, one block per tile
+            for (size_t bi = 0; bi < backends.size(); ++bi) {
+                const GroupedGemmBackend backend = backends[bi];
+                const bool one_block_per_tile = backend == GroupedGemmBackend::kSm90 && bi + 1 == backends.size() &&
+                                                backends[bi - 1] == GroupedGemmBackend::kSm90;
+                detail::sm90_set_persistent(!one_block_per_tile);
                 const char* bname = backend == GroupedGemmBackend::kCublasGrouped ? "cublas_grouped"
                                     : backend == GroupedGemmBackend::kCublasLoop  ? "cublas_loop"
-                                                                                  : "hybrid";
+                                    : backend == GroupedGemmBackend::kHybrid      ? "hybrid"
+                                    : one_block_per_tile                          ? "sm90_block_per_tile"
+                                                                                  : "sm90";
                 moe.set_backend(backend);
                 moe.set_profiling(false);
                 const double layer_ms = time_ms([&] {
@@ -317,6 +330,7 @@ int main(int argc, char** argv) try {
                             layer_ms, m[0], m[1], m[2], m[3], m[4], m[5], gemm_ms, tflops, 100 * dense_ms / gemm_ms,
                             100 * perm_gbps / copy_gbps, 100 * unperm_gbps / copy_gbps);
             }
+            detail::sm90_set_persistent(true);
             std::printf("%-14s %6d dense cuBLAS same FLOPs: %.3f ms = %.0f TF/s\n", sh.name.c_str(), T, dense_ms,
                         flops / (dense_ms * 1e-3) / 1e12);
             js << "}";

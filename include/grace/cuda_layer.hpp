@@ -43,7 +43,7 @@ struct GpuMoeLayerOptions {
     CommScheme scheme = CommScheme::kHsc;                   ///< dispatch/combine scheme
     RoutingPolicy policy = RoutingPolicy::kTar;             ///< replica routing policy
     uint64_t routing_seed = 0;                              ///< seed of the SGLang policies
-    GroupedGemmBackend gemm = GroupedGemmBackend::kHybrid;  ///< LocalMoe GEMM backend
+    GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;    ///< LocalMoe GEMM backend
 };
 
 /// One MoE layer on one rank's GPU (the current CUDA device, which the nccl communicator selected).

@@ -23,6 +23,8 @@ namespace grace::cuda {
 
 /// True when a CUDA device is usable (cudaGetDeviceCount succeeds and returns >= 1).
 bool device_available();
+/// True when the current device can run GroupedGemmBackend::kSm90 (compute capability 9.0).
+bool sm90_gemm_available();
 
 /// The flat routing table the GPU router consumes; it can be filled from the CPU router's sequences or by
 /// build_route_table below.
@@ -96,6 +98,11 @@ enum class GroupedGemmBackend {
     kCublasGrouped,  ///< one cublasGemmGroupedBatchedEx per projection (CUDA 12.5+)
     kCublasLoop,     ///< one cublasGemmEx per non-empty expert per projection
     kHybrid,         ///< experts with >= hybrid_threshold rows: own cublasGemmEx; the rest: one grouped call
+    /// Our own grouped GEMM (wgmma + TMA, one launch per projection over all experts, SiLU*up fused into the
+    /// gate+up GEMM): reads the expert offsets on the device, so forward() never waits for the host. Needs a
+    /// compute capability 9.0 GPU (H100/H200) and intermediate % 128 == 0.
+    kSm90,
+    kAuto,  ///< kSm90 where it can run, kHybrid elsewhere (resolved when the LocalMoe is built)
 };
 
 /// Shape of the local expert layer.
@@ -122,8 +129,9 @@ struct LocalMoeTimings {
 /// ([I -> H]), un-permute with the gate-weighted sum into [num_tokens, H]. bf16 storage, fp32 accumulation.
 class LocalMoe {
   public:
-    /// Allocates workspace for up to `max_tokens` tokens. Throws kInvalidArgument for a bad shape.
-    LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend = GroupedGemmBackend::kHybrid);
+    /// Allocates workspace for up to `max_tokens` tokens on the current device. Throws kInvalidArgument for a bad
+    /// shape and kUnsupported for kSm90 where it cannot run (see GroupedGemmBackend).
+    LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend = GroupedGemmBackend::kAuto);
     ~LocalMoe();
     LocalMoe(const LocalMoe&) = delete;
     LocalMoe& operator=(const LocalMoe&) = delete;
@@ -131,8 +139,9 @@ class LocalMoe {
     /// Device bf16 weights: w13 [E, 2I, H] and w2 [E, H, I] (row-major, nn.Linear layout). Not copied.
     void set_weights(const void* w13, const void* w2);
     /// out [T, H] bf16 = sum_j topk_weights[t, j] * expert_{topk_idx[t, j]}(x[t]). x, out: device bf16;
-    /// topk_idx: device int32 [T, k] in [0, E) or -1; topk_weights: device float [T, k]. Synchronizes the
-    /// stream once (the per-expert counts go to the host for the GEMM shapes).
+    /// topk_idx: device int32 [T, k] in [0, E) or -1; topk_weights: device float [T, k]. The cuBLAS backends
+    /// synchronize the stream once (they need the per-expert counts on the host for the GEMM shapes); kSm90 is
+    /// asynchronous throughout.
     void forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                  void* stream = nullptr);
     /// Host convenience wrapper (uploads weights and inputs, runs forward, downloads out).
@@ -142,18 +151,22 @@ class LocalMoe {
                                               const std::vector<float>& topk_weights, int num_tokens,
                                               int hybrid_threshold = 512);
     /// Re-runs the expert part of the last forward (up GEMM, SiLU*up if `with_activation`, down GEMM) on its
-    /// workspace, with no host synchronization: for timing the grouped GEMMs alone.
+    /// workspace, with no host synchronization: for timing the grouped GEMMs alone. kSm90 always runs SiLU*up
+    /// (it is fused into the up GEMM's epilogue).
     void rerun_experts(void* stream = nullptr, bool with_activation = true);
     /// Records per-stage events when on (adds synchronizations; for benchmarks).
     void set_profiling(bool on);
     const LocalMoeTimings& last_timings() const;
-    /// [E] tokens per expert of the last forward (host copy).
+    /// [E] tokens per expert of the last forward (host copy; with kSm90 the first call after a forward waits for
+    /// that forward's counts to arrive).
     const std::vector<int32_t>& last_counts() const;
+    /// The backend in use (kAuto resolved).
     GroupedGemmBackend backend() const;
     /// Rows from which kHybrid gives an expert its own GEMM (default 512: in a side-by-side sweep of 64..2048 on
     /// an H100 it was the best or within 3% of the best cut-off at both model shapes and T = 2048..16384; see
     /// bench/results/gpu.md).
     void set_hybrid_threshold(int rows);
+    /// Switches the backend (kAuto is resolved; kSm90 where it cannot run throws kUnsupported).
     void set_backend(GroupedGemmBackend backend);
 
   private:

@@ -10,6 +10,8 @@
 #include <numeric>
 #include <random>
 
+#include "cuda_check.hpp"
+#include "device_buffer.hpp"
 #include "grace/error.hpp"
 #include "grace/plan.hpp"
 #include "grace/routing.hpp"
@@ -270,6 +272,57 @@ TEST(LocalMoe, MatchesCpuReferenceHybrid) {
     // threshold 40: the popular experts get their own GEMM, the rest go through the grouped call
     check_moe({64, 8, 256, 128}, 300, 0.05, gc::GroupedGemmBackend::kHybrid, 7, 40);
     check_moe({32, 4, 128, 64}, 1000, 0.0, gc::GroupedGemmBackend::kHybrid, 8, 100);
+}
+
+// Our Hopper grouped GEMM: one k-tile (H=64), K and N tails (H=200: the last k-tile and column tile are partial),
+// more k-tiles than pipeline stages (H=1024, I=384), experts spanning several 128-row tiles, empty experts and
+// masked selections.
+TEST(LocalMoe, MatchesCpuReferenceSm90) {
+    REQUIRE_GPU();
+    if (!gc::sm90_gemm_available()) GTEST_SKIP() << "needs a compute capability 9.0 GPU";
+    check_moe({16, 2, 64, 128}, 5, 0.0, gc::GroupedGemmBackend::kSm90, 11);
+    check_moe({8, 2, 200, 128}, 37, 0.1, gc::GroupedGemmBackend::kSm90, 12);
+    check_moe({64, 8, 256, 256}, 300, 0.05, gc::GroupedGemmBackend::kSm90, 13);
+    check_moe({128, 8, 128, 128}, 600, 0.0, gc::GroupedGemmBackend::kSm90, 14);
+    check_moe({4, 2, 1024, 384}, 700, 0.0, gc::GroupedGemmBackend::kSm90, 15);
+}
+
+// kSm90 never waits for the host inside forward(); last_counts() then waits for the counts and must still equal
+// the routing's histogram. kAuto picks kSm90 where it runs and fits, kHybrid otherwise.
+TEST(LocalMoe, Sm90CountsAndBackendChoice) {
+    REQUIRE_GPU();
+    const gc::LocalMoeShape fits{8, 2, 64, 128}, odd{8, 2, 64, 96};
+    EXPECT_EQ(gc::LocalMoe(odd, 16).backend(), gc::GroupedGemmBackend::kHybrid);
+    if (!gc::sm90_gemm_available()) {
+        EXPECT_EQ(gc::LocalMoe(fits, 16).backend(), gc::GroupedGemmBackend::kHybrid);
+        GTEST_SKIP() << "needs a compute capability 9.0 GPU";
+    }
+    EXPECT_EQ(gc::LocalMoe(fits, 16).backend(), gc::GroupedGemmBackend::kSm90);
+    try {
+        gc::LocalMoe bad(odd, 16, gc::GroupedGemmBackend::kSm90);
+        ADD_FAILURE() << "kSm90 with intermediate 96 was accepted";
+    } catch (const grace::Error& e) {
+        EXPECT_EQ(e.code(), grace::ErrorCode::kUnsupported);
+    }
+    std::mt19937 rng(3);
+    const int T = 333;
+    const auto idx = random_topk(rng, T, fits.top_k, fits.num_experts, 0.1);
+    std::vector<int32_t> expect(fits.num_experts, 0);
+    for (int32_t e : idx)
+        if (e >= 0) ++expect[e];
+    gc::DeviceBuffer<uint16_t> w13(size_t(8) * 2 * 128 * 64), w2(size_t(8) * 64 * 128), x(size_t(T) * 64),
+        out(size_t(T) * 64);
+    CUDA_RUNTIME_CHECK(cudaMemset(w13.data(), 0, w13.bytes()));
+    CUDA_RUNTIME_CHECK(cudaMemset(w2.data(), 0, w2.bytes()));
+    CUDA_RUNTIME_CHECK(cudaMemset(x.data(), 0, x.bytes()));
+    gc::DeviceBuffer<int32_t> d_idx;
+    d_idx.upload(idx);
+    gc::DeviceBuffer<float> d_w;
+    d_w.upload(std::vector<float>(idx.size(), 1.f));
+    gc::LocalMoe moe(fits, T);
+    moe.set_weights(w13.data(), w2.data());
+    moe.forward(x.data(), d_idx.data(), d_w.data(), out.data(), T);
+    EXPECT_EQ(moe.last_counts(), expect);
 }
 
 TEST(LocalMoe, ZeroTokensIsANoOp) {

@@ -6,6 +6,7 @@
 #include "cuda_check.hpp"
 #include "device_buffer.hpp"
 #include "grace/cuda_moe.hpp"
+#include "grouped_gemm_sm90.hpp"
 #include "sort_kernels.cuh"
 
 namespace grace::cuda {
@@ -83,6 +84,11 @@ __global__ void unpermute_kernel(const uint4* __restrict__ y2, const int32_t* __
 
 }  // namespace
 
+bool sm90_gemm_available() {
+    int device = 0;
+    return device_available() && cudaGetDevice(&device) == cudaSuccess && detail::sm90_grouped_gemm_available(device);
+}
+
 struct LocalMoe::Impl {
     LocalMoeShape shape;
     int max_tokens = 0;
@@ -90,19 +96,57 @@ struct LocalMoe::Impl {
     cublasHandle_t handle = nullptr;
     const bf16* w13 = nullptr;
     const bf16* w2 = nullptr;
-    DeviceBuffer<int32_t> local_rank, hist, totals, seg_start, pos;
+    DeviceBuffer<int32_t> local_rank, hist, totals, seg_start, pos, tile_start;
     DeviceBuffer<bf16> xp, y1, act, y2;
     DeviceBuffer<const void*> d_ptrs;  // [6][E]: A, B, C of the up GEMM, then of the down GEMM
     const void** h_ptrs = nullptr;     // pinned mirror of d_ptrs
     int32_t* h_seg = nullptr;          // pinned [E + 1]
     std::vector<int32_t> counts;
+    bool counts_pending = false;  // kSm90: h_seg is still on its way (counts_ready marks its arrival)
+    int64_t last_selections = 0;  // T * k of the last forward: the row bound of rerun_experts
+    cudaEvent_t counts_ready = nullptr;
     bool profiling = false;
     int hybrid_threshold = 512;  // bench/results/gpu.md, threshold sweep
     cudaEvent_t ev[7] = {};
     LocalMoeTimings timings;
 
     void gemm(int which, const std::vector<int>& experts, cudaStream_t stream);
+    void sm90_up(cudaStream_t stream) const;
+    void sm90_down(cudaStream_t stream) const;
+    void fill_counts();
+    GroupedGemmBackend resolve(GroupedGemmBackend b) const;
 };
+
+GroupedGemmBackend LocalMoe::Impl::resolve(GroupedGemmBackend b) const {
+    if (b != GroupedGemmBackend::kAuto && b != GroupedGemmBackend::kSm90) return b;
+    int device = 0;
+    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+    const bool fits = detail::sm90_grouped_gemm_fits(shape.hidden, shape.intermediate);
+    const bool runs = detail::sm90_grouped_gemm_available(device);
+    if (b == GroupedGemmBackend::kAuto) return fits && runs ? GroupedGemmBackend::kSm90 : GroupedGemmBackend::kHybrid;
+    GRACE_CHECK(runs, ErrorCode::kUnsupported,
+                "LocalMoe: the sm90 GEMM backend needs a compute capability 9.0 GPU (H100/H200)");
+    GRACE_CHECK(fits, ErrorCode::kUnsupported, "LocalMoe: the sm90 GEMM backend needs intermediate % 128 == 0, got ",
+                shape.intermediate);
+    return b;
+}
+
+void LocalMoe::Impl::sm90_up(cudaStream_t stream) const {
+    detail::sm90_gemm_up_swiglu(xp.data(), w13, act.data(), seg_start.data(), tile_start.data(), shape.num_experts,
+                                shape.hidden, shape.intermediate, static_cast<int64_t>(max_tokens) * shape.top_k,
+                                last_selections, stream);
+}
+void LocalMoe::Impl::sm90_down(cudaStream_t stream) const {
+    detail::sm90_gemm_down(act.data(), w2, y2.data(), seg_start.data(), tile_start.data(), shape.num_experts,
+                           shape.hidden, shape.intermediate, static_cast<int64_t>(max_tokens) * shape.top_k,
+                           last_selections, stream);
+}
+void LocalMoe::Impl::fill_counts() {
+    if (!counts_pending) return;
+    CUDA_RUNTIME_CHECK(cudaEventSynchronize(counts_ready));
+    for (int e = 0; e < shape.num_experts; ++e) counts[e] = h_seg[e + 1] - h_seg[e];
+    counts_pending = false;
+}
 
 LocalMoe::LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBackend backend)
     : impl_(std::make_unique<Impl>()) {
@@ -117,16 +161,17 @@ LocalMoe::LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBacken
     auto& m = *impl_;
     m.shape = shape;
     m.max_tokens = max_tokens;
-    m.backend = backend;
+    m.backend = m.resolve(backend);
     const int E = shape.num_experts;
     const size_t n = static_cast<size_t>(max_tokens) * shape.top_k;
     m.local_rank.resize(n);
     m.hist.resize(static_cast<size_t>(detail::sort_num_blocks(n)) * E);
     m.totals.resize(E);
     m.seg_start.resize(E + 1);
+    m.tile_start.resize(E + 1);
     m.pos.resize(n);
     m.xp.resize(n * shape.hidden);
-    m.y1.resize(n * 2 * shape.intermediate);
+    if (m.backend != GroupedGemmBackend::kSm90) m.y1.resize(n * 2 * shape.intermediate);  // kSm90 fuses it away
     m.act.resize(n * shape.intermediate);
     m.y2.resize(n * shape.hidden);
     m.d_ptrs.resize(6 * static_cast<size_t>(E));
@@ -134,11 +179,13 @@ LocalMoe::LocalMoe(const LocalMoeShape& shape, int max_tokens, GroupedGemmBacken
     CUDA_RUNTIME_CHECK(cudaMallocHost(reinterpret_cast<void**>(&m.h_seg), sizeof(int32_t) * (E + 1)));
     CUBLAS_CHECK(cublasCreate(&m.handle));
     for (auto& e : m.ev) CUDA_RUNTIME_CHECK(cudaEventCreate(&e));
+    CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&m.counts_ready, cudaEventDisableTiming));
 }
 
 LocalMoe::~LocalMoe() {
     auto& m = *impl_;
     for (auto& e : m.ev) cudaEventDestroy(e);
+    if (m.counts_ready) cudaEventDestroy(m.counts_ready);
     if (m.handle) cublasDestroy(m.handle);
     cudaFreeHost(m.h_ptrs);
     cudaFreeHost(m.h_seg);
@@ -150,9 +197,12 @@ void LocalMoe::set_weights(const void* w13, const void* w2) {
 }
 void LocalMoe::set_profiling(bool on) { impl_->profiling = on; }
 const LocalMoeTimings& LocalMoe::last_timings() const { return impl_->timings; }
-const std::vector<int32_t>& LocalMoe::last_counts() const { return impl_->counts; }
+const std::vector<int32_t>& LocalMoe::last_counts() const {
+    impl_->fill_counts();
+    return impl_->counts;
+}
 GroupedGemmBackend LocalMoe::backend() const { return impl_->backend; }
-void LocalMoe::set_backend(GroupedGemmBackend backend) { impl_->backend = backend; }
+void LocalMoe::set_backend(GroupedGemmBackend backend) { impl_->backend = impl_->resolve(backend); }
 void LocalMoe::set_hybrid_threshold(int rows) { impl_->hybrid_threshold = std::max(1, rows); }
 
 // which 0: y1[rows of e] = xp[rows of e] @ w13[e]^T   (m = 2I, k = H)
@@ -160,6 +210,7 @@ void LocalMoe::set_hybrid_threshold(int rows) { impl_->hybrid_threshold = std::m
 // Row-major [n, K] activations are column-major [K, n]; row-major weights [M, K] are column-major [K, M], so
 // C^T(col-major [M, n]) = W(op T) * X(op N): the TN layout cuBLAS runs fastest.
 void LocalMoe::Impl::gemm(int which, const std::vector<int>& experts, cudaStream_t stream) {
+    if (y1.size() == 0) y1.resize(static_cast<size_t>(max_tokens) * shape.top_k * 2 * shape.intermediate);
     const int H = shape.hidden, I = shape.intermediate, E = shape.num_experts;
     const int M = which == 0 ? 2 * I : H;
     const int K = which == 0 ? H : I;
@@ -213,6 +264,8 @@ void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const int E = m.shape.num_experts, k = m.shape.top_k, H = m.shape.hidden, I = m.shape.intermediate;
     m.counts.assign(E, 0);
+    m.counts_pending = false;
+    m.last_selections = static_cast<int64_t>(num_tokens) * k;
     if (num_tokens == 0) return;
     CUBLAS_CHECK(cublasSetStream(m.handle, stream));
     const int64_t n = static_cast<int64_t>(num_tokens) * k;
@@ -234,25 +287,37 @@ void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk
         static_cast<const uint4*>(x), m.pos.data(), n, k, H / kVec, reinterpret_cast<uint4*>(m.xp.data()));
     CUDA_LAUNCH_CHECK();
     if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[2], stream));
-    CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));  // the GEMM shapes live on the host
-    std::vector<int> experts;
-    for (int e = 0; e < E; ++e) {
-        m.counts[e] = m.h_seg[e + 1] - m.h_seg[e];
-        if (m.counts[e] > 0) experts.push_back(e);
-    }
-    const int64_t rows = m.h_seg[E];
-    m.gemm(0, experts, stream);
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[3], stream));
-    if (rows > 0) {
-        const int64_t items = rows * (I / kVec);
-        silu_mul_kernel<<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
-            reinterpret_cast<const uint4*>(m.y1.data()), rows, I / kVec, reinterpret_cast<uint4*>(m.act.data()));
-        CUDA_LAUNCH_CHECK();
-    }
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[4], stream));
-    m.gemm(1, experts, stream);
-    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[5], stream));
     const int hv = H / kVec;
+    if (m.backend == GroupedGemmBackend::kSm90) {  // no host synchronization: the GEMMs read seg_start
+        CUDA_RUNTIME_CHECK(cudaEventRecord(m.counts_ready, stream));
+        m.counts_pending = true;
+        detail::sm90_tile_starts(m.seg_start.data(), E, m.tile_start.data(), stream);
+        m.sm90_up(stream);
+        if (m.profiling) {
+            CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[3], stream));
+            CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[4], stream));  // SiLU*up is inside the up GEMM
+        }
+        m.sm90_down(stream);
+    } else {
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));  // the GEMM shapes live on the host
+        std::vector<int> experts;
+        for (int e = 0; e < E; ++e) {
+            m.counts[e] = m.h_seg[e + 1] - m.h_seg[e];
+            if (m.counts[e] > 0) experts.push_back(e);
+        }
+        const int64_t rows = m.h_seg[E];
+        m.gemm(0, experts, stream);
+        if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[3], stream));
+        if (rows > 0) {
+            const int64_t items = rows * (I / kVec);
+            silu_mul_kernel<<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
+                reinterpret_cast<const uint4*>(m.y1.data()), rows, I / kVec, reinterpret_cast<uint4*>(m.act.data()));
+            CUDA_LAUNCH_CHECK();
+        }
+        if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[4], stream));
+        m.gemm(1, experts, stream);
+    }
+    if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[5], stream));
     unpermute_kernel<<<num_tokens, std::min(hv, 256), 0, stream>>>(
         reinterpret_cast<const uint4*>(m.y2.data()), m.pos.data(), topk_weights, k, hv, static_cast<uint4*>(out));
     CUDA_LAUNCH_CHECK();
@@ -272,6 +337,13 @@ void LocalMoe::rerun_experts(void* stream_ptr, bool with_activation) {
     auto& m = *impl_;
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const int E = m.shape.num_experts, I = m.shape.intermediate;
+    if (m.backend == GroupedGemmBackend::kSm90) {
+        detail::sm90_tile_starts(m.seg_start.data(), E, m.tile_start.data(), stream);
+        m.sm90_up(stream);
+        m.sm90_down(stream);
+        return;
+    }
+    m.fill_counts();  // h_seg of the last forward, whichever backend ran it
     std::vector<int> experts;
     for (int e = 0; e < E; ++e)
         if (m.counts[e] > 0) experts.push_back(e);
