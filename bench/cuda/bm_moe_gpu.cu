@@ -280,20 +280,23 @@ int main(int argc, char** argv) try {
             }, 2, iters, 3);
             js << (ti ? "," : "") << "\n   {\"T\": " << T << ", \"max_over_mean\": " << skew
                << ", \"dense_same_flops_ms\": " << dense_ms << ", \"flops\": " << flops;
-            std::vector<GroupedGemmBackend> backends = {GroupedGemmBackend::kCublasGrouped, GroupedGemmBackend::kCublasLoop,
-                                                        GroupedGemmBackend::kHybrid};
-            if (sm90_gemm_available()) backends.push_back(GroupedGemmBackend::kSm90);
-            if (sm90_gemm_available()) backends.push_back(GroupedGemmBackend::kSm90);  // again, one block per tile
-            for (size_t bi = 0; bi < backends.size(); ++bi) {
-                const GroupedGemmBackend backend = backends[bi];
-                const bool one_block_per_tile = backend == GroupedGemmBackend::kSm90 && bi + 1 == backends.size() &&
-                                                backends[bi - 1] == GroupedGemmBackend::kSm90;
-                detail::sm90_set_persistent(!one_block_per_tile);
-                const char* bname = backend == GroupedGemmBackend::kCublasGrouped ? "cublas_grouped"
-                                    : backend == GroupedGemmBackend::kCublasLoop  ? "cublas_loop"
-                                    : backend == GroupedGemmBackend::kHybrid      ? "hybrid"
-                                    : one_block_per_tile                          ? "sm90_block_per_tile"
-                                                                                  : "sm90";
+            // Our sm90 kernel four ways: the default (persistent, staged epilogue for the down GEMM only), every
+            // epilogue direct (4 pipeline stages), every epilogue staged (3 stages), and one block per tile.
+            using Ep = detail::Sm90Epilogue;
+            struct Config { const char* name; GroupedGemmBackend backend; bool persistent; Ep epilogue; };
+            std::vector<Config> configs = {{"cublas_grouped", GroupedGemmBackend::kCublasGrouped, true, Ep::kAuto},
+                                           {"cublas_loop", GroupedGemmBackend::kCublasLoop, true, Ep::kAuto},
+                                           {"hybrid", GroupedGemmBackend::kHybrid, true, Ep::kAuto}};
+            if (sm90_gemm_available())
+                configs.insert(configs.end(), {{"sm90", GroupedGemmBackend::kSm90, true, Ep::kAuto},
+                                               {"sm90_direct", GroupedGemmBackend::kSm90, true, Ep::kDirect},
+                                               {"sm90_staged", GroupedGemmBackend::kSm90, true, Ep::kStaged},
+                                               {"sm90_block_per_tile", GroupedGemmBackend::kSm90, false, Ep::kAuto}});
+            for (const Config& cfg : configs) {
+                const GroupedGemmBackend backend = cfg.backend;
+                const char* bname = cfg.name;
+                detail::sm90_set_persistent(cfg.persistent);
+                detail::sm90_set_epilogue(cfg.epilogue);
                 moe.set_backend(backend);
                 moe.set_profiling(false);
                 const double layer_ms = time_ms([&] {
@@ -331,6 +334,7 @@ int main(int argc, char** argv) try {
                             100 * perm_gbps / copy_gbps, 100 * unperm_gbps / copy_gbps);
             }
             detail::sm90_set_persistent(true);
+            detail::sm90_set_epilogue(detail::Sm90Epilogue::kAuto);
             std::printf("%-14s %6d dense cuBLAS same FLOPs: %.3f ms = %.0f TF/s\n", sh.name.c_str(), T, dense_ms,
                         flops / (dense_ms * 1e-3) / 1e12);
             js << "}";

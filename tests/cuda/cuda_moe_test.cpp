@@ -13,6 +13,7 @@
 #include "cuda_check.hpp"
 #include "device_buffer.hpp"
 #include "grace/error.hpp"
+#include "grouped_gemm_sm90.hpp"
 #include "grace/plan.hpp"
 #include "grace/routing.hpp"
 #include "grace/topology.hpp"
@@ -275,16 +276,29 @@ TEST(LocalMoe, MatchesCpuReferenceHybrid) {
 }
 
 // Our Hopper grouped GEMM: one k-tile (H=64), K and N tails (H=200: the last k-tile and column tile are partial),
-// more k-tiles than pipeline stages (H=1024, I=384), experts spanning several 128-row tiles, empty experts and
-// masked selections.
+// more k-tiles than pipeline stages (H=1024, I=384), experts spanning several 128-row tiles, more tiles than SMs,
+// empty experts and masked selections; each in the four launch/epilogue variants.
 TEST(LocalMoe, MatchesCpuReferenceSm90) {
     REQUIRE_GPU();
     if (!gc::sm90_gemm_available()) GTEST_SKIP() << "needs a compute capability 9.0 GPU";
-    check_moe({16, 2, 64, 128}, 5, 0.0, gc::GroupedGemmBackend::kSm90, 11);
-    check_moe({8, 2, 200, 128}, 37, 0.1, gc::GroupedGemmBackend::kSm90, 12);
-    check_moe({64, 8, 256, 256}, 300, 0.05, gc::GroupedGemmBackend::kSm90, 13);
-    check_moe({128, 8, 128, 128}, 600, 0.0, gc::GroupedGemmBackend::kSm90, 14);
-    check_moe({4, 2, 1024, 384}, 700, 0.0, gc::GroupedGemmBackend::kSm90, 15);
+    // Default (persistent, kAuto epilogue), every epilogue direct, every epilogue staged, one block per tile.
+    using Ep = gc::detail::Sm90Epilogue;
+    for (const auto& [persistent, epilogue] :
+         {std::pair{true, Ep::kAuto}, std::pair{true, Ep::kDirect}, std::pair{true, Ep::kStaged},
+          std::pair{false, Ep::kAuto}}) {
+        SCOPED_TRACE(::testing::Message() << "persistent " << persistent << " epilogue " << int(epilogue));
+        gc::detail::sm90_set_persistent(persistent);
+        gc::detail::sm90_set_epilogue(epilogue);
+        check_moe({16, 2, 64, 128}, 5, 0.0, gc::GroupedGemmBackend::kSm90, 11);
+        check_moe({8, 2, 200, 128}, 37, 0.1, gc::GroupedGemmBackend::kSm90, 12);
+        check_moe({64, 8, 256, 256}, 300, 0.05, gc::GroupedGemmBackend::kSm90, 13);
+        check_moe({128, 8, 128, 128}, 600, 0.0, gc::GroupedGemmBackend::kSm90, 14);
+        check_moe({4, 2, 1024, 384}, 700, 0.0, gc::GroupedGemmBackend::kSm90, 15);
+        // ~200 tiles per GEMM: more than an H100's 132 SMs, so persistent blocks take several tiles each
+        check_moe({32, 4, 512, 256}, 2500, 0.0, gc::GroupedGemmBackend::kSm90, 16);
+    }
+    gc::detail::sm90_set_persistent(true);
+    gc::detail::sm90_set_epilogue(Ep::kAuto);
 }
 
 // kSm90 never waits for the host inside forward(); last_counts() then waits for the counts and must still equal

@@ -23,10 +23,16 @@ using bf16 = __nv_bfloat16;
 constexpr int kBlockM = 128;  // rows per tile: two consumer warpgroups x 64
 constexpr int kBlockN = 256;  // output columns per tile (fused: 128 gate + 128 up columns)
 constexpr int kBlockK = 64;   // 64 bf16 = 128 bytes: one 128-byte swizzle atom per row
-constexpr int kStages = 4;
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
 constexpr int kStageBytes = (kBlockM + kBlockN) * kBlockK * 2;
-constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+// The staged epilogue writes the tile into shared memory (rows padded by 16 bytes: conflict-free for the
+// accumulator layout) and copies each valid row out with an asynchronous bulk copy, so the consumers go on to
+// the next tile at once; it costs a pipeline stage (3 instead of 4 fit next to the 66 KB staging area).
+constexpr int kStagingStride = kBlockN * 2 + 16;  // bytes per staged row
+constexpr int stages(bool staged) { return staged ? 3 : 4; }
+constexpr int smem_bytes(bool staged) {
+    return stages(staged) * kStageBytes + (staged ? kBlockM * kStagingStride : 0) + 2 * stages(staged) * 8 + 1024;
+}
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GRACE_SM90_DEVICE 1
@@ -140,13 +146,14 @@ __global__ void tile_start_kernel(const int32_t* __restrict__ seg_start, int num
 //     column tile loads 128 gate and the matching 128 up rows, and the epilogue writes silu(gate) * up into
 //     out [rows, n_out = I].
 //   otherwise: out [rows, n_out] = A @ B_e^T with B_e = rows [e * b_rows_per_expert, + n_out).
-template <bool kFusedSwiGlu>
+template <bool kFusedSwiGlu, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                         const int32_t* __restrict__ seg_start, const int32_t* __restrict__ tile_start,
                         int num_experts, int b_rows_per_expert, int n_out, int k_dim, int n_tiles,
                         bf16* __restrict__ out) {
 #if defined(GRACE_SM90_DEVICE)
+    constexpr int kStages = stages(kStaged);
     const int total_tiles = tile_start[num_experts] * n_tiles;
     if (static_cast<int>(blockIdx.x) >= total_tiles) return;
     const int k_tiles = (k_dim + kBlockK - 1) / kBlockK;
@@ -167,7 +174,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
     uint8_t* s_a = smem;                                     // [kStages][kBlockM][kBlockK]
     uint8_t* s_b = smem + kStages * kBlockM * kBlockK * 2;  // [kStages][kBlockN][kBlockK]
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+    uint8_t* staging = smem + kStages * kStageBytes;  // [kBlockM][kStagingStride] when kStaged
+    uint64_t* full = reinterpret_cast<uint64_t*>(staging + (kStaged ? kBlockM * kStagingStride : 0));
     uint64_t* empty = full + kStages;
     if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], 2);
@@ -235,29 +243,70 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+8); d[4j + 2h + q] is
         // row + 8h, column 8j + 2(lane % 4) + q.
         const int r0 = c * 64 + warp * 16 + lane / 4;
-    #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + 8 * h;
-            if (r >= rows) continue;
-            bf16* dst = out + static_cast<int64_t>(row_begin + r) * n_out;
-            if constexpr (kFusedSwiGlu) {
-    #pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    const int col = n_tile * (kBlockN / 2) + 8 * j + 2 * (lane % 4);
-                    const float g0 = d[4 * j + 2 * h], g1 = d[4 * j + 2 * h + 1];
-                    const float u0 = d[4 * (j + 16) + 2 * h], u1 = d[4 * (j + 16) + 2 * h + 1];
-                    *reinterpret_cast<__nv_bfloat162*>(dst + col) =
-                        __floats2bfloat162_rn(g0 / (1.f + __expf(-g0)) * u0, g1 / (1.f + __expf(-g1)) * u1);
+        if constexpr (kStaged) {
+            // Wait until this thread's bulk copies of the previous tile have read the staging rows, then let
+            // the warpgroup overwrite them.
+            if (threadIdx.x % 128 < 64) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                uint8_t* srow = staging + (r0 + 8 * h) * kStagingStride + 4 * (lane % 4);
+                if constexpr (kFusedSwiGlu) {
+#pragma unroll
+                    for (int j = 0; j < 16; ++j) {
+                        const float g0 = d[4 * j + 2 * h], g1 = d[4 * j + 2 * h + 1];
+                        const float u0 = d[4 * (j + 16) + 2 * h], u1 = d[4 * (j + 16) + 2 * h + 1];
+                        *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
+                            __floats2bfloat162_rn(g0 / (1.f + __expf(-g0)) * u0, g1 / (1.f + __expf(-g1)) * u1);
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 32; ++j)
+                        *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
+                            __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
                 }
-            } else {
-    #pragma unroll
-                for (int j = 0; j < 32; ++j) {
-                    const int col = n_tile * kBlockN + 8 * j + 2 * (lane % 4);
-                    if (col < n_out)
-                        *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // st.shared -> visible to the bulk copy
+            asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+            const int q = threadIdx.x % 128;  // threads 0..63 of the warpgroup copy its rows out, one each
+            if (q < 64 && c * 64 + q < rows) {
+                const int r = c * 64 + q;
+                const int col0 = n_tile * (kFusedSwiGlu ? kBlockN / 2 : kBlockN);
+                const int cols = min(kFusedSwiGlu ? kBlockN / 2 : kBlockN, n_out - col0);
+                bf16* dst = out + static_cast<int64_t>(row_begin + r) * n_out + col0;
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+                             "r"(smem_addr(staging + r * kStagingStride)), "r"(cols * 2)
+                             : "memory");
+            }
+            if (q < 64) asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        } else {  // direct stores from the accumulators
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + 8 * h;
+                if (r >= rows) continue;
+                bf16* dst = out + static_cast<int64_t>(row_begin + r) * n_out;
+                if constexpr (kFusedSwiGlu) {
+#pragma unroll
+                    for (int j = 0; j < 16; ++j) {
+                        const int col = n_tile * (kBlockN / 2) + 8 * j + 2 * (lane % 4);
+                        const float g0 = d[4 * j + 2 * h], g1 = d[4 * j + 2 * h + 1];
+                        const float u0 = d[4 * (j + 16) + 2 * h], u1 = d[4 * (j + 16) + 2 * h + 1];
+                        *reinterpret_cast<__nv_bfloat162*>(dst + col) =
+                            __floats2bfloat162_rn(g0 / (1.f + __expf(-g0)) * u0, g1 / (1.f + __expf(-g1)) * u1);
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 32; ++j) {
+                        const int col = n_tile * kBlockN + 8 * j + 2 * (lane % 4);
+                        if (col < n_out)
+                            *reinterpret_cast<__nv_bfloat162*>(dst + col) = __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                    }
                 }
             }
         }
+    }
+    if constexpr (kStaged) {
+        if (threadIdx.x % 128 < 64) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
 #endif
 }
@@ -292,12 +341,14 @@ CUtensorMap make_map(const void* base, int64_t rows, int64_t cols, int box_rows)
 }
 
 bool g_persistent = true;
+Sm90Epilogue g_epilogue = Sm90Epilogue::kAuto;
 
-template <bool kFused>
-void launch(const CUtensorMap& a, const CUtensorMap& b, const int32_t* seg_start, const int32_t* tile_start, int E,
+template <bool kFused, bool kStaged>
+void launch_kernel(const CUtensorMap& a, const CUtensorMap& b, const int32_t* seg_start, const int32_t* tile_start, int E,
             int b_rows, int n_out, int k_dim, int n_tiles, int64_t max_rows, bf16* out, cudaStream_t stream) {
     CUDA_RUNTIME_CHECK(
-        cudaFuncSetAttribute(grouped_gemm_kernel<kFused>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+        cudaFuncSetAttribute(grouped_gemm_kernel<kFused, kStaged>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem_bytes(kStaged)));
     // Upper bound on the tiles (every expert's last row tile may be partial); the exact count is on the device.
     int64_t blocks = ((max_rows + kBlockM - 1) / kBlockM + E) * n_tiles;
     if (g_persistent) {
@@ -306,9 +357,21 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const int32_t* seg_start
         CUDA_RUNTIME_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
         blocks = std::min<int64_t>(blocks, sms);
     }
-    grouped_gemm_kernel<kFused><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(
+    grouped_gemm_kernel<kFused, kStaged><<<static_cast<unsigned>(blocks), kThreads, smem_bytes(kStaged), stream>>>(
         a, b, seg_start, tile_start, E, b_rows, n_out, k_dim, n_tiles, out);
     CUDA_LAUNCH_CHECK();
+}
+
+template <bool kFused>
+void launch(const CUtensorMap& a, const CUtensorMap& b, const int32_t* seg_start, const int32_t* tile_start, int E,
+            int b_rows, int n_out, int k_dim, int n_tiles, int64_t max_rows, bf16* out, cudaStream_t stream) {
+    // kAuto: staged for the down GEMM (its 128x256 output tile per 12-16 k-steps made the direct stores cost ~10%
+    // of its time), direct for the fused gate+up GEMM (half the output per twice the k-steps; it keeps the 4th
+    // pipeline stage). Measured side by side in bm_moe_gpu (bench/results/gpu.md).
+    const bool staged = g_epilogue == Sm90Epilogue::kStaged || (g_epilogue == Sm90Epilogue::kAuto && !kFused);
+    (staged ? launch_kernel<kFused, true> : launch_kernel<kFused, false>)(a, b, seg_start, tile_start, E, b_rows,
+                                                                            n_out, k_dim, n_tiles, max_rows, out,
+                                                                            stream);
 }
 
 }  // namespace
@@ -322,6 +385,7 @@ bool sm90_grouped_gemm_available(int device) {
 }
 
 void sm90_set_persistent(bool on) { g_persistent = on; }
+void sm90_set_epilogue(Sm90Epilogue mode) { g_epilogue = mode; }
 
 bool sm90_grouped_gemm_fits(int hidden, int intermediate) {
     return hidden % 8 == 0 && intermediate % (kBlockN / 2) == 0;

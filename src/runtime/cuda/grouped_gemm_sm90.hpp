@@ -25,6 +25,11 @@ bool sm90_grouped_gemm_fits(int hidden, int intermediate);
 /// Persistent launch (default; one block per SM walks the tiles) or one block per tile (for side-by-side timing).
 /// Process-wide; not thread-safe.
 void sm90_set_persistent(bool on);
+/// How a tile leaves the kernel: kStaged writes it to shared memory and copies each valid row out with an
+/// asynchronous bulk copy (3 pipeline stages fit beside the staging area); kDirect stores from the accumulators
+/// (4 stages); kAuto (default) stages the down GEMM only. Process-wide; not thread-safe.
+enum class Sm90Epilogue { kAuto, kDirect, kStaged };
+void sm90_set_epilogue(Sm90Epilogue mode);
 
 /// tile_start [E + 1] (device) = exclusive prefix of ceil(rows(e) / 128): the row tiles the GEMMs walk.
 void sm90_tile_starts(const int32_t* seg_start, int num_experts, int32_t* tile_start, cudaStream_t stream);
