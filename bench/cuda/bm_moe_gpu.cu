@@ -204,7 +204,7 @@ int main(int argc, char** argv) try {
     }
 
     std::ostringstream table;  // h100-gemm-table.json
-    table << "{\"device\": \"" << prop.name << "\",\n \"method\": \"cublasGemmEx bf16 (fp32 accumulate): gate+up [n,H]x[H,2I] then down [n,I]x[I,H] for one expert, weights rotated over 8 experts so they come from HBM; seconds: GPU time from a CUDA graph of 16 such pairs (median of 8 replays / 16); seconds_eager_launch: the same pairs issued back to back from the host (includes cuBLAS host cost, ~10 us/call); excludes SiLU*up and permutation\",\n \"shapes\": {";
+    table << "{\"device\": \"" << prop.name << "\",\n \"method\": \"cublasGemmEx bf16 (fp32 accumulate): gate+up [n,H]x[H,2I] then down [n,I]x[I,H] for one expert, weights rotated over 8 experts so they come from HBM; seconds: GPU time from a CUDA graph of 16 such pairs (median of 8 replays / 16); seconds_eager_launch: the same pairs issued back to back from the host (includes cuBLAS host cost, ~10 us/call); excludes SiLU*up and permutation; seconds_sm90_grouped (H100/H200 only): our sm90 grouped GEMM (SiLU*up fused) over E experts of n rows each in one launch pair (fewer experts when E*n > 2^21), GPU time divided by the experts, median of 7\",\n \"shapes\": {";
 
     std::printf("\n%-14s %6s %5s %-14s %9s %8s %8s %8s %8s %8s %8s %9s %7s %7s %7s\n", "shape", "T", "skew", "gemm",
                 "layer_ms", "sort", "permute", "up", "act", "down", "unperm", "gemm_ms", "TF/s", "dense%", "perm%BW");
@@ -348,6 +348,30 @@ int main(int argc, char** argv) try {
             if (grid.empty() || grid.back() != n) grid.push_back(n);
         }
         std::vector<double> secs, secs_eager;
+        // The sm90 kernel's cost of one expert inside a grouped launch: one launch pair over E experts with n rows
+        // each (fewer experts when E * n passes 2^21 rows), time / experts. (Alone, one small expert would fill
+        // only a few SMs; in a layer the experts share the launch.)
+        std::vector<double> secs_sm90;
+        if (sm90_gemm_available()) {
+            const int64_t cap = int64_t{1} << 21;
+            DeviceBuffer<bf16> gx(size_t(cap) * H), gact(size_t(cap) * I), gy(size_t(cap) * H);
+            fill(gx.data(), gx.size(), 16, 1.f);
+            DeviceBuffer<int32_t> gseg(E + 1), gtiles(E + 1);
+            for (int n : grid) {
+                const int ne = int(std::min<int64_t>(E, cap / n));
+                std::vector<int32_t> seg(E + 1);
+                for (int e = 0; e <= E; ++e) seg[e] = std::min(e, ne) * n;
+                CUDA_RUNTIME_CHECK(cudaMemcpy(gseg.data(), seg.data(), seg.size() * 4, cudaMemcpyHostToDevice));
+                const double ms = time_ms([&] {
+                    detail::sm90_tile_starts(gseg.data(), E, gtiles.data(), nullptr);
+                    detail::sm90_gemm_up_swiglu(gx.data(), w13.data(), gact.data(), gseg.data(), gtiles.data(), E, H, I,
+                                                cap, seg[E], nullptr);
+                    detail::sm90_gemm_down(gact.data(), w2.data(), gy.data(), gseg.data(), gtiles.data(), E, H, I, cap,
+                                           seg[E], nullptr);
+                }, 2, 7, 1);
+                secs_sm90.push_back(1e-3 * ms / ne);
+            }
+        }
         cudaStream_t cs;
         CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
         const int reps = 16;
@@ -392,10 +416,21 @@ int main(int argc, char** argv) try {
         for (size_t i = 0; i < secs.size(); ++i) table << (i ? ", " : "") << std::scientific << secs[i];
         table << "],\n   \"seconds_eager_launch\": [";
         for (size_t i = 0; i < secs_eager.size(); ++i) table << (i ? ", " : "") << std::scientific << secs_eager[i];
-        table << std::defaultfloat << "]}";
+        table << "]";
+        if (!secs_sm90.empty()) {
+            table << ",\n   \"seconds_sm90_grouped\": [";
+            for (size_t i = 0; i < secs_sm90.size(); ++i) table << (i ? ", " : "") << std::scientific << secs_sm90[i];
+            table << "]";
+        }
+        table << std::defaultfloat << "}";
         std::printf("%s f(n) us (graph/eager):", sh.name.c_str());
         for (size_t i = 0; i < grid.size(); i += 3) std::printf(" %d:%.1f/%.1f", grid[i], secs[i] * 1e6, secs_eager[i] * 1e6);
         std::printf("\n");
+        if (!secs_sm90.empty()) {
+            std::printf("%s f(n) us, sm90 grouped (per expert):", sh.name.c_str());
+            for (size_t i = 0; i < grid.size(); i += 3) std::printf(" %d:%.2f", grid[i], secs_sm90[i] * 1e6);
+            std::printf("\n");
+        }
     }
     js << "}}\n";
     table << "}}\n";

@@ -9,16 +9,28 @@ measured per-expert GEMM table bench/results/h100-gemm-table.json.
 - Links: one H100 was measured, no NVLink or network. The link figures are those of the evaluator's `h100-ib`
   preset (NVLink 450 GB/s per GPU per direction, 400 Gbit/s InfiniBand per node), stated in the description.
 
-Usage: /usr/bin/python3 bench/cuda/make_hardware_preset.py [table.json] [out.json]
+Usage: /usr/bin/python3 bench/cuda/make_hardware_preset.py [table.json] [out.json] [--column C] [--name N]
+  --column seconds (default): cuBLAS per-expert times -> the `h100-measured` preset;
+  --column seconds_sm90_grouped --name h100-sm90: the per-expert cost of our sm90 grouped GEMM in a grouped launch.
 """
+import argparse
 import json
-import sys
+import os
 
 import numpy as np
 
-src = sys.argv[1] if len(sys.argv) > 1 else "bench/results/h100-gemm-table.json"
-dst = sys.argv[2] if len(sys.argv) > 2 else "bench/results/h100-measured.json"
+ap = argparse.ArgumentParser()
+ap.add_argument("table", nargs="?", default="bench/results/h100-gemm-table.json")
+ap.add_argument("out", nargs="?", default="bench/results/h100-measured.json")
+ap.add_argument("--column", default="seconds")
+ap.add_argument("--name", default="h100-measured")
+args = ap.parse_args()
+src, dst, column = args.table, args.out, args.column
 table = json.load(open(src))
+for s in table["shapes"].values():
+    s["seconds"] = s[column]
+method = ("cuBLAS bf16, fp32 accumulate, one expert per call" if column == "seconds" else
+          "our sm90 grouped GEMM (wgmma + TMA, SiLU*up fused), per-expert share of a grouped launch over E experts")
 
 rows, rhs, weights = [], [], []
 for name, s in table["shapes"].items():
@@ -43,9 +55,9 @@ print(f"analytic fit: peak {peak / 1e12:.1f} TFLOP/s, n_half {n_half:.1f} tokens
 
 out = {
     "format": "grace.hardware/v1",
-    "name": "h100-measured",
-    "description": ("Expert GEMM times measured on one " + table["device"] + " (bench/cuda/bm_moe_gpu, cuBLAS bf16, "
-                    "fp32 accumulate; bench/results/gpu.md); links not measured: NVLink 450 GB/s per GPU per "
+    "name": args.name,
+    "description": ("Expert GEMM times measured on one " + table["device"] + " (bench/cuda/bm_moe_gpu, " + method +
+                    "; bench/results/gpu.md); links not measured: NVLink 450 GB/s per GPU per "
                     "direction and 400 Gbit/s InfiniBand per node as in the h100-ib preset"),
     "element_size": 2,
     "intra_node": {"bandwidth_GBps": 450, "latency_us": 3},
@@ -63,7 +75,5 @@ out = {
 with open(dst + ".tmp", "w") as f:
     json.dump(out, f, indent=1)
     f.write("\n")
-import os
-
 os.replace(dst + ".tmp", dst)
 print("wrote", dst)

@@ -351,6 +351,18 @@ TEST(Hardware, MeasuredH100PresetCarriesItsGemmTables) {
     EXPECT_GT(olmoe.expert_seconds(8192), olmoe.expert_seconds(4096));
 }
 
+TEST(Hardware, Sm90PresetCarriesItsGroupedGemmTables) {
+    // src/sim/presets/h100-sm90.json: the sm90 grouped GEMM's per-expert share of a grouped launch
+    // (bench/results/h100-gemm-table-sm90.json, column seconds_sm90_grouped).
+    const HardwareModel hw = load_hardware("h100-sm90");
+    const ComputeModel qwen(hw, "qwen3-30b-a3b", 2048, 768);
+    EXPECT_EQ(qwen.source(), "table:qwen3-30b-a3b");
+    EXPECT_NEAR(qwen.expert_seconds(16384), 2.8361e-4, 1e-9);  // the table's last point
+    // Grouped, a small expert costs less than one cuBLAS call alone (h100-measured: ~10-11 us for <= 256 rows).
+    EXPECT_LT(qwen.expert_seconds(32), ComputeModel(load_hardware("h100-measured"), "qwen3-30b-a3b", 2048, 768)
+                                           .expert_seconds(32));
+}
+
 TEST(Hardware, GemmTableInterpolation) {
     const std::string text = R"({"format": "grace.hardware/v1", "element_size": 2,
         "intra_node": {"bandwidth_GBps": 600, "latency_us": 5}, "cross_node": {"bandwidth_Gbps": 25, "latency_us": 30},

@@ -83,7 +83,7 @@ GRACE_COMMAND(
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
         sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
+                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
             ->capture_default_str();
         sub.add_option("--reference", a->reference, "Row the relative changes are taken against")
             ->capture_default_str();

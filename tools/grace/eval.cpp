@@ -76,7 +76,7 @@ GRACE_COMMAND(
                        "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)");
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
         sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured) or grace.hardware/v1 JSON file")
+                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
             ->capture_default_str();
         sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)");
         sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)");
