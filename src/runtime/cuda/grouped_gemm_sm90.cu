@@ -1,6 +1,7 @@
 // Grouped GEMM for the expert layer on Hopper (sm_90a): one launch over all experts, the expert row offsets are
-// read on the device (no host synchronization), TMA loads into a 4-stage shared-memory ring, warp-specialized
-// (one producer warp issues the loads, two consumer warpgroups run wgmma), fp32 accumulation, bf16 out.
+// read on the device (no host synchronization), TMA loads into a 3- or 4-stage shared-memory ring, warp-specialized
+// (one producer thread issues the loads, two consumer warpgroups run wgmma), persistent, fp32 accumulation, bf16
+// out.
 //
 // Why our own kernel: cublasGemmGroupedBatchedEx needs the per-expert row counts on the host (a sync per layer)
 // and runs one tile configuration for every group; the per-expert cublasGemmEx loop costs ~10 us of host time per
