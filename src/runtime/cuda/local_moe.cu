@@ -119,10 +119,8 @@ struct LocalMoe::Impl {
 
 GroupedGemmBackend LocalMoe::Impl::resolve(GroupedGemmBackend b) const {
     if (b != GroupedGemmBackend::kAuto && b != GroupedGemmBackend::kSm90) return b;
-    int device = 0;
-    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
     const bool fits = detail::sm90_grouped_gemm_fits(shape.hidden, shape.intermediate);
-    const bool runs = detail::sm90_grouped_gemm_available(device);
+    const bool runs = sm90_gemm_available();
     if (b == GroupedGemmBackend::kAuto) return fits && runs ? GroupedGemmBackend::kSm90 : GroupedGemmBackend::kHybrid;
     GRACE_CHECK(runs, ErrorCode::kUnsupported,
                 "LocalMoe: the sm90 GEMM backend needs a compute capability 9.0 GPU (H100/H200)");
