@@ -1,5 +1,6 @@
 // Binding of the planner (`grace plan`).
 #include "bind_common.hpp"
+#include "grace/eplb.hpp"
 #include "grace/planner.hpp"
 
 namespace grace::py_bind {
@@ -38,6 +39,29 @@ void bind_planner(py::module_& m) {
     m.def(
         "parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
         "Canonical form of a method spec; raises GraceError for an unknown component.");
+    m.def(
+        "rebalance_experts",
+        [](const py::object& weight, int num_replicas, int num_groups, int num_nodes, int num_gpus) {
+            std::vector<int64_t> shape;
+            std::vector<double> w = real_values(weight, "weight", {2}, &shape);
+            GRACE_CHECK_ARG(shape[0] >= 1 && shape[1] >= 1, "weight must be [layers, experts] with both >= 1, got ",
+                            shape_str(shape));
+            GRACE_CHECK_ARG(shape[0] <= (1 << 20) && shape[1] <= (1 << 20), "weight shape ", shape_str(shape),
+                            " is too large (at most 2^20 layers and experts)");
+            const int L = static_cast<int>(shape[0]), E = static_cast<int>(shape[1]);
+            EplbResult r;
+            {
+                py::gil_scoped_release release;
+                r = rebalance_experts(w, L, E, num_replicas, num_groups, num_nodes, num_gpus);
+            }
+            auto widen = [](const std::vector<int>& v) { return std::vector<int64_t>(v.begin(), v.end()); };
+            return py::make_tuple(to_array(widen(r.phy2log), {L, r.num_physical}),
+                                  to_array(widen(r.log2phy), {L, E, r.max_replicas}), to_array(widen(r.logcnt), {L, E}));
+        },
+        py::arg("weight"), py::arg("num_replicas"), py::arg("num_groups"), py::arg("num_nodes"), py::arg("num_gpus"),
+        "DeepSeek's EPLB (spec section 8) as grace implements it: weight [L, E] loads (any real dtype) -> (phy2log "
+        "int64 [L, P], log2phy int64 [L, E, X] (-1 padded), logcnt int64 [L, E]). Ties are broken by the lower index "
+        "and loads are compared in double precision (bench/results/eplb.md says how this differs from eplb.py).");
 }
 
 }  // namespace grace::py_bind

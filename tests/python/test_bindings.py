@@ -263,5 +263,49 @@ class SameAsCli(unittest.TestCase):
                 grace.export(plan, "sglang", expert_load=st["load"][:, :3])
 
 
+class Eplb(unittest.TestCase):
+    """grace.rebalance_experts: EPLB's README golden vectors (spec section 8), and the NumPy re-statement in
+    bench/eplb_reference.py (written from the algorithm, stable sorts, float64) on seeded inputs with ties."""
+
+    README = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+              [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+
+    def test_golden_vectors(self):
+        w = np.array(self.README, dtype=np.int64)
+        phy2log, log2phy, logcnt = grace.rebalance_experts(w, 16, 4, 2, 8)
+        self.assertEqual(phy2log.tolist(), [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                                            [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+        self.assertEqual(logcnt.tolist(), [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
+        self.assertEqual(log2phy.shape, (2, 12, 2))
+        for l in range(2):  # log2phy lists exactly the slots phy2log gives each expert, -1 padded
+            for e in range(12):
+                slots = [p for p in log2phy[l, e] if p >= 0]
+                self.assertEqual(sorted(slots), [p for p in range(16) if phy2log[l, p] == e])
+        phy2log, _, logcnt = grace.rebalance_experts(w.astype(np.float32), 16, 3, 2, 8)  # global policy
+        self.assertEqual(phy2log.tolist(), [[10, 6, 10, 7, 0, 2, 11, 4, 5, 9, 5, 4, 8, 3, 1, 1],
+                                            [1, 10, 2, 4, 5, 11, 5, 0, 6, 7, 6, 3, 8, 8, 9, 7]])
+        self.assertEqual(logcnt.tolist(), [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1]])
+
+    def test_matches_numpy_restatement(self):
+        sys.path.insert(0, os.path.join(SRC, "bench"))
+        import eplb_reference
+        for seed, (L, E, P, g, n, G) in enumerate([(4, 16, 24, 4, 2, 8), (6, 64, 80, 8, 2, 8), (3, 64, 72, 7, 2, 4)]):
+            rng = np.random.default_rng(seed)
+            w = rng.multinomial(2000, np.full(E, 1.0 / E), size=L)  # small counts: many ties
+            ours = grace.rebalance_experts(w, P, g, n, G)
+            ref = eplb_reference.rebalance_experts(w, P, g, n, G)
+            for a, b, name in zip(ours, ref, ("phy2log", "log2phy", "logcnt")):
+                np.testing.assert_array_equal(a, b, err_msg=f"{name} for {(L, E, P, g, n, G)}")
+
+    def test_bad_arguments(self):
+        w = np.array(self.README)
+        with self.assertRaises(grace.GraceError):
+            grace.rebalance_experts(w, 15, 4, 2, 8)  # 15 slots on 8 GPUs
+        with self.assertRaises(grace.GraceError):
+            grace.rebalance_experts(w[0], 16, 4, 2, 8)  # not [L, E]
+        with self.assertRaises(grace.GraceError):
+            grace.rebalance_experts(w.astype(str), 16, 4, 2, 8)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
