@@ -2,15 +2,14 @@
 /// @file model_config.hpp
 /// MoE model shapes read from a Hugging Face `config.json`, and the shipped model presets (docs/models.md).
 ///
-/// The reader maps each architecture's field names onto one shape (per `model_type`):
-///
-/// | model_type              | expert intermediate I   | routed experts E    | top-k                        | MoE layers |
-/// |-------------------------|-------------------------|---------------------|------------------------------|------------|
-/// | qwen2_moe, qwen3_moe    | moe_intermediate_size   | num_experts         | num_experts_per_tok          | l not in mlp_only_layers and (l+1) % decoder_sparse_step == 0 |
-/// | deepseek_v2, deepseek_v3| moe_intermediate_size   | n_routed_experts    | num_experts_per_tok          | l >= first_k_dense_replace and l % moe_layer_freq == 0 |
-/// | mixtral                 | intermediate_size       | num_local_experts   | num_experts_per_tok          | all        |
-/// | olmoe                   | intermediate_size       | num_experts         | num_experts_per_tok          | all        |
-/// | gpt_oss                 | intermediate_size       | num_local_experts   | num_experts_per_tok / experts_per_token | all |
+/// The reader maps each architecture's field names onto one shape (per `model_type`; docs/models.md has the table):
+/// - qwen2_moe, qwen3_moe: I = moe_intermediate_size, E = num_experts, k = num_experts_per_tok; decoder layer l
+///   is MoE iff l is not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0;
+/// - deepseek_v2, deepseek_v3: I = moe_intermediate_size, E = n_routed_experts, k = num_experts_per_tok; layer l
+///   is MoE iff l >= first_k_dense_replace and l % moe_layer_freq == 0;
+/// - mixtral, gpt_oss: I = intermediate_size, E = num_local_experts, k = num_experts_per_tok (gpt_oss: or
+///   experts_per_token); every layer is MoE;
+/// - olmoe: I = intermediate_size, E = num_experts, k = num_experts_per_tok; every layer is MoE.
 ///
 /// H is `hidden_size` and the decoder depth `num_hidden_layers` for all of them; `torch_dtype` (or `dtype`) gives
 /// the checkpoint's bytes per element when present. Shared experts are not read: the cost model has no term for
@@ -24,13 +23,13 @@ namespace grace {
 
 /// The MoE shape of one model.
 struct ModelConfig {
-    std::string name;           ///< preset name, or the path of the config file it was read from
-    std::string model_type;     ///< Hugging Face model_type ("qwen2_moe", "deepseek_v3", "mixtral", ...)
-    int hidden = 0;             ///< H (hidden_size)
-    int intermediate = 0;       ///< I of one routed expert
-    int num_experts = 0;        ///< E, routed experts per MoE layer
-    int top_k = 0;              ///< k, routed experts per token
-    int num_hidden_layers = 0;  ///< decoder layers, dense and MoE
+    std::string name;             ///< preset name, or the path of the config file it was read from
+    std::string model_type;       ///< Hugging Face model_type ("qwen2_moe", "deepseek_v3", "mixtral", ...)
+    int hidden = 0;               ///< H (hidden_size)
+    int intermediate = 0;         ///< I of one routed expert
+    int num_experts = 0;          ///< E, routed experts per MoE layer
+    int top_k = 0;                ///< k, routed experts per token
+    int num_hidden_layers = 0;    ///< decoder layers, dense and MoE
     std::vector<int> moe_layers;  ///< decoder-layer index of each MoE layer, ascending; [L] with L >= 1
     std::string dtype;            ///< torch_dtype as written ("bfloat16", ...); empty if the file has none
     int dtype_bytes = 0;          ///< bytes per element of dtype; 0 if none

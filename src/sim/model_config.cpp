@@ -61,8 +61,9 @@ class Reader {
     int64_t to_int(const json& v, const std::string& key, int64_t lo, int64_t hi) const {
         GRACE_CHECK_INPUT(v.is_number_integer(), origin_, ": field \"", key, "\" must be an integer, got ", v.dump());
         // Above INT64_MAX only an unsigned read is exact; everything else is compared as int64.
-        GRACE_CHECK_INPUT(!(v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())),
-                          origin_, ": field \"", key, "\" is ", v.dump(), ", above the largest allowed value ", hi);
+        GRACE_CHECK_INPUT(
+            !(v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())),
+            origin_, ": field \"", key, "\" is ", v.dump(), ", above the largest allowed value ", hi);
         const int64_t x = v.get<int64_t>();
         GRACE_CHECK_INPUT(x >= lo && x <= hi, origin_, ": field \"", key, "\" is ", x, ", outside [", lo, ", ", hi,
                           "]");
@@ -98,8 +99,8 @@ ModelConfig parse_json(const json& j, const std::string& origin) {
         GRACE_CHECK_INPUT(family, origin, ": model_type '", c.model_type, "' is not a supported MoE architecture (",
                           supported_types(), ")");
     } else {
-        GRACE_CHECK_INPUT(j.contains("architectures") && j["architectures"].is_array() &&
-                              !j["architectures"].empty() && j["architectures"][0].is_string(),
+        GRACE_CHECK_INPUT(j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+                              j["architectures"][0].is_string(),
                           origin, ": missing field \"model_type\" (and no \"architectures\" to infer it from)");
         const std::string arch = j["architectures"][0].get<std::string>();
         for (const Family& f : kFamilies)
@@ -166,8 +167,7 @@ ModelConfig parse_json(const json& j, const std::string& origin) {
         if (!j.contains(key) || j[key].is_null()) continue;
         GRACE_CHECK_INPUT(j[key].is_string(), origin, ": field \"", key, "\" must be a string, got ", j[key].dump());
         const std::string d = j[key].get<std::string>();
-        GRACE_CHECK_INPUT(dtype_size(d) > 0, origin, ": ", key, " '", d,
-                          "' is not one of float32, bfloat16, float16");
+        GRACE_CHECK_INPUT(dtype_size(d) > 0, origin, ": ", key, " '", d, "' is not one of float32, bfloat16, float16");
         GRACE_CHECK_INPUT(c.dtype.empty() || c.dtype == d, origin, ": torch_dtype '", c.dtype, "' and dtype '", d,
                           "' disagree");
         c.dtype = d;

@@ -166,8 +166,10 @@ class ModelConfigTest(unittest.TestCase):
                 self.olmoe_like("cmp.json", hidden_size=4096), "-o", out)
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(os.path.join(out, "compare.json")) as f:
-            text = f.read()
-        self.assertIn("4096", text)
+            entries = json.load(f)["entries"]
+        self.assertTrue(entries)
+        for e in entries:  # priced at the config's H = 4096
+            self.assertEqual(e["total"]["cross_node_bytes"], e["total"]["cross_node_copies"] * 4096 * ELEM, e["name"])
         r = run("compare", "--trace", self.trace, "--topology", "2x2", "--model-config",
                 self.olmoe_like("cmp32.json", num_experts=32), "-o", out + "2")
         self.assert_one_line_error(r, "has 32 routed experts but the trace has 64")

@@ -135,8 +135,10 @@ TEST(ModelConfig, ReadsGptOssTopKFromEitherName) {
     EXPECT_EQ(c.num_moe_layers(), 24);
     EXPECT_EQ(read_config(dir, "{" + base + R"(, "experts_per_token": 2})").top_k, 2);
     EXPECT_EQ(read_config(dir, "{" + base + R"(, "num_experts_per_tok": 3})").top_k, 3);
-    const std::string e = error_of([&] { read_config(dir, "{" + base + R"(, "experts_per_token": 4,
-        "num_experts_per_tok": 2})"); });
+    const std::string e = error_of([&] {
+        read_config(dir, "{" + base + R"(, "experts_per_token": 4,
+        "num_experts_per_tok": 2})");
+    });
     EXPECT_NE(e.find("num_experts_per_tok 2 and experts_per_token 4 disagree"), std::string::npos) << e;
 }
 
@@ -316,7 +318,7 @@ TEST(ModelPresets, FilesCiteSourcesAndDocsListTheValues) {
         }
         // | `name` | model | H | I | E | k | MoE layers | decoder layers | first MoE layer | torch_dtype | ...
         const std::string row = cat("| `", want.name, "` | ");
-        const size_t at = text.find(row);
+        const size_t at = text.find(row, text.find("## Presets"));
         ASSERT_NE(at, std::string::npos) << "no table row";
         std::string line = text.substr(at, text.find('\n', at) - at);
         std::vector<std::string> cells;

@@ -8,9 +8,9 @@
 #include <sstream>
 
 #include "command.hpp"
-#include "model_flags.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
+#include "model_flags.hpp"
 
 namespace grace::cli {
 

@@ -5,12 +5,12 @@
 #include <iostream>
 
 #include "command.hpp"
-#include "model_flags.hpp"
 #include "grace/error.hpp"
 #include "grace/hardware.hpp"
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
 #include "grace/trace.hpp"
+#include "model_flags.hpp"
 
 namespace grace::cli {
 namespace {

@@ -214,7 +214,7 @@ int run_impl(RunOptions& o) {
             if (shape.intermediate == 0) shape.intermediate = p.intermediate;
         }
         GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0, "the trace's model '", trace.model,
-                        "' is no preset: give --weights CKPT, or --preset P (and/or ",
+                        "' is no preset: give --weights CKPT, --model-config CONFIG.json, or --preset P (and/or ",
                         "--hidden H --intermediate I) for a seeded random init");
     }
     auto make_expert = [&](int layer, int e) {
