@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "grace/hardware.hpp"
+#include "grace/model_config.hpp"
 #include "grace/plan.hpp"
 #include "grace/topology.hpp"
 #include "grace/trace.hpp"
@@ -143,11 +144,25 @@ struct ModelShape {
     std::string model;     ///< preset name (selects the GEMM table), may be empty
     int hidden = 0;        ///< H
     int intermediate = 0;  ///< I
+    int num_experts = 0;   ///< E the model has; 0 = not checked against the trace
+    int num_layers = 0;    ///< MoE layers L the model has; 0 = not checked against the trace
 };
 
-/// Resolves H and I: the hardware file's overrides, else `find_preset(model)`. Throws kInvalidArgument when
-/// neither gives them.
+/// Resolves H and I: the hardware file's overrides, else the model preset `model` (model_config_preset; the
+/// trace's metadata names it, so E and L are left unchecked: a trace may hold fewer layers than the model). Throws
+/// kInvalidArgument when neither gives them.
 ModelShape resolve_model_shape(const HardwareModel& hardware, const std::string& model);
+
+/// The shape of a model the user chose explicitly (--model-config, or a --model preset): H, I, E and L from
+/// `config`, named `config.name` (a preset name matches its GEMM table; a config file's path matches by H and I).
+/// The hardware file's hidden/intermediate (or --hidden, --intermediate) must agree with it when set: throws
+/// kInvalidArgument naming both values otherwise.
+ModelShape explicit_model_shape(const HardwareModel& hardware, const ModelConfig& config);
+
+/// Checks an explicit shape against a trace or plan of `num_experts` experts and `num_layers` MoE layers; `what`
+/// names the other side ("the trace"). No-op for a shape with E and L unset. Throws kInvalidInput naming both
+/// values.
+void check_model_shape(const ModelShape& shape, int num_experts, int num_layers, const std::string& what);
 
 /// Metrics of one layer, or totals over layers (spec §7). Times in seconds, per forward pass of the trace as one
 /// batch; copies and bytes per direction (dispatch; combine is the same).

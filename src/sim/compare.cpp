@@ -85,6 +85,7 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     res.dataset = reader.dataset();
     res.num_tokens = reader.num_tokens();
     const ModelShape shape = options.shape ? *options.shape : resolve_model_shape(options.hardware, reader.model());
+    check_model_shape(shape, reader.num_experts(), reader.num_layers(), "the trace");
 
     auto t0 = std::chrono::steady_clock::now();
     report("profiling", 0, 1);

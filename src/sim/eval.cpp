@@ -282,6 +282,7 @@ EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const Eva
     options.hardware.validate();
     check_plan_matches_trace(plan, trace);
     const ModelShape shape = options.shape ? *options.shape : resolve_model_shape(options.hardware, trace.model);
+    check_model_shape(shape, trace.num_experts, trace.num_layers, "the trace");
     auto counts = replay_trace(trace, plan, options.replay);
     EvalReport r = price_counts(counts, plan, options.scheme, options.hardware, shape, trace.num_tokens);
     r.dataset = trace.dataset;

@@ -1,6 +1,6 @@
 #include "grace/error.hpp"
 #include "grace/eval.hpp"
-#include "grace/generator.hpp"
+#include "grace/model_config.hpp"
 
 namespace grace {
 
@@ -10,15 +10,36 @@ ModelShape resolve_model_shape(const HardwareModel& hw, const std::string& model
     s.hidden = hw.hidden;
     s.intermediate = hw.intermediate;
     if (s.hidden > 0 && s.intermediate > 0) return s;
-    bool known = false;
-    for (const auto& p : model_presets()) known |= p.name == model;
-    GRACE_CHECK_ARG(known, "model '", model,
-                    "' has no preset: give \"hidden\" and \"intermediate\" in the hardware file",
-                    " (or --hidden/--intermediate)");
-    const ModelPreset& p = find_preset(model);
-    if (s.hidden <= 0) s.hidden = p.hidden;
-    if (s.intermediate <= 0) s.intermediate = p.intermediate;
+    const ModelConfig* preset = find_model_config_preset(model);
+    GRACE_CHECK_ARG(preset, "model '", model,
+                    "' has no preset: give --model-config CONFIG.json, or \"hidden\" and \"intermediate\" in the "
+                    "hardware file (or --hidden/--intermediate)");
+    if (s.hidden <= 0) s.hidden = preset->hidden;
+    if (s.intermediate <= 0) s.intermediate = preset->intermediate;
     return s;
+}
+
+ModelShape explicit_model_shape(const HardwareModel& hw, const ModelConfig& config) {
+    GRACE_CHECK_ARG(hw.hidden <= 0 || hw.hidden == config.hidden, "model ", config.name, " has hidden size ",
+                    config.hidden, " but the hardware file (or --hidden) gives ", hw.hidden);
+    GRACE_CHECK_ARG(hw.intermediate <= 0 || hw.intermediate == config.intermediate, "model ", config.name,
+                    " has expert intermediate size ", config.intermediate,
+                    " but the hardware file (or --intermediate) gives ", hw.intermediate);
+    ModelShape s;
+    s.model = config.name;
+    s.hidden = config.hidden;
+    s.intermediate = config.intermediate;
+    s.num_experts = config.num_experts;
+    s.num_layers = config.num_moe_layers();
+    return s;
+}
+
+void check_model_shape(const ModelShape& shape, int num_experts, int num_layers, const std::string& what) {
+    const std::string name = shape.model.empty() ? std::string("the model") : "model " + shape.model;
+    GRACE_CHECK_INPUT(shape.num_experts <= 0 || shape.num_experts == num_experts, name, " has ", shape.num_experts,
+                      " routed experts but ", what, " has ", num_experts);
+    GRACE_CHECK_INPUT(shape.num_layers <= 0 || shape.num_layers == num_layers, name, " has ", shape.num_layers,
+                      " MoE layers but ", what, " has ", num_layers);
 }
 
 }  // namespace grace

@@ -10,6 +10,7 @@
 #include "command.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
+#include "model_flags.hpp"
 
 namespace grace::cli {
 
@@ -41,6 +42,7 @@ namespace {
 
 struct CompareArgs {
     std::string trace, profile_trace, topology = "2x2,2x4", hardware = "a100-testbed", output, reference = "Occult";
+    std::string model_config;
     TraceOverrides overrides;
     std::optional<int> experts;
     int threads = 0;
@@ -51,6 +53,8 @@ int run_compare_cmd(const CompareArgs& a) {
     CompareOptions opt;
     opt.topologies = parse_topologies(a.topology);
     opt.hardware = load_hardware(a.hardware);
+    if (const auto model = explicit_model(a.model_config, a.overrides.model))
+        opt.shape = explicit_model_shape(opt.hardware, *model);
     opt.num_threads = a.threads;
     opt.seed = a.seed;
     opt.reference = a.reference;
@@ -81,6 +85,7 @@ GRACE_COMMAND(
         sub.add_option("--trace", a->trace, "Evaluation trace .npy [T, L, k]")->required();
         sub.add_option("--profile-trace", a->profile_trace, "Trace to plan on (default: --trace)");
         add_trace_flags(sub, a->overrides, a->experts);
+        add_model_config_flag(sub, a->model_config);
         sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
         sub.add_option("--hardware", a->hardware,
                        "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")

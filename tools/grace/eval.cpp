@@ -10,12 +10,13 @@
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
 #include "grace/trace.hpp"
+#include "model_flags.hpp"
 
 namespace grace::cli {
 namespace {
 
 struct EvalArgs {
-    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology;
+    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, model_config;
     TraceOverrides overrides;
     std::optional<int> experts;
     int hidden = 0, intermediate = 0, threads = 0;
@@ -33,6 +34,7 @@ int run_eval(const EvalArgs& a) {
     if (a.hidden > 0) opt.hardware.hidden = a.hidden;
     if (a.intermediate > 0) opt.hardware.intermediate = a.intermediate;
     check_output_dir(a.output + ".json");
+    const std::optional<ModelConfig> model = explicit_model(a.model_config, a.overrides.model);
     const ExpertPlan plan = load_plan(a.plan);
     if (!a.topology.empty()) {
         const Topology want = Topology::parse(a.topology);
@@ -46,7 +48,9 @@ int run_eval(const EvalArgs& a) {
                       " experts but the trace has ", reader.num_experts());
     GRACE_CHECK_INPUT(plan.num_layers == reader.num_layers(), "the plan has ", plan.num_layers,
                       " layers but the trace has ", reader.num_layers());
-    const ModelShape shape = resolve_model_shape(opt.hardware, reader.model());
+    const ModelShape shape =
+        model ? explicit_model_shape(opt.hardware, *model) : resolve_model_shape(opt.hardware, reader.model());
+    check_model_shape(shape, reader.num_experts(), reader.num_layers(), "the trace");
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
     RoutingTrace chunk;
@@ -80,6 +84,7 @@ GRACE_COMMAND(
             ->capture_default_str();
         sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)");
         sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)");
+        add_model_config_flag(sub, a->model_config);
         sub.add_option("--topology", a->topology, "Expected topology NxM; an error if the plan's differs");
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
         sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")->capture_default_str();

@@ -12,12 +12,14 @@
 #include "core/rng.hpp"
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
+#include "grace/eval.hpp"
 #include "grace/experts.hpp"
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
 #include "grace/runtime.hpp"
 #include "grace/safetensors.hpp"
 #include "grace/trace.hpp"
+#include "model_flags.hpp"
 #ifdef GRACE_USE_CUDA
 #include "grace/cuda_layer.hpp"
 #endif
@@ -35,7 +37,7 @@ struct RunOptions {
     int64_t batch_tokens = 0;
     bool verify = false;
     std::optional<std::string> weights_ckpt;
-    std::string preset;
+    std::string preset, model_config;
     uint64_t seed = 0;
     std::string dtype = "fp32";
     int hidden = 0, intermediate = 0;
@@ -181,29 +183,38 @@ int run_impl(RunOptions& o) {
     const DType dtype = parse_dtype(o.dtype);
     GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
 
-    // Expert shape and weight source.
+    // Expert shape and weight source. --model-config must match the trace (E, MoE layers, and --hidden /
+    // --intermediate if given); a preset (--preset, or the trace's model) gives the defaults they override.
     std::unique_ptr<SafetensorsCheckpoint> ckpt;
     ExpertShape shape{o.hidden, o.intermediate};
     int first_moe_layer = o.first_moe_layer.value_or(0);
+    if (!o.model_config.empty()) {
+        const ModelConfig model = load_model_config(o.model_config);
+        HardwareModel overrides;
+        overrides.hidden = o.hidden, overrides.intermediate = o.intermediate;
+        check_model_shape(explicit_model_shape(overrides, model), trace.num_experts, trace.num_layers, "the trace");
+        shape = {model.hidden, model.intermediate};
+        if (!o.first_moe_layer) first_moe_layer = model.moe_layers[0];
+        // A checkpoint is read as MoE layer l = checkpoint layer l + first_moe_layer.
+        GRACE_CHECK_ARG(!o.weights_ckpt || o.first_moe_layer ||
+                            model.moe_layers.back() - model.moe_layers[0] + 1 == model.num_moe_layers(),
+                        o.model_config, ": its MoE layers are not contiguous; give --first-moe-layer");
+    }
     if (o.weights_ckpt) {
         ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
-        if (!o.preset.empty() && !o.first_moe_layer) first_moe_layer = find_expert_preset(o.preset).first_moe_layer;
+        if (!o.preset.empty() && !o.first_moe_layer && o.model_config.empty())
+            first_moe_layer = model_config_preset(o.preset).moe_layers[0];
     } else {
         // No checkpoint and no shape: a trace recorded or generated for a known preset gives the shape.
-        if (o.preset.empty() && shape.hidden == 0 && shape.intermediate == 0) {
-            try {
-                find_expert_preset(trace.model);
-                o.preset = trace.model;
-            } catch (const Error&) {
-            }
-        }
+        if (o.preset.empty() && shape.hidden == 0 && shape.intermediate == 0 && find_model_config_preset(trace.model))
+            o.preset = trace.model;
         if (!o.preset.empty()) {
-            const ExpertPreset& p = find_expert_preset(o.preset);
-            if (shape.hidden == 0) shape.hidden = p.shape.hidden;
-            if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
+            const ModelConfig& p = model_config_preset(o.preset);
+            if (shape.hidden == 0) shape.hidden = p.hidden;
+            if (shape.intermediate == 0) shape.intermediate = p.intermediate;
         }
         GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0, "the trace's model '", trace.model,
-                        "' is no preset: give --weights CKPT, or --preset P (and/or ",
+                        "' is no preset: give --weights CKPT, --model-config CONFIG.json, or --preset P (and/or ",
                         "--hidden H --intermediate I) for a seeded random init");
     }
     auto make_expert = [&](int layer, int e) {
@@ -445,7 +456,8 @@ GRACE_COMMAND(
         sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
         sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")->default_val(1e-4);
         sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
-        sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...)");
+        sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...; docs/models.md)");
+        add_model_config_flag(sub, o->model_config);
         sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
         sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")->default_val("fp32");
         sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)");
