@@ -1,7 +1,9 @@
 // Binding of the planner (`grace plan`).
 #include "bind_common.hpp"
 #include "grace/eplb.hpp"
+#include "grace/hardware.hpp"
 #include "grace/planner.hpp"
+#include "grace/pricing.hpp"
 
 namespace grace::py_bind {
 
@@ -9,7 +11,8 @@ void bind_planner(py::module_& m) {
     m.def(
         "plan",
         [](const py::object& stats, const py::object& topology, const std::string& method, uint64_t seed, int threads,
-           int wrr_period, bool refine, std::optional<int> slots_per_gpu, const std::string& source) {
+           int wrr_period, bool refine, std::optional<int> slots_per_gpu, const std::string& source, bool fill_slots,
+           const std::string& hardware) {
             const RoutingStats st = stats_from_py(stats);
             Topology topo = topology_from_py(topology);
             if (slots_per_gpu) {
@@ -22,6 +25,8 @@ void bind_planner(py::module_& m) {
             opt.num_threads = threads;
             opt.wrr_period = wrr_period;
             opt.refine = refine;
+            opt.fill_slots = fill_slots;
+            if (topo.slots_per_gpu && fill_slots) opt.pricing = planner_pricing(load_hardware(hardware), st.model, nullptr);
             ExpertPlan plan;
             {
                 py::gil_scoped_release release;
@@ -32,10 +37,12 @@ void bind_planner(py::module_& m) {
         },
         py::arg("stats"), py::arg("topology"), py::arg("method") = "grace", py::arg("seed") = 0, py::arg("threads") = 0,
         py::arg("wrr_period") = 120, py::arg("refine") = false, py::arg("slots_per_gpu") = py::none(),
-        py::arg("source") = "",
+        py::arg("source") = "", py::arg("fill_slots") = true, py::arg("hardware") = "a100-testbed",
         "Plans expert placement from a statistics dict (grace.profile / grace.load_stats) on a topology (\"NxM\" or "
         "(N, M)) with a method spec (e.g. 'grace' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
-        "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there).");
+        "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there). "
+        "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with replicas priced on "
+        "`hardware`, as `grace plan --hardware`) unless fill_slots=False.");
     m.def(
         "parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
         "Canonical form of a method spec; raises GraceError for an unknown component.");

@@ -57,6 +57,7 @@ struct LayerPlan {
     double gamma = 0;                                 ///< load skew L_max / L_mean after grouping
     int num_replicas = 0;                             ///< R, Equation 3
     std::vector<int> hot_experts;                     ///< replicated experts
+    int num_fill_replicas = 0;                        ///< replicas added to fill free slots (slot-exact plans)
     std::vector<double> predicted_gpu_load;           ///< [G]: Equation 4 load prediction (tokens)
     std::vector<double> gpu_load_before;              ///< [G]: load per GPU after grouping, before replication
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 
+#include "grace/placement_cost.hpp"
 #include "grace/plan.hpp"
 #include "grace/stats.hpp"
 #include "grace/topology.hpp"
@@ -44,6 +45,12 @@ struct PlanOptions {
     int num_threads = 0;   ///< 0 = all; the plan is byte-identical for any count
     int wrr_period = 120;  ///< Q
     bool refine = false;   ///< spec §3 step 3 (KL swaps) in controlled grouping
+    /// With a slot count (topology.slots_per_gpu) and a replication that chooses replicas (fixed, dynamic,
+    /// dynamic-iter): fill every GPU to exactly that many instances with priced replicas (fill_free_slots), so
+    /// exports pad nothing. false: the slot count is only an upper bound.
+    bool fill_slots = true;
+    /// The hardware and model numbers the fill prices replicas with (placement_cost.hpp; default: its defaults).
+    PlacementPricing pricing;
 };
 
 /// Plans every layer. Throws kInvalidArgument for an impossible request (more GPUs than experts, too few

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "grace/placement_cost.hpp"
 #include "grace/plan.hpp"
 #include "grace/topology.hpp"
 
@@ -82,5 +83,14 @@ void build_routing_tables(LayerPlan& layer, const std::vector<double>& load, int
 /// capacity.
 int pad_to_equal_slots(LayerPlan& layer, const std::vector<double>& load, int num_experts, const Topology& topology,
                        int target = 0);
+
+/// Slot-exact fill (spec §4): while a GPU holds fewer than S = topology.slots_per_gpu instances, adds the replica
+/// (an expert on a GPU with a free slot that does not hold it yet) with the lowest priced layer time
+/// (LayerCostModel: TAR routing, compute and the busiest link), ties to the lower expert id, then the lower GPU.
+/// Every GPU then holds exactly S instances. `source_load` is [G * E] (home GPU-major) or empty (even sources).
+/// Adds to layer.num_fill_replicas and rebuilds the routing tables; returns the number of replicas added.
+/// Throws kInvalidArgument without a slot count, for S > E, or when a GPU already holds more than S.
+int fill_free_slots(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
+                    int num_experts, const Topology& topology, const PlacementPricing& pricing);
 
 }  // namespace grace

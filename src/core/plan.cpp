@@ -176,7 +176,10 @@ std::string plan_to_json(const ExpertPlan& plan) {
         }
         jl["grouping"] = {{"r_star", number_or_null(lp.r_star)}, {"knee_curves", curves}};
         jl["replication"] = {
-            {"gamma", number_or_null(lp.gamma)}, {"num_replicas", lp.num_replicas}, {"hot_experts", lp.hot_experts}};
+            {"gamma", number_or_null(lp.gamma)},
+            {"num_replicas", lp.num_replicas},
+            {"hot_experts", lp.hot_experts},
+            {"fill_replicas", lp.num_fill_replicas}};
         jl["gpu_load_before"] = lp.gpu_load_before;
         jl["predicted_gpu_load"] = lp.predicted_gpu_load;
         layers.push_back(std::move(jl));
@@ -250,6 +253,7 @@ ExpertPlan plan_from_json(const std::string& text) {
                 if (r.contains("gamma") && !r.at("gamma").is_null()) lp.gamma = r.at("gamma").get<double>();
                 lp.num_replicas = r.value("num_replicas", 0);
                 if (r.contains("hot_experts")) lp.hot_experts = r.at("hot_experts").get<std::vector<int>>();
+                lp.num_fill_replicas = r.value("fill_replicas", 0);
             }
             if (jl.contains("gpu_load_before"))
                 lp.gpu_load_before = jl.at("gpu_load_before").get<std::vector<double>>();

@@ -119,7 +119,14 @@ struct LayerInput {
     int layer;
     std::vector<double> affinity;  // [E, E]
     std::vector<double> load;      // [E]
+    std::vector<double> source_load;  // [G, E] when the statistics were profiled on this topology, else empty
 };
+
+// Slot-exact plans (spec §4): replication methods that choose replicas fill every free slot; "none" keeps the
+// primaries alone and EPLB's water-filling already spends its own slot budget.
+bool fills_slots(const MethodSpec& spec, const Topology& topo, const PlanOptions& options) {
+    return topo.slots_per_gpu && options.fill_slots && spec.replication != "none" && spec.replication != "eplb";
+}
 
 std::vector<double> sub_matrix(const std::vector<double>& a, int E, const std::vector<int>& ids) {
     const int n = static_cast<int>(ids.size());
@@ -175,7 +182,8 @@ void repair_eplb_duplicates(std::vector<int>& phy2log, const std::vector<int>& l
         }
 }
 
-void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec) {
+void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
+                        const PlanOptions& options) {
     const int G = topo.num_gpus();
     const bool eplb_rep = spec.replication == "eplb";
     int P = G * ((E + G - 1) / G);
@@ -205,6 +213,7 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
         ReplicationOptions ro;
         ro.method = parse_replication_method(spec.replication);
         replicate_layer(lp, in.load, topo, ro);
+        if (fills_slots(spec, topo, options)) fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
         return;
     }
     ReplicationOptions none;
@@ -244,7 +253,7 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
     so.seed = mix64(options.seed, static_cast<uint64_t>(in.layer), 0);
 
     if (spec.grouping == "eplb-hierarchical" || spec.grouping == "eplb-global") {
-        plan_eplb_grouping(lp, in, E, topo, spec);
+        plan_eplb_grouping(lp, in, E, topo, spec, options);
     } else {
         std::vector<int> gpu_of_expert(E, -1);
         if (spec.grouping == "hierarchical") {
@@ -345,6 +354,7 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
         ro.method = parse_replication_method(spec.replication);
         ro.eplb_slots = spec.replication_slots;
         replicate_layer(lp, in.load, topo, ro);
+        if (fills_slots(spec, topo, options)) fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
     }
     build_routing_tables(lp, in.load, E, G);
     return lp;
@@ -471,6 +481,10 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
             in.load.resize(E);
             const int64_t* ld = stats.layer_load(l);
             for (int e = 0; e < E; ++e) in.load[e] = static_cast<double>(ld[e]);
+            if (fills_slots(spec, topology, options) && stats.num_gpus == G && !stats.source_load.empty()) {
+                const int64_t* sl = stats.source_load.data() + static_cast<size_t>(l) * G * E;
+                in.source_load.assign(sl, sl + static_cast<size_t>(G) * E);
+            }
             plan.layers[l] = plan_layer(in, E, topology, spec, options);
         } catch (...) {
             errors[l] = std::current_exception();

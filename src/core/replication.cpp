@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "grace/eplb.hpp"
 #include "grace/error.hpp"
+#include "grace/placement_cost.hpp"
 #include "grace/routing.hpp"
 
 namespace grace {
@@ -345,6 +347,53 @@ int pad_to_equal_slots(LayerPlan& layer, const std::vector<double>& load, int nu
     }
     for (auto& ex : layer.gpu_experts) std::sort(ex.begin(), ex.end());
     build_routing_tables(layer, load, num_experts, G);
+    return added;
+}
+
+int fill_free_slots(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
+                    int num_experts, const Topology& topology, const PlacementPricing& pricing) {
+    const int E = num_experts, G = topology.num_gpus();
+    check_load(load, E);
+    GRACE_CHECK_ARG(topology.slots_per_gpu.has_value(), "slot-exact fill needs a slot count per GPU");
+    const int S = *topology.slots_per_gpu;
+    GRACE_CHECK_ARG(S <= E, "cannot give every GPU ", S, " slots with only ", E,
+                    " experts (no GPU may hold an expert twice)");
+    Holdings h(layer, E, G, S);
+    for (int g = 0; g < G; ++g)
+        GRACE_CHECK_ARG(h.gpu_count[g] <= S, "layer ", layer.layer, ": GPU ", g, " already holds ", h.gpu_count[g],
+                        " instances, more than its ", S, " slots");
+    std::vector<std::vector<int>> instances(E);
+    for (int g = 0; g < G; ++g)
+        for (int e : layer.gpu_experts[g]) instances[e].push_back(g);
+    LayerCostModel cost(load, source_load, instances, topology, pricing);
+    std::vector<char> free_gpu(G);
+    std::vector<double> times, means;
+    int added = 0;
+    for (;;) {
+        for (int g = 0; g < G; ++g) free_gpu[g] = h.gpu_count[g] < S;
+        if (std::none_of(free_gpu.begin(), free_gpu.end(), [](char c) { return c != 0; })) break;
+        // The replica that gives the lowest priced layer time; ties (within 1e-12 relative: sums in another
+        // order) go to the lower mean-based price, then the lower expert id, then the lower GPU.
+        int best_e = -1, best_g = -1;
+        double best_t = std::numeric_limits<double>::infinity(), best_m = best_t;
+        for (int e = 0; e < E; ++e) {
+            cost.times_with(e, free_gpu, times, means);
+            for (int g = 0; g < G; ++g) {
+                if (!std::isfinite(times[g])) continue;
+                const double tol = 1e-12 * std::max(std::abs(best_t), std::abs(times[g]));
+                const bool better = best_e < 0 || times[g] < best_t - tol ||
+                                    (times[g] <= best_t + tol && means[g] < best_m - 1e-12 * std::abs(best_m));
+                if (better) best_t = times[g], best_m = means[g], best_e = e, best_g = g;
+            }
+        }
+        GRACE_ASSERT(best_e >= 0);  // S <= E: a GPU with a free slot lacks some expert
+        cost.add(best_e, best_g);
+        h.add(layer, best_g, best_e);
+        ++added;
+    }
+    for (auto& ex : layer.gpu_experts) std::sort(ex.begin(), ex.end());
+    layer.num_fill_replicas += added;
+    build_routing_tables(layer, load, E, G);
     return added;
 }
 

@@ -114,8 +114,25 @@ def main():
             run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "--method", method, "-q",
                  "-o", plan])
             p = json.load(open(plan))
-            for lay in p["layers"]:
-                assert all(len(ex) <= 6 and len(set(ex)) == len(ex) for ex in lay["gpu_experts"]), method
+            for lay in p["layers"]:  # slot-exact: every GPU holds exactly 6 distinct experts
+                assert all(len(ex) == 6 and len(set(ex)) == len(ex) for ex in lay["gpu_experts"]), method
+            # An export of a slot-exact plan pads nothing: the engine gets exactly the plan's GPU sets.
+            out = run(["export", plan, "--format", "sglang", "-o", os.path.join(d, "exact.json")]).stdout
+            assert ", 0 padding replicas" in out and "note:" not in out, out
+            for lay, got in zip(p["layers"], read_export(os.path.join(d, "exact.json"), "sglang", 8)):
+                assert [sorted(g) for g in got] == lay["gpu_experts"], method
+        # --redundant-experts R is the engines' way to say S = (E + R) / G: 32 + 16 over 8 GPUs = 6 slots.
+        plan_r = os.path.join(d, "plan_r.json")
+        run(["plan", "--stats", stats, "--topology", "2x4", "--redundant-experts", "16", "-q", "-o", plan_r])
+        run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "-q", "-o", plan])
+        assert json.load(open(plan_r)) == json.load(open(plan))
+        # --no-fill-slots: the slot count is an upper bound, and the export says what it padded and why.
+        run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "--no-fill-slots", "-q", "-o",
+             plan])
+        p = json.load(open(plan))
+        assert any(len(ex) < 6 for lay in p["layers"] for ex in lay["gpu_experts"])
+        out = run(["export", plan, "--format", "sglang", "-o", os.path.join(d, "padded.json")]).stdout
+        assert "note: the plan holds" in out and "padding replicas that no planning step chose" in out, out
         run(["plan", "--stats", stats, "--topology", "2x4", "--method", "grace", "-q", "-o", plan])
         p = json.load(open(plan))
         for fmt, name in [("sglang", "s.json"), ("vllm-ascend", "v.json"), ("trtllm", "t.yaml"), ("eplb", "e.json")]:
@@ -143,6 +160,10 @@ def main():
             (["--topology", "4x8", "--method", "spectral-controlled"], "single point"),
             (["--topology", "2x4", "--trace", trace], "have E=32 experts but the trace"),
             (["--topology", "2x4", "--experts", "16"], "--experts says 16"),
+            (["--topology", "2x4", "--redundant-experts", "3"], "do not split evenly over 8 GPUs"),
+            (["--topology", "2x4", "--redundant-experts", "-8"], "--redundant-experts must be in [0,"),
+            (["--topology", "2x4", "--redundant-experts", "8", "--slots-per-gpu", "5"], "not both"),
+            (["--topology", "2x4", "--no-fill-slots"], "--no-fill-slots needs"),
         ]
         for args, needle in bad:
             r = run(["plan", "--stats", stats, "-o", os.path.join(d, "bad.json")] + args, ok=False)

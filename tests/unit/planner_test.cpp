@@ -107,13 +107,43 @@ TEST(Planner, EveryMethodKeepsTheConstraints) {
                 ExpertPlan plan;
                 ASSERT_NO_THROW(plan = make_plan(st, topo, opt)) << method << " on " << topo.to_string();
                 check_constraints(plan, method + " on " + topo.to_string());
-                if (std::string(r) == "eplb" && topo.slots_per_gpu) {
-                    // the default budget fills every slot
+                if (std::string(r) != "none" && topo.slots_per_gpu) {
+                    // slot-exact: EPLB's default budget, or the priced fill, gives every GPU exactly S instances
                     for (const auto& lp : plan.layers)
-                        EXPECT_EQ(lp.num_instances(), topo.num_gpus() * *topo.slots_per_gpu) << method;
+                        for (const auto& ex : lp.gpu_experts)
+                            EXPECT_EQ(static_cast<int>(ex.size()), *topo.slots_per_gpu) << method;
                 }
             }
     }
+}
+
+// The fill only adds replicas: the primaries and the DR replicas of the plan with the slot count as an upper
+// bound stay; with fill_slots = false the slot count is only an upper bound.
+TEST(Planner, SlotFillAddsToTheUnfilledPlan) {
+    RoutingStats st = make_random_stats(3, 32, 4, 600, 5);
+    Topology topo{2, 2};
+    topo.slots_per_gpu = 10;
+    PlanOptions opt;
+    opt.method = "grace";
+    opt.fill_slots = false;
+    const ExpertPlan bound = make_plan(st, topo, opt);
+    opt.fill_slots = true;
+    const ExpertPlan exact = make_plan(st, topo, opt);
+    for (int l = 0; l < st.num_layers; ++l) {
+        const LayerPlan &b = bound.layers[l], &x = exact.layers[l];
+        EXPECT_EQ(b.primary_gpu, x.primary_gpu);
+        EXPECT_LT(b.num_instances(), 40);
+        EXPECT_EQ(x.num_instances(), 40);
+        EXPECT_EQ(x.num_fill_replicas, 40 - b.num_instances());
+        for (int g = 0; g < 4; ++g)
+            EXPECT_TRUE(std::includes(x.gpu_experts[g].begin(), x.gpu_experts[g].end(), b.gpu_experts[g].begin(),
+                                      b.gpu_experts[g].end()));
+    }
+    // Byte-identical for any thread count, with the fill too.
+    opt.num_threads = 1;
+    const std::string one = plan_to_json(make_plan(st, topo, opt));
+    opt.num_threads = 3;
+    EXPECT_EQ(one, plan_to_json(make_plan(st, topo, opt)));
 }
 
 TEST(Planner, ReplicationNeverMovesPrimaries) {

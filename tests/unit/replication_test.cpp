@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "grace/error.hpp"
@@ -164,6 +165,50 @@ TEST(Replication, BadInput) {
     EXPECT_THROW(replicate_layer(lp, {1, 2, 3}, Topology{1, 2, std::nullopt}, {}), Error);
     EXPECT_THROW(replicate_layer(lp, {1, -2, 3, 4}, Topology{1, 2, std::nullopt}, {}), Error);
     EXPECT_THROW(parse_replication_method("dyn"), Error);
+}
+
+// Slot-exact fill (spec §4) on 2 nodes x 1 GPU, 2 slots each, loads [8, 4, 2], primaries {0} | {1, 2}; linear
+// compute f(n) = n, 1 byte per token, 1 B/s NICs. GPU 0 has one free slot; candidates:
+//   e1 on GPU 0: e1 all local; compute 8 + 2 | 2 + 2 -> 10; copies: e0 4 (node 1 -> 0), e2 1 -> T = 2*4 + 10 = 18
+//   e2 on GPU 0: e2 all local; compute 8 + 1 | 4 + 1 -> 9;  copies: e0 4, e1 2         -> T = 2*4 + 9  = 17
+// so the fill takes e2, where load-per-instance padding (pad_to_equal_slots) takes e1 (4 > 2).
+TEST(Replication, SlotFillTakesThePricedBestReplica) {
+    PlacementPricing p;
+    p.bytes_per_token = 1;
+    p.net_bandwidth = 1;
+    p.nvl_bandwidth = 1;
+    p.expert_seconds = [](double n) { return n; };
+    Topology topo{2, 1};
+    topo.slots_per_gpu = 2;
+    LayerPlan lp = make_layer({{0}, {1, 2}}, 3);
+    EXPECT_EQ(fill_free_slots(lp, {8, 4, 2}, {}, 3, topo, p), 1);
+    EXPECT_EQ(lp.gpu_experts[0], (std::vector<int>{0, 2}));
+    EXPECT_EQ(lp.gpu_experts[1], (std::vector<int>{1, 2}));
+    EXPECT_EQ(lp.num_fill_replicas, 1);
+    EXPECT_EQ(lp.primary_gpu, (std::vector<int>{0, 1, 1}));  // primaries stay
+    EXPECT_EQ(lp.instance_gpus[2], (std::vector<int>{1, 0}));  // routing tables rebuilt
+    LayerPlan padded = make_layer({{0}, {1, 2}}, 3);
+    pad_to_equal_slots(padded, {8, 4, 2}, 3, topo);
+    EXPECT_EQ(padded.gpu_experts[0], (std::vector<int>{0, 1}));
+}
+
+// Every GPU ends with exactly S instances, none twice, whatever the primaries.
+TEST(Replication, SlotFillIsExact) {
+    Topology topo{2, 2};
+    topo.slots_per_gpu = 4;
+    LayerPlan lp = make_layer({{0, 1, 2, 3}, {4}, {5, 6}, {7}}, 8);
+    const std::vector<double> load = {50, 30, 10, 10, 8, 7, 5, 1};
+    EXPECT_EQ(fill_free_slots(lp, load, {}, 8, topo, PlacementPricing{}), 16 - 8);
+    for (const auto& ex : lp.gpu_experts) {
+        EXPECT_EQ(ex.size(), 4u);
+        EXPECT_TRUE(std::adjacent_find(ex.begin(), ex.end()) == ex.end());
+    }
+    Topology no_slots{2, 2};
+    LayerPlan lp2 = make_layer({{0}, {1}, {2}, {3}}, 4);
+    EXPECT_THROW(fill_free_slots(lp2, {1, 1, 1, 1}, {}, 4, no_slots, PlacementPricing{}), Error);
+    Topology too_many{2, 2};
+    too_many.slots_per_gpu = 5;  // 5 slots but only 4 experts
+    EXPECT_THROW(fill_free_slots(lp2, {1, 1, 1, 1}, {}, 4, too_many, PlacementPricing{}), Error);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // `grace export`: plan -> the placement file a serving engine loads (SGLang, vLLM-Ascend, TensorRT-LLM, EPLB).
 #include "grace/export.hpp"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "command.hpp"
@@ -41,6 +43,16 @@ std::function<int()> setup_export(CLI::App& sub) {
         std::printf("exported %s as %s: L=%d, %d GPUs x %d slots = %d physical experts, %d padding replicas -> %s\n",
                     a->plan.c_str(), to_string(opt.format).c_str(), m.num_layers, m.num_gpus, m.slots_per_gpu,
                     m.num_physical(), m.num_padded, a->out.c_str());
+        if (m.num_padded > 0) {
+            size_t lo = SIZE_MAX, hi = 0;
+            for (const auto& lp : plan.layers)
+                for (const auto& ex : lp.gpu_experts) lo = std::min(lo, ex.size()), hi = std::max(hi, ex.size());
+            std::printf("note: the plan holds %zu to %zu instances per GPU and engines need the same count on every "
+                        "GPU, so %d slots hold padding replicas that no planning step chose (the most loaded expert "
+                        "each GPU lacks); plan with --slots-per-gpu S (e.g. %d = ceil(E/G) + 1) or --redundant-experts R for a slot-exact "
+                        "plan that pads nothing\n",
+                        lo, hi, m.num_padded, (plan.num_experts + m.num_gpus - 1) / m.num_gpus + 1);
+        }
         return 0;
     };
 }

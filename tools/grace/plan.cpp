@@ -6,7 +6,10 @@
 
 #include "command.hpp"
 #include "grace/error.hpp"
+#include "grace/eval.hpp"
+#include "grace/hardware.hpp"
 #include "grace/planner.hpp"
+#include "grace/pricing.hpp"
 #include "grace/stats.hpp"
 #include "grace/trace.hpp"
 
@@ -15,8 +18,9 @@ namespace {
 
 std::function<int()> setup_plan(CLI::App& sub) {
     struct Args {
-        std::string stats, trace, out, topology;
-        std::optional<int> slots;
+        std::string stats, trace, out, topology, hardware = "a100-testbed";
+        std::optional<int> slots, redundant;
+        bool no_fill = false;
         TraceOverrides overrides;
         std::optional<int> experts;
         PlanOptions options;
@@ -27,7 +31,16 @@ std::function<int()> setup_plan(CLI::App& sub) {
     sub.add_option("--trace", a->trace,
                    "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E");
     sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required();
-    sub.add_option("--slots-per-gpu", a->slots, "Expert slots (instances) per GPU; default unlimited");
+    sub.add_option("--slots-per-gpu", a->slots,
+                   "Expert slots per GPU, S: every GPU then holds exactly S instances (free slots are filled with "
+                   "priced replicas); default unlimited");
+    sub.add_option("--redundant-experts", a->redundant,
+                   "The engines' flag: R redundant experts per layer, i.e. S = (E + R) / G slots per GPU");
+    sub.add_flag("--no-fill-slots", a->no_fill,
+                 "Treat the slot count as an upper bound only (exports then pad the free slots)");
+    sub.add_option("--hardware", a->hardware,
+                   "Hardware preset or grace.hardware/v1 file the slot fill prices replicas with")
+        ->capture_default_str();
     sub.add_option("--method", a->options.method,
                    "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
                    "(= eplb-hierarchical+eplb+sglang-static)")
@@ -43,10 +56,14 @@ std::function<int()> setup_plan(CLI::App& sub) {
     return [a] {
         GRACE_CHECK_ARG(!a->stats.empty() || !a->trace.empty(), "grace plan needs --stats or --trace");
         Topology topo = Topology::parse(a->topology);
+        GRACE_CHECK_ARG(!(a->slots && a->redundant), "give --slots-per-gpu or --redundant-experts, not both");
         if (a->slots) {
             GRACE_CHECK_ARG(*a->slots >= 1, "--slots-per-gpu must be >= 1, got ", *a->slots);
             topo.slots_per_gpu = *a->slots;
         }
+        GRACE_CHECK_ARG(!a->no_fill || a->slots || a->redundant,
+                        "--no-fill-slots needs --slots-per-gpu or --redundant-experts");
+        a->options.fill_slots = !a->no_fill;
         if (a->experts) a->overrides.num_experts = *a->experts;
         auto t0 = std::chrono::steady_clock::now();
         RoutingStats st;
@@ -70,14 +87,28 @@ std::function<int()> setup_plan(CLI::App& sub) {
             st = profile_trace_file(a->trace, a->overrides);
             source = a->trace;
         }
+        if (a->redundant) {
+            const int64_t G = topo.num_gpus(), R = *a->redundant, E = st.num_experts;
+            GRACE_CHECK_ARG(R >= 0 && R <= G * E, "--redundant-experts must be in [0, G*E = ", G * E, "], got ", R);
+            GRACE_CHECK_ARG((E + R) % G == 0, "--redundant-experts ", R, ": E + R = ", E + R,
+                            " physical experts do not split evenly over ", G, " GPUs (engines need the same slot "
+                            "count on every GPU; nearest: ", R + (G - (E + R) % G) % G, ")");
+            topo.slots_per_gpu = static_cast<int>((E + R) / G);
+        }
+        std::string pricing_note;
+        if (topo.slots_per_gpu && a->options.fill_slots) {
+            // The fill prices replicas like `grace eval`: this hardware, the statistics' model shape.
+            a->options.pricing = planner_pricing(load_hardware(a->hardware), st.model, &pricing_note);
+        }
         ExpertPlan plan = make_plan(st, topo, a->options);
+        if (!pricing_note.empty()) std::fprintf(stderr, "grace plan: note: %s\n", pricing_note.c_str());
         plan.source = source;
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         save_plan(plan, a->out);
         std::printf("planned %s: E=%d L=%d k=%d on %s with %s in %.3f s -> %s\n", source.c_str(), plan.num_experts,
                     plan.num_layers, plan.top_k, topo.to_string().c_str(), plan.method.c_str(), secs, a->out.c_str());
         if (!a->quiet) {
-            std::printf("layer      r*   gamma   R  hot  instances  load max/mean before  predicted max/mean\n");
+            std::printf("layer      r*   gamma   R  hot  fill  instances  load max/mean before  predicted max/mean\n");
             for (const LayerPlan& lp : plan.layers) {
                 auto ratio = [](const std::vector<double>& v) {
                     if (v.empty()) return 0.0;
@@ -89,9 +120,9 @@ std::function<int()> setup_plan(CLI::App& sub) {
                     std::snprintf(rs, sizeof rs, "%7.3f", lp.r_star);
                 else
                     std::snprintf(rs, sizeof rs, "%7s", "-");
-                std::printf("%5d  %s  %6.3f  %2d  %3zu  %9d  %20.3f  %18.3f\n", lp.layer, rs, lp.gamma, lp.num_replicas,
-                            lp.hot_experts.size(), lp.num_instances(), ratio(lp.gpu_load_before),
-                            ratio(lp.predicted_gpu_load));
+                std::printf("%5d  %s  %6.3f  %2d  %3zu  %4d  %9d  %20.3f  %18.3f\n", lp.layer, rs, lp.gamma,
+                            lp.num_replicas, lp.hot_experts.size(), lp.num_fill_replicas, lp.num_instances(),
+                            ratio(lp.gpu_load_before), ratio(lp.predicted_gpu_load));
             }
         }
         return 0;

@@ -1,0 +1,160 @@
+#include "grace/placement_cost.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "grace/error.hpp"
+
+namespace grace {
+
+void PlacementPricing::validate() const {
+    GRACE_CHECK_ARG(std::isfinite(bytes_per_token) && bytes_per_token > 0, "pricing: bytes per token must be > 0, got ",
+                    bytes_per_token);
+    GRACE_CHECK_ARG(std::isfinite(net_bandwidth) && net_bandwidth > 0, "pricing: cross-node bandwidth must be > 0, got ",
+                    net_bandwidth);
+    GRACE_CHECK_ARG(std::isfinite(nvl_bandwidth) && nvl_bandwidth > 0, "pricing: intra-node bandwidth must be > 0, got ",
+                    nvl_bandwidth);
+}
+
+namespace {
+
+// hardware.hpp's analytic default f(n) = 6*H*I*(n + n_half)/peak at H = 2048, I = 1024, 200 TFLOP/s, n_half = 100.
+double default_expert_seconds(double n) { return n > 0 ? 6.0 * 2048 * 1024 * (n + 100.0) / 200e12 : 0.0; }
+
+}  // namespace
+
+LayerCostModel::LayerCostModel(const std::vector<double>& load, const std::vector<double>& source_load,
+                               const std::vector<std::vector<int>>& instance_gpus, const Topology& topology,
+                               const PlacementPricing& pricing)
+    : num_experts_(static_cast<int>(load.size())),
+      num_gpus_(topology.num_gpus()),
+      topology_(topology),
+      pricing_(pricing),
+      load_(load),
+      inst_(instance_gpus) {
+    pricing_.validate();
+    if (!pricing_.expert_seconds) pricing_.expert_seconds = default_expert_seconds;
+    const int E = num_experts_, G = num_gpus_;
+    GRACE_CHECK_ARG(static_cast<int>(inst_.size()) == E, "cost model: ", inst_.size(), " instance lists for ", E,
+                    " experts");
+    GRACE_CHECK_ARG(source_load.empty() || source_load.size() == static_cast<size_t>(G) * E,
+                    "cost model: source loads hold ", source_load.size(), " values, expected G*E = ",
+                    static_cast<size_t>(G) * E);
+    source_.resize(static_cast<size_t>(G) * E);
+    for (int g = 0; g < G; ++g)
+        for (int e = 0; e < E; ++e)
+            source_[static_cast<size_t>(g) * E + e] =
+                source_load.empty() ? load[e] / G : source_load[static_cast<size_t>(g) * E + e];
+    for (int e = 0; e < E; ++e) {
+        GRACE_CHECK_ARG(!inst_[e].empty(), "cost model: expert ", e, " has no instance");
+        for (int g : inst_[e]) GRACE_CHECK_ARG(g >= 0 && g < G, "cost model: GPU ", g, " outside [0, ", G, ")");
+    }
+    totals_.compute.assign(G, 0.0);
+    totals_.intra_out.assign(G, 0.0);
+    totals_.intra_in.assign(G, 0.0);
+    totals_.cross_out.assign(topology.nodes, 0.0);
+    totals_.cross_in.assign(topology.nodes, 0.0);
+    for (int e = 0; e < E; ++e) apply(totals_, e, inst_[e], +1.0);
+}
+
+void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, double sign) const {
+    const int E = num_experts_, G = num_gpus_;
+    const int n = static_cast<int>(gpus.size());
+    // Tokens each instance receives, and the copies they cause, under TAR with an even split inside a tier.
+    double received[256];  // an expert has at most 255 instances (plan.hpp)
+    GRACE_ASSERT(n <= 255);
+    std::fill(received, received + n, 0.0);
+    for (int s = 0; s < G; ++s) {
+        const double tokens = source_[static_cast<size_t>(s) * E + e];
+        if (tokens == 0) continue;
+        const int node = topology_.node_of(s);
+        int local = -1, same_node = 0;
+        for (int j = 0; j < n; ++j) {
+            if (gpus[j] == s) local = j;
+            same_node += topology_.node_of(gpus[j]) == node;
+        }
+        if (local >= 0) {
+            received[local] += tokens;  // served at home: no copy
+            continue;
+        }
+        const bool node_tier = same_node > 0;
+        const double share = tokens / (node_tier ? same_node : n);
+        for (int j = 0; j < n; ++j) {
+            const int d = gpus[j];
+            const int dn = topology_.node_of(d);
+            if (node_tier && dn != node) continue;
+            received[j] += share;
+            if (dn == node) {
+                t.intra_out[s] += sign * share;
+                t.intra_in[d] += sign * share;
+            } else {
+                t.cross_out[node] += sign * share;
+                t.cross_in[dn] += sign * share;
+            }
+        }
+    }
+    for (int j = 0; j < n; ++j) t.compute[gpus[j]] += sign * pricing_.expert_seconds(received[j]);
+}
+
+double LayerCostModel::price(const Totals& t) const {
+    double cross = 0, intra = 0;
+    for (size_t i = 0; i < t.cross_out.size(); ++i) cross = std::max({cross, t.cross_out[i], t.cross_in[i]});
+    for (size_t i = 0; i < t.intra_out.size(); ++i) intra = std::max({intra, t.intra_out[i], t.intra_in[i]});
+    const double compute = *std::max_element(t.compute.begin(), t.compute.end());
+    return 2.0 * pricing_.bytes_per_token * (cross / pricing_.net_bandwidth + intra / pricing_.nvl_bandwidth) +
+           compute;
+}
+
+double LayerCostModel::mean_price(const Totals& t) const {
+    double cross = 0, intra = 0, compute = 0;
+    for (size_t i = 0; i < t.cross_out.size(); ++i) cross += std::max(t.cross_out[i], t.cross_in[i]);
+    for (size_t i = 0; i < t.intra_out.size(); ++i) intra += std::max(t.intra_out[i], t.intra_in[i]);
+    for (double c : t.compute) compute += c;
+    return 2.0 * pricing_.bytes_per_token *
+               (cross / t.cross_out.size() / pricing_.net_bandwidth + intra / t.intra_out.size() / pricing_.nvl_bandwidth) +
+           compute / t.compute.size();
+}
+
+double LayerCostModel::time() const { return price(totals_); }
+
+double LayerCostModel::time_with(int expert, int gpu) const {
+    GRACE_ASSERT(expert >= 0 && expert < num_experts_ && gpu >= 0 && gpu < num_gpus_);
+    const auto& cur = inst_[expert];
+    GRACE_ASSERT(std::find(cur.begin(), cur.end(), gpu) == cur.end());
+    Totals t = totals_;
+    apply(t, expert, cur, -1.0);
+    std::vector<int> more = cur;
+    more.push_back(gpu);
+    apply(t, expert, more, +1.0);
+    return price(t);
+}
+
+void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, std::vector<double>& out,
+                                std::vector<double>& mean_out) const {
+    GRACE_ASSERT(expert >= 0 && expert < num_experts_ && static_cast<int>(allowed.size()) == num_gpus_);
+    const auto& cur = inst_[expert];
+    out.assign(num_gpus_, std::numeric_limits<double>::infinity());
+    mean_out.assign(num_gpus_, std::numeric_limits<double>::infinity());
+    base_ = totals_;
+    apply(base_, expert, cur, -1.0);
+    gpus_ = cur;
+    gpus_.push_back(-1);
+    for (int g = 0; g < num_gpus_; ++g) {
+        if (!allowed[g] || std::find(cur.begin(), cur.end(), g) != cur.end()) continue;
+        gpus_.back() = g;
+        scratch_ = base_;
+        apply(scratch_, expert, gpus_, +1.0);
+        out[g] = price(scratch_);
+        mean_out[g] = mean_price(scratch_);
+    }
+}
+
+void LayerCostModel::add(int expert, int gpu) {
+    GRACE_ASSERT(expert >= 0 && expert < num_experts_ && gpu >= 0 && gpu < num_gpus_);
+    apply(totals_, expert, inst_[expert], -1.0);
+    inst_[expert].push_back(gpu);
+    apply(totals_, expert, inst_[expert], +1.0);
+}
+
+}  // namespace grace
