@@ -53,19 +53,27 @@ class LayerCostModel {
     /// current contribution across the GPUs.
     void times_with(int expert, const std::vector<char>& allowed, std::vector<double>& out,
                     std::vector<double>& mean_out) const;
+    /// Predicted time with expert e left out entirely: a lower bound of time_with(e, g) for every g, since adding
+    /// an expert's (non-negative) contribution back never lowers a total.
+    double time_without(int expert) const;
     /// Adds that instance for good.
     void add(int expert, int gpu);
     /// Instances of each expert (the constructor's lists plus what add() put there).
     const std::vector<std::vector<int>>& instances() const { return inst_; }
 
   private:
-    struct Totals {
-        std::vector<double> compute;               // [G] seconds
-        std::vector<double> cross_out, cross_in;   // [N] copies
-        std::vector<double> intra_out, intra_in;   // [G] copies
-    };
-    // Adds sign * expert e's contribution, with instances `gpus`, to t.
-    void apply(Totals& t, int e, const std::vector<int>& gpus, double sign) const;
+    // All totals in one array, so a candidate can be applied and undone in place: [compute G | intra_out G |
+    // intra_in G | cross_out N | cross_in N]; compute in seconds, the rest in copies.
+    using Totals = std::vector<double>;
+    size_t compute_at(int g) const { return static_cast<size_t>(g); }
+    size_t intra_out_at(int g) const { return static_cast<size_t>(num_gpus_) + g; }
+    size_t intra_in_at(int g) const { return 2 * static_cast<size_t>(num_gpus_) + g; }
+    size_t cross_out_at(int n) const { return 3 * static_cast<size_t>(num_gpus_) + n; }
+    size_t cross_in_at(int n) const { return 3 * static_cast<size_t>(num_gpus_) + topology_.nodes + n; }
+    // Adds sign * expert e's contribution, with instances `gpus`, to t; with `journal`, first records each
+    // touched entry's old value there (so the caller can undo).
+    void apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
+               std::vector<std::pair<size_t, double>>* journal = nullptr) const;
     double price(const Totals& t) const;
     double mean_price(const Totals& t) const;
 
@@ -73,10 +81,12 @@ class LayerCostModel {
     Topology topology_;
     PlacementPricing pricing_;
     std::vector<double> load_, source_;  // source_ [G * E]
+    std::vector<int> node_of_;           // [G]
     std::vector<std::vector<int>> inst_;
     Totals totals_;
-    mutable Totals base_, scratch_;  // reused buffers of times_with (one model per thread)
+    mutable Totals base_;  // reused buffers of times_with (one model per thread)
     mutable std::vector<int> gpus_;
+    mutable std::vector<std::pair<size_t, double>> journal_;
 };
 
 }  // namespace grace

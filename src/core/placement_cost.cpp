@@ -50,17 +50,20 @@ LayerCostModel::LayerCostModel(const std::vector<double>& load, const std::vecto
         GRACE_CHECK_ARG(!inst_[e].empty(), "cost model: expert ", e, " has no instance");
         for (int g : inst_[e]) GRACE_CHECK_ARG(g >= 0 && g < G, "cost model: GPU ", g, " outside [0, ", G, ")");
     }
-    totals_.compute.assign(G, 0.0);
-    totals_.intra_out.assign(G, 0.0);
-    totals_.intra_in.assign(G, 0.0);
-    totals_.cross_out.assign(topology.nodes, 0.0);
-    totals_.cross_in.assign(topology.nodes, 0.0);
+    node_of_.resize(G);
+    for (int g = 0; g < G; ++g) node_of_[g] = topology.node_of(g);
+    totals_.assign(3 * static_cast<size_t>(G) + 2 * static_cast<size_t>(topology.nodes), 0.0);
     for (int e = 0; e < E; ++e) apply(totals_, e, inst_[e], +1.0);
 }
 
-void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, double sign) const {
+void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
+                           std::vector<std::pair<size_t, double>>* journal) const {
     const int E = num_experts_, G = num_gpus_;
     const int n = static_cast<int>(gpus.size());
+    auto add = [&](size_t i, double v) {
+        if (journal) journal->emplace_back(i, t[i]);
+        t[i] += v;
+    };
     // Tokens each instance receives, and the copies they cause, under TAR with an even split inside a tier.
     double received[256];  // an expert has at most 255 instances (plan.hpp)
     GRACE_ASSERT(n <= 255);
@@ -68,11 +71,11 @@ void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, doubl
     for (int s = 0; s < G; ++s) {
         const double tokens = source_[static_cast<size_t>(s) * E + e];
         if (tokens == 0) continue;
-        const int node = topology_.node_of(s);
+        const int node = node_of_[s];
         int local = -1, same_node = 0;
         for (int j = 0; j < n; ++j) {
             if (gpus[j] == s) local = j;
-            same_node += topology_.node_of(gpus[j]) == node;
+            same_node += node_of_[gpus[j]] == node;
         }
         if (local >= 0) {
             received[local] += tokens;  // served at home: no copy
@@ -80,54 +83,60 @@ void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, doubl
         }
         const bool node_tier = same_node > 0;
         const double share = tokens / (node_tier ? same_node : n);
+        double out_intra = 0, out_cross = 0;
         for (int j = 0; j < n; ++j) {
             const int d = gpus[j];
-            const int dn = topology_.node_of(d);
+            const int dn = node_of_[d];
             if (node_tier && dn != node) continue;
             received[j] += share;
             if (dn == node) {
-                t.intra_out[s] += sign * share;
-                t.intra_in[d] += sign * share;
+                out_intra += share;
+                add(intra_in_at(d), sign * share);
             } else {
-                t.cross_out[node] += sign * share;
-                t.cross_in[dn] += sign * share;
+                out_cross += share;
+                add(cross_in_at(dn), sign * share);
             }
         }
+        if (out_intra != 0) add(intra_out_at(s), sign * out_intra);
+        if (out_cross != 0) add(cross_out_at(node), sign * out_cross);
     }
-    for (int j = 0; j < n; ++j) t.compute[gpus[j]] += sign * pricing_.expert_seconds(received[j]);
+    for (int j = 0; j < n; ++j) add(compute_at(gpus[j]), sign * pricing_.expert_seconds(received[j]));
 }
 
 double LayerCostModel::price(const Totals& t) const {
-    double cross = 0, intra = 0;
-    for (size_t i = 0; i < t.cross_out.size(); ++i) cross = std::max({cross, t.cross_out[i], t.cross_in[i]});
-    for (size_t i = 0; i < t.intra_out.size(); ++i) intra = std::max({intra, t.intra_out[i], t.intra_in[i]});
-    const double compute = *std::max_element(t.compute.begin(), t.compute.end());
+    const int G = num_gpus_, N = topology_.nodes;
+    double cross = 0, intra = 0, compute = 0;
+    for (int i = 0; i < N; ++i) cross = std::max({cross, t[cross_out_at(i)], t[cross_in_at(i)]});
+    for (int g = 0; g < G; ++g) {
+        intra = std::max({intra, t[intra_out_at(g)], t[intra_in_at(g)]});
+        compute = std::max(compute, t[compute_at(g)]);
+    }
     return 2.0 * pricing_.bytes_per_token * (cross / pricing_.net_bandwidth + intra / pricing_.nvl_bandwidth) +
            compute;
 }
 
 double LayerCostModel::mean_price(const Totals& t) const {
+    const int G = num_gpus_, N = topology_.nodes;
     double cross = 0, intra = 0, compute = 0;
-    for (size_t i = 0; i < t.cross_out.size(); ++i) cross += std::max(t.cross_out[i], t.cross_in[i]);
-    for (size_t i = 0; i < t.intra_out.size(); ++i) intra += std::max(t.intra_out[i], t.intra_in[i]);
-    for (double c : t.compute) compute += c;
-    return 2.0 * pricing_.bytes_per_token *
-               (cross / t.cross_out.size() / pricing_.net_bandwidth + intra / t.intra_out.size() / pricing_.nvl_bandwidth) +
-           compute / t.compute.size();
+    for (int i = 0; i < N; ++i) cross += std::max(t[cross_out_at(i)], t[cross_in_at(i)]);
+    for (int g = 0; g < G; ++g) {
+        intra += std::max(t[intra_out_at(g)], t[intra_in_at(g)]);
+        compute += t[compute_at(g)];
+    }
+    return 2.0 * pricing_.bytes_per_token * (cross / N / pricing_.net_bandwidth + intra / G / pricing_.nvl_bandwidth) +
+           compute / G;
 }
 
 double LayerCostModel::time() const { return price(totals_); }
 
 double LayerCostModel::time_with(int expert, int gpu) const {
-    GRACE_ASSERT(expert >= 0 && expert < num_experts_ && gpu >= 0 && gpu < num_gpus_);
-    const auto& cur = inst_[expert];
-    GRACE_ASSERT(std::find(cur.begin(), cur.end(), gpu) == cur.end());
-    Totals t = totals_;
-    apply(t, expert, cur, -1.0);
-    std::vector<int> more = cur;
-    more.push_back(gpu);
-    apply(t, expert, more, +1.0);
-    return price(t);
+    std::vector<char> allowed(num_gpus_, 0);
+    GRACE_ASSERT(gpu >= 0 && gpu < num_gpus_);
+    allowed[gpu] = 1;
+    std::vector<double> t, m;
+    times_with(expert, allowed, t, m);
+    GRACE_ASSERT(std::isfinite(t[gpu]));  // the GPU must not hold the expert yet
+    return t[gpu];
 }
 
 void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, std::vector<double>& out,
@@ -143,11 +152,19 @@ void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, st
     for (int g = 0; g < num_gpus_; ++g) {
         if (!allowed[g] || std::find(cur.begin(), cur.end(), g) != cur.end()) continue;
         gpus_.back() = g;
-        scratch_ = base_;
-        apply(scratch_, expert, gpus_, +1.0);
-        out[g] = price(scratch_);
-        mean_out[g] = mean_price(scratch_);
+        journal_.clear();
+        apply(base_, expert, gpus_, +1.0, &journal_);
+        out[g] = price(base_);
+        mean_out[g] = mean_price(base_);
+        for (auto it = journal_.rbegin(); it != journal_.rend(); ++it) base_[it->first] = it->second;  // undo
     }
+}
+
+double LayerCostModel::time_without(int expert) const {
+    GRACE_ASSERT(expert >= 0 && expert < num_experts_);
+    base_ = totals_;
+    apply(base_, expert, inst_[expert], -1.0);
+    return price(base_);
 }
 
 void LayerCostModel::add(int expert, int gpu) {
