@@ -73,8 +73,9 @@ int parse_int(const std::string& text, const std::string& what, const std::strin
         used = 0;
     }
     while (used < text.size() && text[used] == ' ') ++used;
-    GRACE_CHECK_INPUT(used == text.size() && v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max(),
-                      what, ": '", text, "' is not a 32-bit integer in line '", line, "'");
+    GRACE_CHECK_INPUT(
+        used == text.size() && v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max(), what,
+        ": '", text, "' is not a 32-bit integer in line '", line, "'");
     return static_cast<int>(v);
 }
 
@@ -258,7 +259,8 @@ std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, 
             const size_t colon = line.find(':'), lb = line.find('['), rb = line.find(']');
             GRACE_CHECK_INPUT(colon != std::string::npos && lb != std::string::npos && rb != std::string::npos, what,
                               ": bad assignment line '", line, "'");
-            GRACE_CHECK_INPUT(parse_int(line.substr(0, colon), what, line) == expect, what, ": expected layer ", expect);
+            GRACE_CHECK_INPUT(parse_int(line.substr(0, colon), what, line) == expect, what, ": expected layer ",
+                              expect);
             ++expect;
             std::vector<int> slots;
             const std::string body = line.substr(lb + 1, rb - lb - 1);
@@ -280,8 +282,8 @@ std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, 
         // Integers through detail::json_int (64-bit, range-checked, errors name the field): nothing wraps.
         constexpr int kLo = std::numeric_limits<int>::min(), kHi = std::numeric_limits<int>::max();
         if (format == ExportFormat::kSglang) {
-            const auto rows = detail::json_int_matrix(detail::json_member(j, what, "", "physical_to_logical_map"),
-                                                      what, "physical_to_logical_map", kLo, kHi);
+            const auto rows = detail::json_int_matrix(detail::json_member(j, what, "", "physical_to_logical_map"), what,
+                                                      "physical_to_logical_map", kLo, kHi);
             GRACE_CHECK_INPUT(static_cast<int64_t>(rows.size()) >= layer_offset, what,
                               ": fewer rows than the layer offset");
             for (size_t l = layer_offset; l < rows.size(); ++l) out.push_back(split_gpus(rows[l], num_gpus, what));

@@ -51,7 +51,8 @@ T json_int_named(const Json& v, const std::string& what, const FieldName& field,
 template <typename T = int, typename Json>
 T json_int(const Json& v, const std::string& what, const std::string& field, std::type_identity_t<T> lo,
            std::type_identity_t<T> hi) {
-    return json_int_named<T>(v, what, [&] { return field; }, lo, hi);
+    return json_int_named<T>(
+        v, what, [&] { return field; }, lo, hi);
 }
 
 /// Member `key` of object `obj` (whose own path is `field`, empty at the top level). Throws kInvalidInput
@@ -81,7 +82,8 @@ std::vector<int> json_int_vector(const Json& v, const std::string& what, const s
     std::vector<int> out;
     out.reserve(v.size());
     for (size_t i = 0; i < v.size(); ++i)
-        out.push_back(json_int_named<int>(v[i], what, [&] { return cat(field, "[", i, "]"); }, lo, hi));
+        out.push_back(json_int_named<int>(
+            v[i], what, [&] { return cat(field, "[", i, "]"); }, lo, hi));
     return out;
 }
 
@@ -96,7 +98,8 @@ std::vector<std::vector<int>> json_int_matrix(const Json& v, const std::string& 
         GRACE_CHECK_INPUT(row.is_array(), what, ": ", field, "[", i, "] must be an array of integers");
         out[i].reserve(row.size());
         for (size_t j = 0; j < row.size(); ++j)
-            out[i].push_back(json_int_named<int>(row[j], what, [&] { return cat(field, "[", i, "][", j, "]"); }, lo, hi));
+            out[i].push_back(json_int_named<int>(
+                row[j], what, [&] { return cat(field, "[", i, "][", j, "]"); }, lo, hi));
     }
     return out;
 }

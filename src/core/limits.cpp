@@ -2,9 +2,11 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "grace/error.hpp"
@@ -31,14 +33,12 @@ double memory_limit(std::string* source) {
         char* end = nullptr;
         const double v = std::strtod(env, &end);
         double scale = 1;
-        switch (*end) {
-            case 'K': case 'k': scale = 0x1p10; ++end; break;
-            case 'M': case 'm': scale = 0x1p20; ++end; break;
-            case 'G': case 'g': scale = 0x1p30; ++end; break;
-            case 'T': case 't': scale = 0x1p40; ++end; break;
-            default: break;
+        static const char kSuffixes[] = "KMGT";  // binary: K = 2^10, ..., T = 2^40
+        if (const char* u = *end ? std::strchr(kSuffixes, std::toupper(static_cast<unsigned char>(*end))) : nullptr) {
+            scale = std::ldexp(1.0, 10 * static_cast<int>(u - kSuffixes + 1));
+            ++end;
+            if (*end == 'i' || *end == 'I') ++end;  // "16GiB"
         }
-        if (*end == 'i' || *end == 'I') ++end;  // "16GiB"
         if (*end == 'B' || *end == 'b') ++end;
         GRACE_CHECK_ARG(end != env && *end == '\0' && std::isfinite(v) && v > 0, "GRACE_MEMORY_LIMIT='", env,
                         "' is not a size (e.g. 16G or 17179869184)");

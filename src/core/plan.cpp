@@ -221,13 +221,12 @@ ExpertPlan plan_from_json(const std::string& text) {
         }
         const int E = plan.num_experts, G = plan.topology.num_gpus();
         if (t.contains("slots_per_gpu") && !t.at("slots_per_gpu").is_null())
-            plan.topology.slots_per_gpu = detail::json_int(t.at("slots_per_gpu"), what, "topology.slots_per_gpu", 1,
-                                                           kMaxId);
+            plan.topology.slots_per_gpu =
+                detail::json_int(t.at("slots_per_gpu"), what, "topology.slots_per_gpu", 1, kMaxId);
         field = "method";
         plan.method = j.value("method", "");
         if (j.contains("seed"))
-            plan.seed = detail::json_int<uint64_t>(j.at("seed"), what, "seed", 0,
-                                                   std::numeric_limits<uint64_t>::max());
+            plan.seed = detail::json_int<uint64_t>(j.at("seed"), what, "seed", 0, std::numeric_limits<uint64_t>::max());
         field = "source";
         plan.source = j.value("source", "");
         const json& layers = detail::json_member(j, what, "", "layers");
@@ -237,20 +236,18 @@ ExpertPlan plan_from_json(const std::string& text) {
             const std::string at = cat("layers[", i, "]");
             LayerPlan lp;
             lp.layer = detail::json_int_member(jl, what, at, "layer", 0, kMaxId);
-            lp.gpu_experts =
-                detail::json_int_matrix(detail::json_member(jl, what, at, "gpu_experts"), what, at + ".gpu_experts", 0,
-                                        E - 1);
-            lp.primary_gpu =
-                detail::json_int_vector(detail::json_member(jl, what, at, "primary_gpu"), what, at + ".primary_gpu", 0,
-                                        G - 1);
+            lp.gpu_experts = detail::json_int_matrix(detail::json_member(jl, what, at, "gpu_experts"), what,
+                                                     at + ".gpu_experts", 0, E - 1);
+            lp.primary_gpu = detail::json_int_vector(detail::json_member(jl, what, at, "primary_gpu"), what,
+                                                     at + ".primary_gpu", 0, G - 1);
             field = at + ".routing";
             if (jl.contains("routing")) {
                 const json& r = jl.at("routing");
                 const std::string rat = at + ".routing";
                 lp.policy = parse_routing_policy(r.value("policy", "primary"));
-                lp.wrr_period = r.contains("period") ? detail::json_int(r.at("period"), what, rat + ".period", 1,
-                                                                        kMaxWrrPeriod)
-                                                     : 120;
+                lp.wrr_period = r.contains("period")
+                                    ? detail::json_int(r.at("period"), what, rat + ".period", 1, kMaxWrrPeriod)
+                                    : 120;
                 if (r.contains("instances"))
                     lp.instance_gpus = detail::json_int_matrix(r.at("instances"), what, rat + ".instances", 0, G - 1);
                 if (r.contains("weights"))

@@ -1,5 +1,7 @@
 #include "grace/stats.hpp"
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -7,7 +9,6 @@
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <omp.h>
 
 #include "core/json_read.hpp"
 #include "core/limits.hpp"
@@ -205,8 +206,8 @@ RoutingStats load_stats(const std::string& dir) {
         GRACE_CHECK_INPUT(false, meta_path, ": not valid JSON (", e.what(), ")");
     }
     RoutingStats st;
-    GRACE_CHECK_INPUT(meta.is_object() && meta.contains("format") && meta.at("format") == "grace.stats/v1",
-                      meta_path, ": not a grace.stats/v1 file");
+    GRACE_CHECK_INPUT(meta.is_object() && meta.contains("format") && meta.at("format") == "grace.stats/v1", meta_path,
+                      ": not a grace.stats/v1 file");
     // Integers through detail::json_int: 64-bit, range-checked, errors name the field (nothing wraps).
     st.num_layers = detail::json_int_member(meta, meta_path, "", "num_layers", 1, detail::kInt32Max);
     st.num_experts = detail::json_int_member(meta, meta_path, "", "num_experts", 1, detail::kInt32Max);
@@ -214,7 +215,8 @@ RoutingStats load_stats(const std::string& dir) {
     if (meta.contains("num_tokens"))
         st.num_tokens = detail::json_int<int64_t>(meta.at("num_tokens"), meta_path, "num_tokens", 0,
                                                   std::numeric_limits<int64_t>::max());
-    if (meta.contains("num_gpus")) st.num_gpus = detail::json_int(meta.at("num_gpus"), meta_path, "num_gpus", 0, kMaxGpus);
+    if (meta.contains("num_gpus"))
+        st.num_gpus = detail::json_int(meta.at("num_gpus"), meta_path, "num_gpus", 0, kMaxGpus);
     try {
         st.model = meta.value("model", "");
         st.dataset = meta.value("dataset", "");

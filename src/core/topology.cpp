@@ -15,8 +15,8 @@ void Topology::validate() const {
     GRACE_CHECK_ARG(nodes >= 1 && gpus_per_node >= 1, "topology ", nodes, "x", gpus_per_node,
                     " is impossible: nodes and GPUs per node must both be at least 1");
     const int64_t gpus = static_cast<int64_t>(nodes) * gpus_per_node;
-    GRACE_CHECK_ARG(gpus <= kMaxGpus, "topology ", nodes, "x", gpus_per_node, " has ", gpus,
-                    " GPUs, more than the ", kMaxGpus, " grace supports");
+    GRACE_CHECK_ARG(gpus <= kMaxGpus, "topology ", nodes, "x", gpus_per_node, " has ", gpus, " GPUs, more than the ",
+                    kMaxGpus, " grace supports");
     GRACE_CHECK_ARG(!slots_per_gpu || *slots_per_gpu >= 1, "slots per GPU must be at least 1, got ", *slots_per_gpu);
 }
 

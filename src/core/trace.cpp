@@ -4,8 +4,8 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/json_read.hpp"
 #include "grace/error.hpp"

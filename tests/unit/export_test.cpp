@@ -124,8 +124,9 @@ TEST(ExportLimits, LayerOffsetIsBoundedAndIntegersAreChecked) {
     eo.format = ExportFormat::kSglang;
     // 2^31-1 used to write 2^31-1 trivial rows, without end.
     eo.layer_offset = 2147483647;
-    const std::string bound = "export: layer offset 2147483647 is outside [0, 10000] (it is the model layer index of "
-                              "MoE layer 0)";
+    const std::string bound =
+        "export: layer offset 2147483647 is outside [0, 10000] (it is the model layer index of "
+        "MoE layer 0)";
     EXPECT_EQ(testing::error_of([&] { export_plan(plan, eo, dir.file("s.json")); }), bound);
     EXPECT_EQ(testing::error_of([&] { export_text(build_physical_map(plan), eo); }), bound);
     EXPECT_FALSE(std::filesystem::exists(dir.file("s.json")));
@@ -141,8 +142,9 @@ TEST(ExportLimits, LayerOffsetIsBoundedAndIntegersAreChecked) {
               "export " + dir.file("wrap.json") +
                   ": physical_to_logical_map[0][1]: 4294967297 is outside [-2147483648, 2147483647]");
     testing::write_bytes(dir.file("wrap.yaml"), "initial_global_assignments:\n  0: [0, 4294967297, 2, 3]\n");
-    EXPECT_NE(testing::error_of([&] { read_export(dir.file("wrap.yaml"), ExportFormat::kTrtllm, 4); })
-                  .find("'4294967297' is not a 32-bit integer"),
+    EXPECT_NE(testing::error_of([&] {
+                  read_export(dir.file("wrap.yaml"), ExportFormat::kTrtllm, 4);
+              }).find("'4294967297' is not a 32-bit integer"),
               std::string::npos);
 }
 

@@ -3,13 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <functional>
-
 #include <nlohmann/json.hpp>
 
 #include "grace/error.hpp"
 #include "grace/planner.hpp"
-#include "unit/planner_test_util.hpp"
 #include "test_util.hpp"
+#include "unit/planner_test_util.hpp"
 
 namespace grace {
 namespace {
@@ -141,8 +140,7 @@ TEST(PlanLimits, IntegersAreRangeCheckedNotNarrowed) {
     EXPECT_EQ(plan_error_with([](auto& j) { j["layers"][0]["routing"]["period"] = 1e6; }),
               "plan: layers[0].routing.period: 1000000.0 is outside [1, 65535]");
     EXPECT_EQ(plan_error_with([](auto& j) { j["topology"].erase("nodes"); }), "plan: missing field topology.nodes");
-    EXPECT_EQ(plan_error_with([](auto& j) { j["seed"] = -1; }),
-              "plan: seed: -1 is outside [0, 18446744073709551615]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["seed"] = -1; }), "plan: seed: -1 is outside [0, 18446744073709551615]");
     // A whole number written as a float is the integer it spells.
     EXPECT_EQ(plan_error_with([](auto& j) { j["num_layers"] = 1.0; }), "");
 }
@@ -164,7 +162,9 @@ TEST(PlanLimits, HugeCountsFailBeforeSizingTables) {
     // num_experts 2^31-1 is in range, but the layer lists 4 experts: fail on the sizes, not in an allocation.
     EXPECT_EQ(plan_error_with([](auto& j) { j["num_experts"] = 2147483647; }),
               "plan layer 0: primary_gpu has 4 entries, expected 2147483647");
-    EXPECT_EQ(plan_error_with([](auto& j) { j["topology"] = {{"nodes", 65536}, {"gpus_per_node", 65536}}; }),
+    EXPECT_EQ(plan_error_with([](auto& j) {
+                  j["topology"] = {{"nodes", 65536}, {"gpus_per_node", 65536}};
+              }),
               "plan: topology 65536x65536 has 4294967296 GPUs, more than the 65536 grace supports");
     EXPECT_EQ(plan_error_with([](auto& j) { j["topology"]["gpus_per_node"] = 65537; }),
               "plan: topology.gpus_per_node: 65537 is outside [1, 65536]");
@@ -175,9 +175,14 @@ TEST(PlanLimits, SlotsPerGpuIsBoundedByWhatItMeans) {
     PlanOptions eplb;
     eplb.method = "eplb";
     // 8 x (2^31-1) slots used to wrap to -8 inside the EPLB path.
-    EXPECT_EQ(error_of([&] { make_plan(st, Topology{1, 8, 2147483647}, eplb); }),
-              "slots per GPU (--slots-per-gpu) 2147483647 exceeds the 16 experts: a GPU holds each expert at most once");
-    EXPECT_EQ(error_of([&] { make_plan(st, Topology{1, 8, 1}, eplb); }),
+    EXPECT_EQ(
+        error_of([&] {
+            make_plan(st, Topology{1, 8, 2147483647}, eplb);
+        }),
+        "slots per GPU (--slots-per-gpu) 2147483647 exceeds the 16 experts: a GPU holds each expert at most once");
+    EXPECT_EQ(error_of([&] {
+                  make_plan(st, Topology{1, 8, 1}, eplb);
+              }),
               "topology 1x8:1 has 8 x 1 = 8 slots, too few for the 16 experts (--slots-per-gpu must be at least 2)");
     EXPECT_EQ(make_plan(st, Topology{1, 8, 16}, eplb).topology.slots_per_gpu, 16);
 }

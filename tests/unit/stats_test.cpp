@@ -260,7 +260,8 @@ TEST(StatsLimits, MetaIntegersAreRangeChecked) {
     // L x E x E must be representable before it is compared with the arrays' shapes.
     EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 2147483647, "num_experts": 2147483647})"),
               meta + ": L x E x E: 2147483647 x 2147483647 x 2147483647 overflows a 64-bit size");
-    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 3, "top_k": 2})"), "<no error>");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 3, "top_k": 2})"),
+              "<no error>");
 }
 
 TEST(Stats, ValidateCatchesAsymmetryAndNegatives) {

@@ -104,10 +104,12 @@ TEST(TraceLimits, MetadataIntegersAreRangeChecked) {
         return error_of([&] { load_trace(dir.file("t.npy")); });
     };
     // 2^32 + 16 used to be read as 16, 16.7 as 16.
-    EXPECT_EQ(error_with(R"({"num_experts": 4294967312})"), meta + ": num_experts: 4294967312 is outside [1, 2147483647]");
+    EXPECT_EQ(error_with(R"({"num_experts": 4294967312})"),
+              meta + ": num_experts: 4294967312 is outside [1, 2147483647]");
     EXPECT_EQ(error_with(R"({"num_experts": 16.7})"), meta + ": num_experts: 16.7 is not an integer");
     EXPECT_EQ(error_with(R"({"num_experts": "16"})"), meta + ": num_experts: \"16\" is not an integer");
-    EXPECT_EQ(error_with(R"({"num_experts": 16, "num_tokens": -3})"), meta + ": num_tokens: -3 is outside [0, 9223372036854775807]");
+    EXPECT_EQ(error_with(R"({"num_experts": 16, "num_tokens": -3})"),
+              meta + ": num_tokens: -3 is outside [0, 9223372036854775807]");
     EXPECT_EQ(error_with(R"({"num_experts": 16, "num_layers": 1, "top_k": 2, "num_tokens": 3})"), "");
 }
 
