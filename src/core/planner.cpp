@@ -188,6 +188,9 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
     }
     GRACE_CHECK_ARG(P % G == 0, "eplb:", P, " physical slots do not split evenly over ", G, " GPUs");
     GRACE_CHECK_ARG(P >= E, "eplb:", P, " physical slots cannot hold the ", E, " experts");
+    // A GPU holds each expert at most once: more slots per GPU than experts cannot be filled (and would size
+    // EPLB's tables by an arbitrary number, e.g. eplb:2147483647).
+    GRACE_CHECK_ARG(P / G <= E, "eplb:", P, " means ", P / G, " slots per GPU, more than the ", E, " experts");
     GRACE_CHECK_ARG(!topo.slots_per_gpu || P / G <= *topo.slots_per_gpu, "eplb:", P, " needs ", P / G,
                     " slots per GPU but the topology has ", *topo.slots_per_gpu);
     const bool hier = spec.grouping == "eplb-hierarchical";

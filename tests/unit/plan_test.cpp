@@ -185,6 +185,9 @@ TEST(PlanLimits, SlotsPerGpuIsBoundedByWhatItMeans) {
               }),
               "topology 1x8:1 has 8 x 1 = 8 slots, too few for the 16 experts (--slots-per-gpu must be at least 2)");
     EXPECT_EQ(make_plan(st, Topology{1, 8, 16}, eplb).topology.slots_per_gpu, 16);
+    eplb.method = "eplb-hierarchical+eplb:2147483640";  // divisible by 8 GPUs: used to size EPLB's tables by it
+    EXPECT_EQ(error_of([&] { make_plan(st, Topology{1, 8, std::nullopt}, eplb); }),
+              "eplb:2147483640 means 268435455 slots per GPU, more than the 16 experts");
 }
 
 TEST(RoutingPolicyNames, RoundTripAndUnknown) {
