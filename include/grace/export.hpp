@@ -45,12 +45,17 @@ struct PhysicalMap {
 /// plan stores no per-expert loads). Throws kInvalidArgument if `expert_load` has the wrong size.
 PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load = {});
 
+/// Largest ExportOptions::layer_offset: a model layer index (the deepest models have a few hundred layers); the
+/// SGLang export writes one row per offset layer, so the bound also bounds its size.
+inline constexpr int kMaxLayerOffset = 10000;
+
 /// Options of export_plan.
 struct ExportOptions {
     ExportFormat format = ExportFormat::kSglang;
     /// Model layer index of MoE layer 0 (models with leading dense layers, e.g. 3 for DeepSeek-V3): TensorRT-LLM
     /// keys become l + offset; SGLang gets `offset` leading rows of the trivial map (p mod E) for the dense
-    /// layers. vLLM-Ascend and EPLB count MoE layers only and ignore it.
+    /// layers. vLLM-Ascend and EPLB count MoE layers only and ignore it. In [0, kMaxLayerOffset], else
+    /// export_text / export_plan throw kInvalidArgument.
     int layer_offset = 0;
     std::vector<double> expert_load;  ///< [L, E] or empty; see build_physical_map
 };

@@ -8,6 +8,11 @@
 
 namespace grace {
 
+/// Most GPUs a topology may have (N * M). Ids are int, so the real bound is what per-GPU tables cost: a plan
+/// holds G lists per layer, source loads are [L, G, E] and routing tables [G, E, period]. 65536 is far above
+/// today's largest expert-parallel deployments and keeps N * M, G * E and G * slots inside int64 arithmetic.
+inline constexpr int kMaxGpus = 65536;
+
 /// `N x M` GPUs; GPU g is on node g / M with local index g % M. Slots are contiguous per GPU.
 struct Topology {
     int nodes = 1;                     ///< N >= 1
@@ -25,9 +30,10 @@ struct Topology {
     /// "NxM" (and ":S" when slots are set).
     std::string to_string() const;
 
-    /// Parses "NxM" (e.g. "2x4"). Throws kInvalidArgument for a malformed string or a zero/negative part.
+    /// Parses "NxM" (e.g. "2x4"). Throws kInvalidArgument for a malformed string, a zero part or more than
+    /// kMaxGpus GPUs.
     static Topology parse(const std::string& text);
-    /// Throws kInvalidArgument unless nodes, gpus_per_node (and slots, if set) are >= 1.
+    /// Throws kInvalidArgument unless nodes, gpus_per_node (and slots, if set) are >= 1 and N * M <= kMaxGpus.
     void validate() const;
 
     bool operator==(const Topology&) const = default;

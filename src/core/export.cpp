@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/json_read.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
 #include "grace/npy.hpp"
@@ -54,6 +56,27 @@ std::vector<std::vector<int>> split_gpus(const std::vector<int>& slots, int num_
     std::vector<std::vector<int>> out(num_gpus);
     for (int g = 0; g < num_gpus; ++g) out[g].assign(slots.begin() + g * S, slots.begin() + (g + 1) * S);
     return out;
+}
+
+void check_layer_offset(int offset) {
+    GRACE_CHECK_ARG(offset >= 0 && offset <= kMaxLayerOffset, "export: layer offset ", offset, " is outside [0, ",
+                    kMaxLayerOffset, "] (it is the model layer index of MoE layer 0)");
+}
+
+// A whole int in `text` (TensorRT-LLM's YAML keys and slots); anything else, overflow included, is an error.
+int parse_int(const std::string& text, const std::string& what, const std::string& line) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+        v = std::stoll(text, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    while (used < text.size() && text[used] == ' ') ++used;
+    GRACE_CHECK_INPUT(
+        used == text.size() && v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max(), what,
+        ": '", text, "' is not a 32-bit integer in line '", line, "'");
+    return static_cast<int>(v);
 }
 
 }  // namespace
@@ -109,7 +132,7 @@ PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>
 
 std::string export_text(const PhysicalMap& m, const ExportOptions& options) {
     const int L = m.num_layers, E = m.num_experts, G = m.num_gpus, P = m.num_physical(), S = m.slots_per_gpu;
-    GRACE_CHECK_ARG(options.layer_offset >= 0, "export: layer offset must be >= 0, got ", options.layer_offset);
+    check_layer_offset(options.layer_offset);
     switch (options.format) {
         case ExportFormat::kSglang: {
             json rows = json::array();
@@ -179,6 +202,7 @@ std::string export_text(const PhysicalMap& m, const ExportOptions& options) {
 }
 
 PhysicalMap export_plan(const ExpertPlan& plan, const ExportOptions& options, const std::string& path) {
+    check_layer_offset(options.layer_offset);
     PhysicalMap m = build_physical_map(plan, options.expert_load);
     const bool npy_dir =
         options.format == ExportFormat::kEplb && !(path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0);
@@ -204,6 +228,7 @@ PhysicalMap export_plan(const ExpertPlan& plan, const ExportOptions& options, co
 
 std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, ExportFormat format, int num_gpus,
                                                        int layer_offset) {
+    check_layer_offset(layer_offset);
     std::vector<std::vector<std::vector<int>>> out;
     const std::string what = "export " + path;
     if (format == ExportFormat::kEplb && std::filesystem::is_directory(path)) {
@@ -234,14 +259,19 @@ std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, 
             const size_t colon = line.find(':'), lb = line.find('['), rb = line.find(']');
             GRACE_CHECK_INPUT(colon != std::string::npos && lb != std::string::npos && rb != std::string::npos, what,
                               ": bad assignment line '", line, "'");
-            GRACE_CHECK_INPUT(std::stoi(line.substr(0, colon)) == expect, what, ": expected layer ", expect);
+            GRACE_CHECK_INPUT(parse_int(line.substr(0, colon), what, line) == expect, what, ": expected layer ",
+                              expect);
             ++expect;
             std::vector<int> slots;
-            std::string body = line.substr(lb + 1, rb - lb - 1);
-            std::replace(body.begin(), body.end(), ',', ' ');
-            std::istringstream bs(body);
-            int v;
-            while (bs >> v) slots.push_back(v);
+            const std::string body = line.substr(lb + 1, rb - lb - 1);
+            for (size_t b = 0; b < body.size();) {
+                size_t e = body.find(',', b);
+                if (e == std::string::npos) e = body.size();
+                std::string item = body.substr(b, e - b);
+                while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+                if (!item.empty() || e < body.size()) slots.push_back(parse_int(item, what, line));
+                b = e + 1;
+            }
             out.push_back(split_gpus(slots, num_gpus, what));
         }
         return out;
@@ -249,24 +279,38 @@ std::vector<std::vector<std::vector<int>>> read_export(const std::string& path, 
     json j;
     try {
         j = json::parse(text);
+        // Integers through detail::json_int (64-bit, range-checked, errors name the field): nothing wraps.
+        constexpr int kLo = std::numeric_limits<int>::min(), kHi = std::numeric_limits<int>::max();
         if (format == ExportFormat::kSglang) {
-            const auto rows = j.at("physical_to_logical_map").get<std::vector<std::vector<int>>>();
-            GRACE_CHECK_INPUT(static_cast<int>(rows.size()) >= layer_offset, what,
+            const auto rows = detail::json_int_matrix(detail::json_member(j, what, "", "physical_to_logical_map"), what,
+                                                      "physical_to_logical_map", kLo, kHi);
+            GRACE_CHECK_INPUT(static_cast<int64_t>(rows.size()) >= layer_offset, what,
                               ": fewer rows than the layer offset");
             for (size_t l = layer_offset; l < rows.size(); ++l) out.push_back(split_gpus(rows[l], num_gpus, what));
         } else if (format == ExportFormat::kVllmAscend) {
-            for (const json& layer : j.at("layer_list")) {
+            const json& layers = detail::json_member(j, what, "", "layer_list");
+            GRACE_CHECK_INPUT(layers.is_array(), what, ": layer_list must be an array");
+            for (size_t l = 0; l < layers.size(); ++l) {
+                const std::string at = cat("layer_list[", l, "]");
+                const json& devices = detail::json_member(layers[l], what, at, "device_list");
+                GRACE_CHECK_INPUT(devices.is_array(), what, ": ", at, ".device_list must be an array");
                 std::vector<std::vector<int>> gpus;
-                for (const json& d : layer.at("device_list"))
-                    gpus.push_back(d.at("device_expert").get<std::vector<int>>());
-                GRACE_CHECK_INPUT(static_cast<int>(gpus.size()) == layer.at("device_count").get<int>(), what,
-                                  ": device_count disagrees with device_list");
+                for (size_t d = 0; d < devices.size(); ++d) {
+                    const std::string dat = cat(at, ".device_list[", d, "]");
+                    gpus.push_back(detail::json_int_vector(detail::json_member(devices[d], what, dat, "device_expert"),
+                                                           what, dat + ".device_expert", kLo, kHi));
+                }
+                GRACE_CHECK_INPUT(static_cast<int64_t>(gpus.size()) ==
+                                      detail::json_int_member<int64_t>(layers[l], what, at, "device_count", 0, kHi),
+                                  what, ": device_count disagrees with device_list");
                 out.push_back(std::move(gpus));
             }
-            GRACE_CHECK_INPUT(static_cast<int>(out.size()) == j.at("moe_layer_count").get<int>(), what,
-                              ": moe_layer_count disagrees with layer_list");
+            GRACE_CHECK_INPUT(static_cast<int64_t>(out.size()) ==
+                                  detail::json_int_member<int64_t>(j, what, "", "moe_layer_count", 0, kHi),
+                              what, ": moe_layer_count disagrees with layer_list");
         } else {
-            const auto rows = j.at("phy2log").get<std::vector<std::vector<int>>>();
+            const auto rows =
+                detail::json_int_matrix(detail::json_member(j, what, "", "phy2log"), what, "phy2log", kLo, kHi);
             for (const auto& r : rows) out.push_back(split_gpus(r, num_gpus, what));
         }
     } catch (const json::exception& e) {

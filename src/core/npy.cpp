@@ -296,12 +296,25 @@ NpyHeader read_npy_header(const std::string& path) {
                       ": Fortran-ordered arrays are not supported (save it with np.ascontiguousarray)");
     h.shape = parse_shape(dict_value(dict, "shape", path), path);
     h.data_offset = prefix + header_len;
+    // The shape's product and byte size must fit in int64 before the truncation check can mean anything: a
+    // wrapped product (e.g. 2^32 x 2^32 = 0) would otherwise pass it and size buffers from garbage.
+    int64_t elements = 1;
+    bool overflow = false;
+    for (int64_t d : h.shape) overflow = overflow || __builtin_mul_overflow(elements, d, &elements);
+    int64_t bytes = 0;
+    overflow = overflow || __builtin_mul_overflow(elements, static_cast<int64_t>(h.item_size), &bytes) ||
+               __builtin_add_overflow(bytes, h.data_offset, &bytes);
+    if (overflow) {
+        std::string shape;
+        for (int64_t d : h.shape) shape += (shape.empty() ? "" : " x ") + std::to_string(d);
+        GRACE_CHECK_INPUT(false, path, ": shape ", shape, " of ", h.item_size,
+                          "-byte elements overflows a 64-bit size");
+    }
     std::error_code ec;
     auto size = std::filesystem::file_size(path, ec);
     GRACE_CHECK(!ec, ErrorCode::kIo, "cannot stat ", path);
-    __int128 need = static_cast<__int128>(h.num_elements()) * h.item_size + h.data_offset;
-    GRACE_CHECK_INPUT(static_cast<__int128>(size) >= need, path, ": truncated .npy file (", size,
-                      " bytes, shape needs ", static_cast<int64_t>(need), ")");
+    GRACE_CHECK_INPUT(static_cast<__int128>(size) >= bytes, path, ": truncated .npy file (", size,
+                      " bytes, shape needs ", bytes, ")");
     return h;
 }
 

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 
+#include "core/json_read.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
 #include "grace/routing.hpp"
@@ -15,6 +17,9 @@ namespace grace {
 namespace {
 
 const char* kFormat = "grace.plan/v1";
+
+constexpr int kMaxId = std::numeric_limits<int32_t>::max();  // counts and ids are int32 in memory
+constexpr int kMaxWrrPeriod = 65535;                         // ReplicaRouter's sequences hold one period
 
 struct PolicyName {
     RoutingPolicy policy;
@@ -89,6 +94,9 @@ void ExpertPlan::validate() const {
         GRACE_CHECK_INPUT(lp.layer == l, "plan: layer entry ", l, " is labelled ", lp.layer);
         GRACE_CHECK_INPUT(static_cast<int>(lp.gpu_experts.size()) == G, "plan layer ", l, ": gpu_experts has ",
                           lp.gpu_experts.size(), " GPUs but the topology ", topology.to_string(), " has ", G);
+        // Sizes first, so that a huge num_experts fails here instead of sizing the tables below.
+        GRACE_CHECK_INPUT(lp.primary_gpu.size() == static_cast<size_t>(num_experts), "plan layer ", l,
+                          ": primary_gpu has ", lp.primary_gpu.size(), " entries, expected ", num_experts);
         std::vector<int> count(num_experts, 0);
         for (int g = 0; g < G; ++g) {
             const auto& ex = lp.gpu_experts[g];
@@ -105,8 +113,6 @@ void ExpertPlan::validate() const {
                 ++count[ex[i]];
             }
         }
-        GRACE_CHECK_INPUT(static_cast<int>(lp.primary_gpu.size()) == num_experts, "plan layer ", l,
-                          ": primary_gpu has ", lp.primary_gpu.size(), " entries, expected ", num_experts);
         for (int e = 0; e < num_experts; ++e) {
             GRACE_CHECK_INPUT(count[e] >= 1, "plan layer ", l, ": expert ", e, " has no instance");
             int p = lp.primary_gpu[e];
@@ -116,8 +122,8 @@ void ExpertPlan::validate() const {
                               l, ": expert ", e, "'s primary GPU ", p, " does not hold it");
             GRACE_CHECK_INPUT(count[e] <= 255, "plan layer ", l, ": expert ", e, " has more than 255 instances");
         }
-        GRACE_CHECK_INPUT(lp.wrr_period >= 1 && lp.wrr_period <= 65535, "plan layer ", l, ": WRR period ",
-                          lp.wrr_period, " is outside [1, 65535]");
+        GRACE_CHECK_INPUT(lp.wrr_period >= 1 && lp.wrr_period <= kMaxWrrPeriod, "plan layer ", l, ": WRR period ",
+                          lp.wrr_period, " is outside [1, ", kMaxWrrPeriod, "]");
         GRACE_CHECK_INPUT(static_cast<int>(lp.instance_gpus.size()) == num_experts &&
                               static_cast<int>(lp.wrr_weights.size()) == num_experts,
                           "plan layer ", l, ": routing tables must list every expert");
@@ -133,7 +139,7 @@ void ExpertPlan::validate() const {
             const auto& w = lp.wrr_weights[e];
             GRACE_CHECK_INPUT(w.size() == inst.size(), "plan layer ", l, ": expert ", e, " has ", inst.size(),
                               " instances but ", w.size(), " WRR weights");
-            int sum = 0;
+            int64_t sum = 0;  // 64-bit: weights near 2^31 must not wrap into a sum that matches the period
             for (int x : w) {
                 GRACE_CHECK_INPUT(x >= 1, "plan layer ", l, ": WRR weight ", x, " of expert ", e,
                                   " must be at least 1");
@@ -197,45 +203,60 @@ ExpertPlan plan_from_json(const std::string& text) {
     }
     ExpertPlan plan;
     std::string field;
+    const std::string what = "plan";
     try {
         GRACE_CHECK_INPUT(j.is_object(), "plan: expected a JSON object");
         field = "format";
         GRACE_CHECK_INPUT(j.at("format").get<std::string>() == kFormat, "plan: format is '",
                           j.at("format").get<std::string>(), "', expected '", kFormat, "'");
-        field = "num_experts";
-        plan.num_experts = j.at("num_experts").get<int>();
-        field = "num_layers";
-        plan.num_layers = j.at("num_layers").get<int>();
-        field = "top_k";
-        plan.top_k = j.at("top_k").get<int>();
-        field = "topology";
-        const json& t = j.at("topology");
-        plan.topology.nodes = t.at("nodes").get<int>();
-        plan.topology.gpus_per_node = t.at("gpus_per_node").get<int>();
+        // Integers are range-checked as they are read (detail::json_int), so nothing wraps on the way in;
+        // validate() then checks the plan's structure.
+        plan.num_experts = detail::json_int_member(j, what, "", "num_experts", 1, kMaxId);
+        plan.num_layers = detail::json_int_member(j, what, "", "num_layers", 1, kMaxId);
+        plan.top_k = detail::json_int_member(j, what, "", "top_k", 1, plan.num_experts);
+        const json& t = detail::json_member(j, what, "", "topology");
+        plan.topology.nodes = detail::json_int_member(t, what, "topology", "nodes", 1, kMaxGpus);
+        plan.topology.gpus_per_node = detail::json_int_member(t, what, "topology", "gpus_per_node", 1, kMaxGpus);
+        try {
+            plan.topology.validate();
+        } catch (const Error& e) {
+            throw Error(ErrorCode::kInvalidInput, cat("plan: ", e.what()));
+        }
+        const int E = plan.num_experts, G = plan.topology.num_gpus();
         if (t.contains("slots_per_gpu") && !t.at("slots_per_gpu").is_null())
-            plan.topology.slots_per_gpu = t.at("slots_per_gpu").get<int>();
+            plan.topology.slots_per_gpu =
+                detail::json_int(t.at("slots_per_gpu"), what, "topology.slots_per_gpu", 1, kMaxId);
         field = "method";
         plan.method = j.value("method", "");
-        plan.seed = j.value("seed", uint64_t{0});
+        if (j.contains("seed"))
+            plan.seed = detail::json_int<uint64_t>(j.at("seed"), what, "seed", 0, std::numeric_limits<uint64_t>::max());
+        field = "source";
         plan.source = j.value("source", "");
-        field = "layers";
-        for (const json& jl : j.at("layers")) {
+        const json& layers = detail::json_member(j, what, "", "layers");
+        GRACE_CHECK_INPUT(layers.is_array(), "plan: layers must be an array");
+        for (size_t i = 0; i < layers.size(); ++i) {
+            const json& jl = layers[i];
+            const std::string at = cat("layers[", i, "]");
             LayerPlan lp;
-            field = "layers[].layer";
-            lp.layer = jl.at("layer").get<int>();
-            field = "layers[" + std::to_string(lp.layer) + "].gpu_experts";
-            lp.gpu_experts = jl.at("gpu_experts").get<std::vector<std::vector<int>>>();
-            field = "layers[" + std::to_string(lp.layer) + "].primary_gpu";
-            lp.primary_gpu = jl.at("primary_gpu").get<std::vector<int>>();
-            field = "layers[" + std::to_string(lp.layer) + "].routing";
+            lp.layer = detail::json_int_member(jl, what, at, "layer", 0, kMaxId);
+            lp.gpu_experts = detail::json_int_matrix(detail::json_member(jl, what, at, "gpu_experts"), what,
+                                                     at + ".gpu_experts", 0, E - 1);
+            lp.primary_gpu = detail::json_int_vector(detail::json_member(jl, what, at, "primary_gpu"), what,
+                                                     at + ".primary_gpu", 0, G - 1);
+            field = at + ".routing";
             if (jl.contains("routing")) {
                 const json& r = jl.at("routing");
+                const std::string rat = at + ".routing";
                 lp.policy = parse_routing_policy(r.value("policy", "primary"));
-                lp.wrr_period = r.value("period", 120);
-                if (r.contains("instances")) lp.instance_gpus = r.at("instances").get<std::vector<std::vector<int>>>();
-                if (r.contains("weights")) lp.wrr_weights = r.at("weights").get<std::vector<std::vector<int>>>();
+                lp.wrr_period = r.contains("period")
+                                    ? detail::json_int(r.at("period"), what, rat + ".period", 1, kMaxWrrPeriod)
+                                    : 120;
+                if (r.contains("instances"))
+                    lp.instance_gpus = detail::json_int_matrix(r.at("instances"), what, rat + ".instances", 0, G - 1);
+                if (r.contains("weights"))
+                    lp.wrr_weights = detail::json_int_matrix(r.at("weights"), what, rat + ".weights", 1, kMaxWrrPeriod);
             }
-            field = "layers[" + std::to_string(lp.layer) + "] diagnostics";
+            field = at + " diagnostics";
             if (jl.contains("grouping")) {
                 const json& g = jl.at("grouping");
                 if (g.contains("r_star") && !g.at("r_star").is_null()) lp.r_star = g.at("r_star").get<double>();
@@ -250,17 +271,23 @@ ExpertPlan plan_from_json(const std::string& text) {
             }
             if (jl.contains("replication")) {
                 const json& r = jl.at("replication");
+                const std::string rat = at + ".replication";
                 if (r.contains("gamma") && !r.at("gamma").is_null()) lp.gamma = r.at("gamma").get<double>();
-                lp.num_replicas = r.value("num_replicas", 0);
-                if (r.contains("hot_experts")) lp.hot_experts = r.at("hot_experts").get<std::vector<int>>();
-                lp.num_fill_replicas = r.value("fill_replicas", 0);
+                if (r.contains("num_replicas"))
+                    lp.num_replicas = detail::json_int(r.at("num_replicas"), what, rat + ".num_replicas", 0, kMaxId);
+                if (r.contains("hot_experts"))
+                    lp.hot_experts = detail::json_int_vector(r.at("hot_experts"), what, rat + ".hot_experts", 0, E - 1);
+                if (r.contains("fill_replicas"))
+                    lp.num_fill_replicas =
+                        detail::json_int(r.at("fill_replicas"), what, rat + ".fill_replicas", 0, kMaxId);
             }
             if (jl.contains("gpu_load_before"))
                 lp.gpu_load_before = jl.at("gpu_load_before").get<std::vector<double>>();
             if (jl.contains("predicted_gpu_load"))
                 lp.predicted_gpu_load = jl.at("predicted_gpu_load").get<std::vector<double>>();
-            // A plan written by another tool may omit the routing tables: derive them.
-            if (lp.instance_gpus.empty()) lp.finalize(plan.num_experts);
+            // A plan written by another tool may omit the routing tables: derive them. finalize() sizes its
+            // tables by E, so first check that the layer lists every expert (a bad plan fails in validate()).
+            if (lp.instance_gpus.empty() && static_cast<int>(lp.primary_gpu.size()) == E) lp.finalize(E);
             plan.layers.push_back(std::move(lp));
         }
     } catch (const json::exception& e) {

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <sstream>
 
 #include "core/rng.hpp"
@@ -195,6 +196,9 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
     }
     GRACE_CHECK_ARG(P % G == 0, "eplb:", P, " physical slots do not split evenly over ", G, " GPUs");
     GRACE_CHECK_ARG(P >= E, "eplb:", P, " physical slots cannot hold the ", E, " experts");
+    // A GPU holds each expert at most once: more slots per GPU than experts cannot be filled (and would size
+    // EPLB's tables by an arbitrary number, e.g. eplb:2147483647).
+    GRACE_CHECK_ARG(P / G <= E, "eplb:", P, " means ", P / G, " slots per GPU, more than the ", E, " experts");
     GRACE_CHECK_ARG(!topo.slots_per_gpu || P / G <= *topo.slots_per_gpu, "eplb:", P, " needs ", P / G,
                     " slots per GPU but the topology has ", *topo.slots_per_gpu);
     const bool hier = spec.grouping == "eplb-hierarchical";
@@ -437,10 +441,18 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
     const int E = stats.num_experts, L = stats.num_layers, G = topology.num_gpus();
     GRACE_CHECK_ARG(G <= E, "topology ", topology.to_string(), " has ", G, " GPUs but the statistics have only ", E,
                     " experts (every GPU needs at least one)");
-    if (topology.slots_per_gpu)
-        GRACE_CHECK_ARG(static_cast<int64_t>(G) * *topology.slots_per_gpu >= E, "topology ", topology.to_string(),
-                        " has ", G, " x ", *topology.slots_per_gpu, " = ", G * *topology.slots_per_gpu,
-                        " slots, too few for the ", E, " experts");
+    if (topology.slots_per_gpu) {
+        // A GPU holds each expert at most once, so more than E slots mean nothing; the bound also keeps the
+        // G x S physical slots of EPLB-style maps inside int.
+        const int64_t S = *topology.slots_per_gpu;
+        GRACE_CHECK_ARG(S <= E, "slots per GPU (--slots-per-gpu) ", S, " exceeds the ", E,
+                        " experts: a GPU holds each expert at most once");
+        GRACE_CHECK_ARG(G * S >= E, "topology ", topology.to_string(), " has ", G, " x ", S, " = ", G * S,
+                        " slots, too few for the ", E, " experts (--slots-per-gpu must be at least ", (E + G - 1) / G,
+                        ")");
+        GRACE_CHECK_ARG(G * S <= std::numeric_limits<int>::max(), "topology ", topology.to_string(), " has ", G * S,
+                        " slots, more than int holds");
+    }
     GRACE_CHECK_ARG(options.wrr_period >= 1 && options.wrr_period <= 65535, "WRR period ", options.wrr_period,
                     " is outside [1, 65535]");
     GRACE_CHECK_ARG(options.num_threads >= 0, "num_threads must be >= 0, got ", options.num_threads);

@@ -1,12 +1,17 @@
 #include "grace/stats.hpp"
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <future>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "core/json_read.hpp"
+#include "core/limits.hpp"
 #include "core/profile_kernels.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
@@ -56,6 +61,20 @@ void check_layer_shape(const std::vector<int64_t>& shape, int rank_max, const st
                       rank_max - 1, " or ", rank_max, ", got rank ", shape.size());
 }
 
+// Peak memory of profiling, estimated before anything is allocated: the result's affinity [L, E, E] int64, and
+// the counting tables PairCounter gives each token group (uint16 + int64 per cell, or per-expert loads when k = 1;
+// per-source loads [L, G, E] when a topology is given), split the way PairCounter splits its workers.
+void check_profile_memory(int L, int E, int k, int G, int num_threads, const std::string& experts_from) {
+    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const int token_groups = std::max(1, threads / std::max(1, std::min(threads, L)));
+    const double cells = static_cast<double>(L) * E * E;
+    const double counters = k >= 2 ? cells * (sizeof(uint16_t) + sizeof(int64_t)) : static_cast<double>(L) * E * 8;
+    const double bytes = cells * sizeof(int64_t) + token_groups * counters +
+                         (token_groups + 1.0) * static_cast<double>(L) * G * E * sizeof(int64_t);
+    detail::check_memory(bytes, cat("profile: the affinity of ", E, " experts (", experts_from, ") over ", L,
+                                    " layers, with its counting tables,"));
+}
+
 int64_t as_count(double v, const std::string& what) {
     GRACE_CHECK_INPUT(std::isfinite(v) && v >= 0 && v == std::floor(v) && v < 9.0e15, what, " = ", v,
                       " is not a non-negative whole count");
@@ -70,10 +89,12 @@ void RoutingStats::validate() const {
     GRACE_CHECK_INPUT(top_k >= 0 && top_k <= num_experts, "top_k = ", top_k, " must lie in [0, E = ", num_experts, "]");
     GRACE_CHECK_INPUT(num_tokens >= 0, "num_tokens = ", num_tokens, " is negative");
     const size_t L = num_layers, E = num_experts;
+    detail::checked_product({num_layers, num_experts, num_experts}, "statistics L x E x E");
     GRACE_CHECK_INPUT(affinity.size() == L * E * E, "affinity has ", affinity.size(),
                       " entries, expected L*E*E = ", L * E * E);
     GRACE_CHECK_INPUT(load.size() == L * E, "load has ", load.size(), " entries, expected L*E = ", L * E);
     GRACE_CHECK_INPUT(num_gpus >= 0, "num_gpus = ", num_gpus, " is negative");
+    detail::checked_product({num_layers, num_gpus, num_experts}, "statistics L x G x E");
     GRACE_CHECK_INPUT(source_load.size() == L * num_gpus * E, "source_load has ", source_load.size(),
                       " entries, expected L*G*E = ", L * num_gpus * E);
     for (size_t l = 0; l < L; ++l)
@@ -110,6 +131,7 @@ RoutingStats profile_trace(const RoutingTrace& trace, const ProfileOptions& opti
     st.model = trace.model;
     st.dataset = trace.dataset;
     st.num_gpus = o.topology ? o.topology->num_gpus() : 0;
+    check_profile_memory(st.num_layers, st.num_experts, st.top_k, st.num_gpus, o.num_threads, "the trace's E");
     detail::PairCounter counter(st.num_layers, st.num_experts, st.top_k, st.num_tokens, st.num_gpus, o.num_threads);
     counter.add(trace.expert_ids.data(), trace.num_tokens, 0);
     finish_stats(counter, st);
@@ -129,6 +151,8 @@ RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& o
     st.model = reader.model();
     st.dataset = reader.dataset();
     st.num_gpus = o.topology ? o.topology->num_gpus() : 0;
+    check_profile_memory(st.num_layers, st.num_experts, st.top_k, st.num_gpus, o.num_threads,
+                         overrides.num_experts ? "--experts" : "num_experts in " + trace_metadata_path(path));
     detail::PairCounter counter(st.num_layers, st.num_experts, st.top_k, st.num_tokens, st.num_gpus, o.num_threads);
     // The counting kernel checks every id as it counts (in parallel, with TraceReader's messages), so the reader
     // skips its own pass; chunk c+1 is read on another thread while chunk c is counted.
@@ -182,29 +206,33 @@ RoutingStats load_stats(const std::string& dir) {
         GRACE_CHECK_INPUT(false, meta_path, ": not valid JSON (", e.what(), ")");
     }
     RoutingStats st;
+    GRACE_CHECK_INPUT(meta.is_object() && meta.contains("format") && meta.at("format") == "grace.stats/v1", meta_path,
+                      ": not a grace.stats/v1 file");
+    // Integers through detail::json_int: 64-bit, range-checked, errors name the field (nothing wraps).
+    st.num_layers = detail::json_int_member(meta, meta_path, "", "num_layers", 1, detail::kInt32Max);
+    st.num_experts = detail::json_int_member(meta, meta_path, "", "num_experts", 1, detail::kInt32Max);
+    if (meta.contains("top_k")) st.top_k = detail::json_int(meta.at("top_k"), meta_path, "top_k", 0, st.num_experts);
+    if (meta.contains("num_tokens"))
+        st.num_tokens = detail::json_int<int64_t>(meta.at("num_tokens"), meta_path, "num_tokens", 0,
+                                                  std::numeric_limits<int64_t>::max());
+    if (meta.contains("num_gpus"))
+        st.num_gpus = detail::json_int(meta.at("num_gpus"), meta_path, "num_gpus", 0, kMaxGpus);
     try {
-        GRACE_CHECK_INPUT(meta.is_object() && meta.value("format", "") == "grace.stats/v1", meta_path,
-                          ": not a grace.stats/v1 file");
-        st.num_layers = meta.at("num_layers").get<int>();
-        st.num_experts = meta.at("num_experts").get<int>();
-        st.top_k = meta.value("top_k", 0);
-        st.num_tokens = meta.value("num_tokens", int64_t{0});
         st.model = meta.value("model", "");
         st.dataset = meta.value("dataset", "");
-        st.num_gpus = meta.value("num_gpus", 0);
     } catch (const json::exception& e) {
         GRACE_CHECK_INPUT(false, meta_path, ": missing or mistyped field (", e.what(), ")");
     }
-    GRACE_CHECK_INPUT(st.num_layers >= 1 && st.num_experts >= 1 && st.num_gpus >= 0, meta_path,
-                      ": num_layers and num_experts must be >= 1, num_gpus >= 0");
+    // The arrays' sizes follow from these numbers; they must be representable before any shape is compared.
+    detail::checked_product({st.num_layers, st.num_experts, st.num_experts}, meta_path + ": L x E x E");
+    detail::checked_product({st.num_layers, st.num_gpus, st.num_experts}, meta_path + ": L x G x E");
     const int64_t L = st.num_layers, E = st.num_experts, G = st.num_gpus;
     auto read = [&](const std::string& name, const std::vector<int64_t>& expect) {
         std::string p = (fs::path(dir) / name).string();
-        std::vector<int64_t> shape;
-        auto data = read_npy_int(p, &shape);
-        GRACE_CHECK_INPUT(shape == expect, p, ": shape does not match meta.json (L = ", L, ", E = ", E, ", G = ", G,
-                          ")");
-        return data;
+        // The header first: a file whose shape disagrees is not read (its size is not what meta.json implies).
+        GRACE_CHECK_INPUT(read_npy_header(p).shape == expect, p, ": shape does not match meta.json (L = ", L,
+                          ", E = ", E, ", G = ", G, ")");
+        return read_npy_int(p);
     };
     st.affinity = read("affinity.npy", {L, E, E});
     st.load = read("load.npy", {L, E});
@@ -228,6 +256,7 @@ RoutingStats stats_from_aggregates(const std::vector<double>& coactivation, cons
                       coact_shape[coact_shape.size() - 2], ", ", E, "] block");
     const int64_t L = coact_shape.size() == 3 ? coact_shape[0] : 1;
     GRACE_CHECK_INPUT(L >= 1, "co-activation has no layers");
+    detail::checked_product({L, E, E}, "co-activation L x E x E");
     GRACE_CHECK_INPUT(static_cast<int64_t>(coactivation.size()) == L * E * E, "co-activation holds ",
                       coactivation.size(), " values, its shape says ", L * E * E);
     GRACE_CHECK_ARG(top_k >= 0 && top_k <= E, "top_k = ", top_k, " must lie in [0, E = ", E, "]");

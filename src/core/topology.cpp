@@ -7,14 +7,16 @@
 namespace grace {
 
 std::string Topology::to_string() const {
-    std::string s = std::to_string(nodes) + "x" + std::to_string(gpus_per_node);
-    if (slots_per_gpu) s += ":" + std::to_string(*slots_per_gpu);
-    return s;
+    // cat() rather than chained std::string operator+, on which GCC 12 -O3 warns falsely (-Wrestrict).
+    return slots_per_gpu ? cat(nodes, "x", gpus_per_node, ":", *slots_per_gpu) : cat(nodes, "x", gpus_per_node);
 }
 
 void Topology::validate() const {
     GRACE_CHECK_ARG(nodes >= 1 && gpus_per_node >= 1, "topology ", nodes, "x", gpus_per_node,
                     " is impossible: nodes and GPUs per node must both be at least 1");
+    const int64_t gpus = static_cast<int64_t>(nodes) * gpus_per_node;
+    GRACE_CHECK_ARG(gpus <= kMaxGpus, "topology ", nodes, "x", gpus_per_node, " has ", gpus, " GPUs, more than the ",
+                    kMaxGpus, " grace supports");
     GRACE_CHECK_ARG(!slots_per_gpu || *slots_per_gpu >= 1, "slots per GPU must be at least 1, got ", *slots_per_gpu);
 }
 
@@ -34,6 +36,7 @@ Topology Topology::parse(const std::string& text) {
     t.gpus_per_node = std::stoi(m);
     GRACE_CHECK_ARG(t.nodes >= 1 && t.gpus_per_node >= 1, "topology '", text,
                     "' has a zero: nodes and GPUs per node must both be at least 1");
+    t.validate();
     return t;
 }
 

@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 
+#include "core/json_read.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
 #include "grace/npy.hpp"
@@ -66,6 +69,10 @@ void validate_ids(const int32_t* ids, int64_t tokens, int layers, int k, int num
 
 struct Metadata {
     int num_experts = 0;
+    std::string experts_from;  // where num_experts came from, for messages: "--experts" or the metadata file
+    // Optional shape fields of the metadata, checked against the id array (they must not contradict it).
+    std::optional<int64_t> num_tokens, num_layers, top_k;
+    std::string path;  // the metadata file, if there is one
     std::string model, dataset, weights_path;
 };
 
@@ -81,8 +88,20 @@ Metadata read_metadata(const std::string& trace_path, const TraceOverrides& over
             GRACE_CHECK_INPUT(false, meta_path, ": not valid JSON (", e.what(), ")");
         }
         GRACE_CHECK_INPUT(j.is_object(), meta_path, ": trace metadata must be a JSON object");
+        m.path = meta_path;
+        // Integers through detail::json_int: 64-bit, range-checked, errors name the field (nothing wraps).
+        if (j.contains("num_experts")) {
+            m.num_experts = detail::json_int(j.at("num_experts"), meta_path, "num_experts", 1, detail::kInt32Max);
+            m.experts_from = "num_experts in " + meta_path;
+        }
+        auto optional_count = [&](const char* key, int64_t hi) -> std::optional<int64_t> {
+            if (!j.contains(key) || j.at(key).is_null()) return std::nullopt;
+            return detail::json_int<int64_t>(j.at(key), meta_path, key, 0, hi);
+        };
+        m.num_tokens = optional_count("num_tokens", std::numeric_limits<int64_t>::max());
+        m.num_layers = optional_count("num_layers", detail::kInt32Max);
+        m.top_k = optional_count("top_k", detail::kInt32Max);
         try {
-            if (j.contains("num_experts")) m.num_experts = j.at("num_experts").get<int>();
             if (j.contains("model")) m.model = j.at("model").get<std::string>();
             if (j.contains("dataset")) m.dataset = j.at("dataset").get<std::string>();
             if (j.contains("weights") && !j.at("weights").is_null()) {
@@ -94,13 +113,22 @@ Metadata read_metadata(const std::string& trace_path, const TraceOverrides& over
             GRACE_CHECK_INPUT(false, meta_path, ": bad field type (", e.what(), ")");
         }
     }
-    if (overrides.num_experts) m.num_experts = *overrides.num_experts;
+    if (overrides.num_experts) {
+        m.num_experts = *overrides.num_experts;
+        m.experts_from = "--experts";
+    }
     if (overrides.model) m.model = *overrides.model;
     if (overrides.dataset) m.dataset = *overrides.dataset;
     if (overrides.weights_path) m.weights_path = *overrides.weights_path;
     GRACE_CHECK_INPUT(m.num_experts > 0, trace_path,
                       ": number of experts unknown: give --experts E or \"num_experts\" in ", meta_path);
     return m;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
 }
 
 // Interprets the id array's shape as [T, L, k] or [T, k].
@@ -110,11 +138,26 @@ void trace_shape(const NpyHeader& h, const std::string& path, int64_t& tokens, i
     GRACE_CHECK_INPUT(h.shape.size() == 2 || h.shape.size() == 3, path, ": expected shape [tokens, layers, top_k] or ",
                       "[tokens, top_k], got rank ", h.shape.size());
     tokens = h.shape[0];
-    layers = h.shape.size() == 3 ? static_cast<int>(h.shape[1]) : 1;
-    k = static_cast<int>(h.shape.back());
+    const int64_t L = h.shape.size() == 3 ? h.shape[1] : 1, K = h.shape.back();
     GRACE_CHECK_INPUT(tokens >= 1, path, ": empty trace (0 tokens)");
-    GRACE_CHECK_INPUT(layers >= 1, path, ": trace has 0 layers");
-    GRACE_CHECK_INPUT(k >= 1 && k <= kMaxTopK, path, ": top_k = ", k, " is out of range [1, ", kMaxTopK, "]");
+    GRACE_CHECK_INPUT(L >= 1, path, ": trace has 0 layers");
+    GRACE_CHECK_INPUT(L <= detail::kInt32Max, path, ": ", L, " layers (shape ", shape_text(h.shape), ") exceed ",
+                      detail::kInt32Max);
+    GRACE_CHECK_INPUT(K >= 1 && K <= kMaxTopK, path, ": top_k = ", K, " is out of range [1, ", kMaxTopK, "]");
+    layers = static_cast<int>(L);
+    k = static_cast<int>(K);
+}
+
+// The metadata's shape fields must agree with the id array (a stale .json beside a new .npy is caught here).
+void check_metadata_shape(const Metadata& m, const NpyHeader& h, const std::string& path, int64_t tokens, int layers,
+                          int k) {
+    auto agree = [&](const std::optional<int64_t>& field, const char* name, int64_t actual, const char* dim) {
+        GRACE_CHECK_INPUT(!field || *field == actual, m.path, ": ", name, " = ", *field, " contradicts ", path,
+                          " of shape ", shape_text(h.shape), " (", dim, " = ", actual, ")");
+    };
+    agree(m.num_tokens, "num_tokens", tokens, "tokens");
+    agree(m.num_layers, "num_layers", layers, "layers");
+    agree(m.top_k, "top_k", k, "top_k");
 }
 
 }  // namespace
@@ -206,8 +249,10 @@ TraceReader::TraceReader(const std::string& path, const TraceOverrides& override
     impl_->reader = std::make_unique<NpyRowReader>(path);
     trace_shape(impl_->reader->header(), path, impl_->tokens, impl_->layers, impl_->k);
     impl_->meta = read_metadata(path, overrides);
+    check_metadata_shape(impl_->meta, impl_->reader->header(), path, impl_->tokens, impl_->layers, impl_->k);
     GRACE_CHECK_INPUT(impl_->k <= impl_->meta.num_experts, path, ": top_k = ", impl_->k,
-                      " exceeds the number of experts E = ", impl_->meta.num_experts);
+                      " exceeds the number of experts E = ", impl_->meta.num_experts, " (", impl_->meta.experts_from,
+                      ")");
 }
 
 TraceReader::~TraceReader() = default;

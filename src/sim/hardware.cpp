@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "core/json_read.hpp"
 #include "grace/error.hpp"
 #include "grace/io.hpp"
 
@@ -49,6 +50,13 @@ double number(const json& j, const char* key, const std::string& where) {
     return j[key].get<double>();
 }
 
+// Integers through detail::json_int: 64-bit, range-checked, errors name the field (a cast of a huge double
+// to int would be undefined).
+int integer(const json& j, const char* key, const std::string& where, int lo) {
+    GRACE_CHECK_INPUT(j.contains(key), "hardware: missing field ", where, key);
+    return detail::json_int(j[key], "hardware", where + key, lo, detail::kInt32Max);
+}
+
 double bandwidth(const json& link, const std::string& where) {
     GRACE_CHECK_INPUT(link.is_object(), "hardware: field ", where, " must be an object with bandwidth and latency");
     const bool bytes = link.contains("bandwidth_GBps"), bits = link.contains("bandwidth_Gbps");
@@ -63,8 +71,8 @@ double bandwidth(const json& link, const std::string& where) {
 GemmTable parse_table(const json& s, const std::string& name) {
     GemmTable t;
     const std::string where = "gemm_table.shapes." + name + ".";
-    t.hidden = static_cast<int>(number(s, "hidden", where));
-    t.intermediate = static_cast<int>(number(s, "intermediate", where));
+    t.hidden = integer(s, "hidden", where, 1);
+    t.intermediate = integer(s, "intermediate", where, 1);
     GRACE_CHECK_INPUT(s.contains("tokens") && s["tokens"].is_array(), "hardware: missing array ", where, "tokens");
     GRACE_CHECK_INPUT(s.contains("seconds") && s["seconds"].is_array(), "hardware: missing array ", where, "seconds");
     for (const auto& v : s["tokens"]) {
@@ -130,7 +138,7 @@ HardwareModel parse_hardware(const std::string& json_text, const std::string& ba
     HardwareModel hw;
     hw.name = j.value("name", std::string("custom"));
     hw.description = j.value("description", std::string());
-    hw.element_size = static_cast<int>(number(j, "element_size", ""));
+    hw.element_size = integer(j, "element_size", "", 1);
     GRACE_CHECK_INPUT(j.contains("intra_node"), "hardware: missing field intra_node");
     GRACE_CHECK_INPUT(j.contains("cross_node"), "hardware: missing field cross_node");
     hw.intra_node_bandwidth = bandwidth(j["intra_node"], "intra_node");
@@ -158,8 +166,8 @@ HardwareModel parse_hardware(const std::string& json_text, const std::string& ba
     }
     if (j.contains("non_moe_seconds_per_token"))
         hw.non_moe_seconds_per_token = number(j, "non_moe_seconds_per_token", "");
-    if (j.contains("hidden")) hw.hidden = static_cast<int>(number(j, "hidden", ""));
-    if (j.contains("intermediate")) hw.intermediate = static_cast<int>(number(j, "intermediate", ""));
+    if (j.contains("hidden")) hw.hidden = integer(j, "hidden", "", 0);
+    if (j.contains("intermediate")) hw.intermediate = integer(j, "intermediate", "", 0);
     hw.validate();
     return hw;
 }

@@ -339,6 +339,26 @@ TEST(Hardware, PresetsParseAndBadFilesAreRejected) {
     EXPECT_THROW(load_hardware("no-such-preset"), Error);
 }
 
+TEST(Hardware, IntegerFieldsAreRangeCheckedNotCast) {
+    // element_size 2^32 + 2 used to be cast to int (2; undefined behaviour for larger doubles), 2.5 to 2.
+    const std::string link = R"("intra_node": {"bandwidth_GBps": 600, "latency_us": 5},
+        "cross_node": {"bandwidth_Gbps": 25, "latency_us": 30}, "compute": {"peak_tflops": 100, "n_half": 10})";
+    auto error_with = [&](const std::string& fields) {
+        try {
+            parse_hardware(R"({"format": "grace.hardware/v1", )" + fields + ", " + link + "}");
+        } catch (const Error& e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    EXPECT_EQ(error_with(R"("element_size": 4294967298)"),
+              "hardware: element_size: 4294967298 is outside [1, 2147483647]");
+    EXPECT_EQ(error_with(R"("element_size": 2.5)"), "hardware: element_size: 2.5 is not an integer");
+    EXPECT_EQ(error_with(R"("element_size": 2, "hidden": 1e300)"),
+              "hardware: hidden: 1e+300 is outside [0, 2147483647]");
+    EXPECT_EQ(error_with(R"("element_size": 2, "hidden": 2048)"), "");
+}
+
 TEST(Hardware, MeasuredH100PresetCarriesItsGemmTables) {
     // src/sim/presets/h100-measured.json: GEMM times from the H100 run (bench/results/gpu.md).
     const HardwareModel hw = load_hardware("h100-measured");

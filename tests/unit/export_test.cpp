@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -113,6 +114,38 @@ TEST(Export, TrtllmYamlShape) {
               "initial_global_assignments:\n  3: [0, 1, 2, 3, 4, 5, 6, 7]\n  4: [0, 1, 2, 3, 4, 5, 6, 7]\n"
               "num_slots: 8\nlayer_updates_per_iter: 0\n");
     EXPECT_THROW(parse_export_format("deepep"), Error);
+}
+
+TEST(ExportLimits, LayerOffsetIsBoundedAndIntegersAreChecked) {
+    testing::TempDir dir;
+    const RoutingStats st = testing::make_random_stats(2, 16, 2, 300, 2);
+    const ExpertPlan plan = make_plan(st, Topology{1, 4, std::nullopt}, PlanOptions{});
+    ExportOptions eo;
+    eo.format = ExportFormat::kSglang;
+    // 2^31-1 used to write 2^31-1 trivial rows, without end.
+    eo.layer_offset = 2147483647;
+    const std::string bound =
+        "export: layer offset 2147483647 is outside [0, 10000] (it is the model layer index of "
+        "MoE layer 0)";
+    EXPECT_EQ(testing::error_of([&] { export_plan(plan, eo, dir.file("s.json")); }), bound);
+    EXPECT_EQ(testing::error_of([&] { export_text(build_physical_map(plan), eo); }), bound);
+    EXPECT_FALSE(std::filesystem::exists(dir.file("s.json")));
+    eo.layer_offset = -1;
+    EXPECT_NE(testing::error_of([&] { export_plan(plan, eo, dir.file("s.json")); }).find("layer offset -1"),
+              std::string::npos);
+    eo.layer_offset = kMaxLayerOffset;
+    export_plan(plan, eo, dir.file("s.json"));
+    EXPECT_EQ(read_export(dir.file("s.json"), ExportFormat::kSglang, 4, kMaxLayerOffset).size(), 2u);
+    // Reading back: a slot of 2^32 + 1 is not read as 1.
+    testing::write_bytes(dir.file("wrap.json"), R"({"physical_to_logical_map": [[0, 4294967297, 2, 3]]})");
+    EXPECT_EQ(testing::error_of([&] { read_export(dir.file("wrap.json"), ExportFormat::kSglang, 4); }),
+              "export " + dir.file("wrap.json") +
+                  ": physical_to_logical_map[0][1]: 4294967297 is outside [-2147483648, 2147483647]");
+    testing::write_bytes(dir.file("wrap.yaml"), "initial_global_assignments:\n  0: [0, 4294967297, 2, 3]\n");
+    EXPECT_NE(testing::error_of([&] {
+                  read_export(dir.file("wrap.yaml"), ExportFormat::kTrtllm, 4);
+              }).find("'4294967297' is not a 32-bit integer"),
+              std::string::npos);
 }
 
 }  // namespace

@@ -112,6 +112,22 @@ TEST(Npy, RejectsTruncatedFortranAndForeignFiles) {
     EXPECT_THROW(read_npy_int(dir.file("missing.npy")), Error);
 }
 
+TEST(NpyLimits, ShapeWhoseSizeOverflowsIsRejectedNotWrapped) {
+    TempDir dir;
+    // 2^32 x 2^32 elements wrap to 0 in 64 bits, which used to pass the truncation check with no payload at all.
+    write_bytes(dir.file("wrap.npy"), make_npy("<i4", "(4294967296, 4294967296)", ""));
+    EXPECT_EQ(testing::error_of([&] { read_npy_header(dir.file("wrap.npy")); }),
+              dir.file("wrap.npy") + ": shape 4294967296 x 4294967296 of 4-byte elements overflows a 64-bit size");
+    // The product fits but the bytes do not (2^62 elements of 4 bytes).
+    write_bytes(dir.file("bytes.npy"), make_npy("<i4", "(4611686018427387904,)", ""));
+    EXPECT_NE(testing::error_of([&] { read_npy_int(dir.file("bytes.npy")); }).find("overflows a 64-bit size"),
+              std::string::npos);
+    // Large but representable: a plain truncation error naming the bytes the shape needs.
+    write_bytes(dir.file("big.npy"), make_npy("<i4", "(1000000, 1000000)", ""));
+    EXPECT_NE(testing::error_of([&] { read_npy_int(dir.file("big.npy")); }).find("shape needs 4000000000"),
+              std::string::npos);
+}
+
 TEST(Npy, WriterRefusesMissingFolderAndLeavesNothing) {
     TempDir dir;
     try {

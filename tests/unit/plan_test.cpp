@@ -2,8 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <nlohmann/json.hpp>
+
 #include "grace/error.hpp"
+#include "grace/planner.hpp"
 #include "test_util.hpp"
+#include "unit/planner_test_util.hpp"
 
 namespace grace {
 namespace {
@@ -110,6 +115,79 @@ TEST(Plan, SaveLoadAndMissingFolder) {
     save_plan(p, dir.file("p.json"));
     EXPECT_EQ(plan_to_json(load_plan(dir.file("p.json"))), plan_to_json(p));
     EXPECT_NE(error_of([&] { save_plan(p, dir.file("no/p.json")); }).find("does not exist"), std::string::npos);
+}
+
+// Plan JSON of toy_plan() with one value replaced by `edit`, parsed back: the error message, or "" if none.
+std::string plan_error_with(const std::function<void(nlohmann::ordered_json&)>& edit) {
+    nlohmann::ordered_json j = nlohmann::ordered_json::parse(plan_to_json(toy_plan()));
+    edit(j);
+    return error_of([&] { plan_from_json(j.dump()); });
+}
+
+TEST(PlanLimits, IntegersAreRangeCheckedNotNarrowed) {
+    // 2^32 + 16 used to be read as 16 (get<int> narrows); 16.7 as 16.
+    EXPECT_EQ(plan_error_with([](auto& j) { j["num_experts"] = (uint64_t{1} << 32) + 16; }),
+              "plan: num_experts: 4294967312 is outside [1, 2147483647]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["num_experts"] = 16.7; }), "plan: num_experts: 16.7 is not an integer");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["top_k"] = "2"; }), "plan: top_k: \"2\" is not an integer");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["top_k"] = 5; }), "plan: top_k: 5 is outside [1, 4]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["layers"][0]["routing"]["weights"][0][1] = (uint64_t{1} << 32) + 16; }),
+              "plan: layers[0].routing.weights[0][1]: 4294967312 is outside [1, 65535]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["layers"][0]["gpu_experts"][2][1] = -1; }),
+              "plan: layers[0].gpu_experts[2][1]: -1 is outside [0, 3]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["layers"][0]["primary_gpu"][3] = 4; }),
+              "plan: layers[0].primary_gpu[3]: 4 is outside [0, 3]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["layers"][0]["routing"]["period"] = 1e6; }),
+              "plan: layers[0].routing.period: 1000000.0 is outside [1, 65535]");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["topology"].erase("nodes"); }), "plan: missing field topology.nodes");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["seed"] = -1; }), "plan: seed: -1 is outside [0, 18446744073709551615]");
+    // A whole number written as a float is the integer it spells.
+    EXPECT_EQ(plan_error_with([](auto& j) { j["num_layers"] = 1.0; }), "");
+}
+
+TEST(PlanLimits, WrrWeightsThatOverflowAnIntSumAreRejected) {
+    // [2^31-1, 2^31-1, 122] sums to 120 in 32-bit arithmetic, the period: validate() must see 2^32 + 120.
+    ExpertPlan p = toy_plan();
+    p.layers[0].wrr_weights[0] = {2147483647, 2147483647, 122};
+    EXPECT_EQ(error_of([&] { p.validate(); }),
+              "plan layer 0: WRR weights of expert 0 sum to 4294967416, not the period 120");
+    // Read from JSON, the first weight already fails its range.
+    EXPECT_EQ(plan_error_with([](auto& j) {
+                  j["layers"][0]["routing"]["weights"][0] = {2147483647, 2147483647, 122};
+              }),
+              "plan: layers[0].routing.weights[0][0]: 2147483647 is outside [1, 65535]");
+}
+
+TEST(PlanLimits, HugeCountsFailBeforeSizingTables) {
+    // num_experts 2^31-1 is in range, but the layer lists 4 experts: fail on the sizes, not in an allocation.
+    EXPECT_EQ(plan_error_with([](auto& j) { j["num_experts"] = 2147483647; }),
+              "plan layer 0: primary_gpu has 4 entries, expected 2147483647");
+    EXPECT_EQ(plan_error_with([](auto& j) {
+                  j["topology"] = {{"nodes", 65536}, {"gpus_per_node", 65536}};
+              }),
+              "plan: topology 65536x65536 has 4294967296 GPUs, more than the 65536 grace supports");
+    EXPECT_EQ(plan_error_with([](auto& j) { j["topology"]["gpus_per_node"] = 65537; }),
+              "plan: topology.gpus_per_node: 65537 is outside [1, 65536]");
+}
+
+TEST(PlanLimits, SlotsPerGpuIsBoundedByWhatItMeans) {
+    const RoutingStats st = testing::make_random_stats(1, 16, 2, 200, 3);
+    PlanOptions eplb;
+    eplb.method = "eplb";
+    // 8 x (2^31-1) slots used to wrap to -8 inside the EPLB path.
+    EXPECT_EQ(
+        error_of([&] {
+            make_plan(st, Topology{1, 8, 2147483647}, eplb);
+        }),
+        "slots per GPU (--slots-per-gpu) 2147483647 exceeds the 16 experts: a GPU holds each expert at most once");
+    EXPECT_EQ(error_of([&] {
+                  make_plan(st, Topology{1, 8, 1}, eplb);
+              }),
+              "topology 1x8:1 has 8 x 1 = 8 slots, too few for the 16 experts (--slots-per-gpu must be at least 2)");
+    EXPECT_EQ(make_plan(st, Topology{1, 8, 16}, eplb).topology.slots_per_gpu, 16);
+    eplb.method = "eplb-hierarchical+eplb:2147483640";  // divisible by 8 GPUs: used to size EPLB's tables by it
+    EXPECT_EQ(error_of([&] { make_plan(st, Topology{1, 8, std::nullopt}, eplb); }),
+              "eplb:2147483640 means 268435455 slots per GPU, more than the 16 experts");
 }
 
 TEST(RoutingPolicyNames, RoundTripAndUnknown) {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 
@@ -199,6 +200,68 @@ TEST(Stats, SaveLoadRoundTripAndMissingFolder) {
     // A corrupted folder is rejected, naming the problem.
     write_npy(dir.file("s/load.npy"), std::vector<int64_t>{1, 2, 3}, {3});
     EXPECT_NE(error_of([&] { load_stats(dir.file("s")); }).find("load.npy"), std::string::npos);
+}
+
+// Sets an environment variable for one scope.
+class ScopedEnv {
+  public:
+    ScopedEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+    ~ScopedEnv() { unsetenv(name_); }
+
+  private:
+    const char* name_;
+};
+
+TEST(ProfileLimits, MemoryIsEstimatedBeforeAllocating) {
+    testing::TempDir dir;
+    // 48 layers, k = 2, ids 0..1: --experts 100000 asks for 48 * 10^10 affinity cells (8 bytes) plus the counting
+    // tables (10 bytes per cell for one token group): 8.64e12 bytes = 7.9 TiB. It used to grow past 5.7 GB.
+    std::vector<int32_t> ids;
+    for (int l = 0; l < 48; ++l) ids.insert(ids.end(), {0, 1});
+    write_npy(dir.file("t.npy"), ids, {1, 48, 2});
+    TraceOverrides ov;
+    ov.num_experts = 100000;
+    ProfileOptions o;
+    o.num_threads = 1;
+    {
+        ScopedEnv env("GRACE_MEMORY_LIMIT", "16G");
+        EXPECT_EQ(error_of([&] { profile_trace_file(dir.file("t.npy"), ov, o); }),
+                  "profile: the affinity of 100000 experts (--experts) over 48 layers, with its counting tables, needs "
+                  "7.9 TiB (limit: 16.0 GiB, GRACE_MEMORY_LIMIT)");
+        EXPECT_NE(error_of([&] { profile_trace(make_trace(1, 48, 2, 100000, ids), o); }).find("needs 7.9 TiB"),
+                  std::string::npos);
+        ov.num_experts = 2;
+        EXPECT_EQ(profile_trace_file(dir.file("t.npy"), ov, o).num_experts, 2);
+    }
+    {
+        ScopedEnv env("GRACE_MEMORY_LIMIT", "lots");
+        EXPECT_EQ(error_of([&] { profile_trace_file(dir.file("t.npy"), ov, o); }),
+                  "GRACE_MEMORY_LIMIT='lots' is not a size (e.g. 16G or 17179869184)");
+    }
+}
+
+TEST(StatsLimits, MetaIntegersAreRangeChecked) {
+    testing::TempDir dir;
+    save_stats(profile_trace(make_trace(1, 1, 2, 3, {0, 1})), dir.file("s"));
+    const std::string meta = dir.file("s/meta.json");
+    auto error_with = [&](const std::string& json) {
+        testing::write_bytes(meta, json);
+        return error_of([&] { load_stats(dir.file("s")); });
+    };
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 4294967299})"),
+              meta + ": num_experts: 4294967299 is outside [1, 2147483647]");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1.5, "num_experts": 3})"),
+              meta + ": num_layers: 1.5 is not an integer");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 3, "top_k": 4})"),
+              meta + ": top_k: 4 is outside [0, 3]");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 3, "num_gpus": -1})"),
+              meta + ": num_gpus: -1 is outside [0, 65536]");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_experts": 3})"), meta + ": missing field num_layers");
+    // L x E x E must be representable before it is compared with the arrays' shapes.
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 2147483647, "num_experts": 2147483647})"),
+              meta + ": L x E x E: 2147483647 x 2147483647 x 2147483647 overflows a 64-bit size");
+    EXPECT_EQ(error_with(R"({"format": "grace.stats/v1", "num_layers": 1, "num_experts": 3, "top_k": 2})"),
+              "<no error>");
 }
 
 TEST(Stats, ValidateCatchesAsymmetryAndNegatives) {

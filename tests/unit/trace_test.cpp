@@ -95,6 +95,43 @@ TEST(Trace, RejectsBadIdsShapesAndWeights) {
     EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("ids' shape"), std::string::npos);
 }
 
+TEST(TraceLimits, MetadataIntegersAreRangeChecked) {
+    TempDir dir;
+    write_npy(dir.file("t.npy"), std::vector<int32_t>{0, 1, 2, 3, 1, 2}, {3, 1, 2});
+    const std::string meta = dir.file("t.json");
+    auto error_with = [&](const std::string& json) {
+        write_bytes(meta, json);
+        return error_of([&] { load_trace(dir.file("t.npy")); });
+    };
+    // 2^32 + 16 used to be read as 16, 16.7 as 16.
+    EXPECT_EQ(error_with(R"({"num_experts": 4294967312})"),
+              meta + ": num_experts: 4294967312 is outside [1, 2147483647]");
+    EXPECT_EQ(error_with(R"({"num_experts": 16.7})"), meta + ": num_experts: 16.7 is not an integer");
+    EXPECT_EQ(error_with(R"({"num_experts": "16"})"), meta + ": num_experts: \"16\" is not an integer");
+    EXPECT_EQ(error_with(R"({"num_experts": 16, "num_tokens": -3})"),
+              meta + ": num_tokens: -3 is outside [0, 9223372036854775807]");
+    EXPECT_EQ(error_with(R"({"num_experts": 16, "num_layers": 1, "top_k": 2, "num_tokens": 3})"), "");
+}
+
+TEST(TraceLimits, MetadataThatContradictsTheArrayIsAnError) {
+    TempDir dir;
+    write_npy(dir.file("t.npy"), std::vector<int32_t>{0, 1, 2, 3, 1, 2}, {3, 1, 2});
+    const std::string meta = dir.file("t.json"), ids = dir.file("t.npy");
+    auto error_with = [&](const std::string& json) {
+        write_bytes(meta, json);
+        return error_of([&] { load_trace(ids); });
+    };
+    EXPECT_EQ(error_with(R"({"num_experts": 8, "top_k": 4})"),
+              meta + ": top_k = 4 contradicts " + ids + " of shape [3, 1, 2] (top_k = 2)");
+    EXPECT_EQ(error_with(R"({"num_experts": 8, "num_layers": 2})"),
+              meta + ": num_layers = 2 contradicts " + ids + " of shape [3, 1, 2] (layers = 1)");
+    EXPECT_EQ(error_with(R"({"num_experts": 8, "num_tokens": 30})"),
+              meta + ": num_tokens = 30 contradicts " + ids + " of shape [3, 1, 2] (tokens = 3)");
+    // num_experts at or below the largest id: the id and its place are named.
+    EXPECT_NE(error_with(R"({"num_experts": 3})").find("expert id 3 at token 1, layer 0 is out of range [0, 3)"),
+              std::string::npos);
+}
+
 TEST(Trace, ValidateCatchesInMemoryMistakes) {
     RoutingTrace t = small_trace();
     t.gate_weights[3] = INFINITY;
@@ -149,6 +186,10 @@ TEST(Topology, ParsesAndRejects) {
     EXPECT_NE(error_of([] { Topology::parse("0x4"); }).find("has a zero"), std::string::npos);
     EXPECT_NE(error_of([] { Topology::parse("two"); }).find("NxM"), std::string::npos);
     EXPECT_NE(error_of([] { Topology::parse("2x-1"); }).find("NxM"), std::string::npos);
+    // 65536 x 65536 used to wrap to num_gpus 0.
+    EXPECT_EQ(error_of([] { Topology::parse("65536x65536"); }),
+              "topology 65536x65536 has 4294967296 GPUs, more than the 65536 grace supports");
+    EXPECT_EQ(Topology::parse("1x65536").num_gpus(), 65536);
     // Contiguous data-parallel blocks: 10 tokens on 4 GPUs -> 3,2,3,2 split by floor(t*G/T).
     std::vector<int> homes;
     for (int t = 0; t < 10; ++t) homes.push_back(home_gpu(t, 10, 4));

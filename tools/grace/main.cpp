@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <new>
+#include <stdexcept>
 
 #include "command.hpp"
 #include "grace/error.hpp"
@@ -80,6 +82,15 @@ int main(int argc, char** argv) {
     }
     try {
         return run ? run() : 0;
+    } catch (const std::bad_alloc&) {
+        // Last resort: sizes that scale with an input are estimated before allocating (GRACE_MEMORY_LIMIT);
+        // anything that still runs out of memory ends here as one line rather than a bare std::bad_alloc.
+        std::cerr << "grace: error: out of memory: the input asks for more memory than is available "
+                     "(check sizes such as --experts, the trace's shape and the topology)\n";
+        return 1;
+    } catch (const std::length_error& e) {
+        std::cerr << "grace: error: a size derived from the input is too large to allocate (" << e.what() << ")\n";
+        return 1;
     } catch (const std::exception& e) {
         std::cerr << "grace: error: " << e.what() << "\n";
         return 1;
