@@ -334,9 +334,11 @@ std::string report_to_csv(const EvalReport& r) {
 void save_report(const EvalReport& r, const std::string& stem_in) {
     std::string stem = stem_in;
     if (stem.size() > 5 && stem.substr(stem.size() - 5) == ".json") stem.resize(stem.size() - 5);
-    check_output_dir(stem + ".json");
-    write_text_atomic(stem + ".json", report_to_json(r));
-    write_text_atomic(stem + ".csv", report_to_csv(r));
+    // The .csv and the .json are one output: both are written before either appears, the .json last.
+    OutputSet out;
+    out.add_text(stem + ".csv", report_to_csv(r));
+    out.add_text(stem + ".json", report_to_json(r));
+    out.commit();
 }
 
 std::string format_report_table(const EvalReport& r) {
