@@ -34,9 +34,13 @@ std::string errno_text(int err) { return std::error_code(err, std::generic_categ
 /// `.NAME.tmp.PID.N` beside `target`; N counts up within the process so that names never repeat.
 std::string temp_name_for(const fs::path& target) {
     static std::atomic<uint64_t> counter{0};
-    return (target.parent_path() /
-            ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++)))
-        .string();
+    std::string name = ".";  // appended piecewise: GCC 12 warns (-Wrestrict, falsely) on "." + string
+    name.append(target.filename().string());
+    name.append(".tmp.");
+    name.append(std::to_string(::getpid()));
+    name.append(".");
+    name.append(std::to_string(counter++));
+    return (target.parent_path() / name).string();
 }
 
 /// The PID of `name` if it is a temporary of the file named `target_name`, else -1: `.NAME.tmp.PID.N`, the same

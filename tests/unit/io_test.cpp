@@ -76,6 +76,7 @@ RoutingTrace tiny_trace() {
 
 TEST(OutputFile, DiskFullNamesTargetAndCause) {
     // /dev/full fails every write with ENOSPC: the message names the target, not where the bytes were going.
+    if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
     OutputFile f("/dev/full", "out/plan.json");
     const std::string data(4096, 'x');
     EXPECT_EQ(error_of([&] { f.write(data.data(), data.size()); }), "cannot write out/plan.json: No space left on device");
@@ -299,9 +300,10 @@ TEST(StaleTemporaries, OnlyDeadGraceTemporariesOfTheTargetAreRemoved) {
     write_bytes(old + "/.grace-output", R"({"format": "grace.output/v1", "kind": "stats", "files": ["a.npy"]})");
 
     EXPECT_EQ(remove_stale_temporaries(dir.file("t.npy")), 3);
-    EXPECT_EQ(names_in(dir.path()),
-              (std::vector<std::string>{".t.npy.tmp." + dead + ".2.old", ".t.npy.tmp." + alive + ".7", ".t.npy.tmp.x.0",
-                                        ".u.npy.tmp." + dead + ".0", "t.npy"}));
+    std::vector<std::string> kept = {".t.npy.tmp." + dead + ".2.old", ".t.npy.tmp." + alive + ".7", ".t.npy.tmp.x.0",
+                                     ".u.npy.tmp." + dead + ".0", "t.npy"};
+    std::sort(kept.begin(), kept.end());
+    EXPECT_EQ(names_in(dir.path()), kept);
     EXPECT_EQ(names_in(old), (std::vector<std::string>{".grace-output", "user.txt"}));
 }
 
