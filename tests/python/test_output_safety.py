@@ -12,7 +12,7 @@ import unittest
 
 import numpy as np
 
-GRACE = os.environ.get("GRACE_BIN", "build/tools/grace/grace")
+GRACE = os.path.abspath(os.environ.get("GRACE_BIN", "build/tools/grace/grace"))
 
 
 def run(*args, ok=True, cwd=None, fsize=None):
@@ -108,7 +108,8 @@ class OutputSafety(unittest.TestCase):
     def test_rerun_into_own_output_folder_and_refuse_added_user_file(self):
         out = os.path.join(self.d, "s")
         run("profile", self.trace, "-q", "-o", out)
-        marker = json.load(open(os.path.join(out, ".grace-output")))
+        with open(os.path.join(out, ".grace-output")) as f:
+            marker = json.load(f)
         self.assertEqual(marker["kind"], "stats")
         self.assertEqual(marker["files"], ["affinity.npy", "load.npy", "meta.json"])
         run("profile", self.trace, "-q", "--topology", "2x2", "-o", out)
