@@ -142,7 +142,7 @@ void remove_grace_folder(const fs::path& dir) {
     for (auto it = fs::recursive_directory_iterator(dir, ec); !ec && it != fs::recursive_directory_iterator();
          it.increment(ec))
         if (fs::is_directory(it->symlink_status(ec))) dirs.push_back(it->path());
-    std::sort(dirs.rbegin(), dirs.rend());  // children before parents
+    std::sort(dirs.rbegin(), dirs.rend());         // children before parents
     for (const auto& d : dirs) fs::remove(d, ec);  // fails, harmlessly, on a non-empty folder
     int left = 0;
     bool marker_left = false;

@@ -79,7 +79,8 @@ TEST(OutputFile, DiskFullNamesTargetAndCause) {
     if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
     OutputFile f("/dev/full", "out/plan.json");
     const std::string data(4096, 'x');
-    EXPECT_EQ(error_of([&] { f.write(data.data(), data.size()); }), "cannot write out/plan.json: No space left on device");
+    EXPECT_EQ(error_of([&] { f.write(data.data(), data.size()); }),
+              "cannot write out/plan.json: No space left on device");
 }
 
 TEST(OutputFile, OpenFailureNamesTarget) {
@@ -217,9 +218,8 @@ TEST(WriteDirAtomic, RefusesAFolderGraceDidNotWrite) {
     fs::create_directory(dir.file("work"));
     write_bytes(dir.file("work/trace.npy"), "user data");
     bool filled = false;
-    const std::string err = error_of([&] {
-        write_dir_atomic(dir.file("work"), "stats", [&](const std::string&) { filled = true; });
-    });
+    const std::string err =
+        error_of([&] { write_dir_atomic(dir.file("work"), "stats", [&](const std::string&) { filled = true; }); });
     EXPECT_EQ(err, "refusing to replace folder " + dir.file("work") +
                        ": it is not a grace stats output (no .grace-output marker); choose another -o or remove it");
     EXPECT_FALSE(filled);
@@ -265,8 +265,9 @@ TEST(WriteDirAtomic, RefusesOwnOutputHoldingAUserFileOrOfAnotherKind) {
                   ": it holds notes.txt, which grace did not write; choose another -o or remove it");
     EXPECT_EQ(read_bytes(dir.file("s/notes.txt")), "mine");
     write_bytes(dir.file("f"), "a file");
-    EXPECT_NE(error_of([&] { write_dir_atomic(dir.file("f"), "stats", [](const std::string&) {}); })
-                  .find("it exists and is not a folder"),
+    EXPECT_NE(error_of([&] {
+                  write_dir_atomic(dir.file("f"), "stats", [](const std::string&) {});
+              }).find("it exists and is not a folder"),
               std::string::npos);
 }
 

@@ -89,7 +89,9 @@ GRACE_COMMAND(
             ->capture_default_str();
         sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str();
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
-        sub.add_option("-o,--output", a->output, "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")->required();
+        sub.add_option("-o,--output", a->output,
+                       "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")
+            ->required();
         return [a] { return run_compare_cmd(*a); };
     },
     50);

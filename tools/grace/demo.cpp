@@ -131,7 +131,9 @@ GRACE_COMMAND(
     "demo", "The main job: generate traces, plan with every method, compare on 2x2 and 2x4, write the report",
     [](CLI::App& sub) -> std::function<int()> {
         auto a = std::make_shared<DemoArgs>();
-        sub.add_option("-o,--output", a->output, "Output folder: new, empty, or an earlier grace demo output (replaced)")->capture_default_str();
+        sub.add_option("-o,--output", a->output,
+                       "Output folder: new, empty, or an earlier grace demo output (replaced)")
+            ->capture_default_str();
         sub.add_option("--preset", a->preset, "Model preset")->capture_default_str();
         sub.add_option("--dataset", a->dataset, "Main dataset")->capture_default_str();
         sub.add_option("--other-dataset", a->other, "Second dataset (cross-dataset check)")->capture_default_str();

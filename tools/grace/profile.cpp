@@ -35,7 +35,8 @@ std::function<int()> setup_profile(CLI::App& sub) {
     };
     auto a = std::make_shared<Args>();
     sub.add_option("trace", a->trace, "Trace .npy [T, L, k] or [T, k]")->required();
-    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")->required();
+    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
+        ->required();
     sub.add_option("--topology", a->topology, "NxM: also count per-source-GPU loads (home GPU floor(t*G/T))");
     sub.add_option("--threads", a->options.num_threads, "Threads (0 = all; results are identical for any count)")
         ->capture_default_str();

@@ -23,7 +23,8 @@ std::function<int()> setup_import(CLI::App& sub) {
     sub.add_option("--top-k", a->top_k, "Top-k of the routing the counts came from")->required();
     sub.add_option("--model", a->model, "Model name recorded in meta.json");
     sub.add_option("--dataset", a->dataset, "Dataset name recorded in meta.json");
-    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")->required();
+    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
+        ->required();
     return [a] {
         std::string out = a->out;
         while (out.size() > 1 && out.back() == '/') out.pop_back();
