@@ -290,6 +290,8 @@ TEST(StaleTemporaries, OnlyDeadGraceTemporariesOfTheTargetAreRemoved) {
     write_bytes(dir.file(".t.npy.tmp." + dead + ".0"), "half-written ids");
     write_bytes(dir.file("..t.npy.tmp." + dead + ".0.tmp." + dead + ".1"), "nested");  // write_npy's own temporary
     write_bytes(dir.file(".t.npy.tmp." + alive + ".7"), "a live writer's");
+    fs::create_directory(dir.file(".t.npy.tmp." + dead + ".5"));  // a folder output a killed run was filling
+    write_bytes(dir.file(".t.npy.tmp." + dead + ".5/affinity.npy"), "partial");
     write_bytes(dir.file(".t.npy.tmp.x.0"), "not grace's pattern");
     write_bytes(dir.file(".u.npy.tmp." + dead + ".0"), "another target's");
     write_bytes(dir.file("t.npy"), "the user's trace");
@@ -300,7 +302,7 @@ TEST(StaleTemporaries, OnlyDeadGraceTemporariesOfTheTargetAreRemoved) {
     write_bytes(old + "/user.txt", "added by the user");
     write_bytes(old + "/.grace-output", R"({"format": "grace.output/v1", "kind": "stats", "files": ["a.npy"]})");
 
-    EXPECT_EQ(remove_stale_temporaries(dir.file("t.npy")), 3);
+    EXPECT_EQ(remove_stale_temporaries(dir.file("t.npy")), 4);
     std::vector<std::string> kept = {".t.npy.tmp." + dead + ".2.old", ".t.npy.tmp." + alive + ".7", ".t.npy.tmp.x.0",
                                      ".u.npy.tmp." + dead + ".0", "t.npy"};
     std::sort(kept.begin(), kept.end());
