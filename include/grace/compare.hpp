@@ -107,7 +107,7 @@ struct ReportSection {
 
 /// Writes into folder `dir` (which must exist): for each section i, `compare{i}.json/.csv` (`compare.json`
 /// and `compare.csv` for the first), the SVG figures `fig{i}_*.svg`, and one report.html tying them together.
-/// Returns the paths written.
+/// All files are committed together (an OutputSet, grace/io.hpp), report.html last. Returns the paths written.
 std::vector<std::string> write_report(const std::vector<ReportSection>& sections, const std::string& dir,
                                       const std::string& title);
 

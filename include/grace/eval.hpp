@@ -237,7 +237,8 @@ EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const Eva
 std::string report_to_json(const EvalReport& report);
 /// CSV: one row per layer, then a row "total".
 std::string report_to_csv(const EvalReport& report);
-/// Writes STEM.json and STEM.csv atomically (a trailing .json on `stem` is dropped). Throws kIo.
+/// Writes STEM.json and STEM.csv atomically and together (an OutputSet, the .json last; a trailing .json on
+/// `stem` is dropped). Throws kIo naming the file that could not be written; then neither file changed.
 void save_report(const EvalReport& report, const std::string& stem);
 /// A short fixed-width terminal table of the totals.
 std::string format_report_table(const EvalReport& report);

@@ -64,7 +64,8 @@ struct ExportOptions {
 std::string export_text(const PhysicalMap& map, const ExportOptions& options);
 
 /// Writes the export atomically to `path`. For kEplb, a path not ending in ".json" is a folder written with
-/// phy2log.npy, log2phy.npy, logcnt.npy (int64). Returns the map written. Throws kIo for a missing folder.
+/// phy2log.npy, log2phy.npy, logcnt.npy (int64), a grace "eplb-export" folder output (write_dir_atomic,
+/// grace/io.hpp). Returns the map written. Throws kIo for a missing parent folder or a folder it may not replace.
 PhysicalMap export_plan(const ExpertPlan& plan, const ExportOptions& options, const std::string& path);
 
 /// Reads an export back into [L][G][*] experts per GPU (slot order), for checks and round trips; `num_gpus`

@@ -63,7 +63,8 @@ RoutingStats profile_trace(const RoutingTrace& trace, const ProfileOptions& opti
 RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& overrides = {},
                                 const ProfileOptions& options = {});
 
-/// Writes stats to folder `dir` atomically (see the file comment). Throws kIo for a missing parent folder.
+/// Writes stats to folder `dir` atomically, as a grace "stats" folder output (write_dir_atomic, grace/io.hpp).
+/// Throws kIo for a missing parent folder or a `dir` that is not empty and not a grace stats output.
 void save_stats(const RoutingStats& stats, const std::string& dir);
 /// Reads a stats folder. Throws kIo / kInvalidInput naming the bad file or shape.
 RoutingStats load_stats(const std::string& dir);

@@ -211,14 +211,12 @@ PhysicalMap export_plan(const ExpertPlan& plan, const ExportOptions& options, co
         write_text_atomic(path, export_text(m, options));
         return m;
     }
-    std::string dir = path;
-    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-    check_output_dir(dir);
+    check_output_folder(path, "eplb-export");
     std::vector<int> log2phy, logcnt;
     int X = 0;
     eplb_tables(m, log2phy, logcnt, X);
     const int64_t L = m.num_layers, E = m.num_experts, P = m.num_physical();
-    write_dir_atomic(dir, [&](const std::string& tmp) {
+    write_dir_atomic(path, "eplb-export", [&](const std::string& tmp) {
         write_npy(tmp + "/phy2log.npy", std::vector<int64_t>(m.phy2log.begin(), m.phy2log.end()), {L, P});
         write_npy(tmp + "/log2phy.npy", std::vector<int64_t>(log2phy.begin(), log2phy.end()), {L, E, X});
         write_npy(tmp + "/logcnt.npy", std::vector<int64_t>(logcnt.begin(), logcnt.end()), {L, E});

@@ -444,8 +444,7 @@ void write_npy_impl(const std::string& path, const std::vector<T>& data, const s
     dict += std::string(pad, ' ') + "\n";
     static_assert(std::endian::native == std::endian::little, "grace writes little-endian .npy on little-endian hosts");
     write_file_atomic(path, [&](const std::string& tmp) {
-        std::FILE* f = std::fopen(tmp.c_str(), "wb");
-        GRACE_CHECK(f != nullptr, ErrorCode::kIo, "cannot open ", path, " for writing");
+        OutputFile f(tmp, path);  // errors name `path` and the cause (e.g. No space left on device)
         std::string head(kMagic, 6);
         head += static_cast<char>(v2 ? 2 : 1);
         head += '\0';
@@ -457,10 +456,9 @@ void write_npy_impl(const std::string& path, const std::vector<T>& data, const s
             head += static_cast<char>((len >> 24) & 0xff);
         }
         head += dict;
-        bool ok = std::fwrite(head.data(), 1, head.size(), f) == head.size();
-        ok = ok && (data.empty() || std::fwrite(data.data(), sizeof(T), data.size(), f) == data.size());
-        ok = (std::fclose(f) == 0) && ok;
-        GRACE_CHECK(ok, ErrorCode::kIo, "error while writing ", path);
+        f.write(head.data(), head.size());
+        f.write(data.data(), data.size() * sizeof(T));
+        f.close();
     });
 }
 

@@ -182,14 +182,11 @@ RoutingStats profile_trace_file(const std::string& path, const TraceOverrides& o
 
 void save_stats(const RoutingStats& stats, const std::string& dir) {
     stats.validate();
-    std::string clean = dir;
-    while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
-    check_output_dir(clean);
     json meta = {{"format", "grace.stats/v1"}, {"num_layers", stats.num_layers}, {"num_experts", stats.num_experts},
                  {"top_k", stats.top_k},       {"num_tokens", stats.num_tokens}, {"model", stats.model},
                  {"dataset", stats.dataset},   {"num_gpus", stats.num_gpus}};
     const int64_t L = stats.num_layers, E = stats.num_experts, G = stats.num_gpus;
-    write_dir_atomic(clean, [&](const std::string& tmp) {
+    write_dir_atomic(dir, "stats", [&](const std::string& tmp) {
         write_npy((fs::path(tmp) / "affinity.npy").string(), stats.affinity, {L, E, E});
         write_npy((fs::path(tmp) / "load.npy").string(), stats.load, {L, E});
         if (G > 0) write_npy((fs::path(tmp) / "source_load.npy").string(), stats.source_load, {L, G, E});

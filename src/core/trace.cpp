@@ -219,19 +219,26 @@ RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides
 
 void save_trace(const RoutingTrace& trace, const std::string& path) {
     trace.validate();
-    check_output_dir(path);
-    std::string stem = stem_path(path);
+    const std::string wpath = stem_path(path) + ".weights.npy";
+    const std::string meta_path = trace_metadata_path(path);
+    // Check every target before writing anything, so that a bad one (e.g. a folder) leaves no new file.
+    check_output_file(path);
+    check_output_file(meta_path);
+    if (trace.has_weights()) check_output_file(wpath);
     json meta = {{"format", "grace.trace/v1"},     {"num_experts", trace.num_experts},
                  {"num_layers", trace.num_layers}, {"top_k", trace.top_k},
                  {"num_tokens", trace.num_tokens}, {"model", trace.model},
                  {"dataset", trace.dataset},       {"weights", nullptr}};
+    const std::vector<int64_t> shape = {trace.num_tokens, trace.num_layers, trace.top_k};
+    // Ids, weights and metadata are one output: staged together, the metadata (naming the weights) renamed last.
+    OutputSet out;
     if (trace.has_weights()) {
-        std::string wpath = stem + ".weights.npy";
-        write_npy(wpath, trace.gate_weights, {trace.num_tokens, trace.num_layers, trace.top_k});
+        out.add(wpath, [&](const std::string& tmp) { write_npy(tmp, trace.gate_weights, shape); });
         meta["weights"] = fs::path(wpath).filename().string();
     }
-    write_npy(path, trace.expert_ids, {trace.num_tokens, trace.num_layers, trace.top_k});
-    write_text_atomic(trace_metadata_path(path), meta.dump(2) + "\n");
+    out.add(path, [&](const std::string& tmp) { write_npy(tmp, trace.expert_ids, shape); });
+    out.add_text(meta_path, meta.dump(2) + "\n");
+    out.commit();
 }
 
 struct TraceReader::Impl {

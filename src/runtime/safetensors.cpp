@@ -248,15 +248,14 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
     std::string text = header.dump();
     while (text.size() % 8 != 0) text += ' ';
     write_file_atomic(path, [&](const std::string& tmp) {
-        std::ofstream out(tmp, std::ios::binary);
-        GRACE_CHECK(out, ErrorCode::kIo, "cannot write ", tmp);
+        OutputFile out(tmp, path);  // errors name `path` and the cause (e.g. No space left on device)
         uint64_t n = text.size();
         unsigned char len[8];
         for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
-        out.write(reinterpret_cast<const char*>(len), 8);
-        out.write(text.data(), static_cast<std::streamsize>(text.size()));
-        for (const auto& [name, t] : tensors) out.write(t.bytes.data(), static_cast<std::streamsize>(t.bytes.size()));
-        GRACE_CHECK(out, ErrorCode::kIo, "cannot write ", tmp);
+        out.write(len, 8);
+        out.write(text.data(), text.size());
+        for (const auto& [name, t] : tensors) out.write(t.bytes.data(), t.bytes.size());
+        out.close();
     });
 }
 

@@ -168,7 +168,7 @@ std::string csv_row(const EvalMetrics& m) {
                      static_cast<double>(m.intra_node_bytes), m.cross_node_ratio, m.load_std, m.balancedness,
                      m.imbalance_ratio, m.dispatch_time_s, m.combine_time_s, m.all_to_all_time_s, m.compute_time_s,
                      m.mean_compute_time_s, m.gpu_idle_time_s, m.moe_layer_time_s, m.non_moe_time_s, m.end_to_end_s})
-        s += "," + fmt(v);
+        s.append(",").append(fmt(v));  // not "," + fmt(v): GCC 12 warns falsely (-Wrestrict) on it
     return s + "\n";
 }
 
@@ -335,9 +335,11 @@ std::string report_to_csv(const EvalReport& r) {
 void save_report(const EvalReport& r, const std::string& stem_in) {
     std::string stem = stem_in;
     if (stem.size() > 5 && stem.substr(stem.size() - 5) == ".json") stem.resize(stem.size() - 5);
-    check_output_dir(stem + ".json");
-    write_text_atomic(stem + ".json", report_to_json(r));
-    write_text_atomic(stem + ".csv", report_to_csv(r));
+    // The .csv and the .json are one output: both are written before either appears, the .json last.
+    OutputSet out;
+    out.add_text(stem + ".csv", report_to_csv(r));
+    out.add_text(stem + ".json", report_to_json(r));
+    out.commit();
 }
 
 std::string format_report_table(const EvalReport& r) {

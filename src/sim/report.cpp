@@ -305,11 +305,11 @@ struct Figures {
     std::vector<std::pair<std::string, std::string>> files;  // (file name, caption)
 };
 
-Figures write_figures(const CompareResult& r, const std::string& dir, const std::string& prefix) {
+Figures write_figures(const CompareResult& r, const std::string& dir, const std::string& prefix, OutputSet& out) {
     Figures f;
     const auto topos = topologies_of(r);
     auto put = [&](const std::string& name, const std::string& svg, const std::string& caption) {
-        write_text_atomic((std::filesystem::path(dir) / (prefix + name)).string(), svg);
+        out.add_text((std::filesystem::path(dir) / (prefix + name)).string(), svg);
         f.files.push_back({prefix + name, caption});
     };
     // Plan figures on the largest topology, on the layer whose grouping is the most skewed.
@@ -424,17 +424,19 @@ std::vector<std::string> write_report(const std::vector<ReportSection>& sections
     GRACE_CHECK(std::filesystem::is_directory(dir), ErrorCode::kIo, "output folder does not exist: ", dir);
     std::vector<std::string> written;
     std::string body;
+    // Every file of the report is staged first and committed together, report.html (naming the others) last.
+    OutputSet out;
     for (size_t i = 0; i < sections.size(); ++i) {
         const ReportSection& sec = sections[i];
         GRACE_CHECK_ARG(sec.result != nullptr, "report section ", i, " has no result");
         const std::string stem = i == 0 ? "compare" : "compare" + std::to_string(i);
         const auto path = [&](const std::string& name) { return (std::filesystem::path(dir) / name).string(); };
-        write_text_atomic(path(stem + ".json"), compare_to_json(*sec.result));
-        write_text_atomic(path(stem + ".csv"), compare_to_csv(*sec.result));
+        out.add_text(path(stem + ".json"), compare_to_json(*sec.result));
+        out.add_text(path(stem + ".csv"), compare_to_csv(*sec.result));
         written.push_back(path(stem + ".json"));
         written.push_back(path(stem + ".csv"));
         Figures figs;
-        if (sec.figures) figs = write_figures(*sec.result, dir, "fig" + std::to_string(i) + "_");
+        if (sec.figures) figs = write_figures(*sec.result, dir, "fig" + std::to_string(i) + "_", out);
         for (const auto& f : figs.files) written.push_back(path(f.first));
         body += section_html(sec, figs);
     }
@@ -454,7 +456,8 @@ std::vector<std::string> write_report(const std::vector<ReportSection>& sections
         "sends the same).</p>\n" +
         body + "</body></html>\n";
     const std::string html_path = (std::filesystem::path(dir) / "report.html").string();
-    write_text_atomic(html_path, html);
+    out.add_text(html_path, html);
+    out.commit();
     written.push_back(html_path);
     return written;
 }

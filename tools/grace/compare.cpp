@@ -61,14 +61,14 @@ int run_compare_cmd(const CompareArgs& a) {
     opt.progress = make_compare_progress(std::make_shared<std::map<std::string, std::unique_ptr<Progress>>>(), "");
     TraceOverrides ov = a.overrides;
     if (a.experts) ov.num_experts = a.experts;
-    check_output_dir(a.output);
+    check_output_folder(a.output, "compare");  // a wrong -o fails before the comparison runs
     const CompareResult res = run_compare(a.trace, a.profile_trace, ov, opt);
     std::cout << format_compare_table(res);
     std::string desc = res.profile_path == res.trace_path
                            ? "Planned and evaluated on the same trace."
                            : "Planned on " + res.profile_path + ", evaluated on " + res.trace_path +
                                  " (cross-dataset generalization, paper Sec. 6.4).";
-    write_dir_atomic(a.output, [&](const std::string& tmp) {
+    write_dir_atomic(a.output, "compare", [&](const std::string& tmp) {
         write_report({{"Component analysis and baselines", desc, &res, true}}, tmp,
                      "GRACE comparison: " + res.model + " / " + res.dataset);
         save_compare_plans(res, tmp);
@@ -94,7 +94,9 @@ GRACE_COMMAND(
             ->capture_default_str();
         sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str();
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
-        sub.add_option("-o,--output", a->output, "Output folder (replaced atomically)")->required();
+        sub.add_option("-o,--output", a->output,
+                       "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")
+            ->required();
         return [a] { return run_compare_cmd(*a); };
     },
     50);

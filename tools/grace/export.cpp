@@ -21,7 +21,8 @@ std::function<int()> setup_export(CLI::App& sub) {
     sub.add_option("plan", a->plan, "Plan JSON (grace plan)")->required();
     sub.add_option("--format", a->format, "sglang | vllm-ascend | trtllm | eplb")->required();
     sub.add_option("-o,--output", a->out,
-                   "Output file (eplb: .json, or a folder of phy2log/log2phy/logcnt .npy otherwise)")
+                   "Output file (eplb: .json, or otherwise a folder of phy2log/log2phy/logcnt .npy: new, empty, or "
+                   "an earlier grace eplb export)")
         ->required();
     sub.add_option("--stats", a->stats, "Statistics folder whose loads choose the padding replicas (optional)");
     sub.add_option("--layer-offset", a->layer_offset,

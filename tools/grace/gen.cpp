@@ -35,7 +35,11 @@ std::function<int()> setup_gen(CLI::App& sub) {
         ->required();
     return [opts, out, no_weights] {
         opts->with_weights = !*no_weights;
-        check_output_dir(*out);
+        // Check all three targets before generating: a bad one fails at once and nothing is written.
+        const std::string meta = trace_metadata_path(*out);
+        check_output_file(*out);
+        check_output_file(meta);
+        if (opts->with_weights) check_output_file(meta.substr(0, meta.size() - 5) + ".weights.npy");
         auto t0 = std::chrono::steady_clock::now();
         RoutingTrace trace = generate_trace(*opts);
         auto t1 = std::chrono::steady_clock::now();

@@ -35,7 +35,8 @@ std::function<int()> setup_profile(CLI::App& sub) {
     };
     auto a = std::make_shared<Args>();
     sub.add_option("trace", a->trace, "Trace .npy [T, L, k] or [T, k]")->required();
-    sub.add_option("-o,--output", a->out, "Output statistics folder")->required();
+    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
+        ->required();
     sub.add_option("--topology", a->topology, "NxM: also count per-source-GPU loads (home GPU floor(t*G/T))");
     sub.add_option("--threads", a->options.num_threads, "Threads (0 = all; results are identical for any count)")
         ->capture_default_str();
@@ -47,7 +48,7 @@ std::function<int()> setup_profile(CLI::App& sub) {
         if (!a->topology.empty()) a->options.topology = Topology::parse(a->topology);
         std::string out = a->out;
         while (out.size() > 1 && out.back() == '/') out.pop_back();
-        check_output_dir(out);
+        check_output_folder(out, "stats");  // a wrong -o fails before the profiling
         auto t0 = std::chrono::steady_clock::now();
         RoutingStats st = profile_trace_file(a->trace, a->overrides, a->options);
         double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

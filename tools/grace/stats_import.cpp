@@ -23,11 +23,12 @@ std::function<int()> setup_import(CLI::App& sub) {
     sub.add_option("--top-k", a->top_k, "Top-k of the routing the counts came from")->required();
     sub.add_option("--model", a->model, "Model name recorded in meta.json");
     sub.add_option("--dataset", a->dataset, "Dataset name recorded in meta.json");
-    sub.add_option("-o,--output", a->out, "Output statistics folder")->required();
+    sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
+        ->required();
     return [a] {
         std::string out = a->out;
         while (out.size() > 1 && out.back() == '/') out.pop_back();
-        check_output_dir(out);
+        check_output_folder(out, "stats");
         RoutingStats st = import_aggregates(a->coact, a->load, a->ordered, a->top_k);
         st.model = a->model;
         st.dataset = a->dataset;
