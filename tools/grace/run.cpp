@@ -37,7 +37,7 @@ struct RunOptions {
     std::string plan_path, trace_path, output;
     std::string comm = "hsc";
     std::optional<std::string> routing;
-    std::optional<int> layers;          // unset: the trace's and the plan's layer count, which must agree
+    std::optional<int> layers;            // unset: the trace's and the plan's layer count, which must agree
     std::optional<int64_t> batch_tokens;  // unset: all of a rank's tokens in one call
     bool verify = false;
     std::optional<std::string> weights_ckpt;
@@ -56,7 +56,7 @@ struct RunOptions {
 
 // A failure every rank detects identically (the fingerprint check): rank 0 alone prints it and ends the job.
 struct AgreedError : Error {
-    explicit AgreedError(const std::string& message) : Error(ErrorCode::kInvalidArgument, message) {}
+    AgreedError(ErrorCode code, const std::string& message) : Error(code, message) {}
 };
 
 // Upper bounds of the integer options (far above any real model; they keep products in range).
@@ -178,7 +178,6 @@ struct LayerRunner {
     }
 };
 
-
 // --- Run fingerprint ---------------------------------------------------------------------------------------
 // Every rank must run the same thing: before the first exchange, each rank describes everything that shapes
 // the run in a fixed-size record, the records are gathered (one allgather), and the first field in which a
@@ -189,8 +188,8 @@ struct LayerRunner {
 
 constexpr int kFingerprintText = 120;
 struct FingerprintField {
-    uint64_t hash = 0;                   // what is compared
-    char text[kFingerprintText] = {0};   // what a message shows (truncated)
+    uint64_t hash = 0;                  // what is compared
+    char text[kFingerprintText] = {0};  // what a message shows (truncated)
 };
 
 uint64_t hash_bytes(uint64_t h, const void* data, size_t n) {
@@ -257,7 +256,8 @@ class RunFingerprint {
             if (differ.empty()) continue;
             std::string others;
             for (size_t j = 1; j < differ.size(); ++j) others += cat(j > 1 ? ", " : "", differ[j]);
-            throw AgreedError(cat("ranks disagree on ", names_[i], ": rank ", differ[0], " has ", names_[i], " ",
+            throw AgreedError(ErrorCode::kInvalidArgument,
+                              cat("ranks disagree on ", names_[i], ": rank ", differ[0], " has ", names_[i], " ",
                                   field(differ[0], i).text, " but rank 0 has ", ref.text,
                                   others.empty() ? std::string() : cat(" (rank(s) ", others, " differ too)"),
                                   "; every rank must be started with the same options and inputs"));
@@ -340,47 +340,59 @@ int run_impl(RunOptions& o) {
     maybe_stall(me, -1);
     fp.check_same_on_all_ranks(*comm);
 
-    GRACE_CHECK_INPUT(trace.num_experts == plan.num_experts, "trace has ", trace.num_experts,
-                      " experts but the plan has ", plan.num_experts);
-    GRACE_CHECK_INPUT(trace.top_k == plan.top_k, "trace has top_k ", trace.top_k, " but the plan has ", plan.top_k);
-    // Running fewer layers than the inputs have is allowed only when asked for (--layers N).
-    GRACE_CHECK_INPUT(o.layers || trace.num_layers == plan.num_layers, "the trace has ", trace.num_layers,
-                      " layers but the plan has ", plan.num_layers, ": give --layers N (N <= ",
-                      std::min(trace.num_layers, plan.num_layers), ") to run only the first N layers");
-    const int L = o.layers.value_or(trace.num_layers);
-    GRACE_CHECK_ARG(L <= trace.num_layers && L <= plan.num_layers, "--layers ", L, " exceeds the trace's ",
-                    trace.num_layers, " or the plan's ", plan.num_layers, " layers");
-    const CommScheme scheme = parse_comm_scheme(o.comm);
-    const DType dtype = parse_dtype(o.dtype);
-    GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
+    // The checks below see the same inputs on every rank (just checked), so they fail on all ranks alike.
+    int L = 0, first_moe_layer = 0;
+    CommScheme scheme{};
+    DType dtype{};
+    ExpertShape shape{};
+    try {
+        GRACE_CHECK_INPUT(trace.num_experts == plan.num_experts, "trace has ", trace.num_experts,
+                          " experts but the plan has ", plan.num_experts);
+        GRACE_CHECK_INPUT(trace.top_k == plan.top_k, "trace has top_k ", trace.top_k, " but the plan has ", plan.top_k);
+        // Running fewer layers than the inputs have is allowed only when asked for (--layers N).
+        GRACE_CHECK_INPUT(o.layers || trace.num_layers == plan.num_layers, "the trace has ", trace.num_layers,
+                          " layers but the plan has ", plan.num_layers,
+                          ": give --layers N (N <= ", std::min(trace.num_layers, plan.num_layers),
+                          ") to run only the first N layers");
+        L = o.layers.value_or(trace.num_layers);
+        GRACE_CHECK_ARG(L <= trace.num_layers && L <= plan.num_layers, "--layers ", L, " exceeds the trace's ",
+                        trace.num_layers, " or the plan's ", plan.num_layers, " layers");
+        scheme = parse_comm_scheme(o.comm);
+        dtype = parse_dtype(o.dtype);
+        GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
 
-    // Expert shape and weight source.
-    ExpertShape shape{o.hidden.value_or(0), o.intermediate.value_or(0)};
-    int first_moe_layer = o.first_moe_layer.value_or(0);
-    if (ckpt) {
-        if (!o.preset.empty() && !o.first_moe_layer) first_moe_layer = find_expert_preset(o.preset).first_moe_layer;
-    } else {
-        // No checkpoint: a shape not given in full comes from --preset, else from the trace's model if that is
-        // a known preset.
-        if (o.preset.empty() && (shape.hidden == 0 || shape.intermediate == 0)) {
-            try {
-                find_expert_preset(trace.model);
-                o.preset = trace.model;
-            } catch (const Error&) {
+        // Expert shape and weight source.
+        shape = {o.hidden.value_or(0), o.intermediate.value_or(0)};
+        first_moe_layer = o.first_moe_layer.value_or(0);
+        if (ckpt) {
+            if (!o.preset.empty() && !o.first_moe_layer) first_moe_layer = find_expert_preset(o.preset).first_moe_layer;
+        } else {
+            // No checkpoint: a shape not given in full comes from --preset, else from the trace's model if that is
+            // a known preset.
+            if (o.preset.empty() && (shape.hidden == 0 || shape.intermediate == 0)) {
+                try {
+                    find_expert_preset(trace.model);
+                    o.preset = trace.model;
+                } catch (const Error&) {
+                }
             }
+            if (!o.preset.empty()) {
+                const ExpertPreset& p = find_expert_preset(o.preset);
+                if (shape.hidden == 0) shape.hidden = p.shape.hidden;
+                if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
+            }
+            GRACE_CHECK_ARG(shape.hidden > 0 || shape.intermediate > 0, "the trace's model '", trace.model,
+                            "' is no preset: give --weights CKPT, or --preset P (and/or ",
+                            "--hidden H --intermediate I) for a seeded random init");
+            GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
+                            shape.hidden > 0 ? cat("--hidden ", shape.hidden, " needs --intermediate I")
+                                             : cat("--intermediate ", shape.intermediate, " needs --hidden H"),
+                            " (the trace's model '", trace.model, "' is no preset and no --preset was given)");
         }
-        if (!o.preset.empty()) {
-            const ExpertPreset& p = find_expert_preset(o.preset);
-            if (shape.hidden == 0) shape.hidden = p.shape.hidden;
-            if (shape.intermediate == 0) shape.intermediate = p.shape.intermediate;
-        }
-        GRACE_CHECK_ARG(shape.hidden > 0 || shape.intermediate > 0, "the trace's model '", trace.model,
-                        "' is no preset: give --weights CKPT, or --preset P (and/or ",
-                        "--hidden H --intermediate I) for a seeded random init");
-        GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
-                        shape.hidden > 0 ? cat("--hidden ", shape.hidden, " needs --intermediate I")
-                                         : cat("--intermediate ", shape.intermediate, " needs --hidden H"),
-                        " (the trace's model '", trace.model, "' is no preset and no --preset was given)");
+    } catch (const AgreedError&) {
+        throw;
+    } catch (const Error& e) {
+        throw AgreedError(e.code(), e.what());
     }
     auto make_expert = [&](int layer, int e) {
         if (ckpt)

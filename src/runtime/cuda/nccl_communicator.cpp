@@ -72,7 +72,8 @@ using Clock = std::chrono::steady_clock;
 // `comms`, sleeping 1 ms between polls after the first 100 ms. Returns cudaSuccess when done, the CUDA error if
 // one occurs, or cudaErrorTimeout once `timeout_s` (> 0) has passed; throws on an asynchronous NCCL error.
 template <class Query>
-cudaError_t poll_until_done(Query done, std::initializer_list<ncclComm_t> comms, double timeout_s, int rank_for_errors_) {
+cudaError_t poll_until_done(Query done, std::initializer_list<ncclComm_t> comms, double timeout_s,
+                            int rank_for_errors_) {
     const Clock::time_point t0 = Clock::now();
     for (uint64_t polls = 1;; ++polls) {
         const cudaError_t err = done();
@@ -278,11 +279,11 @@ void NcclRequest::wait() {
         std::string peers;
         for (int q : peers_) peers += cat(peers.empty() ? "" : ", ", q);
         owner_->abort_nccl();
-        throw Error(ErrorCode::kBackend,
-                    cat("timed out after ", owner_->timeout_s(), " s (--timeout) on rank ", rank_for_errors_,
-                        " (host ", host_name(), ") in alltoallv: one of its peers (rank(s) ",
-                        peers.empty() ? std::string("none") : peers,
-                        ") did not answer; NCCL cannot tell which (ncclCommAbort called)"));
+        throw Error(
+            ErrorCode::kBackend,
+            cat("timed out after ", owner_->timeout_s(), " s (--timeout) on rank ", rank_for_errors_, " (host ",
+                host_name(), ") in alltoallv: one of its peers (rank(s) ", peers.empty() ? std::string("none") : peers,
+                ") did not answer; NCCL cannot tell which (ncclCommAbort called)"));
     }
     if (err != cudaSuccess) {
         ncclResult_t async = ncclSuccess;

@@ -88,10 +88,17 @@ struct Status {
     int64_t v[4] = {0, 0, 0, 0};
 };
 
-const char* const kOpNames[] = {"(none)", "alltoallv", "exchange_counts", "allgather", "allreduce_sum",
-                                "allreduce_max", "barrier"};
-enum Op : int { kOpNone = 0, kOpAlltoallv, kOpExchangeCounts, kOpAllgather, kOpAllreduceSum, kOpAllreduceMax,
-                kOpBarrier };
+const char* const kOpNames[] = {"(none)",        "alltoallv",     "exchange_counts", "allgather",
+                                "allreduce_sum", "allreduce_max", "barrier"};
+enum Op : int {
+    kOpNone = 0,
+    kOpAlltoallv,
+    kOpExchangeCounts,
+    kOpAllgather,
+    kOpAllreduceSum,
+    kOpAllreduceMax,
+    kOpBarrier
+};
 
 class MpiCommunicator;
 
@@ -257,8 +264,8 @@ class MpiCommunicator final : public Communicator {
     void allreduce(std::vector<double>& values, MPI_Op mpi_op, Op op) {
         const uint64_t seq = next_seq(CommGroup::kGlobal);
         MPI_Request req = MPI_REQUEST_NULL;
-        GRACE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE,
-                                       mpi_op, world_, &req));
+        GRACE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, mpi_op,
+                                       world_, &req));
         wait_request(&req, op, CommGroup::kGlobal, seq);
     }
 
@@ -328,8 +335,8 @@ class MpiCommunicator final : public Communicator {
             const bool same = s.v[0] && their_seq == static_cast<int64_t>(seq);
             if (!same)
                 elsewhere += cat(elsewhere.empty() ? "" : "; ", "rank ", q, " is ",
-                                 s.v[0] ? cat("waiting in ", kOpNames[s.v[1]]) : std::string("not waiting"),
-                                 " after ", their_seq, " collectives");
+                                 s.v[0] ? cat("waiting in ", kOpNames[s.v[1]]) : std::string("not waiting"), " after ",
+                                 their_seq, " collectives");
         }
         const std::string where = cat(kOpNames[op], " (collective #", seq, " of the ",
                                       group == CommGroup::kGlobal ? "global" : "node", " group)");
