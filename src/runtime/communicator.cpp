@@ -51,7 +51,9 @@ class DoneRequest final : public CommRequest {
 // A single rank in this process: every collective is a local copy. For tests and tools without MPI.
 class LocalCommunicator final : public Communicator {
   public:
-    explicit LocalCommunicator(const Topology& topology) : Communicator(topology, 0) {
+    explicit LocalCommunicator(const CommunicatorOptions& options)
+        : Communicator(options.topology, 0, options.timeout_s) {
+        const Topology& topology = options.topology;
         GRACE_CHECK_ARG(topology.num_gpus() == 1, "the local backend runs one rank; topology ", topology.to_string(),
                         " needs ", topology.num_gpus(), " processes (use the mpi backend under mpirun)");
     }
@@ -94,7 +96,7 @@ std::unique_ptr<Communicator> make_communicator(const std::string& name, const C
     options.topology.validate();
     GRACE_CHECK_ARG(std::isfinite(options.timeout_s) && options.timeout_s >= 0, "communicator timeout ",
                     options.timeout_s, " s must be finite and >= 0 (0 = no deadline)");
-    if (name == "local") return std::make_unique<LocalCommunicator>(options.topology);
+    if (name == "local") return std::make_unique<LocalCommunicator>(options);
     if (name == "mpi") {
 #ifdef GRACE_USE_MPI
         return detail::make_mpi_communicator(options);

@@ -329,7 +329,9 @@ int run_impl(RunOptions& o) {
     fp.add("--seed", cat(o.seed));
     fp.add("--backend", backend);
     fp.add("--verify", o.verify ? "on" : "off");
-    fp.add("--tolerance", cat(o.tolerance));
+    uint64_t tolerance_bits = 0;  // compared exactly, not as printed
+    std::memcpy(&tolerance_bits, &o.tolerance, sizeof tolerance_bits);
+    fp.add("--tolerance", cat(o.tolerance), tolerance_bits);
     fp.add("--experts", cat(trace.num_experts));
     fp.add("--model", trace.model.empty() ? std::string("(none)") : trace.model);
     const uint64_t th = trace_hash(trace);

@@ -299,15 +299,20 @@ class MpiCommunicator final : public Communicator {
     std::string diagnose_timeout(Op op, CommGroup group, uint64_t seq, double waited) {
         const int G = size();
         const double grace = std::min(5.0, std::max(1.0, timeout_s_));
-        std::vector<Status> replies(G);
-        std::vector<MPI_Request> recvs(G, MPI_REQUEST_NULL), sends(G, MPI_REQUEST_NULL);
+        // Members, not locals: an answer may still arrive after this returns (the receives stay posted).
+        std::vector<Status>& replies = diag_replies_;
+        std::vector<MPI_Request>& recvs = diag_recvs_;
+        replies.assign(G, Status{});
+        recvs.assign(G, MPI_REQUEST_NULL);
         std::vector<uint8_t> answered(G, 0);
         answered[rank_] = 1;
-        int ask = 1;
+        static const int ask = 1;
         for (int q = 0; q < G; ++q) {
             if (q == rank_) continue;
+            MPI_Request send = MPI_REQUEST_NULL;
             MPI_Irecv(replies[q].v, 4, MPI_INT64_T, q, kReplyTag, control_, &recvs[q]);
-            MPI_Isend(&ask, 1, MPI_INT, q, kQueryTag, control_, &sends[q]);
+            MPI_Isend(&ask, 1, MPI_INT, q, kQueryTag, control_, &send);
+            MPI_Request_free(&send);  // a small eager send; nothing waits for it
         }
         const Clock::time_point t0 = Clock::now();
         int pending = G - 1;
@@ -368,6 +373,8 @@ class MpiCommunicator final : public Communicator {
     MPI_Request query_req_ = MPI_REQUEST_NULL;
     std::deque<Status> reply_buf_;  // send buffers of the answers (stable addresses)
     std::deque<MPI_Request> replies_out_;
+    std::vector<Status> diag_replies_;     // answers to this rank's status queries (after a timeout)
+    std::vector<MPI_Request> diag_recvs_;  // their receives
 
     friend class MpiRequest;
 };
