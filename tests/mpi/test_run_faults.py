@@ -12,6 +12,7 @@ Every mpiexec runs under a subprocess timeout, so a regression fails instead of 
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,9 +68,17 @@ def mpmd(args0, args1, env=None, timeout=60):
     args0 = args0 if "-o" in args0 else args0 + default_out
     args1 = args1 if "-o" in args1 else args1 + default_out
     t0 = time.time()
-    p = subprocess.run(MPI + ["-n", "1", GRACE, "run"] + args0 + [":", "-n", "1", GRACE, "run"] + args1,
-                       capture_output=True, text=True, env=full_env, timeout=timeout)
-    return p, time.time() - t0
+    # Its own session, so that on a timeout (a regression that hangs) mpiexec and every rank can be killed.
+    proc = subprocess.Popen(MPI + ["-n", "1", GRACE, "run"] + args0 + [":", "-n", "1", GRACE, "run"] + args1,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(test harness: killed after {timeout} s)"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.time() - t0
 
 
 def error_lines(stderr):
