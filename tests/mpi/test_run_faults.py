@@ -177,7 +177,8 @@ def main():
         for opt, value in [("--hidden", "0"), ("--intermediate", "-3"), ("--batch-tokens", "0"), ("--layers", "0"),
                            ("--threads", "0"), ("--experts", "0"), ("--tolerance", "nan"), ("--tolerance", "-1"),
                            ("--timeout", "-5"), ("--timeout", "inf"), ("--comm", "ring"), ("--dtype", "fp16"),
-                           ("--backend", "gloo"), ("--routing", "random"), ("--first-moe-layer", "-1")]:
+                           ("--backend", "gloo"), ("--routing", "random"), ("--first-moe-layer", "-1"),
+                           ("--seed", "-1"), ("--seed", "18446744073709551616")]:
             args = [a for a in base]
             if opt in args:
                 i = args.index(opt)

@@ -75,6 +75,21 @@ CLI::Validator finite_at_least(double lo) {
         cat("FLOAT>=", lo));
 }
 
+// A CLI11 check for a uint64 option: decimal digits only, at most 2^64 - 1 (CLI11 would wrap or saturate).
+CLI::Validator digits_only() {
+    return CLI::Validator(
+        [](std::string& text) -> std::string {
+            if (text.empty() || text.find_first_not_of("0123456789") != std::string::npos)
+                return cat("value ", text, " is not a non-negative integer");
+            const std::string max = "18446744073709551615";  // 2^64 - 1
+            const std::string digits = text.substr(std::min(text.find_first_not_of('0'), text.size() - 1));
+            if (digits.size() > max.size() || (digits.size() == max.size() && digits > max))
+                return cat("value ", text, " exceeds 2^64 - 1");
+            return {};
+        },
+        "UINT64");
+}
+
 // Salts of the seeded inputs (independent of the weight streams).
 constexpr uint64_t kHiddenSalt = 0x68696464656eULL;
 constexpr uint64_t kGateSalt = 0x67617465ULL;
@@ -654,7 +669,9 @@ GRACE_COMMAND(
             ->check(finite_at_least(0));
         sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
         sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...)");
-        sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
+        sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")
+            ->default_val(0)
+            ->check(digits_only());  // "-1" would otherwise wrap to 2^64 - 1
         sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")
             ->default_val("fp32")
             ->check(CLI::IsMember({"fp32", "bf16"}));
