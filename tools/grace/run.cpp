@@ -217,7 +217,7 @@ uint64_t hash_bytes(uint64_t h, const void* data, size_t n) {
         h ^= h >> 29;
     }
     uint64_t tail = 0;
-    std::memcpy(&tail, p + i, n - i);
+    if (n > i) std::memcpy(&tail, p + i, n - i);  // (an empty vector's data() may be null)
     return splitmix64(h ^ tail ^ (static_cast<uint64_t>(n) << 3));
 }
 uint64_t hash_text(const std::string& s) { return hash_bytes(0x74657874ULL, s.data(), s.size()); }
