@@ -31,11 +31,13 @@ enum class CommGroup {
 enum class MemorySpace { kHost, kDevice };
 
 /// A started non-blocking operation. wait() completes it (once; later calls return at once). Destroying a
-/// request that was not waited for waits for it (a started collective must complete on every rank).
+/// request that was not waited for waits for it (a started collective must complete on every rank); if that
+/// wait passes the communicator's deadline, the destructor ends the job (it cannot throw).
 class CommRequest {
   public:
     virtual ~CommRequest() = default;
-    /// Blocks until the operation has completed and its receive buffer may be read. Throws kBackend.
+    /// Blocks until the operation has completed and its receive buffer may be read. Throws kBackend, also when
+    /// the communicator's deadline (CommunicatorOptions::timeout_s) passes first; see Communicator.
     virtual void wait() = 0;
 };
 
@@ -51,10 +53,20 @@ struct AlltoallvLayout {
 /// Options for make_communicator.
 struct CommunicatorOptions {
     Topology topology;  ///< declared N x M; the backend's process count must equal N * M
+    /// Deadline in seconds of every blocking wait (a collective, or CommRequest::wait), counted from the start
+    /// of that wait; 0 = wait forever. Creating the communicator (MPI_Init, MPI_Comm_dup/split, the NCCL
+    /// bootstrap) is not covered. Must be finite and >= 0 (else kInvalidArgument).
+    double timeout_s = 0;
 };
 
 /// One abstract communicator: rank/size/node info, variable all-to-all (blocking and non-blocking) on the
 /// global or node group, small allgather/allreduce helpers, barrier and abort.
+///
+/// Deadlines: with CommunicatorOptions::timeout_s > 0, a wait that does not complete in time throws
+/// Error(kBackend) whose message names the operation and the rank(s) that did not answer ("mpi": every rank
+/// waiting in a collective answers status queries on a side channel, so the missing ones can be named;
+/// "nccl": the peers of the unfinished exchange, as NCCL cannot tell which one is missing). After such an
+/// error the communicator cannot be used again (the operation is still pending): end the job with abort().
 class Communicator {
   public:
     virtual ~Communicator() = default;
@@ -98,6 +110,9 @@ class Communicator {
                                                   const std::vector<uint8_t>& peers) = 0;
     /// Gathers one 64-bit value from every global rank: [G]. Host memory.
     virtual std::vector<uint64_t> allgather(uint64_t value) = 0;
+    /// Gathers `bytes` bytes from every global rank (the same count on all): [G * bytes], rank r's at r * bytes.
+    /// Host memory. The default sends 8 bytes per allgather(uint64_t); backends override it with one call.
+    virtual std::vector<uint8_t> allgather_bytes(const void* data, size_t bytes);
     /// Element-wise sum over global ranks, in place. Host memory.
     virtual void allreduce_sum(std::vector<double>& values) = 0;
     /// Element-wise max over global ranks, in place. Host memory.
@@ -107,10 +122,15 @@ class Communicator {
     /// Ends every process of the job with `code` (MPI_Abort); prints `message` first. Never returns.
     [[noreturn]] virtual void abort(int code, const std::string& message) = 0;
 
+    /// The deadline of blocking waits in seconds (0 = none), from CommunicatorOptions::timeout_s.
+    double timeout_s() const { return timeout_s_; }
+
   protected:
-    Communicator(Topology topology, int rank) : topology_(std::move(topology)), rank_(rank) {}
+    Communicator(Topology topology, int rank, double timeout_s = 0)
+        : topology_(std::move(topology)), rank_(rank), timeout_s_(timeout_s) {}
     Topology topology_;
     int rank_ = 0;
+    double timeout_s_ = 0;
 };
 
 /// Creates a communicator of backend `name`: "mpi" (initializes MPI if needed; the process count must equal

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +25,22 @@ void check_layout(const AlltoallvLayout& layout, int group_size) {
 
 }  // namespace detail
 
+std::vector<uint8_t> Communicator::allgather_bytes(const void* data, size_t bytes) {
+    const size_t words = (bytes + 7) / 8;
+    std::vector<uint8_t> padded(words * 8, 0), out(static_cast<size_t>(size()) * bytes);
+    if (bytes > 0) std::memcpy(padded.data(), data, bytes);
+    for (size_t w = 0; w < words; ++w) {
+        uint64_t word = 0;
+        std::memcpy(&word, padded.data() + w * 8, 8);
+        const std::vector<uint64_t> all = allgather(word);
+        for (int r = 0; r < size(); ++r) {
+            const size_t n = std::min<size_t>(8, bytes - w * 8);
+            std::memcpy(out.data() + static_cast<size_t>(r) * bytes + w * 8, &all[r], n);
+        }
+    }
+    return out;
+}
+
 namespace {
 
 class DoneRequest final : public CommRequest {
@@ -33,7 +51,9 @@ class DoneRequest final : public CommRequest {
 // A single rank in this process: every collective is a local copy. For tests and tools without MPI.
 class LocalCommunicator final : public Communicator {
   public:
-    explicit LocalCommunicator(const Topology& topology) : Communicator(topology, 0) {
+    explicit LocalCommunicator(const CommunicatorOptions& options)
+        : Communicator(options.topology, 0, options.timeout_s) {
+        const Topology& topology = options.topology;
         GRACE_CHECK_ARG(topology.num_gpus() == 1, "the local backend runs one rank; topology ", topology.to_string(),
                         " needs ", topology.num_gpus(), " processes (use the mpi backend under mpirun)");
     }
@@ -56,6 +76,10 @@ class LocalCommunicator final : public Communicator {
         return {peers[0] ? send[0] : 0};
     }
     std::vector<uint64_t> allgather(uint64_t value) override { return {value}; }
+    std::vector<uint8_t> allgather_bytes(const void* data, size_t bytes) override {
+        const auto* p = static_cast<const uint8_t*>(data);
+        return std::vector<uint8_t>(p, p + bytes);
+    }
     void allreduce_sum(std::vector<double>&) override {}
     void allreduce_max(std::vector<double>&) override {}
     void barrier() override {}
@@ -70,7 +94,9 @@ class LocalCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_communicator(const std::string& name, const CommunicatorOptions& options) {
     options.topology.validate();
-    if (name == "local") return std::make_unique<LocalCommunicator>(options.topology);
+    GRACE_CHECK_ARG(std::isfinite(options.timeout_s) && options.timeout_s >= 0, "communicator timeout ",
+                    options.timeout_s, " s must be finite and >= 0 (0 = no deadline)");
+    if (name == "local") return std::make_unique<LocalCommunicator>(options);
     if (name == "mpi") {
 #ifdef GRACE_USE_MPI
         return detail::make_mpi_communicator(options);

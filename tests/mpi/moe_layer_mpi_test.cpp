@@ -238,13 +238,28 @@ int main(int argc, char** argv) {
     const Topology topo = Topology::parse(argv[1]);
     std::unique_ptr<Communicator> comm;
     try {
-        comm = make_communicator("mpi", {topo});
+        comm = make_communicator("mpi", {topo, /*timeout_s=*/120});  // every wait below polls with a deadline
     } catch (const Error& e) {
         std::fprintf(stderr, "grace_mpi_tests: %s\n", e.what());
         return 1;
     }
     int failures = 0;
     try {
+        // allgather_bytes, the backend's and the interface's default (8 bytes per allgather), on an odd size.
+        std::vector<uint8_t> mine(13);
+        for (size_t i = 0; i < mine.size(); ++i) mine[i] = static_cast<uint8_t>(comm->rank() * 31 + i);
+        const std::vector<uint8_t> got[2] = {comm->allgather_bytes(mine.data(), mine.size()),
+                                             comm->Communicator::allgather_bytes(mine.data(), mine.size())};
+        for (const auto& all : got) {
+            bool same = all.size() == mine.size() * comm->size();
+            for (int r = 0; same && r < comm->size(); ++r)
+                for (size_t i = 0; i < mine.size(); ++i)
+                    same = same && all[r * mine.size() + i] == static_cast<uint8_t>(r * 31 + i);
+            if (!same) {
+                ++failures;
+                if (comm->rank() == 0) std::printf("  FAIL: allgather_bytes\n");
+            }
+        }
         const ExpertPlan plan = make_plan(topo, 11);
         check_same_plan(*comm, plan);
         const Trace traces[2] = {make_trace(37, 9), make_trace(std::max(1, topo.num_gpus() - 1), 10)};

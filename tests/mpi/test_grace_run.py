@@ -177,7 +177,7 @@ def main():
         p = subprocess.run(MPI + ["-n", "1", GRACE, "run", "--plan", os.path.join(d, "plan_b.json")] + other +
                            [":", "-n", "3", GRACE, "run", "--plan", os.path.join(d, "plan.json")] + other,
                            capture_output=True, text=True, timeout=60)
-        check(p.returncode != 0 and "different plans" in p.stderr,
+        check(p.returncode != 0 and "ranks disagree on --plan: rank 1 has --plan " in p.stderr,
               f"different plans on different ranks are detected ({time.time() - t0:.1f} s)")
         p, _ = run(common + ["-o", os.path.join(d, "w.json")], np_=3, timeout=60)
         check(p.returncode != 0 and "needs 4 processes" in p.stderr, "wrong process count is an error")

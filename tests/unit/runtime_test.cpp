@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
@@ -251,6 +252,24 @@ TEST(Communicator, BackendsAreChosenByNameAndMissingOnesAreUnsupported) {
     AlltoallvLayout lay{{2}, {1}, {2}, {0}};
     local->alltoallv(CommGroup::kGlobal, send.data(), recv.data(), lay);
     EXPECT_EQ(recv, (std::vector<char>{'b', 'c'}));
+}
+
+TEST(Communicator, TimeoutMustBeFiniteAndNonNegativeAndAllgatherBytesCopies) {
+    for (double bad : {-1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+        try {
+            make_communicator("local", {Topology{1, 1}, bad});
+            FAIL() << bad;
+        } catch (const Error& e) {
+            EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+            EXPECT_NE(std::string(e.what()).find("timeout"), std::string::npos) << e.what();
+        }
+    }
+    auto local = make_communicator("local", {Topology{1, 1}, 2.5});
+    EXPECT_EQ(local->timeout_s(), 2.5);
+    const std::vector<uint8_t> data{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    EXPECT_EQ(local->allgather_bytes(data.data(), data.size()), data);
+    // The interface's default (8 bytes per allgather) on a size that is not a multiple of 8.
+    EXPECT_EQ(local->Communicator::allgather_bytes(data.data(), data.size()), data);
 }
 
 TEST(MoeLayer, OneLocalRankEqualsTheDenseSumAndSendsNothing) {

@@ -2,11 +2,17 @@
 // batch by batch, and reports per-phase times and bytes per link class as JSON. Under mpirun every rank runs
 // this; a rank that fails aborts the whole job (MPI_Abort) with a message naming it.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <thread>
 
 #include "command.hpp"
 #include "core/rng.hpp"
@@ -33,21 +39,58 @@ struct RunOptions {
     std::string plan_path, trace_path, output;
     std::string comm = "hsc";
     std::optional<std::string> routing;
-    int layers = 0;
-    int64_t batch_tokens = 0;
+    std::optional<int> layers;            // unset: the trace's and the plan's layer count, which must agree
+    std::optional<int64_t> batch_tokens;  // unset: all of a rank's tokens in one call
     bool verify = false;
     std::optional<std::string> weights_ckpt;
     std::string preset, model_config;
     uint64_t seed = 0;
     std::string dtype = "fp32";
-    int hidden = 0, intermediate = 0;
+    std::optional<int> hidden, intermediate;
     std::optional<int> first_moe_layer;
     std::string backend;
     int threads = 1;
     double tolerance = 1e-4;
+    double timeout_s = 300;
     TraceOverrides overrides;
     std::optional<int> experts_flag;
 };
+
+// A failure every rank detects identically (the fingerprint check): rank 0 alone prints it and ends the job.
+struct AgreedError : Error {
+    AgreedError(ErrorCode code, const std::string& message) : Error(code, message) {}
+};
+
+// Upper bounds of the integer options (far above any real model; they keep products in range).
+constexpr int kMaxCount = 1 << 20;  // layers, experts, a layer index
+constexpr int kMaxDim = 1 << 20;    // hidden, intermediate
+
+// A CLI11 check: a finite number >= lo (CLI::Range lets NaN through).
+CLI::Validator finite_at_least(double lo) {
+    return CLI::Validator(
+        [lo](std::string& text) -> std::string {
+            double v = 0;
+            if (!CLI::detail::lexical_cast(text, v) || !std::isfinite(v) || v < lo)
+                return cat("value ", text, " is not a finite number >= ", lo);
+            return {};
+        },
+        cat("FLOAT>=", lo));
+}
+
+// A CLI11 check for a uint64 option: decimal digits only, at most 2^64 - 1 (CLI11 would wrap or saturate).
+CLI::Validator digits_only() {
+    return CLI::Validator(
+        [](std::string& text) -> std::string {
+            if (text.empty() || text.find_first_not_of("0123456789") != std::string::npos)
+                return cat("value ", text, " is not a non-negative integer");
+            const std::string max = "18446744073709551615";  // 2^64 - 1
+            const std::string digits = text.substr(std::min(text.find_first_not_of('0'), text.size() - 1));
+            if (digits.size() > max.size() || (digits.size() == max.size() && digits > max))
+                return cat("value ", text, " exceeds 2^64 - 1");
+            return {};
+        },
+        "UINT64");
+}
 
 // Salts of the seeded inputs (independent of the weight streams).
 constexpr uint64_t kHiddenSalt = 0x68696464656eULL;
@@ -152,6 +195,113 @@ struct LayerRunner {
     }
 };
 
+// --- Run fingerprint ---------------------------------------------------------------------------------------
+// Every rank must run the same thing: before the first exchange, each rank describes everything that shapes
+// the run in a fixed-size record, the records are gathered (one allgather), and the first field in which a
+// rank differs from rank 0 fails every rank with one line. Plan and trace are compared by content (plan_hash;
+// a hash of every trace byte, cheap next to reading the file); a checkpoint by its tensor index (names,
+// dtypes, shapes, sizes), not by its weights. Not compared: --threads (results do not depend on it), -o,
+// --dataset (metadata only) and --timeout.
+
+constexpr int kFingerprintText = 120;
+struct FingerprintField {
+    uint64_t hash = 0;                  // what is compared
+    char text[kFingerprintText] = {0};  // what a message shows (truncated)
+};
+
+uint64_t hash_bytes(uint64_t h, const void* data, size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0x9e3779b97f4a7c15ULL;
+        h ^= h >> 29;
+    }
+    uint64_t tail = 0;
+    if (n > i) std::memcpy(&tail, p + i, n - i);  // (an empty vector's data() may be null)
+    return splitmix64(h ^ tail ^ (static_cast<uint64_t>(n) << 3));
+}
+uint64_t hash_text(const std::string& s) { return hash_bytes(0x74657874ULL, s.data(), s.size()); }
+
+uint64_t trace_hash(const RoutingTrace& t) {
+    const int64_t dims[4] = {t.num_tokens, t.num_layers, t.top_k, t.num_experts};
+    uint64_t h = hash_bytes(0x7472616365ULL, dims, sizeof(dims));
+    h = hash_bytes(h, t.model.data(), t.model.size());
+    h = hash_bytes(h, t.expert_ids.data(), t.expert_ids.size() * sizeof(int32_t));
+    return hash_bytes(h, t.gate_weights.data(), t.gate_weights.size() * sizeof(float));
+}
+
+uint64_t checkpoint_index_hash(const SafetensorsCheckpoint& ckpt) {
+    uint64_t h = 0x636b7074ULL;
+    for (const auto& [name, info] : ckpt.tensors()) {
+        h = hash_bytes(h, name.data(), name.size());
+        const uint64_t meta[2] = {static_cast<uint64_t>(info.dtype), info.num_bytes};
+        h = hash_bytes(h, meta, sizeof(meta));
+        h = hash_bytes(h, info.shape.data(), info.shape.size() * sizeof(int64_t));
+    }
+    return h;
+}
+
+class RunFingerprint {
+  public:
+    // `name` is how the message names the field (an option, e.g. "--batch-tokens").
+    void add(const std::string& name, const std::string& text, uint64_t hash) {
+        names_.push_back(name);
+        FingerprintField f;
+        f.hash = hash;
+        std::snprintf(f.text, sizeof(f.text), "%s", text.c_str());
+        fields_.push_back(f);
+    }
+    void add(const std::string& name, const std::string& text) { add(name, text, hash_text(text)); }
+
+    // Gathers every rank's record; throws AgreedError naming the first field where a rank differs from rank 0.
+    void check_same_on_all_ranks(Communicator& comm) const {
+        const size_t bytes = fields_.size() * sizeof(FingerprintField);
+        const std::vector<uint8_t> all = comm.allgather_bytes(fields_.data(), bytes);
+        auto field = [&](int rank, size_t i) {
+            FingerprintField f;
+            std::memcpy(&f, all.data() + static_cast<size_t>(rank) * bytes + i * sizeof(FingerprintField), sizeof f);
+            f.text[kFingerprintText - 1] = 0;
+            return f;
+        };
+        for (size_t i = 0; i < fields_.size(); ++i) {
+            const FingerprintField ref = field(0, i);
+            std::vector<int> differ;
+            for (int r = 1; r < comm.size(); ++r)
+                if (field(r, i).hash != ref.hash) differ.push_back(r);
+            if (differ.empty()) continue;
+            std::string others;
+            for (size_t j = 1; j < differ.size(); ++j) others += cat(j > 1 ? ", " : "", differ[j]);
+            throw AgreedError(ErrorCode::kInvalidArgument,
+                              cat("ranks disagree on ", names_[i], ": rank ", differ[0], " has ", names_[i], " ",
+                                  field(differ[0], i).text, " but rank 0 has ", ref.text,
+                                  others.empty() ? std::string() : cat(" (rank(s) ", others, " differ too)"),
+                                  "; every rank must be started with the same options and inputs"));
+        }
+    }
+
+  private:
+    std::vector<std::string> names_;
+    std::vector<FingerprintField> fields_;
+};
+
+template <class T>
+std::string or_default(const std::optional<T>& v, const char* unset) {
+    return v ? cat(*v) : std::string(unset);
+}
+
+// Test hook (tests/mpi/test_run_faults.py): GRACE_TEST_STALL_RANK=r stops rank r with SIGSTOP, before the first
+// exchange, or at the first batch of layer GRACE_TEST_STALL_LAYER when that is set, so that the other ranks'
+// deadline (--timeout) is exercised with a rank that really does not answer.
+void maybe_stall(int rank, int layer) {
+    const char* r = std::getenv("GRACE_TEST_STALL_RANK");
+    if (!r || std::atoi(r) != rank) return;
+    const char* l = std::getenv("GRACE_TEST_STALL_LAYER");
+    if ((l ? std::atoi(l) : -1) != layer) return;
+    std::raise(SIGSTOP);
+}
+
 int run_impl(RunOptions& o) {
     const ExpertPlan plan = load_plan(o.plan_path);
     std::string backend = o.backend == "cuda" ? "nccl" : o.backend;  // the GPU layer runs over NCCL
@@ -165,57 +315,115 @@ int run_impl(RunOptions& o) {
                     "the plan's topology ", plan.topology.to_string(), " needs ", plan.topology.num_gpus(),
                     " ranks but this grace was built without MPI: it runs a single rank (topology 1x1) only");
     }
-    auto comm = make_communicator(backend, CommunicatorOptions{plan.topology});
-    check_same_plan(*comm, plan);
+    auto comm = make_communicator(backend, CommunicatorOptions{plan.topology, o.timeout_s});
     const int me = comm->rank(), G = comm->size();
     set_expert_threads(o.threads);
 
     if (o.experts_flag) o.overrides.num_experts = *o.experts_flag;
     if (!o.overrides.num_experts) o.overrides.num_experts = plan.num_experts;
     const RoutingTrace trace = load_trace(o.trace_path, o.overrides);
-    GRACE_CHECK_INPUT(trace.num_experts == plan.num_experts, "trace has ", trace.num_experts,
-                      " experts but the plan has ", plan.num_experts);
-    GRACE_CHECK_INPUT(trace.top_k == plan.top_k, "trace has top_k ", trace.top_k, " but the plan has ", plan.top_k);
-    const int L = o.layers > 0 ? o.layers : std::min(trace.num_layers, plan.num_layers);
-    GRACE_CHECK_ARG(L <= trace.num_layers && L <= plan.num_layers, "--layers ", L, " exceeds the trace's ",
-                    trace.num_layers, " or the plan's ", plan.num_layers, " layers");
-    const CommScheme scheme = parse_comm_scheme(o.comm);
-    const DType dtype = parse_dtype(o.dtype);
-    GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
-
-    // Expert shape and weight source. --model-config must match the trace (E, MoE layers, and --hidden /
-    // --intermediate if given); a preset (--preset, or the trace's model) gives the defaults they override.
     std::unique_ptr<SafetensorsCheckpoint> ckpt;
-    ExpertShape shape{o.hidden, o.intermediate};
-    int first_moe_layer = o.first_moe_layer.value_or(0);
-    if (!o.model_config.empty()) {
-        const ModelConfig model = load_model_config(o.model_config);
-        HardwareModel overrides;
-        overrides.hidden = o.hidden, overrides.intermediate = o.intermediate;
-        check_model_shape(explicit_model_shape(overrides, model), trace.num_experts, trace.num_layers, "the trace");
-        shape = {model.hidden, model.intermediate};
-        if (!o.first_moe_layer) first_moe_layer = model.moe_layers[0];
-        // A checkpoint is read as MoE layer l = checkpoint layer l + first_moe_layer.
-        GRACE_CHECK_ARG(!o.weights_ckpt || o.first_moe_layer ||
-                            model.moe_layers.back() - model.moe_layers[0] + 1 == model.num_moe_layers(),
-                        o.model_config, ": its MoE layers are not contiguous; give --first-moe-layer");
-    }
-    if (o.weights_ckpt) {
-        ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
-        if (!o.preset.empty() && !o.first_moe_layer && o.model_config.empty())
-            first_moe_layer = model_config_preset(o.preset).moe_layers[0];
-    } else {
-        // No checkpoint and no shape: a trace recorded or generated for a known preset gives the shape.
-        if (o.preset.empty() && shape.hidden == 0 && shape.intermediate == 0 && find_model_config_preset(trace.model))
-            o.preset = trace.model;
-        if (!o.preset.empty()) {
-            const ModelConfig& p = model_config_preset(o.preset);
-            if (shape.hidden == 0) shape.hidden = p.hidden;
-            if (shape.intermediate == 0) shape.intermediate = p.intermediate;
+    if (o.weights_ckpt) ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
+
+    // Before any exchange: every rank must have been started with the same options and inputs.
+    RunFingerprint fp;
+    fp.add("fingerprint format", "grace.run.fingerprint/v1");
+    fp.add("--plan", cat(o.plan_path, " (plan_hash ", std::hex, plan_hash(plan), ")"), plan_hash(plan));
+    fp.add("--comm", o.comm);
+    fp.add("--routing", o.routing.value_or("(the plan's)"));
+    fp.add("--layers", or_default(o.layers, "(all)"));
+    fp.add("--batch-tokens", or_default(o.batch_tokens, "(all)"));
+    fp.add("--dtype", o.dtype);
+    fp.add("--hidden", or_default(o.hidden, "(preset)"));
+    fp.add("--intermediate", or_default(o.intermediate, "(preset)"));
+    fp.add("--preset", o.preset.empty() ? std::string("(none)") : o.preset);
+    fp.add("--model-config", o.model_config.empty() ? std::string("(none)") : o.model_config);
+    fp.add("--weights",
+           ckpt ? cat(*o.weights_ckpt, " (", ckpt->tensors().size(), " tensors, index hash ", std::hex,
+                      checkpoint_index_hash(*ckpt), ")")
+                : std::string("(none: seeded random)"),
+           ckpt ? checkpoint_index_hash(*ckpt) : 0);
+    fp.add("--first-moe-layer", or_default(o.first_moe_layer, "(default)"));
+    fp.add("--seed", cat(o.seed));
+    fp.add("--backend", backend);
+    fp.add("--verify", o.verify ? "on" : "off");
+    uint64_t tolerance_bits = 0;  // compared exactly, not as printed
+    std::memcpy(&tolerance_bits, &o.tolerance, sizeof tolerance_bits);
+    fp.add("--tolerance", cat(o.tolerance), tolerance_bits);
+    fp.add("--experts", cat(trace.num_experts));
+    fp.add("--model", trace.model.empty() ? std::string("(none)") : trace.model);
+    const uint64_t th = trace_hash(trace);
+    fp.add("--trace",
+           cat(o.trace_path, " (", trace.num_tokens, " tokens, ", trace.num_layers, " layers, ",
+               trace.has_weights() ? "with" : "without", " gate weights, hash ", std::hex, th, ")"),
+           th);
+    maybe_stall(me, -1);
+    fp.check_same_on_all_ranks(*comm);
+
+    // The checks below see the same inputs on every rank (just checked), so they fail on all ranks alike.
+    int L = 0, first_moe_layer = 0;
+    CommScheme scheme{};
+    DType dtype{};
+    ExpertShape shape{};
+    try {
+        GRACE_CHECK_INPUT(trace.num_experts == plan.num_experts, "trace has ", trace.num_experts,
+                          " experts but the plan has ", plan.num_experts);
+        GRACE_CHECK_INPUT(trace.top_k == plan.top_k, "trace has top_k ", trace.top_k, " but the plan has ", plan.top_k);
+        // Running fewer layers than the inputs have is allowed only when asked for (--layers N).
+        GRACE_CHECK_INPUT(o.layers || trace.num_layers == plan.num_layers, "the trace has ", trace.num_layers,
+                          " layers but the plan has ", plan.num_layers,
+                          ": give --layers N (N <= ", std::min(trace.num_layers, plan.num_layers),
+                          ") to run only the first N layers");
+        L = o.layers.value_or(trace.num_layers);
+        GRACE_CHECK_ARG(L <= trace.num_layers && L <= plan.num_layers, "--layers ", L, " exceeds the trace's ",
+                        trace.num_layers, " or the plan's ", plan.num_layers, " layers");
+        scheme = parse_comm_scheme(o.comm);
+        dtype = parse_dtype(o.dtype);
+        GRACE_CHECK_ARG(dtype != DType::kF16, "--dtype must be fp32 or bf16");
+
+        // Expert shape and weight source. --model-config must match the trace (E, MoE layers, and --hidden /
+        // --intermediate if given); a preset (--preset, or the trace's model) gives the defaults they override.
+        shape = {o.hidden.value_or(0), o.intermediate.value_or(0)};
+        first_moe_layer = o.first_moe_layer.value_or(0);
+        if (!o.model_config.empty()) {
+            const ModelConfig model = load_model_config(o.model_config);
+            HardwareModel overrides;
+            overrides.hidden = shape.hidden, overrides.intermediate = shape.intermediate;
+            check_model_shape(explicit_model_shape(overrides, model), trace.num_experts, trace.num_layers,
+                              "the trace");
+            shape = {model.hidden, model.intermediate};
+            if (!o.first_moe_layer) first_moe_layer = model.moe_layers[0];
+            // A checkpoint is read as MoE layer l = checkpoint layer l + first_moe_layer.
+            GRACE_CHECK_ARG(!ckpt || o.first_moe_layer ||
+                                model.moe_layers.back() - model.moe_layers[0] + 1 == model.num_moe_layers(),
+                            o.model_config, ": its MoE layers are not contiguous; give --first-moe-layer");
         }
-        GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0, "the trace's model '", trace.model,
-                        "' is no preset: give --weights CKPT, --model-config CONFIG.json, or --preset P (and/or ",
-                        "--hidden H --intermediate I) for a seeded random init");
+        if (ckpt) {
+            if (!o.preset.empty() && !o.first_moe_layer && o.model_config.empty())
+                first_moe_layer = model_config_preset(o.preset).moe_layers[0];
+        } else {
+            // No checkpoint: a shape not given in full comes from --preset, else from the trace's model if that is
+            // a known preset.
+            if (o.preset.empty() && (shape.hidden == 0 || shape.intermediate == 0) &&
+                find_model_config_preset(trace.model))
+                o.preset = trace.model;
+            if (!o.preset.empty()) {
+                const ModelConfig& p = model_config_preset(o.preset);
+                if (shape.hidden == 0) shape.hidden = p.hidden;
+                if (shape.intermediate == 0) shape.intermediate = p.intermediate;
+            }
+            GRACE_CHECK_ARG(shape.hidden > 0 || shape.intermediate > 0, "the trace's model '", trace.model,
+                            "' is no preset: give --weights CKPT, --model-config CONFIG.json, or --preset P (and/or ",
+                            "--hidden H --intermediate I) for a seeded random init");
+            GRACE_CHECK_ARG(shape.hidden > 0 && shape.intermediate > 0,
+                            shape.hidden > 0 ? cat("--hidden ", shape.hidden, " needs --intermediate I")
+                                             : cat("--intermediate ", shape.intermediate, " needs --hidden H"),
+                            " (the trace's model '", trace.model, "' is no preset and no --preset was given)");
+        }
+    } catch (const AgreedError&) {
+        throw;
+    } catch (const Error& e) {
+        throw AgreedError(e.code(), e.what());
     }
     auto make_expert = [&](int layer, int e) {
         if (ckpt)
@@ -232,7 +440,7 @@ int run_impl(RunOptions& o) {
     const int64_t T_local = end - begin;
     int64_t max_local = 0;
     for (int g = 0; g < G; ++g) max_local = std::max(max_local, block_begin(g + 1) - block_begin(g));
-    const int64_t B = o.batch_tokens > 0 ? o.batch_tokens : std::max<int64_t>(max_local, 1);
+    const int64_t B = o.batch_tokens.value_or(std::max<int64_t>(max_local, 1));
     const int64_t steps = (max_local + B - 1) / B;
     const int k = trace.top_k;
 
@@ -300,6 +508,7 @@ int run_impl(RunOptions& o) {
         std::vector<float> gates, out;
         ExpertWorkspace ws;
         for (int64_t step = 0; step < steps; ++step) {
+            if (step == 0) maybe_stall(me, l);
             if (me == fail_rank && l == fail_layer)
                 throw Error(ErrorCode::kInternal,
                             cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l, " batch ", step));
@@ -434,6 +643,15 @@ int run_command(RunOptions& o) {
     const int nproc = launched_process_count();
     try {
         return run_impl(o);
+    } catch (const AgreedError& e) {
+        // Every rank found the same mismatch: rank 0 prints it once and ends the job; the others wait to be
+        // ended, and end it themselves should rank 0 not do so.
+        if (nproc > 1) {
+            const int me = launched_process_rank();
+            if (me != 0) std::this_thread::sleep_for(std::chrono::seconds(10));
+            abort_launched_job(1, cat("grace: error: ", me == 0 ? "" : cat("rank ", me, ": "), e.what()));
+        }
+        throw;
     } catch (const std::exception& e) {
         // A failing rank must end the whole job: the others may be blocked in a collective.
         if (nproc > 1)
@@ -449,28 +667,50 @@ GRACE_COMMAND(
         auto o = std::make_shared<RunOptions>();
         sub.add_option("--plan", o->plan_path, "Plan file (grace.plan/v1)")->required();
         sub.add_option("--trace", o->trace_path, "Routing trace (.npy)")->required();
-        sub.add_option("--comm", o->comm, "Dispatch scheme: flat, flat-dedup or hsc")->default_val("hsc");
-        sub.add_option("--routing", o->routing, "Replica routing policy (default: the plan's per layer)");
-        sub.add_option("--layers", o->layers, "Number of layers to run (default: all)");
-        sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)");
+        sub.add_option("--comm", o->comm, "Dispatch scheme: flat, flat-dedup or hsc")
+            ->default_val("hsc")
+            ->check(CLI::IsMember({"flat", "flat-dedup", "hsc"}));
+        sub.add_option("--routing", o->routing, "Replica routing policy (default: the plan's per layer)")
+            ->check(CLI::IsMember({"primary", "wrr", "tar", "vllm", "sglang-static", "sglang-dynamic"}));
+        sub.add_option("--layers", o->layers,
+                       "Run only the first N layers (default: all; the trace and the plan must then have as many)")
+            ->check(CLI::Range(1, kMaxCount));
+        sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)")
+            ->check(CLI::Range(int64_t{1}, std::numeric_limits<int64_t>::max()));
         sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
-        sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")->default_val(1e-4);
+        sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")
+            ->default_val(1e-4)
+            ->check(finite_at_least(0));
         sub.add_option("--weights", o->weights_ckpt, "Hugging Face safetensors checkpoint (file or folder)");
         sub.add_option("--preset", o->preset, "Model preset for a seeded random init (olmoe, ...; docs/models.md)");
         add_model_config_flag(sub, o->model_config);
-        sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")->default_val(0);
-        sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")->default_val("fp32");
-        sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)");
-        sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)");
+        sub.add_option("--seed", o->seed, "Seed of the random weights, inputs and gates")
+            ->default_val(0)
+            ->check(digits_only());  // "-1" would otherwise wrap to 2^64 - 1
+        sub.add_option("--dtype", o->dtype, "Weight storage: fp32 or bf16")
+            ->default_val("fp32")
+            ->check(CLI::IsMember({"fp32", "bf16"}));
+        sub.add_option("--hidden", o->hidden, "Hidden size H (overrides the preset)")->check(CLI::Range(1, kMaxDim));
+        sub.add_option("--intermediate", o->intermediate, "Expert intermediate size I (overrides the preset)")
+            ->check(CLI::Range(1, kMaxDim));
         sub.add_option("--first-moe-layer", o->first_moe_layer,
-                       "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)");
+                       "Checkpoint layer of MoE layer 0 (DeepSeek-V2: 1; default from --preset, else 0)")
+            ->check(CLI::Range(0, kMaxCount));
         sub.add_option(
-            "--backend", o->backend,
-            "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer");
+               "--backend", o->backend,
+               "Communicator backend: mpi or local (default: mpi if built); nccl (alias cuda) runs the GPU layer")
+            ->check(CLI::IsMember({"mpi", "local", "nccl", "cuda"}));
         sub.add_option("--threads", o->threads, "Eigen threads per rank (also the threads of the --verify reference)")
-            ->default_val(1);
+            ->default_val(1)
+            ->check(CLI::Range(1, 4096));
+        sub.add_option("--timeout", o->timeout_s,
+                       "Seconds any rank waits for the others in one exchange before the job is ended, naming "
+                       "the rank(s) that did not answer (0 = wait forever)")
+            ->default_val(300)
+            ->check(finite_at_least(0));
         sub.add_option("-o,--output", o->output, "Report (JSON)")->required();
-        sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)");
+        sub.add_option("--experts", o->experts_flag, "Number of experts E (default: the plan's)")
+            ->check(CLI::Range(1, kMaxCount));
         sub.add_option_function<std::string>(
             "--gate-weights", [o](const std::string& v) { o->overrides.weights_path = v; },
             "Gate weights .npy [T, L, k] (overrides the trace's metadata; default: seeded)");

@@ -11,9 +11,13 @@
 #include <nccl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <thread>
+#include <vector>
 
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
@@ -62,40 +66,56 @@ int machine_local_rank(int global_rank) {
     return global_rank;
 }
 
+using Clock = std::chrono::steady_clock;
+
+// Deadline of a wait on the GPU: polls `done` (cudaEventQuery or cudaStreamQuery) and ncclCommGetAsyncError of
+// `comms`, sleeping 1 ms between polls after the first 100 ms. Returns cudaSuccess when done, the CUDA error if
+// one occurs, or cudaErrorTimeout once `timeout_s` (> 0) has passed; throws on an asynchronous NCCL error.
+template <class Query>
+cudaError_t poll_until_done(Query done, std::initializer_list<ncclComm_t> comms, double timeout_s,
+                            int rank_for_errors_) {
+    const Clock::time_point t0 = Clock::now();
+    for (uint64_t polls = 1;; ++polls) {
+        const cudaError_t err = done();
+        if (err == cudaSuccess) return cudaSuccess;
+        if (err != cudaErrorNotReady) return err;
+        if ((polls & 255) != 0) continue;
+        for (ncclComm_t c : comms) {
+            if (!c) continue;
+            ncclResult_t async = ncclSuccess;
+            GRACE_NCCL_CHECK(ncclCommGetAsyncError(c, &async));
+            if (async != ncclSuccess && async != ncclInProgress)
+                throw_nccl(async, "ncclCommGetAsyncError while waiting", rank_for_errors_, __FILE__, __LINE__);
+        }
+        const double waited = std::chrono::duration<double>(Clock::now() - t0).count();
+        if (timeout_s > 0 && waited >= timeout_s) return cudaErrorTimeout;
+        if (waited > 0.1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+}
+
+class NcclCommunicator;
+
 class NcclRequest final : public CommRequest {
   public:
-    NcclRequest(cudaEvent_t event, ncclComm_t comm, int rank) : event_(event), comm_(comm), rank_for_errors_(rank) {}
-    ~NcclRequest() override {
-        if (event_) {
-            cudaEventSynchronize(event_);
-            cudaEventDestroy(event_);
-        }
-    }
-    void wait() override {
-        if (!event_) return;
-        const cudaError_t err = cudaEventSynchronize(event_);
-        cudaEventDestroy(event_);
-        event_ = nullptr;
-        if (err != cudaSuccess) {
-            ncclResult_t async = ncclSuccess;
-            ncclCommGetAsyncError(comm_, &async);
-            if (async != ncclSuccess)
-                throw_nccl(async, "ncclCommGetAsyncError after a failed alltoallv", rank_for_errors_, __FILE__,
-                           __LINE__);
-            throw_cuda(err, "cudaEventSynchronize(alltoallv done)", rank_for_errors_, __FILE__, __LINE__);
-        }
-    }
+    NcclRequest(cudaEvent_t event, NcclCommunicator* owner, ncclComm_t comm, std::vector<int> peers, int rank)
+        : event_(event), owner_(owner), comm_(comm), peers_(std::move(peers)), rank_for_errors_(rank) {}
+    ~NcclRequest() override;
+    void wait() override;
 
   private:
     cudaEvent_t event_ = nullptr;
+    NcclCommunicator* owner_;  // outlives its requests
     ncclComm_t comm_ = nullptr;
+    std::vector<int> peers_;  // global ranks this exchange sends to or receives from, for a timeout's message
     int rank_for_errors_ = -1;
 };
 
 class NcclCommunicator final : public Communicator {
   public:
     NcclCommunicator(const CommunicatorOptions& options, std::unique_ptr<Communicator> host)
-        : Communicator(options.topology, host->rank()), host_comm_(std::move(host)), host_(host_name()) {
+        : Communicator(options.topology, host->rank(), options.timeout_s),
+          host_comm_(std::move(host)),
+          host_(host_name()) {
         rank_for_errors_ = rank_;
         int devices = 0;
         if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
@@ -138,7 +158,7 @@ class NcclCommunicator final : public Communicator {
     }
 
     ~NcclCommunicator() override {
-        if (stream_) cudaStreamSynchronize(stream_);
+        if (stream_ && !broken_) cudaStreamSynchronize(stream_);
         if (node_) ncclCommDestroy(node_);
         if (global_) ncclCommDestroy(global_);
         if (ready_) cudaEventDestroy(ready_);
@@ -166,9 +186,11 @@ class NcclCommunicator final : public Communicator {
         if (layout.send_counts[self] > 0)
             GRACE_NCCL_CUDA_CHECK(cudaMemcpyAsync(r + layout.recv_displs[self], s + layout.send_displs[self],
                                                   layout.send_counts[self], cudaMemcpyDeviceToDevice, stream_));
+        std::vector<int> peers;
         GRACE_NCCL_CHECK(ncclGroupStart());
         for (int q = 0; q < n; ++q) {
             if (q == self) continue;
+            if (layout.send_counts[q] > 0 || layout.recv_counts[q] > 0) peers.push_back(global_rank(group, q));
             if (layout.send_counts[q] > 0)
                 GRACE_NCCL_CHECK(
                     ncclSend(s + layout.send_displs[q], layout.send_counts[q], ncclUint8, q, comm, stream_));
@@ -180,7 +202,7 @@ class NcclCommunicator final : public Communicator {
         cudaEvent_t done = nullptr;
         GRACE_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
         GRACE_NCCL_CUDA_CHECK(cudaEventRecord(done, stream_));
-        return std::make_unique<NcclRequest>(done, comm, rank_);
+        return std::make_unique<NcclRequest>(done, this, comm, std::move(peers), rank_);
     }
 
     std::vector<uint64_t> exchange_counts(CommGroup group, const std::vector<uint64_t>& send,
@@ -188,12 +210,32 @@ class NcclCommunicator final : public Communicator {
         return host_comm_->exchange_counts(group, send, peers);
     }
     std::vector<uint64_t> allgather(uint64_t value) override { return host_comm_->allgather(value); }
+    std::vector<uint8_t> allgather_bytes(const void* data, size_t bytes) override {
+        return host_comm_->allgather_bytes(data, bytes);
+    }
     void allreduce_sum(std::vector<double>& values) override { host_comm_->allreduce_sum(values); }
     void allreduce_max(std::vector<double>& values) override { host_comm_->allreduce_max(values); }
     void barrier() override {
-        GRACE_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        const cudaError_t err = poll_until_done([this] { return cudaStreamQuery(stream_); }, {global_, node_},
+                                                timeout_s_, rank_for_errors_);
+        if (err == cudaErrorTimeout) {
+            abort_nccl();
+            throw Error(ErrorCode::kBackend,
+                        cat("timed out after ", timeout_s_, " s (--timeout) on rank ", rank_, " (host ", host_,
+                            ") in barrier: this rank's NCCL exchanges did not finish (NCCL cannot name the missing "
+                            "peer)"));
+        }
+        GRACE_NCCL_CUDA_CHECK(err);
         host_comm_->barrier();
     }
+    /// After a timeout: ncclCommAbort stops the kernels still waiting for a peer, so the stream drains.
+    void abort_nccl() {
+        if (node_) ncclCommAbort(node_);
+        if (global_) ncclCommAbort(global_);
+        node_ = global_ = nullptr;
+        broken_ = true;
+    }
+    bool broken() const { return broken_; }
     [[noreturn]] void abort(int code, const std::string& message) override {
         if (node_) ncclCommAbort(node_);
         if (global_) ncclCommAbort(global_);
@@ -211,7 +253,46 @@ class NcclCommunicator final : public Communicator {
     ncclComm_t node_ = nullptr;
     cudaStream_t stream_ = nullptr;
     cudaEvent_t ready_ = nullptr;
+    bool broken_ = false;  // a wait timed out and the NCCL communicators were aborted
 };
+
+NcclRequest::~NcclRequest() {
+    if (!event_) return;
+    if (!owner_->broken()) {
+        try {
+            wait();
+        } catch (const std::exception& e) {
+            owner_->abort(1, cat("grace: error: rank ", owner_->rank(), " (host ", owner_->host(), "): ", e.what()));
+        }
+    }
+    if (event_) cudaEventDestroy(event_);
+}
+
+void NcclRequest::wait() {
+    if (!event_) return;
+    const cudaError_t err = owner_->broken() ? cudaErrorTimeout
+                                             : poll_until_done([this] { return cudaEventQuery(event_); }, {comm_},
+                                                               owner_->timeout_s(), rank_for_errors_);
+    cudaEventDestroy(event_);
+    event_ = nullptr;
+    if (err == cudaErrorTimeout) {
+        std::string peers;
+        for (int q : peers_) peers += cat(peers.empty() ? "" : ", ", q);
+        owner_->abort_nccl();
+        throw Error(
+            ErrorCode::kBackend,
+            cat("timed out after ", owner_->timeout_s(), " s (--timeout) on rank ", rank_for_errors_, " (host ",
+                host_name(), ") in alltoallv: one of its peers (rank(s) ", peers.empty() ? std::string("none") : peers,
+                ") did not answer; NCCL cannot tell which (ncclCommAbort called)"));
+    }
+    if (err != cudaSuccess) {
+        ncclResult_t async = ncclSuccess;
+        ncclCommGetAsyncError(comm_, &async);
+        if (async != ncclSuccess)
+            throw_nccl(async, "ncclCommGetAsyncError after a failed alltoallv", rank_for_errors_, __FILE__, __LINE__);
+        throw_cuda(err, "cudaEventQuery(alltoallv done)", rank_for_errors_, __FILE__, __LINE__);
+    }
+}
 
 }  // namespace
 
