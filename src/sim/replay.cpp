@@ -1,6 +1,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "grace/error.hpp"
 #include "grace/eval.hpp"
@@ -53,8 +56,24 @@ struct LayerState {
     std::vector<int64_t> mask_hist;
     std::vector<int64_t> dedup, hsc;  // [G*G], large G only
     std::vector<int64_t> gpu_stamp, node_stamp;
+    std::vector<int64_t> expert_stamp;  // [E]: last token that selected the expert (repeated-id check)
     int64_t next_token = 0;
 };
+
+// The id errors, worded as TraceReader's check words them (src/core/trace.cpp), for one (token, layer) row:
+// the first position j whose id is out of range or repeats an earlier one.
+[[noreturn]] void throw_bad_ids(const int32_t* row, int k, int num_experts, int64_t token, int layer) {
+    for (int j = 0; j < k; ++j) {
+        const int32_t e = row[j];
+        GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", token, ", layer ", layer,
+                          " is out of range [0, ", num_experts, ")");
+        for (int i = 0; i < j; ++i)
+            GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ", token, ", layer ",
+                              layer);
+    }
+    GRACE_ASSERT(false);
+    std::abort();
+}
 
 }  // namespace
 
@@ -63,6 +82,7 @@ struct Replayer::Impl {
     int64_t total_tokens = 0;
     int num_threads = 0;
     std::vector<LayerState> layers;
+    std::vector<int32_t> layer_major;  // consume()'s [L, T, k] copy, kept: a fresh one per chunk costs page faults
 };
 
 Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOptions& options)
@@ -125,6 +145,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
             st.gpu_stamp.assign(G, -1);
             st.node_stamp.assign(p.topology.nodes, -1);
         }
+        st.expert_stamp.assign(E, -1);
     }
 }
 
@@ -146,16 +167,18 @@ void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int
                       layer);
 }
 
-void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
-    const ExpertPlan& p = impl_->plan;
-    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+namespace {
+
+// Replays tokens first_token .. first_token + n - 1 of one layer, checking each id while routing it (in range,
+// not repeated within the token's top-k). Returns -1, or the trace index of the first token with a bad id: the
+// replay stops there, with that layer's counts part-way through the token.
+int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
+                     int k, int64_t first_token, int layer) {
     GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
-    LayerState& st = impl_->layers[layer];
     GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
                     first_token);
-    const int64_t T = impl_->total_tokens;
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
-    if (n == 0) return;
+    if (n == 0) return -1;
     const Topology& topo = p.topology;
     const int G = topo.num_gpus();
     const int M = topo.gpus_per_node;
@@ -165,6 +188,7 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
     const int E = p.num_experts;
     const int num_inst = st.inst_begin[E];
     const int* inst_begin = st.inst_begin.data();
+    int64_t* expert_stamp = st.expert_stamp.data();
     ReplicaRouter& router = *st.router;
     const bool use_mask = G <= kMaxMaskGpus;
     int dst[64];
@@ -181,6 +205,11 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
         int u = 0;
         for (int j = 0; j < k; ++j) {
             const int e = ids[j];
+            if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) {
+                st.next_token = t;  // the layer's counts are no longer usable
+                return t;
+            }
+            expert_stamp[e] = t;
             const int32_t entry = row[e];
             int d, inst;
             if (entry >= 0) {
@@ -227,45 +256,79 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
         }
     }
     st.next_token = first_token + n;
+    return -1;
 }
 
+}  // namespace
+
+void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
+    const ExpertPlan& p = impl_->plan;
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    const int64_t bad =
+        replay_layer(impl_->layers[layer], p, impl_->total_tokens, ids, stride, n, k, first_token, layer);
+    if (bad >= 0) throw_bad_ids(ids + static_cast<size_t>(bad - first_token) * stride, k, p.num_experts, bad, layer);
+}
+
+namespace {
+
+/// Copies `chunk`'s ids [T, L, k] into `out` as [L, T, k] with `threads` threads. `out` is only resized, so a
+/// buffer reused across chunks of one size is neither reallocated nor zeroed.
+void transpose_layer_major(const RoutingTrace& chunk, int threads, std::vector<int32_t>& out) {
+    const int L = chunk.num_layers, k = chunk.top_k;
+    const int64_t n = chunk.num_tokens;
+    out.resize(static_cast<size_t>(n) * L * k);
+    // Tiles of tokens keep both the reads and the L write streams inside the cache.
+    constexpr int64_t kTile = 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 4 * kTile)
+    for (int64_t b = 0; b < n; b += kTile) {
+        const int64_t e = std::min(n, b + kTile);
+        for (int l = 0; l < L; ++l) {
+            int32_t* dst = out.data() + (static_cast<size_t>(l) * n + b) * k;
+            const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
+            for (int64_t t = b; t < e; ++t, dst += k, in += static_cast<size_t>(L) * k) std::copy(in, in + k, dst);
+        }
+    }
+}
+
+}  // namespace
+
 void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
-    const int L = impl_->plan.num_layers;
-    GRACE_CHECK_INPUT(chunk.num_experts == impl_->plan.num_experts, "the trace has ", chunk.num_experts,
-                      " experts but the plan has ", impl_->plan.num_experts);
+    const ExpertPlan& p = impl_->plan;
+    const int L = p.num_layers;
+    GRACE_CHECK_INPUT(chunk.num_experts == p.num_experts, "the trace has ", chunk.num_experts,
+                      " experts but the plan has ", p.num_experts);
     GRACE_CHECK_INPUT(chunk.num_layers == L, "the trace has ", chunk.num_layers, " layers but the plan has ", L);
     GRACE_CHECK_INPUT(chunk.top_k <= 64, "top_k ", chunk.top_k, " exceeds the evaluator's limit of 64");
     const int threads = impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads();
-    const LayerMajorIds lm(chunk, threads);
+    const int k = chunk.top_k;
+    const int64_t n = chunk.num_tokens;
+    transpose_layer_major(chunk, threads, impl_->layer_major);
     std::vector<std::string> errors(L);
+    std::vector<int64_t> bad(L, -1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (L > 1)
     for (int l = 0; l < L; ++l) {
         try {
-            consume_layer_ids(lm.layer(l), chunk.top_k, chunk.num_tokens, chunk.top_k, first_token, l);
+            bad[l] = replay_layer(impl_->layers[l], p, impl_->total_tokens,
+                                  impl_->layer_major.data() + static_cast<size_t>(l) * n * k, k, n, k, first_token, l);
         } catch (const std::exception& e) {
             errors[l] = e.what();
         }
     }
     for (const auto& e : errors) GRACE_CHECK_INPUT(e.empty(), e);
+    // The first bad (token, layer) in trace order, whatever the thread count: the one TraceReader would report.
+    int bad_layer = -1;
+    for (int l = 0; l < L; ++l)
+        if (bad[l] >= 0 && (bad_layer < 0 || bad[l] < bad[bad_layer])) bad_layer = l;
+    if (bad_layer >= 0) {
+        const int64_t t = bad[bad_layer];
+        throw_bad_ids(chunk.expert_ids.data() + (static_cast<size_t>(t - first_token) * L + bad_layer) * k, k,
+                      p.num_experts, t, bad_layer);
+    }
 }
 
 LayerMajorIds::LayerMajorIds(const RoutingTrace& chunk, int num_threads)
     : num_tokens_(chunk.num_tokens), top_k_(chunk.top_k) {
-    const int L = chunk.num_layers, k = chunk.top_k;
-    const int64_t n = chunk.num_tokens;
-    ids_.resize(static_cast<size_t>(n) * L * k);
-    // Tiles of tokens keep both the reads and the L write streams inside the cache.
-    constexpr int64_t kTile = 256;
-    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (n > 4 * kTile)
-    for (int64_t b = 0; b < n; b += kTile) {
-        const int64_t e = std::min(n, b + kTile);
-        for (int l = 0; l < L; ++l) {
-            int32_t* out = ids_.data() + (static_cast<size_t>(l) * n + b) * k;
-            const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
-            for (int64_t t = b; t < e; ++t, out += k, in += static_cast<size_t>(L) * k) std::copy(in, in + k, out);
-        }
-    }
+    transpose_layer_major(chunk, num_threads > 0 ? num_threads : omp_get_max_threads(), ids_);
 }
 
 std::vector<LayerCounts> Replayer::counts() const {
