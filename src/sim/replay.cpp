@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -27,11 +28,11 @@ const TrafficMatrix& LayerCounts::traffic(CommScheme scheme) const {
 namespace {
 
 // A WRR/TAR pick sequence of one (source GPU, expert) pair, with the counter ReplicaRouter would keep for it.
+// `entries` holds the period's picks already resolved to (global instance index << 8) | GPU, so a pick is one
+// load rather than a chain through the instance list.
 struct SequenceState {
-    const uint8_t* seq = nullptr;
+    const int32_t* entries = nullptr;
     int offset = 0;
-    int inst_begin = 0;
-    const int* gpus = nullptr;
 };
 
 // Counters of one layer. Routing goes through a [G, E] table built from the layer's ReplicaRouter: an entry
@@ -48,6 +49,8 @@ struct LayerState {
     int period = 0;
     std::vector<int32_t> table;  // [G*E]
     std::vector<SequenceState> sequences;
+    std::vector<int32_t> sequence_entries;  // [sequences, period]
+    bool dynamic = false;                   // some table entry is -1 (asks the router)
     std::vector<int> inst_begin;    // [E+1]: offsets into the instance list
     std::vector<int> inst_gpu;      // [instances]: GPU of each instance
     std::vector<int64_t> src_inst;  // [G, instances]: selections from source GPU to instance
@@ -82,7 +85,6 @@ struct Replayer::Impl {
     int64_t total_tokens = 0;
     int num_threads = 0;
     std::vector<LayerState> layers;
-    std::vector<int32_t> layer_major;  // consume()'s [L, T, k] copy, kept: a fresh one per chunk costs page faults
 };
 
 Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOptions& options)
@@ -127,10 +129,15 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
                         fixed(seq[0]);
                     } else {
                         entry = -2 - static_cast<int32_t>(st.sequences.size());
-                        st.sequences.push_back({seq, 0, st.inst_begin[e], gpus.data()});
+                        st.sequences.push_back({nullptr, 0});
+                        for (int o = 0; o < st.period; ++o)
+                            st.sequence_entries.push_back(((st.inst_begin[e] + seq[o]) << 8) | gpus[seq[o]]);
                     }
                 }
             }
+        st.dynamic = std::find(st.table.begin(), st.table.end(), -1) != st.table.end();
+        for (size_t i = 0; i < st.sequences.size(); ++i)
+            st.sequences[i].entries = st.sequence_entries.data() + i * st.period;
         st.inst_gpu.resize(st.inst_begin[E]);
         for (int e = 0; e < E; ++e)
             for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i)
@@ -169,16 +176,14 @@ void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int
 
 namespace {
 
-// Replays tokens first_token .. first_token + n - 1 of one layer, checking each id while routing it (in range,
-// not repeated within the token's top-k). Returns -1, or the trace index of the first token with a bad id: the
-// replay stops there, with that layer's counts part-way through the token.
-int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
-                     int k, int64_t first_token, int layer) {
-    GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
-    GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
-                    first_token);
-    GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
-    if (n == 0) return -1;
+// The token loop of replay_layer, specialized on the destination bookkeeping (kMask: the [G, 2^G] histogram
+// of small topologies), on k (kK > 0: a compile-time top-k, 0: `k`) and on whether any pick asks the router
+// itself (kDynamic: token-dependent policies; without the call the loop's state stays in registers).
+// Returns as replay_layer.
+template <bool kMask, int kK, bool kDynamic>
+int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
+                      int k_runtime, int64_t first_token) {
+    const int k = kK > 0 ? kK : k_runtime;
     const Topology& topo = p.topology;
     const int G = topo.num_gpus();
     const int M = topo.gpus_per_node;
@@ -189,74 +194,98 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32
     const int num_inst = st.inst_begin[E];
     const int* inst_begin = st.inst_begin.data();
     int64_t* expert_stamp = st.expert_stamp.data();
+    int64_t* src_inst = st.src_inst.data();
+    int64_t* mask_hist = st.mask_hist.data();
     ReplicaRouter& router = *st.router;
-    const bool use_mask = G <= kMaxMaskGpus;
     int dst[64];
     int h = home_gpu(first_token, T, G);
     // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
     auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
     int64_t next_home = block_begin(h + 1);
-    for (int64_t i = 0; i < n; ++i, ids += stride) {
-        const int64_t t = first_token + i;
+    const int64_t end = first_token + n;
+    for (int64_t t = first_token; t < end;) {
         while (t >= next_home) next_home = block_begin(++h + 1);
+        // Tokens t .. block_end - 1 share the home GPU h, hence the routing row and the counter row.
+        const int64_t block_end = std::min(end, next_home);
         const int32_t* row = table + static_cast<size_t>(h) * E;
-        int64_t* src_row = st.src_inst.data() + static_cast<size_t>(h) * num_inst;
-        uint32_t mask = 0;
-        int u = 0;
-        for (int j = 0; j < k; ++j) {
-            const int e = ids[j];
-            if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) {
-                st.next_token = t;  // the layer's counts are no longer usable
-                return t;
-            }
-            expert_stamp[e] = t;
-            const int32_t entry = row[e];
-            int d, inst;
-            if (entry >= 0) {
-                d = entry & 0xff;
-                inst = entry >> 8;
-            } else if (entry <= -2) {
-                SequenceState& sq = sequences[-2 - entry];
-                const int pick = sq.seq[sq.offset];
-                if (++sq.offset == period) sq.offset = 0;
-                d = sq.gpus[pick];
-                inst = sq.inst_begin + pick;
-            } else {
-                d = router.route(h, e, t, j, k);
-                inst = inst_begin[e] + router.last_instance();
-            }
-            ++src_row[inst];
-            if (use_mask) {
-                mask |= 1u << d;
-            } else if (st.gpu_stamp[d] != t) {
-                st.gpu_stamp[d] = t;
-                dst[u++] = d;
-            }
-        }
-        if (use_mask) {
-            ++st.mask_hist[(static_cast<size_t>(h) << G) | mask];
-            continue;
-        }
-        const int hn = h / M, hl = h % M;
-        int64_t* dedup_row = st.dedup.data() + static_cast<size_t>(h) * G;
-        for (int a = 0; a < u; ++a) {
-            const int d = dst[a];
-            ++dedup_row[d];
-            const int dn = d / M;
-            if (dn == hn) {
-                ++st.hsc[static_cast<size_t>(h) * G + d];
-            } else {
-                const int peer = dn * M + hl;
-                if (st.node_stamp[dn] != t) {
-                    st.node_stamp[dn] = t;
-                    ++st.hsc[static_cast<size_t>(h) * G + peer];
+        int64_t* src_row = src_inst + static_cast<size_t>(h) * num_inst;
+        int64_t* hist_row = kMask ? mask_hist + (static_cast<size_t>(h) << G) : nullptr;
+        for (; t < block_end; ++t, ids += stride) {
+            uint32_t mask = 0;
+            int u = 0;
+            for (int j = 0; j < k; ++j) {
+                const int e = ids[j];
+                if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) {
+                    st.next_token = t;  // the layer's counts are no longer usable
+                    return t;
                 }
-                if (d != peer) ++st.hsc[static_cast<size_t>(peer) * G + d];
+                expert_stamp[e] = t;
+                const int32_t entry = row[e];
+                int d, inst;
+                if (entry >= 0) {
+                    d = entry & 0xff;
+                    inst = entry >> 8;
+                } else if (entry <= -2) {
+                    SequenceState& sq = sequences[-2 - entry];
+                    const int32_t picked = sq.entries[sq.offset];
+                    if (++sq.offset == period) sq.offset = 0;
+                    d = picked & 0xff;
+                    inst = picked >> 8;
+                } else if constexpr (kDynamic) {
+                    d = router.route(h, e, t, j, k);
+                    inst = inst_begin[e] + router.last_instance();
+                } else {
+                    GRACE_ASSERT(false);  // the table has no router entries (LayerState::dynamic)
+                }
+                ++src_row[inst];
+                if constexpr (kMask) {
+                    mask |= 1u << d;
+                } else if (st.gpu_stamp[d] != t) {
+                    st.gpu_stamp[d] = t;
+                    dst[u++] = d;
+                }
+            }
+            if constexpr (kMask) {
+                ++hist_row[mask];
+            } else {
+                const int hn = h / M, hl = h % M;
+                int64_t* dedup_row = st.dedup.data() + static_cast<size_t>(h) * G;
+                for (int a = 0; a < u; ++a) {
+                    const int d = dst[a];
+                    ++dedup_row[d];
+                    const int dn = d / M;
+                    if (dn == hn) {
+                        ++st.hsc[static_cast<size_t>(h) * G + d];
+                    } else {
+                        const int peer = dn * M + hl;
+                        if (st.node_stamp[dn] != t) {
+                            st.node_stamp[dn] = t;
+                            ++st.hsc[static_cast<size_t>(h) * G + peer];
+                        }
+                        if (d != peer) ++st.hsc[static_cast<size_t>(peer) * G + d];
+                    }
+                }
             }
         }
     }
-    st.next_token = first_token + n;
+    st.next_token = end;
     return -1;
+}
+
+// Replays tokens first_token .. first_token + n - 1 of one layer, checking each id while routing it (in range,
+// not repeated within the token's top-k). Returns -1, or the trace index of the first token with a bad id: the
+// replay stops there, with that layer's counts part-way through the token.
+int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
+                     int k, int64_t first_token, int layer) {
+    GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
+    GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
+                    first_token);
+    GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
+    if (n == 0) return -1;
+    if (p.topology.num_gpus() > kMaxMaskGpus) return replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    if (st.dynamic) return replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    if (k == 8) return replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
+    return replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
 }
 
 }  // namespace
@@ -270,6 +299,10 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
 }
 
 namespace {
+
+// Bytes of ids per tile of consume(): a quarter of a 1 MiB L2, so the tile stays cached while every layer
+// reads its share (256 KiB measured best against 1 and 4 MiB for qwen3-30b-a3b, bench/results/eval.md).
+constexpr int64_t kTileBytes = int64_t{1} << 18;
 
 /// Copies `chunk`'s ids [T, L, k] into `out` as [L, T, k] with `threads` threads. `out` is only resized, so a
 /// buffer reused across chunks of one size is neither reallocated nor zeroed.
@@ -285,7 +318,12 @@ void transpose_layer_major(const RoutingTrace& chunk, int threads, std::vector<i
         for (int l = 0; l < L; ++l) {
             int32_t* dst = out.data() + (static_cast<size_t>(l) * n + b) * k;
             const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
-            for (int64_t t = b; t < e; ++t, dst += k, in += static_cast<size_t>(L) * k) std::copy(in, in + k, dst);
+            if (k == 8) {  // the common top-k: a fixed-size copy the compiler inlines (not a memmove call per row)
+                for (int64_t t = b; t < e; ++t, dst += 8, in += static_cast<size_t>(L) * 8) std::memcpy(dst, in, 32);
+            } else {
+                for (int64_t t = b; t < e; ++t, dst += k, in += static_cast<size_t>(L) * k)
+                    std::memcpy(dst, in, sizeof(int32_t) * k);
+            }
         }
     }
 }
@@ -299,19 +337,31 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
                       " experts but the plan has ", p.num_experts);
     GRACE_CHECK_INPUT(chunk.num_layers == L, "the trace has ", chunk.num_layers, " layers but the plan has ", L);
     GRACE_CHECK_INPUT(chunk.top_k <= 64, "top_k ", chunk.top_k, " exceeds the evaluator's limit of 64");
-    const int threads = impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads();
+    const int threads = std::max(1, std::min(impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads(), L));
     const int k = chunk.top_k;
     const int64_t n = chunk.num_tokens;
-    transpose_layer_major(chunk, threads, impl_->layer_major);
+    const size_t row = static_cast<size_t>(L) * k;  // ids per token
+    // Tiles of tokens small enough to stay in a core's cache: each layer's replay then reads its ids (k of every
+    // L * k) from cache instead of memory, with no layer-major copy. Thread i owns layers i, i + threads, ...
+    // for the whole chunk, so every layer still sees its tokens in order.
+    const int64_t tile = std::max<int64_t>(64, kTileBytes / static_cast<int64_t>(row * sizeof(int32_t)));
     std::vector<std::string> errors(L);
     std::vector<int64_t> bad(L, -1);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (L > 1)
-    for (int l = 0; l < L; ++l) {
-        try {
-            bad[l] = replay_layer(impl_->layers[l], p, impl_->total_tokens,
-                                  impl_->layer_major.data() + static_cast<size_t>(l) * n * k, k, n, k, first_token, l);
-        } catch (const std::exception& e) {
-            errors[l] = e.what();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t b = 0; b < n; b += tile) {
+            const int64_t m = std::min(tile, n - b);
+            for (int l = tid; l < L; l += nt) {
+                if (bad[l] >= 0 || !errors[l].empty()) continue;
+                try {
+                    bad[l] = replay_layer(impl_->layers[l], p, impl_->total_tokens,
+                                          chunk.expert_ids.data() + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k,
+                                          row, m, k, first_token + b, l);
+                } catch (const std::exception& e) {
+                    errors[l] = e.what();
+                }
+            }
         }
     }
     for (const auto& e : errors) GRACE_CHECK_INPUT(e.empty(), e);
@@ -321,8 +371,8 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
         if (bad[l] >= 0 && (bad_layer < 0 || bad[l] < bad[bad_layer])) bad_layer = l;
     if (bad_layer >= 0) {
         const int64_t t = bad[bad_layer];
-        throw_bad_ids(chunk.expert_ids.data() + (static_cast<size_t>(t - first_token) * L + bad_layer) * k, k,
-                      p.num_experts, t, bad_layer);
+        throw_bad_ids(chunk.expert_ids.data() + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k,
+                      k, p.num_experts, t, bad_layer);
     }
 }
 
