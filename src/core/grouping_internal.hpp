@@ -59,7 +59,7 @@ struct SplitMix64 {
     double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
 };
 
-/// Eigensolver of spectral grouping (spectral.cpp). kAuto picks by size (dense below E = 128 or when more than
+/// Eigensolver of spectral grouping (spectral.cpp). kAuto picks by size (dense below E = 64 or when more than
 /// E / 8 eigenvectors are needed, Lanczos otherwise); kLanczos falls back to kDense if Lanczos does not converge.
 enum class EigenSolver { kAuto, kDense, kLanczos };
 

@@ -24,7 +24,7 @@ namespace grace {
 namespace {
 
 // Partial (Lanczos) eigensolver settings; the thresholds come from BM_TopEigenvectors in bench/bm_grouping.cpp.
-constexpr int kLanczosMinExperts = 128;  // below: the dense solver
+constexpr int kLanczosMinExperts = 64;  // below: the dense solver
 constexpr int kLanczosMaxFraction = 8;   // use Lanczos only for k <= E / 8 eigenvectors
 constexpr int kLanczosMinBasis = 24;     // Krylov basis size at least this (and >= 2k + 1)
 constexpr int kLanczosMaxRestarts = 1000;
