@@ -45,7 +45,8 @@ std::vector<double> normalized_affinity(int E, int blocks) {
             if (i != j) deg[i] += (a[static_cast<size_t>(i) * E + j] += 0.01 * mean);
     for (int i = 0; i < E; ++i)
         for (int j = 0; j < E; ++j)
-            a[static_cast<size_t>(i) * E + j] = i == j ? 0.0 : a[static_cast<size_t>(i) * E + j] / std::sqrt(deg[i] * deg[j]);
+            a[static_cast<size_t>(i) * E + j] =
+                i == j ? 0.0 : a[static_cast<size_t>(i) * E + j] / std::sqrt(deg[i] * deg[j]);
     return a;
 }
 

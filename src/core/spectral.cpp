@@ -9,9 +9,10 @@
 
 // Eigen's own OpenMP parallelism would make the planner's per-layer threads oversubscribe the cores.
 #define EIGEN_DONT_PARALLELIZE
-#include <Eigen/Dense>
 #include <Spectra/MatOp/DenseSymMatProd.h>
 #include <Spectra/SymEigsSolver.h>
+
+#include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,8 +26,8 @@ namespace {
 
 // Partial (Lanczos) eigensolver settings; the thresholds come from BM_TopEigenvectors in bench/bm_grouping.cpp.
 constexpr int kLanczosMinExperts = 64;  // below: the dense solver
-constexpr int kLanczosMaxFraction = 8;   // use Lanczos only for k <= E / 8 eigenvectors
-constexpr int kLanczosMinBasis = 24;     // Krylov basis size at least this (and >= 2k + 1)
+constexpr int kLanczosMaxFraction = 8;  // use Lanczos only for k <= E / 8 eigenvectors
+constexpr int kLanczosMinBasis = 24;    // Krylov basis size at least this (and >= 2k + 1)
 constexpr int kLanczosMaxRestarts = 1000;
 constexpr double kLanczosTolerance = 1e-10;
 
@@ -280,7 +281,7 @@ Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k, detail::EigenS
     const int n = static_cast<int>(m.rows());
     if (solver == detail::EigenSolver::kAuto)
         solver = n >= kLanczosMinExperts && k * kLanczosMaxFraction <= n ? detail::EigenSolver::kLanczos
-                                                                          : detail::EigenSolver::kDense;
+                                                                         : detail::EigenSolver::kDense;
     Eigen::MatrixXd vec;
     if (solver == detail::EigenSolver::kLanczos && lanczos_top_eigenvectors(m, k, vec)) return vec;
     return dense_top_eigenvectors(m, k);
@@ -293,10 +294,10 @@ namespace detail {
 std::vector<double> top_eigenvectors(const std::vector<double>& m, int num_experts, int k, EigenSolver solver) {
     const int E = num_experts;
     GRACE_CHECK_ARG(E >= 2 && k >= 1 && k < E && m.size() == static_cast<size_t>(E) * E,
-                    "top_eigenvectors: need 1 <= k < E and an E x E matrix, got k = ", k, ", E = ", E, ", ",
-                    m.size(), " entries");
-    const Eigen::MatrixXd mat = Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
-        m.data(), E, E);
+                    "top_eigenvectors: need 1 <= k < E and an E x E matrix, got k = ", k, ", E = ", E, ", ", m.size(),
+                    " entries");
+    const Eigen::MatrixXd mat =
+        Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(m.data(), E, E);
     const Eigen::MatrixXd vec = grace::top_eigenvectors(mat, k, solver);
     std::vector<double> out(static_cast<size_t>(E) * k);
     for (int i = 0; i < E; ++i)

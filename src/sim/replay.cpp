@@ -51,9 +51,9 @@ struct LayerState {
     std::vector<SequenceState> sequences;
     std::vector<int32_t> sequence_entries;  // [sequences, period]
     bool dynamic = false;                   // some table entry is -1 (asks the router)
-    std::vector<int> inst_begin;    // [E+1]: offsets into the instance list
-    std::vector<int> inst_gpu;      // [instances]: GPU of each instance
-    std::vector<int64_t> src_inst;  // [G, instances]: selections from source GPU to instance
+    std::vector<int> inst_begin;            // [E+1]: offsets into the instance list
+    std::vector<int> inst_gpu;              // [instances]: GPU of each instance
+    std::vector<int64_t> src_inst;          // [G, instances]: selections from source GPU to instance
     // Destination sets: for G <= kMaxMaskGpus a histogram [G, 2^G] of (home GPU, destination-GPU bit set), turned
     // into flat-dedup and hsc copies once at the end; above that, the matrices directly (with stamps).
     std::vector<int64_t> mask_hist;
@@ -282,7 +282,8 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32
                     first_token);
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
     if (n == 0) return -1;
-    if (p.topology.num_gpus() > kMaxMaskGpus) return replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    if (p.topology.num_gpus() > kMaxMaskGpus)
+        return replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
     if (st.dynamic) return replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
     if (k == 8) return replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
     return replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
@@ -355,9 +356,10 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
             for (int l = tid; l < L; l += nt) {
                 if (bad[l] >= 0 || !errors[l].empty()) continue;
                 try {
-                    bad[l] = replay_layer(impl_->layers[l], p, impl_->total_tokens,
-                                          chunk.expert_ids.data() + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k,
-                                          row, m, k, first_token + b, l);
+                    bad[l] = replay_layer(
+                        impl_->layers[l], p, impl_->total_tokens,
+                        chunk.expert_ids.data() + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k,
+                        first_token + b, l);
                 } catch (const std::exception& e) {
                     errors[l] = e.what();
                 }
@@ -371,8 +373,9 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
         if (bad[l] >= 0 && (bad_layer < 0 || bad[l] < bad[bad_layer])) bad_layer = l;
     if (bad_layer >= 0) {
         const int64_t t = bad[bad_layer];
-        throw_bad_ids(chunk.expert_ids.data() + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k,
-                      k, p.num_experts, t, bad_layer);
+        throw_bad_ids(
+            chunk.expert_ids.data() + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k,
+            k, p.num_experts, t, bad_layer);
     }
 }
 
