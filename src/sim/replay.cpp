@@ -27,12 +27,13 @@ const TrafficMatrix& LayerCounts::traffic(CommScheme scheme) const {
 
 namespace {
 
-// A WRR/TAR pick sequence of one (source GPU, expert) pair, with the counter ReplicaRouter would keep for it.
-// `entries` holds the period's picks already resolved to (global instance index << 8) | GPU, so a pick is one
-// load rather than a chain through the instance list.
+// A WRR/TAR pick sequence of one (source GPU, expert) pair, with the counter ReplicaRouter would keep for it (as
+// the position `next`). [begin, end) holds the period's picks already resolved to (global instance index << 8) |
+// GPU, so a pick is one load rather than a chain through the instance list.
 struct SequenceState {
-    const int32_t* entries = nullptr;
-    int offset = 0;
+    const int32_t* next = nullptr;  // the next pick, in [begin, end)
+    const int32_t* begin = nullptr;
+    const int32_t* end = nullptr;
 };
 
 // Counters of one layer. Routing goes through a [G, E] table built from the layer's ReplicaRouter: an entry
@@ -129,7 +130,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
                         fixed(seq[0]);
                     } else {
                         entry = -2 - static_cast<int32_t>(st.sequences.size());
-                        st.sequences.push_back({nullptr, 0});
+                        st.sequences.push_back({});
                         for (int o = 0; o < st.period; ++o)
                             st.sequence_entries.push_back(((st.inst_begin[e] + seq[o]) << 8) | gpus[seq[o]]);
                     }
@@ -137,7 +138,8 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
             }
         st.dynamic = std::find(st.table.begin(), st.table.end(), -1) != st.table.end();
         for (size_t i = 0; i < st.sequences.size(); ++i)
-            st.sequences[i].entries = st.sequence_entries.data() + i * st.period;
+            st.sequences[i] = {st.sequence_entries.data() + i * st.period, st.sequence_entries.data() + i * st.period,
+                               st.sequence_entries.data() + (i + 1) * st.period};
         st.inst_gpu.resize(st.inst_begin[E]);
         for (int e = 0; e < E; ++e)
             for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i)
@@ -189,7 +191,6 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
     const int M = topo.gpus_per_node;
     const int32_t* table = st.table.data();
     SequenceState* sequences = st.sequences.data();
-    const int period = st.period;
     const int E = p.num_experts;
     const int num_inst = st.inst_begin[E];
     const int* inst_begin = st.inst_begin.data();
@@ -215,10 +216,7 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
             int u = 0;
             for (int j = 0; j < k; ++j) {
                 const int e = ids[j];
-                if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) {
-                    st.next_token = t;  // the layer's counts are no longer usable
-                    return t;
-                }
+                if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) return t;
                 expert_stamp[e] = t;
                 const int32_t entry = row[e];
                 int d, inst;
@@ -227,8 +225,8 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
                     inst = entry >> 8;
                 } else if (entry <= -2) {
                     SequenceState& sq = sequences[-2 - entry];
-                    const int32_t picked = sq.entries[sq.offset];
-                    if (++sq.offset == period) sq.offset = 0;
+                    const int32_t picked = *sq.next;
+                    if (++sq.next == sq.end) sq.next = sq.begin;
                     d = picked & 0xff;
                     inst = picked >> 8;
                 } else if constexpr (kDynamic) {
@@ -268,7 +266,6 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
             }
         }
     }
-    st.next_token = end;
     return -1;
 }
 
@@ -282,11 +279,17 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32
                     first_token);
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
     if (n == 0) return -1;
+    int64_t bad;
     if (p.topology.num_gpus() > kMaxMaskGpus)
-        return replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
-    if (st.dynamic) return replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
-    if (k == 8) return replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
-    return replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
+        bad = replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    else if (st.dynamic)
+        bad = replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    else if (k == 8)
+        bad = replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
+    else
+        bad = replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
+    st.next_token = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
+    return bad;
 }
 
 }  // namespace
