@@ -2,13 +2,17 @@
 // BM_SpectralGrouping/E/n: fully non-uniform grouping of one layer; BM_KneeGrouping/E/n: the knee search from
 // a given fully non-uniform grouping; BM_PlannerGroupingShape: the grouping work of hierarchical grouping for
 // a whole model (level 1: spectral into N node groups with a capacity; level 2: spectral + knee per node).
+// BM_TopEigenvectors/E/k/solver: the eigensolver alone (0 = dense tridiagonal, 1 = Lanczos), on the normalized
+// affinity spectral grouping decomposes; it sets the dense/Lanczos switch in src/core/spectral.cpp.
 
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "bench_util.hpp"
+#include "core/grouping_internal.hpp"
 #include "grace/grouping.hpp"
 
 namespace {
@@ -26,6 +30,35 @@ BENCHMARK(BM_SpectralGrouping)
     ->Args({128, 8})
     ->Args({256, 4})
     ->Args({256, 32})
+    ->Unit(benchmark::kMillisecond);
+
+/// D^-1/2 (A + eps) D^-1/2 with zero diagonal, eps = 1% of the mean affinity: the matrix spectral grouping
+/// decomposes (spectral.cpp).
+std::vector<double> normalized_affinity(int E, int blocks) {
+    std::vector<double> a = block_affinity(E, blocks, 7);
+    double mean = 0;
+    for (double x : a) mean += x;
+    mean /= static_cast<double>(E) * (E - 1);
+    std::vector<double> deg(E, 0.0);
+    for (int i = 0; i < E; ++i)
+        for (int j = 0; j < E; ++j)
+            if (i != j) deg[i] += (a[static_cast<size_t>(i) * E + j] += 0.01 * mean);
+    for (int i = 0; i < E; ++i)
+        for (int j = 0; j < E; ++j)
+            a[static_cast<size_t>(i) * E + j] =
+                i == j ? 0.0 : a[static_cast<size_t>(i) * E + j] / std::sqrt(deg[i] * deg[j]);
+    return a;
+}
+
+void BM_TopEigenvectors(benchmark::State& state) {
+    const int E = static_cast<int>(state.range(0)), k = static_cast<int>(state.range(1));
+    const auto solver = state.range(2) ? grace::detail::EigenSolver::kLanczos : grace::detail::EigenSolver::kDense;
+    const auto m = normalized_affinity(E, k + 2);
+    for (auto _ : state) benchmark::DoNotOptimize(grace::detail::top_eigenvectors(m, E, k, solver));
+}
+BENCHMARK(BM_TopEigenvectors)
+    ->ArgsProduct({{32, 64, 128}, {2, 4, 8, 16}, {0, 1}})
+    ->ArgsProduct({{256, 512, 1024}, {4, 8, 32, 64}, {0, 1}})
     ->Unit(benchmark::kMillisecond);
 
 void BM_KneeGrouping(benchmark::State& state) {

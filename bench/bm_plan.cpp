@@ -102,9 +102,20 @@ void BM_PlanVanillaDrDeepSeekV3(benchmark::State& state) {
     run(state, 58, 256, 8, Topology{4, 8, std::nullopt}, "vanilla+dynamic+tar");
 }
 
+// Plan time against the number of experts (the E = 64 ... 1024 table of bench/results/plan.md): the grace method
+// on 8 layers of E experts, top-8, topology 4x8, one thread.
+void BM_PlanGraceExperts(benchmark::State& state) {
+    run(state, 8, static_cast<int>(state.range(1)), 8, Topology{4, 8, std::nullopt}, "grace");
+}
+
 BENCHMARK(BM_PlanGraceQwen3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_PlanGraceDeepSeekV3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_PlanEplbDeepSeekV3)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
+BENCHMARK(BM_PlanGraceExperts)
+    ->ArgsProduct({{1}, {64, 128, 256, 512, 1024}})
+    ->ArgNames({"threads", "E"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_PlanHgOnlyDeepSeekV3)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_PlanVanillaDrDeepSeekV3)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 

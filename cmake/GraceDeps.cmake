@@ -1,5 +1,7 @@
 # All third-party dependencies are Debian packages found here; nothing is downloaded.
 find_package(Eigen3 3.4 REQUIRED NO_MODULE)
+# Spectra (header-only, libspectra-dev): the partial Lanczos eigensolver of spectral grouping.
+find_package(Spectra 1.0 REQUIRED CONFIG)
 find_package(nlohmann_json 3.10 REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(OpenMP REQUIRED)

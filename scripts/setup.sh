@@ -7,8 +7,8 @@ mode=${1:-demo}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-packages=(build-essential cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
-          libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin libmetis-dev pybind11-dev python3-dev
+packages=(build-essential cmake ninja-build pkg-config libeigen3-dev libspectra-dev nlohmann-json3-dev libcli11-dev
+          libgtest-dev libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin libmetis-dev pybind11-dev python3-dev
           python3-numpy python3-matplotlib)
 [ "$mode" = test ] && packages+=(chromium)
 missing=()

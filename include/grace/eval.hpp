@@ -95,11 +95,14 @@ class Replayer {
     /// Throws kInvalidInput if the chunk's E or L does not match the plan, or the tokens run past T.
     void consume_layer(const RoutingTrace& chunk, int64_t first_token, int layer);
     /// consume_layer on raw ids: token i's k ids are at ids + i * stride (stride = L*k for a [T, L, k] chunk, k
-    /// for a layer-major copy, see LayerMajorIds). Ids must be valid (in [0, E), distinct per token).
+    /// for a layer-major copy, see LayerMajorIds). Every id is checked while it is routed: one outside [0, E) or
+    /// repeated within a token's top-k throws kInvalidInput worded as TraceReader's check, and leaves the layer's
+    /// counts unusable.
     void consume_layer_ids(const int32_t* ids, size_t stride, int64_t num_tokens, int top_k, int64_t first_token,
                            int layer);
-    /// consume_layer for every layer, layers spread over options.num_threads threads (via a LayerMajorIds copy,
-    /// which makes every layer's ids contiguous).
+    /// consume_layer for every layer, layers spread over options.num_threads threads; the chunk is replayed in
+    /// cache-sized tiles of tokens. A bad id throws for the first bad (token, layer) in trace order, whatever the
+    /// thread count.
     void consume(const RoutingTrace& chunk, int64_t first_token);
     /// The counts so far, [L].
     std::vector<LayerCounts> counts() const;

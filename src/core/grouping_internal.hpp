@@ -59,4 +59,16 @@ struct SplitMix64 {
     double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
 };
 
+/// Eigensolver of spectral grouping (spectral.cpp). kAuto picks by size (dense below E = 64 or when more than
+/// E / 8 eigenvectors are needed, Lanczos otherwise); kLanczos falls back to kDense if Lanczos does not converge.
+enum class EigenSolver { kAuto, kDense, kLanczos };
+
+/// Eigenvectors of the `k` largest eigenvalues of the symmetric E x E matrix `m` (row-major, 1 <= k < E), as
+/// [E, k] row-major, columns in descending eigenvalue order; each column has unit norm, sign unspecified.
+std::vector<double> top_eigenvectors(const std::vector<double>& m, int num_experts, int k, EigenSolver solver);
+
+/// spectral_grouping (grace/grouping.hpp) with a chosen eigensolver; the public function uses kAuto.
+Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts, int num_groups,
+                           const SpectralOptions& options, int min_size, int max_size, EigenSolver solver);
+
 }  // namespace grace::detail

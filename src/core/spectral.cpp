@@ -1,9 +1,17 @@
 /// @file spectral.cpp
 /// Fully non-uniform grouping by Ng-Jordan-Weiss spectral clustering (spec §3): the eigenvectors of the n
 /// smallest eigenvalues of L_sym, rows normalized, clustered by k-means (k-means++ seeding, restarts).
+///
+/// Eigenvector ambiguity: an eigenvector's sign, and the basis of a repeated eigenvalue's eigenspace, are not
+/// unique. Neither is canonicalized, because the embedding only enters k-means through squared distances: a sign
+/// flip of a column leaves every (x - y)^2 bit-identical, and a rotation inside an eigenspace leaves the
+/// distances equal up to rounding. Groups are relabelled canonically (detail::canonical) afterwards.
 
 // Eigen's own OpenMP parallelism would make the planner's per-layer threads oversubscribe the cores.
 #define EIGEN_DONT_PARALLELIZE
+#include <Spectra/MatOp/DenseSymMatProd.h>
+#include <Spectra/SymEigsSolver.h>
+
 #include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
@@ -15,6 +23,13 @@
 
 namespace grace {
 namespace {
+
+// Partial (Lanczos) eigensolver settings; the thresholds come from BM_TopEigenvectors in bench/bm_grouping.cpp.
+constexpr int kLanczosMinExperts = 64;  // below: the dense solver
+constexpr int kLanczosMaxFraction = 8;  // use Lanczos only for k <= E / 8 eigenvectors
+constexpr int kLanczosMinBasis = 24;    // Krylov basis size at least this (and >= 2k + 1)
+constexpr int kLanczosMaxRestarts = 1000;
+constexpr double kLanczosTolerance = 1e-10;
 
 double sq_dist(const double* x, const double* y, int d) {
     double s = 0;
@@ -127,7 +142,7 @@ int sturm_count(const Eigen::VectorXd& d, const Eigen::VectorXd& e, double x) {
 /// ~4x the cost) we tridiagonalize, find the k eigenvalues by bisection, get their vectors by inverse iteration
 /// on the tridiagonal matrix (re-orthogonalized inside clusters of close eigenvalues, as LAPACK's dstein), and
 /// transform back with the Householder reflectors.
-Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k) {
+Eigen::MatrixXd dense_top_eigenvectors(const Eigen::MatrixXd& m, int k) {
     const int n = static_cast<int>(m.rows());
     Eigen::Tridiagonalization<Eigen::MatrixXd> tri(m);
     const Eigen::VectorXd d = tri.diagonal();
@@ -239,10 +254,59 @@ Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k) {
     return tri.matrixQ() * x;
 }
 
+/// The `k` largest eigenpairs by implicitly restarted Lanczos (Spectra): O(E^2) per matrix-vector product
+/// instead of the O(E^3) tridiagonalization. Deterministic: a fixed start vector, single-threaded. Returns false
+/// if it does not converge (the caller then uses the dense solver).
+bool lanczos_top_eigenvectors(const Eigen::MatrixXd& m, int k, Eigen::MatrixXd& out) {
+    const int n = static_cast<int>(m.rows());
+    const int ncv = std::min(n, std::max(2 * k + 1, kLanczosMinBasis));  // Spectra needs k < ncv <= n
+    Spectra::DenseSymMatProd<double> op(m);
+    Spectra::SymEigsSolver<Spectra::DenseSymMatProd<double>> solver(op, k, ncv);
+    // Not the constant vector: that is close to the top eigenvector D^1/2 1 and would slow the first restarts.
+    std::vector<double> start(n);
+    detail::SplitMix64 rng(0x1A2C05ULL);
+    for (double& v : start) v = rng.uniform() - 0.5;
+    solver.init(start.data());
+    solver.compute(Spectra::SortRule::LargestAlge, kLanczosMaxRestarts, kLanczosTolerance,
+                   Spectra::SortRule::LargestAlge);
+    if (solver.info() != Spectra::CompInfo::Successful) return false;
+    out = solver.eigenvectors(k);
+    return out.cols() == k;
+}
+
+/// Eigenvectors of the `k` largest eigenvalues of the symmetric `m`, columns in descending eigenvalue order.
+/// Lanczos pays off once E is large and k a small fraction of it (bench/bm_grouping.cpp, BM_TopEigenvectors);
+/// below that the dense path is as fast and exact to rounding.
+Eigen::MatrixXd top_eigenvectors(const Eigen::MatrixXd& m, int k, detail::EigenSolver solver) {
+    const int n = static_cast<int>(m.rows());
+    if (solver == detail::EigenSolver::kAuto)
+        solver = n >= kLanczosMinExperts && k * kLanczosMaxFraction <= n ? detail::EigenSolver::kLanczos
+                                                                         : detail::EigenSolver::kDense;
+    Eigen::MatrixXd vec;
+    if (solver == detail::EigenSolver::kLanczos && lanczos_top_eigenvectors(m, k, vec)) return vec;
+    return dense_top_eigenvectors(m, k);
+}
+
 }  // namespace
 
+namespace detail {
+
+std::vector<double> top_eigenvectors(const std::vector<double>& m, int num_experts, int k, EigenSolver solver) {
+    const int E = num_experts;
+    GRACE_CHECK_ARG(E >= 2 && k >= 1 && k < E && m.size() == static_cast<size_t>(E) * E,
+                    "top_eigenvectors: need 1 <= k < E and an E x E matrix, got k = ", k, ", E = ", E, ", ", m.size(),
+                    " entries");
+    const Eigen::MatrixXd mat =
+        Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(m.data(), E, E);
+    const Eigen::MatrixXd vec = grace::top_eigenvectors(mat, k, solver);
+    std::vector<double> out(static_cast<size_t>(E) * k);
+    for (int i = 0; i < E; ++i)
+        for (int c = 0; c < k; ++c) out[static_cast<size_t>(i) * k + c] = vec(i, c);
+    return out;
+}
+
 Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts, int num_groups,
-                           const SpectralOptions& options, int min_size, int max_size) {
+                           const SpectralOptions& options, int min_size, int max_size, EigenSolver solver) {
     const std::vector<double> a = detail::clean_affinity(affinity, num_experts, "spectral_grouping");
     detail::check_num_groups(num_experts, num_groups, "spectral_grouping");
     GRACE_CHECK_ARG(options.kmeans_restarts >= 1, "spectral_grouping: kmeans_restarts must be >= 1, got ",
@@ -270,14 +334,20 @@ Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts,
         for (double x : a) mean += x;
         mean = E > 1 ? mean / (static_cast<double>(E) * (E - 1)) : 0.0;
         const double eps = mean > 0 ? options.eps_scale * mean : 1.0;  // no affinity at all: a uniform graph
+        // Filled column by column (Eigen's storage order) from row j of `a`: equal to a(i, j), as clean
+        // affinity is exactly symmetric, and several times faster than strided writes.
         Eigen::MatrixXd w(E, E);
-        for (int i = 0; i < E; ++i)
-            for (int j = 0; j < E; ++j) w(i, j) = i == j ? 0.0 : a[static_cast<size_t>(i) * E + j] + eps;
+        for (int j = 0; j < E; ++j) {
+            const double* row = &a[static_cast<size_t>(j) * E];
+            double* col = w.col(j).data();
+            for (int i = 0; i < E; ++i) col[i] = row[i] + eps;
+            col[j] = 0.0;
+        }
         Eigen::VectorXd dinv = w.rowwise().sum();
         for (int i = 0; i < E; ++i) dinv(i) = dinv(i) > 0 ? 1.0 / std::sqrt(dinv(i)) : 0.0;
         // The n smallest eigenvalues of L_sym = I - D^-1/2 W D^-1/2 are the n largest of D^-1/2 W D^-1/2.
         const Eigen::MatrixXd m = dinv.asDiagonal() * w * dinv.asDiagonal();
-        const Eigen::MatrixXd vec = top_eigenvectors(m, n);
+        const Eigen::MatrixXd vec = grace::top_eigenvectors(m, n, solver);
         std::vector<double> pts(static_cast<size_t>(E) * n);
         for (int i = 0; i < E; ++i) {
             double norm = 0;
@@ -311,6 +381,14 @@ Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts,
         g = st.grouping();
     }
     return g;
+}
+
+}  // namespace detail
+
+Grouping spectral_grouping(const std::vector<double>& affinity, int num_experts, int num_groups,
+                           const SpectralOptions& options, int min_size, int max_size) {
+    return detail::spectral_grouping(affinity, num_experts, num_groups, options, min_size, max_size,
+                                     detail::EigenSolver::kAuto);
 }
 
 }  // namespace grace

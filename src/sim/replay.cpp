@@ -1,6 +1,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
 
 #include "grace/error.hpp"
 #include "grace/eval.hpp"
@@ -23,12 +27,13 @@ const TrafficMatrix& LayerCounts::traffic(CommScheme scheme) const {
 
 namespace {
 
-// A WRR/TAR pick sequence of one (source GPU, expert) pair, with the counter ReplicaRouter would keep for it.
+// A WRR/TAR pick sequence of one (source GPU, expert) pair, with the counter ReplicaRouter would keep for it (as
+// the position `next`). [begin, end) holds the period's picks already resolved to (global instance index << 8) |
+// GPU, so a pick is one load rather than a chain through the instance list.
 struct SequenceState {
-    const uint8_t* seq = nullptr;
-    int offset = 0;
-    int inst_begin = 0;
-    const int* gpus = nullptr;
+    const int32_t* next = nullptr;  // the next pick, in [begin, end)
+    const int32_t* begin = nullptr;
+    const int32_t* end = nullptr;
 };
 
 // Counters of one layer. Routing goes through a [G, E] table built from the layer's ReplicaRouter: an entry
@@ -45,16 +50,34 @@ struct LayerState {
     int period = 0;
     std::vector<int32_t> table;  // [G*E]
     std::vector<SequenceState> sequences;
-    std::vector<int> inst_begin;    // [E+1]: offsets into the instance list
-    std::vector<int> inst_gpu;      // [instances]: GPU of each instance
-    std::vector<int64_t> src_inst;  // [G, instances]: selections from source GPU to instance
+    std::vector<int32_t> sequence_entries;  // [sequences, period]
+    bool dynamic = false;                   // some table entry is -1 (asks the router)
+    std::vector<int> inst_begin;            // [E+1]: offsets into the instance list
+    std::vector<int> inst_gpu;              // [instances]: GPU of each instance
+    std::vector<int64_t> src_inst;          // [G, instances]: selections from source GPU to instance
     // Destination sets: for G <= kMaxMaskGpus a histogram [G, 2^G] of (home GPU, destination-GPU bit set), turned
     // into flat-dedup and hsc copies once at the end; above that, the matrices directly (with stamps).
     std::vector<int64_t> mask_hist;
     std::vector<int64_t> dedup, hsc;  // [G*G], large G only
     std::vector<int64_t> gpu_stamp, node_stamp;
+    std::vector<int64_t> expert_stamp;  // [E]: last token that selected the expert (repeated-id check)
     int64_t next_token = 0;
 };
+
+// The id errors, worded as TraceReader's check words them (src/core/trace.cpp), for one (token, layer) row:
+// the first position j whose id is out of range or repeats an earlier one.
+[[noreturn]] void throw_bad_ids(const int32_t* row, int k, int num_experts, int64_t token, int layer) {
+    for (int j = 0; j < k; ++j) {
+        const int32_t e = row[j];
+        GRACE_CHECK_INPUT(e >= 0 && e < num_experts, "expert id ", e, " at token ", token, ", layer ", layer,
+                          " is out of range [0, ", num_experts, ")");
+        for (int i = 0; i < j; ++i)
+            GRACE_CHECK_INPUT(row[i] != e, "expert id ", e, " is repeated in the top-k of token ", token, ", layer ",
+                              layer);
+    }
+    GRACE_ASSERT(false);
+    std::abort();
+}
 
 }  // namespace
 
@@ -107,10 +130,16 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
                         fixed(seq[0]);
                     } else {
                         entry = -2 - static_cast<int32_t>(st.sequences.size());
-                        st.sequences.push_back({seq, 0, st.inst_begin[e], gpus.data()});
+                        st.sequences.push_back({});
+                        for (int o = 0; o < st.period; ++o)
+                            st.sequence_entries.push_back(((st.inst_begin[e] + seq[o]) << 8) | gpus[seq[o]]);
                     }
                 }
             }
+        st.dynamic = std::find(st.table.begin(), st.table.end(), -1) != st.table.end();
+        for (size_t i = 0; i < st.sequences.size(); ++i)
+            st.sequences[i] = {st.sequence_entries.data() + i * st.period, st.sequence_entries.data() + i * st.period,
+                               st.sequence_entries.data() + (i + 1) * st.period};
         st.inst_gpu.resize(st.inst_begin[E]);
         for (int e = 0; e < E; ++e)
             for (size_t i = 0; i < lp.instance_gpus[e].size(); ++i)
@@ -125,6 +154,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
             st.gpu_stamp.assign(G, -1);
             st.node_stamp.assign(p.topology.nodes, -1);
         }
+        st.expert_stamp.assign(E, -1);
     }
 }
 
@@ -146,126 +176,215 @@ void Replayer::consume_layer(const RoutingTrace& chunk, int64_t first_token, int
                       layer);
 }
 
-void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
-    const ExpertPlan& p = impl_->plan;
-    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
-    GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
-    LayerState& st = impl_->layers[layer];
-    GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
-                    first_token);
-    const int64_t T = impl_->total_tokens;
-    GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
-    if (n == 0) return;
+namespace {
+
+// The token loop of replay_layer, specialized on the destination bookkeeping (kMask: the [G, 2^G] histogram
+// of small topologies), on k (kK > 0: a compile-time top-k, 0: `k`) and on whether any pick asks the router
+// itself (kDynamic: token-dependent policies; without the call the loop's state stays in registers).
+// Returns as replay_layer.
+template <bool kMask, int kK, bool kDynamic>
+int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
+                      int k_runtime, int64_t first_token) {
+    const int k = kK > 0 ? kK : k_runtime;
     const Topology& topo = p.topology;
     const int G = topo.num_gpus();
     const int M = topo.gpus_per_node;
     const int32_t* table = st.table.data();
     SequenceState* sequences = st.sequences.data();
-    const int period = st.period;
     const int E = p.num_experts;
     const int num_inst = st.inst_begin[E];
     const int* inst_begin = st.inst_begin.data();
+    int64_t* expert_stamp = st.expert_stamp.data();
+    int64_t* src_inst = st.src_inst.data();
+    int64_t* mask_hist = st.mask_hist.data();
     ReplicaRouter& router = *st.router;
-    const bool use_mask = G <= kMaxMaskGpus;
     int dst[64];
     int h = home_gpu(first_token, T, G);
     // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
     auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
     int64_t next_home = block_begin(h + 1);
-    for (int64_t i = 0; i < n; ++i, ids += stride) {
-        const int64_t t = first_token + i;
+    const int64_t end = first_token + n;
+    for (int64_t t = first_token; t < end;) {
         while (t >= next_home) next_home = block_begin(++h + 1);
+        // Tokens t .. block_end - 1 share the home GPU h, hence the routing row and the counter row.
+        const int64_t block_end = std::min(end, next_home);
         const int32_t* row = table + static_cast<size_t>(h) * E;
-        int64_t* src_row = st.src_inst.data() + static_cast<size_t>(h) * num_inst;
-        uint32_t mask = 0;
-        int u = 0;
-        for (int j = 0; j < k; ++j) {
-            const int e = ids[j];
-            const int32_t entry = row[e];
-            int d, inst;
-            if (entry >= 0) {
-                d = entry & 0xff;
-                inst = entry >> 8;
-            } else if (entry <= -2) {
-                SequenceState& sq = sequences[-2 - entry];
-                const int pick = sq.seq[sq.offset];
-                if (++sq.offset == period) sq.offset = 0;
-                d = sq.gpus[pick];
-                inst = sq.inst_begin + pick;
-            } else {
-                d = router.route(h, e, t, j, k);
-                inst = inst_begin[e] + router.last_instance();
-            }
-            ++src_row[inst];
-            if (use_mask) {
-                mask |= 1u << d;
-            } else if (st.gpu_stamp[d] != t) {
-                st.gpu_stamp[d] = t;
-                dst[u++] = d;
-            }
-        }
-        if (use_mask) {
-            ++st.mask_hist[(static_cast<size_t>(h) << G) | mask];
-            continue;
-        }
-        const int hn = h / M, hl = h % M;
-        int64_t* dedup_row = st.dedup.data() + static_cast<size_t>(h) * G;
-        for (int a = 0; a < u; ++a) {
-            const int d = dst[a];
-            ++dedup_row[d];
-            const int dn = d / M;
-            if (dn == hn) {
-                ++st.hsc[static_cast<size_t>(h) * G + d];
-            } else {
-                const int peer = dn * M + hl;
-                if (st.node_stamp[dn] != t) {
-                    st.node_stamp[dn] = t;
-                    ++st.hsc[static_cast<size_t>(h) * G + peer];
+        int64_t* src_row = src_inst + static_cast<size_t>(h) * num_inst;
+        int64_t* hist_row = kMask ? mask_hist + (static_cast<size_t>(h) << G) : nullptr;
+        for (; t < block_end; ++t, ids += stride) {
+            uint32_t mask = 0;
+            int u = 0;
+            for (int j = 0; j < k; ++j) {
+                const int e = ids[j];
+                if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(E) || expert_stamp[e] == t) return t;
+                expert_stamp[e] = t;
+                const int32_t entry = row[e];
+                int d, inst;
+                if (entry >= 0) {
+                    d = entry & 0xff;
+                    inst = entry >> 8;
+                } else if (entry <= -2) {
+                    SequenceState& sq = sequences[-2 - entry];
+                    const int32_t picked = *sq.next;
+                    if (++sq.next == sq.end) sq.next = sq.begin;
+                    d = picked & 0xff;
+                    inst = picked >> 8;
+                } else if constexpr (kDynamic) {
+                    d = router.route(h, e, t, j, k);
+                    inst = inst_begin[e] + router.last_instance();
+                } else {
+                    GRACE_ASSERT(false);  // the table has no router entries (LayerState::dynamic)
                 }
-                if (d != peer) ++st.hsc[static_cast<size_t>(peer) * G + d];
+                ++src_row[inst];
+                if constexpr (kMask) {
+                    mask |= 1u << d;
+                } else if (st.gpu_stamp[d] != t) {
+                    st.gpu_stamp[d] = t;
+                    dst[u++] = d;
+                }
+            }
+            if constexpr (kMask) {
+                ++hist_row[mask];
+            } else {
+                const int hn = h / M, hl = h % M;
+                int64_t* dedup_row = st.dedup.data() + static_cast<size_t>(h) * G;
+                for (int a = 0; a < u; ++a) {
+                    const int d = dst[a];
+                    ++dedup_row[d];
+                    const int dn = d / M;
+                    if (dn == hn) {
+                        ++st.hsc[static_cast<size_t>(h) * G + d];
+                    } else {
+                        const int peer = dn * M + hl;
+                        if (st.node_stamp[dn] != t) {
+                            st.node_stamp[dn] = t;
+                            ++st.hsc[static_cast<size_t>(h) * G + peer];
+                        }
+                        if (d != peer) ++st.hsc[static_cast<size_t>(peer) * G + d];
+                    }
+                }
             }
         }
     }
-    st.next_token = first_token + n;
+    return -1;
 }
 
+// Replays tokens first_token .. first_token + n - 1 of one layer, checking each id while routing it (in range,
+// not repeated within the token's top-k). Returns -1, or the trace index of the first token with a bad id: the
+// replay stops there, with that layer's counts part-way through the token.
+int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
+                     int k, int64_t first_token, int layer) {
+    GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
+    GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
+                    first_token);
+    GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
+    if (n == 0) return -1;
+    int64_t bad;
+    if (p.topology.num_gpus() > kMaxMaskGpus)
+        bad = replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    else if (st.dynamic)
+        bad = replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
+    else if (k == 8)
+        bad = replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
+    else
+        bad = replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
+    st.next_token = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
+    return bad;
+}
+
+}  // namespace
+
+void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
+    const ExpertPlan& p = impl_->plan;
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    const int64_t bad =
+        replay_layer(impl_->layers[layer], p, impl_->total_tokens, ids, stride, n, k, first_token, layer);
+    if (bad >= 0) throw_bad_ids(ids + static_cast<size_t>(bad - first_token) * stride, k, p.num_experts, bad, layer);
+}
+
+namespace {
+
+// Bytes of ids per tile of consume(): a quarter of a 1 MiB L2, so the tile stays cached while every layer
+// reads its share (256 KiB measured best against 1 and 4 MiB for qwen3-30b-a3b, bench/results/eval.md).
+constexpr int64_t kTileBytes = int64_t{1} << 18;
+
+/// Copies `chunk`'s ids [T, L, k] into `out` as [L, T, k] with `threads` threads. `out` is only resized, so a
+/// buffer reused across chunks of one size is neither reallocated nor zeroed.
+void transpose_layer_major(const RoutingTrace& chunk, int threads, std::vector<int32_t>& out) {
+    const int L = chunk.num_layers, k = chunk.top_k;
+    const int64_t n = chunk.num_tokens;
+    out.resize(static_cast<size_t>(n) * L * k);
+    // Tiles of tokens keep both the reads and the L write streams inside the cache.
+    constexpr int64_t kTile = 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 4 * kTile)
+    for (int64_t b = 0; b < n; b += kTile) {
+        const int64_t e = std::min(n, b + kTile);
+        for (int l = 0; l < L; ++l) {
+            int32_t* dst = out.data() + (static_cast<size_t>(l) * n + b) * k;
+            const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
+            if (k == 8) {  // the common top-k: a fixed-size copy the compiler inlines (not a memmove call per row)
+                for (int64_t t = b; t < e; ++t, dst += 8, in += static_cast<size_t>(L) * 8) std::memcpy(dst, in, 32);
+            } else {
+                for (int64_t t = b; t < e; ++t, dst += k, in += static_cast<size_t>(L) * k)
+                    std::memcpy(dst, in, sizeof(int32_t) * k);
+            }
+        }
+    }
+}
+
+}  // namespace
+
 void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
-    const int L = impl_->plan.num_layers;
-    GRACE_CHECK_INPUT(chunk.num_experts == impl_->plan.num_experts, "the trace has ", chunk.num_experts,
-                      " experts but the plan has ", impl_->plan.num_experts);
+    const ExpertPlan& p = impl_->plan;
+    const int L = p.num_layers;
+    GRACE_CHECK_INPUT(chunk.num_experts == p.num_experts, "the trace has ", chunk.num_experts,
+                      " experts but the plan has ", p.num_experts);
     GRACE_CHECK_INPUT(chunk.num_layers == L, "the trace has ", chunk.num_layers, " layers but the plan has ", L);
     GRACE_CHECK_INPUT(chunk.top_k <= 64, "top_k ", chunk.top_k, " exceeds the evaluator's limit of 64");
-    const int threads = impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads();
-    const LayerMajorIds lm(chunk, threads);
+    const int threads = std::max(1, std::min(impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads(), L));
+    const int k = chunk.top_k;
+    const int64_t n = chunk.num_tokens;
+    const size_t row = static_cast<size_t>(L) * k;  // ids per token
+    // Tiles of tokens small enough to stay in a core's cache: each layer's replay then reads its ids (k of every
+    // L * k) from cache instead of memory, with no layer-major copy. Thread i owns layers i, i + threads, ...
+    // for the whole chunk, so every layer still sees its tokens in order.
+    const int64_t tile = std::max<int64_t>(64, kTileBytes / static_cast<int64_t>(row * sizeof(int32_t)));
     std::vector<std::string> errors(L);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (L > 1)
-    for (int l = 0; l < L; ++l) {
-        try {
-            consume_layer_ids(lm.layer(l), chunk.top_k, chunk.num_tokens, chunk.top_k, first_token, l);
-        } catch (const std::exception& e) {
-            errors[l] = e.what();
+    std::vector<int64_t> bad(L, -1);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t b = 0; b < n; b += tile) {
+            const int64_t m = std::min(tile, n - b);
+            for (int l = tid; l < L; l += nt) {
+                if (bad[l] >= 0 || !errors[l].empty()) continue;
+                try {
+                    bad[l] = replay_layer(
+                        impl_->layers[l], p, impl_->total_tokens,
+                        chunk.expert_ids.data() + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k,
+                        first_token + b, l);
+                } catch (const std::exception& e) {
+                    errors[l] = e.what();
+                }
+            }
         }
     }
     for (const auto& e : errors) GRACE_CHECK_INPUT(e.empty(), e);
+    // The first bad (token, layer) in trace order, whatever the thread count: the one TraceReader would report.
+    int bad_layer = -1;
+    for (int l = 0; l < L; ++l)
+        if (bad[l] >= 0 && (bad_layer < 0 || bad[l] < bad[bad_layer])) bad_layer = l;
+    if (bad_layer >= 0) {
+        const int64_t t = bad[bad_layer];
+        throw_bad_ids(
+            chunk.expert_ids.data() + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k,
+            k, p.num_experts, t, bad_layer);
+    }
 }
 
 LayerMajorIds::LayerMajorIds(const RoutingTrace& chunk, int num_threads)
     : num_tokens_(chunk.num_tokens), top_k_(chunk.top_k) {
-    const int L = chunk.num_layers, k = chunk.top_k;
-    const int64_t n = chunk.num_tokens;
-    ids_.resize(static_cast<size_t>(n) * L * k);
-    // Tiles of tokens keep both the reads and the L write streams inside the cache.
-    constexpr int64_t kTile = 256;
-    const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (n > 4 * kTile)
-    for (int64_t b = 0; b < n; b += kTile) {
-        const int64_t e = std::min(n, b + kTile);
-        for (int l = 0; l < L; ++l) {
-            int32_t* out = ids_.data() + (static_cast<size_t>(l) * n + b) * k;
-            const int32_t* in = chunk.expert_ids.data() + (static_cast<size_t>(b) * L + l) * k;
-            for (int64_t t = b; t < e; ++t, out += k, in += static_cast<size_t>(L) * k) std::copy(in, in + k, out);
-        }
-    }
+    transpose_layer_major(chunk, num_threads > 0 ? num_threads : omp_get_max_threads(), ids_);
 }
 
 std::vector<LayerCounts> Replayer::counts() const {

@@ -224,6 +224,35 @@ class EvalMatchesNumpy(unittest.TestCase):
         # No partial output was left behind by any failure.
         self.assertFalse(os.path.exists(out + ".json"))
 
+    def test_bad_ids_in_the_trace(self):
+        # grace eval checks ids while replaying them (no separate pass): the error names the first bad token in
+        # trace order, for any thread count and chunk size, and no report is written.
+        T, L, k = self.ids.shape
+        good, _ = make_plan(self.dir, "good_ids.json", 16, L, k, 2, 2, seed=3)
+        for name, token, layer, value, message in [
+                ("range", 2100, 2, 16, "expert id 16 at token 2100, layer 2 is out of range [0, 16)"),
+                ("negative", 777, 1, -3, "expert id -3 at token 777, layer 1 is out of range [0, 16)")]:
+            folder = os.path.join(self.dir, name)
+            os.makedirs(folder)
+            trace, ids = make_trace(folder)
+            ids[token, layer, 1] = value
+            ids[token + 3, 0, 0] = 99  # later in the trace: not the one reported
+            np.save(trace, ids)
+            out = os.path.join(folder, "rep")
+            for threads, chunk in ((1, 500), (2, 64), (2, 4096)):
+                r = run("eval", "--trace", trace, "--plan", good, "--comm", "hsc", "--threads", threads, "--chunk",
+                        chunk, "-o", out)
+                self.assert_one_line_error(r, message)
+            self.assertFalse(os.path.exists(out + ".json"))
+        folder = os.path.join(self.dir, "repeated")
+        os.makedirs(folder)
+        trace, ids = make_trace(folder)
+        ids[1500, 0, 3] = ids[1500, 0, 0]
+        np.save(trace, ids)
+        r = run("eval", "--trace", trace, "--plan", good, "--comm", "flat", "--threads", 2, "-o",
+                os.path.join(folder, "rep"))
+        self.assert_one_line_error(r, f"expert id {ids[1500, 0, 0]} is repeated in the top-k of token 1500, layer 0")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -305,6 +305,55 @@ TEST(Replay, RejectsMismatchedTraceAndPlan) {
     EXPECT_THROW(count_traffic(hand_trace(), plan, RoutingPolicy::kTar, CommScheme::kHsc, 1), Error);
 }
 
+// The replay checks every id as it routes it (the CLI turns TraceReader's separate check off): a bad id anywhere
+// in a chunk is reported exactly as TraceReader reports it (first bad token in trace order, its first bad layer),
+// for any thread count, instead of indexing the routing table out of bounds.
+TEST(Replay, RejectsBadIdsLikeTheTraceReader) {
+    Rng rng(3);
+    const Topology topo{2, 2, std::nullopt};
+    const ExpertPlan plan = random_plan(rng, 16, 3, 4, topo, RoutingPolicy::kTar);
+    struct Case {
+        int64_t token;
+        int layer, pos;
+        int32_t id;
+        const char* message;
+    };
+    const Case cases[] = {
+        {412, 2, 1, 16, "expert id 16 at token 1412, layer 2 is out of range [0, 16)"},
+        {97, 1, 0, -1, "expert id -1 at token 1097, layer 1 is out of range [0, 16)"},
+        {300, 0, 3, -7, "expert id -7 at token 1300, layer 0 is out of range [0, 16)"},
+    };
+    for (const Case& c : cases) {
+        for (int threads : {1, 2}) {
+            RoutingTrace chunk = random_trace(rng, 500, 3, 4, 16);
+            chunk.expert_ids[(c.token * 3 + c.layer) * 4 + c.pos] = c.id;
+            // A later token with a bad id on an earlier layer must not win.
+            chunk.expert_ids[((c.token + 5) * 3 + 0) * 4 + 0] = 99;
+            ReplayOptions opt;
+            opt.num_threads = threads;
+            Replayer r(plan, 2000, opt);
+            r.consume(random_trace(rng, 1000, 3, 4, 16), 0);
+            EXPECT_EQ(testing::error_of([&] { r.consume(chunk, 1000); }), c.message) << threads << " threads";
+        }
+    }
+    // A repeated id in one token's top-k.
+    RoutingTrace chunk = random_trace(rng, 50, 3, 4, 16);
+    int32_t* row = &chunk.expert_ids[(20 * 3 + 1) * 4];
+    row[3] = row[1];
+    const std::string want = "expert id " + std::to_string(row[1]) + " is repeated in the top-k of token 20, layer 1";
+    Replayer r(plan, 50);
+    try {
+        r.consume(chunk, 0);
+        ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kInvalidInput);
+        EXPECT_EQ(std::string(e.what()), want);
+    }
+    EXPECT_EQ(testing::error_of([&] { chunk.validate(); }), want);  // the trace's own check words it the same
+    Replayer r2(plan, 50);
+    EXPECT_EQ(testing::error_of([&] { r2.consume_layer(chunk, 0, 1); }), want);  // consume_layer_ids checks too
+}
+
 TEST(CommScheme, ParsesNamesAndRejectsUnknown) {
     for (auto s : {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::k2dh, CommScheme::kHsc})
         EXPECT_EQ(parse_comm_scheme(to_string(s)), s);

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/grouping_internal.hpp"
 #include "grace/error.hpp"
 
 namespace grace {
@@ -209,6 +210,56 @@ TEST(SpectralGrouping, SizeBoundsAreRepaired) {
         EXPECT_GE(s, 3);
         EXPECT_LE(s, 5);
     }
+}
+
+// The partial (Lanczos) eigensolver against the dense one: same eigenvectors up to sign where the eigenvalues
+// are well separated, hence the same groups; and at E = 256 (where kAuto picks Lanczos) the result does not
+// depend on the thread count or on concurrent calls.
+TEST(SpectralGrouping, LanczosMatchesDenseEigensolver) {
+    std::vector<int> truth;
+    const auto a = planted({20, 28, 36, 44, 52, 76}, truth, 5, 100, 2);
+    const int E = 256, k = 6;
+    // The matrix spectral grouping decomposes, built independently: D^-1/2 W D^-1/2 with W = A + 1 off the diagonal.
+    std::vector<double> m(E * E, 0.0), deg(E, 0.0);
+    for (int i = 0; i < E; ++i)
+        for (int j = 0; j < E; ++j)
+            if (i != j) deg[i] += a[i * E + j] + 1;
+    for (int i = 0; i < E; ++i)
+        for (int j = 0; j < E; ++j)
+            if (i != j) m[i * E + j] = (a[i * E + j] + 1) / std::sqrt(deg[i] * deg[j]);
+    const auto dense = detail::top_eigenvectors(m, E, k, detail::EigenSolver::kDense);
+    const auto lanczos = detail::top_eigenvectors(m, E, k, detail::EigenSolver::kLanczos);
+    for (int c = 0; c < k; ++c) {
+        double dot = 0, nd = 0, nl = 0;
+        for (int i = 0; i < E; ++i) {
+            dot += dense[i * k + c] * lanczos[i * k + c];
+            nd += dense[i * k + c] * dense[i * k + c];
+            nl += lanczos[i * k + c] * lanczos[i * k + c];
+        }
+        EXPECT_NEAR(nd, 1.0, 1e-9);
+        EXPECT_NEAR(nl, 1.0, 1e-9);
+        EXPECT_NEAR(std::abs(dot), 1.0, 1e-8) << "eigenvector " << c;
+    }
+    const Grouping gd = detail::spectral_grouping(a, E, k, {}, 1, 0, detail::EigenSolver::kDense);
+    const Grouping gl = detail::spectral_grouping(a, E, k, {}, 1, 0, detail::EigenSolver::kLanczos);
+    EXPECT_TRUE(same_partition(gd.group_of, truth));
+    EXPECT_EQ(gl.group_of, gd.group_of);
+    EXPECT_EQ(spectral_grouping(a, E, k).group_of, gl.group_of);  // kAuto picks Lanczos here
+
+    std::vector<int> weak_truth;
+    const auto weak = planted({30, 40, 50, 60, 76}, weak_truth, 9, 10, 4);  // k-means has real choices
+    const Grouping ref = spectral_grouping(weak, E, 5);
+    const int saved = omp_get_max_threads();
+    for (int t : {1, 2, 4}) {
+        omp_set_num_threads(t);
+        EXPECT_EQ(spectral_grouping(weak, E, 5).group_of, ref.group_of) << t << " threads";
+    }
+    omp_set_num_threads(saved);
+    std::vector<Grouping> out(3);
+    std::vector<std::thread> th;
+    for (int i = 0; i < 3; ++i) th.emplace_back([&, i] { out[i] = spectral_grouping(weak, E, 5); });
+    for (auto& t : th) t.join();
+    for (const Grouping& g : out) EXPECT_EQ(g.group_of, ref.group_of);
 }
 
 TEST(SpectralGrouping, DeterministicAcrossSeedsRunsAndThreads) {
