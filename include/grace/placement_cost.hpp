@@ -58,6 +58,12 @@ class LayerCostModel {
     double time_without(int expert) const;
     /// Adds that instance for good.
     void add(int expert, int gpu);
+    /// Slot rewrites (re-planning): the predicted time when the instance of `removed` on `gpu` (which must hold it,
+    /// with another instance elsewhere) is replaced by an instance of expert y, for every y with can_add[y] != 0
+    /// that `gpu` does not hold, into out [E]; +inf elsewhere.
+    void swap_times(int gpu, int removed, const std::vector<char>& can_add, std::vector<double>& out) const;
+    /// Makes that rewrite for good.
+    void swap(int gpu, int removed, int added);
     /// Instances of each expert (the constructor's lists plus what add() put there).
     const std::vector<std::vector<int>>& instances() const { return inst_; }
 

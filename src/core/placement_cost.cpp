@@ -174,4 +174,42 @@ void LayerCostModel::add(int expert, int gpu) {
     apply(totals_, expert, inst_[expert], +1.0);
 }
 
+void LayerCostModel::swap_times(int gpu, int removed, const std::vector<char>& can_add,
+                                std::vector<double>& out) const {
+    GRACE_ASSERT(gpu >= 0 && gpu < num_gpus_ && removed >= 0 && removed < num_experts_ &&
+                 static_cast<int>(can_add.size()) == num_experts_);
+    const auto& rx = inst_[removed];
+    GRACE_ASSERT(rx.size() >= 2 && std::find(rx.begin(), rx.end(), gpu) != rx.end());
+    out.assign(num_experts_, std::numeric_limits<double>::infinity());
+    base_ = totals_;
+    apply(base_, removed, rx, -1.0);
+    gpus_.clear();
+    for (int g : rx)
+        if (g != gpu) gpus_.push_back(g);
+    apply(base_, removed, gpus_, +1.0);
+    std::vector<int> more;
+    for (int y = 0; y < num_experts_; ++y) {
+        const auto& iy = inst_[y];
+        if (!can_add[y] || y == removed || std::find(iy.begin(), iy.end(), gpu) != iy.end()) continue;
+        more = iy;
+        more.push_back(gpu);
+        journal_.clear();
+        apply(base_, y, iy, -1.0, &journal_);
+        apply(base_, y, more, +1.0, &journal_);
+        out[y] = price(base_);
+        for (auto it = journal_.rbegin(); it != journal_.rend(); ++it) base_[it->first] = it->second;  // undo
+    }
+}
+
+void LayerCostModel::swap(int gpu, int removed, int added) {
+    auto& rx = inst_[removed];
+    auto it = std::find(rx.begin(), rx.end(), gpu);
+    GRACE_ASSERT(rx.size() >= 2 && it != rx.end());
+    GRACE_ASSERT(std::find(inst_[added].begin(), inst_[added].end(), gpu) == inst_[added].end());
+    apply(totals_, removed, rx, -1.0);
+    rx.erase(it);
+    apply(totals_, removed, rx, +1.0);
+    add(added, gpu);
+}
+
 }  // namespace grace
