@@ -133,9 +133,7 @@ void RoutingTrace::validate() const {
     if (!gate_weights.empty()) {
         GRACE_CHECK_INPUT(static_cast<int64_t>(gate_weights.size()) == n, "gate weights hold ", gate_weights.size(),
                           " values but the ids' shape [", num_tokens, ", ", num_layers, ", ", top_k, "] needs ", n);
-        for (int64_t i = 0; i < n; ++i)
-            GRACE_CHECK_INPUT(std::isfinite(gate_weights[i]), "gate weight at token ", i / (num_layers * top_k),
-                              ", layer ", (i / top_k) % num_layers, " is not finite (", gate_weights[i], ")");
+        validate_gate_weights(gate_weights.data(), num_tokens, num_layers, top_k, 0, "gate weights");
     }
 }
 
@@ -153,24 +151,7 @@ RoutingTrace RoutingTrace::slice_tokens(int64_t begin, int64_t end) const {
 RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides) {
     TraceReader reader(path, overrides);
     RoutingTrace trace;
-    reader.next(reader.num_tokens(), trace);
-    std::string weights_path = read_metadata(path, overrides).weights_path;
-    if (!weights_path.empty()) {
-        std::vector<int64_t> shape;
-        NpyHeader h = read_npy_header(weights_path);
-        GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
-        std::vector<double> w = read_npy_float(weights_path, &shape);
-        bool ok =
-            (shape.size() == 3 && shape[0] == trace.num_tokens && shape[1] == trace.num_layers &&
-             shape[2] == trace.top_k) ||
-            (shape.size() == 2 && trace.num_layers == 1 && shape[0] == trace.num_tokens && shape[1] == trace.top_k);
-        GRACE_CHECK_INPUT(ok, weights_path, ": gate weights must have the ids' shape [", trace.num_tokens, ", ",
-                          trace.num_layers, ", ", trace.top_k, "]");
-        trace.gate_weights.assign(w.begin(), w.end());
-        for (size_t i = 0; i < w.size(); ++i)
-            GRACE_CHECK_INPUT(std::isfinite(w[i]), weights_path, ": gate weight at token ",
-                              i / (trace.num_layers * trace.top_k), " is not finite (", w[i], ")");
-    }
+    reader.next(reader.num_tokens(), trace);  // ids and gate weights, both checked
     return trace;
 }
 
@@ -191,9 +172,18 @@ void save_trace(const RoutingTrace& trace, const std::string& path) {
     write_text_atomic(trace_metadata_path(path), meta.dump(2) + "\n");
 }
 
+namespace {
+std::unique_ptr<NpyRowReader> open_gate_weights(const std::string& trace_path, const std::string& weights_path,
+                                                int64_t tokens, int layers, int k);
+void read_gate_weights(NpyRowReader& reader, const std::string& weights_path, int64_t tokens, int layers, int k,
+                       int64_t first_token, std::vector<double>& buffer, std::vector<float>& out);
+}  // namespace
+
 struct TraceReader::Impl {
     std::string path;
     std::unique_ptr<NpyRowReader> reader;
+    std::unique_ptr<NpyRowReader> weights;  // gate weights, streamed beside the ids; null when the trace has none
+    std::vector<double> weight_buffer;
     Metadata meta;
     int64_t tokens = 0;
     int layers = 0, k = 0;
@@ -208,6 +198,8 @@ TraceReader::TraceReader(const std::string& path, const TraceOverrides& override
     impl_->meta = read_metadata(path, overrides);
     GRACE_CHECK_INPUT(impl_->k <= impl_->meta.num_experts, path, ": top_k = ", impl_->k,
                       " exceeds the number of experts E = ", impl_->meta.num_experts);
+    if (!impl_->meta.weights_path.empty())
+        impl_->weights = open_gate_weights(path, impl_->meta.weights_path, impl_->tokens, impl_->layers, impl_->k);
 }
 
 TraceReader::~TraceReader() = default;
@@ -220,6 +212,8 @@ int TraceReader::top_k() const { return impl_->k; }
 int TraceReader::num_experts() const { return impl_->meta.num_experts; }
 const std::string& TraceReader::model() const { return impl_->meta.model; }
 const std::string& TraceReader::dataset() const { return impl_->meta.dataset; }
+bool TraceReader::has_weights() const { return impl_->weights != nullptr; }
+const std::string& TraceReader::weights_path() const { return impl_->meta.weights_path; }
 
 void TraceReader::set_validation(bool enabled) { impl_->validate = enabled; }
 
@@ -233,12 +227,84 @@ bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_t
     chunk.num_experts = impl_->meta.num_experts;
     chunk.model = impl_->meta.model;
     chunk.dataset = impl_->meta.dataset;
-    chunk.gate_weights.clear();
+    if (impl_->weights)
+        read_gate_weights(*impl_->weights, impl_->meta.weights_path, rows, impl_->layers, impl_->k, first,
+                          impl_->weight_buffer, chunk.gate_weights);
+    else
+        chunk.gate_weights.clear();
     if (impl_->validate)
         validate_ids(chunk.expert_ids.data(), rows, impl_->layers, impl_->k, impl_->meta.num_experts, first);
     impl_->next_token += rows;
     if (first_token) *first_token = first;
     return rows > 0;
 }
+
+// Gate weights (spec §1, docs/formats.md): float, shaped like the ids, finite and non-negative (a router's gate
+// weights are softmax or sigmoid scores). Nothing in profiling, planning or evaluation uses them (spec §2 counts
+// selections), but every reader checks them, chunk by chunk, so a bad file fails instead of passing silently.
+
+void validate_gate_weights(const float* weights, int64_t tokens, int layers, int k, int64_t first_token,
+                           const std::string& what) {
+    const int64_t row = static_cast<int64_t>(layers) * k;
+    int64_t first_bad = tokens * row;
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (tokens * row > (1 << 18))
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t i = t * row; i < (t + 1) * row; ++i)
+            if (!(std::isfinite(weights[i]) && weights[i] >= 0)) {
+                first_bad = std::min(first_bad, i);
+                break;
+            }
+    if (first_bad == tokens * row) return;
+    const float w = weights[first_bad];
+    GRACE_CHECK_INPUT(false, what, ": gate weight ", w, " at token ", first_token + first_bad / row, ", layer ",
+                      (first_bad / k) % layers, ", rank ", first_bad % k, " is ",
+                      std::isfinite(w) ? "negative" : "not finite");
+}
+
+namespace {
+
+std::unique_ptr<NpyRowReader> open_gate_weights(const std::string& trace_path, const std::string& weights_path,
+                                                int64_t tokens, int layers, int k) {
+    std::unique_ptr<NpyRowReader> reader;
+    try {
+        reader = std::make_unique<NpyRowReader>(weights_path);
+    } catch (const Error& e) {
+        throw Error(e.code(), trace_path + ": gate weights: " + e.what());
+    }
+    const NpyHeader& h = reader->header();
+    GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
+    const std::vector<int64_t>& s = h.shape;
+    const bool ok = (s.size() == 3 && s[0] == tokens && s[1] == layers && s[2] == k) ||
+                    (s.size() == 2 && layers == 1 && s[0] == tokens && s[1] == k);
+    std::string shape;
+    for (int64_t d : s) {
+        if (!shape.empty()) shape += ", ";
+        shape += std::to_string(d);
+    }
+    GRACE_CHECK_INPUT(ok, weights_path, ": gate weights have shape [", shape, "] but the ids of ", trace_path,
+                      " have [", tokens, ", ", layers, ", ", k, "]");
+    return reader;
+}
+
+// Reads the weights of the next `tokens` tokens into `out` (float), through a bounded double buffer: a chunk of
+// a large trace would otherwise need 8 bytes per weight twice over.
+void read_gate_weights(NpyRowReader& reader, const std::string& weights_path, int64_t tokens, int layers, int k,
+                       int64_t first_token, std::vector<double>& buffer, std::vector<float>& out) {
+    constexpr int64_t kBlockTokens = 4096;
+    const int64_t row = static_cast<int64_t>(layers) * k;
+    out.resize(static_cast<size_t>(tokens * row));
+    for (int64_t done = 0; done < tokens;) {
+        const int64_t want = std::min(kBlockTokens, tokens - done);
+        const int64_t got = reader.read_float(want, buffer);
+        GRACE_CHECK(got == want, ErrorCode::kIo, weights_path, ": read ", got, " rows of gate weights at token ",
+                    first_token + done, ", expected ", want);
+        std::transform(buffer.begin(), buffer.begin() + got * row, out.begin() + done * row,
+                       [](double w) { return static_cast<float>(w); });
+        done += got;
+    }
+    validate_gate_weights(out.data(), tokens, layers, k, first_token, weights_path);
+}
+
+}  // namespace
 
 }  // namespace grace

@@ -17,7 +17,8 @@ std::vector<Command>& registry() {
 }
 
 void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int>& experts_flag) {
-    sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)");
+    sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)")
+        ->check(integer_in<int>(1));
     sub.add_option_function<std::string>(
         "--model", [&overrides](const std::string& v) { overrides.model = v; }, "Model name (overrides metadata)");
     sub.add_option_function<std::string>(

@@ -26,16 +26,23 @@ std::function<int()> setup_plan(CLI::App& sub) {
     sub.add_option("--stats", a->stats, "Statistics folder (grace profile / grace import-stats)");
     sub.add_option("--trace", a->trace,
                    "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E");
-    sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required();
-    sub.add_option("--slots-per-gpu", a->slots, "Expert slots (instances) per GPU; default unlimited");
+    sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required()->check(topology_value());
+    sub.add_option("--slots-per-gpu", a->slots, "Expert slots (instances) per GPU; default unlimited")
+        ->check(integer_in<int>(1));
     sub.add_option("--method", a->options.method,
                    "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
                    "(= eplb-hierarchical+eplb+sglang-static)")
-        ->capture_default_str();
-    sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")->capture_default_str();
+        ->capture_default_str()
+        ->check(parsed_by([](const std::string& m) { parse_method(m); }, "METHOD"));
+    sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")
+        ->capture_default_str()
+        ->check(integer_in<uint64_t>(0));
     sub.add_option("--threads", a->options.num_threads, "Threads over layers (0 = all; the plan is identical)")
-        ->capture_default_str();
-    sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")->capture_default_str();
+        ->capture_default_str()
+        ->check(thread_count());
+    sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")
+        ->capture_default_str()
+        ->check(integer_in<int>(1, 65535));
     sub.add_flag("--refine", a->options.refine, "Improving swaps after controlled grouping (spec §3 step 3)");
     sub.add_option("-o,--output", a->out, "Output plan JSON")->required();
     sub.add_flag("-q,--quiet", a->quiet, "No per-layer summary");
@@ -43,10 +50,7 @@ std::function<int()> setup_plan(CLI::App& sub) {
     return [a] {
         GRACE_CHECK_ARG(!a->stats.empty() || !a->trace.empty(), "grace plan needs --stats or --trace");
         Topology topo = Topology::parse(a->topology);
-        if (a->slots) {
-            GRACE_CHECK_ARG(*a->slots >= 1, "--slots-per-gpu must be >= 1, got ", *a->slots);
-            topo.slots_per_gpu = *a->slots;
-        }
+        if (a->slots) topo.slots_per_gpu = *a->slots;
         if (a->experts) a->overrides.num_experts = *a->experts;
         auto t0 = std::chrono::steady_clock::now();
         RoutingStats st;
