@@ -90,14 +90,17 @@ class TraceReader {
     /// Whether the trace has gate weights (metadata "weights" or TraceOverrides::weights_path), and their file.
     bool has_weights() const;
     const std::string& weights_path() const;
-    /// Reads the next up-to-`max_tokens` tokens into `chunk` (a trace of that many tokens, with their gate
-    /// weights when the trace has them); returns false at the end. Gate weights are always checked
-    /// (validate_gate_weights), ids unless set_validation(false). `first_token` receives the index of the chunk's first
+    /// Reads the next up-to-`max_tokens` tokens into `chunk` (a trace of that many tokens; with their gate
+    /// weights only after set_keep_weights(true)); returns false at the end. Gate weights are always read and
+    /// checked (validate_gate_weights) in blocks of bounded size; ids unless set_validation(false). `first_token` receives the index of the chunk's first
     /// token. May be called from another thread than the previous call (not concurrently), e.g. to read ahead.
     bool next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token = nullptr);
     /// Turns the id checks of next() off, for a caller that checks every id itself while consuming it (the
     /// profiler fuses the check into counting). On by default.
     void set_validation(bool enabled);
+    /// Whether next() puts the gate weights into its chunks (off by default: no computation uses them, and a
+    /// chunk's weights cost as much memory as its ids). load_trace turns it on.
+    void set_keep_weights(bool keep);
 
   private:
     struct Impl;
