@@ -74,6 +74,7 @@ class CliInputs(unittest.TestCase):
             (["gen", "--seq-len", 0, "-o", out + ".npy"], "--seq-len", "'0'"),
             (["gen", "--threads", -1, "-o", out + ".npy"], "--threads", "'-1'"),
             (["gen", "--dataset", "bogus", "-o", out + ".npy"], "--dataset", "bogus"),
+            (["gen", "--preset", "bogus", "-o", out + ".npy"], "--preset", "bogus"),
             # profile
             (["profile", t, "-o", out, "--threads", -1], "--threads", "'-1'"),
             (["profile", t, "-o", out, "--threads", 100000], "--threads", "'100000'"),

@@ -53,7 +53,11 @@ CLI::Validator integer_in(T lo, T hi = std::numeric_limits<T>::max()) {
             if (ec == std::errc() && stop == end && value >= lo && value <= hi) return {};
             return "must be an integer " + range + ", got '" + text + "'";
         },
-        range);
+        // Shown in --help after the type, e.g. `INT:POSITIVE=65536`, `INT:[0, 1024]`.
+        hi != std::numeric_limits<T>::max() ? range.substr(3)
+        : lo == 0                           ? "NONNEGATIVE"
+        : lo == 1                           ? "POSITIVE"
+                                            : range);
 }
 /// --threads: 0 (= all) to kMaxThreads.
 CLI::Validator thread_count();

@@ -22,7 +22,9 @@ std::function<int()> setup_gen(CLI::App& sub) {
     auto no_weights = std::make_shared<bool>(false);
     std::vector<std::string> presets;
     for (const auto& p : model_presets()) presets.push_back(p.name);
-    sub.add_option("--preset", opts->preset, "Model preset: " + joined(presets))->capture_default_str();
+    sub.add_option("--preset", opts->preset, "Model preset: " + joined(presets))
+        ->capture_default_str()
+        ->check(parsed_by([](const std::string& name) { find_preset(name); }, "PRESET"));
     sub.add_option("--dataset", opts->dataset, "Dataset: " + joined(generator_datasets()))
         ->capture_default_str()
         ->check(CLI::IsMember(generator_datasets()));

@@ -26,7 +26,7 @@ void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int
         "Dataset name (overrides metadata)");
     sub.add_option_function<std::string>(
         "--weights", [&overrides](const std::string& v) { overrides.weights_path = v; },
-        "Gate weights .npy [T, L, k] (overrides metadata)");
+        "Gate weights .npy [T, L, k] (overrides metadata; checked, not used)");
 }
 
 Progress::Progress(std::string label, int64_t total) : label_(std::move(label)), total_(std::max<int64_t>(total, 1)) {
