@@ -227,6 +227,9 @@ class CliInputs(unittest.TestCase):
         self.assert_error(self.eval_args(plan=k2), "top_k = 2", "top_k = 8")
         self.assert_error(self.eval_args(trace=self.path("l3.npy")), "2 layers", "has 3")
         self.assert_error(self.eval_args("--experts", 80), "64 experts", "has 80")
+        # plan --stats S --trace T: T must match the statistics in E, L and k.
+        self.assert_error(["plan", "--stats", self.path("stats"), "--trace", self.path("k2.npy"), "--experts", 64,
+                           "--topology", "2x2", "-o", self.path("k_plan.json")], "k=8", "k=2")
         # compare: the profile trace must match the evaluation trace in E, L and k.
         self.assert_error(["compare", "--trace", self.trace, "--profile-trace", self.path("k2.npy"), "--experts", 64,
                            "--topology", "2x2", "-o", self.path("cmp_k")], "top_k = 2", "and 8")

@@ -41,7 +41,7 @@ std::vector<Topology> parse_topologies(const std::string& text) {
     std::string part;
     while (std::getline(ss, part, ','))
         if (!part.empty()) out.push_back(Topology::parse(part));
-    GRACE_CHECK_ARG(!out.empty(), "--topology needs at least one NxM, got '", text, "'");
+    GRACE_CHECK_ARG(!out.empty(), "a topology list needs at least one NxM, got '", text, "'");
     return out;
 }
 

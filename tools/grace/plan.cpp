@@ -25,7 +25,7 @@ std::function<int()> setup_plan(CLI::App& sub) {
     auto a = std::make_shared<Args>();
     sub.add_option("--stats", a->stats, "Statistics folder (grace profile / grace import-stats)");
     sub.add_option("--trace", a->trace,
-                   "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E");
+                   "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E, L and k");
     sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required()->check(topology_value());
     sub.add_option("--slots-per-gpu", a->slots, "Expert slots (instances) per GPU; default unlimited")
         ->check(integer_in<int>(1));
@@ -66,6 +66,8 @@ std::function<int()> setup_plan(CLI::App& sub) {
                 GRACE_CHECK_ARG(reader.num_layers() == st.num_layers, "statistics ", a->stats,
                                 " have L=", st.num_layers, " layers but the trace ", a->trace,
                                 " has L=", reader.num_layers());
+                GRACE_CHECK_ARG(st.top_k == 0 || reader.top_k() == st.top_k, "statistics ", a->stats,
+                                " have k=", st.top_k, " but the trace ", a->trace, " has k=", reader.top_k());
             } else if (a->experts) {
                 GRACE_CHECK_ARG(*a->experts == st.num_experts, "statistics ", a->stats, " have E=", st.num_experts,
                                 " experts but --experts says ", *a->experts);
