@@ -135,7 +135,7 @@ void RoutingTrace::validate() const {
     if (!gate_weights.empty()) {
         GRACE_CHECK_INPUT(static_cast<int64_t>(gate_weights.size()) == n, "gate weights hold ", gate_weights.size(),
                           " values but the ids' shape [", num_tokens, ", ", num_layers, ", ", top_k, "] needs ", n);
-        validate_gate_weights(gate_weights.data(), num_tokens, num_layers, top_k, 0, "gate weights");
+        validate_gate_weights(gate_weights.data(), num_tokens, num_layers, top_k, 0, "trace");
     }
 }
 
@@ -226,10 +226,11 @@ class GateWeightStream {
         GRACE_CHECK_INPUT(ok, weights_path, ": gate weights have shape [", shape, "] but the ids of ", trace_path,
                           " have [", tokens, ", ", layers, ", ", k, "]");
         if (h.dtype == DType::kFloat32 && h.big_endian == (std::endian::native == std::endian::big)) {
+            const long offset = static_cast<long>(h.data_offset);
+            reader_.reset();
             raw_ = std::fopen(weights_path.c_str(), "rb");
             GRACE_CHECK(raw_ != nullptr, ErrorCode::kIo, "cannot open ", weights_path);
-            GRACE_CHECK(std::fseek(raw_, static_cast<long>(h.data_offset), SEEK_SET) == 0, ErrorCode::kIo,
-                        "cannot seek in ", weights_path);
+            GRACE_CHECK(std::fseek(raw_, offset, SEEK_SET) == 0, ErrorCode::kIo, "cannot seek in ", weights_path);
         }
     }
     ~GateWeightStream() {
@@ -243,7 +244,10 @@ class GateWeightStream {
     void read(int64_t tokens, int64_t first_token, std::vector<float>* out) {
         constexpr int64_t kBlockTokens = 4096;
         const int64_t row = static_cast<int64_t>(layers_) * k_;
-        if (out) out->clear();
+        if (out) {
+            out->clear();
+            out->reserve(static_cast<size_t>(tokens * row));
+        }
         for (int64_t done = 0; done < tokens;) {
             const int64_t want = std::min(kBlockTokens, tokens - done);
             int64_t got = 0;
