@@ -78,8 +78,10 @@ struct CompareResult {
 };
 
 /// Runs the comparison: profiles `profile_path` (or `trace_path` when empty), plans every row on every topology
-/// and evaluates on `trace_path`. Throws as load_trace / make_plan / evaluate; a row whose method is not
-/// supported in this build (kUnsupported) is skipped and named in `notes`.
+/// and evaluates on `trace_path`. `overrides` apply to both traces, except `weights_path`, which belongs to
+/// `trace_path` only. Throws as load_trace / make_plan / evaluate, kInvalidArgument for a reference that is not
+/// a row, kInvalidInput when the two traces differ in E, L or k; a row whose method is not supported in this
+/// build (kUnsupported) is skipped and named in `notes`.
 CompareResult run_compare(const std::string& trace_path, const std::string& profile_path,
                           const TraceOverrides& overrides, const CompareOptions& options);
 

@@ -128,8 +128,8 @@ class LayerMajorIds {
     std::vector<int32_t> ids_;
 };
 
-/// Checks that `plan` can be evaluated on `trace`: same E and L (k may differ), valid plan. Throws
-/// kInvalidInput naming the mismatch.
+/// Checks that `plan` can be evaluated on `trace`: same E, L and k (the routers use the plan's k), valid plan.
+/// Throws kInvalidInput naming both values of the mismatch.
 void check_plan_matches_trace(const ExpertPlan& plan, const RoutingTrace& trace);
 
 /// Replays the whole trace. Throws as check_plan_matches_trace.

@@ -6,7 +6,9 @@
 /// On disk a trace is `NAME.npy` (integer ids, shape [T, L, k], or [T, k] for one layer; any integer dtype,
 /// either byte order, C order) with optional metadata `NAME.json` beside it:
 /// `{"format": "grace.trace/v1", "num_experts": E, "model": "...", "dataset": "...", "top_k": k,
-///   "num_layers": L, "weights": "NAME.weights.npy"}`. The weights file is float [T, L, k] (or [T, k]).
+///   "num_layers": L, "weights": "NAME.weights.npy"}`. The weights file is float [T, L, k] (or [T, k]), finite
+/// and non-negative; whenever a trace with weights is read (load_trace, TraceReader) they are checked chunk by
+/// chunk with the ids, though no computation uses them (loads and affinity count selections, spec §2).
 /// Flags (TraceOverrides) take precedence over the metadata file.
 
 #include <cstdint>
@@ -43,19 +45,26 @@ struct RoutingTrace {
     bool has_weights() const { return !gate_weights.empty(); }
 
     /// Checks the invariants and throws kInvalidInput naming the first violation: T >= 1, 1 <= k <= E,
-    /// ids in [0, E), no id repeated within one token's top-k at one layer, weights finite and shaped like ids.
+    /// ids in [0, E), no id repeated within one token's top-k at one layer, weights finite, non-negative and
+    /// shaped like ids.
     void validate() const;
     /// Tokens [begin, end) of this trace, all layers.
     RoutingTrace slice_tokens(int64_t begin, int64_t end) const;
 };
 
-/// Loads `path` (.npy) and its metadata. Throws kIo if a file cannot be read, kInvalidInput for a malformed
-/// npy (see read_npy_header), a rank other than 2 or 3, a missing E, or any violation of validate().
+/// Loads `path` (.npy), its metadata and its gate weights, if any. Throws kIo if a file (the weights file too)
+/// cannot be read, kInvalidInput for a malformed npy (see read_npy_header), a rank other than 2 or 3, a missing
+/// E, or any violation of validate().
 RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides = {});
 
 /// Writes `trace` to `path` (.npy, int32), `path`'s .json metadata and, with weights, `<stem>.weights.npy`.
 /// Atomic per file; throws kIo for a missing output folder.
 void save_trace(const RoutingTrace& trace, const std::string& path);
+
+/// Checks gate weights [tokens, layers, k] (row-major) of tokens first_token .. first_token + tokens - 1: every
+/// value finite and >= 0. Throws kInvalidInput naming `what` (e.g. the file), the value, its token, layer and rank.
+void validate_gate_weights(const float* weights, int64_t tokens, int layers, int k, int64_t first_token,
+                           const std::string& what);
 
 /// Path of the metadata file beside a trace: "x/trace.npy" -> "x/trace.json".
 std::string trace_metadata_path(const std::string& trace_path);
@@ -64,7 +73,9 @@ std::string trace_metadata_path(const std::string& trace_path);
 /// Each chunk is validated as load_trace would validate it.
 class TraceReader {
   public:
-    /// Opens the trace and reads its metadata; throws as load_trace does (before reading any token).
+    /// Opens the trace, reads its metadata and opens its gate weights file, if any; throws as load_trace does
+    /// (before reading any token): kIo for a missing weights file, kInvalidInput for weights that are not floats
+    /// or not shaped like the ids.
     TraceReader(const std::string& path, const TraceOverrides& overrides = {});
     ~TraceReader();
     TraceReader(TraceReader&&) noexcept;
@@ -76,13 +87,20 @@ class TraceReader {
     int num_experts() const;
     const std::string& model() const;
     const std::string& dataset() const;
-    /// Reads the next up-to-`max_tokens` tokens into `chunk` (a trace of that many tokens, no weights);
-    /// returns false at the end. `first_token` receives the index of the chunk's first token. May be called
-    /// from another thread than the previous call (not concurrently), e.g. to read ahead.
+    /// Whether the trace has gate weights (metadata "weights" or TraceOverrides::weights_path), and their file.
+    bool has_weights() const;
+    const std::string& weights_path() const;
+    /// Reads the next up-to-`max_tokens` tokens into `chunk` (a trace of that many tokens; with their gate
+    /// weights only after set_keep_weights(true)); returns false at the end. Gate weights are always read and
+    /// checked (validate_gate_weights) in blocks of bounded size; ids unless set_validation(false). `first_token` receives the index of the chunk's first
+    /// token. May be called from another thread than the previous call (not concurrently), e.g. to read ahead.
     bool next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token = nullptr);
     /// Turns the id checks of next() off, for a caller that checks every id itself while consuming it (the
     /// profiler fuses the check into counting). On by default.
     void set_validation(bool enabled);
+    /// Whether next() puts the gate weights into its chunks (off by default: no computation uses them, and a
+    /// chunk's weights cost as much memory as its ids). load_trace turns it on.
+    void set_keep_weights(bool keep);
 
   private:
     struct Impl;

@@ -1,6 +1,7 @@
 #include "grace/npy.hpp"
 
 #include <bit>
+#include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -265,8 +266,14 @@ std::string NpyHeader::dtype_name() const {
 }
 
 NpyHeader read_npy_header(const std::string& path) {
+    // A folder opens fine on Linux and would only fail later as "bad magic": say what it is instead.
+    std::error_code dir_ec;
+    GRACE_CHECK(!std::filesystem::is_directory(path, dir_ec), ErrorCode::kIo, path, ": is a folder, not a .npy file");
     std::FILE* f = std::fopen(path.c_str(), "rb");
-    GRACE_CHECK(f != nullptr, ErrorCode::kIo, "cannot open ", path);
+    const int open_errno = errno;
+    GRACE_CHECK(f != nullptr, ErrorCode::kIo, path, ": ",
+                open_errno == ENOENT ? std::string("no such file")
+                                     : "cannot open (" + std::string(std::strerror(open_errno)) + ")");
     struct Closer {
         std::FILE* f;
         ~Closer() { std::fclose(f); }

@@ -1,7 +1,9 @@
 #include "grace/trace.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -176,9 +178,7 @@ void RoutingTrace::validate() const {
     if (!gate_weights.empty()) {
         GRACE_CHECK_INPUT(static_cast<int64_t>(gate_weights.size()) == n, "gate weights hold ", gate_weights.size(),
                           " values but the ids' shape [", num_tokens, ", ", num_layers, ", ", top_k, "] needs ", n);
-        for (int64_t i = 0; i < n; ++i)
-            GRACE_CHECK_INPUT(std::isfinite(gate_weights[i]), "gate weight at token ", i / (num_layers * top_k),
-                              ", layer ", (i / top_k) % num_layers, " is not finite (", gate_weights[i], ")");
+        validate_gate_weights(gate_weights.data(), num_tokens, num_layers, top_k, 0, "trace");
     }
 }
 
@@ -195,25 +195,9 @@ RoutingTrace RoutingTrace::slice_tokens(int64_t begin, int64_t end) const {
 
 RoutingTrace load_trace(const std::string& path, const TraceOverrides& overrides) {
     TraceReader reader(path, overrides);
+    reader.set_keep_weights(true);
     RoutingTrace trace;
-    reader.next(reader.num_tokens(), trace);
-    std::string weights_path = read_metadata(path, overrides).weights_path;
-    if (!weights_path.empty()) {
-        std::vector<int64_t> shape;
-        NpyHeader h = read_npy_header(weights_path);
-        GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
-        std::vector<double> w = read_npy_float(weights_path, &shape);
-        bool ok =
-            (shape.size() == 3 && shape[0] == trace.num_tokens && shape[1] == trace.num_layers &&
-             shape[2] == trace.top_k) ||
-            (shape.size() == 2 && trace.num_layers == 1 && shape[0] == trace.num_tokens && shape[1] == trace.top_k);
-        GRACE_CHECK_INPUT(ok, weights_path, ": gate weights must have the ids' shape [", trace.num_tokens, ", ",
-                          trace.num_layers, ", ", trace.top_k, "]");
-        trace.gate_weights.assign(w.begin(), w.end());
-        for (size_t i = 0; i < w.size(); ++i)
-            GRACE_CHECK_INPUT(std::isfinite(w[i]), weights_path, ": gate weight at token ",
-                              i / (trace.num_layers * trace.top_k), " is not finite (", w[i], ")");
-    }
+    reader.next(reader.num_tokens(), trace);  // ids and gate weights, both checked
     return trace;
 }
 
@@ -241,9 +225,113 @@ void save_trace(const RoutingTrace& trace, const std::string& path) {
     out.commit();
 }
 
+// Gate weights (spec §1, docs/formats.md): float, shaped like the ids, finite and non-negative (a router's gate
+// weights are softmax or sigmoid scores). Nothing in profiling, planning or evaluation uses them (spec §2 counts
+// selections), but every reader checks them, chunk by chunk, so a bad file fails instead of passing silently.
+
+void validate_gate_weights(const float* weights, int64_t tokens, int layers, int k, int64_t first_token,
+                           const std::string& what) {
+    const int64_t row = static_cast<int64_t>(layers) * k;
+    int64_t first_bad = tokens * row;
+    // Serial for the reader's blocks (which may run beside the profiler's parallel counting), parallel above.
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (tokens * row > (1 << 22))
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t i = t * row; i < (t + 1) * row; ++i)
+            if (!(std::isfinite(weights[i]) && weights[i] >= 0)) {
+                first_bad = std::min(first_bad, i);
+                break;
+            }
+    if (first_bad == tokens * row) return;
+    const float w = weights[first_bad];
+    GRACE_CHECK_INPUT(false, what, ": gate weight ", w, " at token ", first_token + first_bad / row, ", layer ",
+                      (first_bad / k) % layers, ", rank ", first_bad % k, " is ",
+                      std::isfinite(w) ? "negative" : "not finite");
+}
+
+namespace {
+
+// Gate weights of a trace, read beside its ids in blocks of a bounded size, so that memory stays small when the
+// caller does not keep them. Native-order float32 (what grace and the recorder write) is read as is; any other
+// float dtype goes through NpyRowReader's conversion.
+class GateWeightStream {
+  public:
+    // Opens and checks the header: float dtype, shape [tokens, layers, k] (or [tokens, k] for one layer).
+    GateWeightStream(const std::string& trace_path, const std::string& weights_path, int64_t tokens, int layers, int k)
+        : path_(weights_path), layers_(layers), k_(k) {
+        try {
+            reader_ = std::make_unique<NpyRowReader>(weights_path);
+        } catch (const Error& e) {
+            throw Error(e.code(), trace_path + ": gate weights: " + e.what());
+        }
+        const NpyHeader& h = reader_->header();
+        GRACE_CHECK_INPUT(h.is_float(), weights_path, ": gate weights must be floats, got ", h.dtype_name());
+        const std::vector<int64_t>& s = h.shape;
+        const bool ok = (s.size() == 3 && s[0] == tokens && s[1] == layers && s[2] == k) ||
+                        (s.size() == 2 && layers == 1 && s[0] == tokens && s[1] == k);
+        std::string shape;
+        for (int64_t d : s) {
+            if (!shape.empty()) shape += ", ";
+            shape += std::to_string(d);
+        }
+        GRACE_CHECK_INPUT(ok, weights_path, ": gate weights have shape [", shape, "] but the ids of ", trace_path,
+                          " have [", tokens, ", ", layers, ", ", k, "]");
+        if (h.dtype == DType::kFloat32 && h.big_endian == (std::endian::native == std::endian::big)) {
+            const long offset = static_cast<long>(h.data_offset);
+            reader_.reset();
+            raw_ = std::fopen(weights_path.c_str(), "rb");
+            GRACE_CHECK(raw_ != nullptr, ErrorCode::kIo, "cannot open ", weights_path);
+            GRACE_CHECK(std::fseek(raw_, offset, SEEK_SET) == 0, ErrorCode::kIo, "cannot seek in ", weights_path);
+        }
+    }
+    ~GateWeightStream() {
+        if (raw_) std::fclose(raw_);
+    }
+    GateWeightStream(const GateWeightStream&) = delete;
+    GateWeightStream& operator=(const GateWeightStream&) = delete;
+
+    // Reads and checks the weights of the next `tokens` tokens (first_token labels errors); appends them to `out`
+    // when given.
+    void read(int64_t tokens, int64_t first_token, std::vector<float>* out) {
+        constexpr int64_t kBlockTokens = 4096;
+        const int64_t row = static_cast<int64_t>(layers_) * k_;
+        if (out) {
+            out->clear();
+            out->reserve(static_cast<size_t>(tokens * row));
+        }
+        for (int64_t done = 0; done < tokens;) {
+            const int64_t want = std::min(kBlockTokens, tokens - done);
+            int64_t got = 0;
+            if (raw_) {
+                block_.resize(static_cast<size_t>(want * row));
+                got = static_cast<int64_t>(std::fread(block_.data(), sizeof(float) * row, want, raw_));
+            } else {
+                got = reader_->read_float(want, wide_);
+                block_.assign(wide_.begin(), wide_.begin() + got * row);  // checked as float, the type kept
+            }
+            GRACE_CHECK(got == want, ErrorCode::kIo, path_, ": read ", got, " rows of gate weights at token ",
+                        first_token + done, ", expected ", want);
+            validate_gate_weights(block_.data(), got, layers_, k_, first_token + done, path_);
+            if (out) out->insert(out->end(), block_.begin(), block_.end());
+            done += got;
+        }
+    }
+
+  private:
+    std::string path_;
+    int layers_, k_;
+    std::unique_ptr<NpyRowReader> reader_;
+    std::FILE* raw_ = nullptr;
+    std::vector<double> wide_;
+    std::vector<float> block_;
+};
+
+}  // namespace
+
 struct TraceReader::Impl {
     std::string path;
     std::unique_ptr<NpyRowReader> reader;
+    std::unique_ptr<GateWeightStream> weights;  // null when the trace has none
+    bool keep_weights = false;
     Metadata meta;
     int64_t tokens = 0;
     int layers = 0, k = 0;
@@ -260,6 +348,9 @@ TraceReader::TraceReader(const std::string& path, const TraceOverrides& override
     GRACE_CHECK_INPUT(impl_->k <= impl_->meta.num_experts, path, ": top_k = ", impl_->k,
                       " exceeds the number of experts E = ", impl_->meta.num_experts, " (", impl_->meta.experts_from,
                       ")");
+    if (!impl_->meta.weights_path.empty())
+        impl_->weights =
+            std::make_unique<GateWeightStream>(path, impl_->meta.weights_path, impl_->tokens, impl_->layers, impl_->k);
 }
 
 TraceReader::~TraceReader() = default;
@@ -272,8 +363,11 @@ int TraceReader::top_k() const { return impl_->k; }
 int TraceReader::num_experts() const { return impl_->meta.num_experts; }
 const std::string& TraceReader::model() const { return impl_->meta.model; }
 const std::string& TraceReader::dataset() const { return impl_->meta.dataset; }
+bool TraceReader::has_weights() const { return impl_->weights != nullptr; }
+const std::string& TraceReader::weights_path() const { return impl_->meta.weights_path; }
 
 void TraceReader::set_validation(bool enabled) { impl_->validate = enabled; }
+void TraceReader::set_keep_weights(bool keep) { impl_->keep_weights = keep; }
 
 bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_token) {
     GRACE_CHECK_ARG(max_tokens >= 1, "chunk size must be at least 1 token");
@@ -285,7 +379,8 @@ bool TraceReader::next(int64_t max_tokens, RoutingTrace& chunk, int64_t* first_t
     chunk.num_experts = impl_->meta.num_experts;
     chunk.model = impl_->meta.model;
     chunk.dataset = impl_->meta.dataset;
-    chunk.gate_weights.clear();
+    if (impl_->weights) impl_->weights->read(rows, first, impl_->keep_weights ? &chunk.gate_weights : nullptr);
+    if (!impl_->weights || !impl_->keep_weights) chunk.gate_weights.clear();
     if (impl_->validate)
         validate_ids(chunk.expert_ids.data(), rows, impl_->layers, impl_->k, impl_->meta.num_experts, first);
     impl_->next_token += rows;

@@ -70,6 +70,9 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     GRACE_CHECK_ARG(!options.rows.empty(), "compare needs at least one row");
     GRACE_CHECK_ARG(options.chunk_tokens >= 1, "chunk size must be at least 1 token");
     options.hardware.validate();
+    bool reference_known = false;
+    for (const CompareRow& row : options.rows) reference_known |= row.name == options.reference;
+    GRACE_CHECK_ARG(reference_known, "reference row '", options.reference, "' is not one of the compared rows");
     auto report = [&](const std::string& stage, int64_t done, int64_t total) {
         if (options.progress) options.progress(stage, done, total);
     };
@@ -91,11 +94,16 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     report("profiling", 0, 1);
     ProfileOptions po;
     po.num_threads = options.num_threads;
-    res.stats = profile_trace_file(res.profile_path, overrides, po);
+    // Gate weights given as an override belong to the evaluation trace: another profile trace has its own shape.
+    TraceOverrides profile_overrides = overrides;
+    if (res.profile_path != trace_path) profile_overrides.weights_path.reset();
+    res.stats = profile_trace_file(res.profile_path, profile_overrides, po);
     res.profile_dataset = res.stats.dataset;
-    GRACE_CHECK_INPUT(res.stats.num_experts == reader.num_experts() && res.stats.num_layers == reader.num_layers(),
-                      "the profile trace has ", res.stats.num_experts, " experts and ", res.stats.num_layers,
-                      " layers but the evaluation trace has ", reader.num_experts(), " and ", reader.num_layers());
+    GRACE_CHECK_INPUT(res.stats.num_experts == reader.num_experts() && res.stats.num_layers == reader.num_layers() &&
+                          res.stats.top_k == reader.top_k(),
+                      "the profile trace has ", res.stats.num_experts, " experts, ", res.stats.num_layers,
+                      " layers and top_k = ", res.stats.top_k, " but the evaluation trace has ", reader.num_experts(),
+                      ", ", reader.num_layers(), " and ", reader.top_k());
     report("profiling", 1, 1);
     res.seconds_profile = since(t0);
 
@@ -308,8 +316,14 @@ std::string compare_to_csv(const CompareResult& r) {
              num(t.balancedness) + "," + num(t.imbalance_ratio) + "," + num(t.moe_layer_time_s) + "," +
              num(t.end_to_end_s);
         const CompareEntry* ref = r.find(r.reference, e.topology);
-        for (const auto& m : kRelMetrics) s += "," + (ref ? num(rel(m.get(t), m.get(ref->report.total))) : "");
-        s += "," + (ref && t.end_to_end_s > 0 ? num(ref->report.total.end_to_end_s / t.end_to_end_s) : "") + "\n";
+        // Appended piece by piece: `"," + std::string&&` trips GCC 12's -Wrestrict false positive.
+        for (const auto& m : kRelMetrics) {
+            s += ',';
+            if (ref) s += num(rel(m.get(t), m.get(ref->report.total)));
+        }
+        s += ',';
+        if (ref && t.end_to_end_s > 0) s += num(ref->report.total.end_to_end_s / t.end_to_end_s);
+        s += '\n';
     }
     return s;
 }

@@ -11,9 +11,14 @@ ModelShape resolve_model_shape(const HardwareModel& hw, const std::string& model
     s.intermediate = hw.intermediate;
     if (s.hidden > 0 && s.intermediate > 0) return s;
     const ModelConfig* preset = find_model_config_preset(model);
-    GRACE_CHECK_ARG(preset, "model '", model,
-                    "' has no preset: give --model-config CONFIG.json, or \"hidden\" and \"intermediate\" in the "
-                    "hardware file (or --hidden/--intermediate)");
+    if (!preset) {
+        std::string names;
+        for (const auto& n : model_config_presets()) names += (names.empty() ? "" : ", ") + n;
+        // No command-line flags here: callers differ in what they accept (eval adds its --hidden/--intermediate).
+        GRACE_CHECK_ARG(false, "model '", model, "' has no preset (", names,
+                        "): name one as the trace's model, give the model's config.json where the command takes "
+                        "--model-config, or give \"hidden\" and \"intermediate\" in the hardware file");
+    }
     if (s.hidden <= 0) s.hidden = preset->hidden;
     if (s.intermediate <= 0) s.intermediate = preset->intermediate;
     return s;

@@ -458,6 +458,8 @@ void check_plan_matches_trace(const ExpertPlan& plan, const RoutingTrace& trace)
                       " experts but the trace has ", trace.num_experts);
     GRACE_CHECK_INPUT(plan.num_layers == trace.num_layers, "the plan has ", plan.num_layers,
                       " layers but the trace has ", trace.num_layers);
+    GRACE_CHECK_INPUT(plan.top_k == trace.top_k, "the plan has top_k = ", plan.top_k,
+                      " but the trace has top_k = ", trace.top_k);
     GRACE_CHECK_INPUT(trace.top_k <= 64, "top_k ", trace.top_k, " exceeds the evaluator's limit of 64");
     GRACE_CHECK_INPUT(trace.num_tokens >= 1, "the trace is empty");
 }

@@ -354,6 +354,19 @@ TEST(Replay, RejectsBadIdsLikeTheTraceReader) {
     EXPECT_EQ(testing::error_of([&] { r2.consume_layer(chunk, 0, 1); }), want);  // consume_layer_ids checks too
 }
 
+TEST(Replay, RejectsTraceWithAnotherTopK) {
+    // The routers use the plan's k: a trace routed with another k is an error naming both values.
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    RoutingTrace t;
+    t.num_tokens = 2;
+    t.num_layers = 1;
+    t.top_k = 3;
+    t.num_experts = 5;
+    t.expert_ids = {0, 1, 2, 3, 4, 0};
+    const std::string msg = testing::error_of([&] { replay_trace(t, plan); });
+    EXPECT_NE(msg.find("the plan has top_k = 2 but the trace has top_k = 3"), std::string::npos) << msg;
+}
+
 TEST(CommScheme, ParsesNamesAndRejectsUnknown) {
     for (auto s : {CommScheme::kFlat, CommScheme::kFlatDedup, CommScheme::k2dh, CommScheme::kHsc})
         EXPECT_EQ(parse_comm_scheme(to_string(s)), s);
@@ -428,8 +441,8 @@ TEST(Hardware, Sm90PresetCarriesItsGroupedGemmTables) {
     EXPECT_EQ(qwen.source(), "table:qwen3-30b-a3b");
     EXPECT_NEAR(qwen.expert_seconds(16384), 2.8361e-4, 1e-9);  // the table's last point
     // Grouped, a small expert costs less than one cuBLAS call alone (h100-measured: ~10-11 us for <= 256 rows).
-    EXPECT_LT(qwen.expert_seconds(32), ComputeModel(load_hardware("h100-measured"), "qwen3-30b-a3b", 2048, 768)
-                                           .expert_seconds(32));
+    EXPECT_LT(qwen.expert_seconds(32),
+              ComputeModel(load_hardware("h100-measured"), "qwen3-30b-a3b", 2048, 768).expert_seconds(32));
 }
 
 TEST(Hardware, GemmTableInterpolation) {

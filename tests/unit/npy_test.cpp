@@ -128,6 +128,23 @@ TEST(NpyLimits, ShapeWhoseSizeOverflowsIsRejectedNotWrapped) {
               std::string::npos);
 }
 
+TEST(Npy, FolderAndMissingFileSayWhatTheyAre) {
+    // A folder opens on Linux and used to fail as "bad magic"; a missing file said only "cannot open".
+    TempDir dir;
+    std::filesystem::create_directories(dir.file("folder.npy"));
+    for (const std::string& name : {"folder.npy", "missing.npy"}) {
+        const std::string path = dir.file(name);
+        try {
+            read_npy_header(path);
+            ADD_FAILURE() << name << " was read";
+        } catch (const Error& e) {
+            EXPECT_EQ(e.code(), ErrorCode::kIo);
+            const std::string want = name == "folder.npy" ? ": is a folder, not a .npy file" : ": no such file";
+            EXPECT_EQ(std::string(e.what()), path + want);
+        }
+    }
+}
+
 TEST(Npy, WriterRefusesMissingFolderAndLeavesNothing) {
     TempDir dir;
     try {

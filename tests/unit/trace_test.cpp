@@ -92,7 +92,8 @@ TEST(Trace, RejectsBadIdsShapesAndWeights) {
     EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("not finite"), std::string::npos);
     write_npy(dir.file("w_shape.npy"), std::vector<float>{0.5f, 0.5f, 0.1f}, {1, 3});
     wo.weights_path = dir.file("w_shape.npy");
-    EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("ids' shape"), std::string::npos);
+    EXPECT_NE(error_of([&] { load_trace(dir.file("ok.npy"), wo); }).find("gate weights have shape [1, 3]"),
+              std::string::npos);
 }
 
 TEST(TraceLimits, MetadataIntegersAreRangeChecked) {
@@ -173,6 +174,122 @@ TEST(Trace, ReaderStreamsChunksEqualToWholeLoad) {
     EXPECT_EQ(all, t.expert_ids);
     EXPECT_EQ(t.slice_tokens(10, 20).expert_ids,
               std::vector<int32_t>(t.expert_ids.begin() + 60, t.expert_ids.begin() + 120));
+}
+
+// A trace of T tokens, L = 3, k = 2, E = 16 with distinct ids and weights w[t, l, j] = (t + l + j) / 1000.
+RoutingTrace weighted_trace(int64_t tokens) {
+    RoutingTrace t;
+    t.num_tokens = tokens;
+    t.num_layers = 3;
+    t.top_k = 2;
+    t.num_experts = 16;
+    for (int64_t i = 0; i < tokens; ++i)
+        for (int l = 0; l < 3; ++l)
+            for (int j = 0; j < 2; ++j) {
+                t.expert_ids.push_back(static_cast<int32_t>((i + l + 5 * j) % 16));
+                t.gate_weights.push_back(static_cast<float>(i + l + j) / 1000.f);
+            }
+    return t;
+}
+
+TEST(GateWeights, ValidateNamesTheFirstBadValue) {
+    const std::vector<float> ok = {0.f, -0.f, 1.f, 0.25f, 1e30f, 0.5f};
+    EXPECT_NO_THROW(validate_gate_weights(ok.data(), 1, 3, 2, 0, "w"));
+    std::vector<float> bad = ok;
+    bad[5] = std::nanf("");
+    bad[3] = -1e-7f;
+    // Token numbers count from first_token; layer and rank locate the value in the row.
+    EXPECT_EQ(error_of([&] { validate_gate_weights(bad.data(), 1, 3, 2, 40, "w.npy"); }),
+              "w.npy: gate weight -1e-07 at token 40, layer 1, rank 1 is negative");
+    bad[3] = INFINITY;
+    EXPECT_EQ(error_of([&] { validate_gate_weights(bad.data(), 1, 3, 2, 0, "w.npy"); }),
+              "w.npy: gate weight inf at token 0, layer 1, rank 1 is not finite");
+    // Large enough for the parallel scan: still the first bad value in order, whatever the threads found first.
+    const int64_t tokens = 600000;
+    std::vector<float> big(static_cast<size_t>(tokens) * 2 * 4, 0.125f);
+    big[(150000 * 2 + 1) * 4 + 2] = std::nanf("");
+    big[(580000 * 2 + 0) * 4 + 0] = -1.f;
+    EXPECT_EQ(error_of([&] { validate_gate_weights(big.data(), tokens, 2, 4, 0, "big"); }),
+              "big: gate weight nan at token 150000, layer 1, rank 2 is not finite");
+}
+
+TEST(GateWeights, ReaderStreamsThemWithTheIds) {
+    TempDir dir;
+    const RoutingTrace t = weighted_trace(101);
+    save_trace(t, dir.file("w.npy"));
+    TraceReader reader(dir.file("w.npy"));
+    EXPECT_TRUE(reader.has_weights());
+    EXPECT_EQ(reader.weights_path(), dir.file("w.weights.npy"));
+    RoutingTrace chunk;
+    ASSERT_TRUE(reader.next(17, chunk));
+    EXPECT_TRUE(chunk.gate_weights.empty());  // read and checked, not kept unless asked for
+    std::vector<float> all;
+    reader.set_keep_weights(true);
+    while (reader.next(17, chunk)) {
+        ASSERT_EQ(chunk.gate_weights.size(), chunk.expert_ids.size());
+        all.insert(all.end(), chunk.gate_weights.begin(), chunk.gate_weights.end());
+    }
+    EXPECT_EQ(all, std::vector<float>(t.gate_weights.begin() + 17 * 6, t.gate_weights.end()));
+    // float64 weights are read as well (float16 and float32 take the same path).
+    write_npy(dir.file("w64.npy"), std::vector<double>(t.gate_weights.begin(), t.gate_weights.end()), {101, 3, 2});
+    TraceOverrides o;
+    o.weights_path = dir.file("w64.npy");
+    EXPECT_EQ(load_trace(dir.file("w.npy"), o).gate_weights, t.gate_weights);
+    // Without weights the chunks carry none.
+    RoutingTrace bare = t;
+    bare.gate_weights.clear();
+    save_trace(bare, dir.file("bare.npy"));
+    TraceReader plain(dir.file("bare.npy"));
+    plain.set_keep_weights(true);
+    EXPECT_FALSE(plain.has_weights());
+    ASSERT_TRUE(plain.next(50, chunk));
+    EXPECT_TRUE(chunk.gate_weights.empty());
+}
+
+TEST(GateWeights, CheckedChunkByChunkEvenWithoutIdValidation) {
+    TempDir dir;
+    RoutingTrace t = weighted_trace(100);
+    save_trace(t, dir.file("w.npy"));
+    std::vector<float> w = t.gate_weights;
+    w[(90 * 3 + 2) * 2 + 1] = -0.5f;
+    write_npy(dir.file("bad.npy"), w, {100, 3, 2});
+    TraceOverrides o;
+    o.weights_path = dir.file("bad.npy");
+    TraceReader reader(dir.file("w.npy"), o);
+    reader.set_validation(false);  // the profiler's mode: ids are checked elsewhere, weights still here
+    RoutingTrace chunk;
+    int64_t read = 0;
+    const std::string msg = error_of([&] {
+        while (reader.next(32, chunk)) read += chunk.num_tokens;
+    });
+    EXPECT_EQ(read, 64);  // the first two chunks were fine
+    EXPECT_EQ(msg, dir.file("bad.npy") + ": gate weight -0.5 at token 90, layer 2, rank 1 is negative");
+}
+
+TEST(GateWeights, MissingMisshapedOrIntegerFilesFailAtOpen) {
+    TempDir dir;
+    const RoutingTrace t = weighted_trace(10);
+    save_trace(t, dir.file("w.npy"));
+    std::filesystem::remove(dir.file("w.weights.npy"));
+    // The metadata names the weights file: its absence is an error naming it, before any token is read.
+    try {
+        TraceReader reader(dir.file("w.npy"));
+        ADD_FAILURE() << "a missing weights file was accepted";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kIo);
+        EXPECT_EQ(std::string(e.what()),
+                  dir.file("w.npy") + ": gate weights: " + dir.file("w.weights.npy") + ": no such file");
+    }
+    TraceOverrides o;
+    o.weights_path = dir.file("short.npy");
+    write_npy(dir.file("short.npy"), std::vector<float>(9 * 6, 0.5f), {9, 3, 2});
+    EXPECT_EQ(error_of([&] { TraceReader r(dir.file("w.npy"), o); }),
+              dir.file("short.npy") + ": gate weights have shape [9, 3, 2] but the ids of " + dir.file("w.npy") +
+                  " have [10, 3, 2]");
+    o.weights_path = dir.file("int.npy");
+    write_npy(dir.file("int.npy"), std::vector<int32_t>(10 * 6, 1), {10, 3, 2});
+    EXPECT_EQ(error_of([&] { TraceReader r(dir.file("w.npy"), o); }),
+              dir.file("int.npy") + ": gate weights must be floats, got int32");
 }
 
 TEST(Topology, ParsesAndRejects) {

@@ -5,7 +5,6 @@
 #include <iostream>
 #include <map>
 #include <memory>
-#include <sstream>
 
 #include "command.hpp"
 #include "grace/error.hpp"
@@ -26,16 +25,6 @@ CompareProgress make_compare_progress(std::shared_ptr<std::map<std::string, std:
             bars->erase(stage);
         }
     };
-}
-
-std::vector<Topology> parse_topologies(const std::string& text) {
-    std::vector<Topology> out;
-    std::stringstream ss(text);
-    std::string part;
-    while (std::getline(ss, part, ','))
-        if (!part.empty()) out.push_back(Topology::parse(part));
-    GRACE_CHECK_ARG(!out.empty(), "--topology needs at least one NxM, got '", text, "'");
-    return out;
 }
 
 namespace {
@@ -86,17 +75,23 @@ GRACE_COMMAND(
         sub.add_option("--profile-trace", a->profile_trace, "Trace to plan on (default: --trace)");
         add_trace_flags(sub, a->overrides, a->experts);
         add_model_config_flag(sub, a->model_config);
-        sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
-        sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
-            ->capture_default_str();
+        sub.add_option("--topology", a->topology, "Comma-separated NxM list")
+            ->capture_default_str()
+            ->check(topology_list());
+        sub.add_option(
+               "--hardware", a->hardware,
+               "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
+            ->capture_default_str()
+            ->check(hardware_value());
+        std::vector<std::string> rows;
+        for (const CompareRow& row : default_compare_rows()) rows.push_back(row.name);
         sub.add_option("--reference", a->reference, "Row the relative changes are taken against")
-            ->capture_default_str();
-        sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str();
-        sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
-        sub.add_option("-o,--output", a->output,
-                       "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")
-            ->required();
+            ->capture_default_str()
+            ->check(CLI::IsMember(rows));
+        sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str()->check(integer_in<uint64_t>(0));
+        sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count")
+            ->check(thread_count());
+        sub.add_option("-o,--output", a->output, "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")->required();
         return [a] { return run_compare_cmd(*a); };
     },
     50);

@@ -17,7 +17,6 @@ namespace grace::cli {
 
 CompareProgress make_compare_progress(std::shared_ptr<std::map<std::string, std::unique_ptr<Progress>>> bars,
                                       const std::string& prefix);
-std::vector<Topology> parse_topologies(const std::string& text);
 
 namespace {
 
@@ -36,9 +35,6 @@ int run_demo(const DemoArgs& a) {
     opt.hardware = load_hardware(a.hardware);
     opt.num_threads = a.threads;
     opt.seed = a.seed;
-    bool known = false;
-    for (const auto& d : generator_datasets()) known |= d == a.other;
-    GRACE_CHECK_ARG(known, "unknown dataset '", a.other, "' for --other-dataset");
     GRACE_CHECK_ARG(a.other != a.dataset, "--other-dataset must differ from --dataset for the cross-dataset check");
     std::string shown = a.output;
     while (shown.size() > 1 && shown.back() == '/') shown.pop_back();
@@ -131,17 +127,27 @@ GRACE_COMMAND(
     "demo", "The main job: generate traces, plan with every method, compare on 2x2 and 2x4, write the report",
     [](CLI::App& sub) -> std::function<int()> {
         auto a = std::make_shared<DemoArgs>();
-        sub.add_option("-o,--output", a->output,
-                       "Output folder: new, empty, or an earlier grace demo output (replaced)")
-            ->capture_default_str();
-        sub.add_option("--preset", a->preset, "Model preset")->capture_default_str();
-        sub.add_option("--dataset", a->dataset, "Main dataset")->capture_default_str();
-        sub.add_option("--other-dataset", a->other, "Second dataset (cross-dataset check)")->capture_default_str();
-        sub.add_option("--tokens", a->tokens, "Tokens per trace")->capture_default_str();
-        sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
-        sub.add_option("--hardware", a->hardware, "Hardware preset or JSON file")->capture_default_str();
-        sub.add_option("--seed", a->seed, "Seed of the generator and the planner")->capture_default_str();
-        sub.add_option("--threads", a->threads, "Threads (0 = all)");
+        sub.add_option("-o,--output", a->output, "Output folder: new, empty, or an earlier grace demo output (replaced)")->capture_default_str();
+        sub.add_option("--preset", a->preset, "Model preset")
+            ->capture_default_str()
+            ->check(parsed_by([](const std::string& name) { find_preset(name); }, "PRESET"));
+        sub.add_option("--dataset", a->dataset, "Main dataset")
+            ->capture_default_str()
+            ->check(CLI::IsMember(generator_datasets()));
+        sub.add_option("--other-dataset", a->other, "Second dataset (cross-dataset check)")
+            ->capture_default_str()
+            ->check(CLI::IsMember(generator_datasets()));
+        sub.add_option("--tokens", a->tokens, "Tokens per trace")->capture_default_str()->check(integer_in<int64_t>(1));
+        sub.add_option("--topology", a->topology, "Comma-separated NxM list")
+            ->capture_default_str()
+            ->check(topology_list());
+        sub.add_option("--hardware", a->hardware, "Hardware preset or JSON file")
+            ->capture_default_str()
+            ->check(hardware_value());
+        sub.add_option("--seed", a->seed, "Seed of the generator and the planner")
+            ->capture_default_str()
+            ->check(integer_in<uint64_t>(0));
+        sub.add_option("--threads", a->threads, "Threads (0 = all)")->check(thread_count());
         return [a] { return run_demo(*a); };
     },
     5);

@@ -19,7 +19,8 @@ struct EvalArgs {
     std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, model_config;
     TraceOverrides overrides;
     std::optional<int> experts;
-    int hidden = 0, intermediate = 0, threads = 0;
+    std::optional<int> hidden, intermediate;
+    int threads = 0;
     int64_t chunk = 1 << 16;
 };
 
@@ -29,10 +30,9 @@ int run_eval(const EvalArgs& a) {
     opt.scheme = parse_comm_scheme(a.comm);
     if (!a.routing.empty()) opt.replay.policy = parse_routing_policy(a.routing);
     opt.replay.num_threads = a.threads;
-    GRACE_CHECK_ARG(a.chunk >= 1, "--chunk must be at least 1, got ", a.chunk);
     opt.hardware = load_hardware(a.hardware);
-    if (a.hidden > 0) opt.hardware.hidden = a.hidden;
-    if (a.intermediate > 0) opt.hardware.intermediate = a.intermediate;
+    if (a.hidden) opt.hardware.hidden = *a.hidden;
+    if (a.intermediate) opt.hardware.intermediate = *a.intermediate;
     check_output_dir(a.output + ".json");
     const std::optional<ModelConfig> model = explicit_model(a.model_config, a.overrides.model);
     const ExpertPlan plan = load_plan(a.plan);
@@ -49,8 +49,18 @@ int run_eval(const EvalArgs& a) {
                       " experts but the trace has ", reader.num_experts());
     GRACE_CHECK_INPUT(plan.num_layers == reader.num_layers(), "the plan has ", plan.num_layers,
                       " layers but the trace has ", reader.num_layers());
-    const ModelShape shape =
-        model ? explicit_model_shape(opt.hardware, *model) : resolve_model_shape(opt.hardware, reader.model());
+    GRACE_CHECK_INPUT(plan.top_k == reader.top_k(), "the plan has top_k = ", plan.top_k,
+                      " but the trace has top_k = ", reader.top_k());
+    ModelShape shape;
+    if (model) {
+        shape = explicit_model_shape(opt.hardware, *model);
+    } else {
+        try {
+            shape = resolve_model_shape(opt.hardware, reader.model());
+        } catch (const Error& e) {
+            throw Error(e.code(), std::string(e.what()) + ", or --hidden and --intermediate");
+        }
+    }
     check_model_shape(shape, reader.num_experts(), reader.num_layers(), "the trace");
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
@@ -78,17 +88,28 @@ GRACE_COMMAND(
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--plan", a->plan, "Plan file (grace.plan/v1 JSON)")->required();
         sub.add_option("--routing", a->routing,
-                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)");
-        sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
-        sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
-            ->capture_default_str();
-        sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)");
-        sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)");
+                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)")
+            ->check(parsed_by([](const std::string& p) { parse_routing_policy(p); }, "POLICY"));
+        sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")
+            ->required()
+            ->check(parsed_by([](const std::string& s) { parse_comm_scheme(s); }, "SCHEME"));
+        sub.add_option(
+               "--hardware", a->hardware,
+               "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
+            ->capture_default_str()
+            ->check(hardware_value());
+        sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)")
+            ->check(integer_in<int>(1));
+        sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)")
+            ->check(integer_in<int>(1));
         add_model_config_flag(sub, a->model_config);
-        sub.add_option("--topology", a->topology, "Expected topology NxM; an error if the plan's differs");
-        sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
-        sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")->capture_default_str();
+        sub.add_option("--topology", a->topology, "Expected topology NxM; an error if the plan's differs")
+            ->check(topology_value());
+        sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count")
+            ->check(thread_count());
+        sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")
+            ->capture_default_str()
+            ->check(integer_in<int64_t>(1));
         sub.add_option("-o,--output", a->output, "Report stem: writes REPORT.json and REPORT.csv")->required();
         return [a] { return run_eval(*a); };
     },

@@ -19,7 +19,9 @@ std::function<int()> setup_export(CLI::App& sub) {
     };
     auto a = std::make_shared<Args>();
     sub.add_option("plan", a->plan, "Plan JSON (grace plan)")->required();
-    sub.add_option("--format", a->format, "sglang | vllm-ascend | trtllm | eplb")->required();
+    sub.add_option("--format", a->format, "sglang | vllm-ascend | trtllm | eplb")
+        ->required()
+        ->check(parsed_by([](const std::string& f) { parse_export_format(f); }, "FORMAT"));
     sub.add_option("-o,--output", a->out,
                    "Output file (eplb: .json, or otherwise a folder of phy2log/log2phy/logcnt .npy: new, empty, or "
                    "an earlier grace eplb export)")
@@ -27,7 +29,8 @@ std::function<int()> setup_export(CLI::App& sub) {
     sub.add_option("--stats", a->stats, "Statistics folder whose loads choose the padding replicas (optional)");
     sub.add_option("--layer-offset", a->layer_offset,
                    "Model layer index of MoE layer 0 (TensorRT-LLM keys, SGLang leading trivial rows)")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(integer_in<int>(0));
     return [a] {
         ExportOptions opt;
         opt.format = parse_export_format(a->format);

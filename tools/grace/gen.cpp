@@ -22,14 +22,25 @@ std::function<int()> setup_gen(CLI::App& sub) {
     auto no_weights = std::make_shared<bool>(false);
     std::vector<std::string> presets;
     for (const auto& p : model_presets()) presets.push_back(p.name);
-    sub.add_option("--preset", opts->preset, "Model preset: " + joined(presets))->capture_default_str();
-    sub.add_option("--dataset", opts->dataset, "Dataset: " + joined(generator_datasets()))->capture_default_str();
-    sub.add_option("--tokens", opts->num_tokens, "Number of tokens T")->capture_default_str();
-    sub.add_option("--seed", opts->seed, "Random seed")->capture_default_str();
-    sub.add_option("--layers", opts->num_layers, "MoE layers (0 = the preset's)")->capture_default_str();
-    sub.add_option("--seq-len", opts->sequence_length, "Tokens per sequence (topic burstiness)")->capture_default_str();
+    sub.add_option("--preset", opts->preset, "Model preset: " + joined(presets))
+        ->capture_default_str()
+        ->check(parsed_by([](const std::string& name) { find_preset(name); }, "PRESET"));
+    sub.add_option("--dataset", opts->dataset, "Dataset: " + joined(generator_datasets()))
+        ->capture_default_str()
+        ->check(CLI::IsMember(generator_datasets()));
+    sub.add_option("--tokens", opts->num_tokens, "Number of tokens T")
+        ->capture_default_str()
+        ->check(integer_in<int64_t>(1));
+    sub.add_option("--seed", opts->seed, "Random seed")->capture_default_str()->check(integer_in<uint64_t>(0));
+    sub.add_option("--layers", opts->num_layers, "MoE layers (0 = the preset's)")
+        ->capture_default_str()
+        ->check(integer_in<int>(0));
+    sub.add_option("--seq-len", opts->sequence_length, "Tokens per sequence (topic burstiness)")
+        ->capture_default_str()
+        ->check(integer_in<int>(1));
     sub.add_option("--threads", opts->num_threads, "Threads (0 = all; output is the same for any count)")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(thread_count());
     sub.add_flag("--no-weights", *no_weights, "Do not write gate weights");
     sub.add_option("-o,--output", *out, "Output trace TRACE.npy (TRACE.json and TRACE.weights.npy beside it)")
         ->required();

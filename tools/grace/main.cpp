@@ -19,7 +19,8 @@ std::vector<Command>& registry() {
 }
 
 void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int>& experts_flag) {
-    sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)");
+    sub.add_option("--experts", experts_flag, "Number of experts E (overrides the trace's metadata)")
+        ->check(integer_in<int>(1));
     sub.add_option_function<std::string>(
         "--model", [&overrides](const std::string& v) { overrides.model = v; }, "Model name (overrides metadata)");
     sub.add_option_function<std::string>(
@@ -27,7 +28,7 @@ void add_trace_flags(CLI::App& sub, TraceOverrides& overrides, std::optional<int
         "Dataset name (overrides metadata)");
     sub.add_option_function<std::string>(
         "--weights", [&overrides](const std::string& v) { overrides.weights_path = v; },
-        "Gate weights .npy [T, L, k] (overrides metadata)");
+        "Gate weights .npy [T, L, k] (overrides metadata; checked, not used)");
 }
 
 Progress::Progress(std::string label, int64_t total) : label_(std::move(label)), total_(std::max<int64_t>(total, 1)) {

@@ -29,26 +29,35 @@ std::function<int()> setup_plan(CLI::App& sub) {
     auto a = std::make_shared<Args>();
     sub.add_option("--stats", a->stats, "Statistics folder (grace profile / grace import-stats)");
     sub.add_option("--trace", a->trace,
-                   "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E");
-    sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required();
+                   "Trace .npy [T, L, k]: profiled on the fly; with --stats, only checked to have the same E, L and k");
+    sub.add_option("--topology", a->topology, "NxM: N nodes of M GPUs")->required()->check(topology_value());
     sub.add_option("--slots-per-gpu", a->slots,
                    "Expert slots per GPU, S: every GPU then holds exactly S instances (free slots are filled with "
-                   "priced replicas); default unlimited");
+                   "priced replicas); default unlimited")
+        ->check(integer_in<int>(1));
     sub.add_option("--redundant-experts", a->redundant,
-                   "The engines' flag: R redundant experts per layer, i.e. S = (E + R) / G slots per GPU");
+                   "The engines' flag: R redundant experts per layer, i.e. S = (E + R) / G slots per GPU")
+        ->check(integer_in<int>(0));
     sub.add_flag("--no-fill-slots", a->no_fill,
                  "Treat the slot count as an upper bound only (exports then pad the free slots)");
     sub.add_option("--hardware", a->hardware,
                    "Hardware preset or grace.hardware/v1 file the slot fill prices replicas with")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(hardware_value());
     sub.add_option("--method", a->options.method,
                    "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
                    "(= eplb-hierarchical+eplb+sglang-static)")
-        ->capture_default_str();
-    sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")->capture_default_str();
+        ->capture_default_str()
+        ->check(parsed_by([](const std::string& m) { parse_method(m); }, "METHOD"));
+    sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")
+        ->capture_default_str()
+        ->check(integer_in<uint64_t>(0));
     sub.add_option("--threads", a->options.num_threads, "Threads over layers (0 = all; the plan is identical)")
-        ->capture_default_str();
-    sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")->capture_default_str();
+        ->capture_default_str()
+        ->check(thread_count());
+    sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")
+        ->capture_default_str()
+        ->check(integer_in<int>(1, 65535));
     sub.add_flag("--refine", a->options.refine, "Improving swaps after controlled grouping (spec §3 step 3)");
     sub.add_option("-o,--output", a->out, "Output plan JSON")->required();
     sub.add_flag("-q,--quiet", a->quiet, "No per-layer summary");
@@ -57,10 +66,7 @@ std::function<int()> setup_plan(CLI::App& sub) {
         GRACE_CHECK_ARG(!a->stats.empty() || !a->trace.empty(), "grace plan needs --stats or --trace");
         Topology topo = Topology::parse(a->topology);
         GRACE_CHECK_ARG(!(a->slots && a->redundant), "give --slots-per-gpu or --redundant-experts, not both");
-        if (a->slots) {
-            GRACE_CHECK_ARG(*a->slots >= 1, "--slots-per-gpu must be >= 1, got ", *a->slots);
-            topo.slots_per_gpu = *a->slots;
-        }
+        if (a->slots) topo.slots_per_gpu = *a->slots;
         GRACE_CHECK_ARG(!a->no_fill || a->slots || a->redundant,
                         "--no-fill-slots needs --slots-per-gpu or --redundant-experts");
         a->options.fill_slots = !a->no_fill;
@@ -79,6 +85,8 @@ std::function<int()> setup_plan(CLI::App& sub) {
                 GRACE_CHECK_ARG(reader.num_layers() == st.num_layers, "statistics ", a->stats,
                                 " have L=", st.num_layers, " layers but the trace ", a->trace,
                                 " has L=", reader.num_layers());
+                GRACE_CHECK_ARG(st.top_k == 0 || reader.top_k() == st.top_k, "statistics ", a->stats,
+                                " have k=", st.top_k, " but the trace ", a->trace, " has k=", reader.top_k());
             } else if (a->experts) {
                 GRACE_CHECK_ARG(*a->experts == st.num_experts, "statistics ", a->stats, " have E=", st.num_experts,
                                 " experts but --experts says ", *a->experts);

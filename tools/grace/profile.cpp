@@ -37,10 +37,14 @@ std::function<int()> setup_profile(CLI::App& sub) {
     sub.add_option("trace", a->trace, "Trace .npy [T, L, k] or [T, k]")->required();
     sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
         ->required();
-    sub.add_option("--topology", a->topology, "NxM: also count per-source-GPU loads (home GPU floor(t*G/T))");
+    sub.add_option("--topology", a->topology, "NxM: also count per-source-GPU loads (home GPU floor(t*G/T))")
+        ->check(topology_value());
     sub.add_option("--threads", a->options.num_threads, "Threads (0 = all; results are identical for any count)")
-        ->capture_default_str();
-    sub.add_option("--chunk", a->options.chunk_tokens, "Tokens read per chunk")->capture_default_str();
+        ->capture_default_str()
+        ->check(thread_count());
+    sub.add_option("--chunk", a->options.chunk_tokens, "Tokens read per chunk")
+        ->capture_default_str()
+        ->check(integer_in<int64_t>(1));
     sub.add_flag("-q,--quiet", a->quiet, "No per-layer summary");
     add_trace_flags(sub, a->overrides, a->experts);
     return [a] {

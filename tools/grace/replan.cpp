@@ -32,20 +32,21 @@ std::function<int()> setup_replan(CLI::App& sub) {
     sub.add_option("--plan", a->plan, "The deployed plan (grace.plan/v1)")->required();
     sub.add_option("--stats", a->stats, "Statistics of the traffic it now serves (grace profile)")->required();
     sub.add_option("--max-moves", a->max_moves, "At most K slot rewrites (one expert's weights copied each)")
-        ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+        ->check(integer_in<int64_t>(0));
     sub.add_option("--max-moves-fraction", a->max_moves_fraction,
                    "At most this fraction of the plan's instances rewritten (e.g. 0.25)")
         ->check(CLI::Range(0.0, 1.0));
     sub.add_option("--max-bytes", a->max_bytes, "At most this many bytes of expert weights moved")
         ->check(CLI::Range(0.0, 1e18));
     sub.add_option("--hardware", a->hardware, "Hardware preset or grace.hardware/v1 file the moves are priced with")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(hardware_value());
     add_model_config_flag(sub, a->model_config);
     sub.add_option("--weight-bytes", a->weight_bytes, "Bytes per expert weight element (2 = bf16, 1 = fp8)")
-        ->check(CLI::Range(1, 8))
+        ->check(integer_in<int>(1, 8))
         ->capture_default_str();
     sub.add_option("--threads", a->threads, "Threads over layers (0 = all; the result is identical)")
-        ->check(CLI::Range(0, 4096))
+        ->check(thread_count())
         ->capture_default_str();
     sub.add_option("-o,--output", a->out, "Output plan JSON")->required();
     sub.add_option("--moves", a->moves_out, "Also write the moves and predicted gains as JSON here");

@@ -20,7 +20,9 @@ std::function<int()> setup_import(CLI::App& sub) {
     sub.add_option("--load", a->load, "Per-expert loads .npy [L, E] or [E] (default: row sums of A / (k-1))");
     sub.add_flag("--ordered-pairs", a->ordered,
                  "Entries count each pair twice (2*A): halve them; an odd entry is an error");
-    sub.add_option("--top-k", a->top_k, "Top-k of the routing the counts came from")->required();
+    sub.add_option("--top-k", a->top_k, "Top-k of the routing the counts came from")
+        ->required()
+        ->check(integer_in<int>(1));
     sub.add_option("--model", a->model, "Model name recorded in meta.json");
     sub.add_option("--dataset", a->dataset, "Dataset name recorded in meta.json");
     sub.add_option("-o,--output", a->out, "Output statistics folder (new, empty, or an earlier grace stats folder)")
