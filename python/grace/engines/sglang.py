@@ -1,0 +1,106 @@
+"""GRACE routing inside SGLang: replaces SGLang's logical -> physical expert mapping with TAR / WRR.
+
+Written against sgl-project/sglang commit 68836b60f99d117ec96b5c8d7e49400724f25aca,
+``python/sglang/srt/eplb/expert_location_dispatch.py``: the MoE top-k step calls
+``topk_ids_logical_to_physical(topk_ids, info)`` with the ``ExpertLocationDispatchInfo`` of the layer
+(``ExpertLocationDispatchInfo.init_new(layer_id)``), which for ``--ep-dispatch-algorithm static`` returns
+``info.partial_logical_to_rank_dispatch_physical_map[topk_ids]``. The hook
+
+* wraps ``ExpertLocationDispatchInfo.init_new`` so each info carries its decoder-layer index (``grace_layer``), and
+* replaces ``topk_ids_logical_to_physical`` (in ``expert_location_dispatch`` and in every loaded SGLang module that
+  imported it by name, e.g. ``sglang.srt.layers.moe.topk``) with ``TableRouter.route`` for this process's EP rank.
+
+Layers the plan does not cover (dense layers, an info without a layer) keep SGLang's own mapping. Usage, before the
+model runs (e.g. in a custom launcher that then calls ``sglang.launch_server``'s entry point in each process):
+
+    from grace.engines import sglang as grace_sglang
+    grace_sglang.install(json.load(open("plan.json")), layer_offset=0)
+
+The placement must be the one the plan was exported to (``--init-expert-location out/sglang.json``).
+"""
+
+import sys
+
+from .routing import TableRouter, torch, _require_torch
+import grace
+
+
+def make_logical_to_physical(router, rank, moe_layer_of, fallback):
+    """The replacement of ``topk_ids_logical_to_physical``: routes layers in ``moe_layer_of`` (decoder index ->
+    MoE layer of the plan) with ``router`` for source ``rank``, others with ``fallback``."""
+
+    def topk_ids_logical_to_physical(topk_ids, info, *args, **kwargs):
+        if info is None:
+            return topk_ids
+        moe_layer = moe_layer_of.get(getattr(info, "grace_layer", None))
+        if moe_layer is None:
+            return fallback(topk_ids, info, *args, **kwargs)
+        if info.num_physical_experts != router.num_physical:
+            raise grace.GraceError(f"SGLang has {info.num_physical_experts} physical experts but the GRACE map has "
+                                   f"{router.num_physical}: pass --ep-num-redundant-experts P - E from grace export")
+        return router.route(moe_layer, topk_ids, rank)
+
+    topk_ids_logical_to_physical.grace_router = router
+    return topk_ids_logical_to_physical
+
+
+class Installed:
+    """What ``install`` changed; ``uninstall()`` puts SGLang's functions back."""
+
+    def __init__(self, router, rank, patched, dispatch_cls, init_new):
+        self.router, self.rank = router, rank
+        self._patched, self._cls, self._init_new = patched, dispatch_cls, init_new
+
+    def uninstall(self):
+        for module, name, original in self._patched:
+            setattr(module, name, original)
+        self._cls.init_new = self._init_new
+
+
+def _moe_layer_map(num_layers, layer_offset, moe_layers):
+    if moe_layers is None:
+        moe_layers = range(layer_offset, layer_offset + num_layers)
+    moe_layers = [int(x) for x in moe_layers]
+    if len(moe_layers) != num_layers:
+        raise grace.GraceError(f"moe_layers lists {len(moe_layers)} layers but the plan has {num_layers}")
+    return {decoder: l for l, decoder in enumerate(moe_layers)}
+
+
+def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2log=None, expert_load=None,
+            device=None):
+    """Installs GRACE routing into SGLang in this process. rank: this process's EP rank (default
+    ``torch.distributed.get_rank() % G``, SGLang's own rule); layer_offset / moe_layers: decoder index of MoE layer 0
+    / of every MoE layer; device: default the current CUDA device. Returns an ``Installed``."""
+    _require_torch()
+    import sglang.srt.eplb.expert_location_dispatch as dispatch
+
+    plan = grace.validate_plan(plan)
+    G = int(plan["topology"]["nodes"]) * int(plan["topology"]["gpus_per_node"])
+    if rank is None:
+        rank = torch.distributed.get_rank() % G
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    router = TableRouter(plan, policy=policy, ranks=[rank], phy2log=phy2log, expert_load=expert_load, device=device)
+    moe_layer_of = _moe_layer_map(router.num_layers, layer_offset, moe_layers)
+
+    original = dispatch.topk_ids_logical_to_physical
+    replacement = make_logical_to_physical(router, rank, moe_layer_of, original)
+    patched = []
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "") or ""
+        if (name == dispatch.__name__ or name.startswith("sglang.")) and \
+                getattr(module, "topk_ids_logical_to_physical", None) is original:
+            patched.append((module, "topk_ids_logical_to_physical", original))
+            setattr(module, "topk_ids_logical_to_physical", replacement)
+
+    cls = dispatch.ExpertLocationDispatchInfo
+    init_new = cls.__dict__["init_new"]
+
+    def init_new_with_layer(klass, layer_id, *args, **kwargs):
+        info = init_new.__func__(klass, layer_id, *args, **kwargs)
+        if info is not None:
+            info.grace_layer = layer_id
+        return info
+
+    cls.init_new = classmethod(init_new_with_layer)
+    return Installed(router, rank, patched, cls, init_new)
