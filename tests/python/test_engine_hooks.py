@@ -39,6 +39,8 @@ try:
     import torch
 except ImportError:
     torch = None
+else:
+    from grace.engines.routing import moe_layer_map
 
 NO_TORCH = "PyTorch is not installed (Debian: apt-get install python3-torch); the engine-hook tests need it"
 BATCHES = [37, 500, 1, 1200, 263, 999]  # uneven sizes, so counters wrap mid-batch
@@ -179,7 +181,7 @@ class EngineHookTest(unittest.TestCase):
             calls.append(info)
             return topk_ids + 1000
 
-        fn = hook.make_logical_to_physical(router, 3, hook._moe_layer_map(4, 1, None), sglang_own)
+        fn = hook.make_logical_to_physical(router, 3, moe_layer_map(4, 1), sglang_own)
         ids = torch.from_numpy(self.ids[:64, 1, :]).to(torch.int32)
         self.assertIs(fn(ids, None), ids)
         info = types.SimpleNamespace(grace_layer=2, num_physical_experts=80)  # decoder 2 = MoE layer 1
@@ -234,7 +236,7 @@ class EngineHookTest(unittest.TestCase):
             block.experts = torch.nn.Module()
             block.experts.router = Router()
             model.layers.append(block)
-        installed = hook.Installed(None, 0, hook._moe_layer_map(4, 1, None), Router, Router._apply_eplb_mapping)
+        installed = hook.Installed(None, 0, moe_layer_map(4, 1), Router, Router._apply_eplb_mapping)
         self.assertEqual(installed.attach(model), 4)
         self.assertFalse(hasattr(model.layers[0].experts.router, "grace_layer"))
         self.assertEqual([model.layers[i].experts.router.grace_layer for i in range(1, 5)], [0, 1, 2, 3])

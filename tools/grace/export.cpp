@@ -54,36 +54,41 @@ int check_against_model(const ModelConfig& model, const ExpertPlan& plan, Export
 void print_launch_flags(const ModelConfig& model, ExportFormat format, const PhysicalMap& m, int layer_offset,
                         const std::string& out) {
     const int R = m.num_physical() - m.num_experts;
-    std::printf("model %s: %d decoder layers, MoE layers %d-%d (layer offset %d), E=%d, %d GPUs x %d slots: "
-                "%d redundant experts\n",
-                model.name.c_str(), model.num_hidden_layers, model.moe_layers.front(), model.moe_layers.back(),
-                layer_offset, m.num_experts, m.num_gpus, m.slots_per_gpu, R);
+    std::printf(
+        "model %s: %d decoder layers, MoE layers %d-%d (layer offset %d), E=%d, %d GPUs x %d slots: "
+        "%d redundant experts\n",
+        model.name.c_str(), model.num_hidden_layers, model.moe_layers.front(), model.moe_layers.back(), layer_offset,
+        m.num_experts, m.num_gpus, m.slots_per_gpu, R);
     switch (format) {
         case ExportFormat::kSglang:
-            std::printf("launch flags (SGLang): --ep-size %d --init-expert-location %s --ep-num-redundant-experts %d "
-                        "--ep-dispatch-algorithm static\n",
-                        m.num_gpus, out.c_str(), R);
+            std::printf(
+                "launch flags (SGLang): --ep-size %d --init-expert-location %s --ep-num-redundant-experts %d "
+                "--ep-dispatch-algorithm static\n",
+                m.num_gpus, out.c_str(), R);
             std::printf("leave out --enable-eplb (a switch: given, SGLang rebalances away from this placement)\n");
             if (!sglang_has_expert_location(model.model_type))
                 std::printf("note: SGLang's expert-location support for model_type %s was not checked by GRACE\n",
                             model.model_type.c_str());
             break;
         case ExportFormat::kVllmAscend:
-            std::printf("launch flags (vLLM-Ascend): --enable-expert-parallel --additional-config "
-                        "'{\"eplb_config\": {\"expert_map_path\": \"%s\", \"num_redundant_experts\": %d, "
-                        "\"dynamic_eplb\": false}}'\n",
-                        out.c_str(), R);
+            std::printf(
+                "launch flags (vLLM-Ascend): --enable-expert-parallel --additional-config "
+                "'{\"eplb_config\": {\"expert_map_path\": \"%s\", \"num_redundant_experts\": %d, "
+                "\"dynamic_eplb\": false}}'\n",
+                out.c_str(), R);
             break;
         case ExportFormat::kTrtllm:
-            std::printf("launch flags (TensorRT-LLM): --ep_size %d, and in the extra options YAML moe_config: "
-                        "{load_balancer: %s} (num_slots %d, layer keys from %d)\n",
-                        m.num_gpus, out.c_str(), m.num_physical(), layer_offset);
+            std::printf(
+                "launch flags (TensorRT-LLM): --ep_size %d, and in the extra options YAML moe_config: "
+                "{load_balancer: %s} (num_slots %d, layer keys from %d)\n",
+                m.num_gpus, out.c_str(), m.num_physical(), layer_offset);
             break;
         case ExportFormat::kEplb:
-            std::printf("launch flags (vLLM, then the start-up patch of docs/deploy.md): --enable-expert-parallel "
-                        "--enable-eplb --eplb-config '{\"num_redundant_experts\": %d}'; MoE layer 0 is decoder "
-                        "layer %d\n",
-                        R, layer_offset);
+            std::printf(
+                "launch flags (vLLM, then the start-up patch of docs/deploy.md): --enable-expert-parallel "
+                "--enable-eplb --eplb-config '{\"num_redundant_experts\": %d}'; MoE layer 0 is decoder "
+                "layer %d\n",
+                R, layer_offset);
             break;
     }
 }
@@ -115,8 +120,7 @@ std::function<int()> setup_export(CLI::App& sub) {
         std::optional<ModelConfig> model;
         if (!a->model_config.empty()) {
             model = load_model_config(a->model_config);
-            opt.layer_offset =
-                check_against_model(*model, plan, opt.format, offset_opt->count() > 0, a->layer_offset);
+            opt.layer_offset = check_against_model(*model, plan, opt.format, offset_opt->count() > 0, a->layer_offset);
         }
         if (!a->stats.empty()) {
             const RoutingStats st = load_stats(a->stats);

@@ -26,6 +26,17 @@ def _require_torch():
         raise ImportError("grace.engines needs PyTorch (pip install torch, or Debian's python3-torch)")
 
 
+def moe_layer_map(num_layers, layer_offset=0, moe_layers=None):
+    """{decoder-layer index: MoE layer of the plan}: MoE layer l is decoder layer layer_offset + l, or
+    moe_layers[l] when given (models whose MoE layers are not consecutive)."""
+    if moe_layers is None:
+        moe_layers = range(layer_offset, layer_offset + num_layers)
+    moe_layers = [int(x) for x in moe_layers]
+    if len(moe_layers) != num_layers:
+        raise grace.GraceError(f"moe_layers lists {len(moe_layers)} layers but the plan has {num_layers}")
+    return {decoder: l for l, decoder in enumerate(moe_layers)}
+
+
 class TableRouter:
     """GRACE routing tables of one plan as torch tensors, with the WRR counters they advance.
 

@@ -21,7 +21,7 @@ The placement must be the one the plan was exported to (``--init-expert-location
 
 import sys
 
-from .routing import TableRouter, torch, _require_torch
+from .routing import TableRouter, moe_layer_map, torch, _require_torch
 import grace
 
 
@@ -57,15 +57,6 @@ class Installed:
         self._cls.init_new = self._init_new
 
 
-def _moe_layer_map(num_layers, layer_offset, moe_layers):
-    if moe_layers is None:
-        moe_layers = range(layer_offset, layer_offset + num_layers)
-    moe_layers = [int(x) for x in moe_layers]
-    if len(moe_layers) != num_layers:
-        raise grace.GraceError(f"moe_layers lists {len(moe_layers)} layers but the plan has {num_layers}")
-    return {decoder: l for l, decoder in enumerate(moe_layers)}
-
-
 def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2log=None, expert_load=None,
             device=None):
     """Installs GRACE routing into SGLang in this process. rank: this process's EP rank (default
@@ -81,7 +72,7 @@ def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2l
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     router = TableRouter(plan, policy=policy, ranks=[rank], phy2log=phy2log, expert_load=expert_load, device=device)
-    moe_layer_of = _moe_layer_map(router.num_layers, layer_offset, moe_layers)
+    moe_layer_of = moe_layer_map(router.num_layers, layer_offset, moe_layers)
 
     original = dispatch.topk_ids_logical_to_physical
     replacement = make_logical_to_physical(router, rank, moe_layer_of, original)

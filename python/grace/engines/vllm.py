@@ -19,7 +19,7 @@ vLLM has no flag to load a placement: the GRACE placement must be written into i
 
 import re
 
-from .routing import TableRouter, torch, _require_torch
+from .routing import TableRouter, moe_layer_map, torch, _require_torch
 import grace
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -90,8 +90,6 @@ def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2l
     _require_torch()
     from vllm.model_executor.layers.fused_moe.router import base_router
 
-    from .sglang import _moe_layer_map
-
     plan = grace.validate_plan(plan)
     G = int(plan["topology"]["nodes"]) * int(plan["topology"]["gpus_per_node"])
     if rank is None:
@@ -99,7 +97,7 @@ def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2l
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     router = TableRouter(plan, policy=policy, ranks=[rank], phy2log=phy2log, expert_load=expert_load, device=device)
-    moe_layer_of = _moe_layer_map(router.num_layers, layer_offset, moe_layers)
+    moe_layer_of = moe_layer_map(router.num_layers, layer_offset, moe_layers)
     cls = base_router.BaseRouter
     original = cls._apply_eplb_mapping
     cls._apply_eplb_mapping = make_apply_eplb_mapping(router, rank, original, _num_unpadded_tokens)
