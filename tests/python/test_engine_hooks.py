@@ -169,35 +169,84 @@ class EngineHookTest(unittest.TestCase):
         # The next batch continues from the same state in both.
         self.assertTrue(torch.equal(a.route(0, ids, src), b.route(0, ids, src)))
 
+    def rank_router(self, rank):
+        from grace.engines.routing import RankRouter
+
+        return RankRouter(self.plans["slot-exact"], rank=rank, policy="tar", device="cpu")
+
     def test_sglang_replacement(self):
         from grace.engines import sglang as hook
 
-        plan = self.plans["slot-exact"]
-        router = self.TableRouter(plan, policy="tar", ranks=[3])
-        reference = self.TableRouter(plan, policy="tar", ranks=[3])
+        router = self.rank_router(3)
+        reference = self.TableRouter(self.plans["slot-exact"], policy="tar", ranks=[3])
         calls = []
 
         def sglang_own(topk_ids, info):
             calls.append(info)
             return topk_ids + 1000
 
-        fn = hook.make_logical_to_physical(router, 3, moe_layer_map(4, 1), sglang_own)
+        fn = hook.make_logical_to_physical(router, moe_layer_map(4, 1), sglang_own)
         ids = torch.from_numpy(self.ids[:64, 1, :]).to(torch.int32)
         self.assertIs(fn(ids, None), ids)
         info = types.SimpleNamespace(grace_layer=2, num_physical_experts=80)  # decoder 2 = MoE layer 1
         self.assertTrue(torch.equal(fn(ids, info), reference.route(1, ids, 3)))
+        self.assertTrue(torch.equal(router.get().offsets, reference.offsets))
         dense = types.SimpleNamespace(grace_layer=0, num_physical_experts=80)  # before the offset: SGLang's own
         self.assertTrue(torch.equal(fn(ids, dense), ids + 1000))
         self.assertEqual(calls, [dense])
-        with self.assertRaises(grace.GraceError):
+        with self.assertRaisesRegex(grace.GraceError, "--ep-num-redundant-experts"):
             fn(ids, types.SimpleNamespace(grace_layer=2, num_physical_experts=72))
+
+    def test_sglang_install_patches_and_uninstall_restores(self):
+        """install() on stand-ins for the two SGLang modules it touches (same names and call signatures)."""
+        from grace.engines import sglang as hook
+
+        dispatch = types.ModuleType("sglang.srt.eplb.expert_location_dispatch")
+
+        class ExpertLocationDispatchInfo:
+            def __init__(self, num_physical_experts):
+                self.num_physical_experts = num_physical_experts
+
+            @classmethod
+            def init_new(cls, layer_id):
+                return cls(num_physical_experts=80)
+
+        def topk_ids_logical_to_physical(topk_ids, info):
+            return topk_ids + 1000
+
+        dispatch.ExpertLocationDispatchInfo = ExpertLocationDispatchInfo
+        dispatch.topk_ids_logical_to_physical = topk_ids_logical_to_physical
+        topk = types.ModuleType("sglang.srt.layers.moe.topk")
+        topk.topk_ids_logical_to_physical = topk_ids_logical_to_physical  # imported by name, as topk.py does
+        names = ["sglang", "sglang.srt", "sglang.srt.eplb", "sglang.srt.layers", "sglang.srt.layers.moe"]
+        fakes = {n: types.ModuleType(n) for n in names}
+        fakes["sglang"].srt = fakes["sglang.srt"]
+        fakes["sglang.srt"].eplb = fakes["sglang.srt.eplb"]
+        fakes["sglang.srt.eplb"].expert_location_dispatch = dispatch
+        fakes.update({dispatch.__name__: dispatch, topk.__name__: topk})
+
+        def body():
+            installed = hook.install(self.plans["slot-exact"], rank=2, policy="wrr", layer_offset=0, device="cpu")
+            self.assertIs(topk.topk_ids_logical_to_physical, dispatch.topk_ids_logical_to_physical)
+            self.assertIsNot(topk.topk_ids_logical_to_physical, topk_ids_logical_to_physical)
+            reference = self.TableRouter(self.plans["slot-exact"], policy="wrr", ranks=[2])
+            ids = torch.from_numpy(self.ids[:100, 3, :])
+            for _ in range(3):  # counters carried across forward passes
+                info = ExpertLocationDispatchInfo.init_new(layer_id=3)
+                self.assertEqual(info.grace_layer, 3)
+                self.assertTrue(torch.equal(topk.topk_ids_logical_to_physical(ids, info), reference.route(3, ids, 2)))
+            installed.uninstall()
+            self.assertIs(topk.topk_ids_logical_to_physical, topk_ids_logical_to_physical)
+            self.assertIs(dispatch.topk_ids_logical_to_physical, topk_ids_logical_to_physical)
+            self.assertFalse(hasattr(ExpertLocationDispatchInfo.init_new(layer_id=3), "grace_layer"))
+
+        self.with_fake_modules(fakes, body)
 
     def test_vllm_replacement_routes_and_records_load(self):
         from grace.engines import vllm as hook
 
-        plan = self.plans["slot-exact"]
-        router = self.TableRouter(plan, policy="tar", ranks=[6])
-        reference = self.TableRouter(plan, policy="tar", ranks=[6])
+        router = self.rank_router(6)
+        reference = self.TableRouter(self.plans["slot-exact"], policy="tar", ranks=[6])
         fallback_calls = []
 
         def vllm_own(self_, topk_ids):
@@ -205,7 +254,7 @@ class EngineHookTest(unittest.TestCase):
             return topk_ids
 
         valid = 40
-        fn = hook.make_apply_eplb_mapping(router, 6, vllm_own, num_unpadded=lambda: valid)
+        fn = hook.make_apply_eplb_mapping(router, vllm_own, num_unpadded=lambda: valid)
         state = types.SimpleNamespace(expert_load_view=torch.zeros(80, dtype=torch.int64),
                                       should_record_tensor=torch.tensor(1, dtype=torch.int32))
         moe = types.SimpleNamespace(grace_layer=3, enable_eplb=True, eplb_state=state)
@@ -221,6 +270,88 @@ class EngineHookTest(unittest.TestCase):
         untagged = types.SimpleNamespace(enable_eplb=True, eplb_state=state)
         self.assertIs(fn(untagged, ids), ids)
         self.assertEqual(fallback_calls, [untagged])
+        small = types.SimpleNamespace(grace_layer=3, enable_eplb=True,
+                                      eplb_state=types.SimpleNamespace(expert_load_view=torch.zeros(64)))
+        with self.assertRaisesRegex(grace.GraceError, "num_redundant_experts"):
+            fn(small, ids)
+
+    def with_fake_modules(self, fakes, body):
+        saved = {n: sys.modules.get(n) for n in fakes}
+        sys.modules.update(fakes)
+        try:
+            body()
+        finally:
+            for n, m in saved.items():
+                if m is None:
+                    sys.modules.pop(n, None)
+                else:
+                    sys.modules[n] = m
+
+    def test_vllm_install_attach_and_uninstall(self):
+        """install() + attach() on a stand-in for vLLM's BaseRouter and a model with vLLM's module names."""
+        from grace.engines import vllm as hook
+
+        class BaseRouter:
+            def __init__(self, eplb_state):
+                self.enable_eplb, self.eplb_state = True, eplb_state
+
+            def _apply_eplb_mapping(self, topk_ids):
+                return topk_ids + 1000
+
+        original = BaseRouter._apply_eplb_mapping
+        base = types.ModuleType("vllm.model_executor.layers.fused_moe.router.base_router")
+        base.BaseRouter = BaseRouter
+        parts = "vllm.model_executor.layers.fused_moe.router".split(".")
+        fakes = {".".join(parts[:i]): types.ModuleType(".".join(parts[:i])) for i in range(1, len(parts) + 1)}
+        for i in range(1, len(parts)):
+            setattr(fakes[".".join(parts[:i])], parts[i], fakes[".".join(parts[:i + 1])])
+        fakes[".".join(parts)].base_router = base
+        fakes[base.__name__] = base
+
+        def body():
+            installed = hook.install(self.plans["slot-exact"], rank=1, policy="tar", layer_offset=0, device="cpu")
+            model = torch.nn.Module()
+            model.model = torch.nn.Module()
+            model.model.layers = torch.nn.ModuleList()
+            states = []
+            for _ in range(4):
+                block = torch.nn.Module()
+                block.mlp = torch.nn.Module()
+                block.mlp.experts = torch.nn.Module()
+                states.append(types.SimpleNamespace(expert_load_view=torch.zeros(80, dtype=torch.int64),
+                                                    should_record_tensor=torch.tensor(1)))
+                block.mlp.experts.router = BaseRouter(states[-1])
+                model.model.layers.append(block)
+            self.assertEqual(installed.attach(model), 4)
+            reference = self.TableRouter(self.plans["slot-exact"], policy="tar", ranks=[1])
+            ids = torch.from_numpy(self.ids[:80, 2, :])
+            r2 = model.model.layers[2].mlp.experts.router
+            for _ in range(2):
+                self.assertTrue(torch.equal(r2._apply_eplb_mapping(ids), reference.route(2, ids, 1)))
+            self.assertEqual(int(states[2].expert_load_view.sum()), 2 * ids.numel())
+            installed.uninstall()
+            self.assertIs(BaseRouter._apply_eplb_mapping, original)
+            self.assertTrue(torch.equal(r2._apply_eplb_mapping(ids), ids + 1000))
+
+        self.with_fake_modules(fakes, body)
+
+    @unittest.skipIf(torch is None or not torch.distributed.is_available(), "torch.distributed is not available")
+    def test_rank_router_built_when_process_group_is_up(self):
+        from grace.engines.routing import RankRouter
+
+        if torch.distributed.is_initialized():
+            self.skipTest("a process group is already initialized")
+        lazy = RankRouter(self.plans["slot-exact"], policy="tar", device="cpu")
+        self.assertIsNone(lazy._router)  # no rank yet: built at first use
+        store = os.path.join(self.tmp.name, "pg")
+        torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+        try:
+            router = lazy.get()
+            self.assertEqual(lazy.rank, 0)
+            self.assertEqual(router.ranks, [0])
+            self.assertIs(lazy.get(), router)
+        finally:
+            torch.distributed.destroy_process_group()
 
     def test_vllm_attach_reads_layer_from_module_names(self):
         from grace.engines import vllm as hook
@@ -236,7 +367,7 @@ class EngineHookTest(unittest.TestCase):
             block.experts = torch.nn.Module()
             block.experts.router = Router()
             model.layers.append(block)
-        installed = hook.Installed(None, 0, moe_layer_map(4, 1), Router, Router._apply_eplb_mapping)
+        installed = hook.Installed(None, moe_layer_map(4, 1), Router, Router._apply_eplb_mapping)
         self.assertEqual(installed.attach(model), 4)
         self.assertFalse(hasattr(model.layers[0].experts.router, "grace_layer"))
         self.assertEqual([model.layers[i].experts.router.grace_layer for i in range(1, 5)], [0, 1, 2, 3])

@@ -152,3 +152,34 @@ class TableRouter:
         physical = self.slots[layer].reshape(-1)[ids * self._max_inst + instance]
         offsets.add_(counts[:num_keys]).remainder_(Q)
         return physical.view(T, k).to(topk_ids.dtype)
+
+
+class RankRouter:
+    """The TableRouter of one engine process: the tables of its EP rank only, built now if the rank is known
+    (given, or torch.distributed is initialized), else on first use, so that ``install`` can run before the
+    engine sets up its process group. rank default: ``torch.distributed.get_rank() % G``; device default: the
+    current CUDA device, else the CPU. Other arguments as TableRouter."""
+
+    def __init__(self, plan, rank=None, policy=None, phy2log=None, expert_load=None, device=None):
+        _require_torch()
+        self.plan = grace.validate_plan(plan)
+        topo = self.plan["topology"]
+        self.num_gpus = int(topo["nodes"]) * int(topo["gpus_per_node"])
+        self.num_layers = int(self.plan["num_layers"])
+        self.rank = rank
+        self._args = dict(policy=policy, phy2log=phy2log, expert_load=expert_load)
+        self._device = device
+        self._router = None
+        if rank is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            self.get()
+
+    def get(self):
+        """The TableRouter (built on the first call)."""
+        if self._router is None:
+            if self.rank is None:
+                self.rank = torch.distributed.get_rank() % self.num_gpus
+            device = self._device
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            self._router = TableRouter(self.plan, ranks=[self.rank], device=device, **self._args)
+        return self._router

@@ -21,13 +21,13 @@ The placement must be the one the plan was exported to (``--init-expert-location
 
 import sys
 
-from .routing import TableRouter, moe_layer_map, torch, _require_torch
+from .routing import RankRouter, moe_layer_map, torch, _require_torch
 import grace
 
 
-def make_logical_to_physical(router, rank, moe_layer_of, fallback):
-    """The replacement of ``topk_ids_logical_to_physical``: routes layers in ``moe_layer_of`` (decoder index ->
-    MoE layer of the plan) with ``router`` for source ``rank``, others with ``fallback``."""
+def make_logical_to_physical(rank_router, moe_layer_of, fallback):
+    """The replacement of ``topk_ids_logical_to_physical``: routes the layers in ``moe_layer_of`` (decoder index ->
+    MoE layer of the plan) with ``rank_router`` (a RankRouter), the others with ``fallback`` (SGLang's own)."""
 
     def topk_ids_logical_to_physical(topk_ids, info, *args, **kwargs):
         if info is None:
@@ -35,20 +35,22 @@ def make_logical_to_physical(router, rank, moe_layer_of, fallback):
         moe_layer = moe_layer_of.get(getattr(info, "grace_layer", None))
         if moe_layer is None:
             return fallback(topk_ids, info, *args, **kwargs)
+        router = rank_router.get()
         if info.num_physical_experts != router.num_physical:
             raise grace.GraceError(f"SGLang has {info.num_physical_experts} physical experts but the GRACE map has "
                                    f"{router.num_physical}: pass --ep-num-redundant-experts P - E from grace export")
-        return router.route(moe_layer, topk_ids, rank)
+        return router.route(moe_layer, topk_ids, rank_router.rank)
 
-    topk_ids_logical_to_physical.grace_router = router
+    topk_ids_logical_to_physical.grace_router = rank_router
     return topk_ids_logical_to_physical
 
 
 class Installed:
-    """What ``install`` changed; ``uninstall()`` puts SGLang's functions back."""
+    """What ``install`` changed: ``router`` (the RankRouter; ``router.get().offsets`` are the counters) and
+    ``uninstall()``, which puts SGLang's functions back."""
 
-    def __init__(self, router, rank, patched, dispatch_cls, init_new):
-        self.router, self.rank = router, rank
+    def __init__(self, router, patched, dispatch_cls, init_new):
+        self.router = router
         self._patched, self._cls, self._init_new = patched, dispatch_cls, init_new
 
     def uninstall(self):
@@ -60,22 +62,17 @@ class Installed:
 def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2log=None, expert_load=None,
             device=None):
     """Installs GRACE routing into SGLang in this process. rank: this process's EP rank (default
-    ``torch.distributed.get_rank() % G``, SGLang's own rule); layer_offset / moe_layers: decoder index of MoE layer 0
-    / of every MoE layer; device: default the current CUDA device. Returns an ``Installed``."""
+    ``torch.distributed.get_rank() % G``, SGLang's own rule, read when the tables are built: now if the process
+    group is up, else at the first MoE layer); layer_offset / moe_layers: decoder index of MoE layer 0 / of every
+    MoE layer; device: default the current CUDA device. Returns an ``Installed``."""
     _require_torch()
     import sglang.srt.eplb.expert_location_dispatch as dispatch
 
-    plan = grace.validate_plan(plan)
-    G = int(plan["topology"]["nodes"]) * int(plan["topology"]["gpus_per_node"])
-    if rank is None:
-        rank = torch.distributed.get_rank() % G
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    router = TableRouter(plan, policy=policy, ranks=[rank], phy2log=phy2log, expert_load=expert_load, device=device)
+    router = RankRouter(plan, rank=rank, policy=policy, phy2log=phy2log, expert_load=expert_load, device=device)
     moe_layer_of = moe_layer_map(router.num_layers, layer_offset, moe_layers)
 
     original = dispatch.topk_ids_logical_to_physical
-    replacement = make_logical_to_physical(router, rank, moe_layer_of, original)
+    replacement = make_logical_to_physical(router, moe_layer_of, original)
     patched = []
     for module in list(sys.modules.values()):
         name = getattr(module, "__name__", "") or ""
@@ -94,4 +91,4 @@ def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2l
         return info
 
     cls.init_new = classmethod(init_new_with_layer)
-    return Installed(router, rank, patched, cls, init_new)
+    return Installed(router, patched, cls, init_new)

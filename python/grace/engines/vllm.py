@@ -19,36 +19,43 @@ vLLM has no flag to load a placement: the GRACE placement must be written into i
 
 import re
 
-from .routing import TableRouter, moe_layer_map, torch, _require_torch
+from .routing import RankRouter, moe_layer_map, torch, _require_torch
 import grace
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def make_apply_eplb_mapping(router, rank, fallback, num_unpadded=lambda: None):
-    """The replacement of ``BaseRouter._apply_eplb_mapping``."""
+def make_apply_eplb_mapping(rank_router, fallback, num_unpadded=lambda: None):
+    """The replacement of ``BaseRouter._apply_eplb_mapping``: routers tagged with ``grace_layer`` (and EPLB on)
+    go through ``rank_router`` (a RankRouter), the others through ``fallback`` (vLLM's method)."""
 
     def _apply_eplb_mapping(self, topk_ids):
         moe_layer = getattr(self, "grace_layer", None)
         if moe_layer is None or not self.enable_eplb:
             return fallback(self, topk_ids)
-        physical = router.route(moe_layer, topk_ids, rank, valid_tokens=num_unpadded())
+        router = rank_router.get()
         state = self.eplb_state
+        if state.expert_load_view.shape[0] != router.num_physical:
+            raise grace.GraceError(f"vLLM has {state.expert_load_view.shape[0]} physical experts but the GRACE map "
+                                   f"has {router.num_physical}: set num_redundant_experts to P - E from grace export")
+        physical = router.route(moe_layer, topk_ids, rank_router.rank, valid_tokens=num_unpadded())
+        # vLLM's load recording, gated by its record flag (a device tensor: no host read).
         flat = physical.reshape(-1).to(torch.int64)
         record = state.should_record_tensor if getattr(state, "should_record_tensor", None) is not None else 1
         state.expert_load_view.index_add_(
             0, flat, (torch.ones_like(flat) * record).to(state.expert_load_view.dtype))
         return physical
 
-    _apply_eplb_mapping.grace_router = router
+    _apply_eplb_mapping.grace_router = rank_router
     return _apply_eplb_mapping
 
 
 class Installed:
-    """What ``install`` changed: ``attach(model)`` tags routers, ``uninstall()`` restores vLLM's method."""
+    """What ``install`` changed: ``router`` (the RankRouter), ``attach(model)`` to tag the model's routers and
+    ``uninstall()`` to restore vLLM's method."""
 
-    def __init__(self, router, rank, moe_layer_of, cls, original):
-        self.router, self.rank = router, rank
+    def __init__(self, router, moe_layer_of, cls, original):
+        self.router = router
         self._moe_layer_of, self._cls, self._original = moe_layer_of, cls, original
 
     def attach(self, model):
@@ -80,7 +87,8 @@ def _num_unpadded_tokens():
         return None
     if not is_forward_context_available():
         return None
-    return getattr(get_forward_context(), "num_unpadded_tokens", None)
+    n = getattr(get_forward_context(), "num_unpadded_tokens", None)
+    return None if isinstance(n, int) and n < 0 else n  # vLLM's -1: no padding information
 
 
 def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2log=None, expert_load=None,
@@ -90,15 +98,9 @@ def install(plan, rank=None, policy=None, layer_offset=0, moe_layers=None, phy2l
     _require_torch()
     from vllm.model_executor.layers.fused_moe.router import base_router
 
-    plan = grace.validate_plan(plan)
-    G = int(plan["topology"]["nodes"]) * int(plan["topology"]["gpus_per_node"])
-    if rank is None:
-        rank = torch.distributed.get_rank() % G
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    router = TableRouter(plan, policy=policy, ranks=[rank], phy2log=phy2log, expert_load=expert_load, device=device)
+    router = RankRouter(plan, rank=rank, policy=policy, phy2log=phy2log, expert_load=expert_load, device=device)
     moe_layer_of = moe_layer_map(router.num_layers, layer_offset, moe_layers)
     cls = base_router.BaseRouter
     original = cls._apply_eplb_mapping
-    cls._apply_eplb_mapping = make_apply_eplb_mapping(router, rank, original, _num_unpadded_tokens)
-    return Installed(router, rank, moe_layer_of, cls, original)
+    cls._apply_eplb_mapping = make_apply_eplb_mapping(router, original, _num_unpadded_tokens)
+    return Installed(router, moe_layer_of, cls, original)
