@@ -132,7 +132,7 @@ class TableRouter:
             key = ids + self.ranks.index(source) * E
         else:
             rows = self._row_of[source.to(device=dev, dtype=torch.int64)]
-            key = torch.repeat_interleave(rows, k) * E + ids
+            key = rows.view(T, 1).expand(T, k).reshape(-1) * E + ids  # expand, not repeat_interleave: no sync
         num_keys = len(self.ranks) * E
         # Selections that must not count go to an extra bucket past the last (rank, expert) pair.
         counted = key
