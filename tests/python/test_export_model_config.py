@@ -127,8 +127,8 @@ class ExportModelConfigTest(unittest.TestCase):
             (self.qwen3("q128.json", num_experts=128), "sglang", ("128 experts", "E=64")),
             (self.qwen3("q6.json", num_hidden_layers=6), "trtllm", ("6 MoE layers", "L=4")),
             # MoE layers 1, 3, 5, 7: four of them, but not consecutive.
-            (self.qwen3("sparse.json", num_hidden_layers=8, decoder_sparse_step=2), "vllm-ascend",
-             ("MoE layer 1 is decoder layer 3", "consecutive")),
+            (self.qwen3("sparse.json", num_hidden_layers=8, decoder_sparse_step=2), "trtllm",
+             ("MoE layer 1 is decoder layer 3", "trtllm export needs consecutive")),
             # A dense last layer: the SGLang map would have 4 rows for a 5-layer model.
             (self.qwen3("tail.json", num_hidden_layers=5, mlp_only_layers=[4]), "sglang",
              ("5 decoder layers", "4 rows")),
@@ -139,6 +139,14 @@ class ExportModelConfigTest(unittest.TestCase):
             with self.subTest(config=os.path.basename(config), fmt=fmt):
                 r, path = self.export(fmt, config, f"bad{i}.out")
                 self.assert_fails(r, path, *parts)
+
+    def test_interleaved_moe_layers_fine_where_only_moe_layers_count(self):
+        sparse = self.qwen3("sparse2.json", num_hidden_layers=8, decoder_sparse_step=2)  # MoE layers 1, 3, 5, 7
+        for fmt, out in (("vllm-ascend", "s.json"), ("eplb", "s-eplb.json")):
+            r, path = self.export(fmt, sparse, out)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("MoE layers 1-7 (layer offset 1)", r.stdout)
+            self.assertTrue(os.path.exists(path))
 
     def test_olmoe_fine_for_other_engines(self):
         r, _ = self.export("vllm-ascend", self.olmoe(), "o.json")

@@ -34,11 +34,13 @@ int check_against_model(const ModelConfig& model, const ExpertPlan& plan, Export
     const int first = model.moe_layers.front();
     GRACE_CHECK_ARG(!offset_given || layer_offset == first, "--layer-offset ", layer_offset, " but model config ",
                     model.name, " has its first MoE layer at decoder layer ", first);
-    // The exports map MoE layer l to decoder layer offset + l.
-    for (int l = 0; l < model.num_moe_layers(); ++l)
-        GRACE_CHECK_INPUT(model.moe_layers[l] == first + l, "model config ", model.name, ": MoE layer ", l,
-                          " is decoder layer ", model.moe_layers[l], ", not ", first + l,
-                          "; the exports need consecutive MoE layers");
+    // SGLang rows and TensorRT-LLM keys put MoE layer l at decoder layer offset + l; vLLM-Ascend and EPLB count
+    // MoE layers only.
+    if (format == ExportFormat::kSglang || format == ExportFormat::kTrtllm)
+        for (int l = 0; l < model.num_moe_layers(); ++l)
+            GRACE_CHECK_INPUT(model.moe_layers[l] == first + l, "model config ", model.name, ": MoE layer ", l,
+                              " is decoder layer ", model.moe_layers[l], ", not ", first + l, "; the ",
+                              to_string(format), " export needs consecutive MoE layers");
     if (format == ExportFormat::kSglang) {
         GRACE_CHECK_INPUT(first + plan.num_layers == model.num_hidden_layers, "model config ", model.name, " has ",
                           model.num_hidden_layers, " decoder layers but the SGLang map would have ",
