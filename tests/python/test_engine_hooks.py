@@ -154,6 +154,10 @@ class EngineHookTest(unittest.TestCase):
             start += size
         with self.assertRaises(grace.GraceError):
             mine.route(2, ids, 4)
+        # A NumPy integer is a rank too; an empty batch (a DP rank without tokens) routes to an empty result.
+        self.assertTrue(torch.equal(mine.route(2, ids, np.int64(rank)), everyone.route(2, ids, src)))
+        empty = mine.route(2, torch.zeros((0, 8), dtype=torch.int32), rank)
+        self.assertEqual(tuple(empty.shape), (0, 8))
 
     def test_padding_rows_do_not_advance_counters(self):
         plan = self.plans["slot-exact"]

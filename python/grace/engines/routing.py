@@ -126,7 +126,8 @@ class TableRouter:
         E, Q, dev = self.num_experts, self._q, self.device
         ids = topk_ids.reshape(-1).to(device=dev, dtype=torch.int64)
         n = ids.numel()
-        if isinstance(source, int):
+        if not torch.is_tensor(source):
+            source = int(source)
             if source not in self.ranks:
                 raise grace.GraceError(f"source rank {source} has no tables here (ranks {self.ranks})")
             key = ids + self.ranks.index(source) * E
