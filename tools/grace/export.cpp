@@ -16,7 +16,7 @@ namespace {
 
 // Model types whose SGLang model class has get_model_config_for_expert_location (read in sgl-project/sglang:
 // deepseek_v2.py, qwen2_moe.py, qwen3_moe.py, gpt_oss.py; docs/deploy.md). Without it SGLang sizes the expert
-// location from a dummy 1-layer, 1-expert config and does not use the map.
+// location from a dummy 1-layer, 1-expert config, which no GRACE map fits.
 bool sglang_has_expert_location(const std::string& model_type) {
     for (const char* t : {"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "gpt_oss"})
         if (model_type == t) return true;
@@ -46,8 +46,8 @@ int check_against_model(const ModelConfig& model, const ExpertPlan& plan, Export
                           model.num_hidden_layers, " decoder layers but the SGLang map would have ",
                           first + plan.num_layers, " rows (dense layers after the last MoE layer)");
         GRACE_CHECK_INPUT(model.model_type != "olmoe", "SGLang's OLMoE model (", model.name,
-                          ") has no get_model_config_for_expert_location, so SGLang ignores --init-expert-location "
-                          "for it; serve OLMoE with another engine");
+                          ") has no get_model_config_for_expert_location, so SGLang cannot take its placement from "
+                          "--init-expert-location; serve OLMoE with another engine");
     }
     return first;
 }
