@@ -264,6 +264,37 @@ void bind_core(py::module_& m) {
             },
             py::arg("ids"), py::arg("sources"), py::arg("first_token") = 0,
             "Routes ids [T, k] of tokens on GPUs sources [T] in order; returns destination GPUs int32 [T, k].")
+        .def(
+            "flat_sequences",
+            [](const PyRouter& r) {
+                const std::vector<uint8_t> seq = r.router->flat_sequences();
+                return to_array(seq, {r.plan->topology.num_gpus(), r.plan->num_experts, r.router->period()});
+            },
+            "All WRR/TAR pick sequences, uint8 [G, E, Q] (source GPU, expert, position): instance indices into "
+            "the expert's routing.instances, for device-side routing (grace.engines).")
+        .def_property(
+            "offsets",
+            [](const PyRouter& r) {
+                const auto& o = r.router->offsets();
+                return to_array(std::vector<int32_t>(o.begin(), o.end()),
+                                {r.plan->topology.num_gpus(), r.plan->num_experts});
+            },
+            [](PyRouter& r, const py::object& offsets) {
+                std::vector<int64_t> shape;
+                std::vector<int64_t> v = int_values(offsets, "offsets", {2}, &shape);
+                const int G = r.plan->topology.num_gpus(), E = r.plan->num_experts;
+                GRACE_CHECK_ARG(shape[0] == G && shape[1] == E, "offsets must have shape [", G, ", ", E, "], got ",
+                                shape_str(shape));
+                std::vector<int> o;
+                o.reserve(v.size());
+                for (int64_t x : v) {
+                    GRACE_CHECK_ARG(x >= 0 && x < r.router->period(), "offsets: WRR offset ", x, " is outside [0, ",
+                                    r.router->period(), ")");
+                    o.push_back(static_cast<int>(x));
+                }
+                r.router->set_offsets(o);
+            },
+            "WRR counters int32 [G, E]: selections routed per (source GPU, expert), mod Q; settable.")
         .def_property_readonly("period", [](const PyRouter& r) { return r.router->period(); })
         .def_property_readonly("policy", [](const PyRouter& r) { return to_string(r.router->policy()); })
         .def("reset", [](PyRouter& r) { r.router->reset(); })

@@ -10,7 +10,7 @@ cd "$root"
 packages=(build-essential cmake ninja-build pkg-config libeigen3-dev libspectra-dev nlohmann-json3-dev libcli11-dev
           libgtest-dev libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin libmetis-dev pybind11-dev python3-dev
           python3-numpy python3-matplotlib)
-[ "$mode" = test ] && packages+=(chromium)
+[ "$mode" = test ] && packages+=(chromium python3-torch)  # python3-torch: the engine-hook tests
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
