@@ -80,12 +80,13 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
     GRACE_CHECK_ARG(G <= 256, "the evaluator supports up to 256 GPUs, the plan has ", G);
     const uint64_t seed = options.seed.value_or(p.seed);
     impl_->layers.resize(p.num_layers);
+    auto routers = make_layer_routers(p, options.policy, seed, options.slot_maps);
     for (int l = 0; l < p.num_layers; ++l) {
         LayerState& st = impl_->layers[l];
         const LayerPlan& lp = p.layers[l];
         st.plan = &lp;
         const RoutingPolicy policy = options.policy.value_or(lp.policy);
-        st.router = std::make_unique<ReplicaRouter>(lp, p.topology, policy, seed);
+        st.router = std::move(routers[l]);
         st.period = lp.wrr_period;
         st.inst_begin.assign(E + 1, 0);
         for (int e = 0; e < E; ++e)
@@ -98,7 +99,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
                 auto fixed = [&](int idx) { entry = ((st.inst_begin[e] + idx) << 8) | gpus[idx]; };
                 if (gpus.size() == 1 || policy == RoutingPolicy::kPrimary) {
                     fixed(0);
-                } else if (policy == RoutingPolicy::kSglangStatic) {
+                } else if (st.router->fixed_per_source()) {
                     st.router->route(src, e, 0, 0, p.top_k);
                     fixed(st.router->last_instance());
                 } else if (policy == RoutingPolicy::kWrr || policy == RoutingPolicy::kTar) {
@@ -172,9 +173,10 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
     // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
     auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
     int64_t next_home = block_begin(h + 1);
+    int64_t home_first = block_begin(h);  // the engine policies see a token's index on its home GPU
     for (int64_t i = 0; i < n; ++i, ids += stride) {
         const int64_t t = first_token + i;
-        while (t >= next_home) next_home = block_begin(++h + 1);
+        while (t >= next_home) home_first = next_home, next_home = block_begin(++h + 1);
         const int32_t* row = table + static_cast<size_t>(h) * E;
         int64_t* src_row = st.src_inst.data() + static_cast<size_t>(h) * num_inst;
         uint32_t mask = 0;
@@ -193,7 +195,7 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
                 d = sq.gpus[pick];
                 inst = sq.inst_begin + pick;
             } else {
-                d = router.route(h, e, t, j, k);
+                d = router.route(h, e, t - home_first, j, k);
                 inst = inst_begin[e] + router.last_instance();
             }
             ++src_row[inst];

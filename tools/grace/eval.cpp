@@ -5,17 +5,20 @@
 #include <iostream>
 
 #include "command.hpp"
+#include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/hardware.hpp"
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
+#include "grace/stats.hpp"
 #include "grace/trace.hpp"
 
 namespace grace::cli {
 namespace {
 
 struct EvalArgs {
-    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology;
+    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, engine, stats;
+    int slots_per_gpu = 0;
     TraceOverrides overrides;
     std::optional<int> experts;
     int hidden = 0, intermediate = 0, threads = 0;
@@ -27,13 +30,22 @@ int run_eval(const EvalArgs& a) {
     EvalOptions opt;
     opt.scheme = parse_comm_scheme(a.comm);
     if (!a.routing.empty()) opt.replay.policy = parse_routing_policy(a.routing);
+    std::optional<Engine> engine;
+    if (!a.engine.empty()) {
+        engine = parse_engine(a.engine);
+        if (!opt.replay.policy) opt.replay.policy = engine_policy(*engine);
+        check_engine_policy(*engine, *opt.replay.policy);
+    }
+    GRACE_CHECK_ARG(engine || (a.stats.empty() && a.slots_per_gpu == 0),
+                    "--stats and --slots-per-gpu describe an engine deployment: they need --engine");
+    GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
     opt.replay.num_threads = a.threads;
     GRACE_CHECK_ARG(a.chunk >= 1, "--chunk must be at least 1, got ", a.chunk);
     opt.hardware = load_hardware(a.hardware);
     if (a.hidden > 0) opt.hardware.hidden = a.hidden;
     if (a.intermediate > 0) opt.hardware.intermediate = a.intermediate;
     check_output_dir(a.output + ".json");
-    const ExpertPlan plan = load_plan(a.plan);
+    ExpertPlan plan = load_plan(a.plan);
     if (!a.topology.empty()) {
         const Topology want = Topology::parse(a.topology);
         GRACE_CHECK_INPUT(want.nodes == plan.topology.nodes && want.gpus_per_node == plan.topology.gpus_per_node,
@@ -47,6 +59,24 @@ int run_eval(const EvalArgs& a) {
     GRACE_CHECK_INPUT(plan.num_layers == reader.num_layers(), "the plan has ", plan.num_layers,
                       " layers but the trace has ", reader.num_layers());
     const ModelShape shape = resolve_model_shape(opt.hardware, reader.model());
+    if (engine) {
+        // What the engine loads: grace export's map (padded as `grace export --stats` pads it), routed its way.
+        std::vector<double> load;
+        if (!a.stats.empty()) {
+            const RoutingStats st = load_stats(a.stats);
+            GRACE_CHECK_INPUT(st.num_experts == plan.num_experts && st.num_layers == plan.num_layers, "statistics ",
+                              a.stats, " have E=", st.num_experts, " L=", st.num_layers, " but the plan has E=",
+                              plan.num_experts, " L=", plan.num_layers);
+            load.assign(st.load.begin(), st.load.end());
+        }
+        EngineDeployment dep = deploy_to_engine(plan, *opt.replay.policy, load, a.slots_per_gpu);
+        std::cout << "in " << a.engine << ": " << dep.map.num_gpus << " GPUs x " << dep.map.slots_per_gpu
+                  << " slots = " << dep.map.num_physical() << " physical experts, " << dep.map.num_padded
+                  << " padding replicas, routing " << to_string(*opt.replay.policy) << "\n";
+        dep.plan.method = plan.method + " in " + a.engine;
+        plan = std::move(dep.plan);
+        opt.replay.slot_maps = std::move(dep.slot_maps);
+    }
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
     RoutingTrace chunk;
@@ -73,7 +103,16 @@ GRACE_COMMAND(
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--plan", a->plan, "Plan file (grace.plan/v1 JSON)")->required();
         sub.add_option("--routing", a->routing,
-                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)");
+                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic, sglang-nearest, "
+                       "vllm-ascend, trtllm (default: the plan's; with --engine, the engine's)");
+        sub.add_option("--engine", a->engine,
+                       "Evaluate the plan as this engine runs its export: sglang, vllm, vllm-ascend, trtllm "
+                       "(placement padded as grace export does, the engine's own replica choice)");
+        sub.add_option("--stats", a->stats,
+                       "With --engine: statistics folder whose loads choose the padding replicas (as grace export)");
+        sub.add_option("--slots-per-gpu", a->slots_per_gpu,
+                       "With --engine: the engine's slots per GPU, (E + redundant experts) / G (default: the "
+                       "plan's largest instance count, as grace export)");
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
         sub.add_option("--hardware", a->hardware,
                        "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
