@@ -242,22 +242,28 @@ TEST(Replay, MatchesReplicaRouterCallByCall) {
     Rng rng(5);
     for (Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
         const int G = topo.num_gpus(), M = topo.gpus_per_node;
-        for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic,
-                                     RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary}) {
+        for (RoutingPolicy policy :
+             {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic, RoutingPolicy::kVllm,
+              RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary, RoutingPolicy::kSglangNearest,
+              RoutingPolicy::kVllmAscend, RoutingPolicy::kTrtllm}) {
             const ExpertPlan plan = random_plan(rng, 24, 2, 3, topo, policy);
             const RoutingTrace trace = random_trace(rng, 777, 2, 3, 24);
             const auto counts = replay_trace(trace, plan);
+            // The whole model's routers: SGLang's static tables run one random stream over all layers.
+            auto routers = make_layer_routers(plan, policy, plan.seed);
             for (int l = 0; l < 2; ++l) {
-                ReplicaRouter router(plan.layers[l], topo, policy, plan.seed);
+                ReplicaRouter& router = *routers[l];
                 std::vector<int64_t> flat(G * G, 0), dedup(G * G, 0), hsc(G * G, 0);
                 std::vector<std::vector<int64_t>> inst(24);
                 for (int e = 0; e < 24; ++e) inst[e].assign(plan.layers[l].instance_gpus[e].size(), 0);
                 for (int64_t t = 0; t < trace.num_tokens; ++t) {
                     const int h = home_gpu(t, trace.num_tokens, G);
+                    int64_t first = t;  // the first token of GPU h: the engines see local token indices
+                    while (first > 0 && home_gpu(first - 1, trace.num_tokens, G) == h) --first;
                     std::vector<int> dsts;
                     for (int j = 0; j < 3; ++j) {
                         const int e = trace.id(t, l, j);
-                        const int d = router.route(h, e, t, j, 3);
+                        const int d = router.route(h, e, t - first, j, 3);
                         ++inst[e][router.last_instance()];
                         if (d != h) ++flat[h * G + d];
                         if (std::find(dsts.begin(), dsts.end(), d) == dsts.end()) dsts.push_back(d);
