@@ -26,6 +26,9 @@ struct CompareRow {
     std::string method;  ///< planner method spec, e.g. "hierarchical+dynamic+tar"
     CommScheme scheme = CommScheme::kHsc;
     bool table1 = false;  ///< one of the paper's Table 1 columns
+    /// Serving engine ("sglang", "vllm", "vllm-ascend", "trtllm") that runs the plan's export with its own
+    /// replica choice (engine_eval.hpp); empty = GRACE's own evaluation of the plan.
+    std::string engine;
 };
 
 /// The default rows, in order: Occult (occult+none+primary, flat-dedup), Occult+HSC, HG+HSC
@@ -35,6 +38,10 @@ struct CompareRow {
 /// (metis+none+primary, hsc). The EPLB and METIS rows use hsc so that they differ from GRACE only in placement
 /// and routing (DeepEP's internode kernels, which vLLM and SGLang use, also send one copy per node).
 std::vector<CompareRow> default_compare_rows();
+
+/// The rows of `grace compare --engine NAME`: "EPLB in NAME" (eplb-hierarchical+eplb, exported, NAME's routing),
+/// "GRACE in NAME" (grace, exported, NAME's routing) and "GRACE native" (grace with TAR), all on hsc.
+std::vector<CompareRow> engine_compare_rows(const std::string& engine);
 
 /// What run_compare reports as it goes: a stage name and its progress.
 using CompareProgress = std::function<void(const std::string& stage, int64_t done, int64_t total)>;
@@ -68,7 +75,8 @@ struct CompareResult {
     std::string reference;
     std::string hardware;
     RoutingStats stats;                 ///< profile of the profile trace
-    std::vector<ExpertPlan> plans;      ///< every distinct (method, topology) plan
+    std::vector<ExpertPlan> plans;      ///< every distinct (method, engine, topology) plan; an engine row's plan is
+                                        ///< its engine deployment (method "METHOD@ENGINE")
     std::vector<CompareEntry> entries;  ///< rows x topologies, topology-major
     std::vector<std::string> notes;     ///< rows that could not be planned (e.g. METIS not built), with why
     double seconds_profile = 0, seconds_plan = 0, seconds_replay = 0;  ///< wall time of each stage

@@ -45,7 +45,8 @@ class PyRandom {
     /// random.shuffle(x).
     template <class T>
     void shuffle(std::vector<T>& x) {
-        for (size_t i = x.size(); i-- > 1;) std::swap(x[i], x[static_cast<size_t>(randbelow(static_cast<int64_t>(i) + 1))]);
+        for (size_t i = x.size(); i-- > 1;)
+            std::swap(x[i], x[static_cast<size_t>(randbelow(static_cast<int64_t>(i) + 1))]);
     }
     /// random.sample(population, k), 0 <= k <= population size: CPython's pool or set method, chosen as it does.
     std::vector<int> sample(const std::vector<int>& population, int k);
@@ -106,8 +107,8 @@ class EngineLayerRouter {
 /// The routers of every layer of a model under `policy`, built in layer order (SGLang's static tables share one
 /// random stream across layers, so layer l's table depends on layers 0..l-1). Throws kInvalidArgument if
 /// `policy` is not an engine policy.
-std::vector<std::unique_ptr<EngineLayerRouter>> make_engine_routers(const std::vector<SlotMap>& layers,
-                                                                    int num_experts, const Topology& topology,
-                                                                    RoutingPolicy policy, uint64_t seed);
+std::vector<std::unique_ptr<EngineLayerRouter>> make_engine_routers(const std::vector<SlotMap>& layers, int num_experts,
+                                                                    const Topology& topology, RoutingPolicy policy,
+                                                                    uint64_t seed);
 
 }  // namespace grace

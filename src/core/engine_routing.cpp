@@ -214,8 +214,8 @@ EngineLayerRouter::EngineLayerRouter(SlotMap slots, int num_experts, const Topol
     replicas_ = expert_slots(slots_, num_experts_, num_gpus_, -1);
     const size_t pairs = static_cast<size_t>(num_gpus_) * num_experts_;
     if (policy == RoutingPolicy::kSglangStatic || policy == RoutingPolicy::kSglangNearest) {
-        GRACE_CHECK_ARG(fixed_.size() == pairs, "SGLang static routing needs a [G, E] table of ", pairs,
-                        " slots, got ", fixed_.size());
+        GRACE_CHECK_ARG(fixed_.size() == pairs, "SGLang static routing needs a [G, E] table of ", pairs, " slots, got ",
+                        fixed_.size());
     } else if (policy == RoutingPolicy::kVllmAscend) {
         // Holders of e by ascending rank; a rank holding e twice is listed once, with its last slot (the expert
         // map assignment keeps the last write).
@@ -287,9 +287,9 @@ int EngineLayerRouter::route(int source, int expert, int64_t local_token, int j,
     return reps[0];
 }
 
-std::vector<std::unique_ptr<EngineLayerRouter>> make_engine_routers(const std::vector<SlotMap>& layers,
-                                                                    int num_experts, const Topology& topology,
-                                                                    RoutingPolicy policy, uint64_t seed) {
+std::vector<std::unique_ptr<EngineLayerRouter>> make_engine_routers(const std::vector<SlotMap>& layers, int num_experts,
+                                                                    const Topology& topology, RoutingPolicy policy,
+                                                                    uint64_t seed) {
     GRACE_CHECK_ARG(is_engine_policy(policy), "'", to_string(policy), "' is not an engine routing policy");
     const bool sglang_static = policy == RoutingPolicy::kSglangStatic || policy == RoutingPolicy::kSglangNearest;
     std::vector<int> tables;

@@ -134,7 +134,8 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
     }
 }
 
-ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, std::unique_ptr<EngineLayerRouter> engine)
+ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology,
+                             std::unique_ptr<EngineLayerRouter> engine)
     : layer_(&layer),
       topology_(topology),
       policy_(engine ? engine->policy() : RoutingPolicy::kPrimary),
@@ -221,8 +222,8 @@ std::vector<std::unique_ptr<ReplicaRouter>> make_layer_routers(const ExpertPlan&
                                                                const std::optional<RoutingPolicy>& policy,
                                                                uint64_t seed, const std::vector<SlotMap>& slot_maps) {
     const int L = plan.num_layers;
-    GRACE_CHECK_ARG(slot_maps.empty() || static_cast<int>(slot_maps.size()) >= L, "routing needs a slot map per layer (",
-                    L, "), got ", slot_maps.size());
+    GRACE_CHECK_ARG(slot_maps.empty() || static_cast<int>(slot_maps.size()) >= L,
+                    "routing needs a slot map per layer (", L, "), got ", slot_maps.size());
     std::vector<SlotMap> maps = slot_maps;
     if (maps.empty())
         for (const auto& lp : plan.layers) maps.push_back(slot_map_of(lp));

@@ -61,8 +61,8 @@ EngineDeployment deploy_to_engine(const ExpertPlan& plan, RoutingPolicy policy, 
     d.plan.num_layers = L;
     d.plan.top_k = plan.top_k;
     d.plan.topology = plan.topology;
-    // The engine holds S slots per GPU whatever the plan's own cap was.
-    d.plan.topology.slots_per_gpu.reset();
+    // The engine holds exactly S slots per GPU, whatever the plan's own cap was.
+    d.plan.topology.slots_per_gpu = S;
     d.plan.method = plan.method;
     d.plan.seed = plan.seed;
     d.plan.source = plan.source;

@@ -300,7 +300,7 @@ class EngineEvalTest(unittest.TestCase):
             with self.subTest(plan=plan):
                 rep = self.check(plan, "sglang")
                 self.assertEqual(rep["policy"], "sglang-static")
-                self.assertTrue(rep["method"].endswith(" in sglang"))
+                self.assertTrue(rep["method"].endswith("@sglang"))
 
     def test_sglang_nearest(self):
         for plan in ("grace", "grace-s20"):
@@ -355,6 +355,36 @@ class EngineEvalTest(unittest.TestCase):
         r = cli("eval", "--trace", self.trace, "--plan", self.plans["eplb"], "--comm", "hsc", "--engine", "sglang",
                 "--slots-per-gpu", 12, "-o", stem)
         self.assertIn("8 GPUs x 12 slots = 96 physical experts", r.stdout)
+
+    def test_compare_engine_rows(self):
+        out = os.path.join(self.tmp.name, "cmp")
+        r = cli("compare", "--trace", self.trace, "--topology", f"{self.N}x{self.M}", "--engine", "sglang",
+                "--slots-per-gpu", 10, "-o", out)
+        for row in ("EPLB in sglang", "GRACE in sglang", "GRACE native"):
+            self.assertIn(row, r.stdout)
+        with open(os.path.join(out, "compare.json")) as f:
+            cmp = json.load(f)
+        self.assertEqual(cmp["reference"], "EPLB in sglang")
+        by = {e["name"]: e for e in cmp["entries"]}
+        # The EPLB placement fills its 10 slots exactly, so SGLang runs it unpadded: the row equals the plan's own
+        # sglang-static evaluation (the EPLB+SGLang row).
+        self.assertEqual(by["EPLB in sglang"]["total"]["local_selections"],
+                         by["EPLB+SGLang"]["total"]["local_selections"])
+        self.assertEqual(by["EPLB in sglang"]["total"]["gpu_load"], by["EPLB+SGLang"]["total"]["gpu_load"])
+        self.assertEqual(by["GRACE native"]["total"], by["+DR+TAR"]["total"])
+        # GRACE in sglang is the grace export (10 slots per GPU) under SGLang's dispatch: the same as grace eval
+        # --engine sglang on the saved grace plan.
+        plan = os.path.join(out, "plans", "hierarchical_dynamic_tar-2x4_10.json")
+        stem = os.path.join(self.tmp.name, "cmp-eval")
+        cli("eval", "--trace", self.trace, "--plan", plan, "--comm", "hsc", "--engine", "sglang",
+            "--slots-per-gpu", 10, "--stats", os.path.join(self.tmp.name, "stats"), "-o", stem)
+        with open(stem + ".json") as f:
+            rep = json.load(f)
+        self.assertEqual(rep["total"]["local_selections"], by["GRACE in sglang"]["total"]["local_selections"])
+        self.assertEqual(rep["total"]["gpu_load"], by["GRACE in sglang"]["total"]["gpu_load"])
+        bad = run("compare", "--trace", self.trace, "--topology", "2x4", "--engine", "tgi", "-o", out + "-bad")
+        self.assert_one_line_error(bad, "tgi")
+        self.assertFalse(os.path.exists(out + "-bad"))
 
 
 if __name__ == "__main__":

@@ -365,8 +365,8 @@ TEST(Hardware, Sm90PresetCarriesItsGroupedGemmTables) {
     EXPECT_EQ(qwen.source(), "table:qwen3-30b-a3b");
     EXPECT_NEAR(qwen.expert_seconds(16384), 2.8361e-4, 1e-9);  // the table's last point
     // Grouped, a small expert costs less than one cuBLAS call alone (h100-measured: ~10-11 us for <= 256 rows).
-    EXPECT_LT(qwen.expert_seconds(32), ComputeModel(load_hardware("h100-measured"), "qwen3-30b-a3b", 2048, 768)
-                                           .expert_seconds(32));
+    EXPECT_LT(qwen.expert_seconds(32),
+              ComputeModel(load_hardware("h100-measured"), "qwen3-30b-a3b", 2048, 768).expert_seconds(32));
 }
 
 TEST(Hardware, GemmTableInterpolation) {

@@ -40,7 +40,8 @@ std::vector<Topology> parse_topologies(const std::string& text) {
 namespace {
 
 struct CompareArgs {
-    std::string trace, profile_trace, topology = "2x2,2x4", hardware = "a100-testbed", output, reference = "Occult";
+    std::string trace, profile_trace, topology = "2x2,2x4", hardware = "a100-testbed", output, reference, engine;
+    int slots_per_gpu = 0;
     TraceOverrides overrides;
     std::optional<int> experts;
     int threads = 0;
@@ -50,10 +51,18 @@ struct CompareArgs {
 int run_compare_cmd(const CompareArgs& a) {
     CompareOptions opt;
     opt.topologies = parse_topologies(a.topology);
+    GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
+    if (a.slots_per_gpu > 0)
+        for (Topology& t : opt.topologies) t.slots_per_gpu = a.slots_per_gpu;
+    if (!a.engine.empty()) {
+        const auto rows = engine_compare_rows(a.engine);
+        opt.rows.insert(opt.rows.end(), rows.begin(), rows.end());
+    }
     opt.hardware = load_hardware(a.hardware);
     opt.num_threads = a.threads;
     opt.seed = a.seed;
-    opt.reference = a.reference;
+    // With --engine the natural baseline is what the engine does today: EPLB's placement in it.
+    opt.reference = !a.reference.empty() ? a.reference : !a.engine.empty() ? "EPLB in " + a.engine : "Occult";
     opt.progress = make_compare_progress(std::make_shared<std::map<std::string, std::unique_ptr<Progress>>>(), "");
     TraceOverrides ov = a.overrides;
     if (a.experts) ov.num_experts = a.experts;
@@ -82,11 +91,17 @@ GRACE_COMMAND(
         sub.add_option("--profile-trace", a->profile_trace, "Trace to plan on (default: --trace)");
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--topology", a->topology, "Comma-separated NxM list")->capture_default_str();
-        sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
+        sub.add_option(
+               "--hardware", a->hardware,
+               "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
             ->capture_default_str();
-        sub.add_option("--reference", a->reference, "Row the relative changes are taken against")
-            ->capture_default_str();
+        sub.add_option("--reference", a->reference,
+                       "Row the relative changes are taken against (default: Occult; with --engine, EPLB in ENGINE)");
+        sub.add_option("--engine", a->engine,
+                       "Add rows 'EPLB in ENGINE', 'GRACE in ENGINE' (each plan exported and routed as the engine "
+                       "does: sglang, vllm, vllm-ascend, trtllm) and 'GRACE native'");
+        sub.add_option("--slots-per-gpu", a->slots_per_gpu,
+                       "Expert slots per GPU for every plan (and the engines' exports); default unlimited");
         sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str();
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count");
         sub.add_option("-o,--output", a->output, "Output folder (replaced atomically)")->required();

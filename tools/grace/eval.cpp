@@ -65,15 +65,15 @@ int run_eval(const EvalArgs& a) {
         if (!a.stats.empty()) {
             const RoutingStats st = load_stats(a.stats);
             GRACE_CHECK_INPUT(st.num_experts == plan.num_experts && st.num_layers == plan.num_layers, "statistics ",
-                              a.stats, " have E=", st.num_experts, " L=", st.num_layers, " but the plan has E=",
-                              plan.num_experts, " L=", plan.num_layers);
+                              a.stats, " have E=", st.num_experts, " L=", st.num_layers,
+                              " but the plan has E=", plan.num_experts, " L=", plan.num_layers);
             load.assign(st.load.begin(), st.load.end());
         }
         EngineDeployment dep = deploy_to_engine(plan, *opt.replay.policy, load, a.slots_per_gpu);
         std::cout << "in " << a.engine << ": " << dep.map.num_gpus << " GPUs x " << dep.map.slots_per_gpu
                   << " slots = " << dep.map.num_physical() << " physical experts, " << dep.map.num_padded
                   << " padding replicas, routing " << to_string(*opt.replay.policy) << "\n";
-        dep.plan.method = plan.method + " in " + a.engine;
+        dep.plan.method = plan.method + "@" + a.engine;
         plan = std::move(dep.plan);
         opt.replay.slot_maps = std::move(dep.slot_maps);
     }
@@ -114,8 +114,9 @@ GRACE_COMMAND(
                        "With --engine: the engine's slots per GPU, (E + redundant experts) / G (default: the "
                        "plan's largest instance count, as grace export)");
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
-        sub.add_option("--hardware", a->hardware,
-                       "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
+        sub.add_option(
+               "--hardware", a->hardware,
+               "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
             ->capture_default_str();
         sub.add_option("--hidden", a->hidden, "Hidden size H (default: hardware file, else the model preset)");
         sub.add_option("--intermediate", a->intermediate, "Expert intermediate size I (default: as --hidden)");
