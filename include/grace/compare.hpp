@@ -22,13 +22,12 @@ namespace grace {
 
 /// One row of the comparison: a planning method and the communication it runs with.
 struct CompareRow {
-    std::string name;    ///< display name, e.g. "+DR+TAR"
-    std::string method;  ///< planner method spec, e.g. "hierarchical+dynamic+tar"
+    std::string name;  ///< display name, e.g. "+DR+TAR"
+    /// Planner method spec, e.g. "hierarchical+dynamic+tar"; "METHOD@ENGINE" (ENGINE: sglang, vllm,
+    /// vllm-ascend, trtllm) evaluates the plan's export as that engine runs it (engine_eval.hpp).
+    std::string method;
     CommScheme scheme = CommScheme::kHsc;
     bool table1 = false;  ///< one of the paper's Table 1 columns
-    /// Serving engine ("sglang", "vllm", "vllm-ascend", "trtllm") that runs the plan's export with its own
-    /// replica choice (engine_eval.hpp); empty = GRACE's own evaluation of the plan.
-    std::string engine;
 };
 
 /// The default rows, in order: Occult (occult+none+primary, flat-dedup), Occult+HSC, HG+HSC

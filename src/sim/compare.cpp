@@ -60,11 +60,10 @@ std::vector<CompareRow> default_compare_rows() {
 }
 
 std::vector<CompareRow> engine_compare_rows(const std::string& engine) {
-    const Engine parsed = parse_engine(engine);
-    CompareRow eplb{"EPLB in " + engine, "eplb-hierarchical+eplb", CommScheme::kHsc, false, to_string(parsed)};
-    CompareRow grace{"GRACE in " + engine, "grace", CommScheme::kHsc, false, to_string(parsed)};
-    CompareRow native{"GRACE native", "hierarchical+dynamic+tar", CommScheme::kHsc, false};
-    return {eplb, grace, native};
+    const std::string name = to_string(parse_engine(engine));
+    return {{"EPLB in " + name, "eplb-hierarchical+eplb@" + name, CommScheme::kHsc, false},
+            {"GRACE in " + name, "grace@" + name, CommScheme::kHsc, false},
+            {"GRACE native", "hierarchical+dynamic+tar", CommScheme::kHsc, false}};
 }
 
 const CompareEntry* CompareResult::find(const std::string& name, const Topology& topology) const {
@@ -108,33 +107,36 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     res.seconds_profile = since(t0);
 
     t0 = std::chrono::steady_clock::now();
-    std::map<std::pair<std::string, std::string>, int> plan_of;  // (method@engine, topology) -> index, -1 = unsupported
+    std::map<std::pair<std::string, std::string>, int> plan_of;  // (method, topology) -> index, -1 = unsupported
     std::vector<std::vector<SlotMap>> slot_maps;                 // per plan: the engine's physical slots, or empty
     const int64_t num_plans = static_cast<int64_t>(options.topologies.size() * options.rows.size());
     int64_t done = 0;
     for (const Topology& topo : options.topologies) {
         for (const CompareRow& row : options.rows) {
             report("planning", done++, num_plans);
-            const auto key = std::make_pair(row.method + "@" + row.engine, topo.to_string());
+            const auto key = std::make_pair(row.method, topo.to_string());
+            const size_t at = row.method.find('@');
+            const std::string method = row.method.substr(0, at);
+            const std::string engine = at == std::string::npos ? std::string() : row.method.substr(at + 1);
             if (!plan_of.count(key)) {
                 PlanOptions opt;
-                opt.method = row.method;
+                opt.method = method;
                 opt.seed = options.seed;
                 opt.num_threads = options.num_threads;
                 // METIS keeps its random state in globals: concurrent per-layer calls race and the plan changes
                 // from run to run, so METIS layers are planned one at a time.
-                if (row.method.rfind("metis", 0) == 0) opt.num_threads = 1;
+                if (method.rfind("metis", 0) == 0) opt.num_threads = 1;
                 try {
                     res.plans.push_back(make_plan(res.stats, topo, opt));
                     slot_maps.emplace_back();
-                    if (!row.engine.empty()) {
+                    if (!engine.empty()) {
                         // What the engine runs: the export (padded to the topology's slots, by the profiled
                         // loads, as `grace export --stats`) with the engine's own replica choice.
-                        const RoutingPolicy policy = engine_policy(parse_engine(row.engine));
+                        const RoutingPolicy policy = engine_policy(parse_engine(engine));
                         EngineDeployment dep = deploy_to_engine(
                             res.plans.back(), policy, std::vector<double>(res.stats.load.begin(), res.stats.load.end()),
                             topo.slots_per_gpu.value_or(0));
-                        dep.plan.method = res.plans.back().method + "@" + row.engine;
+                        dep.plan.method = res.plans.back().method + "@" + engine;
                         res.plans.back() = std::move(dep.plan);
                         slot_maps.back() = std::move(dep.slot_maps);
                     }

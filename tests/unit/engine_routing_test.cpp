@@ -126,6 +126,30 @@ TEST(EngineDeployment, PlanOfThePaddedExport) {
         }
 }
 
+// SGLang's random stream runs over every row of the file, leading (dense) rows included: routers built with a
+// leading slot map must pick what the whole-file tables pick for the MoE layer.
+TEST(MakeLayerRouters, LeadingMapsAdvanceSglangStream) {
+    ExpertPlan plan;
+    plan.num_experts = 4;
+    plan.num_layers = 1;
+    plan.top_k = 1;
+    plan.topology = Topology{1, 4, std::nullopt};
+    LayerPlan lp;
+    lp.gpu_experts = {{0, 1}, {0, 2}, {0, 3}, {1, 2}};
+    lp.primary_gpu = {0, 0, 1, 2};
+    lp.finalize(4);
+    plan.layers = {lp};
+    const std::vector<SlotMap> maps{slots_of({0, 1, 2, 3, 0, 1, 2, 3}, 2), slot_map_of(lp)};
+    const auto tables = sglang_dispatch_tables(maps, 4, plan.topology, false);
+    auto routers = make_layer_routers(plan, RoutingPolicy::kSglangStatic, 0, maps);
+    ASSERT_EQ(routers.size(), 1u);
+    for (int g = 0; g < 4; ++g)
+        for (int e = 0; e < 4; ++e)
+            EXPECT_EQ(routers[0]->route(g, e, 0, 0, 1), maps[1].slot_gpu[tables[(4 + g) * 4 + e]]) << g << " " << e;
+    // A map that puts an expert on a GPU the plan does not give it is an input error.
+    EXPECT_THROW(make_layer_routers(plan, RoutingPolicy::kVllm, 0, {slots_of({0, 1, 2, 3, 0, 1, 2, 3}, 2)}), Error);
+}
+
 TEST(Engine, NamesAndPolicies) {
     EXPECT_EQ(parse_engine("vllm-ascend"), Engine::kVllmAscend);
     EXPECT_EQ(to_string(Engine::kTrtllm), "trtllm");
