@@ -34,13 +34,17 @@ struct EngineDeployment {
     /// The placement as a plan: GPU g holds the experts of its slots (two slots of one expert on one GPU are one
     /// instance), primary = the GPU of the expert's first slot, every layer's policy = the engine's rule.
     ExpertPlan plan;
-    std::vector<SlotMap> slot_maps;  ///< [L]: the physical slots, for ReplayOptions::slot_maps
+    /// [layer_offset + L]: the physical slots, for ReplayOptions::slot_maps; the leading ones are the trivial rows
+    /// (slot p holds expert p mod E) that the SGLang export gives the model's dense layers.
+    std::vector<SlotMap> slot_maps;
 };
 
 /// Builds the deployment of `plan` under `policy` (an engine policy): build_physical_map(plan, expert_load,
-/// slots_per_gpu), then the plan and slot maps above. Throws as build_physical_map, kInvalidArgument for a
-/// non-engine policy.
+/// slots_per_gpu), then the plan and slot maps above. `layer_offset` (grace export --layer-offset) matters to
+/// SGLang's static dispatch only: its random stream runs over the dense layers' rows first. Throws as
+/// build_physical_map, kInvalidArgument for a non-engine policy or a negative offset.
 EngineDeployment deploy_to_engine(const ExpertPlan& plan, RoutingPolicy policy,
-                                  const std::vector<double>& expert_load = {}, int slots_per_gpu = 0);
+                                  const std::vector<double>& expert_load = {}, int slots_per_gpu = 0,
+                                  int layer_offset = 0);
 
 }  // namespace grace

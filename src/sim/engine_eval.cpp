@@ -51,8 +51,9 @@ void check_engine_policy(Engine engine, RoutingPolicy policy) {
 }
 
 EngineDeployment deploy_to_engine(const ExpertPlan& plan, RoutingPolicy policy, const std::vector<double>& expert_load,
-                                  int slots_per_gpu) {
+                                  int slots_per_gpu, int layer_offset) {
     GRACE_CHECK_ARG(is_engine_policy(policy), "'", to_string(policy), "' is not an engine routing policy");
+    GRACE_CHECK_ARG(layer_offset >= 0, "layer offset must be >= 0, got ", layer_offset);
     EngineDeployment d;
     d.map = build_physical_map(plan, expert_load, slots_per_gpu);
     const int L = d.map.num_layers, E = d.map.num_experts, G = d.map.num_gpus, S = d.map.slots_per_gpu;
@@ -66,6 +67,14 @@ EngineDeployment deploy_to_engine(const ExpertPlan& plan, RoutingPolicy policy, 
     d.plan.method = plan.method;
     d.plan.seed = plan.seed;
     d.plan.source = plan.source;
+    for (int l = 0; l < layer_offset; ++l) {
+        SlotMap trivial;
+        for (size_t p = 0; p < P; ++p) {
+            trivial.slot_expert.push_back(static_cast<int>(p % E));
+            trivial.slot_gpu.push_back(static_cast<int>(p) / S);
+        }
+        d.slot_maps.push_back(std::move(trivial));
+    }
     for (int l = 0; l < L; ++l) {
         const int* row = d.map.phy2log.data() + l * P;
         SlotMap slots;

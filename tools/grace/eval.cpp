@@ -18,7 +18,7 @@ namespace {
 
 struct EvalArgs {
     std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, engine, stats;
-    int slots_per_gpu = 0;
+    int slots_per_gpu = 0, layer_offset = 0;
     TraceOverrides overrides;
     std::optional<int> experts;
     int hidden = 0, intermediate = 0, threads = 0;
@@ -36,8 +36,9 @@ int run_eval(const EvalArgs& a) {
         if (!opt.replay.policy) opt.replay.policy = engine_policy(*engine);
         check_engine_policy(*engine, *opt.replay.policy);
     }
-    GRACE_CHECK_ARG(engine || (a.stats.empty() && a.slots_per_gpu == 0),
-                    "--stats and --slots-per-gpu describe an engine deployment: they need --engine");
+    GRACE_CHECK_ARG(engine || (a.stats.empty() && a.slots_per_gpu == 0 && a.layer_offset == 0),
+                    "--stats, --slots-per-gpu and --layer-offset describe an engine deployment: they need --engine");
+    GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
     GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
     opt.replay.num_threads = a.threads;
     GRACE_CHECK_ARG(a.chunk >= 1, "--chunk must be at least 1, got ", a.chunk);
@@ -69,7 +70,7 @@ int run_eval(const EvalArgs& a) {
                               " but the plan has E=", plan.num_experts, " L=", plan.num_layers);
             load.assign(st.load.begin(), st.load.end());
         }
-        EngineDeployment dep = deploy_to_engine(plan, *opt.replay.policy, load, a.slots_per_gpu);
+        EngineDeployment dep = deploy_to_engine(plan, *opt.replay.policy, load, a.slots_per_gpu, a.layer_offset);
         std::cout << "in " << a.engine << ": " << dep.map.num_gpus << " GPUs x " << dep.map.slots_per_gpu
                   << " slots = " << dep.map.num_physical() << " physical experts, " << dep.map.num_padded
                   << " padding replicas, routing " << to_string(*opt.replay.policy) << "\n";
@@ -113,6 +114,9 @@ GRACE_COMMAND(
         sub.add_option("--slots-per-gpu", a->slots_per_gpu,
                        "With --engine: the engine's slots per GPU, (E + redundant experts) / G (default: the "
                        "plan's largest instance count, as grace export)");
+        sub.add_option("--layer-offset", a->layer_offset,
+                       "With --engine: model layer index of MoE layer 0, as given to grace export (SGLang's static "
+                       "dispatch draws over the dense layers' rows too)");
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")->required();
         sub.add_option(
                "--hardware", a->hardware,
