@@ -12,12 +12,12 @@
 
 namespace grace {
 
-/// How a token's selection of expert e is sent to one of e's instances (spec §5).
+/// How a token's selection of expert e is sent to one of e's instances (spec §5). The values from kVllm on are
+/// the serving engines' own replica choice, as their code does it (engine_routing.hpp, docs/deploy.md).
 enum class RoutingPolicy {
     kPrimary,        ///< always the primary instance
     kWrr,            ///< smooth weighted round-robin over all instances, weights from load prediction
     kTar,            ///< topology-aware: same GPU, else same node, else any; WRR inside the tier
-    // The engines' own replica choice, exactly as their code does it (engine_routing.hpp, docs/deploy.md).
     kVllm,           ///< vLLM: slot ((local token * 2654435769) mod 2^32) mod replica count
     kSglangStatic,   ///< SGLang legacy static: same-GPU slot, else _fair_choices with random.Random(42), per rank
     kSglangDynamic,  ///< SGLang dynamic: uniform random slot per selection (seeded)

@@ -88,9 +88,9 @@ PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>
                         " experts (a GPU would hold an expert twice)");
         for (const auto& lp : plan.layers)
             for (int g = 0; g < G; ++g)
-                GRACE_CHECK_ARG(static_cast<int>(lp.gpu_experts[g].size()) <= slots_per_gpu, "export: layer ",
-                                lp.layer, " puts ", lp.gpu_experts[g].size(), " instances on GPU ", g,
-                                ", more than the ", slots_per_gpu, " slots per GPU asked for");
+                GRACE_CHECK_ARG(static_cast<int>(lp.gpu_experts[g].size()) <= slots_per_gpu, "export: layer ", lp.layer,
+                                " puts ", lp.gpu_experts[g].size(), " instances on GPU ", g, ", more than the ",
+                                slots_per_gpu, " slots per GPU asked for");
         m.slots_per_gpu = slots_per_gpu;
     }
     const size_t P = m.num_physical();

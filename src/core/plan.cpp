@@ -43,9 +43,10 @@ std::string to_string(RoutingPolicy policy) {
 RoutingPolicy parse_routing_policy(const std::string& name) {
     for (const auto& p : kPolicyNames)
         if (name == p.name) return p.policy;
-    GRACE_CHECK_ARG(false, "unknown routing policy '", name,
-                    "' (expected primary, wrr, tar, vllm, sglang-static, sglang-dynamic, sglang-nearest, vllm-ascend or "
-                    "trtllm)");
+    GRACE_CHECK_ARG(
+        false, "unknown routing policy '", name,
+        "' (expected primary, wrr, tar, vllm, sglang-static, sglang-dynamic, sglang-nearest, vllm-ascend or "
+        "trtllm)");
     return RoutingPolicy::kPrimary;
 }
 
