@@ -298,6 +298,7 @@ std::vector<std::unique_ptr<EngineLayerRouter>> make_engine_routers(const std::v
     const size_t per_layer = static_cast<size_t>(topology.num_gpus()) * num_experts;
     std::vector<std::unique_ptr<EngineLayerRouter>> out;
     for (size_t l = 0; l < layers.size(); ++l) {
+        expert_slots(layers[l], num_experts, topology.num_gpus(), static_cast<int>(l));  // errors name the layer
         std::vector<int> fixed;
         if (sglang_static) fixed.assign(tables.begin() + l * per_layer, tables.begin() + (l + 1) * per_layer);
         out.push_back(
