@@ -43,10 +43,15 @@ class ReplicaRouter {
     ReplicaRouter(ReplicaRouter&&) noexcept;
     ReplicaRouter& operator=(ReplicaRouter&&) noexcept;
 
-    /// GPU chosen for selection j (0 <= j < k) of a token whose index among the tokens of its source GPU is
-    /// `token`, on source GPU `source`, choosing `expert`. `token` matters only to the token-dependent engine
-    /// policies (vllm, trtllm, sglang-dynamic). Advances the WRR counter of (source, expert).
+    /// GPU chosen for selection j (0 <= j < k) of a token whose flat index in the replayed stream is `token`,
+    /// on source GPU `source`, choosing `expert`. `token` matters only to the token-dependent engine policies
+    /// (vllm, trtllm, sglang-dynamic), which see `token - token_origin(source)`: the token's index among its
+    /// rank's tokens, once the origin is set. Advances the WRR counter of (source, expert).
     int route(int source, int expert, int64_t token, int j, int top_k);
+    /// Sets the flat index of `source`'s first token (default 0), so the engine policies see per-rank token
+    /// indices as the engines do. The replay sets every source's; a runtime rank sets its own on its first call.
+    void set_token_origin(int source, int64_t first_token);
+    int64_t token_origin(int source) const { return origins_[static_cast<size_t>(source)]; }
     /// Whether route() depends only on (source, expert) for this policy (primary, sglang-static,
     /// sglang-nearest, vllm-ascend).
     bool fixed_per_source() const;
@@ -87,6 +92,7 @@ class ReplicaRouter {
     std::vector<int> offsets_;
     std::unique_ptr<EngineLayerRouter> engine_;  // engine policies
     std::vector<int> slot_instance_;             // [P]: instance index of each physical slot (engine policies)
+    std::vector<int64_t> origins_;               // [G]: first token of each source (engine policies)
 
     void attach_engine(std::unique_ptr<EngineLayerRouter> engine);
 };

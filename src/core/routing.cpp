@@ -86,6 +86,7 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
     const size_t pairs = static_cast<size_t>(G) * num_experts_;
     offsets_.assign(pairs, 0);
     seq_begin_.assign(pairs, 0);
+    origins_.assign(G, 0);
     if (policy == RoutingPolicy::kWrr) {
         // Every source shares the expert's sequence over all instances.
         std::vector<int64_t> expert_begin(num_experts_);
@@ -146,6 +147,7 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology,
     const size_t pairs = static_cast<size_t>(topology.num_gpus()) * num_experts_;
     offsets_.assign(pairs, 0);
     seq_begin_.assign(pairs, 0);
+    origins_.assign(topology.num_gpus(), 0);
     attach_engine(std::move(engine));
 }
 
@@ -189,11 +191,17 @@ int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k
             break;
         }
         default:
-            pick = slot_instance_[engine_->route(source, expert, token, j, top_k)];
+            pick = slot_instance_[engine_->route(source, expert, token - origins_[source], j, top_k)];
             break;
     }
     last_instance_ = pick;
     return gpus[pick];
+}
+
+void ReplicaRouter::set_token_origin(int source, int64_t first_token) {
+    GRACE_CHECK_ARG(source >= 0 && source < static_cast<int>(origins_.size()), "source GPU ", source,
+                    " is outside [0, ", origins_.size(), ")");
+    origins_[static_cast<size_t>(source)] = first_token;
 }
 
 void ReplicaRouter::reset() {

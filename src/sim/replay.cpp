@@ -87,6 +87,9 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
         st.plan = &lp;
         const RoutingPolicy policy = options.policy.value_or(lp.policy);
         st.router = std::move(routers[l]);
+        // The engine policies see a token's index among its home GPU's tokens (a rank's own batch).
+        for (int g = 0; g < G; ++g)
+            st.router->set_token_origin(g, static_cast<int64_t>((static_cast<__int128>(g) * total_tokens + G - 1) / G));
         st.period = lp.wrr_period;
         st.inst_begin.assign(E + 1, 0);
         for (int e = 0; e < E; ++e)
@@ -173,10 +176,9 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
     // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
     auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
     int64_t next_home = block_begin(h + 1);
-    int64_t home_first = block_begin(h);  // the engine policies see a token's index on its home GPU
     for (int64_t i = 0; i < n; ++i, ids += stride) {
         const int64_t t = first_token + i;
-        while (t >= next_home) home_first = next_home, next_home = block_begin(++h + 1);
+        while (t >= next_home) next_home = block_begin(++h + 1);
         const int32_t* row = table + static_cast<size_t>(h) * E;
         int64_t* src_row = st.src_inst.data() + static_cast<size_t>(h) * num_inst;
         uint32_t mask = 0;
@@ -195,7 +197,7 @@ void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, i
                 d = sq.gpus[pick];
                 inst = sq.inst_begin + pick;
             } else {
-                d = router.route(h, e, t - home_first, j, k);
+                d = router.route(h, e, t, j, k);
                 inst = inst_begin[e] + router.last_instance();
             }
             ++src_row[inst];

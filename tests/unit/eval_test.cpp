@@ -253,17 +253,19 @@ TEST(Replay, MatchesReplicaRouterCallByCall) {
             auto routers = make_layer_routers(plan, policy, plan.seed);
             for (int l = 0; l < 2; ++l) {
                 ReplicaRouter& router = *routers[l];
+                // The engines see per-rank token indices: each source's first token is its origin.
+                for (int64_t t = 0; t < trace.num_tokens; ++t)
+                    if (t == 0 || home_gpu(t - 1, trace.num_tokens, G) != home_gpu(t, trace.num_tokens, G))
+                        router.set_token_origin(home_gpu(t, trace.num_tokens, G), t);
                 std::vector<int64_t> flat(G * G, 0), dedup(G * G, 0), hsc(G * G, 0);
                 std::vector<std::vector<int64_t>> inst(24);
                 for (int e = 0; e < 24; ++e) inst[e].assign(plan.layers[l].instance_gpus[e].size(), 0);
                 for (int64_t t = 0; t < trace.num_tokens; ++t) {
                     const int h = home_gpu(t, trace.num_tokens, G);
-                    int64_t first = t;  // the first token of GPU h: the engines see local token indices
-                    while (first > 0 && home_gpu(first - 1, trace.num_tokens, G) == h) --first;
                     std::vector<int> dsts;
                     for (int j = 0; j < 3; ++j) {
                         const int e = trace.id(t, l, j);
-                        const int d = router.route(h, e, t - first, j, 3);
+                        const int d = router.route(h, e, t, j, 3);
                         ++inst[e][router.last_instance()];
                         if (d != h) ++flat[h * G + d];
                         if (std::find(dsts.begin(), dsts.end(), d) == dsts.end()) dsts.push_back(d);
