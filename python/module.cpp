@@ -218,7 +218,8 @@ void bind_core(py::module_& m) {
 
     py::class_<PyRouter>(m, "ReplicaRouter",
                          "Stateful replica router of one plan layer (spec §5): WRR/TAR periodic sequences, "
-                         "vLLM, SGLang static/dynamic, primary.")
+                         "primary, and the engines' rules over the layer's slots (vllm, sglang-static, "
+                         "sglang-nearest, sglang-dynamic, vllm-ascend, trtllm).")
         .def(py::init([](const py::object& plan, int layer, std::optional<std::string> policy, uint64_t seed) {
                  auto r = std::make_unique<PyRouter>();
                  r->plan = std::make_unique<ExpertPlan>(plan_from_py(plan));
@@ -242,7 +243,8 @@ void bind_core(py::module_& m) {
                 return r.router->route(source, expert, token, j, top_k);
             },
             py::arg("source"), py::arg("expert"), py::arg("token"), py::arg("j"), py::arg("top_k"),
-            "GPU chosen for selection j of token `token` on GPU `source` choosing `expert`.")
+            "GPU chosen for selection j of token `token` (its index among the tokens of GPU `source`) on GPU "
+            "`source` choosing `expert`.")
         .def(
             "route_tokens",
             [](PyRouter& r, const py::object& ids, const py::object& sources, int64_t first_token) {
@@ -323,4 +325,5 @@ PYBIND11_MODULE(_grace, m) {
     if (&grace::py_bind::bind_stats) grace::py_bind::bind_stats(m);
     if (&grace::py_bind::bind_planner) grace::py_bind::bind_planner(m);
     if (&grace::py_bind::bind_eval) grace::py_bind::bind_eval(m);
+    if (&grace::py_bind::bind_engines) grace::py_bind::bind_engines(m);
 }

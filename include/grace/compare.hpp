@@ -22,8 +22,10 @@ namespace grace {
 
 /// One row of the comparison: a planning method and the communication it runs with.
 struct CompareRow {
-    std::string name;    ///< display name, e.g. "+DR+TAR"
-    std::string method;  ///< planner method spec, e.g. "hierarchical+dynamic+tar"
+    std::string name;  ///< display name, e.g. "+DR+TAR"
+    /// Planner method spec, e.g. "hierarchical+dynamic+tar"; "METHOD@ENGINE" (ENGINE: sglang, vllm,
+    /// vllm-ascend, trtllm) evaluates the plan's export as that engine runs it (engine_eval.hpp).
+    std::string method;
     CommScheme scheme = CommScheme::kHsc;
     bool table1 = false;  ///< one of the paper's Table 1 columns
 };
@@ -35,6 +37,10 @@ struct CompareRow {
 /// (metis+none+primary, hsc). The EPLB and METIS rows use hsc so that they differ from GRACE only in placement
 /// and routing (DeepEP's internode kernels, which vLLM and SGLang use, also send one copy per node).
 std::vector<CompareRow> default_compare_rows();
+
+/// The rows of `grace compare --engine NAME`: "EPLB in NAME" (eplb-hierarchical+eplb, exported, NAME's routing),
+/// "GRACE in NAME" (grace, exported, NAME's routing) and "GRACE native" (grace with TAR), all on hsc.
+std::vector<CompareRow> engine_compare_rows(const std::string& engine);
 
 /// What run_compare reports as it goes: a stage name and its progress.
 using CompareProgress = std::function<void(const std::string& stage, int64_t done, int64_t total)>;
@@ -68,7 +74,8 @@ struct CompareResult {
     std::string reference;
     std::string hardware;
     RoutingStats stats;                 ///< profile of the profile trace
-    std::vector<ExpertPlan> plans;      ///< every distinct (method, topology) plan
+    std::vector<ExpertPlan> plans;      ///< every distinct (method, engine, topology) plan; an engine row's plan is
+                                        ///< its engine deployment (method "METHOD@ENGINE")
     std::vector<CompareEntry> entries;  ///< rows x topologies, topology-major
     std::vector<std::string> notes;     ///< rows that could not be planned (e.g. METIS not built), with why
     double seconds_profile = 0, seconds_plan = 0, seconds_replay = 0;  ///< wall time of each stage

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "grace/engine_routing.hpp"
 #include "grace/hardware.hpp"
 #include "grace/model_config.hpp"
 #include "grace/plan.hpp"
@@ -74,8 +75,11 @@ struct LayerCounts {
 struct ReplayOptions {
     /// Routing policy for every layer; unset = each layer's plan policy.
     std::optional<RoutingPolicy> policy;
-    /// Seed of the SGLang policies; unset = the plan's seed.
+    /// Seed of the sglang-dynamic policy; unset = the plan's seed. (SGLang's static tables always use 42.)
     std::optional<uint64_t> seed;
+    /// Physical slots the engine policies route over (an engine's loaded placement, see engine_eval.hpp): one
+    /// per model layer of the engine's file, leading (dense) layers first; empty = each plan layer's own slots.
+    std::vector<SlotMap> slot_maps;
     int num_threads = 0;  ///< 0 = all; results are identical for any count (layers are independent)
 };
 

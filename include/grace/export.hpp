@@ -42,8 +42,12 @@ struct PhysicalMap {
 
 /// Builds the equal-slot map. `expert_load` is [L, E] (tokens), used to choose padding replicas; empty means
 /// estimate each expert's load as its primary GPU's predicted load divided by that GPU's instance count (the
-/// plan stores no per-expert loads). Throws kInvalidArgument if `expert_load` has the wrong size.
-PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load = {});
+/// plan stores no per-expert loads). `slots_per_gpu` > 0 asks for exactly that many slots per GPU (an engine's
+/// (E + redundant) / G); 0 = the largest instance count of any GPU and layer. Throws kInvalidArgument if
+/// `expert_load` has the wrong size, or the plan holds more instances on a GPU than `slots_per_gpu`, or
+/// `slots_per_gpu` exceeds E.
+PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load = {},
+                               int slots_per_gpu = 0);
 
 /// Largest ExportOptions::layer_offset: a model layer index (the deepest models have a few hundred layers); the
 /// SGLang export writes one row per offset layer, so the bound also bounds its size.

@@ -12,17 +12,21 @@
 
 namespace grace {
 
-/// How a token's selection of expert e is sent to one of e's instances (spec §5).
+/// How a token's selection of expert e is sent to one of e's instances (spec §5). The values from kVllm on are
+/// the serving engines' own replica choice, as their code does it (engine_routing.hpp, docs/deploy.md).
 enum class RoutingPolicy {
     kPrimary,        ///< always the primary instance
     kWrr,            ///< smooth weighted round-robin over all instances, weights from load prediction
     kTar,            ///< topology-aware: same GPU, else same node, else any; WRR inside the tier
-    kVllm,           ///< replica index = (t*k + j) mod replica count
-    kSglangStatic,   ///< same-GPU replica if any, else a seeded random replica fixed per (rank, expert)
-    kSglangDynamic,  ///< uniform random replica per selection (seeded)
+    kVllm,           ///< vLLM: slot ((local token * 2654435769) mod 2^32) mod replica count
+    kSglangStatic,   ///< SGLang legacy static: same-GPU slot, else _fair_choices with random.Random(42), per rank
+    kSglangDynamic,  ///< SGLang dynamic: uniform random slot per selection (seeded)
+    kSglangNearest,  ///< SGLang newer static (_find_nearest_expert): same GPU, else same node, else fair choices
+    kVllmAscend,     ///< vLLM-Ascend: rank r takes the (r mod n)-th holder of the expert
+    kTrtllm,         ///< TensorRT-LLM: per-rank round-robin over the expert's slots in 1024-selection blocks
 };
 
-/// "primary", "wrr", "tar", "vllm", "sglang-static", "sglang-dynamic".
+/// "primary", "wrr", "tar", "vllm", "sglang-static", "sglang-dynamic", "sglang-nearest", "vllm-ascend", "trtllm".
 std::string to_string(RoutingPolicy policy);
 /// Inverse of to_string; throws kInvalidArgument listing the valid names.
 RoutingPolicy parse_routing_policy(const std::string& name);

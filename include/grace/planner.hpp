@@ -10,7 +10,8 @@
 ///   replication: none | fixed | dynamic | dynamic-iter (DR repeated on the next heaviest GPU, beyond the paper)
 ///                | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
 ///                the GPUs' slots)
-///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic
+///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic | sglang-nearest | vllm-ascend
+///                | trtllm
 /// Missing trailing components default to `none` and `primary`.
 
 #include <cstdint>

@@ -9,8 +9,11 @@
 /// per (source GPU, expert): the i-th selection takes position (offset + i) mod Q.
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <vector>
 
+#include "grace/engine_routing.hpp"
 #include "grace/plan.hpp"
 #include "grace/topology.hpp"
 
@@ -28,13 +31,30 @@ std::vector<int> round_weights(const std::vector<double>& weights, int period);
 /// give the same picks.
 class ReplicaRouter {
   public:
-    /// Builds the per-(source GPU, expert) tables. `seed` drives the SGLang policies.
+    /// Builds the per-(source GPU, expert) tables. `seed` drives sglang-dynamic. The engine policies
+    /// (engine_routing.hpp) route over the layer's slots in export order (slot_map_of); SGLang's static tables
+    /// start their random.Random(42) at this layer (exact for a one-layer model; make_engine_routers builds a
+    /// whole model's).
     ReplicaRouter(const LayerPlan& layer, const Topology& topology, RoutingPolicy policy, uint64_t seed = 0);
+    /// Routes with an engine router over physical slots; every slot must be on a GPU holding an instance of its
+    /// expert (two slots of an expert on one GPU are one instance). Throws kInvalidInput otherwise.
+    ReplicaRouter(const LayerPlan& layer, const Topology& topology, std::unique_ptr<EngineLayerRouter> engine);
+    ~ReplicaRouter();
+    ReplicaRouter(ReplicaRouter&&) noexcept;
+    ReplicaRouter& operator=(ReplicaRouter&&) noexcept;
 
     /// GPU chosen for selection j (0 <= j < k) of a token whose flat index in the replayed stream is `token`,
-    /// on source GPU `source`, choosing `expert`. `token` matters only to the vLLM policy (t*k + j) and the
-    /// dynamic SGLang policy. Advances the WRR counter of (source, expert).
+    /// on source GPU `source`, choosing `expert`. `token` matters only to the token-dependent engine policies
+    /// (vllm, trtllm, sglang-dynamic), which see `token - token_origin(source)`: the token's index among its
+    /// rank's tokens, once the origin is set. Advances the WRR counter of (source, expert).
     int route(int source, int expert, int64_t token, int j, int top_k);
+    /// Sets the flat index of `source`'s first token (default 0), so the engine policies see per-rank token
+    /// indices as the engines do. The replay sets every source's; a runtime rank sets its own on its first call.
+    void set_token_origin(int source, int64_t first_token);
+    int64_t token_origin(int source) const { return origins_[static_cast<size_t>(source)]; }
+    /// Whether route() depends only on (source, expert) for this policy (primary, sglang-static,
+    /// sglang-nearest, vllm-ascend).
+    bool fixed_per_source() const;
 
     /// Position in instance_gpus[expert] of the last pick (for per-instance loads).
     int last_instance() const { return last_instance_; }
@@ -70,7 +90,21 @@ class ReplicaRouter {
     std::vector<uint8_t> sequences_;
     std::vector<int64_t> seq_begin_;
     std::vector<int> offsets_;
-    std::vector<int> static_choice_;  // SGLang static: instance index per (source, expert)
+    std::unique_ptr<EngineLayerRouter> engine_;  // engine policies
+    std::vector<int> slot_instance_;             // [P]: instance index of each physical slot (engine policies)
+    std::vector<int64_t> origins_;               // [G]: first token of each source (engine policies)
+
+    void attach_engine(std::unique_ptr<EngineLayerRouter> engine);
 };
+
+/// One router per layer of `plan` (which must outlive them) under `policy` (unset: each layer's own). Engine
+/// policies route over `slot_maps` (one per model layer the engine's file holds; the first size - L are leading
+/// layers, e.g. dense ones, that only advance SGLang's random stream), or over each layer's slots in export order
+/// when empty; SGLang's static tables run one random.Random(42) over all of them. Throws kInvalidInput when the
+/// slot maps do not fit the plan, kInvalidArgument for fewer maps than layers.
+std::vector<std::unique_ptr<ReplicaRouter>> make_layer_routers(const ExpertPlan& plan,
+                                                               const std::optional<RoutingPolicy>& policy,
+                                                               uint64_t seed,
+                                                               const std::vector<SlotMap>& slot_maps = {});
 
 }  // namespace grace

@@ -109,8 +109,9 @@ class MoeLayer {
     /// Collective over all ranks (every rank must call it, with num_tokens = 0 if it has none).
     /// hidden [num_tokens, H], topk_ids [num_tokens, k] (expert ids; -1 = no selection), topk_weights
     /// [num_tokens, k]; writes out [num_tokens, H] = sum_j w_j * expert_{e_j}(hidden). `first_token` is the
-    /// global flat index of this rank's first token in the replayed stream (the vLLM and SGLang-dynamic
-    /// policies use it, as the evaluator does). Throws kInvalidArgument for bad ids/shapes, kBackend.
+    /// global flat index of this rank's first token in the replayed stream; the first call's is taken as the
+    /// rank's first token, so the engine policies (vllm, trtllm, sglang-dynamic) see per-rank token indices, as
+    /// the evaluator does. Throws kInvalidArgument for bad ids/shapes, kBackend.
     void forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens, int top_k,
                  float* out, int64_t first_token = 0);
     /// Vector form: returns [num_tokens, H].

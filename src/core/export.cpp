@@ -94,7 +94,7 @@ ExportFormat parse_export_format(const std::string& name) {
     return ExportFormat::kSglang;
 }
 
-PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load) {
+PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>& expert_load, int slots_per_gpu) {
     plan.validate();
     const int L = plan.num_layers, E = plan.num_experts, G = plan.topology.num_gpus();
     GRACE_CHECK_ARG(expert_load.empty() || expert_load.size() == static_cast<size_t>(L) * E,
@@ -106,6 +106,16 @@ PhysicalMap build_physical_map(const ExpertPlan& plan, const std::vector<double>
     m.num_gpus = G;
     for (const auto& lp : plan.layers)
         for (const auto& ex : lp.gpu_experts) m.slots_per_gpu = std::max<int>(m.slots_per_gpu, ex.size());
+    if (slots_per_gpu > 0) {
+        GRACE_CHECK_ARG(slots_per_gpu <= E, "export: ", slots_per_gpu, " slots per GPU exceed the ", E,
+                        " experts (a GPU would hold an expert twice)");
+        for (const auto& lp : plan.layers)
+            for (int g = 0; g < G; ++g)
+                GRACE_CHECK_ARG(static_cast<int>(lp.gpu_experts[g].size()) <= slots_per_gpu, "export: layer ", lp.layer,
+                                " puts ", lp.gpu_experts[g].size(), " instances on GPU ", g, ", more than the ",
+                                slots_per_gpu, " slots per GPU asked for");
+        m.slots_per_gpu = slots_per_gpu;
+    }
     const size_t P = m.num_physical();
     m.phy2log.assign(static_cast<size_t>(L) * P, -1);
     for (int l = 0; l < L; ++l) {

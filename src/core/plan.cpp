@@ -30,7 +30,10 @@ constexpr PolicyName kPolicyNames[] = {{RoutingPolicy::kPrimary, "primary"},
                                        {RoutingPolicy::kTar, "tar"},
                                        {RoutingPolicy::kVllm, "vllm"},
                                        {RoutingPolicy::kSglangStatic, "sglang-static"},
-                                       {RoutingPolicy::kSglangDynamic, "sglang-dynamic"}};
+                                       {RoutingPolicy::kSglangDynamic, "sglang-dynamic"},
+                                       {RoutingPolicy::kSglangNearest, "sglang-nearest"},
+                                       {RoutingPolicy::kVllmAscend, "vllm-ascend"},
+                                       {RoutingPolicy::kTrtllm, "trtllm"}};
 
 json number_or_null(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
 
@@ -45,8 +48,10 @@ std::string to_string(RoutingPolicy policy) {
 RoutingPolicy parse_routing_policy(const std::string& name) {
     for (const auto& p : kPolicyNames)
         if (name == p.name) return p.policy;
-    GRACE_CHECK_ARG(false, "unknown routing policy '", name,
-                    "' (expected primary, wrr, tar, vllm, sglang-static or sglang-dynamic)");
+    GRACE_CHECK_ARG(
+        false, "unknown routing policy '", name,
+        "' (expected primary, wrr, tar, vllm, sglang-static, sglang-dynamic, sglang-nearest, vllm-ascend or "
+        "trtllm)");
     return RoutingPolicy::kPrimary;
 }
 

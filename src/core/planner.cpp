@@ -428,7 +428,8 @@ MethodSpec parse_method(const std::string& text) {
             spec.routing = parse_routing_policy(parts[2]);
         } catch (const Error&) {
             GRACE_CHECK_ARG(false, "unknown routing '", parts[2], "' in method '", text,
-                            "' (valid: primary, wrr, tar, vllm, sglang-static, sglang-dynamic)");
+                            "' (valid: primary, wrr, tar, vllm, sglang-static, sglang-dynamic, "
+                            "sglang-nearest, vllm-ascend, trtllm)");
         }
     }
     return spec;

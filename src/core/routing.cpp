@@ -5,7 +5,6 @@
 #include <numeric>
 
 #include "grace/error.hpp"
-#include "rng.hpp"
 
 namespace grace {
 
@@ -87,6 +86,7 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
     const size_t pairs = static_cast<size_t>(G) * num_experts_;
     offsets_.assign(pairs, 0);
     seq_begin_.assign(pairs, 0);
+    origins_.assign(G, 0);
     if (policy == RoutingPolicy::kWrr) {
         // Every source shares the expert's sequence over all instances.
         std::vector<int64_t> expert_begin(num_experts_);
@@ -129,19 +129,50 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
                 for (uint8_t pick : seq) sequences_.push_back(static_cast<uint8_t>(tier[pick]));
             }
         }
-    } else if (policy == RoutingPolicy::kSglangStatic) {
-        static_choice_.assign(pairs, 0);
-        for (int s = 0; s < G; ++s)
-            for (int e = 0; e < num_experts_; ++e) {
-                const auto& gpus = layer.instance_gpus[e];
-                auto local = std::find(gpus.begin(), gpus.end(), s);
-                int pick = local != gpus.end()
-                               ? static_cast<int>(local - gpus.begin())
-                               : static_cast<int>(mix64(seed, static_cast<uint64_t>(s), static_cast<uint64_t>(e)) %
-                                                  gpus.size());
-                static_choice_[static_cast<size_t>(s) * num_experts_ + e] = pick;
-            }
+    } else if (is_engine_policy(policy)) {
+        std::vector<SlotMap> one{slot_map_of(layer)};
+        attach_engine(std::move(make_engine_routers(one, num_experts_, topology, policy, seed).front()));
     }
+}
+
+ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology,
+                             std::unique_ptr<EngineLayerRouter> engine)
+    : layer_(&layer),
+      topology_(topology),
+      policy_(engine ? engine->policy() : RoutingPolicy::kPrimary),
+      seed_(0),
+      num_experts_(static_cast<int>(layer.instance_gpus.size())),
+      period_(layer.wrr_period) {
+    GRACE_CHECK_ARG(engine != nullptr, "ReplicaRouter needs an engine router");
+    const size_t pairs = static_cast<size_t>(topology.num_gpus()) * num_experts_;
+    offsets_.assign(pairs, 0);
+    seq_begin_.assign(pairs, 0);
+    origins_.assign(topology.num_gpus(), 0);
+    attach_engine(std::move(engine));
+}
+
+ReplicaRouter::~ReplicaRouter() = default;
+ReplicaRouter::ReplicaRouter(ReplicaRouter&&) noexcept = default;
+ReplicaRouter& ReplicaRouter::operator=(ReplicaRouter&&) noexcept = default;
+
+void ReplicaRouter::attach_engine(std::unique_ptr<EngineLayerRouter> engine) {
+    const SlotMap& m = engine->slots();
+    slot_instance_.assign(m.slot_expert.size(), -1);
+    for (size_t p = 0; p < m.slot_expert.size(); ++p) {
+        const int e = m.slot_expert[p];
+        GRACE_CHECK_INPUT(e >= 0 && e < num_experts_, "layer ", layer_->layer, ": physical slot ", p, " holds expert ",
+                          e, ", outside [0, ", num_experts_, ")");
+        const auto& gpus = layer_->instance_gpus[e];
+        auto it = std::find(gpus.begin(), gpus.end(), m.slot_gpu[p]);
+        GRACE_CHECK_INPUT(it != gpus.end(), "layer ", layer_->layer, ": physical slot ", p, " puts expert ", e,
+                          " on GPU ", m.slot_gpu[p], ", which holds no instance of it");
+        slot_instance_[p] = static_cast<int>(it - gpus.begin());
+    }
+    engine_ = std::move(engine);
+}
+
+bool ReplicaRouter::fixed_per_source() const {
+    return policy_ == RoutingPolicy::kPrimary || (engine_ && engine_->fixed_per_source());
 }
 
 int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k) {
@@ -159,23 +190,24 @@ int ReplicaRouter::route(int source, int expert, int64_t token, int j, int top_k
             if (++offset == period_) offset = 0;
             break;
         }
-        case RoutingPolicy::kVllm:
-            pick = static_cast<int>((token * top_k + j) % static_cast<int64_t>(gpus.size()));
-            break;
-        case RoutingPolicy::kSglangStatic:
-            pick = static_choice_[key];
-            break;
-        case RoutingPolicy::kSglangDynamic:
-            pick = static_cast<int>(
-                mix64(seed_ ^ 0x5eed5eedULL, static_cast<uint64_t>(token) * 1024 + j, static_cast<uint64_t>(expert)) %
-                gpus.size());
+        default:
+            pick = slot_instance_[engine_->route(source, expert, token - origins_[source], j, top_k)];
             break;
     }
     last_instance_ = pick;
     return gpus[pick];
 }
 
-void ReplicaRouter::reset() { std::fill(offsets_.begin(), offsets_.end(), 0); }
+void ReplicaRouter::set_token_origin(int source, int64_t first_token) {
+    GRACE_CHECK_ARG(source >= 0 && source < static_cast<int>(origins_.size()), "source GPU ", source,
+                    " is outside [0, ", origins_.size(), ")");
+    origins_[static_cast<size_t>(source)] = first_token;
+}
+
+void ReplicaRouter::reset() {
+    std::fill(offsets_.begin(), offsets_.end(), 0);
+    if (engine_) engine_->reset();
+}
 
 void ReplicaRouter::set_offsets(const std::vector<int>& offsets) {
     GRACE_CHECK_ARG(offsets.size() == offsets_.size(), "expected ", offsets_.size(), " WRR offsets, got ",
@@ -191,6 +223,38 @@ std::vector<uint8_t> ReplicaRouter::flat_sequences() const {
     out.reserve(seq_begin_.size() * period_);
     for (int64_t begin : seq_begin_)
         out.insert(out.end(), sequences_.begin() + begin, sequences_.begin() + begin + period_);
+    return out;
+}
+
+std::vector<std::unique_ptr<ReplicaRouter>> make_layer_routers(const ExpertPlan& plan,
+                                                               const std::optional<RoutingPolicy>& policy,
+                                                               uint64_t seed, const std::vector<SlotMap>& slot_maps) {
+    const int L = plan.num_layers;
+    GRACE_CHECK_ARG(slot_maps.empty() || static_cast<int>(slot_maps.size()) >= L,
+                    "routing needs a slot map per layer (", L, "), got ", slot_maps.size());
+    std::vector<SlotMap> maps = slot_maps;
+    if (maps.empty())
+        for (const auto& lp : plan.layers) maps.push_back(slot_map_of(lp));
+    const size_t lead = maps.size() - static_cast<size_t>(L);
+    // Engine routers of each engine policy in use, built over all layers at once.
+    std::vector<std::unique_ptr<EngineLayerRouter>> engine(maps.size());
+    std::vector<RoutingPolicy> built;
+    for (int l = 0; l < L; ++l) {
+        const RoutingPolicy pol = policy.value_or(plan.layers[l].policy);
+        if (!is_engine_policy(pol) || std::count(built.begin(), built.end(), pol)) continue;
+        built.push_back(pol);
+        auto routers = make_engine_routers(maps, plan.num_experts, plan.topology, pol, seed);
+        for (int m = l; m < L; ++m)
+            if (policy.value_or(plan.layers[m].policy) == pol) engine[lead + m] = std::move(routers[lead + m]);
+    }
+    std::vector<std::unique_ptr<ReplicaRouter>> out;
+    for (int l = 0; l < L; ++l) {
+        const LayerPlan& lp = plan.layers[l];
+        if (engine[lead + l])
+            out.push_back(std::make_unique<ReplicaRouter>(lp, plan.topology, std::move(engine[lead + l])));
+        else
+            out.push_back(std::make_unique<ReplicaRouter>(lp, plan.topology, policy.value_or(lp.policy), seed));
+    }
     return out;
 }
 

@@ -99,6 +99,7 @@ struct MoeLayer::Impl {
     Communicator& comm;
     MoeLayerOptions options;
     ReplicaRouter router;
+    bool token_origin_set = false;  // the first call's first_token is this rank's first token
     std::vector<ExpertWeights> experts;
     std::vector<int> slot_of_expert;  // [E] index into experts or -1
     int H = 0, E = 0, G = 0, M = 0, me = 0, my_node = 0, my_local = 0;
@@ -296,6 +297,7 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
     // Routing.
     auto t0 = Clock::now();
     dest.assign(static_cast<size_t>(T) * k, -1);
+    if (!token_origin_set) router.set_token_origin(me, first_token), token_origin_set = true;
     for (int64_t t = 0; t < T; ++t)
         for (int j = 0; j < k; ++j) {
             const int32_t e = ids[t * k + j];

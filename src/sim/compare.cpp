@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/planner.hpp"
 
@@ -56,6 +57,13 @@ std::vector<CompareRow> default_compare_rows() {
         // Beyond the paper: DR repeated on the next heaviest GPU (spec §4's optional variant).
         {"+DR-iter+TAR", "hierarchical+dynamic-iter+tar", CommScheme::kHsc, false},
     };
+}
+
+std::vector<CompareRow> engine_compare_rows(const std::string& engine) {
+    const std::string name = to_string(parse_engine(engine));
+    return {{"EPLB in " + name, "eplb-hierarchical+eplb@" + name, CommScheme::kHsc, false},
+            {"GRACE in " + name, "grace@" + name, CommScheme::kHsc, false},
+            {"GRACE native", "hierarchical+dynamic+tar", CommScheme::kHsc, false}};
 }
 
 const CompareEntry* CompareResult::find(const std::string& name, const Topology& topology) const {
@@ -109,22 +117,38 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
 
     t0 = std::chrono::steady_clock::now();
     std::map<std::pair<std::string, std::string>, int> plan_of;  // (method, topology) -> index, -1 = unsupported
+    std::vector<std::vector<SlotMap>> slot_maps;                 // per plan: the engine's physical slots, or empty
     const int64_t num_plans = static_cast<int64_t>(options.topologies.size() * options.rows.size());
     int64_t done = 0;
     for (const Topology& topo : options.topologies) {
         for (const CompareRow& row : options.rows) {
             report("planning", done++, num_plans);
             const auto key = std::make_pair(row.method, topo.to_string());
+            const size_t at = row.method.find('@');
+            const std::string method = row.method.substr(0, at);
+            const std::string engine = at == std::string::npos ? std::string() : row.method.substr(at + 1);
             if (!plan_of.count(key)) {
                 PlanOptions opt;
-                opt.method = row.method;
+                opt.method = method;
                 opt.seed = options.seed;
                 opt.num_threads = options.num_threads;
                 // METIS keeps its random state in globals: concurrent per-layer calls race and the plan changes
                 // from run to run, so METIS layers are planned one at a time.
-                if (row.method.rfind("metis", 0) == 0) opt.num_threads = 1;
+                if (method.rfind("metis", 0) == 0) opt.num_threads = 1;
                 try {
                     res.plans.push_back(make_plan(res.stats, topo, opt));
+                    slot_maps.emplace_back();
+                    if (!engine.empty()) {
+                        // What the engine runs: the export (padded to the topology's slots, by the profiled
+                        // loads, as `grace export --stats`) with the engine's own replica choice.
+                        const RoutingPolicy policy = engine_policy(parse_engine(engine));
+                        EngineDeployment dep = deploy_to_engine(
+                            res.plans.back(), policy, std::vector<double>(res.stats.load.begin(), res.stats.load.end()),
+                            topo.slots_per_gpu.value_or(0));
+                        dep.plan.method = res.plans.back().method + "@" + engine;
+                        res.plans.back() = std::move(dep.plan);
+                        slot_maps.back() = std::move(dep.slot_maps);
+                    }
                     plan_of[key] = static_cast<int>(res.plans.size()) - 1;
                 } catch (const Error& e) {
                     if (e.code() != ErrorCode::kUnsupported) throw;
@@ -149,7 +173,10 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
     ReplayOptions ro;
     ro.num_threads = 1;
     std::vector<Replayer> replayers;
-    for (const auto& plan : res.plans) replayers.emplace_back(plan, res.num_tokens, ro);
+    for (size_t i = 0; i < res.plans.size(); ++i) {
+        ro.slot_maps = slot_maps[i];
+        replayers.emplace_back(res.plans[i], res.num_tokens, ro);
+    }
     const int L = reader.num_layers();
     const int tasks = static_cast<int>(replayers.size()) * L;
     const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
@@ -192,12 +219,14 @@ std::string format_compare_table(const CompareResult& r) {
     std::vector<Topology> topos;
     for (const auto& e : r.entries)
         if (std::find(topos.begin(), topos.end(), e.topology) == topos.end()) topos.push_back(e.topology);
+    int name_width = 12;  // engine rows ("GRACE in vllm-ascend") are longer than the paper's
+    for (const auto& e : r.entries) name_width = std::max(name_width, static_cast<int>(e.row.name.size()));
     for (const Topology& topo : topos) {
         std::snprintf(buf, sizeof buf, "\n== %s on %s: planned on %s, evaluated on %s (%lld tokens), hardware %s ==\n",
                       r.model.c_str(), topo.to_string().c_str(), r.profile_dataset.c_str(), r.dataset.c_str(),
                       static_cast<long long>(r.num_tokens), r.hardware.c_str());
         out += buf;
-        std::snprintf(buf, sizeof buf, "%-12s %-10s %12s %12s %9s %9s %9s %9s %9s %8s %8s\n", "row", "comm",
+        std::snprintf(buf, sizeof buf, "%-*s %-10s %12s %12s %9s %9s %9s %9s %9s %8s %8s\n", name_width, "row", "comm",
                       "cross copies", "intra copies", "a2a ms", "idle ms", "load std", "MoE ms", "e2e ms", "cross%",
                       "speedup");
         out += buf;
@@ -209,8 +238,8 @@ std::string format_compare_table(const CompareResult& r) {
                                   static_cast<double>(ref->report.total.cross_node_copies))
                             : 0;
             double sp = ref && t.end_to_end_s > 0 ? ref->report.total.end_to_end_s / t.end_to_end_s : 0;
-            std::snprintf(buf, sizeof buf, "%-12s %-10s %12lld %12lld %9.2f %9.3f %9.1f %9.2f %9.2f %+7.1f%% %7.2fx\n",
-                          e.row.name.c_str(), to_string(e.row.scheme).c_str(),
+            std::snprintf(buf, sizeof buf, "%-*s %-10s %12lld %12lld %9.2f %9.3f %9.1f %9.2f %9.2f %+7.1f%% %7.2fx\n",
+                          name_width, e.row.name.c_str(), to_string(e.row.scheme).c_str(),
                           static_cast<long long>(t.cross_node_copies), static_cast<long long>(t.intra_node_copies),
                           t.all_to_all_time_s * 1e3, t.gpu_idle_time_s * 1e3, t.load_std, t.moe_layer_time_s * 1e3,
                           t.end_to_end_s * 1e3, 100 * dc, sp);

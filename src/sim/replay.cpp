@@ -103,12 +103,16 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
     GRACE_CHECK_ARG(G <= 256, "the evaluator supports up to 256 GPUs, the plan has ", G);
     const uint64_t seed = options.seed.value_or(p.seed);
     impl_->layers.resize(p.num_layers);
+    auto routers = make_layer_routers(p, options.policy, seed, options.slot_maps);
     for (int l = 0; l < p.num_layers; ++l) {
         LayerState& st = impl_->layers[l];
         const LayerPlan& lp = p.layers[l];
         st.plan = &lp;
         const RoutingPolicy policy = options.policy.value_or(lp.policy);
-        st.router = std::make_unique<ReplicaRouter>(lp, p.topology, policy, seed);
+        st.router = std::move(routers[l]);
+        // The engine policies see a token's index among its home GPU's tokens (a rank's own batch).
+        for (int g = 0; g < G; ++g)
+            st.router->set_token_origin(g, static_cast<int64_t>((static_cast<__int128>(g) * total_tokens + G - 1) / G));
         st.period = lp.wrr_period;
         st.inst_begin.assign(E + 1, 0);
         for (int e = 0; e < E; ++e)
@@ -121,7 +125,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
                 auto fixed = [&](int idx) { entry = ((st.inst_begin[e] + idx) << 8) | gpus[idx]; };
                 if (gpus.size() == 1 || policy == RoutingPolicy::kPrimary) {
                     fixed(0);
-                } else if (policy == RoutingPolicy::kSglangStatic) {
+                } else if (st.router->fixed_per_source()) {
                     st.router->route(src, e, 0, 0, p.top_k);
                     fixed(st.router->last_instance());
                 } else if (policy == RoutingPolicy::kWrr || policy == RoutingPolicy::kTar) {

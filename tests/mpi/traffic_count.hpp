@@ -29,6 +29,7 @@ inline Counts count_layer_copies(const grace::LayerPlan& layer, const grace::Top
     std::vector<int> dest(k);
     for (int64_t t = 0; t < T; ++t) {
         const int h = grace::home_gpu(t, T, G);
+        if (t == 0 || grace::home_gpu(t - 1, T, G) != h) router.set_token_origin(h, t);  // per-rank token indices
         const int hn = topo.node_of(h);
         for (int j = 0; j < k; ++j) dest[j] = router.route(h, ids[t * token_stride + j], t, j, k);
         auto add = [&](int cls, int64_t meta) {

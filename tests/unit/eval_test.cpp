@@ -242,13 +242,21 @@ TEST(Replay, MatchesReplicaRouterCallByCall) {
     Rng rng(5);
     for (Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
         const int G = topo.num_gpus(), M = topo.gpus_per_node;
-        for (RoutingPolicy policy : {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic,
-                                     RoutingPolicy::kVllm, RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary}) {
+        for (RoutingPolicy policy :
+             {RoutingPolicy::kWrr, RoutingPolicy::kTar, RoutingPolicy::kSglangStatic, RoutingPolicy::kVllm,
+              RoutingPolicy::kSglangDynamic, RoutingPolicy::kPrimary, RoutingPolicy::kSglangNearest,
+              RoutingPolicy::kVllmAscend, RoutingPolicy::kTrtllm}) {
             const ExpertPlan plan = random_plan(rng, 24, 2, 3, topo, policy);
             const RoutingTrace trace = random_trace(rng, 777, 2, 3, 24);
             const auto counts = replay_trace(trace, plan);
+            // The whole model's routers: SGLang's static tables run one random stream over all layers.
+            auto routers = make_layer_routers(plan, policy, plan.seed);
             for (int l = 0; l < 2; ++l) {
-                ReplicaRouter router(plan.layers[l], topo, policy, plan.seed);
+                ReplicaRouter& router = *routers[l];
+                // The engines see per-rank token indices: each source's first token is its origin.
+                for (int64_t t = 0; t < trace.num_tokens; ++t)
+                    if (t == 0 || home_gpu(t - 1, trace.num_tokens, G) != home_gpu(t, trace.num_tokens, G))
+                        router.set_token_origin(home_gpu(t, trace.num_tokens, G), t);
                 std::vector<int64_t> flat(G * G, 0), dedup(G * G, 0), hsc(G * G, 0);
                 std::vector<std::vector<int64_t>> inst(24);
                 for (int e = 0; e < 24; ++e) inst[e].assign(plan.layers[l].instance_gpus[e].size(), 0);

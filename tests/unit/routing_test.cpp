@@ -80,15 +80,16 @@ TEST(ReplicaRouter, EcosystemPolicies) {
     ReplicaRouter primary(lp, topo, RoutingPolicy::kPrimary);
     EXPECT_EQ(primary.route(2, 0, 5, 1, 2), 0);
     ReplicaRouter vllm(lp, topo, RoutingPolicy::kVllm);
-    // (t*k + j) mod 3 over instances {0, 2, 3}.
-    EXPECT_EQ(vllm.route(0, 0, 0, 0, 2), 0);
-    EXPECT_EQ(vllm.route(0, 0, 0, 1, 2), 2);
-    EXPECT_EQ(vllm.route(0, 0, 1, 0, 2), 3);
-    EXPECT_EQ(vllm.route(0, 0, 1, 1, 2), 0);
+    // vLLM: ((local token * 2654435769) mod 2^32) mod 3 over expert 0's slots 0, 2, 6 (GPUs 0, 2, 3): the hash
+    // mod 3 is 0, 0, 2, 2, 1 for tokens 0..4, whatever j.
+    const int want_vllm[] = {0, 0, 3, 3, 2};
+    for (int t = 0; t < 5; ++t)
+        for (int j = 0; j < 2; ++j) EXPECT_EQ(vllm.route(0, 0, t, j, 2), want_vllm[t]) << "token " << t;
     ReplicaRouter sg(lp, topo, RoutingPolicy::kSglangStatic, 7);
     EXPECT_EQ(sg.route(3, 0, 0, 0, 2), 3);  // same-GPU replica
-    int fixed = sg.route(1, 0, 0, 0, 2);    // random but fixed per (rank, expert)
-    for (int i = 0; i < 10; ++i) EXPECT_EQ(sg.route(1, 0, i, 0, 2), fixed);
+    // GPU 1 lacks expert 0: _fair_choices([0, 2, 6], 1) from random.Random(42) samples slot 6 (GPU 3), fixed for
+    // every token (the seed is SGLang's 42, not the plan's).
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(sg.route(1, 0, i, 0, 2), 3);
     ReplicaRouter dyn(lp, topo, RoutingPolicy::kSglangDynamic, 7);
     std::map<int, int> counts;
     for (int i = 0; i < 3000; ++i) ++counts[dyn.route(0, 0, i, 0, 2)];

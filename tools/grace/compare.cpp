@@ -30,8 +30,9 @@ CompareProgress make_compare_progress(std::shared_ptr<std::map<std::string, std:
 namespace {
 
 struct CompareArgs {
-    std::string trace, profile_trace, topology = "2x2,2x4", hardware = "a100-testbed", output, reference = "Occult";
+    std::string trace, profile_trace, topology = "2x2,2x4", hardware = "a100-testbed", output, reference, engine;
     std::string model_config;
+    int slots_per_gpu = 0;
     TraceOverrides overrides;
     std::optional<int> experts;
     int threads = 0;
@@ -41,12 +42,20 @@ struct CompareArgs {
 int run_compare_cmd(const CompareArgs& a) {
     CompareOptions opt;
     opt.topologies = parse_topologies(a.topology);
+    GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
+    if (a.slots_per_gpu > 0)
+        for (Topology& t : opt.topologies) t.slots_per_gpu = a.slots_per_gpu;
+    if (!a.engine.empty()) {
+        const auto rows = engine_compare_rows(a.engine);
+        opt.rows.insert(opt.rows.end(), rows.begin(), rows.end());
+    }
     opt.hardware = load_hardware(a.hardware);
     if (const auto model = explicit_model(a.model_config, a.overrides.model))
         opt.shape = explicit_model_shape(opt.hardware, *model);
     opt.num_threads = a.threads;
     opt.seed = a.seed;
-    opt.reference = a.reference;
+    // With --engine the natural baseline is what the engine does today: EPLB's placement in it.
+    opt.reference = !a.reference.empty() ? a.reference : !a.engine.empty() ? "EPLB in " + a.engine : "Occult";
     opt.progress = make_compare_progress(std::make_shared<std::map<std::string, std::unique_ptr<Progress>>>(), "");
     TraceOverrides ov = a.overrides;
     if (a.experts) ov.num_experts = a.experts;
@@ -83,15 +92,27 @@ GRACE_COMMAND(
                "Hardware preset (a100-testbed, h100-ib, h100-measured, h100-sm90) or grace.hardware/v1 JSON file")
             ->capture_default_str()
             ->check(hardware_value());
-        std::vector<std::string> rows;
+        std::vector<std::string> rows;  // every row a comparison can have, engine rows included
         for (const CompareRow& row : default_compare_rows()) rows.push_back(row.name);
-        sub.add_option("--reference", a->reference, "Row the relative changes are taken against")
-            ->capture_default_str()
+        for (const char* engine : {"sglang", "vllm", "vllm-ascend", "trtllm"})
+            for (const CompareRow& row : engine_compare_rows(engine))
+                if (std::find(rows.begin(), rows.end(), row.name) == rows.end()) rows.push_back(row.name);
+        sub.add_option("--reference", a->reference,
+                       "Row the relative changes are taken against (default: Occult; with --engine, EPLB in ENGINE)")
             ->check(CLI::IsMember(rows));
+        sub.add_option("--engine", a->engine,
+                       "Add rows 'EPLB in ENGINE', 'GRACE in ENGINE' (each plan exported and routed as the engine "
+                       "does: sglang, vllm, vllm-ascend, trtllm) and 'GRACE native'")
+            ->check(CLI::IsMember({"sglang", "vllm", "vllm-ascend", "trtllm"}));
+        sub.add_option("--slots-per-gpu", a->slots_per_gpu,
+                       "Expert slots per GPU for every plan (and the engines' exports); default unlimited")
+            ->check(integer_in<int>(1));
         sub.add_option("--seed", a->seed, "Planner seed")->capture_default_str()->check(integer_in<uint64_t>(0));
         sub.add_option("--threads", a->threads, "Threads (0 = all); results are identical for any count")
             ->check(thread_count());
-        sub.add_option("-o,--output", a->output, "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")->required();
+        sub.add_option("-o,--output", a->output,
+                       "Output folder: new, empty, or an earlier grace compare output (replaced atomically)")
+            ->required();
         return [a] { return run_compare_cmd(*a); };
     },
     50);

@@ -5,10 +5,12 @@
 #include <iostream>
 
 #include "command.hpp"
+#include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/hardware.hpp"
 #include "grace/io.hpp"
 #include "grace/plan.hpp"
+#include "grace/stats.hpp"
 #include "grace/trace.hpp"
 #include "model_flags.hpp"
 
@@ -16,7 +18,8 @@ namespace grace::cli {
 namespace {
 
 struct EvalArgs {
-    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, model_config;
+    std::string trace, plan, routing, comm, hardware = "a100-testbed", output, topology, model_config, engine, stats;
+    int slots_per_gpu = 0, layer_offset = 0;
     TraceOverrides overrides;
     std::optional<int> experts;
     std::optional<int> hidden, intermediate;
@@ -29,13 +32,23 @@ int run_eval(const EvalArgs& a) {
     EvalOptions opt;
     opt.scheme = parse_comm_scheme(a.comm);
     if (!a.routing.empty()) opt.replay.policy = parse_routing_policy(a.routing);
+    std::optional<Engine> engine;
+    if (!a.engine.empty()) {
+        engine = parse_engine(a.engine);
+        if (!opt.replay.policy) opt.replay.policy = engine_policy(*engine);
+        check_engine_policy(*engine, *opt.replay.policy);
+    }
+    GRACE_CHECK_ARG(engine || (a.stats.empty() && a.slots_per_gpu == 0 && a.layer_offset == 0),
+                    "--stats, --slots-per-gpu and --layer-offset describe an engine deployment: they need --engine");
+    GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
+    GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
     opt.replay.num_threads = a.threads;
     opt.hardware = load_hardware(a.hardware);
     if (a.hidden) opt.hardware.hidden = *a.hidden;
     if (a.intermediate) opt.hardware.intermediate = *a.intermediate;
     check_output_dir(a.output + ".json");
     const std::optional<ModelConfig> model = explicit_model(a.model_config, a.overrides.model);
-    const ExpertPlan plan = load_plan(a.plan);
+    ExpertPlan plan = load_plan(a.plan);
     if (!a.topology.empty()) {
         const Topology want = Topology::parse(a.topology);
         GRACE_CHECK_INPUT(want.nodes == plan.topology.nodes && want.gpus_per_node == plan.topology.gpus_per_node,
@@ -62,6 +75,24 @@ int run_eval(const EvalArgs& a) {
         }
     }
     check_model_shape(shape, reader.num_experts(), reader.num_layers(), "the trace");
+    if (engine) {
+        // What the engine loads: grace export's map (padded as `grace export --stats` pads it), routed its way.
+        std::vector<double> load;
+        if (!a.stats.empty()) {
+            const RoutingStats st = load_stats(a.stats);
+            GRACE_CHECK_INPUT(st.num_experts == plan.num_experts && st.num_layers == plan.num_layers, "statistics ",
+                              a.stats, " have E=", st.num_experts, " L=", st.num_layers,
+                              " but the plan has E=", plan.num_experts, " L=", plan.num_layers);
+            load.assign(st.load.begin(), st.load.end());
+        }
+        EngineDeployment dep = deploy_to_engine(plan, *opt.replay.policy, load, a.slots_per_gpu, a.layer_offset);
+        std::cout << "in " << a.engine << ": " << dep.map.num_gpus << " GPUs x " << dep.map.slots_per_gpu
+                  << " slots = " << dep.map.num_physical() << " physical experts, " << dep.map.num_padded
+                  << " padding replicas, routing " << to_string(*opt.replay.policy) << "\n";
+        dep.plan.method = plan.method + "@" + a.engine;
+        plan = std::move(dep.plan);
+        opt.replay.slot_maps = std::move(dep.slot_maps);
+    }
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
     RoutingTrace chunk;
@@ -88,8 +119,23 @@ GRACE_COMMAND(
         add_trace_flags(sub, a->overrides, a->experts);
         sub.add_option("--plan", a->plan, "Plan file (grace.plan/v1 JSON)")->required();
         sub.add_option("--routing", a->routing,
-                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic (default: the plan's)")
+                       "Routing policy: primary, wrr, tar, vllm, sglang-static, sglang-dynamic, sglang-nearest, "
+                       "vllm-ascend, trtllm (default: the plan's; with --engine, the engine's)")
             ->check(parsed_by([](const std::string& p) { parse_routing_policy(p); }, "POLICY"));
+        sub.add_option("--engine", a->engine,
+                       "Evaluate the plan as this engine runs its export: sglang, vllm, vllm-ascend, trtllm "
+                       "(placement padded as grace export does, the engine's own replica choice)")
+            ->check(CLI::IsMember({"sglang", "vllm", "vllm-ascend", "trtllm"}));
+        sub.add_option("--stats", a->stats,
+                       "With --engine: statistics folder whose loads choose the padding replicas (as grace export)");
+        sub.add_option("--slots-per-gpu", a->slots_per_gpu,
+                       "With --engine: the engine's slots per GPU, (E + redundant experts) / G (default: the "
+                       "plan's largest instance count, as grace export)")
+            ->check(integer_in<int>(1));
+        sub.add_option("--layer-offset", a->layer_offset,
+                       "With --engine: model layer index of MoE layer 0, as given to grace export (SGLang's static "
+                       "dispatch draws over the dense layers' rows too)")
+            ->check(integer_in<int>(0, 10000));
         sub.add_option("--comm", a->comm, "Communication scheme: flat, flat-dedup, 2dh, hsc")
             ->required()
             ->check(parsed_by([](const std::string& s) { parse_comm_scheme(s); }, "SCHEME"));

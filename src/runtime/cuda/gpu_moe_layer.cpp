@@ -69,6 +69,7 @@ struct GpuMoeLayer::Impl {
     Communicator& comm;
     GpuMoeLayerOptions options;
     ReplicaRouter host_router;
+    bool token_origin_set = false;  // the first call's first_token is this rank's first token
     std::unique_ptr<GpuReplicaRouter> gpu_router;
     int H = 0, I = 0, E = 0, G = 0, me = 0, my_node = 0, my_local = 0, n_local = 0;
     std::vector<int32_t> slot_of;  // [G * E]: position of expert e in gpu_experts[g], or -1
@@ -220,6 +221,7 @@ struct GpuMoeLayer::Impl {
             CUDA_RUNTIME_CHECK(cudaMemcpy(dest.data(), r_rank.data(), dest.size() * 4, cudaMemcpyDeviceToHost));
             return;
         }
+        if (!token_origin_set) host_router.set_token_origin(me, first_token), token_origin_set = true;
         for (int64_t t = 0; t < T; ++t)
             for (int j = 0; j < k; ++j) {
                 const int32_t e = h_ids[t * k + j];
