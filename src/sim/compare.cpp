@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "grace/pricing.hpp"
 #include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/planner.hpp"
@@ -132,6 +133,8 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
                 opt.method = method;
                 opt.seed = options.seed;
                 opt.num_threads = options.num_threads;
+                // Slot-exact plans price their fill replicas like the rows are priced here.
+                if (topo.slots_per_gpu) opt.pricing = placement_pricing(options.hardware, shape);
                 // METIS keeps its random state in globals: concurrent per-layer calls race and the plan changes
                 // from run to run, so METIS layers are planned one at a time.
                 if (method.rfind("metis", 0) == 0) opt.num_threads = 1;
