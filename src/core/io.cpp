@@ -17,9 +17,14 @@ namespace {
 
 std::string temp_name_for(const fs::path& target) {
     static std::atomic<uint64_t> counter{0};
-    return (target.parent_path() /
-            ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++)))
-        .string();
+    // Appended piece by piece: `"." + std::string&&` trips GCC 12's bogus -Wrestrict (GCC bug 105651, see also 105329).
+    std::string name = ".";
+    name += target.filename().string();
+    name += ".tmp.";
+    name += std::to_string(::getpid());
+    name += '.';
+    name += std::to_string(counter++);
+    return (target.parent_path() / name).string();
 }
 
 }  // namespace

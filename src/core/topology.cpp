@@ -8,7 +8,10 @@ namespace grace {
 
 std::string Topology::to_string() const {
     std::string s = std::to_string(nodes) + "x" + std::to_string(gpus_per_node);
-    if (slots_per_gpu) s += ":" + std::to_string(*slots_per_gpu);
+    if (slots_per_gpu) {
+        s += ':';  // two appends: `":" + std::string&&` trips GCC 12's bogus -Wrestrict (GCC bug 105651)
+        s += std::to_string(*slots_per_gpu);
+    }
     return s;
 }
 

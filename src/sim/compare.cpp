@@ -307,8 +307,14 @@ std::string compare_to_csv(const CompareResult& r) {
              num(t.balancedness) + "," + num(t.imbalance_ratio) + "," + num(t.moe_layer_time_s) + "," +
              num(t.end_to_end_s);
         const CompareEntry* ref = r.find(r.reference, e.topology);
-        for (const auto& m : kRelMetrics) s += "," + (ref ? num(rel(m.get(t), m.get(ref->report.total))) : "");
-        s += "," + (ref && t.end_to_end_s > 0 ? num(ref->report.total.end_to_end_s / t.end_to_end_s) : "") + "\n";
+        // Separate appends: `"," + std::string&&` trips GCC 12's bogus -Wrestrict (GCC bug 105651).
+        for (const auto& m : kRelMetrics) {
+            s += ',';
+            if (ref) s += num(rel(m.get(t), m.get(ref->report.total)));
+        }
+        s += ',';
+        if (ref && t.end_to_end_s > 0) s += num(ref->report.total.end_to_end_s / t.end_to_end_s);
+        s += '\n';
     }
     return s;
 }

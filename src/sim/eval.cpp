@@ -167,8 +167,10 @@ std::string csv_row(const EvalMetrics& m) {
                      static_cast<double>(m.local_selections), static_cast<double>(m.cross_node_bytes),
                      static_cast<double>(m.intra_node_bytes), m.cross_node_ratio, m.load_std, m.balancedness,
                      m.imbalance_ratio, m.dispatch_time_s, m.combine_time_s, m.all_to_all_time_s, m.compute_time_s,
-                     m.mean_compute_time_s, m.gpu_idle_time_s, m.moe_layer_time_s, m.non_moe_time_s, m.end_to_end_s})
-        s += "," + fmt(v);
+                     m.mean_compute_time_s, m.gpu_idle_time_s, m.moe_layer_time_s, m.non_moe_time_s, m.end_to_end_s}) {
+        s += ',';  // two appends: `"," + std::string&&` trips GCC 12's bogus -Wrestrict (GCC bug 105651)
+        s += fmt(v);
+    }
     return s + "\n";
 }
 
