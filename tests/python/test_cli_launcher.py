@@ -37,6 +37,21 @@ class Launcher(unittest.TestCase):
         self.assertIn("run", r.stdout.split())
         self.assertIn("Replay a trace through a plan on the real MoE layer", r.stdout)
 
+    def test_every_command_has_its_options(self):
+        # main builds the options of the named command only: each must still parse and print its own.
+        listing = run(GRACE, "--help").stdout.split("Subcommands:")[1]
+        names = [line.split()[0] for line in listing.splitlines() if line.strip()]
+        self.assertIn("plan", names)
+        for name in names:
+            r = run(GRACE, name, "--help")
+            self.assertEqual(r.returncode, 0, f"{name}: {r.stderr}")
+            self.assertIn(f" {name} [OPTIONS]", r.stdout)
+            options = [line for line in r.stdout.splitlines() if line.strip().startswith("-")]
+            self.assertGreater(len(options), 1, f"{name} --help lists no options of its own:\n{r.stdout}")
+        r = run(GRACE, "plan")
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stderr, "grace: error: --topology is required\n")
+
     def test_run_help_comes_from_grace_run(self):
         r = run(GRACE, "run", "--help")
         self.assertEqual(r.returncode, 0, r.stderr)
