@@ -25,8 +25,8 @@ constexpr const char* kRunExecutable = "grace-run";
 fs::path run_executable_path() {
     std::error_code ec;
     fs::path self = fs::read_symlink("/proc/self/exe", ec);
-    GRACE_CHECK(!ec, ErrorCode::kIo, "grace run: cannot locate the grace executable through /proc/self/exe: ",
-                ec.message());
+    GRACE_CHECK(!ec, ErrorCode::kIo,
+                "grace run: cannot locate the grace executable through /proc/self/exe: ", ec.message());
     return self.parent_path() / kRunExecutable;
 }
 
@@ -40,8 +40,8 @@ fs::path run_executable_path() {
     argv.push_back(nullptr);
     ::execv(target.c_str(), argv.data());
     const int err = errno;  // execv returns only on failure
-    throw Error(ErrorCode::kIo, cat("grace run needs the executable ", target.string(), " (built with grace): ",
-                                    std::strerror(err)));
+    throw Error(ErrorCode::kIo,
+                cat("grace run needs the executable ", target.string(), " (built with grace): ", std::strerror(err)));
 }
 
 // The help text is run.cpp's, so `grace --help` lists `run` exactly as before.
