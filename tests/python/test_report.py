@@ -1,19 +1,60 @@
 #!/usr/bin/env python3
-"""`grace demo` / `grace compare` outputs: the report renders in a real browser (headless Chromium screenshot
-that must not be blank), the SVG figures are well-formed, compare.json is consistent with `grace eval` on the
-saved plans, and the cross-dataset section is present."""
+"""`grace demo` / `grace compare` outputs: the report renders in a real browser (headless Chromium: every table
+and figure laid out, no broken image), the SVG figures are well-formed, compare.json is consistent with
+`grace eval` on the saved plans, and the cross-dataset section is present."""
+import html
+import html.parser
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
 import unittest
+import urllib.parse
 import xml.etree.ElementTree as ET
 import zlib
 
 GRACE = os.environ.get("GRACE_BIN", "build/tools/grace/grace")
 CHROMIUM = "/usr/bin/chromium"
+
+# Added to a copy of report.html before </body>. After the load event (every image fetched and decoded) it writes
+# the layout of every table and image into the DOM, for --dump-dom to print; the fixed square is for the one
+# pixel check.
+MARKER_RGB = (255, 0, 255)
+PROBE_SCRIPT = """
+<div style="position:fixed;left:0;top:0;width:64px;height:64px;background:rgb(255,0,255);z-index:2147483647"></div>
+<script>
+window.addEventListener("load", function () {
+  function size(e) { var r = e.getBoundingClientRect(); return {width: r.width, height: r.height}; }
+  var out = {tables: [], images: []};
+  document.querySelectorAll("table").forEach(function (t) {
+    out.tables.push(Object.assign(size(t), {rows: t.rows.length}));
+  });
+  document.querySelectorAll("img").forEach(function (i) {
+    out.images.push(Object.assign(size(i), {src: i.getAttribute("src"), complete: i.complete,
+                                            naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight}));
+  });
+  var pre = document.createElement("pre");
+  pre.id = "grace-probe";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+class TagCounter(html.parser.HTMLParser):
+    """Counts start tags by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"table": 0, "img": 0}
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.counts:
+            self.counts[tag] += 1
 
 
 def run(*args, timeout=600):
@@ -152,35 +193,72 @@ class Report(unittest.TestCase):
                 outs.append(f.read())
         self.assertEqual(outs[0], outs[1])
 
-    def test_report_screenshot_is_not_blank(self):
+    def render_probe(self, *mode_args):
+        """Runs headless Chromium on a copy of report.html with PROBE_SCRIPT added; returns stdout (bytes)."""
         if not os.path.exists(CHROMIUM):
             self.skipTest("chromium is not installed (apt-get install chromium): cannot render report.html")
-        shot = os.path.join(self.tmp.name, "report.png")
+        with open(os.path.join(self.report, "report.html")) as f:
+            page = f.read()
+        self.assertIn("<head>", page)
+        self.assertIn("</body>", page)
+        # The copy lives outside the report folder; <base> resolves the figures' relative paths against it.
+        base = '<base href="file://' + urllib.parse.quote(os.path.abspath(self.report)) + '/">'
+        page = page.replace("<head>", "<head>" + base, 1).replace("</body>", PROBE_SCRIPT + "</body>", 1)
+        probe = os.path.join(self.tmp.name, "probe.html")
+        with open(probe, "w") as f:
+            f.write(page)
         profile = tempfile.mkdtemp()
         try:
-            subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,2400",
-                            "file://" + os.path.abspath(os.path.join(self.report, "report.html"))],
-                           capture_output=True, timeout=120)
+            r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                                "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
+                                "--virtual-time-budget=10000", *mode_args, "file://" + probe],
+                               capture_output=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            self.fail("headless chromium did not finish rendering report.html within 180 s")
         finally:
             shutil.rmtree(profile, ignore_errors=True)
+        return r
+
+    def test_report_renders_every_table_and_figure(self):
+        # What the page must show, whatever the data: every table and figure of report.html laid out with a
+        # non-zero size, and every figure image decoded (a missing or malformed SVG has naturalWidth 0).
+        with open(os.path.join(self.report, "report.html")) as f:
+            source = TagCounter()
+            source.feed(f.read())
+        self.assertGreater(source.counts["table"], 0)
+        self.assertGreater(source.counts["img"], 0)
+        r = self.render_probe("--window-size=1200,900", "--dump-dom")
+        dom = r.stdout.decode("utf-8", "replace")
+        m = re.search(r'<pre id="grace-probe">(.*?)</pre>', dom, re.S)
+        self.assertIsNotNone(m, "the probe script left no result in the DOM: " + r.stderr.decode()[-500:])
+        probe = json.loads(html.unescape(m.group(1)))
+        self.assertEqual(len(probe["tables"]), source.counts["table"])
+        self.assertEqual(len(probe["images"]), source.counts["img"])
+        for i, t in enumerate(probe["tables"]):
+            self.assertGreater(t["rows"], 1, f"table {i} has no data rows")
+            self.assertTrue(t["width"] > 0 and t["height"] > 0, f"table {i} is not laid out: {t}")
+        srcs = set()
+        for img in probe["images"]:
+            srcs.add(img["src"])
+            self.assertTrue(img["complete"] and img["naturalWidth"] > 0 and img["naturalHeight"] > 0,
+                            f"broken image: {img}")
+            self.assertTrue(img["width"] > 0 and img["height"] > 0, f"image not laid out: {img}")
+        for name in ["fig0_affinity.svg", "fig0_load.svg", "fig0_knee.svg", "fig0_traffic.svg", "fig0_time.svg"]:
+            self.assertIn(name, srcs)
+
+    def test_report_screenshot_shows_the_marker(self):
+        # The one pixel check, independent of the data and the fonts: the fixed-colour square the probe adds in the
+        # top-left corner is painted, and beside it the body's 24 px top margin shows the white page background.
+        shot = os.path.join(self.tmp.name, "probe.png")
+        self.render_probe("--window-size=320,240", f"--screenshot={shot}")
         self.assertTrue(os.path.exists(shot), "chromium wrote no screenshot")
         width, height, bpp, rows = decode_png(shot)
-        self.assertEqual((width, height), (1200, 2400))
-        non_white = colored = 0
-        for row in rows:
-            for x in range(0, width * bpp, bpp * 4):  # every 4th pixel
-                r, g, b = row[x], row[x + 1], row[x + 2]
-                if r < 240 or g < 240 or b < 240:
-                    non_white += 1
-                if max(r, g, b) - min(r, g, b) > 60:
-                    colored += 1
-        total = height * ((width + 3) // 4)
-        # Text and tables alone cover a few percent; the figures add strongly coloured areas.
-        self.assertGreater(non_white / total, 0.03, f"screenshot looks blank ({non_white}/{total} non-white)")
-        self.assertGreater(colored / total, 0.01, f"no figure colours in the screenshot ({colored}/{total})")
-
+        self.assertEqual((width, height), (320, 240))
+        inside = [rows[y][x * bpp:x * bpp + 3] for y in range(8, 56, 4) for x in range(8, 56, 4)]
+        self.assertEqual(set(inside), {bytes(MARKER_RGB)})
+        margin = {rows[y][x * bpp:x * bpp + 3] for y in (2, 10) for x in range(80, 320, 8)}
+        self.assertEqual(margin, {bytes((255, 255, 255))})
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
