@@ -127,6 +127,19 @@ def main():
     for label, paper, f in rows:
         w(f"| {label} | {paper} | " + " | ".join(f(m, t) for m in MODELS for t in TOPOS) + " |")
     w("")
+    # Issue #12's deployment figures: each plan exported and routed as SGLang does, next to GRACE's own routing.
+    engines = subprocess.run(["bash", os.path.join(ROOT, "bench/engine_targets.sh"), a.grace,
+                              os.path.join(a.out, "engines"), "sglang"], check=True, capture_output=True,
+                             text=True).stdout
+    w("## Deployed in SGLang: EPLB's file, GRACE's file, and GRACE's routing hook\n")
+    w("`bash bench/engine_targets.sh GRACE_BIN WORK sglang`: `grace compare --engine sglang --slots-per-gpu S` on "
+      "generated olmoe and qwen3-30b-a3b traces (16384 tokens, seed 7) and on the real GPT-OSS-20B traces (planned on "
+      "`mmlu_test`, evaluated on `mmlu_pro_test`), S = ceil(E/G) + 1 and + 2. \"EPLB in sglang\" and \"GRACE in "
+      "sglang\" are each plan exported (`grace export`) and routed by SGLang's static dispatch (`grace eval --engine "
+      "sglang`, docs/deploy.md); \"GRACE native\" is the GRACE plan with its own TAR routing and HSC, what the "
+      "routing hook (`grace.engines.sglang`) gives. Priced MoE-layer time in ms, a100-testbed; GRACE plans are "
+      "slot-exact (`--slots-per-gpu`, priced fill and moves, docs/planning.md).\n")
+    w(engines)
     with open(os.path.join(ROOT, "docs/results_discussion.md")) as f:
         w(f.read())
     with open(a.doc, "w") as f:

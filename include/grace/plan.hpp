@@ -62,6 +62,7 @@ struct LayerPlan {
     int num_replicas = 0;                             ///< R, Equation 3
     std::vector<int> hot_experts;                     ///< replicated experts
     int num_fill_replicas = 0;                        ///< replicas added to fill free slots (slot-exact plans)
+    int num_priced_moves = 0;                         ///< slot rewrites of the priced refinement (slot-exact plans)
     std::vector<double> predicted_gpu_load;           ///< [G]: Equation 4 load prediction (tokens)
     std::vector<double> gpu_load_before;              ///< [G]: load per GPU after grouping, before replication
 

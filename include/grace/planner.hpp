@@ -50,6 +50,11 @@ struct PlanOptions {
     /// dynamic-iter): fill every GPU to exactly that many instances with priced replicas (fill_free_slots), so
     /// exports pad nothing. false: the slot count is only an upper bound.
     bool fill_slots = true;
+    /// Slot-exact plans, after the fill: at most this many priced slot rewrites per layer (refine_layer_priced:
+    /// an instance of a replicated expert becomes one of another expert wherever that lowers the priced layer
+    /// time); -1 = until none does, 0 = none. The default, 8, takes most of the gain (docs/planning.md) at a
+    /// bounded cost: each move searches every (replica slot, expert) pair of the layer.
+    int priced_moves = 8;
     /// The hardware and model numbers the fill prices replicas with (placement_cost.hpp; default: its defaults).
     PlacementPricing pricing;
 };

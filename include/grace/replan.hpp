@@ -49,6 +49,13 @@ struct ReplanResult {
     std::vector<double> time_after;   ///< [L] the same for the new plan
 };
 
+/// Priced local search on one layer: the moves of replan() on the layer's own loads, the largest drop of the
+/// priced time first, until no move lowers it or `max_moves` (< 0: no limit) are made. Used by the planner after
+/// the slot fill (PlanOptions::priced_moves). Adds to layer.num_priced_moves, rebuilds the routing tables if it
+/// moved anything, and returns the number of moves.
+int refine_layer_priced(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
+                        int num_experts, const Topology& topology, const PlacementPricing& pricing, int max_moves);
+
 /// Throws kInvalidArgument when neither budget is given, bytes_per_expert <= 0, or the statistics do not match
 /// the plan (E, L); kInvalidInput for an invalid plan.
 ReplanResult replan(const ExpertPlan& old_plan, const RoutingStats& stats, const ReplanOptions& options);

@@ -190,7 +190,8 @@ std::string plan_to_json(const ExpertPlan& plan) {
             {"gamma", number_or_null(lp.gamma)},
             {"num_replicas", lp.num_replicas},
             {"hot_experts", lp.hot_experts},
-            {"fill_replicas", lp.num_fill_replicas}};
+            {"fill_replicas", lp.num_fill_replicas},
+            {"priced_moves", lp.num_priced_moves}};
         jl["gpu_load_before"] = lp.gpu_load_before;
         jl["predicted_gpu_load"] = lp.predicted_gpu_load;
         layers.push_back(std::move(jl));
@@ -285,6 +286,8 @@ ExpertPlan plan_from_json(const std::string& text) {
                 if (r.contains("fill_replicas"))
                     lp.num_fill_replicas =
                         detail::json_int(r.at("fill_replicas"), what, rat + ".fill_replicas", 0, kMaxId);
+                if (r.contains("priced_moves"))
+                    lp.num_priced_moves = detail::json_int(r.at("priced_moves"), what, rat + ".priced_moves", 0, kMaxId);
             }
             if (jl.contains("gpu_load_before"))
                 lp.gpu_load_before = jl.at("gpu_load_before").get<std::vector<double>>();

@@ -13,6 +13,7 @@
 #include "grace/eplb.hpp"
 #include "grace/error.hpp"
 #include "grace/grouping.hpp"
+#include "grace/replan.hpp"
 #include "grace/replication.hpp"
 #include "grace/routing.hpp"
 
@@ -217,7 +218,11 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
         ReplicationOptions ro;
         ro.method = parse_replication_method(spec.replication);
         replicate_layer(lp, in.load, topo, ro);
-        if (fills_slots(spec, topo, options)) fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
+        if (fills_slots(spec, topo, options)) {
+            fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
+            if (options.priced_moves != 0)
+                refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
+        }
         return;
     }
     ReplicationOptions none;
@@ -358,7 +363,11 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
         ro.method = parse_replication_method(spec.replication);
         ro.eplb_slots = spec.replication_slots;
         replicate_layer(lp, in.load, topo, ro);
-        if (fills_slots(spec, topo, options)) fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
+        if (fills_slots(spec, topo, options)) {
+            fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
+            if (options.priced_moves != 0)
+                refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
+        }
     }
     build_routing_tables(lp, in.load, E, G);
     return lp;

@@ -51,7 +51,56 @@ LayerBest find_best(const LayerState& st, int E, int G) {
     return best;
 }
 
+// Rewrites the slot of `removed` on `gpu` to `added` in the plan's lists; if it held removed's primary, the
+// primary passes to its instance on the lowest GPU.
+void apply_move(LayerPlan& lp, int gpu, int removed, int added) {
+    auto& ex = lp.gpu_experts[gpu];
+    ex.erase(std::find(ex.begin(), ex.end(), removed));
+    ex.insert(std::upper_bound(ex.begin(), ex.end(), added), added);
+    if (lp.primary_gpu[removed] == gpu)
+        for (int g = 0; g < static_cast<int>(lp.gpu_experts.size()); ++g)
+            if (std::binary_search(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end(), removed)) {
+                lp.primary_gpu[removed] = g;
+                break;
+            }
+}
+
+LayerState make_state(const LayerPlan& lp, std::vector<double> load, const std::vector<double>& sources, int E,
+                      const Topology& topology, const PlacementPricing& pricing) {
+    const int G = topology.num_gpus();
+    std::vector<std::vector<int>> inst(E);
+    std::vector<char> holds(static_cast<size_t>(G) * E, 0);
+    for (int g = 0; g < G; ++g)
+        for (int e : lp.gpu_experts[g]) {
+            inst[e].push_back(g);
+            holds[static_cast<size_t>(g) * E + e] = 1;
+        }
+    LayerCostModel cost(load, sources, inst, topology, pricing);
+    return LayerState{std::move(load), std::move(cost), std::move(holds), {}};
+}
+
 }  // namespace
+
+int refine_layer_priced(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
+                        int num_experts, const Topology& topology, const PlacementPricing& pricing, int max_moves) {
+    const int E = num_experts, G = topology.num_gpus();
+    GRACE_CHECK_ARG(static_cast<int>(load.size()) == E, "priced refinement: ", load.size(), " loads for ", E,
+                    " experts");
+    LayerState st = make_state(layer, load, source_load, E, topology, pricing);
+    int moves = 0;
+    while (max_moves < 0 || moves < max_moves) {
+        const LayerBest b = find_best(st, E, G);
+        if (!b.valid()) break;
+        st.cost.swap(b.gpu, b.removed, b.added);
+        st.holds[static_cast<size_t>(b.gpu) * E + b.removed] = 0;
+        st.holds[static_cast<size_t>(b.gpu) * E + b.added] = 1;
+        apply_move(layer, b.gpu, b.removed, b.added);
+        ++moves;
+    }
+    if (moves > 0) build_routing_tables(layer, st.load, E, G);
+    layer.num_priced_moves += moves;
+    return moves;
+}
 
 ReplanResult replan(const ExpertPlan& old_plan, const RoutingStats& stats, const ReplanOptions& options) {
     old_plan.validate();
@@ -79,22 +128,14 @@ ReplanResult replan(const ExpertPlan& old_plan, const RoutingStats& stats, const
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int l = 0; l < L; ++l) {
         try {
-            const LayerPlan& lp = old_plan.layers[l];
             std::vector<double> load(E), sources;
             for (int e = 0; e < E; ++e) load[e] = static_cast<double>(stats.load_at(l, e));
             if (have_sources) {
                 const int64_t* s = stats.source_load.data() + static_cast<size_t>(l) * G * E;
                 sources.assign(s, s + static_cast<size_t>(G) * E);
             }
-            std::vector<std::vector<int>> inst(E);
-            std::vector<char> holds(static_cast<size_t>(G) * E, 0);
-            for (int g = 0; g < G; ++g)
-                for (int e : lp.gpu_experts[g]) {
-                    inst[e].push_back(g);
-                    holds[static_cast<size_t>(g) * E + e] = 1;
-                }
             layers[l] = std::make_unique<LayerState>(
-                LayerState{load, LayerCostModel(load, sources, inst, old_plan.topology, options.pricing), holds, {}});
+                make_state(old_plan.layers[l], std::move(load), sources, E, old_plan.topology, options.pricing));
             layers[l]->best = find_best(*layers[l], E, G);
         } catch (...) {
             errors[l] = std::current_exception();
@@ -126,19 +167,8 @@ ReplanResult replan(const ExpertPlan& old_plan, const RoutingStats& stats, const
     r.plan = old_plan;
     std::vector<char> changed(L, 0);
     for (const SlotMove& m : r.moves) {
-        LayerPlan& lp = r.plan.layers[m.layer];
         changed[m.layer] = 1;
-        auto& ex = lp.gpu_experts[m.gpu];
-        ex.erase(std::find(ex.begin(), ex.end(), m.removed));
-        ex.insert(std::upper_bound(ex.begin(), ex.end(), m.added), m.added);
-        if (lp.primary_gpu[m.removed] == m.gpu) {
-            // The primary passes to the instance on the lowest GPU.
-            for (int g = 0; g < G; ++g)
-                if (std::binary_search(lp.gpu_experts[g].begin(), lp.gpu_experts[g].end(), m.removed)) {
-                    lp.primary_gpu[m.removed] = g;
-                    break;
-                }
-        }
+        apply_move(r.plan.layers[m.layer], m.gpu, m.removed, m.added);
     }
     r.time_after.resize(L);
     for (int l = 0; l < L; ++l) {

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "grace/error.hpp"
+#include "grace/placement_cost.hpp"
 #include "grace/replication.hpp"
 #include "unit/planner_test_util.hpp"
 
@@ -126,6 +127,7 @@ TEST(Planner, SlotFillAddsToTheUnfilledPlan) {
     PlanOptions opt;
     opt.method = "grace";
     opt.fill_slots = false;
+    opt.priced_moves = 0;
     const ExpertPlan bound = make_plan(st, topo, opt);
     opt.fill_slots = true;
     const ExpertPlan exact = make_plan(st, topo, opt);
@@ -146,6 +148,43 @@ TEST(Planner, SlotFillAddsToTheUnfilledPlan) {
     EXPECT_EQ(one, plan_to_json(make_plan(st, topo, opt)));
 }
 
+// The priced moves after the fill never raise a layer's priced time, keep the plan slot-exact, and leave every
+// expert an instance; priced_moves caps them per layer.
+TEST(Planner, PricedMovesLowerThePricedTime) {
+    RoutingStats st = make_random_stats(4, 32, 4, 800, 9);
+    Topology topo{2, 2};
+    topo.slots_per_gpu = 10;
+    PlanOptions opt;
+    opt.method = "grace";
+    opt.priced_moves = 0;
+    const ExpertPlan filled = make_plan(st, topo, opt);
+    opt.priced_moves = -1;
+    const ExpertPlan moved = make_plan(st, topo, opt);
+    opt.priced_moves = 8;
+    PlanOptions defaults;
+    defaults.method = "grace";
+    const ExpertPlan def = make_plan(st, topo, defaults);
+    EXPECT_EQ(plan_to_json(def), plan_to_json(make_plan(st, topo, opt)));  // 8 is the default
+    opt.priced_moves = 1;
+    const ExpertPlan one = make_plan(st, topo, opt);
+    int total = 0;
+    for (int l = 0; l < st.num_layers; ++l) {
+        std::vector<double> load(32);
+        for (int e = 0; e < 32; ++e) load[e] = static_cast<double>(st.load_at(l, e));
+        auto price = [&](const LayerPlan& lp) {
+            std::vector<std::vector<int>> inst(32);
+            for (int g = 0; g < 4; ++g)
+                for (int e : lp.gpu_experts[g]) inst[e].push_back(g);
+            return LayerCostModel(load, {}, inst, topo, PlacementPricing{}).time();
+        };
+        EXPECT_LE(price(moved.layers[l]), price(filled.layers[l]) * (1 + 1e-12)) << "layer " << l;
+        EXPECT_LE(one.layers[l].num_priced_moves, 1);
+        total += moved.layers[l].num_priced_moves;
+        for (const auto& ex : moved.layers[l].gpu_experts) EXPECT_EQ(ex.size(), 10u);
+    }
+    EXPECT_GT(total, 0);  // skewed random statistics leave something to gain
+}
+
 TEST(Planner, ReplicationNeverMovesPrimaries) {
     const RoutingStats st = make_random_stats(3, 32, 4, 600, 11);
     const Topology topo{2, 4, 6};
@@ -157,6 +196,7 @@ TEST(Planner, ReplicationNeverMovesPrimaries) {
             if (std::string(r) == "eplb" && std::string(g).rfind("eplb", 0) == 0) continue;  // EPLB places anew
             PlanOptions opt;
             opt.method = std::string(g) + "+" + r;
+            opt.priced_moves = 0;  // replication and the fill only add; the priced moves rewrite (tested below)
             const ExpertPlan p1 = make_plan(st, topo, opt);
             for (int l = 0; l < st.num_layers; ++l) {
                 EXPECT_EQ(p0.layers[l].primary_gpu, p1.layers[l].primary_gpu) << opt.method << " layer " << l;

@@ -74,6 +74,18 @@ TEST(Replan, HandWorkedTwoGpus) {
     EXPECT_EQ(lp.instance_gpus[2], (std::vector<int>{1, 0}));  // routing tables rebuilt
 }
 
+// The planner's refinement is the same search on one layer: the same single move, and the plan's diagnostics.
+TEST(Replan, RefineLayerMakesTheSameMove) {
+    ExpertPlan p = two_gpu_plan();
+    const ReplanOptions o = unit_options(-1);
+    EXPECT_EQ(refine_layer_priced(p.layers[0], {2, 2, 8}, {}, 3, p.topology, o.pricing, -1), 1);
+    EXPECT_EQ(p.layers[0].gpu_experts[0], (std::vector<int>{0, 2}));
+    EXPECT_EQ(p.layers[0].primary_gpu, (std::vector<int>{0, 1, 1}));
+    EXPECT_EQ(p.layers[0].num_priced_moves, 1);
+    ExpertPlan capped = two_gpu_plan();
+    EXPECT_EQ(refine_layer_priced(capped.layers[0], {2, 2, 8}, {}, 3, capped.topology, o.pricing, 0), 0);
+}
+
 TEST(Replan, BudgetsAreKept) {
     EXPECT_TRUE(replan(two_gpu_plan(), new_stats({2, 2, 8}), unit_options(0)).moves.empty());
     ReplanOptions bytes = unit_options(-1);

@@ -40,6 +40,11 @@ std::function<int()> setup_plan(CLI::App& sub) {
         ->check(integer_in<int>(0));
     sub.add_flag("--no-fill-slots", a->no_fill,
                  "Treat the slot count as an upper bound only (exports then pad the free slots)");
+    sub.add_option("--priced-moves", a->options.priced_moves,
+                   "Slot-exact plans: at most N priced slot rewrites per layer after the fill (-1 = until none "
+                   "lowers the priced time, 0 = none)")
+        ->capture_default_str()
+        ->check(integer_in<int>(-1));
     sub.add_option("--hardware", a->hardware,
                    "Hardware preset or grace.hardware/v1 file the slot fill prices replicas with")
         ->capture_default_str()
@@ -116,7 +121,8 @@ std::function<int()> setup_plan(CLI::App& sub) {
         std::printf("planned %s: E=%d L=%d k=%d on %s with %s in %.3f s -> %s\n", source.c_str(), plan.num_experts,
                     plan.num_layers, plan.top_k, topo.to_string().c_str(), plan.method.c_str(), secs, a->out.c_str());
         if (!a->quiet) {
-            std::printf("layer      r*   gamma   R  hot  fill  instances  load max/mean before  predicted max/mean\n");
+            std::printf(
+                "layer      r*   gamma   R  hot  fill  moves  instances  load max/mean before  predicted max/mean\n");
             for (const LayerPlan& lp : plan.layers) {
                 auto ratio = [](const std::vector<double>& v) {
                     if (v.empty()) return 0.0;
@@ -128,9 +134,9 @@ std::function<int()> setup_plan(CLI::App& sub) {
                     std::snprintf(rs, sizeof rs, "%7.3f", lp.r_star);
                 else
                     std::snprintf(rs, sizeof rs, "%7s", "-");
-                std::printf("%5d  %s  %6.3f  %2d  %3zu  %4d  %9d  %20.3f  %18.3f\n", lp.layer, rs, lp.gamma,
-                            lp.num_replicas, lp.hot_experts.size(), lp.num_fill_replicas, lp.num_instances(),
-                            ratio(lp.gpu_load_before), ratio(lp.predicted_gpu_load));
+                std::printf("%5d  %s  %6.3f  %2d  %3zu  %4d  %5d  %9d  %20.3f  %18.3f\n", lp.layer, rs, lp.gamma,
+                            lp.num_replicas, lp.hot_experts.size(), lp.num_fill_replicas, lp.num_priced_moves,
+                            lp.num_instances(), ratio(lp.gpu_load_before), ratio(lp.predicted_gpu_load));
             }
         }
         return 0;
