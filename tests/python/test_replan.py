@@ -105,6 +105,12 @@ class Replan(unittest.TestCase):
             self.assertEqual(err.count("\n"), 0, err)
             self.assertIn(needle, err, extra)
             self.assertFalse(os.path.exists(f"{d}/bad.json"))
+        # The plan and the moves are committed together: the same path for both is refused, nothing written.
+        r = run("replan", "--plan", f"{d}/old.json", "--stats", f"{d}/st_github", "--max-moves", 3, "-o",
+                f"{d}/bad.json", "--moves", f"{d}/bad.json", ok=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("written twice", r.stderr)
+        self.assertFalse(os.path.exists(f"{d}/bad.json"))
         r = run("replan", "--plan", f"{d}/old.json", "--stats", f"{d}/st_mx", "--max-moves", 3, "-o",
                 f"{d}/bad.json", ok=False)
         self.assertNotEqual(r.returncode, 0)

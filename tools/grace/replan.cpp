@@ -84,7 +84,9 @@ std::function<int()> setup_replan(CLI::App& sub) {
         const ReplanResult r = replan(old_plan, st, opt);
         ExpertPlan plan = r.plan;
         plan.source = "replan of " + a->plan + " on " + a->stats;
-        save_plan(plan, a->out);
+        plan.validate();
+        // The plan and its moves belong together: both are staged, then committed, the plan last.
+        OutputSet out;
         const double before = std::accumulate(r.time_before.begin(), r.time_before.end(), 0.0);
         const double after = std::accumulate(r.time_after.begin(), r.time_after.end(), 0.0);
         if (!a->moves_out.empty()) {
@@ -109,8 +111,10 @@ std::function<int()> setup_replan(CLI::App& sub) {
             for (size_t l = 0; l < r.time_before.size(); ++l)
                 layers.push_back({{"layer", l}, {"before", r.time_before[l]}, {"after", r.time_after[l]}});
             j["layers"] = std::move(layers);
-            write_text_atomic(a->moves_out, j.dump(1) + "\n");
+            out.add_text(a->moves_out, j.dump(1) + "\n");
         }
+        out.add_text(a->out, plan_to_json(plan));
+        out.commit();
         std::printf("replanned %s on %s: %zu of %lld instances rewritten (%.3f GB of expert weights), predicted MoE "
                     "time %.3f -> %.3f ms (%.2f%% lower) -> %s\n",
                     a->plan.c_str(), a->stats.c_str(), r.moves.size(), static_cast<long long>(instances),
