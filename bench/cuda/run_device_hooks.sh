@@ -8,6 +8,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 # The device image lacks Debian's header-only Spectra: carry its .deb in .deps/ (git-ignored) and unpack it here.
 for f in .deps/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
+source bench/cuda/device_env.sh
 PY=$(command -v python3)
 cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRACE_USE_CUDA=ON -DGRACE_BUILD_BENCH=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DPython3_EXECUTABLE="$PY" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
