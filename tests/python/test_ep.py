@@ -184,6 +184,7 @@ def case_layer(rank, world, out_dir, arg):
         whole = ep.Buffer(None, plan, 0, scheme=scheme, policy="wrr", timeout=60)
         phased = ep.Buffer(None, plan, 0, scheme=scheme, policy="wrr", timeout=60)
         assert whole.local_experts == plan["layers"][0]["gpu_experts"][rank]
+        assert whole.host_comm is phased.host_comm  # Buffers of one group share its gloo groups
         dests = []
         for call in range(2):
             x, ids, w = make_tokens(world, rank, call)

@@ -15,8 +15,9 @@ Backends, chosen by the device of the first call's tensors: CPU tensors -> ``gra
 the host communicator, float32 activations, float32 or bfloat16 weights); CUDA tensors -> ``grace.ep._cuda``
 (grace::cuda::GpuMoeLayer over NCCL, bootstrapped through the same host communicator).
 
-Constructing a Buffer is collective: it creates the host communicator (grace.ep._torch_comm.TorchComm: gloo
-groups made with dist.new_group, which every process of the default group must enter in the same order).
+The first Buffer of a (group, topology, timeout) is collective: it creates the host communicator
+(grace.ep._torch_comm.TorchComm: gloo groups made with dist.new_group, which every process of the default group must
+enter in the same order); later Buffers with the same three share it (one Buffer per layer of a model).
 
 Backend contract (the class ``Backend`` of _cpu and of _cuda): ``Backend(buffer)`` reads the Buffer's
 attributes ``plan`` (dict), ``plan_json`` (str), ``layer`` (int), ``topology`` ((N, M)), ``scheme``, ``policy``,
@@ -165,6 +166,27 @@ def _backend_module(device):
     _fail(f"tensors on {device} are not supported (cpu or cuda)")
 
 
+# (group object, topology, timeout) -> (group object, TorchComm, HostCommunicator): the Buffers of one model (one
+# per layer) share their gloo groups, as they call the layer one after another. The group object is kept so that its
+# id is not reused while the entry exists.
+_COMMUNICATORS = {}
+
+
+def _communicators(group, topology, timeout):
+    from .._grace import _ep
+    from ._torch_comm import TorchComm
+    import torch.distributed as dist
+    group_obj = group
+    if group is None and dist.is_available() and dist.is_initialized():
+        group_obj = dist.group.WORLD
+    key = (id(group_obj), tuple(topology), timeout)
+    if key not in _COMMUNICATORS:
+        torch_comm = TorchComm(group, topology, timeout)  # checks N*M against the group size
+        host_comm = _ep.HostCommunicator(torch_comm, "%dx%d" % tuple(topology), timeout)
+        _COMMUNICATORS[key] = (group_obj, torch_comm, host_comm)
+    return _COMMUNICATORS[key][1:]
+
+
 class Buffer:
     """An expert-parallel MoE layer of a GRACE plan over a torch.distributed group (see the module docstring).
 
@@ -178,8 +200,6 @@ class Buffer:
 
     def __init__(self, group=None, plan=None, layer=0, *, topology=None, scheme="hsc", policy="tar", seed=0,
                  timeout=300.0, num_experts=None):
-        from ._torch_comm import TorchComm
-        from .._grace import _ep
         if plan is None:
             _fail("plan is required (a path, a JSON string or a dict)")
         from .._grace import validate_plan
@@ -202,8 +222,7 @@ class Buffer:
         self.timeout = float(timeout)
         self.topology = _topology(topology, self.plan.get("topology"))
         n, m = self.topology
-        self.torch_comm = TorchComm(group, (n, m), self.timeout)  # checks N*M against the group size
-        self.host_comm = _ep.HostCommunicator(self.torch_comm, f"{n}x{m}", self.timeout)
+        self.torch_comm, self.host_comm = _communicators(group, (n, m), self.timeout)
         self.group = group
         self.rank, self.num_ranks = self.host_comm.rank, self.host_comm.size
         gpu_experts = layers[layer].get("gpu_experts", [])

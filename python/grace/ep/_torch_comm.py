@@ -115,7 +115,7 @@ class TorchComm:
         if group is None or group is dist.group.WORLD:
             members = list(range(self.size))
         else:
-            members = [dist.distributed_c10d._get_global_rank(group, r) for r in range(self.size)]
+            members = list(dist.get_process_group_ranks(group))
         timeout = datetime.timedelta(seconds=self.timeout_s) if self.timeout_s > 0 else _NO_DEADLINE
         self._global = dist.new_group(members, timeout=timeout, backend="gloo")
         if nodes == 1:
