@@ -189,7 +189,7 @@ def case_layer(rank, world, out_dir, arg):
         for call in range(2):
             x, ids, w = make_tokens(world, rank, call)
             y = ep.moe(x, ids, w, w13, w2, buffer=whole)
-            dests.append(whole._backend.last_dest_ranks().tolist())
+            dests.append(whole.last_dest_ranks().tolist())
             recv_x, recv_topk, recv_weights, handle = phased.dispatch(x, ids.to(torch.int32), w)
             out = phased.experts(recv_x, recv_topk, recv_weights, w13, w2)
             assert torch.equal(out, ep.experts(recv_x, recv_topk, recv_weights, w13, w2))

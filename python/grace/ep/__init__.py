@@ -19,12 +19,11 @@ The first Buffer of a (group, topology, timeout) is collective: it creates the h
 (grace.ep._torch_comm.TorchComm: gloo groups made with dist.new_group, which every process of the default group must
 enter in the same order); later Buffers with the same three share it (one Buffer per layer of a model).
 
-Backend contract (the class ``Backend`` of _cpu and of _cuda): ``Backend(buffer)`` reads the Buffer's
-attributes ``plan`` (dict), ``plan_json`` (str), ``layer`` (int), ``topology`` ((N, M)), ``scheme``, ``policy``,
-``seed``, ``timeout``, ``rank``, ``num_ranks``, ``num_experts``, ``local_experts`` (list), ``host_comm``
-(grace._grace._ep.HostCommunicator) and ``torch_comm`` (TorchComm), and provides ``dispatch``, ``experts``,
-``combine``, ``moe`` with the signatures above (inputs already checked for type, rank, matching shapes and dtypes
-common to both backends), plus ``last_stats()``; each backend module also provides a module-level
+Backend contract (``_cpu.CpuBackend`` and ``_cuda.CudaBackend``): built on first use as
+``Backend(plan, layer, topology, host_impl=torch_comm, scheme=, policy=, seed=, timeout=)`` with the Buffer's
+validated plan dict, layer index, (N, M) and its TorchComm; methods ``dispatch``, ``experts``, ``combine``, ``moe``
+with the signatures above (inputs already checked for type, rank, matching shapes and the dtypes common to both
+backends), ``last_stats()`` and ``last_dest_ranks()``; each backend module also has a module-level
 ``experts(recv_x, recv_topk, recv_weights, w13, w2)``.
 
 Errors: bad dtype, device, shape, non-contiguous tensors, an expert id out of range, a plan for another expert count
@@ -234,7 +233,10 @@ class Buffer:
 
     def _backend_for(self, device):
         if self._backend is None:
-            self._backend = _backend_module(device).Backend(self)
+            module = _backend_module(device)
+            backend = module.CpuBackend if device.type == "cpu" else module.CudaBackend
+            self._backend = backend(self.plan, self.layer, self.topology, host_impl=self.torch_comm,
+                                    scheme=self.scheme, policy=self.policy, seed=self.seed, timeout=self.timeout)
             self._device_type = device.type
         elif device.type != self._device_type:
             _fail(f"this Buffer runs on {self._device_type}; got tensors on {device}")
@@ -265,6 +267,12 @@ class Buffer:
     def last_stats(self):
         """The layer's statistics of the last call (times, bytes per link class), {} before any call."""
         return self._backend.last_stats() if self._backend is not None else {}
+
+    def last_dest_ranks(self):
+        """GPU (group rank) chosen for every selection of the last dispatch, flat [T * k] int32 (-1 = none)."""
+        if self._backend is None:
+            _fail("no dispatch yet")
+        return self._backend.last_dest_ranks()
 
 
 def experts(recv_x, recv_topk, recv_weights, w13, w2, buffer=None):

@@ -13,6 +13,7 @@ import torch
 
 from .. import GraceError
 from .._grace import _ep
+from ._torch_comm import TorchComm
 
 _WEIGHT_CACHE_PAIRS = 8
 
@@ -46,12 +47,25 @@ def _float_weights(w13, w2):
     return _np(w13.detach().float()), _np(w2.detach().float())
 
 
-class Backend:
-    """grace.ep backend for CPU tensors (see the package docstring for the contract)."""
+class CpuBackend:
+    """grace.ep backend for CPU tensors (see the package docstring for the contract): the C++ layer of one rank.
 
-    def __init__(self, buffer):
-        self._layer = _ep.CpuLayer(buffer.host_comm, buffer.plan_json, buffer.layer,
-                                   "%dx%d" % tuple(buffer.topology), buffer.scheme, buffer.policy, buffer.seed)
+    plan: dict, JSON string or path (grace.plan/v1); layer: index in the plan; topology: "NxM" or (N, M), the group's;
+    host_impl: the host communicator object (grace.ep._torch_comm.TorchComm), None for a world of one process;
+    scheme, policy, seed: the layer's; timeout: deadline of each collective in seconds (0 = none).
+    """
+
+    def __init__(self, plan, layer, topology, host_impl=None, scheme="hsc", policy="tar", seed=0, timeout=300.0):
+        if isinstance(topology, str):
+            topology = tuple(int(v) for v in topology.lower().split("x"))
+        n, m = topology
+        if host_impl is None:
+            host_impl = TorchComm(None, (n, m), timeout)
+        if isinstance(plan, str) and not plan.lstrip().startswith("{"):
+            with open(plan) as f:
+                plan = f.read()
+        self._host_comm = _ep.HostCommunicator(host_impl, f"{n}x{m}", timeout)
+        self._layer = _ep.CpuLayer(self._host_comm, plan, layer, f"{n}x{m}", scheme, policy, seed)
         self._cache = []  # [(w13, w2, w13._version, w2._version, w13 float32 numpy, w2 float32 numpy)]
 
     def _weights(self, w13, w2):
