@@ -498,12 +498,12 @@ class BadInputTest(unittest.TestCase):
         self.expect(r"^the plan is for 8 experts, the model has num_experts=16$",
                     lambda: ep.Buffer(None, plan, 0, num_experts=16))
         self.expect(r"^layer 1 is outside \[0, 1\) \(the plan's MoE layers\)$", lambda: ep.Buffer(None, plan, 1))
-        self.expect(r"^scheme '2dh' is not one of flat, flat-dedup, hsc$", lambda: ep.Buffer(None, plan, 0, scheme="2dh"))
+        self.expect(r"^scheme '2dh' is not one of flat, flat-dedup, hsc$",
+                    lambda: ep.Buffer(None, plan, 0, scheme="2dh"))
         self.expect(r"^timeout -1 must be a finite", lambda: ep.Buffer(None, plan, 0, timeout=-1))
         self.expect(r"^moe needs buffer=grace.ep.Buffer\(...\), got NoneType$",
                     lambda: ep.moe(self.x, self.ids, self.w, self.w13, self.w2))
-        self.expect(r"routing policy", lambda: ep.Buffer(None, plan, 0, policy="fastest").moe(
-            self.x, self.ids, self.w, self.w13, self.w2))
+        self.expect(r"routing policy", lambda: ep.Buffer(None, plan, 0, policy="fastest"))
 
     def test_no_copies_and_bf16_cache(self):
         b, x, ids, w = self.buf, self.x, self.ids, self.w

@@ -216,6 +216,8 @@ class Buffer:
         if scheme not in SCHEMES:
             _fail(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
         self.scheme, self.policy, self.seed = scheme, str(policy), int(seed)
+        from .._grace import ReplicaRouter
+        ReplicaRouter(self.plan, layer, self.policy, self.seed)  # an unknown policy fails here, not at the first call
         if not (isinstance(timeout, (int, float)) and 0 <= timeout < float("inf")):
             _fail(f"timeout {timeout!r} must be a finite number of seconds >= 0 (0 = none)")
         self.timeout = float(timeout)

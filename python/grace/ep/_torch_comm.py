@@ -91,7 +91,6 @@ class TorchComm:
         self._global = None
         self._node = None
         try:
-            import torch  # noqa: F401
             import torch.distributed as dist
             initialized = dist.is_available() and dist.is_initialized()
         except ImportError:
