@@ -7,7 +7,7 @@
 #   mix11    the same two with --mix 1,1 (head = half the mix)
 #   mixS11   mmlu_test + a 10% sample spread over mmlu_pro_test (every 10th block of 256 tokens), --mix 1,1;
 #            evaluated on the other 90% ("spread rest"), not on "rest"
-#   rob.75   mmlu_test alone, --window-tokens 2048, grace plan --robust 0.75 (and rob.9: --robust 0.9)
+#   rob.75   mmlu_test alone, --window-tokens 2048, grace plan --robust 0.75 (rob.9, rob1: --robust 0.9, 1)
 #   B        mmlu_pro_test itself (all of it: the in-domain reference of issue #13)
 #   Brest    exactly the evaluated tokens (rest)
 # No profiled token of mmlu_pro_test is evaluated except in B (and Brest). Slot-exact plans with S = ceil(32/G)+1,
@@ -35,8 +35,8 @@ for name, keep in [("head", head), ("rest", ~head), ("spread", spread), ("spread
     print(f"{name}: {int(keep.sum())} of {T} mmlu_pro_test tokens")
 EOF
 ev() { "$G" eval --trace "$2" --plan "$1" --comm hsc -o "$W/e_tmp" | awk '/end-to-end/ {print $3}'; }
-echo "| topology | A | mix | mix11 | rob.75 | rob.9 | B | Brest | mixS11 (on spread rest) | B (on spread rest) |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| topology | A | mix | mix11 | rob.75 | rob.9 | rob1 | B | Brest | mixS11 (on spread rest) | B (on spread rest) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for topo in 2x2 2x4 4x4 4x8; do
   n=$(( ${topo%x*} * ${topo#*x} )); S=$(( (32 + n - 1) / n + 1 ))
   prof() { local name=$1; shift; "$G" profile "$@" --topology "$topo" -q -o "$W/st_${name}_$topo" >/dev/null; }
@@ -51,8 +51,9 @@ for topo in 2x2 2x4 4x4 4x8; do
   for p in A mix mix11 mixS11 B Brest; do plan "$p"; done
   plan A rob.75 --robust 0.75
   plan A rob.9 --robust 0.9
+  plan A rob1 --robust 1
   row="| $topo"
-  for p in A mix mix11 rob.75 rob.9 B Brest; do row="$row | $(ev "$W/p_${p}_$topo.json" "$W/rest.npy")"; done
+  for p in A mix mix11 rob.75 rob.9 rob1 B Brest; do row="$row | $(ev "$W/p_${p}_$topo.json" "$W/rest.npy")"; done
   for p in mixS11 B; do row="$row | $(ev "$W/p_${p}_$topo.json" "$W/spread_rest.npy")"; done
   echo "$row |"
 done

@@ -40,7 +40,7 @@ RoutingStats stats_from_py(const py::object& obj) {
                         shape_str(ws));
         st.window_counts = int_values(d["window_counts"], "stats['window_counts']", {1}, &cs);
         st.window_weight = d.contains("window_weight") && !d["window_weight"].is_none()
-                               ? real_values(d["window_weight"], "stats['window_weight']", {1})
+                               ? real_values(d["window_weight"], "stats['window_weight']", {1}, nullptr)
                                : std::vector<double>(st.window_counts.size(), 1.0);
     }
     st.validate();
