@@ -486,9 +486,9 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
     plan.source = "stats model=" + stats.model + " dataset=" + stats.dataset;
     plan.layers.resize(L);
 
-    GRACE_CHECK_ARG(options.robust_quantile >= 0, "robust quantile ", options.robust_quantile, " is negative");
+    // 0 = mean loads; anything else must be a quantile in (0, 1] (robust_loads says so, NaN included).
     const std::vector<double> robust =
-        options.robust_quantile > 0 ? robust_loads(stats, options.robust_quantile) : std::vector<double>();
+        options.robust_quantile != 0 ? robust_loads(stats, options.robust_quantile) : std::vector<double>();
     const bool needs_affinity =
         spec.grouping != "vanilla" && spec.grouping != "eplb-hierarchical" && spec.grouping != "eplb-global";
     std::vector<std::exception_ptr> errors(L);
