@@ -48,8 +48,9 @@ void bind_planner(py::module_& m) {
         "(N, M)) with a method spec (e.g. 'grace' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
         "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there). "
         "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with replicas priced on "
-        "`hardware`, as `grace plan --hardware`) unless fill_slots=False. robust=q in (0, 1] plans for each expert's q-quantile load over the profile's windows "
-        "(statistics from profile(..., window_tokens=W)), as `grace plan --robust q`.");
+        "`hardware`, as `grace plan --hardware`) unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
+        "q-quantile load over the profile's windows (statistics from profile(..., window_tokens=W)), as "
+        "`grace plan --robust q`.");
     m.def(
         "parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
         "Canonical form of a method spec; raises GraceError for an unknown component.");

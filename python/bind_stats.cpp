@@ -63,9 +63,8 @@ py::dict stats_to_py(const RoutingStats& st) {
                            : py::none();
     d["window_tokens"] = st.window_tokens;
     const int64_t W = st.num_windows();
-    d["window_load"] = st.window_tokens > 0
-                           ? py::object(to_array(st.window_load, {st.num_layers, W, st.num_experts}))
-                           : py::none();
+    d["window_load"] =
+        st.window_tokens > 0 ? py::object(to_array(st.window_load, {st.num_layers, W, st.num_experts})) : py::none();
     d["window_counts"] = st.window_tokens > 0 ? py::object(to_array(st.window_counts, {W})) : py::none();
     d["window_weight"] = st.window_tokens > 0 ? py::object(to_array(st.window_weight, {W})) : py::none();
     return d;
@@ -110,8 +109,7 @@ void bind_stats(py::module_& m) {
             return stats_to_py(st);
         },
         py::arg("path"), py::arg("num_experts") = py::none(), py::arg("topology") = py::none(), py::arg("threads") = 0,
-        py::arg("window_tokens") = 0,
-        "Profiles a trace file by streaming it (what `grace profile TRACE` computes).");
+        py::arg("window_tokens") = 0, "Profiles a trace file by streaming it (what `grace profile TRACE` computes).");
     m.def(
         "save_stats", [](const py::object& stats, const std::string& dir) { save_stats(stats_from_py(stats), dir); },
         py::arg("stats"), py::arg("dir"), "Writes a statistics dict as a grace.stats/v1 folder.");

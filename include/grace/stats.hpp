@@ -50,10 +50,10 @@ struct RoutingStats {
     std::vector<StatsSource> sources;  ///< traces these statistics come from (empty: not recorded)
     /// Per-window loads (grace profile --window-tokens): windows of `window_tokens` consecutive tokens of one
     /// trace (a trace's last window may be shorter; no window spans two traces), in trace order.
-    int64_t window_tokens = 0;            ///< window size; 0 = no per-window loads
-    std::vector<int64_t> window_load;     ///< [L, num_windows(), E] raw counts (not scaled)
-    std::vector<int64_t> window_counts;   ///< [num_windows()] tokens in each window
-    std::vector<double> window_weight;    ///< [num_windows()] mix scale of the window's trace
+    int64_t window_tokens = 0;           ///< window size; 0 = no per-window loads
+    std::vector<int64_t> window_load;    ///< [L, num_windows(), E] raw counts (not scaled)
+    std::vector<int64_t> window_counts;  ///< [num_windows()] tokens in each window
+    std::vector<double> window_weight;   ///< [num_windows()] mix scale of the window's trace
 
     int num_windows() const { return static_cast<int>(window_counts.size()); }
     int64_t affinity_at(int l, int i, int j) const {

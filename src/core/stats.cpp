@@ -147,10 +147,10 @@ void RoutingStats::validate() const {
         }
     for (int64_t v : source_load) GRACE_CHECK_INPUT(v >= 0, "source_load has a negative entry ", v);
     for (const StatsSource& s : sources)
-        GRACE_CHECK_INPUT(s.num_tokens >= 0 && std::isfinite(s.weight) && s.weight > 0 && std::isfinite(s.scale) &&
-                              s.scale >= 0,
-                          "source ", s.trace, ": num_tokens = ", s.num_tokens, ", weight = ", s.weight,
-                          ", scale = ", s.scale, " (need tokens >= 0, a finite weight > 0 and scale >= 0)");
+        GRACE_CHECK_INPUT(
+            s.num_tokens >= 0 && std::isfinite(s.weight) && s.weight > 0 && std::isfinite(s.scale) && s.scale >= 0,
+            "source ", s.trace, ": num_tokens = ", s.num_tokens, ", weight = ", s.weight, ", scale = ", s.scale,
+            " (need tokens >= 0, a finite weight > 0 and scale >= 0)");
     GRACE_CHECK_INPUT(window_tokens >= 0, "window_tokens = ", window_tokens, " is negative");
     const size_t W = window_counts.size();
     if (window_tokens == 0) {
@@ -162,8 +162,8 @@ void RoutingStats::validate() const {
     detail::checked_product({num_layers, static_cast<int64_t>(W), num_experts}, "statistics L x windows x E");
     GRACE_CHECK_INPUT(window_load.size() == L * W * E, "window_load has ", window_load.size(),
                       " entries, expected L*windows*E = ", L * W * E);
-    GRACE_CHECK_INPUT(window_weight.size() == W, "window_weight has ", window_weight.size(), " entries, expected ",
-                      W, " (one per window)");
+    GRACE_CHECK_INPUT(window_weight.size() == W, "window_weight has ", window_weight.size(), " entries, expected ", W,
+                      " (one per window)");
     for (size_t w = 0; w < W; ++w) {
         GRACE_CHECK_INPUT(window_counts[w] >= 1 && window_counts[w] <= window_tokens, "window ", w, " holds ",
                           window_counts[w], " tokens, outside [1, window_tokens = ", window_tokens, "]");
@@ -450,8 +450,8 @@ RoutingStats merge_stats(const std::vector<RoutingStats>& parts, const std::vect
     GRACE_CHECK_ARG(!parts.empty(), "a mix needs at least one trace");
     GRACE_CHECK_ARG(paths.size() == parts.size(), "merge_stats: ", paths.size(), " names for ", parts.size(),
                     " statistics");
-    GRACE_CHECK_ARG(weights.empty() || weights.size() == parts.size(), "--mix gives ", weights.size(),
-                    " weights for ", parts.size(), " traces");
+    GRACE_CHECK_ARG(weights.empty() || weights.size() == parts.size(), "--mix gives ", weights.size(), " weights for ",
+                    parts.size(), " traces");
     for (size_t d = 0; d < weights.size(); ++d)
         GRACE_CHECK_ARG(std::isfinite(weights[d]) && weights[d] > 0, "--mix weight ", d + 1, " (for ", paths[d],
                         ") is ", weights[d], "; weights must be finite numbers > 0");
@@ -461,8 +461,8 @@ RoutingStats merge_stats(const std::vector<RoutingStats>& parts, const std::vect
         const RoutingStats& p = parts[d];
         p.validate();
         auto differs = [&](const char* what, int64_t mine, int64_t theirs) {
-            GRACE_CHECK_INPUT(mine == theirs, paths[d], " has ", what, "=", mine, " but ", paths[0], " has ", what,
-                              "=", theirs, "; a mix needs the same E, L and k in every trace");
+            GRACE_CHECK_INPUT(mine == theirs, paths[d], " has ", what, "=", mine, " but ", paths[0], " has ", what, "=",
+                              theirs, "; a mix needs the same E, L and k in every trace");
         };
         differs("E", p.num_experts, first.num_experts);
         differs("L", p.num_layers, first.num_layers);
@@ -554,7 +554,8 @@ std::vector<double> robust_loads(const RoutingStats& stats, double q) {
     std::vector<double> out(static_cast<size_t>(L) * E);
     std::vector<double> weight(W);
     double total_weight = 0;
-    for (int w = 0; w < W; ++w) total_weight += weight[w] = static_cast<double>(stats.window_counts[w]) * stats.window_weight[w];
+    for (int w = 0; w < W; ++w)
+        total_weight += weight[w] = static_cast<double>(stats.window_counts[w]) * stats.window_weight[w];
     std::vector<std::pair<double, double>> rates(W);  // (rate, weight) of each window
     std::vector<double> quantile(E);
     for (int l = 0; l < L; ++l) {

@@ -362,12 +362,18 @@ TEST(MixStats, RejectsUnlikeTracesAndBadWeights) {
     const RoutingStats a = profile_trace(tiny_a());
     const RoutingStats e4 = profile_trace(make_trace(1, 1, 2, 4, {0, 3}));
     const RoutingStats k1 = profile_trace(make_trace(1, 1, 1, 3, {0}));
-    EXPECT_NE(error_of([&] { merge_stats({a, e4}, {"a.npy", "e4.npy"}); }).find("e4.npy has E=4 but a.npy has E=3"),
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, e4}, {"a.npy", "e4.npy"});
+              }).find("e4.npy has E=4 but a.npy has E=3"),
               std::string::npos);
     EXPECT_NE(error_of([&] { merge_stats({a, k1}, {"a.npy", "k1.npy"}); }).find("k1.npy has k=1"), std::string::npos);
-    EXPECT_NE(error_of([&] { merge_stats({a, a}, {"a", "b"}, {1}); }).find("1 weights for 2 traces"),
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, a}, {"a", "b"}, {1});
+              }).find("1 weights for 2 traces"),
               std::string::npos);
-    EXPECT_NE(error_of([&] { merge_stats({a, a}, {"a", "b"}, {1, 0}); }).find("weight 2 (for b) is 0"),
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, a}, {"a", "b"}, {1, 0});
+              }).find("weight 2 (for b) is 0"),
               std::string::npos);
     EXPECT_NE(error_of([&] { merge_stats({a}, {"a"}, {std::nan("")}); }).find("finite"), std::string::npos);
     EXPECT_NE(error_of([] { merge_stats({}, {}); }).find("at least one trace"), std::string::npos);

@@ -2,8 +2,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 #include "command.hpp"
@@ -87,8 +87,8 @@ std::function<int()> setup_profile(CLI::App& sub) {
         const std::vector<double> weights = a->mix.empty() ? std::vector<double>() : parse_mix_weights(a->mix);
         GRACE_CHECK_ARG(weights.empty() || weights.size() == D, "--mix gives ", weights.size(), " weights for ", D,
                         " traces");
-        GRACE_CHECK_ARG(D == 1 || !a->overrides.weights_path, "--weights names the gate weights of one trace; with ",
-                        D, " traces give each its NAME.json");
+        GRACE_CHECK_ARG(D == 1 || !a->overrides.weights_path, "--weights names the gate weights of one trace; with ", D,
+                        " traces give each its NAME.json");
         std::string out = a->out;
         while (out.size() > 1 && out.back() == '/') out.pop_back();
         check_output_folder(out, "stats");  // a wrong -o fails before the profiling
