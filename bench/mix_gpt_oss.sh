@@ -10,6 +10,9 @@
 #   rob.75   mmlu_test alone, --window-tokens 2048, grace plan --robust 0.75 (rob.9, rob1: --robust 0.9, 1)
 #   B        mmlu_pro_test itself (all of it: the in-domain reference of issue #13)
 #   Brest    exactly the evaluated tokens (rest)
+# Second table, how far a held-out in-domain profile gets: mmlu_pro_test split into halves by blocks of 256 tokens
+# (blocks 0-4 of every 10 -> "half", blocks 5-9 -> "other half"); plans from A, "half" alone, mmlu_test + half
+# (by tokens) and B, all evaluated on the other half.
 # No profiled token of mmlu_pro_test is evaluated except in B (and Brest). Slot-exact plans with S = ceil(32/G)+1,
 # `grace eval --comm hsc`, a100-testbed, end-to-end estimate in ms.
 # Usage: bash bench/mix_gpt_oss.sh [GRACE_BIN] [WORK_DIR]
@@ -27,7 +30,9 @@ ids = np.load(f"{src}/mmlu_pro_test.npy")
 T = ids.shape[0]
 head = np.arange(T) < T // 10
 spread = (np.arange(T) // 256) % 10 == 0
-for name, keep in [("head", head), ("rest", ~head), ("spread", spread), ("spread_rest", ~spread)]:
+half = (np.arange(T) // 256) % 10 < 5
+for name, keep in [("head", head), ("rest", ~head), ("spread", spread), ("spread_rest", ~spread), ("half", half),
+                   ("other_half", ~half)]:
     np.save(f"{out}/{name}.npy", ids[keep])
     meta = {"format": "grace.trace/v1", "num_experts": 32, "top_k": 4, "num_layers": 24, "model": "gpt-oss-20b",
             "dataset": f"mmlu_pro_test:{name}"}
@@ -55,5 +60,20 @@ for topo in 2x2 2x4 4x4 4x8; do
   row="| $topo"
   for p in A mix mix11 rob.75 rob.9 rob1 B Brest; do row="$row | $(ev "$W/p_${p}_$topo.json" "$W/rest.npy")"; done
   for p in mixS11 B; do row="$row | $(ev "$W/p_${p}_$topo.json" "$W/spread_rest.npy")"; done
+  echo "$row |"
+done
+echo
+echo "evaluated on the other half:"
+echo "| topology | A | half | mmlu_test + half | B |"
+echo "|---|---|---|---|---|"
+for topo in 2x2 2x4 4x4 4x8; do
+  n=$(( ${topo%x*} * ${topo#*x} )); S=$(( (32 + n - 1) / n + 1 ))
+  "$G" profile "$W/half.npy" --topology "$topo" -q -o "$W/st_half_$topo" >/dev/null
+  "$G" profile "$D/mmlu_test.npy" "$W/half.npy" --topology "$topo" -q -o "$W/st_mixhalf_$topo" >/dev/null
+  row="| $topo"
+  for p in A half mixhalf B; do
+    "$G" plan --stats "$W/st_${p}_$topo" --topology "$topo" --slots-per-gpu "$S" -q -o "$W/p_h_${p}_$topo.json" >/dev/null
+    row="$row | $(ev "$W/p_h_${p}_$topo.json" "$W/other_half.npy")"
+  done
   echo "$row |"
 done
