@@ -59,7 +59,7 @@ ProfileOptions checked(const ProfileOptions& o) {
 }
 
 int64_t num_windows_of(int64_t tokens, int64_t window_tokens) {
-    return window_tokens > 0 ? (tokens + window_tokens - 1) / window_tokens : 0;
+    return window_tokens > 0 ? tokens / window_tokens + (tokens % window_tokens != 0) : 0;
 }
 
 void check_layer_shape(const std::vector<int64_t>& shape, int rank_max, const std::string& what) {
@@ -87,7 +87,7 @@ void check_profile_memory(int L, int E, int k, int G, int num_threads, const std
 void init_windows(RoutingStats& st, int64_t window_tokens) {
     st.window_tokens = window_tokens;
     if (window_tokens <= 0) return;
-    const int64_t T = st.num_tokens, n = (T + window_tokens - 1) / window_tokens;
+    const int64_t T = st.num_tokens, n = num_windows_of(T, window_tokens);  // no T + W - 1: W may be near INT64_MAX
     GRACE_CHECK_ARG(n <= detail::kInt32Max, "window size ", window_tokens, " gives ", n,
                     " windows, more than int holds; choose a larger window");
     st.window_counts.assign(n, window_tokens);

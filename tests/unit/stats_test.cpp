@@ -419,6 +419,10 @@ TEST(RobustLoads, NeedWindowsAndAQuantileInRange) {
     ProfileOptions o;
     o.window_tokens = 2;
     RoutingStats w = profile_trace(tiny_a(), o);
+    // A window larger than the trace is one window of the whole trace (no overflow near INT64_MAX).
+    ProfileOptions huge;
+    huge.window_tokens = std::numeric_limits<int64_t>::max();
+    EXPECT_EQ(profile_trace(tiny_a(), huge).window_counts, (std::vector<int64_t>{4}));
     for (double q : {0.0, -0.5, 1.5, std::nan("")})
         EXPECT_NE(error_of([&] { robust_loads(w, q); }).find("outside (0, 1]"), std::string::npos) << q;
 }
