@@ -1,4 +1,6 @@
 // Binding of the planner (`grace plan`).
+#include <cmath>
+
 #include "bind_common.hpp"
 #include "grace/eplb.hpp"
 #include "grace/hardware.hpp"
@@ -12,7 +14,7 @@ void bind_planner(py::module_& m) {
         "plan",
         [](const py::object& stats, const py::object& topology, const std::string& method, uint64_t seed, int threads,
            int wrr_period, bool refine, std::optional<int> slots_per_gpu, const std::string& source, bool fill_slots,
-           const std::string& hardware) {
+           const std::string& hardware, double robust) {
             const RoutingStats st = stats_from_py(stats);
             Topology topo = topology_from_py(topology);
             if (slots_per_gpu) {
@@ -26,6 +28,9 @@ void bind_planner(py::module_& m) {
             opt.wrr_period = wrr_period;
             opt.refine = refine;
             opt.fill_slots = fill_slots;
+            GRACE_CHECK_ARG(robust == 0 || (std::isfinite(robust) && robust > 0 && robust <= 1), "robust = ", robust,
+                            " must be 0 (mean loads) or a quantile in (0, 1]");
+            opt.robust_quantile = robust;
             if (topo.slots_per_gpu && fill_slots) opt.pricing = planner_pricing(load_hardware(hardware), st.model, nullptr);
             ExpertPlan plan;
             {
@@ -38,11 +43,14 @@ void bind_planner(py::module_& m) {
         py::arg("stats"), py::arg("topology"), py::arg("method") = "grace", py::arg("seed") = 0, py::arg("threads") = 0,
         py::arg("wrr_period") = 120, py::arg("refine") = false, py::arg("slots_per_gpu") = py::none(),
         py::arg("source") = "", py::arg("fill_slots") = true, py::arg("hardware") = "a100-testbed",
+        py::arg("robust") = 0.0,
         "Plans expert placement from a statistics dict (grace.profile / grace.load_stats) on a topology (\"NxM\" or "
         "(N, M)) with a method spec (e.g. 'grace' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
         "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there). "
         "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with replicas priced on "
-        "`hardware`, as `grace plan --hardware`) unless fill_slots=False.");
+        "`hardware`, as `grace plan --hardware`) unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
+        "q-quantile load over the profile's windows (statistics from profile(..., window_tokens=W)), as "
+        "`grace plan --robust q`.");
     m.def(
         "parse_method", [](const std::string& text) { return parse_method(text).to_string(); }, py::arg("text"),
         "Canonical form of a method spec; raises GraceError for an unknown component.");

@@ -30,6 +30,19 @@ RoutingStats stats_from_py(const py::object& obj) {
                         shape_str(ss));
         st.num_gpus = static_cast<int>(ss[1]);
     }
+    // Per-window loads (grace profile --window-tokens), used by plan(robust=q).
+    if (d.contains("window_load") && !d["window_load"].is_none()) {
+        std::vector<int64_t> ws, cs;
+        st.window_tokens = get_int("window_tokens", 0);
+        st.window_load = int_values(d["window_load"], "stats['window_load']", {3}, &ws);
+        GRACE_CHECK_ARG(ws[0] == ls[0] && ws[2] == ls[1] && d.contains("window_counts"),
+                        "stats['window_load'] must be [L, windows, E] with stats['window_counts'] [windows], got ",
+                        shape_str(ws));
+        st.window_counts = int_values(d["window_counts"], "stats['window_counts']", {1}, &cs);
+        st.window_weight = d.contains("window_weight") && !d["window_weight"].is_none()
+                               ? real_values(d["window_weight"], "stats['window_weight']", {1}, nullptr)
+                               : std::vector<double>(st.window_counts.size(), 1.0);
+    }
     st.validate();
     return st;
 }
@@ -48,6 +61,12 @@ py::dict stats_to_py(const RoutingStats& st) {
     d["source_load"] = st.num_gpus > 0
                            ? py::object(to_array(st.source_load, {st.num_layers, st.num_gpus, st.num_experts}))
                            : py::none();
+    d["window_tokens"] = st.window_tokens;
+    const int64_t W = st.num_windows();
+    d["window_load"] =
+        st.window_tokens > 0 ? py::object(to_array(st.window_load, {st.num_layers, W, st.num_experts})) : py::none();
+    d["window_counts"] = st.window_tokens > 0 ? py::object(to_array(st.window_counts, {W})) : py::none();
+    d["window_weight"] = st.window_tokens > 0 ? py::object(to_array(st.window_weight, {W})) : py::none();
     return d;
 }
 
@@ -55,10 +74,11 @@ void bind_stats(py::module_& m) {
     m.def(
         "profile",
         [](const py::object& ids, int num_experts, const py::object& topology, int threads, const std::string& model,
-           const std::string& dataset) {
+           const std::string& dataset, int64_t window_tokens) {
             const RoutingTrace trace = trace_from_arrays(ids, num_experts, py::none(), model, dataset);
             ProfileOptions opt;
             opt.num_threads = threads;
+            opt.window_tokens = window_tokens;
             if (!topology.is_none()) opt.topology = topology_from_py(topology);
             RoutingStats st;
             {
@@ -68,16 +88,20 @@ void bind_stats(py::module_& m) {
             return stats_to_py(st);
         },
         py::arg("ids"), py::arg("num_experts"), py::arg("topology") = py::none(), py::arg("threads") = 0,
-        py::arg("model") = "", py::arg("dataset") = "",
+        py::arg("model") = "", py::arg("dataset") = "", py::arg("window_tokens") = 0,
         "Profiles ids [T, L, k] (spec §2): dict with 'load' int64 [L, E], 'affinity' int64 [L, E, E] (unordered "
-        "pairs), 'source_load' int64 [L, G, E] with a topology (else None) and the sizes; as `grace profile`.");
+        "pairs), 'source_load' int64 [L, G, E] with a topology (else None) and the sizes; as `grace profile`. "
+        "window_tokens > 0 adds 'window_load' int64 [L, windows, E], 'window_counts' int64 [windows] and "
+        "'window_weight' float64 [windows] (as `grace profile --window-tokens`; else None).");
     m.def(
         "profile_file",
-        [](const std::string& path, std::optional<int> num_experts, const py::object& topology, int threads) {
+        [](const std::string& path, std::optional<int> num_experts, const py::object& topology, int threads,
+           int64_t window_tokens) {
             TraceOverrides ov;
             ov.num_experts = num_experts;
             ProfileOptions opt;
             opt.num_threads = threads;
+            opt.window_tokens = window_tokens;
             if (!topology.is_none()) opt.topology = topology_from_py(topology);
             py::gil_scoped_release release;
             RoutingStats st = profile_trace_file(path, ov, opt);
@@ -85,7 +109,7 @@ void bind_stats(py::module_& m) {
             return stats_to_py(st);
         },
         py::arg("path"), py::arg("num_experts") = py::none(), py::arg("topology") = py::none(), py::arg("threads") = 0,
-        "Profiles a trace file by streaming it (what `grace profile TRACE` computes).");
+        py::arg("window_tokens") = 0, "Profiles a trace file by streaming it (what `grace profile TRACE` computes).");
     m.def(
         "save_stats", [](const py::object& stats, const std::string& dir) { save_stats(stats_from_py(stats), dir); },
         py::arg("stats"), py::arg("dir"), "Writes a statistics dict as a grace.stats/v1 folder.");

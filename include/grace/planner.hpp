@@ -55,6 +55,10 @@ struct PlanOptions {
     /// time); -1 = until none does, 0 = none. The default, 8, takes most of the gain (docs/planning.md) at a
     /// bounded cost: each move searches every (replica slot, expert) pair of the layer.
     int priced_moves = 8;
+    /// > 0: replicate and weight the routing tables (and everything else that reads loads) by robust_loads(stats,
+    /// q) instead of the mean loads: each expert's q-quantile load over the windows of the profile, q in (0, 1].
+    /// Needs statistics with per-window loads (grace profile --window-tokens); grouping still reads the affinity.
+    double robust_quantile = 0;
     /// The hardware and model numbers the fill prices replicas with (placement_cost.hpp; default: its defaults).
     PlacementPricing pricing;
 };

@@ -486,6 +486,9 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
     plan.source = "stats model=" + stats.model + " dataset=" + stats.dataset;
     plan.layers.resize(L);
 
+    // 0 = mean loads; anything else must be a quantile in (0, 1] (robust_loads says so, NaN included).
+    const std::vector<double> robust =
+        options.robust_quantile != 0 ? robust_loads(stats, options.robust_quantile) : std::vector<double>();
     const bool needs_affinity =
         spec.grouping != "vanilla" && spec.grouping != "eplb-hierarchical" && spec.grouping != "eplb-global";
     std::vector<std::exception_ptr> errors(L);
@@ -506,6 +509,14 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
             if (fills_slots(spec, topology, options) && stats.num_gpus == G && !stats.source_load.empty()) {
                 const int64_t* sl = stats.source_load.data() + static_cast<size_t>(l) * G * E;
                 in.source_load.assign(sl, sl + static_cast<size_t>(G) * E);
+            }
+            if (!robust.empty()) {  // robust loads; source loads keep their split over GPUs, at the new totals
+                for (int e = 0; e < E; ++e) {
+                    const double r = robust[static_cast<size_t>(l) * E + e];
+                    for (int g = 0; g < static_cast<int>(in.source_load.size()) / E; ++g)
+                        in.source_load[static_cast<size_t>(g) * E + e] *= in.load[e] > 0 ? r / in.load[e] : 0.0;
+                    in.load[e] = r;
+                }
             }
             plan.layers[l] = plan_layer(in, E, topology, spec, options);
         } catch (...) {

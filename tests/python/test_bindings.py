@@ -263,6 +263,27 @@ class SameAsCli(unittest.TestCase):
                 grace.export(plan, "sglang", expert_load=st["load"][:, :3])
 
 
+    @unittest.skipUnless(hasattr(grace, "plan") and cli_has("plan"), "planner not built yet")
+    def test_robust_plan_from_windows(self):
+        out = os.path.join(self.d, "stats-windows")
+        W = max(1, len(self.ids) // 5)
+        cli("profile", self.trace, "--window-tokens", W, "--topology", "2x2", "-q", "-o", out)
+        st = grace.profile(self.ids, self.E, topology="2x2", model="olmoe", dataset="bindings-test", window_tokens=W)
+        for name in ("window_load", "window_weight"):
+            np.testing.assert_array_equal(st[name], np.load(os.path.join(out, f"{name}.npy")), err_msg=name)
+        np.testing.assert_array_equal(st["window_counts"], np.load(os.path.join(out, "window_tokens.npy")))
+        path = os.path.join(self.d, "plan-robust.json")
+        cli("plan", "--stats", out, "--topology", "2x2", "--robust", "0.9", "-q", "-o", path)
+        with open(path) as f:
+            want = json.load(f)
+        self.assertEqual(grace.plan(grace.load_stats(out), "2x2", robust=0.9, source=want["source"]), want)
+        self.assertEqual(grace.plan(st, "2x2", robust=0.9, source=want["source"]), want)
+        with self.assertRaisesRegex(grace.GraceError, "re-profile"):
+            grace.plan(grace.profile(self.ids, self.E), "2x2", robust=0.9)
+        with self.assertRaisesRegex(grace.GraceError, "robust"):
+            grace.plan(st, "2x2", robust=1.5)
+
+
 class Eplb(unittest.TestCase):
     """grace.rebalance_experts: EPLB's README golden vectors (spec section 8), and the NumPy re-statement in
     bench/eplb_reference.py (written from the algorithm, stable sorts, float64) on seeded inputs with ties."""

@@ -164,6 +164,9 @@ def main():
             (["--topology", "2x4", "--redundant-experts", "-8"], "--redundant-experts"),
             (["--topology", "2x4", "--redundant-experts", "8", "--slots-per-gpu", "5"], "not both"),
             (["--topology", "2x4", "--no-fill-slots"], "--no-fill-slots needs"),
+            (["--topology", "2x4", "--robust", "0.9"], "re-profile with `grace profile ... --window-tokens W`"),
+            (["--topology", "2x4", "--robust", "0"], "--robust"),
+            (["--topology", "2x4", "--robust", "1.5"], "must be a number in (0, 1]"),
         ]
         for args, needle in bad:
             r = run(["plan", "--stats", stats, "-o", os.path.join(d, "bad.json")] + args, ok=False)

@@ -307,5 +307,165 @@ TEST(Stats, FromAggregatesHalvesOrderedPairsAndDerivesLoads) {
     EXPECT_THROW(stats_from_aggregates({0, 1, 0, 1, 0, 0, 0, 0, 0}, {3, 3}, {}, {}, false, 3), Error);
 }
 
+// ---- mixed profiles (grace profile A B --mix) and robust loads (grace plan --robust) ---------------------------
+
+// Two tiny traces, one layer, E = 3, k = 2:
+//   A (4 tokens): {0,1} {0,1} {0,2} {1,2}  -> load 3,3,2; A01 = 2, A02 = 1, A12 = 1
+//   B (2 tokens): {1,2} {0,2}              -> load 1,1,2; A01 = 0, A02 = 1, A12 = 1
+RoutingTrace tiny_a() { return make_trace(4, 1, 2, 3, {0, 1, 0, 1, 0, 2, 1, 2}); }
+RoutingTrace tiny_b() { return make_trace(2, 1, 2, 3, {1, 2, 0, 2}); }
+
+TEST(MixStats, TokenWeightedMergeIsTheConcatenation) {
+    RoutingStats m = merge_stats({profile_trace(tiny_a()), profile_trace(tiny_b())}, {"a.npy", "b.npy"});
+    EXPECT_EQ(m.num_tokens, 6);
+    EXPECT_EQ(m.load, (std::vector<int64_t>{4, 4, 4}));
+    EXPECT_EQ(m.affinity_at(0, 0, 1), 2);
+    EXPECT_EQ(m.affinity_at(0, 0, 2), 2);
+    EXPECT_EQ(m.affinity_at(0, 1, 2), 2);
+    ASSERT_EQ(m.sources.size(), 2u);
+    EXPECT_EQ(m.sources[0].trace, "a.npy");
+    EXPECT_EQ(m.sources[0].weight, 4);  // token count
+    EXPECT_EQ(m.sources[1].scale, 1);
+    // The concatenated trace gives the same counts.
+    RoutingTrace ab = make_trace(6, 1, 2, 3, {0, 1, 0, 1, 0, 2, 1, 2, 1, 2, 0, 2});
+    RoutingStats c = profile_trace(ab);
+    EXPECT_EQ(m.load, c.load);
+    EXPECT_EQ(m.affinity, c.affinity);
+}
+
+// --mix 1,2: A gets 1/3 of the 6-token mix (scale 1/3 * 6/4 = 0.5), B 2/3 (scale 2/3 * 6/2 = 2).
+//   load = 0.5*(3,3,2) + 2*(1,1,2) = (3.5, 3.5, 5) -> (4, 4, 5), halves rounded away from zero
+//   A01 = 0.5*2 + 0 = 1;  A02 = 0.5*1 + 2*1 = 2.5 -> 3;  A12 = 0.5*1 + 2*1 = 2.5 -> 3
+TEST(MixStats, ExplicitWeightsRescaleEachTraceToItsShare) {
+    ProfileOptions o;
+    o.topology = Topology::parse("1x2");
+    RoutingStats m = merge_stats({profile_trace(tiny_a(), o), profile_trace(tiny_b(), o)}, {"a", "b"}, {1, 2});
+    EXPECT_EQ(m.num_tokens, 6);
+    EXPECT_EQ(m.load, (std::vector<int64_t>{4, 4, 5}));
+    EXPECT_EQ(m.affinity_at(0, 0, 1), 1);
+    EXPECT_EQ(m.affinity_at(0, 0, 2), 3);
+    EXPECT_EQ(m.affinity_at(0, 1, 2), 3);
+    EXPECT_EQ(m.affinity_at(0, 2, 1), 3);
+    EXPECT_DOUBLE_EQ(m.sources[0].scale, 0.5);
+    EXPECT_DOUBLE_EQ(m.sources[1].scale, 2.0);
+    EXPECT_EQ(m.sources[1].weight, 2);
+    // Source loads per trace (homes floor(t*2/T_d)): A GPU0 {0,1}{0,1} = (2,2,0), GPU1 {0,2}{1,2} = (1,1,2);
+    // B GPU0 {1,2} = (0,1,1), GPU1 {0,2} = (1,0,1). Mixed: GPU0 0.5*(2,2,0) + 2*(0,1,1) = (1,3,2),
+    // GPU1 0.5*(1,1,2) + 2*(1,0,1) = (2.5,0.5,3) -> (3,1,3).
+    EXPECT_EQ(m.source_load, (std::vector<int64_t>{1, 3, 2, 3, 1, 3}));
+    // Equal shares for traces of equal length are the plain sum.
+    RoutingStats same = merge_stats({profile_trace(tiny_a()), profile_trace(tiny_a())}, {"a", "a2"}, {5, 5});
+    EXPECT_EQ(same.load, (std::vector<int64_t>{6, 6, 4}));
+}
+
+TEST(MixStats, RejectsUnlikeTracesAndBadWeights) {
+    const RoutingStats a = profile_trace(tiny_a());
+    const RoutingStats e4 = profile_trace(make_trace(1, 1, 2, 4, {0, 3}));
+    const RoutingStats k1 = profile_trace(make_trace(1, 1, 1, 3, {0}));
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, e4}, {"a.npy", "e4.npy"});
+              }).find("e4.npy has E=4 but a.npy has E=3"),
+              std::string::npos);
+    EXPECT_NE(error_of([&] { merge_stats({a, k1}, {"a.npy", "k1.npy"}); }).find("k1.npy has k=1"), std::string::npos);
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, a}, {"a", "b"}, {1});
+              }).find("1 weights for 2 traces"),
+              std::string::npos);
+    EXPECT_NE(error_of([&] {
+                  merge_stats({a, a}, {"a", "b"}, {1, 0});
+              }).find("weight 2 (for b) is 0"),
+              std::string::npos);
+    EXPECT_NE(error_of([&] { merge_stats({a}, {"a"}, {std::nan("")}); }).find("finite"), std::string::npos);
+    EXPECT_NE(error_of([] { merge_stats({}, {}); }).find("at least one trace"), std::string::npos);
+}
+
+// A with windows of 3 tokens: w0 = tokens 0-2 {0,1}{0,1}{0,2} -> (3,2,1); w1 = token 3 {1,2} -> (0,1,1).
+TEST(RobustLoads, HandWorkedQuantilesOverWindows) {
+    ProfileOptions o;
+    o.window_tokens = 3;
+    RoutingStats a = profile_trace(tiny_a(), o);
+    EXPECT_EQ(a.window_counts, (std::vector<int64_t>{3, 1}));
+    EXPECT_EQ(a.window_load, (std::vector<int64_t>{3, 2, 1, 0, 1, 1}));
+    // Rates (weight = window tokens): e0 1 (3), 0 (1); e1 2/3 (3), 1 (1); e2 1/3 (3), 1 (1). Total weight 4.
+    // q = 0.75 (3 of 4): e0 1, e1 2/3, e2 1/3; sum 2, layer load 8 -> (4, 8/3, 4/3).
+    std::vector<double> r = robust_loads(a, 0.75);
+    EXPECT_DOUBLE_EQ(r[0], 4.0);
+    EXPECT_DOUBLE_EQ(r[1], 8.0 / 3);
+    EXPECT_DOUBLE_EQ(r[2], 4.0 / 3);
+    // q = 0.25: e0 0, e1 2/3, e2 1/3 -> (0, 16/3, 8/3). q = 1 is the maximum rate: 1 each -> 8/3 each.
+    r = robust_loads(a, 0.25);
+    EXPECT_DOUBLE_EQ(r[0], 0.0);
+    EXPECT_DOUBLE_EQ(r[1], 16.0 / 3);
+    EXPECT_DOUBLE_EQ(r[2], 8.0 / 3);
+    for (double v : robust_loads(a, 1.0)) EXPECT_DOUBLE_EQ(v, 8.0 / 3);
+
+    // Mixed with B (one window of 2 tokens, (1,1,2)) at --mix 1,2: window weights 0.5*3, 0.5*1, 2*2 = 1.5, 0.5, 4.
+    // q = 0.9 (5.4 of 6): e0 rates 0 (0.5), 1/2 (4), 1 (1.5) -> 1; e1 1/2 (4), 2/3 (1.5), 1 (0.5) -> 2/3;
+    // e2 1/3 (1.5), 1 (0.5), 1 (4) -> 1. Sum 8/3, mixed layer load 4+4+5 = 13 -> (4.875, 3.25, 4.875).
+    RoutingStats m = merge_stats({a, profile_trace(tiny_b(), o)}, {"a", "b"}, {1, 2});
+    EXPECT_EQ(m.window_counts, (std::vector<int64_t>{3, 1, 2}));
+    EXPECT_EQ(m.window_weight, (std::vector<double>{0.5, 0.5, 2.0}));
+    EXPECT_EQ(m.window_load, (std::vector<int64_t>{3, 2, 1, 0, 1, 1, 1, 1, 2}));
+    r = robust_loads(m, 0.9);
+    EXPECT_DOUBLE_EQ(r[0], 4.875);
+    EXPECT_DOUBLE_EQ(r[1], 3.25);
+    EXPECT_DOUBLE_EQ(r[2], 4.875);
+}
+
+TEST(RobustLoads, NeedWindowsAndAQuantileInRange) {
+    RoutingStats plain = profile_trace(tiny_a());
+    EXPECT_NE(error_of([&] { robust_loads(plain, 0.9); }).find("re-profile with `grace profile ... --window-tokens"),
+              std::string::npos);
+    ProfileOptions o;
+    o.window_tokens = 2;
+    RoutingStats w = profile_trace(tiny_a(), o);
+    // A window larger than the trace is one window of the whole trace (no overflow near INT64_MAX).
+    ProfileOptions huge;
+    huge.window_tokens = std::numeric_limits<int64_t>::max();
+    EXPECT_EQ(profile_trace(tiny_a(), huge).window_counts, (std::vector<int64_t>{4}));
+    for (double q : {0.0, -0.5, 1.5, std::nan("")})
+        EXPECT_NE(error_of([&] { robust_loads(w, q); }).find("outside (0, 1]"), std::string::npos) << q;
+}
+
+TEST(RobustLoads, WindowsSurviveSaveLoadAndThreadCounts) {
+    testing::TempDir dir;
+    RoutingTrace t = small_generated(2000);
+    save_trace(t, dir.file("t.npy"));
+    ProfileOptions o;
+    o.window_tokens = 300;
+    o.num_threads = 1;
+    o.chunk_tokens = 128;  // windows straddle chunks
+    RoutingStats one = profile_trace_file(dir.file("t.npy"), {}, o);
+    EXPECT_EQ(one.num_windows(), 7);  // 6 x 300 + 200
+    EXPECT_EQ(one.window_counts.back(), 200);
+    o.num_threads = 2;
+    RoutingStats two = profile_trace_file(dir.file("t.npy"), {}, o);
+    EXPECT_EQ(one.window_load, two.window_load);
+    EXPECT_EQ(one.window_load, profile_trace(t, o).window_load);
+    // Window loads sum to the loads.
+    for (int l = 0; l < one.num_layers; ++l)
+        for (int e = 0; e < one.num_experts; ++e) {
+            int64_t sum = 0;
+            for (int w = 0; w < one.num_windows(); ++w)
+                sum += one.window_load[(static_cast<size_t>(l) * one.num_windows() + w) * one.num_experts + e];
+            EXPECT_EQ(sum, one.load_at(l, e));
+        }
+    RoutingStats mixed = merge_stats({one, two}, {"x.npy", "y.npy"}, {1, 3});
+    save_stats(mixed, dir.file("s"));
+    RoutingStats back = load_stats(dir.file("s"));
+    expect_same(mixed, back);
+    EXPECT_EQ(back.window_tokens, 300);
+    EXPECT_EQ(back.window_load, mixed.window_load);
+    EXPECT_EQ(back.window_counts, mixed.window_counts);
+    EXPECT_EQ(back.window_weight, mixed.window_weight);
+    ASSERT_EQ(back.sources.size(), 2u);
+    EXPECT_EQ(back.sources[1].trace, "y.npy");
+    EXPECT_DOUBLE_EQ(back.sources[1].weight, 3);
+    EXPECT_EQ(robust_loads(back, 0.9), robust_loads(mixed, 0.9));
+    // A window file that disagrees with meta.json is rejected, naming it.
+    write_npy(dir.file("s/window_weight.npy"), std::vector<double>{1.0}, {1});
+    EXPECT_NE(error_of([&] { load_stats(dir.file("s")); }).find("window_weight.npy"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace grace

@@ -1,7 +1,9 @@
 // `grace plan`: statistics (or a trace, profiled on the fly) + topology -> grace.plan/v1, with a per-layer summary.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 
 #include "command.hpp"
@@ -63,6 +65,17 @@ std::function<int()> setup_plan(CLI::App& sub) {
     sub.add_option("--wrr-period", a->options.wrr_period, "WRR period Q")
         ->capture_default_str()
         ->check(integer_in<int>(1, 65535));
+    sub.add_option("--robust", a->options.robust_quantile,
+                   "q in (0, 1]: replicate and weight routing by each expert's q-quantile load over the profile's "
+                   "windows (needs grace profile --window-tokens), not its mean load")
+        ->check(parsed_by(
+            [](const std::string& v) {
+                char* end = nullptr;
+                const double q = std::strtod(v.c_str(), &end);
+                GRACE_CHECK_ARG(!v.empty() && end && *end == '\0' && std::isfinite(q) && q > 0 && q <= 1,
+                                "must be a number in (0, 1], got '", v, "'");
+            },
+            "Q"));
     sub.add_flag("--refine", a->options.refine, "Improving swaps after controlled grouping (spec §3 step 3)");
     sub.add_option("-o,--output", a->out, "Output plan JSON")->required();
     sub.add_flag("-q,--quiet", a->quiet, "No per-layer summary");
@@ -116,6 +129,7 @@ std::function<int()> setup_plan(CLI::App& sub) {
         ExpertPlan plan = make_plan(st, topo, a->options);
         if (!pricing_note.empty()) std::fprintf(stderr, "grace plan: note: %s\n", pricing_note.c_str());
         plan.source = source;
+        if (a->options.robust_quantile > 0) plan.source += cat(" (robust q=", a->options.robust_quantile, ")");
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         save_plan(plan, a->out);
         std::printf("planned %s: E=%d L=%d k=%d on %s with %s in %.3f s -> %s\n", source.c_str(), plan.num_experts,
