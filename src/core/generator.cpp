@@ -107,6 +107,8 @@ struct ModelParams {
     double block_lo;       ///< each layer's groups fall into two blocks; the smaller block's share of the groups is
     double block_hi;       ///< uniform in [block_lo, block_hi], drawn per layer
     double block_bias;     ///< P(a topic's further preferred group comes from its first group's block); 0 = none
+    double block_heat;     ///< added to the popularity score of the smaller block's experts (standard deviations):
+                           ///< the smaller block is the hot one, the larger one holds the cold experts
 };
 
 struct PresetEntry {
@@ -116,15 +118,18 @@ struct PresetEntry {
 
 const std::vector<PresetEntry>& preset_table() {
     static const std::vector<PresetEntry> table = {
+        // topics zipf sigma(first, last) shift group beta(lo, hi) persist(layer, seq) groups/topic hot_cap
+        // block(lo, hi) block_bias block_heat
         {{"olmoe", 64, 8, 16, 2048, 1024, 0},
-         {64, 1.2, 1.35, 1.45, 0.85, 2, 4.2, 4.8, 0.7, 0.5, 4, 0.0, 0.3, 0.5, 1.0}},
+         {64, 1.1, 1.3, 1.4, 0.85, 2, 5.5, 6.0, 0.7, 0.5, 4, 10.0, 0.3, 0.4, 1.0, 2.0}},
         {{"deepseek-v2-lite", 64, 6, 26, 2048, 1408, 2},
-         {64, 1.2, 1.35, 1.45, 0.85, 2, 4.0, 5.0, 0.7, 0.5, 2, 0.0, 0.3, 0.5, 1.0}},
+         {64, 1.1, 1.3, 1.4, 0.85, 2, 4.8, 5.3, 0.7, 0.5, 3, 10.0, 0.3, 0.4, 1.0, 2.0}},
         {{"qwen3-30b-a3b", 128, 8, 48, 2048, 768, 0},
-         {128, 1.2, 0.8, 0.85, 0.85, 2, 4.3, 4.5, 0.7, 0.5, 3, 0.0, 0.3, 0.5, 1.0}},
-        {{"mixtral", 8, 2, 32, 4096, 14336, 0}, {4, 0.0, 0.27, 0.27, 0.85, 2, 2.1, 3.4, 0.7, 0.5, 1, 10.0, 0.5, 0.5, 0.0}},
+         {128, 1.1, 0.9, 1.0, 0.85, 2, 5.0, 5.5, 0.7, 0.5, 4, 10.0, 0.3, 0.4, 1.0, 2.0}},
+        {{"mixtral", 8, 2, 32, 4096, 14336, 0},
+         {4, 0.0, 0.27, 0.27, 0.85, 2, 2.1, 3.4, 0.7, 0.5, 1, 10.0, 0.5, 0.5, 0.0, 0.0}},
         {{"gpt-oss-20b", 32, 4, 24, 2880, 2880, 0},
-         {48, 1.2, 1.35, 1.45, 0.3, 2, 3.3, 3.8, 0.7, 0.5, 3, 0.0, 0.25, 0.5, 1.0}},
+         {48, 1.2, 1.3, 1.4, 0.2, 2, 4.2, 4.7, 0.7, 0.5, 3, 10.0, 0.3, 0.4, 1.0, 2.0}},
     };
     return table;
 }
@@ -236,6 +241,7 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
     // split cuts off a handful of loosely tied experts.
     std::vector<std::vector<uint8_t>> prefers(static_cast<size_t>(m.L) * m.topics, std::vector<uint8_t>(m.E, 0));
     std::vector<double> beta(m.L);
+    std::vector<std::vector<uint8_t>> in_small_block(m.L, std::vector<uint8_t>(m.E, 0));
     const int group = std::clamp(p.group_size, 1, m.E), num_groups = m.E / group;
     for (int l = 0; l < m.L; ++l) {
         std::vector<int> ids(m.E);
@@ -247,6 +253,7 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
         Stream bs{key(model_key, 0x73, l)};
         const double share = p.block_lo + (p.block_hi - p.block_lo) * to_unit(bs.next());
         const int cut = std::clamp(static_cast<int>(std::lround(share * num_groups)), 1, std::max(1, num_groups - 1));
+        for (int i = 0; i < cut * group; ++i) in_small_block[l][ids[i]] = 1;
         for (int c = 0; c < m.topics; ++c) {
             const int first = c % num_groups;
             const int lo = first < cut ? 0 : cut, hi = first < cut ? cut : num_groups;
@@ -298,7 +305,8 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
             // spread then follows sigma, which keeps every layer inside the calibrated range).
             std::vector<double> score(m.E), b(m.E);
             for (int e = 0; e < m.E; ++e)
-                score[e] = shared * normal(key(model_key, 0x72, l, e)) + rho * normal(key(model_key, ds_key, l, e));
+                score[e] = shared * normal(key(model_key, 0x72, l, e)) + rho * normal(key(model_key, ds_key, l, e)) +
+                           p.block_heat * in_small_block[l][e];
             std::vector<int> order(m.E);
             std::iota(order.begin(), order.end(), 0);
             std::sort(order.begin(), order.end(),
