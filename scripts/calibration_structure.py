@@ -18,7 +18,7 @@ side, the range over layers (and both traces) of the real pair and of generated 
 A generated value is "inside" when the generated minimum and maximum lie within the real ones.
 
 Usage: /usr/bin/python3 scripts/calibration_structure.py --grace build/tools/grace/grace [--real DIR]
-           [--work DIR] [--json FILE] [--write-real FILE]
+           [--work DIR] [--json FILE] [--write-real FILE] [--only TEXT ...]
 --json writes every per-layer value; --write-real writes the real pair's values only (the derived numbers
 tests/python/test_generator.py checks against). Exit status 1 if a generated range leaves a real one.
 """
@@ -198,7 +198,8 @@ def main():
     ap.add_argument("--work", help="folder for traces, statistics and plans (default: a temporary one)")
     ap.add_argument("--json", help="write every per-layer value to this file")
     ap.add_argument("--write-real", help="write the real pair's per-layer values to this file")
-    ap.add_argument("--only", help="generated pairs whose label contains this text")
+    ap.add_argument("--only", action="append", help="only the generated pairs whose label contains this text "
+                    "(repeatable)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,7 +213,7 @@ def main():
               f"evals: `grace eval --comm hsc --hardware {HARDWARE}`.")
         any_outside = False
         for label, preset, pair, extra in GENERATED:
-            if args.only and args.only not in label:
+            if args.only and not any(o in label for o in args.only):
                 continue
             traces = []
             for i, (dataset, tokens, seed) in enumerate(pair):
