@@ -223,7 +223,7 @@ def main():
                 traces.append(t)
             gen_values = measure_pair(args.grace, traces, work, f"{preset}.{pair[0][2]}")
             results[label] = gen_values
-            cmd = " and ".join(f"`grace gen --preset {preset} --dataset {d} --tokens {n} --seed {s}"
+            cmd = " and ".join(f"`grace gen --preset {preset} --dataset {d} --tokens {n} --seed {s} --no-weights"
                                f"{' ' + ' '.join(extra) if extra else ''}`" for d, n, s in pair)
             print(f"\n#### {label}\n\ngenerated: {cmd}\n")
             # Other presets' loads are calibrated against OLMoE (scripts/calibrate.py), and their preset shift against
