@@ -131,7 +131,7 @@ class Generator(unittest.TestCase):
         self.assertEqual(read(a), read(b))
         c = self.gen("c.npy", "--shift", 0.6, preset="gpt-oss-20b", tokens=3000)
         self.assertNotEqual(read(a), read(c))
-        for bad in ("1.5", "-0.1", "x"):
+        for bad in ("1.5", "-0.1", "x", "nan"):
             p = run("gen", "--shift", bad, "--tokens", 10, "-o", self.path("bad.npy"), ok=False)
             self.assertNotEqual(p.returncode, 0)
             self.assertTrue(p.stderr.startswith("grace: error:") and p.stderr.count("\n") == 1, p.stderr)
