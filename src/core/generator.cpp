@@ -3,11 +3,13 @@
 //   expert logit at layer l for a token of topic c:  b[d][l][e] + beta_l * [e in a group topic c prefers at l]
 //
 // b is the per-layer popularity of dataset d: which experts are hot is a Gaussian score, partly shared by all
-// datasets and partly specific to d (so hot experts move between datasets as they do between OLMoE's
-// domains); how hot is the score's rank mapped to a normal quantile times sigma (capped above at hot_cap
-// standard deviations), so every layer has the same popularity shape. Each layer partitions the experts into
-// random groups; a topic prefers a few groups. Members of a group meet in every topic holding their group,
-// which makes them each other's top co-activation partners; topic frequencies (Zipf) make the busiest experts.
+// datasets and partly (weight: the domain shift) specific to d (so hot experts move between datasets as they
+// do between OLMoE's domains), raised for the layer's hot block; how hot is the score's rank mapped to a normal
+// quantile times sigma (capped above at hot_cap standard deviations), so every layer has the same popularity
+// shape. Each layer partitions the experts into random groups, and the groups into two blocks; a topic prefers a
+// few groups, mostly of one block. Members of a group meet in every topic holding their group, which makes them
+// each other's top co-activation partners; the blocks give the affinity the clear two-way cut real routers show
+// (GPT-OSS-20B, docs/calibration.md); topic frequencies (Zipf) and the hot block make the busiest experts.
 //
 // A token draws its k experts without replacement from softmax(logit): Plackett-Luce sampling, the same
 // distribution as Gumbel top-k, drawn with an alias table per (layer, topic) and rejection of repeats: O(k)
