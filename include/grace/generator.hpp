@@ -16,7 +16,7 @@ namespace grace {
 
 /// Shape of a model preset.
 struct ModelPreset {
-    std::string name;        ///< "olmoe", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral"
+    std::string name;        ///< "olmoe", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral", "gpt-oss-20b"
     int num_experts = 0;     ///< E (routed)
     int top_k = 0;           ///< k
     int num_layers = 0;      ///< L (MoE layers)
@@ -42,9 +42,13 @@ struct GeneratorOptions {
     int sequence_length = 512;  ///< tokens per sequence (topic burstiness)
     bool with_weights = true;   ///< also produce softmax gate weights
     int num_threads = 0;        ///< 0 = all
+    /// How far datasets of one model drift apart: the weight of the dataset-specific part of the expert
+    /// popularity and of the topic mixture, in [0, 1] (0: every dataset routes alike; 1: independent hot
+    /// experts). Negative = the preset's value (docs/calibration.md).
+    double domain_shift = -1;
 };
 
-/// Generates a trace. Throws kInvalidArgument for an unknown preset/dataset or num_tokens < 1.
+/// Generates a trace. Throws kInvalidArgument for an unknown preset/dataset, num_tokens < 1 or domain_shift > 1.
 RoutingTrace generate_trace(const GeneratorOptions& options);
 
 }  // namespace grace

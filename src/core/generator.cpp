@@ -3,11 +3,13 @@
 //   expert logit at layer l for a token of topic c:  b[d][l][e] + beta_l * [e in a group topic c prefers at l]
 //
 // b is the per-layer popularity of dataset d: which experts are hot is a Gaussian score, partly shared by all
-// datasets and partly specific to d (so hot experts move between datasets as they do between OLMoE's
-// domains); how hot is the score's rank mapped to a normal quantile times sigma (capped above at hot_cap
-// standard deviations), so every layer has the same popularity shape. Each layer partitions the experts into
-// random groups; a topic prefers a few groups. Members of a group meet in every topic holding their group,
-// which makes them each other's top co-activation partners; topic frequencies (Zipf) make the busiest experts.
+// datasets and partly (weight: the domain shift) specific to d (so hot experts move between datasets as they
+// do between OLMoE's domains), raised for the layer's hot block; how hot is the score's rank mapped to a normal
+// quantile times sigma (capped above at hot_cap standard deviations), so every layer has the same popularity
+// shape. Each layer partitions the experts into random groups, and the groups into two blocks; a topic prefers a
+// few groups, mostly of one block. Members of a group meet in every topic holding their group, which makes them
+// each other's top co-activation partners; the blocks give the affinity the clear two-way cut real routers show
+// (GPT-OSS-20B, docs/calibration.md); topic frequencies (Zipf) and the hot block make the busiest experts.
 //
 // A token draws its k experts without replacement from softmax(logit): Plackett-Luce sampling, the same
 // distribution as Gumbel top-k, drawn with an alias table per (layer, topic) and rejection of repeats: O(k)
@@ -94,7 +96,8 @@ struct ModelParams {
     double zipf_s;       ///< topic frequency ~ 1 / rank^s
     double sigma_first;  ///< popularity logit std at the first layer
     double sigma_last;   ///< ... at the last layer (linear in between)
-    double dataset_rho;  ///< weight of the dataset-specific part of the popularity (0 = same for all datasets)
+    double dataset_rho;  ///< dataset shift: weight of the dataset-specific part of the popularity and of the topic
+                         ///< mixture (0 = the same for all datasets, 1 = independent); --shift overrides it
     int group_size;      ///< experts each topic prefers: one group of a per-layer random partition of the experts
     double beta_lo;      ///< logit bonus of a preferred expert: uniform in [beta_lo, beta_hi], drawn per layer
     double beta_hi;
@@ -103,6 +106,11 @@ struct ModelParams {
     int groups_per_topic;  ///< groups each topic prefers (random per layer and topic)
     double hot_cap;        ///< popularity quantiles are capped at this many standard deviations: the cold tail
                            ///< gives idle experts, the hot side comes from topics (keeping partner structure)
+    double block_lo;       ///< each layer's groups fall into two blocks; the smaller block's share of the groups is
+    double block_hi;       ///< uniform in [block_lo, block_hi], drawn per layer
+    double block_bias;     ///< P(a topic's further preferred group comes from its first group's block); 0 = none
+    double block_heat;     ///< added to the popularity score of the smaller block's experts (standard deviations):
+                           ///< the smaller block is the hot one, the larger one holds the cold experts
 };
 
 struct PresetEntry {
@@ -112,10 +120,18 @@ struct PresetEntry {
 
 const std::vector<PresetEntry>& preset_table() {
     static const std::vector<PresetEntry> table = {
-        {{"olmoe", 64, 8, 16, 2048, 1024, 0}, {64, 1.2, 1.35, 1.45, 0.85, 2, 4.0, 5.0, 0.7, 0.5, 3, 0.0}},
-        {{"deepseek-v2-lite", 64, 6, 26, 2048, 1408, 2}, {64, 1.2, 1.35, 1.45, 0.85, 2, 4.0, 5.0, 0.7, 0.5, 2, 0.0}},
-        {{"qwen3-30b-a3b", 128, 8, 48, 2048, 768, 0}, {128, 1.2, 0.8, 0.85, 0.85, 2, 4.3, 4.5, 0.7, 0.5, 3, 0.0}},
-        {{"mixtral", 8, 2, 32, 4096, 14336, 0}, {4, 0.0, 0.27, 0.27, 0.85, 2, 2.1, 3.4, 0.7, 0.5, 1, 10.0}},
+        // topics zipf sigma(first, last) shift group beta(lo, hi) persist(layer, seq) groups/topic hot_cap
+        // block(lo, hi) block_bias block_heat
+        {{"olmoe", 64, 8, 16, 2048, 1024, 0},
+         {64, 1.1, 1.5, 1.6, 0.85, 2, 5.7, 6.2, 0.7, 0.5, 4, 10.0, 0.3, 0.4, 1.0, 2.0}},
+        {{"deepseek-v2-lite", 64, 6, 26, 2048, 1408, 2},
+         {64, 1.1, 1.3, 1.4, 0.85, 2, 4.8, 5.3, 0.7, 0.5, 3, 10.0, 0.3, 0.4, 1.0, 2.0}},
+        {{"qwen3-30b-a3b", 128, 8, 48, 2048, 768, 0},
+         {128, 1.1, 0.9, 1.0, 0.85, 2, 4.4, 4.7, 0.7, 0.5, 4, 10.0, 0.3, 0.4, 1.0, 2.0}},
+        {{"mixtral", 8, 2, 32, 4096, 14336, 0},
+         {4, 0.0, 0.27, 0.27, 0.85, 2, 2.1, 3.4, 0.7, 0.5, 1, 10.0, 0.5, 0.5, 0.0, 0.0}},
+        {{"gpt-oss-20b", 32, 4, 24, 2880, 2880, 0},
+         {48, 1.2, 1.3, 1.4, 0.2, 2, 4.1, 4.6, 0.7, 0.5, 3, 10.0, 0.3, 0.4, 1.0, 2.0}},
     };
     return table;
 }
@@ -201,14 +217,14 @@ struct Model {
     const AliasTable& table(int layer, int topic) const { return tables[static_cast<size_t>(layer) * topics + topic]; }
 };
 
-Model build_model(const PresetEntry& entry, const std::string& dataset, int num_layers) {
+Model build_model(const PresetEntry& entry, const std::string& dataset, int num_layers, double shift) {
     Model m;
     m.E = entry.shape.num_experts;
     m.K = entry.shape.top_k;
     m.L = num_layers;
     m.params = entry.params;
-    m.topics = entry.params.num_topics;
-    const ModelParams& p = entry.params;
+    m.topics = m.params.num_topics;
+    const ModelParams& p = m.params;
     const uint64_t model_key = hash_name(entry.shape.name);
 
     int found = -1;
@@ -220,9 +236,14 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
     // Topic preferences per layer: a random partition of the experts into groups of group_size; topic c
     // prefers groups_per_topic groups (the first is c mod the number of groups, the others random). Members
     // of a group meet in every topic holding the group, other experts only in topics holding both groups, so
-    // group members are each other's top partners (as Qwen1.5-MoE's partner ranks show).
+    // group members are each other's top partners (as Qwen1.5-MoE's partner ranks show). The groups fall into
+    // two blocks of random sizes, and a topic's further groups come from its first group's block with
+    // probability block_bias: the coarse two-way structure of real routers (GPT-OSS-20B's affinity has a clear
+    // two-way cut whose smaller side holds 19-50% of the experts), without which spectral grouping's two-way
+    // split cuts off a handful of loosely tied experts.
     std::vector<std::vector<uint8_t>> prefers(static_cast<size_t>(m.L) * m.topics, std::vector<uint8_t>(m.E, 0));
     std::vector<double> beta(m.L);
+    std::vector<std::vector<uint8_t>> in_small_block(m.L, std::vector<uint8_t>(m.E, 0));
     const int group = std::clamp(p.group_size, 1, m.E), num_groups = m.E / group;
     for (int l = 0; l < m.L; ++l) {
         std::vector<int> ids(m.E);
@@ -230,30 +251,54 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
         Stream s{key(model_key, 0x70, l)};
         for (int i = m.E - 1; i > 0; --i) std::swap(ids[i], ids[s.next() % static_cast<uint64_t>(i + 1)]);
         beta[l] = p.beta_lo + (p.beta_hi - p.beta_lo) * to_unit(s.next());
-        for (int c = 0; c < m.topics; ++c)
+        // Groups [0, cut) form block 0, [cut, num_groups) block 1 (the ids are shuffled, so block 0 is random).
+        Stream bs{key(model_key, 0x73, l)};
+        const double share = p.block_lo + (p.block_hi - p.block_lo) * to_unit(bs.next());
+        const int cut = std::clamp(static_cast<int>(std::lround(share * num_groups)), 1, std::max(1, num_groups - 1));
+        for (int i = 0; i < cut * group; ++i) in_small_block[l][ids[i]] = 1;
+        for (int c = 0; c < m.topics; ++c) {
+            const int first = c % num_groups;
+            const int lo = first < cut ? 0 : cut, hi = first < cut ? cut : num_groups;
             for (int h = 0; h < std::max(1, p.groups_per_topic); ++h) {
-                int g = h == 0 ? c % num_groups : static_cast<int>(s.next() % static_cast<uint64_t>(num_groups));
+                int g = first;
+                if (h > 0) {
+                    g = static_cast<int>(s.next() % static_cast<uint64_t>(num_groups));
+                    if (to_unit(bs.next()) < p.block_bias) g = lo + static_cast<int>(bs.next() % (hi - lo));
+                }
                 for (int i = 0; i < group; ++i) prefers[static_cast<size_t>(l) * m.topics + c][ids[g * group + i]] = 1;
             }
+        }
     }
 
     m.tables.reserve(static_cast<size_t>(m.L) * m.topics);
     {
         const uint64_t ds_key = hash_name(ds.name);
-        // Zipf over a dataset-specific permutation of the topics.
-        std::vector<int> perm(m.topics);
-        std::iota(perm.begin(), perm.end(), 0);
-        Stream ps{key(model_key, ds_key, 0x71)};
-        for (int i = m.topics - 1; i > 0; --i) std::swap(perm[i], perm[ps.next() % static_cast<uint64_t>(i + 1)]);
-        std::vector<double> freq(m.topics);
-        for (int r = 0; r < m.topics; ++r) freq[perm[r]] = 1.0 / std::pow(r + 1.0, p.zipf_s);
+        // Topic frequencies: Zipf over a permutation of the topics; shift mixes the dataset's own permutation
+        // (weight shift) with one shared by every dataset (weight 1 - shift), so shift 0 gives every dataset the
+        // same mixture and shift 1 independent ones.
+        auto zipf_over_permutation = [&](uint64_t stream_key) {
+            std::vector<int> perm(m.topics);
+            std::iota(perm.begin(), perm.end(), 0);
+            Stream ps{stream_key};
+            for (int i = m.topics - 1; i > 0; --i) std::swap(perm[i], perm[ps.next() % static_cast<uint64_t>(i + 1)]);
+            std::vector<double> f(m.topics);
+            double total = 0;
+            for (int r = 0; r < m.topics; ++r) total += f[perm[r]] = 1.0 / std::pow(r + 1.0, p.zipf_s);
+            for (double& x : f) x /= total;
+            return f;
+        };
+        const double rho = shift, shared = std::sqrt(1.0 - rho * rho);
+        std::vector<double> freq = zipf_over_permutation(key(model_key, ds_key, 0x71));
+        if (rho < 1.0) {
+            const std::vector<double> common = zipf_over_permutation(key(model_key, 0x74));
+            for (int c = 0; c < m.topics; ++c) freq[c] = rho * freq[c] + (1.0 - rho) * common[c];
+        }
         std::vector<double> cdf(m.topics);
         std::partial_sum(freq.begin(), freq.end(), cdf.begin());
         for (double& x : cdf) x /= cdf.back();
         cdf.back() = 1.0;
         m.topic_cdf = cdf;
 
-        const double rho = p.dataset_rho, shared = std::sqrt(1.0 - rho * rho);
         for (int l = 0; l < m.L; ++l) {
             double frac = m.L > 1 ? static_cast<double>(l) / (m.L - 1) : 0.0;
             double sigma = (p.sigma_first + (p.sigma_last - p.sigma_first) * frac) * ds.skew;
@@ -262,7 +307,8 @@ Model build_model(const PresetEntry& entry, const std::string& dataset, int num_
             // spread then follows sigma, which keeps every layer inside the calibrated range).
             std::vector<double> score(m.E), b(m.E);
             for (int e = 0; e < m.E; ++e)
-                score[e] = shared * normal(key(model_key, 0x72, l, e)) + rho * normal(key(model_key, ds_key, l, e));
+                score[e] = shared * normal(key(model_key, 0x72, l, e)) + rho * normal(key(model_key, ds_key, l, e)) +
+                           p.block_heat * in_small_block[l][e];
             std::vector<int> order(m.E);
             std::iota(order.begin(), order.end(), 0);
             std::sort(order.begin(), order.end(),
@@ -393,10 +439,13 @@ RoutingTrace generate_trace(const GeneratorOptions& options) {
     GRACE_CHECK_ARG(options.num_layers >= 0, "number of layers must be >= 0 (0 = the preset's), got ",
                     options.num_layers);
     GRACE_CHECK_ARG(options.sequence_length >= 1, "sequence length must be at least 1, got ", options.sequence_length);
+    GRACE_CHECK_ARG(options.domain_shift < 0 || options.domain_shift <= 1,
+                    "domain shift must be in [0, 1] (negative = the preset's), got ", options.domain_shift);
     GRACE_CHECK_ARG(options.num_threads >= 0, "number of threads must be >= 0 (0 = all), got ", options.num_threads);
 
     const int L = options.num_layers > 0 ? options.num_layers : entry.shape.num_layers;
-    const Model model = build_model(entry, options.dataset, L);
+    const double shift = options.domain_shift >= 0 ? options.domain_shift : entry.params.dataset_rho;
+    const Model model = build_model(entry, options.dataset, L, shift);
     const int E = model.E, k = model.K;
     const int64_t T = options.num_tokens;
     GRACE_CHECK_ARG(T <= (int64_t{1} << 40) / (static_cast<int64_t>(L) * k), "too many tokens: ", T);

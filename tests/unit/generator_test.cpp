@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <numeric>
 
 #include "grace/error.hpp"
@@ -36,6 +37,7 @@ TEST(Generator, PresetsHaveTheSpecShapes) {
     EXPECT_EQ(find_preset("deepseek-v2-lite").shared_experts, 2);
     check("qwen3-30b-a3b", 128, 8, 48, 2048, 768);
     check("mixtral", 8, 2, 32, 4096, 14336);
+    check("gpt-oss-20b", 32, 4, 24, 2880, 2880);
     for (const char* d : {"wikitext", "arxiv", "github", "c4", "book", "mixed"})
         EXPECT_NE(std::find(generator_datasets().begin(), generator_datasets().end(), d), generator_datasets().end());
 }
@@ -101,6 +103,47 @@ TEST(Generator, OlmoeLoadsAreSkewedAndHotExpertsDependOnTheDataset) {
     EXPECT_LT(same, static_cast<int>(a.size()) / 2);
 }
 
+// Per layer, how many of the n busiest experts of a are among the n busiest of b.
+int hot_overlap(const RoutingStats& a, const RoutingStats& b, int l, int n) {
+    auto top = [&](const RoutingStats& st) {
+        std::vector<int> ids(st.num_experts);
+        std::iota(ids.begin(), ids.end(), 0);
+        const int64_t* ld = st.layer_load(l);
+        std::stable_sort(ids.begin(), ids.end(), [&](int x, int y) { return ld[x] > ld[y]; });
+        ids.resize(n);
+        std::sort(ids.begin(), ids.end());
+        return ids;
+    };
+    std::vector<int> ta = top(a), tb = top(b), both;
+    std::set_intersection(ta.begin(), ta.end(), tb.begin(), tb.end(), std::back_inserter(both));
+    return static_cast<int>(both.size());
+}
+
+// domain_shift 0: datasets of equal skew (wikitext and mixed) route alike, token for token; larger shifts move the
+// hot experts further apart; the default is the preset's.
+TEST(Generator, DomainShiftControlsHowFarHotExpertsDrift) {
+    GeneratorOptions a = opts("gpt-oss-20b", "wikitext", 2000), b = opts("gpt-oss-20b", "mixed", 2000);
+    a.domain_shift = b.domain_shift = 0.0;
+    EXPECT_EQ(generate_trace(a).expert_ids, generate_trace(b).expert_ids);
+    b.domain_shift = 0.3;
+    EXPECT_NE(generate_trace(a).expert_ids, generate_trace(b).expert_ids);
+
+    auto overlap = [](double shift) {
+        GeneratorOptions x = opts("gpt-oss-20b", "wikitext", 20000), y = opts("gpt-oss-20b", "arxiv", 20000);
+        x.domain_shift = y.domain_shift = shift;
+        RoutingStats sx = profile_trace(generate_trace(x)), sy = profile_trace(generate_trace(y));
+        int total = 0;
+        for (int l = 0; l < sx.num_layers; ++l) total += hot_overlap(sx, sy, l, 3);
+        return total;
+    };
+    const int near = overlap(0.1), mid = overlap(0.3), far = overlap(1.0);
+    EXPECT_GT(near, mid);
+    EXPECT_GT(mid, far);
+    GeneratorOptions d = opts("gpt-oss-20b", "arxiv", 500), e = d;
+    e.domain_shift = 0.2;  // the gpt-oss-20b preset's shift
+    EXPECT_EQ(generate_trace(d).expert_ids, generate_trace(e).expert_ids);
+}
+
 TEST(Generator, MixtralLoadsAreFlat) {
     RoutingStats st = profile_trace(generate_trace(opts("mixtral", "c4", 50000)));
     for (int l = 0; l < st.num_layers; ++l) {
@@ -117,6 +160,16 @@ TEST(Generator, RejectsBadOptions) {
     GeneratorOptions o = opts("olmoe", "c4", 10);
     o.sequence_length = 0;
     EXPECT_THROW(generate_trace(o), Error);
+    o = opts("olmoe", "c4", 10);
+    for (double bad : {1.5, std::nan("")}) {
+        o.domain_shift = bad;
+        try {
+            generate_trace(o);
+            ADD_FAILURE() << "domain shift " << bad << " accepted";
+        } catch (const Error& e) {
+            EXPECT_NE(std::string(e.what()).find("domain shift must be in [0, 1]"), std::string::npos) << e.what();
+        }
+    }
     try {
         find_preset("nope");
     } catch (const Error& e) {

@@ -41,6 +41,17 @@ std::function<int()> setup_gen(CLI::App& sub) {
     sub.add_option("--threads", opts->num_threads, "Threads (0 = all; output is the same for any count)")
         ->capture_default_str()
         ->check(thread_count());
+    sub.add_option("--shift", opts->domain_shift,
+                   "Domain shift between datasets in [0, 1]: weight of the dataset-specific popularity and topic "
+                   "mixture (default: the preset's)")
+        ->check(CLI::Validator(
+            [](std::string& v) -> std::string {
+                double x = 0;
+                if (!CLI::detail::lexical_cast(v, x) || !(x >= 0.0 && x <= 1.0))  // also refuses nan
+                    return "domain shift must be a number in [0, 1], got '" + v + "'";
+                return {};
+            },
+            "SHIFT in [0, 1]"));
     sub.add_flag("--no-weights", *no_weights, "Do not write gate weights");
     sub.add_option("-o,--output", *out, "Output trace TRACE.npy (TRACE.json and TRACE.weights.npy beside it)")
         ->required();
