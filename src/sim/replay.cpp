@@ -461,16 +461,17 @@ std::vector<LayerCounts> Replayer::counts() const {
                 for (uint32_t mask = 1; mask < (1u << G); ++mask) {
                     const int64_t cnt = st.mask_hist[(static_cast<size_t>(h) << G) | mask];
                     if (cnt == 0) continue;
-                    for (int d = 0; d < G; ++d)
-                        if (mask >> d & 1) dedup[static_cast<size_t>(h) * G + d] += cnt;
+                    // Over the set bits only: a batch's counts are taken once per batch, small batches included.
+                    for (uint32_t rest = mask; rest != 0; rest &= rest - 1)
+                        dedup[static_cast<size_t>(h) * G + __builtin_ctz(rest)] += cnt;
                     for (int b = 0; b < topo.nodes; ++b) {
                         const uint32_t in_b = (mask >> (b * M)) & ((1u << M) - 1);
                         if (in_b == 0) continue;
                         // Home node: straight to each GPU; remote node: one copy to the peer, which forwards.
                         const int from = b == h / M ? h : b * M + h % M;
                         if (from != h) hsc[static_cast<size_t>(h) * G + from] += cnt;
-                        for (int loc = 0; loc < M; ++loc)
-                            if (in_b >> loc & 1) hsc[static_cast<size_t>(from) * G + b * M + loc] += cnt;
+                        for (uint32_t rest = in_b; rest != 0; rest &= rest - 1)
+                            hsc[static_cast<size_t>(from) * G + b * M + __builtin_ctz(rest)] += cnt;
                     }
                 }
         }
