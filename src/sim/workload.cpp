@@ -11,12 +11,12 @@ namespace {
 
 // A decimal field of "SxP+D": digits only (no sign, no spaces), within int64.
 int64_t workload_field(const std::string& text, const std::string& field, const char* name) {
-    GRACE_CHECK_ARG(!field.empty(), "--workload '", text, "' is not SxP+D (e.g. 256x128+16): ", name, " is missing");
+    GRACE_CHECK_ARG(!field.empty(), "workload '", text, "' is not SxP+D (e.g. 256x128+16): ", name, " is missing");
     int64_t v = 0;
     const auto [end, ec] = std::from_chars(field.data(), field.data() + field.size(), v);
-    GRACE_CHECK_ARG(ec != std::errc::result_out_of_range, "--workload '", text, "': ", name, " ", field,
+    GRACE_CHECK_ARG(ec != std::errc::result_out_of_range, "workload '", text, "': ", name, " ", field,
                     " does not fit in 64 bits");
-    GRACE_CHECK_ARG(ec == std::errc() && end == field.data() + field.size() && field[0] != '-', "--workload '", text,
+    GRACE_CHECK_ARG(ec == std::errc() && end == field.data() + field.size() && field[0] != '-', "workload '", text,
                     "' is not SxP+D (e.g. 256x128+16): ", name, " '", field, "' is not a whole number");
     return v;
 }
@@ -25,19 +25,19 @@ int64_t workload_field(const std::string& text, const std::string& field, const 
 
 WorkloadSpec parse_workload(const std::string& text) {
     const size_t x = text.find('x'), plus = text.find('+');
-    GRACE_CHECK_ARG(x != std::string::npos && plus != std::string::npos && x < plus, "--workload '", text,
+    GRACE_CHECK_ARG(x != std::string::npos && plus != std::string::npos && x < plus, "workload '", text,
                     "' is not SxP+D (e.g. 256x128+16)");
     WorkloadSpec w;
     w.sequences = workload_field(text, text.substr(0, x), "S (sequences)");
     w.prefill_tokens = workload_field(text, text.substr(x + 1, plus - x - 1), "P (prefill tokens)");
     w.decode_steps = workload_field(text, text.substr(plus + 1), "D (decode steps)");
-    GRACE_CHECK_ARG(w.sequences >= 1, "--workload '", text, "': S (sequences) must be >= 1, got ", w.sequences);
-    GRACE_CHECK_ARG(w.prefill_tokens >= 1, "--workload '", text, "': P (prefill tokens) must be >= 1, got ",
+    GRACE_CHECK_ARG(w.sequences >= 1, "workload '", text, "': S (sequences) must be >= 1, got ", w.sequences);
+    GRACE_CHECK_ARG(w.prefill_tokens >= 1, "workload '", text, "': P (prefill tokens) must be >= 1, got ",
                     w.prefill_tokens);
     int64_t per_sequence = 0, total = 0;
     GRACE_CHECK_ARG(!__builtin_add_overflow(w.prefill_tokens, w.decode_steps, &per_sequence) &&
                         !__builtin_mul_overflow(w.sequences, per_sequence, &total),
-                    "--workload '", text, "': S*(P+D) tokens do not fit in 64 bits");
+                    "workload '", text, "': S*(P+D) tokens do not fit in 64 bits");
     return w;
 }
 
