@@ -372,7 +372,10 @@ void Replayer::consume_range(const RoutingTrace& chunk, int64_t first_token, int
     const int64_t tile = std::max<int64_t>(64, kTileBytes / static_cast<int64_t>(row * sizeof(int32_t)));
     std::vector<std::string> errors(L);
     std::vector<int64_t> bad(L, -1);
-#pragma omp parallel num_threads(threads) if (threads > 1)
+    // A small range (a decode batch) replays on this thread: the cost of waking and joining the others, paid
+    // once per batch, would outweigh the work (and it stalls whenever the machine is oversubscribed).
+    constexpr int64_t kMinParallelSelections = int64_t{1} << 20;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n * static_cast<int64_t>(row) >= kMinParallelSelections)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t b = 0; b < n; b += tile) {
