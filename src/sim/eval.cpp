@@ -425,12 +425,14 @@ std::string format_report_table(const EvalReport& r) {
                   static_cast<long long>(b.num_tokens()), static_cast<long long>(b.trace_tokens));
     out += buf;
     for (const PhaseReport& p : r.phases) {
+        const std::string sizes = p.min_batch_tokens == p.max_batch_tokens
+                                      ? std::to_string(p.max_batch_tokens)
+                                      : std::to_string(p.min_batch_tokens) + "-" + std::to_string(p.max_batch_tokens);
         std::snprintf(buf, sizeof buf,
-                      "  %-7s %6lld batches of %lld-%lld tokens: end-to-end %.3f ms, all-to-all %.3f ms, compute "
-                      "%.3f ms, imbalance %.3f; per batch %.3f / %.3f / %.3f ms (min / mean / max)\n",
-                      to_string(p.phase).c_str(), static_cast<long long>(p.num_batches),
-                      static_cast<long long>(p.min_batch_tokens), static_cast<long long>(p.max_batch_tokens),
-                      p.total.end_to_end_s * 1e3, p.total.all_to_all_time_s * 1e3, p.total.compute_time_s * 1e3,
+                      "  %-7s %6lld batch%s of %s tokens: end-to-end %.3f ms, all-to-all %.3f ms, compute %.3f ms, "
+                      "imbalance %.3f; per batch %.3f / %.3f / %.3f ms (min / mean / max)\n",
+                      to_string(p.phase).c_str(), static_cast<long long>(p.num_batches), p.num_batches == 1 ? "" : "es",
+                      sizes.c_str(), p.total.end_to_end_s * 1e3, p.total.all_to_all_time_s * 1e3, p.total.compute_time_s * 1e3,
                       p.total.imbalance_ratio, p.batch_end_to_end_min_s * 1e3, p.batch_end_to_end_mean_s * 1e3,
                       p.batch_end_to_end_max_s * 1e3);
         out += buf;
