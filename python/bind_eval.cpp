@@ -26,8 +26,8 @@ void bind_eval(py::module_& m) {
         "evaluate",
         [](const py::object& ids, const py::object& plan_obj, const std::string& comm,
            std::optional<std::string> routing, const std::string& hardware, int hidden, int intermediate, int threads,
-           std::optional<int> num_experts, const std::string& model, const std::string& dataset,
-           int64_t batch_tokens, std::optional<std::string> workload) {
+           std::optional<int> num_experts, const std::string& model, const std::string& dataset, int64_t batch_tokens,
+           std::optional<std::string> workload) {
             // The CLI's checks, then the library's evaluate (the CLI streams the same replay from a file).
             EvalOptions opt;
             opt.scheme = parse_comm_scheme(comm);

@@ -65,7 +65,7 @@ struct CompareOptions {
 struct CompareEntry {
     CompareRow row;
     Topology topology;
-    EvalReport report;    ///< the whole trace as one batch
+    EvalReport report;                  ///< the whole trace as one batch
     std::vector<EvalReport> workloads;  ///< [CompareResult::workloads]: the same plan under each workload
     int plan_index = -1;  ///< into CompareResult::plans
 };

@@ -57,12 +57,12 @@ struct BatchRun {
 
 /// The batches of an evaluation, in trace order: `round` repeated `rounds` times from token 0.
 struct BatchSchedule {
-    std::vector<BatchRun> round;      ///< one round's batches
-    int64_t rounds = 1;               ///< >= 1
-    int64_t tokens_per_round = 0;     ///< sum of batch_tokens * count over `round`
+    std::vector<BatchRun> round;   ///< one round's batches
+    int64_t rounds = 1;            ///< >= 1
+    int64_t tokens_per_round = 0;  ///< sum of batch_tokens * count over `round`
     std::optional<WorkloadSpec> workload;
-    int64_t batch_tokens = 0;         ///< BatchingOptions::batch_tokens
-    int64_t trace_tokens = 0;         ///< tokens of the trace
+    int64_t batch_tokens = 0;  ///< BatchingOptions::batch_tokens
+    int64_t trace_tokens = 0;  ///< tokens of the trace
 
     /// Tokens priced: rounds * tokens_per_round (<= trace_tokens).
     int64_t num_tokens() const { return rounds * tokens_per_round; }

@@ -56,8 +56,8 @@ void evaluate_workload(CompareResult& res, const BatchSchedule& schedule, const 
     std::vector<BatchedEval> evals;
     for (size_t i = 0; i < res.plans.size(); ++i) {
         ro.slot_maps = slot_maps[i];
-        evals.emplace_back(res.plans[i], schedule, schemes[i].empty() ? std::vector<CommScheme>{CommScheme::kHsc}
-                                                                      : schemes[i],
+        evals.emplace_back(res.plans[i], schedule,
+                           schemes[i].empty() ? std::vector<CommScheme>{CommScheme::kHsc} : schemes[i],
                            options.hardware, shape, ro);
     }
     TraceReader reader(trace_path, overrides);
@@ -312,7 +312,8 @@ std::string format_workload_table(const CompareResult& r, const Topology& topo, 
     const CompareEntry* ref = r.find(r.reference, topo);
     for (const auto& e : r.entries) {
         if (!(e.topology == topo)) continue;
-        std::snprintf(buf, sizeof buf, "%-*s %11.2f", name_width, e.row.name.c_str(), e.report.total.end_to_end_s * 1e3);
+        std::snprintf(buf, sizeof buf, "%-*s %11.2f", name_width, e.row.name.c_str(),
+                      e.report.total.end_to_end_s * 1e3);
         out += buf;
         for (size_t w = 0; w < e.workloads.size(); ++w) {
             const EvalReport& wr = e.workloads[w];

@@ -196,9 +196,8 @@ json phase_json(const PhaseReport& p) {
     j["num_tokens"] = p.num_tokens;
     j["min_batch_tokens"] = p.min_batch_tokens;
     j["max_batch_tokens"] = p.max_batch_tokens;
-    j["batch_end_to_end_s"] = {{"min", p.batch_end_to_end_min_s},
-                               {"mean", p.batch_end_to_end_mean_s},
-                               {"max", p.batch_end_to_end_max_s}};
+    j["batch_end_to_end_s"] = {
+        {"min", p.batch_end_to_end_min_s}, {"mean", p.batch_end_to_end_mean_s}, {"max", p.batch_end_to_end_max_s}};
     j["total"] = metrics_json(p.total);
     return j;
 }
@@ -377,7 +376,9 @@ std::string report_to_csv(const EvalReport& r) {
     const PhaseReport* ph[2] = {find_phase(r, BatchPhase::kPrefill), find_phase(r, BatchPhase::kDecode)};
     const bool whole = r.phases.empty();
     for (size_t l = 0; l < r.layers.size(); ++l) {
-        const EvalMetrics* cols[2] = {whole ? &r.layers[l] : ph[0] ? &ph[0]->layers[l] : nullptr,
+        const EvalMetrics* cols[2] = {whole   ? &r.layers[l]
+                                      : ph[0] ? &ph[0]->layers[l]
+                                              : nullptr,
                                       ph[1] ? &ph[1]->layers[l] : nullptr};
         s += csv_row(r.layers[l], cols);
     }
@@ -432,9 +433,9 @@ std::string format_report_table(const EvalReport& r) {
                       "  %-7s %6lld batch%s of %s tokens: end-to-end %.3f ms, all-to-all %.3f ms, compute %.3f ms, "
                       "imbalance %.3f; per batch %.3f / %.3f / %.3f ms (min / mean / max)\n",
                       to_string(p.phase).c_str(), static_cast<long long>(p.num_batches), p.num_batches == 1 ? "" : "es",
-                      sizes.c_str(), p.total.end_to_end_s * 1e3, p.total.all_to_all_time_s * 1e3, p.total.compute_time_s * 1e3,
-                      p.total.imbalance_ratio, p.batch_end_to_end_min_s * 1e3, p.batch_end_to_end_mean_s * 1e3,
-                      p.batch_end_to_end_max_s * 1e3);
+                      sizes.c_str(), p.total.end_to_end_s * 1e3, p.total.all_to_all_time_s * 1e3,
+                      p.total.compute_time_s * 1e3, p.total.imbalance_ratio, p.batch_end_to_end_min_s * 1e3,
+                      p.batch_end_to_end_mean_s * 1e3, p.batch_end_to_end_max_s * 1e3);
         out += buf;
     }
     return out;

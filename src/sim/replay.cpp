@@ -375,7 +375,8 @@ void Replayer::consume_range(const RoutingTrace& chunk, int64_t first_token, int
     // A small range (a decode batch) replays on this thread: the cost of waking and joining the others, paid
     // once per batch, would outweigh the work (and it stalls whenever the machine is oversubscribed).
     constexpr int64_t kMinParallelSelections = int64_t{1} << 20;
-#pragma omp parallel num_threads(threads) if (threads > 1 && n * static_cast<int64_t>(row) >= kMinParallelSelections)
+    const bool parallel = threads > 1 && n * static_cast<int64_t>(row) >= kMinParallelSelections;
+#pragma omp parallel num_threads(threads) if (parallel)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t b = 0; b < n; b += tile) {
@@ -383,10 +384,9 @@ void Replayer::consume_range(const RoutingTrace& chunk, int64_t first_token, int
             for (int l = tid; l < L; l += nt) {
                 if (bad[l] >= 0 || !errors[l].empty()) continue;
                 try {
-                    bad[l] = replay_layer(impl_->layers[l], p, impl_->batch_begin, impl_->batch_tokens,
-                                          impl_->total_tokens,
-                                          ids + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k,
-                                          first_token + b, l);
+                    bad[l] = replay_layer(
+                        impl_->layers[l], p, impl_->batch_begin, impl_->batch_tokens, impl_->total_tokens,
+                        ids + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k, first_token + b, l);
                 } catch (const std::exception& e) {
                     errors[l] = e.what();
                 }

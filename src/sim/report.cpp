@@ -389,7 +389,8 @@ std::string workload_table_html(const CompareResult& r, const Topology& t, const
         for (size_t w = 0; w < e.workloads.size(); ++w) {
             const EvalReport& wr = e.workloads[w];
             double phase[2] = {0, 0};
-            for (const PhaseReport& p : wr.phases) phase[p.phase == BatchPhase::kPrefill ? 0 : 1] = p.total.end_to_end_s;
+            for (const PhaseReport& p : wr.phases)
+                phase[p.phase == BatchPhase::kPrefill ? 0 : 1] = p.total.end_to_end_s;
             const double sp = ref && w < ref->workloads.size() && wr.total.end_to_end_s > 0
                                   ? ref->workloads[w].total.end_to_end_s / wr.total.end_to_end_s
                                   : 0;
@@ -482,7 +483,8 @@ std::vector<std::string> write_report(const std::vector<ReportSection>& sections
         "</h1>\n<p>Every number comes from replaying the trace through each plan (routers are stateful, tokens in "
         "trace order) and pricing the counted token copies with the cost model of spec &sect;7. Times are for one "
         "forward pass of the whole trace as one batch, except in the workload tables, where each batch (a prefill, "
-        "or one decode step of every sequence) is priced on its own and the times are summed. Copies and bytes are per direction (dispatch; the combine "
+        "or one decode step of every sequence) is priced on its own and the times are summed. Copies and bytes are per "
+        "direction (dispatch; the combine "
         "sends the same).</p>\n" +
         body + "</body></html>\n";
     const std::string html_path = (std::filesystem::path(dir) / "report.html").string();

@@ -42,8 +42,7 @@ WorkloadSpec parse_workload(const std::string& text) {
 }
 
 std::string to_string(const WorkloadSpec& w) {
-    return std::to_string(w.sequences) + "x" + std::to_string(w.prefill_tokens) + "+" +
-           std::to_string(w.decode_steps);
+    return std::to_string(w.sequences) + "x" + std::to_string(w.prefill_tokens) + "+" + std::to_string(w.decode_steps);
 }
 
 std::vector<WorkloadSpec> paper_workloads() { return {{256, 128, 16}, {512, 64, 32}}; }

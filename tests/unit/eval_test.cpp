@@ -185,7 +185,6 @@ RoutingTrace random_trace(Rng& rng, int64_t T, int L, int k, int E) {
     return t;
 }
 
-
 // Expects `stmt` to throw a grace::Error whose message contains `part`.
 #define EXPECT_THROW_MSG(stmt, part)                                                  \
     do {                                                                              \
