@@ -237,7 +237,7 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
     r.shape = shape;
     r.num_tokens = num_tokens;
     r.top_k = plan.top_k;
-    r.schedule = make_batch_schedule(num_tokens, {});
+    if (num_tokens >= 1) r.schedule = make_batch_schedule(num_tokens, {});  // the counts are one batch
     EvalMetrics& tot = r.total;
     tot.gpu_load.assign(G, 0);
     tot.gpu_compute_time_s.assign(G, 0);

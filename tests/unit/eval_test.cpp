@@ -273,42 +273,46 @@ TEST(BatchedEval, WorkloadSplitsPrefillAndDecode) {
 
 TEST(BatchedEval, OneBatchEqualsTheWholeTraceAndThreadsDoNotMatter) {
     Rng rng(3);
-    const Topology topo{2, 4, std::nullopt};
-    const ExpertPlan plan = random_plan(rng, 32, 3, 4, topo, RoutingPolicy::kTar);
-    const RoutingTrace trace = random_trace(rng, 1001, 3, 4, 32);
-    EvalOptions opt;
-    opt.hardware = load_hardware("a100-testbed");
-    opt.shape = ModelShape{"", 2048, 1024};
-    const ModelShape shape = *opt.shape;
-    const std::string whole = report_to_json(evaluate(trace, plan, opt));
-    // price_counts on one replay of the whole trace, as before batches existed.
-    EvalReport direct = price_counts(replay_trace(trace, plan), plan, opt.scheme, opt.hardware, shape, 1001);
-    direct.policy = "tar";
-    EvalReport batched_whole = evaluate(trace, plan, opt);
-    // Every field of every row, to the last digit (the CSV prints 9 significant digits; the doubles are equal).
-    EXPECT_EQ(report_to_csv(batched_whole), report_to_csv(direct));
-    EXPECT_EQ(batched_whole.total.end_to_end_s, direct.total.end_to_end_s);
-    EXPECT_EQ(batched_whole.total.load_std, direct.total.load_std);
-    EXPECT_EQ(batched_whole.layers[2].imbalance_ratio, direct.layers[2].imbalance_ratio);
-    EXPECT_EQ(batched_whole.layers[1].copies, direct.layers[1].copies);
-    EXPECT_EQ(batched_whole.layers[1].instance_load, direct.layers[1].instance_load);
-    opt.batching.batch_tokens = 5000;  // more than the trace: one batch
-    EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)).size(), whole.size());
-    // Batched, 1 vs 2 threads, and fed in chunks that straddle batch boundaries: the same bytes.
-    opt.batching.batch_tokens = 0;
-    opt.batching.workload = parse_workload("16x40+20");  // 960 tokens a round, 41 left over
-    opt.replay.num_threads = 1;
-    const std::string one = report_to_json(evaluate(trace, plan, opt));
-    opt.replay.num_threads = 2;
-    EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)), one);
-    BatchedEval chunked(plan, make_batch_schedule(1001, opt.batching), {opt.scheme}, opt.hardware, shape, opt.replay);
-    for (int64_t b = 0; b < trace.num_tokens; b += 97)
-        chunked.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
-    EvalReport r = chunked.report();
-    r.policy = "tar";
-    EXPECT_EQ(report_to_json(r), one);
-    EXPECT_EQ(r.num_tokens, 960);
-    EXPECT_EQ(r.schedule.trace_tokens - r.schedule.num_tokens(), 41);
+    // 2x4 counts destination sets as bit masks, 4x4 (G > 12) straight into the matrices: both reset per batch.
+    for (const Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
+        SCOPED_TRACE(topo.to_string());
+        const ExpertPlan plan = random_plan(rng, 32, 3, 4, topo, RoutingPolicy::kTar);
+        const RoutingTrace trace = random_trace(rng, 1001, 3, 4, 32);
+        EvalOptions opt;
+        opt.hardware = load_hardware("a100-testbed");
+        opt.shape = ModelShape{"", 2048, 1024};
+        const ModelShape shape = *opt.shape;
+        const std::string whole = report_to_json(evaluate(trace, plan, opt));
+        // price_counts on one replay of the whole trace, as before batches existed.
+        EvalReport direct = price_counts(replay_trace(trace, plan), plan, opt.scheme, opt.hardware, shape, 1001);
+        direct.policy = "tar";
+        EvalReport batched_whole = evaluate(trace, plan, opt);
+        // Every field of every row, to the last digit (the CSV prints 9 significant digits; the doubles are equal).
+        EXPECT_EQ(report_to_csv(batched_whole), report_to_csv(direct));
+        EXPECT_EQ(batched_whole.total.end_to_end_s, direct.total.end_to_end_s);
+        EXPECT_EQ(batched_whole.total.load_std, direct.total.load_std);
+        EXPECT_EQ(batched_whole.layers[2].imbalance_ratio, direct.layers[2].imbalance_ratio);
+        EXPECT_EQ(batched_whole.layers[1].copies, direct.layers[1].copies);
+        EXPECT_EQ(batched_whole.layers[1].instance_load, direct.layers[1].instance_load);
+        opt.batching.batch_tokens = 5000;  // more than the trace: one batch
+        EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)).size(), whole.size());
+        // Batched, 1 vs 2 threads, and fed in chunks that straddle batch boundaries: the same bytes.
+        opt.batching.batch_tokens = 0;
+        opt.batching.workload = parse_workload("16x40+20");  // 960 tokens a round, 41 left over
+        opt.replay.num_threads = 1;
+        const std::string one = report_to_json(evaluate(trace, plan, opt));
+        opt.replay.num_threads = 2;
+        EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)), one);
+        BatchedEval chunked(plan, make_batch_schedule(1001, opt.batching), {opt.scheme}, opt.hardware, shape,
+                            opt.replay);
+        for (int64_t b = 0; b < trace.num_tokens; b += 97)
+            chunked.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
+        EvalReport r = chunked.report();
+        r.policy = "tar";
+        EXPECT_EQ(report_to_json(r), one);
+        EXPECT_EQ(r.num_tokens, 960);
+        EXPECT_EQ(r.schedule.trace_tokens - r.schedule.num_tokens(), 41);
+    }
 }
 
 TEST(Workload, ParsesSpecsAndRejectsBadOnes) {
