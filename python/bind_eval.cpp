@@ -26,12 +26,16 @@ void bind_eval(py::module_& m) {
         "evaluate",
         [](const py::object& ids, const py::object& plan_obj, const std::string& comm,
            std::optional<std::string> routing, const std::string& hardware, int hidden, int intermediate, int threads,
-           std::optional<int> num_experts, const std::string& model, const std::string& dataset) {
+           std::optional<int> num_experts, const std::string& model, const std::string& dataset, int64_t batch_tokens,
+           std::optional<std::string> workload) {
             // The CLI's checks, then the library's evaluate (the CLI streams the same replay from a file).
             EvalOptions opt;
             opt.scheme = parse_comm_scheme(comm);
             if (routing) opt.replay.policy = parse_routing_policy(*routing);
             opt.replay.num_threads = threads;
+            GRACE_CHECK_ARG(batch_tokens >= 0, "batch_tokens must be >= 1 (0 = the whole trace), got ", batch_tokens);
+            opt.batching.batch_tokens = batch_tokens;
+            if (workload) opt.batching.workload = parse_workload(*workload);
             opt.hardware = load_hardware(hardware);
             if (hidden > 0) opt.hardware.hidden = hidden;
             if (intermediate > 0) opt.hardware.intermediate = intermediate;
@@ -52,9 +56,12 @@ void bind_eval(py::module_& m) {
         py::arg("ids"), py::arg("plan"), py::arg("comm") = "hsc", py::arg("routing") = py::none(),
         py::arg("hardware") = "a100-testbed", py::arg("hidden") = 0, py::arg("intermediate") = 0,
         py::arg("threads") = 0, py::arg("num_experts") = py::none(), py::arg("model") = "", py::arg("dataset") = "",
+        py::arg("batch_tokens") = 0, py::arg("workload") = py::none(),
         "Replays ids [T, L, k] through a plan (dict) under a routing policy (default: the plan's) and a "
         "communication scheme (flat, flat-dedup, 2dh, hsc), priced with a hardware preset or file; returns the "
-        "report dict (the JSON `grace eval` writes). `model` selects the model preset for H and I.");
+        "report dict (the JSON `grace eval` writes). `model` selects the model preset for H and I. "
+        "`batch_tokens` B and `workload` 'SxP+D' price the trace batch by batch, as `grace eval --batch-tokens "
+        "--workload` (0 and None: the whole trace is one batch).");
 
     m.def(
         "export",

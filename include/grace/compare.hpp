@@ -56,13 +56,17 @@ struct CompareOptions {
     int64_t chunk_tokens = 1 << 15;    ///< tokens per streamed chunk
     std::optional<ModelShape> shape;   ///< unset = resolve_model_shape(hardware, trace model)
     CompareProgress progress;          ///< optional
+    /// Serving workloads priced batch by batch besides the whole trace (BatchedEval, every whole round the trace
+    /// holds); one the trace is too short for is skipped and named in CompareResult::notes.
+    std::vector<WorkloadSpec> workloads = paper_workloads();
 };
 
 /// One evaluated (row, topology).
 struct CompareEntry {
     CompareRow row;
     Topology topology;
-    EvalReport report;
+    EvalReport report;                  ///< the whole trace as one batch
+    std::vector<EvalReport> workloads;  ///< [CompareResult::workloads]: the same plan under each workload
     int plan_index = -1;  ///< into CompareResult::plans
 };
 
@@ -77,6 +81,7 @@ struct CompareResult {
     std::vector<ExpertPlan> plans;      ///< every distinct (method, engine, topology) plan; an engine row's plan is
                                         ///< its engine deployment (method "METHOD@ENGINE")
     std::vector<CompareEntry> entries;  ///< rows x topologies, topology-major
+    std::vector<BatchSchedule> workloads;  ///< the workloads evaluated (long enough a trace), in options order
     std::vector<std::string> notes;     ///< rows that could not be planned (e.g. METIS not built), with why
     double seconds_profile = 0, seconds_plan = 0, seconds_replay = 0;  ///< wall time of each stage
 
@@ -93,13 +98,16 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
                           const TraceOverrides& overrides, const CompareOptions& options);
 
 /// The comparison table for a terminal: one block per topology, a row per method with cross/intra copies,
-/// all-to-all, idle, MoE layer and end-to-end times and the change against the reference.
+/// all-to-all, idle, MoE layer and end-to-end times and the change against the reference; then, with workloads,
+/// a row per method with the whole trace's end-to-end time and each workload's prefill, decode and total time.
 std::string format_compare_table(const CompareResult& result);
 
-/// compare.json: {"format": "grace.compare/v1", ..., "entries": [{"name", "method", "scheme", "topology",
-/// "total": {...eval totals...}, "relative": {metric: change vs reference}}]}.
+/// compare.json: {"format": "grace.compare/v1", ..., "workloads": [{"workload", "rounds", "num_tokens"}],
+/// "entries": [{"name", "method", "scheme", "topology", "total": {...eval totals...}, "relative": {metric: change
+/// vs reference}, "workloads": [{"workload", "total", "prefill", "decode", "end_to_end_speedup"}]}]}.
 std::string compare_to_json(const CompareResult& result);
-/// compare.csv: one line per entry with the totals and the relative changes.
+/// compare.csv: one line per entry with the totals and the relative changes, then per workload W the columns
+/// W_prefill_end_to_end_s, W_decode_end_to_end_s, W_end_to_end_s, W_all_to_all_time_s, W_end_to_end_speedup.
 std::string compare_to_csv(const CompareResult& result);
 
 /// Writes every plan of the comparison to `dir`/plans/METHOD-NxM.json ('+' and ':' in the method become '_'),

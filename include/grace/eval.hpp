@@ -28,6 +28,7 @@
 #include "grace/plan.hpp"
 #include "grace/topology.hpp"
 #include "grace/trace.hpp"
+#include "grace/workload.hpp"
 
 namespace grace {
 
@@ -108,7 +109,17 @@ class Replayer {
     /// cache-sized tiles of tokens. A bad id throws for the first bad (token, layer) in trace order, whatever the
     /// thread count.
     void consume(const RoutingTrace& chunk, int64_t first_token);
-    /// The counts so far, [L].
+    /// consume for tokens begin .. begin + count - 1 of `chunk` only (trace tokens first_token + begin, ...).
+    /// Throws kInvalidArgument for a range outside the chunk, else as consume.
+    void consume_range(const RoutingTrace& chunk, int64_t first_token, int64_t begin, int64_t count);
+    /// Starts a batch (one forward pass): trace tokens first_token .. first_token + num_tokens - 1, which must
+    /// come next for every layer. Their home GPUs are spread over the batch (token t starts on
+    /// home_gpu(t - first_token, num_tokens, G)), the engine policies count a token's index from its home GPU's
+    /// first token of the batch, and counts() restart from zero; the routers' state (WRR/TAR counters) carries
+    /// over, as in a server. Without a call the whole trace is one batch. Throws kInvalidArgument for an empty
+    /// batch, one past total_tokens, or a first_token some layer has not reached exactly.
+    void begin_batch(int64_t first_token, int64_t num_tokens);
+    /// The counts so far (of the current batch), [L].
     std::vector<LayerCounts> counts() const;
     const ExpertPlan& plan() const;
 
@@ -199,6 +210,19 @@ struct EvalMetrics {
     std::vector<int64_t> copies;  ///< [G, G] dispatch copy matrix of the scheme (layers only; TrafficMatrix)
 };
 
+/// One phase (prefill or decode) of a batched evaluation: its batches priced one by one and summed.
+struct PhaseReport {
+    BatchPhase phase = BatchPhase::kPrefill;
+    int64_t num_batches = 0;
+    int64_t num_tokens = 0;
+    int64_t min_batch_tokens = 0, max_batch_tokens = 0;
+    /// [L] per layer, summed over the phase's batches as EvalReport::layers are (no instance_load or copies).
+    std::vector<EvalMetrics> layers;
+    EvalMetrics total;  ///< over layers, as EvalReport::total
+    /// End-to-end time of one batch (sum over layers of MoE layer time + non-MoE time): min, mean, max.
+    double batch_end_to_end_min_s = 0, batch_end_to_end_mean_s = 0, batch_end_to_end_max_s = 0;
+};
+
 /// A full evaluation.
 struct EvalReport {
     std::string method;  ///< the plan's method
@@ -209,10 +233,14 @@ struct EvalReport {
     std::string compute_model;  ///< ComputeModel::source()
     ModelShape shape;
     std::string dataset;
-    int64_t num_tokens = 0;
+    int64_t num_tokens = 0;  ///< tokens priced (all of the trace, unless a workload leaves a partial round)
     int top_k = 0;
+    /// [L]. Batched: each batch priced on its own, then copies, bytes, loads, copy matrices and times summed over
+    /// batches; load_std, balancedness and imbalance_ratio are token-weighted means over batches.
     std::vector<EvalMetrics> layers;
     EvalMetrics total;
+    BatchSchedule schedule;           ///< how the trace was cut (default: the whole trace, one prefill batch)
+    std::vector<PhaseReport> phases;  ///< the phases that have batches, prefill first
 };
 
 /// Prices replay counts under `scheme` (spec §7):
@@ -231,14 +259,42 @@ struct EvalOptions {
     CommScheme scheme = CommScheme::kHsc;
     HardwareModel hardware;           ///< must be set (e.g. load_hardware("a100-testbed"))
     std::optional<ModelShape> shape;  ///< H and I; unset = resolve_model_shape(hardware, trace.model)
+    BatchingOptions batching;         ///< how the trace is cut into batches; default: the whole trace, one batch
 };
 
 /// The routing label a report carries: the override's name, else the plan's policy, or "plan" when its layers
 /// use different policies.
 std::string routing_label(const ExpertPlan& plan, const std::optional<RoutingPolicy>& override_policy);
 
-/// Replays and prices. Throws as check_plan_matches_trace, resolve_model_shape, HardwareModel::validate.
+/// Replays and prices, batch by batch as options.batching says (BatchedEval). Throws as check_plan_matches_trace,
+/// resolve_model_shape, HardwareModel::validate, make_batch_schedule.
 EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const EvalOptions& options);
+
+/// Streams a trace through a plan batch by batch (a BatchSchedule), prices every batch on its own under one or
+/// more schemes (price_counts) and sums them up. One Replayer: the routers' state carries across batches.
+/// Memory is that of the Replayer plus O(L * (G + instances)) per scheme, independent of T and of the batches.
+class BatchedEval {
+  public:
+    /// Throws as Replayer, HardwareModel::validate; kInvalidArgument for no schemes.
+    BatchedEval(const ExpertPlan& plan, const BatchSchedule& schedule, std::vector<CommScheme> schemes,
+                const HardwareModel& hardware, const ModelShape& shape, const ReplayOptions& replay = {});
+    ~BatchedEval();
+    BatchedEval(BatchedEval&&) noexcept;
+    BatchedEval& operator=(BatchedEval&&) noexcept;
+
+    /// Feeds `chunk` (trace tokens first_token .. first_token + chunk.num_tokens - 1, in order); tokens past
+    /// the schedule are ignored. Throws as Replayer::consume.
+    void consume(const RoutingTrace& chunk, int64_t first_token);
+    /// Whether every scheduled token has been consumed.
+    bool done() const;
+    /// The report under schemes[i]: method, scheme, topology, shape, tokens, layers, total, schedule and phases
+    /// set (dataset and policy left to the caller). Throws kInvalidArgument before done().
+    EvalReport report(size_t i = 0) const;
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
 
 /// JSON: {"format": "grace.eval/v1", ..., "total": {...}, "layers": [{...}, ...]}.
 std::string report_to_json(const EvalReport& report);

@@ -41,6 +41,57 @@ const RelMetric kRelMetrics[] = {
 
 double rel(double v, double ref) { return ref != 0 ? (v - ref) / ref : 0; }
 
+// Prices every entry of `res` under `schedule`: one streamed pass over the trace's first schedule.num_tokens()
+// tokens feeds a BatchedEval per plan (the plans in parallel); an entry's report is its plan's under its scheme.
+void evaluate_workload(CompareResult& res, const BatchSchedule& schedule, const std::string& trace_path,
+                       const TraceOverrides& overrides, const std::vector<std::vector<SlotMap>>& slot_maps,
+                       const ModelShape& shape, const CompareOptions& options, const std::string& stage) {
+    std::vector<std::vector<CommScheme>> schemes(res.plans.size());  // per plan, in entry order
+    for (const CompareEntry& e : res.entries) {
+        auto& s = schemes[e.plan_index];
+        if (std::find(s.begin(), s.end(), e.row.scheme) == s.end()) s.push_back(e.row.scheme);
+    }
+    ReplayOptions ro;
+    ro.num_threads = 1;
+    std::vector<BatchedEval> evals;
+    for (size_t i = 0; i < res.plans.size(); ++i) {
+        ro.slot_maps = slot_maps[i];
+        evals.emplace_back(res.plans[i], schedule,
+                           schemes[i].empty() ? std::vector<CommScheme>{CommScheme::kHsc} : schemes[i],
+                           options.hardware, shape, ro);
+    }
+    TraceReader reader(trace_path, overrides);
+    reader.set_validation(false);  // the whole-trace pass has read the same tokens; the replay checks ids too
+    const int threads = options.num_threads > 0 ? options.num_threads : omp_get_max_threads();
+    const int P = static_cast<int>(evals.size());
+    RoutingTrace chunk;
+    int64_t first = 0, next = 0;
+    const int64_t total = schedule.num_tokens();
+    if (options.progress) options.progress(stage, 0, total);
+    while (next < total && reader.next(std::min(options.chunk_tokens, total - next), chunk, &first)) {
+        std::vector<std::string> errors(P);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int i = 0; i < P; ++i) {
+            try {
+                evals[i].consume(chunk, first);
+            } catch (const std::exception& e) {
+                errors[i] = e.what();
+            }
+        }
+        for (const auto& e : errors) GRACE_CHECK_INPUT(e.empty(), e);
+        next = first + chunk.num_tokens;
+        if (options.progress) options.progress(stage, next, total);
+    }
+    for (CompareEntry& e : res.entries) {
+        const auto& s = schemes[e.plan_index];
+        const size_t at = std::find(s.begin(), s.end(), e.row.scheme) - s.begin();
+        EvalReport r = evals[e.plan_index].report(at);
+        r.dataset = res.dataset;
+        r.policy = e.report.policy;
+        e.workloads.push_back(std::move(r));
+    }
+}
+
 }  // namespace
 
 std::vector<CompareRow> default_compare_rows() {
@@ -212,9 +263,73 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
         entry.report.dataset = res.dataset;
         entry.report.policy = to_string(plan.layers[0].policy);
     }
+    // The serving workloads: each batch priced on its own (prefill and decode), the routers carried across.
+    for (const WorkloadSpec& w : options.workloads) {
+        if (w.tokens_per_round() > res.num_tokens) {
+            res.notes.push_back(cat("workload ", to_string(w), " skipped: it needs ", w.tokens_per_round(),
+                                    " tokens but the trace has ", res.num_tokens));
+            continue;
+        }
+        BatchingOptions bo;
+        bo.workload = w;
+        res.workloads.push_back(make_batch_schedule(res.num_tokens, bo));
+        evaluate_workload(res, res.workloads.back(), trace_path, overrides, slot_maps, shape, options,
+                          "workload " + to_string(w));
+    }
     res.seconds_replay = since(t0);
     return res;
 }
+
+namespace {
+
+// The end-to-end time of one phase of a workload report (0 when it has no batches of that phase).
+double phase_e2e(const EvalReport& r, BatchPhase phase) {
+    for (const PhaseReport& p : r.phases)
+        if (p.phase == phase) return p.total.end_to_end_s;
+    return 0;
+}
+
+// Per topology: each row's whole-trace end-to-end time and, per workload, prefill + decode = total and the
+// speedup of the total against the reference row's.
+std::string format_workload_table(const CompareResult& r, const Topology& topo, int name_width) {
+    if (r.workloads.empty()) return "";
+    std::string out = "end-to-end ms by workload (";
+    for (size_t w = 0; w < r.workloads.size(); ++w) {
+        const BatchSchedule& b = r.workloads[w];
+        out += (w ? "; " : "") + to_string(*b.workload) + ": " + std::to_string(b.rounds) + " round" +
+               (b.rounds == 1 ? "" : "s") + " of " + std::to_string(b.tokens_per_round) + " tokens";
+    }
+    out += ")\n";
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%-*s %11s", name_width, "row", "whole trace");
+    out += buf;
+    for (const BatchSchedule& b : r.workloads) {
+        const std::string w = to_string(*b.workload);
+        std::snprintf(buf, sizeof buf, " | %18s %9s %9s %7s", (w + " prefill").c_str(), "decode", "total", "speedup");
+        out += buf;
+    }
+    out += "\n";
+    const CompareEntry* ref = r.find(r.reference, topo);
+    for (const auto& e : r.entries) {
+        if (!(e.topology == topo)) continue;
+        std::snprintf(buf, sizeof buf, "%-*s %11.2f", name_width, e.row.name.c_str(),
+                      e.report.total.end_to_end_s * 1e3);
+        out += buf;
+        for (size_t w = 0; w < e.workloads.size(); ++w) {
+            const EvalReport& wr = e.workloads[w];
+            const double sp = ref && w < ref->workloads.size() && wr.total.end_to_end_s > 0
+                                  ? ref->workloads[w].total.end_to_end_s / wr.total.end_to_end_s
+                                  : 0;
+            std::snprintf(buf, sizeof buf, " | %18.2f %9.2f %9.2f %6.2fx", phase_e2e(wr, BatchPhase::kPrefill) * 1e3,
+                          phase_e2e(wr, BatchPhase::kDecode) * 1e3, wr.total.end_to_end_s * 1e3, sp);
+            out += buf;
+        }
+        out += "\n";
+    }
+    return out;
+}
+
+}  // namespace
 
 std::string format_compare_table(const CompareResult& r) {
     std::string out;
@@ -248,6 +363,7 @@ std::string format_compare_table(const CompareResult& r) {
                           t.end_to_end_s * 1e3, 100 * dc, sp);
             out += buf;
         }
+        out += format_workload_table(r, topo, name_width);
     }
     for (const auto& n : r.notes) out += "note: " + n + "\n";
     return out;
@@ -304,6 +420,11 @@ std::string compare_to_json(const CompareResult& r) {
     j["hardware"] = r.hardware;
     j["reference"] = r.reference;
     j["notes"] = r.notes;
+    json workloads = json::array();
+    for (const BatchSchedule& b : r.workloads)
+        workloads.push_back(
+            {{"workload", to_string(*b.workload)}, {"rounds", b.rounds}, {"num_tokens", b.num_tokens()}});
+    j["workloads"] = std::move(workloads);
     json entries = json::array();
     for (const auto& e : r.entries) {
         json je;
@@ -321,6 +442,20 @@ std::string compare_to_json(const CompareResult& r) {
                 e.report.total.end_to_end_s > 0 ? ref->report.total.end_to_end_s / e.report.total.end_to_end_s : 0;
             je["relative_to_reference"] = rj;
         }
+        const CompareEntry* ref = r.find(r.reference, e.topology);
+        json jw = json::array();
+        for (size_t w = 0; w < e.workloads.size(); ++w) {
+            const EvalReport& wr = e.workloads[w];
+            json x;
+            x["workload"] = to_string(*wr.schedule.workload);
+            x["total"] = totals_json(wr.total);
+            for (const PhaseReport& p : wr.phases) x[to_string(p.phase)] = totals_json(p.total);
+            x["end_to_end_speedup"] = ref && w < ref->workloads.size() && wr.total.end_to_end_s > 0
+                                          ? ref->workloads[w].total.end_to_end_s / wr.total.end_to_end_s
+                                          : 0;
+            jw.push_back(std::move(x));
+        }
+        je["workloads"] = std::move(jw);
         entries.push_back(std::move(je));
     }
     j["entries"] = std::move(entries);
@@ -333,7 +468,12 @@ std::string compare_to_csv(const CompareResult& r) {
         "all_to_all_time_s,gpu_idle_time_s,load_std,balancedness,imbalance_ratio,moe_layer_time_s,"
         "end_to_end_s";
     for (const auto& m : kRelMetrics) s += std::string(",rel_") + m.key;
-    s += ",end_to_end_speedup\n";
+    s += ",end_to_end_speedup";
+    for (const BatchSchedule& b : r.workloads)
+        for (const char* c : {"_prefill_end_to_end_s", "_decode_end_to_end_s", "_end_to_end_s", "_all_to_all_time_s",
+                              "_end_to_end_speedup"})
+            s.append(",").append(to_string(*b.workload)).append(c);
+    s += "\n";
     char buf[64];
     auto num = [&](double v) {
         std::snprintf(buf, sizeof buf, "%.9g", v);
@@ -355,6 +495,15 @@ std::string compare_to_csv(const CompareResult& r) {
         }
         s += ',';
         if (ref && t.end_to_end_s > 0) s += num(ref->report.total.end_to_end_s / t.end_to_end_s);
+        for (size_t w = 0; w < e.workloads.size(); ++w) {
+            const EvalReport& wr = e.workloads[w];
+            for (double v : {phase_e2e(wr, BatchPhase::kPrefill), phase_e2e(wr, BatchPhase::kDecode),
+                             wr.total.end_to_end_s, wr.total.all_to_all_time_s})
+                s.append(",").append(num(v));
+            s += ',';
+            if (ref && w < ref->workloads.size() && wr.total.end_to_end_s > 0)
+                s += num(ref->workloads[w].total.end_to_end_s / wr.total.end_to_end_s);
+        }
         s += '\n';
     }
     return s;

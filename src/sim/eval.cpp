@@ -161,7 +161,11 @@ const char* kCsvColumns[] = {"layer",
                              "non_moe_time_s",
                              "end_to_end_s"};
 
-std::string csv_row(const EvalMetrics& m) {
+// Per-phase columns after kCsvColumns, for each of prefill and decode (0 for a phase without batches).
+const char* kCsvPhaseColumns[] = {"all_to_all_time_s", "compute_time_s", "end_to_end_s", "imbalance_ratio"};
+
+// `phases`: the row's metrics in the prefill and the decode phase (nullptr: no batches of that phase).
+std::string csv_row(const EvalMetrics& m, const EvalMetrics* const (&phases)[2]) {
     std::string s = m.layer >= 0 ? std::to_string(m.layer) : "total";
     for (double v : {static_cast<double>(m.cross_node_copies), static_cast<double>(m.intra_node_copies),
                      static_cast<double>(m.local_selections), static_cast<double>(m.cross_node_bytes),
@@ -169,7 +173,33 @@ std::string csv_row(const EvalMetrics& m) {
                      m.imbalance_ratio, m.dispatch_time_s, m.combine_time_s, m.all_to_all_time_s, m.compute_time_s,
                      m.mean_compute_time_s, m.gpu_idle_time_s, m.moe_layer_time_s, m.non_moe_time_s, m.end_to_end_s})
         s.append(",").append(fmt(v));  // not "," + fmt(v): GCC 12 warns falsely (-Wrestrict) on it
+    for (const EvalMetrics* ph : phases) {
+        const EvalMetrics zero;
+        const EvalMetrics& p = ph ? *ph : zero;
+        for (double v : {p.all_to_all_time_s, p.compute_time_s, p.end_to_end_s, p.imbalance_ratio})
+            s.append(",").append(fmt(v));
+    }
     return s + "\n";
+}
+
+// The phase of `r` named `phase`; a report without phases (price_counts') is one prefill batch: its own.
+const PhaseReport* find_phase(const EvalReport& r, BatchPhase phase) {
+    for (const PhaseReport& p : r.phases)
+        if (p.phase == phase) return &p;
+    return nullptr;
+}
+
+json phase_json(const PhaseReport& p) {
+    json j;
+    j["phase"] = to_string(p.phase);
+    j["num_batches"] = p.num_batches;
+    j["num_tokens"] = p.num_tokens;
+    j["min_batch_tokens"] = p.min_batch_tokens;
+    j["max_batch_tokens"] = p.max_batch_tokens;
+    j["batch_end_to_end_s"] = {
+        {"min", p.batch_end_to_end_min_s}, {"mean", p.batch_end_to_end_mean_s}, {"max", p.batch_end_to_end_max_s}};
+    j["total"] = metrics_json(p.total);
+    return j;
 }
 
 }  // namespace
@@ -207,6 +237,7 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
     r.shape = shape;
     r.num_tokens = num_tokens;
     r.top_k = plan.top_k;
+    if (num_tokens >= 1) r.schedule = make_batch_schedule(num_tokens, {});  // the counts are one batch
     EvalMetrics& tot = r.total;
     tot.gpu_load.assign(G, 0);
     tot.gpu_compute_time_s.assign(G, 0);
@@ -283,8 +314,10 @@ EvalReport evaluate(const RoutingTrace& trace, const ExpertPlan& plan, const Eva
     check_plan_matches_trace(plan, trace);
     const ModelShape shape = options.shape ? *options.shape : resolve_model_shape(options.hardware, trace.model);
     check_model_shape(shape, trace.num_experts, trace.num_layers, "the trace");
-    auto counts = replay_trace(trace, plan, options.replay);
-    EvalReport r = price_counts(counts, plan, options.scheme, options.hardware, shape, trace.num_tokens);
+    BatchedEval batched(plan, make_batch_schedule(trace.num_tokens, options.batching), {options.scheme},
+                        options.hardware, shape, options.replay);
+    batched.consume(trace, 0);
+    EvalReport r = batched.report();
     r.dataset = trace.dataset;
     r.policy = routing_label(plan, options.replay.policy);
     return r;
@@ -313,7 +346,17 @@ std::string report_to_json(const EvalReport& r) {
     j["num_tokens"] = r.num_tokens;
     j["top_k"] = r.top_k;
     j["units"] = "copies and bytes per direction (dispatch; combine sends the same); times in seconds";
+    const BatchSchedule& b = r.schedule;
+    j["trace_tokens"] = b.trace_tokens;
+    j["batching"] = {{"workload", b.workload ? json(to_string(*b.workload)) : json(nullptr)},
+                     {"batch_tokens", b.batch_tokens > 0 ? json(b.batch_tokens) : json(nullptr)},
+                     {"rounds", b.rounds},
+                     {"num_batches", b.num_batches()},
+                     {"unused_tokens", b.trace_tokens - b.num_tokens()}};
     j["total"] = metrics_json(r.total);
+    json phases = json::array();
+    for (const PhaseReport& p : r.phases) phases.push_back(phase_json(p));
+    j["phases"] = std::move(phases);
     json layers = json::array();
     for (const auto& m : r.layers) layers.push_back(metrics_json(m));
     j["layers"] = std::move(layers);
@@ -326,9 +369,21 @@ std::string report_to_csv(const EvalReport& r) {
         if (i) s += ",";
         s += kCsvColumns[i];
     }
+    for (const char* phase : {"prefill_", "decode_"})
+        for (const char* c : kCsvPhaseColumns) s.append(",").append(phase).append(c);
     s += "\n";
-    for (const auto& m : r.layers) s += csv_row(m);
-    s += csv_row(r.total);
+    // A report without phases (straight from price_counts) is the whole trace as one prefill batch.
+    const PhaseReport* ph[2] = {find_phase(r, BatchPhase::kPrefill), find_phase(r, BatchPhase::kDecode)};
+    const bool whole = r.phases.empty();
+    for (size_t l = 0; l < r.layers.size(); ++l) {
+        const EvalMetrics* cols[2] = {whole   ? &r.layers[l]
+                                      : ph[0] ? &ph[0]->layers[l]
+                                              : nullptr,
+                                      ph[1] ? &ph[1]->layers[l] : nullptr};
+        s += csv_row(r.layers[l], cols);
+    }
+    const EvalMetrics* cols[2] = {whole ? &r.total : ph[0] ? &ph[0]->total : nullptr, ph[1] ? &ph[1]->total : nullptr};
+    s += csv_row(r.total, cols);
     return s;
 }
 
@@ -361,7 +416,29 @@ std::string format_report_table(const EvalReport& r) {
                   static_cast<long long>(t.intra_node_copies), t.intra_node_bytes / 1e6, t.all_to_all_time_s * 1e3,
                   r.layers.size(), t.compute_time_s * 1e3, t.gpu_idle_time_s * 1e3, t.load_std, t.balancedness,
                   t.imbalance_ratio, t.moe_layer_time_s * 1e3, t.end_to_end_s * 1e3);
-    return buf;
+    std::string out = buf;
+    const BatchSchedule& b = r.schedule;
+    if (b.round.empty() || b.whole_trace()) return out;
+    std::snprintf(buf, sizeof buf, "  batches: %s%s%lld in %lld round%s; %lld of %lld tokens priced\n",
+                  b.workload ? ("workload " + to_string(*b.workload) + ", ").c_str() : "",
+                  b.batch_tokens > 0 ? ("at most " + std::to_string(b.batch_tokens) + " tokens each, ").c_str() : "",
+                  static_cast<long long>(b.num_batches()), static_cast<long long>(b.rounds), b.rounds == 1 ? "" : "s",
+                  static_cast<long long>(b.num_tokens()), static_cast<long long>(b.trace_tokens));
+    out += buf;
+    for (const PhaseReport& p : r.phases) {
+        const std::string sizes = p.min_batch_tokens == p.max_batch_tokens
+                                      ? std::to_string(p.max_batch_tokens)
+                                      : std::to_string(p.min_batch_tokens) + "-" + std::to_string(p.max_batch_tokens);
+        std::snprintf(buf, sizeof buf,
+                      "  %-7s %6lld batch%s of %s tokens: end-to-end %.3f ms, all-to-all %.3f ms, compute %.3f ms, "
+                      "imbalance %.3f; per batch %.3f / %.3f / %.3f ms (min / mean / max)\n",
+                      to_string(p.phase).c_str(), static_cast<long long>(p.num_batches), p.num_batches == 1 ? "" : "es",
+                      sizes.c_str(), p.total.end_to_end_s * 1e3, p.total.all_to_all_time_s * 1e3,
+                      p.total.compute_time_s * 1e3, p.total.imbalance_ratio, p.batch_end_to_end_min_s * 1e3,
+                      p.batch_end_to_end_mean_s * 1e3, p.batch_end_to_end_max_s * 1e3);
+        out += buf;
+    }
+    return out;
 }
 
 }  // namespace grace

@@ -79,6 +79,12 @@ struct LayerState {
     std::abort();
 }
 
+// The first token of home GPU g in a batch of n tokens starting at token b: the smallest t with
+// floor((t-b)*G/n) >= g.
+int64_t home_block_begin(int64_t b, int64_t n, int g, int G) {
+    return b + static_cast<int64_t>((static_cast<__int128>(g) * n + G - 1) / G);
+}
+
 }  // namespace
 
 struct Replayer::Impl {
@@ -86,6 +92,7 @@ struct Replayer::Impl {
     int64_t total_tokens = 0;
     int num_threads = 0;
     std::vector<LayerState> layers;
+    int64_t batch_begin = 0, batch_tokens = 0;  // the current batch (default: the whole trace)
 };
 
 Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOptions& options)
@@ -98,6 +105,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
         if (static_cast<int>(lp.instance_gpus.size()) != E) lp.finalize(E);
     p.validate();
     impl_->total_tokens = total_tokens;
+    impl_->batch_tokens = total_tokens;
     impl_->num_threads = options.num_threads;
     const int G = p.topology.num_gpus();
     GRACE_CHECK_ARG(G <= 256, "the evaluator supports up to 256 GPUs, the plan has ", G);
@@ -111,8 +119,7 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
         const RoutingPolicy policy = options.policy.value_or(lp.policy);
         st.router = std::move(routers[l]);
         // The engine policies see a token's index among its home GPU's tokens (a rank's own batch).
-        for (int g = 0; g < G; ++g)
-            st.router->set_token_origin(g, static_cast<int64_t>((static_cast<__int128>(g) * total_tokens + G - 1) / G));
+        for (int g = 0; g < G; ++g) st.router->set_token_origin(g, home_block_begin(0, total_tokens, g, G));
         st.period = lp.wrr_period;
         st.inst_begin.assign(E + 1, 0);
         for (int e = 0; e < E; ++e)
@@ -187,8 +194,8 @@ namespace {
 // itself (kDynamic: token-dependent policies; without the call the loop's state stays in registers).
 // Returns as replay_layer.
 template <bool kMask, int kK, bool kDynamic>
-int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
-                      int k_runtime, int64_t first_token) {
+int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t batch_begin, int64_t batch_tokens,
+                      const int32_t* ids, size_t stride, int64_t n, int k_runtime, int64_t first_token) {
     const int k = kK > 0 ? kK : k_runtime;
     const Topology& topo = p.topology;
     const int G = topo.num_gpus();
@@ -203,9 +210,8 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
     int64_t* mask_hist = st.mask_hist.data();
     ReplicaRouter& router = *st.router;
     int dst[64];
-    int h = home_gpu(first_token, T, G);
-    // First token of GPU h+1: the smallest t with floor(t*G/T) >= h+1.
-    auto block_begin = [&](int g) { return static_cast<int64_t>((static_cast<__int128>(g) * T + G - 1) / G); };
+    int h = home_gpu(first_token - batch_begin, batch_tokens, G);
+    auto block_begin = [&](int g) { return home_block_begin(batch_begin, batch_tokens, g, G); };
     int64_t next_home = block_begin(h + 1);
     const int64_t end = first_token + n;
     for (int64_t t = first_token; t < end;) {
@@ -276,22 +282,25 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t T, const int3
 // Replays tokens first_token .. first_token + n - 1 of one layer, checking each id while routing it (in range,
 // not repeated within the token's top-k). Returns -1, or the trace index of the first token with a bad id: the
 // replay stops there, with that layer's counts part-way through the token.
-int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32_t* ids, size_t stride, int64_t n,
-                     int k, int64_t first_token, int layer) {
+int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t batch_begin, int64_t batch_tokens, int64_t T,
+                     const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
     GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
     GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
                     first_token);
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
+    GRACE_CHECK_ARG(first_token + n <= batch_begin + batch_tokens, "tokens up to ", first_token + n - 1,
+                    " run past the batch of tokens ", batch_begin, "..", batch_begin + batch_tokens - 1);
     if (n == 0) return -1;
+    const int64_t b0 = batch_begin, bn = batch_tokens;
     int64_t bad;
     if (p.topology.num_gpus() > kMaxMaskGpus)
-        bad = replay_tokens<false, 0, true>(st, p, T, ids, stride, n, k, first_token);
+        bad = replay_tokens<false, 0, true>(st, p, b0, bn, ids, stride, n, k, first_token);
     else if (st.dynamic)
-        bad = replay_tokens<true, 0, true>(st, p, T, ids, stride, n, k, first_token);
+        bad = replay_tokens<true, 0, true>(st, p, b0, bn, ids, stride, n, k, first_token);
     else if (k == 8)
-        bad = replay_tokens<true, 8, false>(st, p, T, ids, stride, n, k, first_token);
+        bad = replay_tokens<true, 8, false>(st, p, b0, bn, ids, stride, n, k, first_token);
     else
-        bad = replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
+        bad = replay_tokens<true, 0, false>(st, p, b0, bn, ids, stride, n, k, first_token);
     st.next_token = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
     return bad;
 }
@@ -301,8 +310,8 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32
 void Replayer::consume_layer_ids(const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
     const ExpertPlan& p = impl_->plan;
     GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
-    const int64_t bad =
-        replay_layer(impl_->layers[layer], p, impl_->total_tokens, ids, stride, n, k, first_token, layer);
+    const int64_t bad = replay_layer(impl_->layers[layer], p, impl_->batch_begin, impl_->batch_tokens,
+                                     impl_->total_tokens, ids, stride, n, k, first_token, layer);
     if (bad >= 0) throw_bad_ids(ids + static_cast<size_t>(bad - first_token) * stride, k, p.num_experts, bad, layer);
 }
 
@@ -339,6 +348,12 @@ void transpose_layer_major(const RoutingTrace& chunk, int threads, std::vector<i
 }  // namespace
 
 void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
+    consume_range(chunk, first_token, 0, chunk.num_tokens);
+}
+
+void Replayer::consume_range(const RoutingTrace& chunk, int64_t first_token, int64_t begin, int64_t count) {
+    GRACE_CHECK_ARG(begin >= 0 && count >= 0 && begin <= chunk.num_tokens - count, "tokens ", begin, " + ", count,
+                    " are outside the chunk of ", chunk.num_tokens);
     const ExpertPlan& p = impl_->plan;
     const int L = p.num_layers;
     GRACE_CHECK_INPUT(chunk.num_experts == p.num_experts, "the trace has ", chunk.num_experts,
@@ -347,15 +362,21 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
     GRACE_CHECK_INPUT(chunk.top_k <= 64, "top_k ", chunk.top_k, " exceeds the evaluator's limit of 64");
     const int threads = std::max(1, std::min(impl_->num_threads > 0 ? impl_->num_threads : omp_get_max_threads(), L));
     const int k = chunk.top_k;
-    const int64_t n = chunk.num_tokens;
+    const int64_t n = count;
     const size_t row = static_cast<size_t>(L) * k;  // ids per token
+    const int32_t* ids = chunk.expert_ids.data() + static_cast<size_t>(begin) * row;
+    first_token += begin;
     // Tiles of tokens small enough to stay in a core's cache: each layer's replay then reads its ids (k of every
     // L * k) from cache instead of memory, with no layer-major copy. Thread i owns layers i, i + threads, ...
     // for the whole chunk, so every layer still sees its tokens in order.
     const int64_t tile = std::max<int64_t>(64, kTileBytes / static_cast<int64_t>(row * sizeof(int32_t)));
     std::vector<std::string> errors(L);
     std::vector<int64_t> bad(L, -1);
-#pragma omp parallel num_threads(threads) if (threads > 1)
+    // A small range (a decode batch) replays on this thread: the cost of waking and joining the others, paid
+    // once per batch, would outweigh the work (and it stalls whenever the machine is oversubscribed).
+    constexpr int64_t kMinParallelSelections = int64_t{1} << 20;
+    const bool parallel = threads > 1 && n * static_cast<int64_t>(row) >= kMinParallelSelections;
+#pragma omp parallel num_threads(threads) if (parallel)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t b = 0; b < n; b += tile) {
@@ -364,9 +385,8 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
                 if (bad[l] >= 0 || !errors[l].empty()) continue;
                 try {
                     bad[l] = replay_layer(
-                        impl_->layers[l], p, impl_->total_tokens,
-                        chunk.expert_ids.data() + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k,
-                        first_token + b, l);
+                        impl_->layers[l], p, impl_->batch_begin, impl_->batch_tokens, impl_->total_tokens,
+                        ids + static_cast<size_t>(b) * row + static_cast<size_t>(l) * k, row, m, k, first_token + b, l);
                 } catch (const std::exception& e) {
                     errors[l] = e.what();
                 }
@@ -380,10 +400,29 @@ void Replayer::consume(const RoutingTrace& chunk, int64_t first_token) {
         if (bad[l] >= 0 && (bad_layer < 0 || bad[l] < bad[bad_layer])) bad_layer = l;
     if (bad_layer >= 0) {
         const int64_t t = bad[bad_layer];
-        throw_bad_ids(
-            chunk.expert_ids.data() + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k,
-            k, p.num_experts, t, bad_layer);
+        throw_bad_ids(ids + static_cast<size_t>(t - first_token) * row + static_cast<size_t>(bad_layer) * k, k,
+                      p.num_experts, t, bad_layer);
     }
+}
+
+void Replayer::begin_batch(int64_t first_token, int64_t num_tokens) {
+    GRACE_CHECK_ARG(num_tokens >= 1, "a batch needs at least one token, got ", num_tokens);
+    GRACE_CHECK_ARG(first_token >= 0 && first_token <= impl_->total_tokens - num_tokens, "the batch of ", num_tokens,
+                    " tokens from token ", first_token, " runs past the ", impl_->total_tokens,
+                    " tokens the replay was set up for");
+    const int G = impl_->plan.topology.num_gpus();
+    for (size_t l = 0; l < impl_->layers.size(); ++l) {
+        LayerState& st = impl_->layers[l];
+        GRACE_CHECK_ARG(st.next_token == first_token, "layer ", l, ": a batch from token ", first_token,
+                        " cannot start at token ", st.next_token);
+        std::fill(st.src_inst.begin(), st.src_inst.end(), 0);
+        std::fill(st.mask_hist.begin(), st.mask_hist.end(), 0);
+        std::fill(st.dedup.begin(), st.dedup.end(), 0);
+        std::fill(st.hsc.begin(), st.hsc.end(), 0);
+        for (int g = 0; g < G; ++g) st.router->set_token_origin(g, home_block_begin(first_token, num_tokens, g, G));
+    }
+    impl_->batch_begin = first_token;
+    impl_->batch_tokens = num_tokens;
 }
 
 LayerMajorIds::LayerMajorIds(const RoutingTrace& chunk, int num_threads)
@@ -401,7 +440,7 @@ std::vector<LayerCounts> Replayer::counts() const {
         const LayerState& st = impl_->layers[l];
         LayerCounts& c = out[l];
         c.layer = l;
-        c.num_tokens = st.next_token;
+        c.num_tokens = st.next_token - impl_->batch_begin;
         const int num_inst = st.inst_begin[E];
         std::vector<int64_t> flat(static_cast<size_t>(G) * G, 0), inst_total(num_inst, 0);
         for (int h = 0; h < G; ++h)
@@ -425,16 +464,17 @@ std::vector<LayerCounts> Replayer::counts() const {
                 for (uint32_t mask = 1; mask < (1u << G); ++mask) {
                     const int64_t cnt = st.mask_hist[(static_cast<size_t>(h) << G) | mask];
                     if (cnt == 0) continue;
-                    for (int d = 0; d < G; ++d)
-                        if (mask >> d & 1) dedup[static_cast<size_t>(h) * G + d] += cnt;
+                    // Over the set bits only: a batch's counts are taken once per batch, small batches included.
+                    for (uint32_t rest = mask; rest != 0; rest &= rest - 1)
+                        dedup[static_cast<size_t>(h) * G + __builtin_ctz(rest)] += cnt;
                     for (int b = 0; b < topo.nodes; ++b) {
                         const uint32_t in_b = (mask >> (b * M)) & ((1u << M) - 1);
                         if (in_b == 0) continue;
                         // Home node: straight to each GPU; remote node: one copy to the peer, which forwards.
                         const int from = b == h / M ? h : b * M + h % M;
                         if (from != h) hsc[static_cast<size_t>(h) * G + from] += cnt;
-                        for (int loc = 0; loc < M; ++loc)
-                            if (in_b >> loc & 1) hsc[static_cast<size_t>(from) * G + b * M + loc] += cnt;
+                        for (uint32_t rest = in_b; rest != 0; rest &= rest - 1)
+                            hsc[static_cast<size_t>(from) * G + b * M + __builtin_ctz(rest)] += cnt;
                     }
                 }
         }

@@ -373,6 +373,35 @@ Figures write_figures(const CompareResult& r, const std::string& dir, const std:
     return f;
 }
 
+// Each row's end-to-end time under the serving workloads (each batch priced on its own), beside the whole trace.
+std::string workload_table_html(const CompareResult& r, const Topology& t, const CompareEntry* ref) {
+    if (r.workloads.empty()) return "";
+    std::string h = "<table>\n<tr><th>row</th><th>whole trace ms</th>";
+    for (const BatchSchedule& b : r.workloads) {
+        const std::string w = esc(to_string(*b.workload));
+        h += "<th>" + w + " prefill ms</th><th>" + w + " decode ms</th><th>" + w + " total ms</th><th>" + w +
+             " speedup</th>";
+    }
+    h += "</tr>\n";
+    for (const auto& e : r.entries) {
+        if (!(e.topology == t)) continue;
+        h += "<tr><td>" + esc(e.row.name) + "</td><td>" + num(e.report.total.end_to_end_s * 1e3, 2) + "</td>";
+        for (size_t w = 0; w < e.workloads.size(); ++w) {
+            const EvalReport& wr = e.workloads[w];
+            double phase[2] = {0, 0};
+            for (const PhaseReport& p : wr.phases)
+                phase[p.phase == BatchPhase::kPrefill ? 0 : 1] = p.total.end_to_end_s;
+            const double sp = ref && w < ref->workloads.size() && wr.total.end_to_end_s > 0
+                                  ? ref->workloads[w].total.end_to_end_s / wr.total.end_to_end_s
+                                  : 0;
+            h += "<td>" + num(phase[0] * 1e3, 2) + "</td><td>" + num(phase[1] * 1e3, 2) + "</td><td>" +
+                 num(wr.total.end_to_end_s * 1e3, 2) + "</td><td>" + (sp > 0 ? num(sp, 2) + "x" : "") + "</td>";
+        }
+        h += "</tr>\n";
+    }
+    return h + "</table>\n";
+}
+
 std::string section_html(const ReportSection& sec, const Figures& figs) {
     const CompareResult& r = *sec.result;
     std::string h = "<h2>" + esc(sec.title) + "</h2>\n<p>" + esc(sec.description) + "</p>\n";
@@ -409,6 +438,7 @@ std::string section_html(const ReportSection& sec, const Figures& figs) {
                 (rm && m.end_to_end_s > 0 ? num(rm->end_to_end_s / m.end_to_end_s, 2) + "x" : "") + "</td></tr>\n";
         }
         h += "</table>\n";
+        h += workload_table_html(r, t, ref);
     }
     for (const auto& n : r.notes) h += "<p class=\"note\">note: " + esc(n) + "</p>\n";
     for (const auto& [file, caption] : figs.files)
@@ -452,7 +482,9 @@ std::vector<std::string> write_report(const std::vector<ReportSection>& sections
         esc(title) +
         "</h1>\n<p>Every number comes from replaying the trace through each plan (routers are stateful, tokens in "
         "trace order) and pricing the counted token copies with the cost model of spec &sect;7. Times are for one "
-        "forward pass of the whole trace as one batch. Copies and bytes are per direction (dispatch; the combine "
+        "forward pass of the whole trace as one batch, except in the workload tables, where each batch (a prefill, "
+        "or one decode step of every sequence) is priced on its own and the times are summed. Copies and bytes are per "
+        "direction (dispatch; the combine "
         "sends the same).</p>\n" +
         body + "</body></html>\n";
     const std::string html_path = (std::filesystem::path(dir) / "report.html").string();

@@ -245,6 +245,20 @@ class SameAsCli(unittest.TestCase):
                     got_rep = grace.evaluate(self.ids, plan, comm=comm, routing=routing, model="olmoe",
                                              dataset="bindings-test")
                     self.assertEqual(got_rep, want_rep, (comm, routing))
+            # Batches and workloads: the same options as the CLI, the same report (T = 1500).
+            for extra, kw in ((["--batch-tokens", "700"], {"batch_tokens": 700}),
+                              (["--workload", "8x50+10"], {"workload": "8x50+10"})):
+                stem = os.path.join(self.d, "rep-batched")
+                cli("eval", "--trace", self.trace, "--plan", out, "--comm", "hsc", "-o", stem, *extra)
+                with open(stem + ".json") as f:
+                    want_rep = json.load(f)
+                got_rep = grace.evaluate(self.ids, plan, model="olmoe", dataset="bindings-test", **kw)
+                self.assertEqual(got_rep, want_rep, extra)
+                self.assertGreaterEqual(len(got_rep["phases"]), 1)
+            with self.assertRaisesRegex(grace.GraceError, "needs 36864 tokens but the trace has 1500"):
+                grace.evaluate(self.ids, plan, model="olmoe", workload="256x128+16")
+            with self.assertRaisesRegex(grace.GraceError, "S \\(sequences\\) must be >= 1"):
+                grace.evaluate(self.ids, plan, model="olmoe", workload="0x1+1")
             with self.assertRaisesRegex(grace.GraceError, "layers"):
                 grace.evaluate(self.ids[:, :1], plan, model="olmoe")
         if hasattr(grace, "export") and cli_has("export"):

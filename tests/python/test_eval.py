@@ -254,5 +254,129 @@ class EvalMatchesNumpy(unittest.TestCase):
         self.assert_one_line_error(r, f"expert id {ids[1500, 0, 0]} is repeated in the top-k of token 1500, layer 0")
 
 
+class EvalBatches(unittest.TestCase):
+    """`grace eval --batch-tokens B` and `--workload SxP+D`: each batch priced on its own (docs/eval.md)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.dir = cls.tmp.name
+        cls.trace, cls.ids = make_trace(cls.dir)  # T = 3000, L = 3, k = 4, E = 16
+        cls.plan, cls.prims = make_plan(cls.dir, "plan.json", 16, 3, 4, 2, 2, seed=22)
+        cls.tar_plan, _ = make_plan(cls.dir, "tar.json", 16, 3, 4, 2, 2, seed=23, policy="tar")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def eval(self, name, *extra, plan=None, trace=None):
+        out = os.path.join(self.dir, name)
+        r = run("eval", "--trace", trace or self.trace, "--plan", plan or self.plan, "--comm", "hsc", "-o", out,
+                *extra)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return load_json(out + ".json"), out
+
+    def test_batches_equal_separate_traces(self):
+        # Primary routing keeps no state, so batch b of --batch-tokens 1100 must price exactly like a trace made of
+        # that batch's tokens alone: copies, loads and times per layer add up over the three batches.
+        rep, out = self.eval("b1100", "--batch-tokens", 1100)
+        bounds = [(0, 1100), (1100, 2200), (2200, 3000)]
+        parts = []
+        for i, (a, b) in enumerate(bounds):
+            folder = os.path.join(self.dir, f"slice{i}")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, "trace.npy")
+            np.save(path, self.ids[a:b])
+            with open(os.path.join(self.dir, "trace.json")) as f:
+                meta = json.load(f)
+            dump_json(meta, os.path.join(folder, "trace.json"))
+            parts.append(self.eval(f"slice{i}", trace=path)[0])
+        self.assertEqual(rep["batching"]["num_batches"], 3)
+        self.assertEqual(rep["batching"]["batch_tokens"], 1100)
+        self.assertEqual(rep["num_tokens"], 3000)
+        [pre] = rep["phases"]
+        self.assertEqual((pre["phase"], pre["num_batches"], pre["min_batch_tokens"], pre["max_batch_tokens"]),
+                         ("prefill", 3, 800, 1100))
+        for l in range(3):
+            got = rep["layers"][l]
+            for key in ["cross_node_copies", "intra_node_copies", "local_selections"]:
+                self.assertEqual(got[key], sum(p["layers"][l][key] for p in parts), key)
+            np.testing.assert_array_equal(got["copies"], sum(np.array(p["layers"][l]["copies"]) for p in parts))
+            for key in ["dispatch_time_s", "compute_time_s", "gpu_idle_time_s", "non_moe_time_s", "end_to_end_s"]:
+                self.assertAlmostEqual(got[key], sum(p["layers"][l][key] for p in parts), places=12, msg=key)
+            # Token-weighted over the batches.
+            want = sum(p["layers"][l]["imbalance_ratio"] * p["num_tokens"] for p in parts) / 3000
+            self.assertAlmostEqual(got["imbalance_ratio"], want, places=12)
+            # The numpy counts of each batch, homes spread over the batch.
+            want_hsc = sum(numpy_counts(self.ids[a:b, l, :], self.prims[l], 2, 2)[0]["hsc"] for a, b in bounds)
+            np.testing.assert_array_equal(got["copies"], want_hsc)
+        ends = [p["total"]["end_to_end_s"] for p in parts]
+        self.assertAlmostEqual(pre["batch_end_to_end_s"]["min"], min(ends), places=12)
+        self.assertAlmostEqual(pre["batch_end_to_end_s"]["max"], max(ends), places=12)
+        self.assertAlmostEqual(rep["total"]["end_to_end_s"], sum(ends), places=12)
+        with open(out + ".csv") as f:
+            header = f.readline().strip().split(",")
+        self.assertEqual(header[-8:], [f"{p}_{c}" for p in ("prefill", "decode") for c in
+                                       ("all_to_all_time_s", "compute_time_s", "end_to_end_s", "imbalance_ratio")])
+
+    def test_workload_phases(self):
+        # 10x100+20: rounds of 1200 tokens (2 in 3000, 600 left over): a prefill batch of 1000 tokens, then 20
+        # decode batches of 10, in trace order.
+        rep, out = self.eval("wl", "--workload", "10x100+20")
+        self.assertEqual(rep["batching"], {"workload": "10x100+20", "batch_tokens": None, "rounds": 2,
+                                           "num_batches": 42, "unused_tokens": 600})
+        self.assertEqual(rep["num_tokens"], 2400)
+        self.assertEqual(rep["trace_tokens"], 3000)
+        pre, dec = rep["phases"]
+        self.assertEqual((pre["phase"], pre["num_batches"], pre["num_tokens"]), ("prefill", 2, 2000))
+        self.assertEqual((dec["phase"], dec["num_batches"], dec["num_tokens"], dec["max_batch_tokens"]),
+                         ("decode", 40, 400, 10))
+        for key in ["end_to_end_s", "all_to_all_time_s", "compute_time_s", "non_moe_time_s"]:
+            self.assertAlmostEqual(rep["total"][key], pre["total"][key] + dec["total"][key], places=12)
+        # Decode batches of 10 tokens on 4 GPUs: a batch's selections, numpy-counted with homes over the batch.
+        for l in range(3):
+            slices = [(r * 1200, r * 1200 + 1000) for r in range(2)]
+            slices += [(r * 1200 + 1000 + 10 * d, r * 1200 + 1010 + 10 * d) for r in range(2) for d in range(20)]
+            want = sum(numpy_counts(self.ids[a:b, l, :], self.prims[l], 2, 2)[0]["hsc"] for a, b in slices)
+            np.testing.assert_array_equal(rep["layers"][l]["copies"], want)
+        # --batch-tokens with a workload cuts the prefill only.
+        rep2, _ = self.eval("wl_b", "--workload", "10x100+20", "--batch-tokens", 300)
+        self.assertEqual([(p["phase"], p["num_batches"]) for p in rep2["phases"]], [("prefill", 8), ("decode", 40)])
+
+    def test_threads_give_identical_reports(self):
+        for extra in (["--workload", "16x50+25"], ["--batch-tokens", 257]):
+            outs = []
+            for threads, chunk in ((1, 4096), (2, 100)):
+                _, out = self.eval(f"thr{threads}", "--threads", threads, "--chunk", chunk, *extra, plan=self.tar_plan)
+                files = []
+                for ext in (".json", ".csv"):
+                    with open(out + ext, "rb") as f:
+                        files.append(f.read())
+                outs.append(files)
+            self.assertEqual(outs[0], outs[1], extra)
+
+    def test_bad_batching_options(self):
+        out = os.path.join(self.dir, "bad")
+        base = ["eval", "--trace", self.trace, "--plan", self.plan, "--comm", "hsc", "-o", out]
+        for extra, needle in [
+                (["--batch-tokens", 0], "--batch-tokens"),
+                (["--batch-tokens", -5], "--batch-tokens"),
+                (["--workload", "256x"], "256x"),
+                (["--workload", "0x1+1"], "S (sequences) must be >= 1"),
+                (["--workload", "4x0+1"], "P (prefill tokens) must be >= 1"),
+                (["--workload", "99999999999x99999999999+1"], "do not fit in 64 bits"),
+                (["--workload", "4xa+1"], "not a whole number"),
+                (["--workload", "256x128+16"], "needs 36864 tokens but the trace has 3000")]:
+            with self.subTest(extra=extra):
+                r = run(*base, *extra)
+                self.assertNotEqual(r.returncode, 0)
+                lines = r.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, r.stderr)
+                self.assertTrue(lines[0].startswith("grace: error:"), r.stderr)
+                self.assertIn(needle, lines[0])
+                self.assertFalse(os.path.exists(out + ".json"))
+                self.assertFalse(os.path.exists(out + ".csv"))
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

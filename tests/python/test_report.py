@@ -193,6 +193,46 @@ class Report(unittest.TestCase):
                 outs.append(f.read())
         self.assertEqual(outs[0], outs[1])
 
+    def test_compare_shows_the_paper_workloads(self):
+        # The demo's 8192-token trace is too short for either workload: skipped with a note.
+        c = load_json(os.path.join(self.report, "compare.json"))
+        self.assertEqual(c["workloads"], [])
+        self.assertTrue(any("workload 256x128+16 skipped: it needs 36864 tokens but the trace has 8192" in n
+                            for n in c["notes"]), c["notes"])
+        # 36864 tokens hold one 256x(128+16) round, not a 512x(64+32) one; each row's workload report is what
+        # grace eval --workload prices on the saved plan.
+        trace = os.path.join(self.tmp.name, "wl.npy")
+        r = run("gen", "--tokens", 36864, "--no-weights", "--layers", 4, "-o", trace)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = os.path.join(self.tmp.name, "cmp_wl")
+        r = run("compare", "--trace", trace, "--topology", "2x2", "--threads", 2, "-o", out)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("256x128+16 prefill", r.stdout)
+        c = load_json(os.path.join(out, "compare.json"))
+        self.assertEqual(c["workloads"], [{"workload": "256x128+16", "rounds": 1, "num_tokens": 36864}])
+        self.assertTrue(any("workload 512x64+32 skipped" in n for n in c["notes"]), c["notes"])
+        by = {e["name"]: e for e in c["entries"]}
+        for name in ("+DR+TAR", "Occult"):
+            e = by[name]
+            [w] = e["workloads"]
+            self.assertEqual(w["workload"], "256x128+16")
+            plan = os.path.join(out, "plans", e["method"].replace("+", "_") + "-2x2.json")
+            stem = os.path.join(self.tmp.name, "wl_" + name.replace("+", "_"))
+            r = run("eval", "--trace", trace, "--plan", plan, "--comm", e["scheme"], "--workload", "256x128+16",
+                    "-o", stem)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            got = load_json(stem + ".json")
+            phases = {p["phase"]: p["total"] for p in got["phases"]}
+            for key in ["cross_node_copies", "all_to_all_time_s", "end_to_end_s"]:
+                self.assertAlmostEqual(w["total"][key], got["total"][key], places=9, msg=key)
+                self.assertAlmostEqual(w["prefill"][key], phases["prefill"][key], places=9, msg=key)
+                self.assertAlmostEqual(w["decode"][key], phases["decode"][key], places=9, msg=key)
+        self.assertEqual(by["Occult"]["workloads"][0]["end_to_end_speedup"], 1)
+        with open(os.path.join(out, "compare.csv")) as f:
+            self.assertIn("256x128+16_decode_end_to_end_s", f.readline())
+        with open(os.path.join(out, "report.html")) as f:
+            self.assertIn("256x128+16 decode ms", f.read())
+
     def render_probe(self, *mode_args):
         """Runs headless Chromium on a copy of report.html with PROBE_SCRIPT added; returns stdout (bytes)."""
         if not os.path.exists(CHROMIUM):

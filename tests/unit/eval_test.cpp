@@ -185,6 +185,174 @@ RoutingTrace random_trace(Rng& rng, int64_t T, int L, int k, int E) {
     return t;
 }
 
+// Expects `stmt` to throw a grace::Error whose message contains `part`.
+#define EXPECT_THROW_MSG(stmt, part)                                                  \
+    do {                                                                              \
+        const std::string msg_ = testing::error_of([&] { stmt; });                    \
+        EXPECT_NE(msg_.find(part), std::string::npos) << "message: '" << msg_ << "'"; \
+    } while (0)
+// Two batches of 4 tokens (--batch-tokens 4): each batch spreads its tokens over the 4 GPUs (homes 0, 1, 2, 3)
+// and is priced on its own; the WRR counters carry over. Worked by hand (TAR; destinations after the arrows):
+//   batch 0: t0 (h0) [3,4] -> 2, 3   t1 (h1) [3,2] -> 2, 0   t2 (h2) [0,2] -> 2(l), 3   t3 (h3) [2,3] -> 3(l), 3(l)
+//   batch 1: t4 (h0) [0,1] -> 0(l), 1  t5 (h1) [2,3] -> 0, 3  t6 (h2) [0,2] -> 2(l), 3  t7 (h3) [1,0] -> 1, 2
+// t5's e3 goes to GPU 3 because GPU 1's e3 counter already picked GPU 2 for t1 (reset, it would pick 2 again).
+// hsc copies, batch 0: 0->2 and 1->3 across, 2->3 (x2), 1->0, 3->2 inside; loads [1, 0, 3, 4].
+//   dispatch = 2 copies out of node 0 (2 ms) + 1 message (10 us) + 2 copies out of GPU 2 (0.2 ms) + 1 us.
+// batch 1: 1->3 and 3->1 across, 0->1, 1->0, 2->3, 3->2 inside; loads [2, 2, 2, 2].
+//   dispatch = 1 ms + 10 us + 0.1 ms + 1 us.
+// Compute 3 us per selection; non-MoE 1 ms per batch (ceil(4/4) tokens on the busiest GPU).
+TEST(BatchedEval, HandWorkedTwoBatches) {
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    EvalOptions opt;
+    opt.hardware = test_hardware();
+    opt.shape = ModelShape{"hand", 500, 1000};
+    opt.scheme = CommScheme::kHsc;
+    opt.batching.batch_tokens = 4;
+    const EvalReport r = evaluate(hand_trace(), plan, opt);
+    const double d0 = 2e-3 + 10e-6 + 2e-4 + 1e-6, d1 = 1e-3 + 10e-6 + 1e-4 + 1e-6;
+    const double e0 = 2 * d0 + 12e-6 + 1e-3, e1 = 2 * d1 + 6e-6 + 1e-3;
+    const EvalMetrics& m = r.layers[0];
+    EXPECT_NEAR(m.dispatch_time_s, d0 + d1, 1e-12);
+    EXPECT_NEAR(m.all_to_all_time_s, 2 * (d0 + d1), 1e-12);
+    EXPECT_NEAR(m.compute_time_s, 12e-6 + 6e-6, 1e-15);
+    EXPECT_NEAR(m.gpu_idle_time_s, 6e-6, 1e-15);
+    EXPECT_NEAR(m.non_moe_time_s, 2e-3, 1e-15);
+    EXPECT_NEAR(r.total.end_to_end_s, e0 + e1, 1e-12);
+    EXPECT_EQ(m.cross_node_copies, 4);
+    EXPECT_EQ(m.intra_node_copies, 8);
+    EXPECT_EQ(m.local_selections, 5);
+    EXPECT_EQ(m.gpu_load, (std::vector<int64_t>{3, 2, 5, 6}));
+    EXPECT_EQ(m.instance_load, (std::vector<std::vector<int64_t>>{{1, 3}, {2}, {3, 2}, {2, 2}, {1}}));
+    // Token-weighted over the two equal batches: imbalance (1 + 0) / 2, balancedness (0.5 + 1) / 2.
+    EXPECT_NEAR(m.imbalance_ratio, 0.5, 1e-12);
+    EXPECT_NEAR(m.balancedness, 0.75, 1e-12);
+    EXPECT_EQ(r.num_tokens, 8);
+    ASSERT_EQ(r.phases.size(), 1u);
+    const PhaseReport& p = r.phases[0];
+    EXPECT_EQ(p.phase, BatchPhase::kPrefill);
+    EXPECT_EQ(p.num_batches, 2);
+    EXPECT_EQ(p.num_tokens, 8);
+    EXPECT_EQ(p.min_batch_tokens, 4);
+    EXPECT_EQ(p.max_batch_tokens, 4);
+    EXPECT_NEAR(p.batch_end_to_end_min_s, e1, 1e-12);
+    EXPECT_NEAR(p.batch_end_to_end_max_s, e0, 1e-12);
+    EXPECT_NEAR(p.batch_end_to_end_mean_s, (e0 + e1) / 2, 1e-12);
+    EXPECT_NEAR(p.total.end_to_end_s, e0 + e1, 1e-12);
+}
+
+// Workload 2x2+2 on the same 8 tokens: the prefill is batch 0 above (tokens 0-3), then two decode batches of 2
+// tokens (4-5 and 6-7), whose tokens start on GPUs 0 and 2 (home_gpu(i, 2, 4)).
+TEST(BatchedEval, WorkloadSplitsPrefillAndDecode) {
+    const ExpertPlan plan = hand_plan(RoutingPolicy::kTar);
+    EvalOptions opt;
+    opt.hardware = test_hardware();
+    opt.shape = ModelShape{"hand", 500, 1000};
+    opt.batching.workload = parse_workload("2x2+2");
+    const EvalReport r = evaluate(hand_trace(), plan, opt);
+    ASSERT_EQ(r.phases.size(), 2u);
+    const PhaseReport &pre = r.phases[0], &dec = r.phases[1];
+    EXPECT_EQ(pre.num_batches, 1);
+    EXPECT_EQ(pre.num_tokens, 4);
+    EXPECT_NEAR(pre.total.end_to_end_s, 2 * (2e-3 + 10e-6 + 2e-4 + 1e-6) + 12e-6 + 1e-3, 1e-12);
+    EXPECT_EQ(dec.phase, BatchPhase::kDecode);
+    EXPECT_EQ(dec.num_batches, 2);
+    EXPECT_EQ(dec.num_tokens, 4);
+    EXPECT_EQ(dec.max_batch_tokens, 2);
+    // Every selection is counted once, prefill and decode together.
+    int64_t load = 0;
+    for (int64_t v : r.layers[0].gpu_load) load += v;
+    EXPECT_EQ(load, 16);
+    EXPECT_NEAR(r.total.end_to_end_s, pre.total.end_to_end_s + dec.total.end_to_end_s, 1e-12);
+    EXPECT_EQ(r.total.cross_node_copies, pre.total.cross_node_copies + dec.total.cross_node_copies);
+    // Decode token t4 (GPU 0) [0,1] -> 0(l), 1; t5 (GPU 2) [2,3] -> 3, 2(l): batch of 2, non-MoE 1 ms each.
+    EXPECT_NEAR(dec.total.non_moe_time_s, 2e-3, 1e-15);
+    // A trace shorter than one round is an error naming both numbers.
+    opt.batching.workload = parse_workload("3x2+1");
+    EXPECT_THROW_MSG(evaluate(hand_trace(), plan, opt), "needs 9 tokens but the trace has 8");
+}
+
+TEST(BatchedEval, OneBatchEqualsTheWholeTraceAndThreadsDoNotMatter) {
+    Rng rng(3);
+    // 2x4 counts destination sets as bit masks, 4x4 (G > 12) straight into the matrices: both reset per batch.
+    for (const Topology topo : {Topology{2, 4, std::nullopt}, Topology{4, 4, std::nullopt}}) {
+        SCOPED_TRACE(topo.to_string());
+        const ExpertPlan plan = random_plan(rng, 32, 3, 4, topo, RoutingPolicy::kTar);
+        const RoutingTrace trace = random_trace(rng, 1001, 3, 4, 32);
+        EvalOptions opt;
+        opt.hardware = load_hardware("a100-testbed");
+        opt.shape = ModelShape{"", 2048, 1024};
+        const ModelShape shape = *opt.shape;
+        const std::string whole = report_to_json(evaluate(trace, plan, opt));
+        // price_counts on one replay of the whole trace, as before batches existed.
+        EvalReport direct = price_counts(replay_trace(trace, plan), plan, opt.scheme, opt.hardware, shape, 1001);
+        direct.policy = "tar";
+        EvalReport batched_whole = evaluate(trace, plan, opt);
+        // Every field of every row, to the last digit (the CSV prints 9 significant digits; the doubles are equal).
+        EXPECT_EQ(report_to_csv(batched_whole), report_to_csv(direct));
+        EXPECT_EQ(batched_whole.total.end_to_end_s, direct.total.end_to_end_s);
+        EXPECT_EQ(batched_whole.total.load_std, direct.total.load_std);
+        EXPECT_EQ(batched_whole.layers[2].imbalance_ratio, direct.layers[2].imbalance_ratio);
+        EXPECT_EQ(batched_whole.layers[1].copies, direct.layers[1].copies);
+        EXPECT_EQ(batched_whole.layers[1].instance_load, direct.layers[1].instance_load);
+        opt.batching.batch_tokens = 5000;  // more than the trace: one batch
+        EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)).size(), whole.size());
+        // Batched, 1 vs 2 threads, and fed in chunks that straddle batch boundaries: the same bytes.
+        opt.batching.batch_tokens = 0;
+        opt.batching.workload = parse_workload("16x40+20");  // 960 tokens a round, 41 left over
+        opt.replay.num_threads = 1;
+        const std::string one = report_to_json(evaluate(trace, plan, opt));
+        opt.replay.num_threads = 2;
+        EXPECT_EQ(report_to_json(evaluate(trace, plan, opt)), one);
+        BatchedEval chunked(plan, make_batch_schedule(1001, opt.batching), {opt.scheme}, opt.hardware, shape,
+                            opt.replay);
+        for (int64_t b = 0; b < trace.num_tokens; b += 97)
+            chunked.consume(trace.slice_tokens(b, std::min<int64_t>(b + 97, 1001)), b);
+        EvalReport r = chunked.report();
+        r.policy = "tar";
+        EXPECT_EQ(report_to_json(r), one);
+        EXPECT_EQ(r.num_tokens, 960);
+        EXPECT_EQ(r.schedule.trace_tokens - r.schedule.num_tokens(), 41);
+    }
+}
+
+TEST(Workload, ParsesSpecsAndRejectsBadOnes) {
+    const WorkloadSpec w = parse_workload("256x128+16");
+    EXPECT_EQ(w.sequences, 256);
+    EXPECT_EQ(w.prefill_tokens, 128);
+    EXPECT_EQ(w.decode_steps, 16);
+    EXPECT_EQ(w.tokens_per_round(), 36864);
+    EXPECT_EQ(to_string(w), "256x128+16");
+    EXPECT_EQ(parse_workload("4x3+0").tokens_per_round(), 12);
+    EXPECT_THROW_MSG(parse_workload("256x"), "is not SxP+D");
+    EXPECT_THROW_MSG(parse_workload("0x1+1"), "S (sequences) must be >= 1, got 0");
+    EXPECT_THROW_MSG(parse_workload("4x0+1"), "P (prefill tokens) must be >= 1");
+    EXPECT_THROW_MSG(parse_workload("4x-1+1"), "is not a whole number");
+    EXPECT_THROW_MSG(parse_workload("4x 1+1"), "is not a whole number");
+    EXPECT_THROW_MSG(parse_workload("99999999999x99999999999+1"), "do not fit in 64 bits");
+    EXPECT_THROW_MSG(parse_workload("99999999999999999999x1+1"), "does not fit in 64 bits");
+}
+
+TEST(Workload, SchedulesCutTheTraceInOrder) {
+    BatchingOptions o;
+    o.batch_tokens = 4;
+    BatchSchedule s = make_batch_schedule(10, o);
+    ASSERT_EQ(s.round.size(), 2u);
+    EXPECT_EQ(s.round[0].batch_tokens, 4);
+    EXPECT_EQ(s.round[0].count, 2);
+    EXPECT_EQ(s.round[1].batch_tokens, 2);
+    EXPECT_EQ(s.num_batches(), 3);
+    EXPECT_EQ(s.num_tokens(), 10);
+    o.workload = parse_workload("3x5+2");  // prefill 15 tokens in batches of 4, then 2 decode batches of 3
+    s = make_batch_schedule(50, o);
+    EXPECT_EQ(s.rounds, 2);
+    EXPECT_EQ(s.num_tokens(), 42);
+    EXPECT_EQ(s.num_batches(), 2 * (3 + 1 + 2));
+    EXPECT_EQ(s.round.back().phase, BatchPhase::kDecode);
+    EXPECT_EQ(s.round.back().batch_tokens, 3);
+    EXPECT_TRUE(make_batch_schedule(7, {}).whole_trace());
+    EXPECT_THROW_MSG(make_batch_schedule(20, o), "needs 21 tokens but the trace has 20");
+}
+
 TEST(Replay, SchemeInvariantsOnRandomPlans) {
     Rng rng(7);
     const Topology topos[] = {{1, 2, std::nullopt}, {2, 2, std::nullopt}, {2, 4, std::nullopt}, {4, 4, std::nullopt}};

@@ -23,7 +23,7 @@ namespace {
 struct DemoArgs {
     std::string output = "out/demo", preset = "olmoe", dataset = "wikitext", other = "github", topology = "2x2,2x4";
     std::string hardware = "a100-testbed";
-    int64_t tokens = 32768;
+    int64_t tokens = 49152;  // one round of the paper's 512x(64+32) workload (the larger of its two)
     uint64_t seed = 0;
     int threads = 0;
 };

@@ -25,6 +25,8 @@ struct EvalArgs {
     std::optional<int> hidden, intermediate;
     int threads = 0;
     int64_t chunk = 1 << 16;
+    int64_t batch_tokens = 0;  // 0 = unset
+    std::string workload;
 };
 
 int run_eval(const EvalArgs& a) {
@@ -43,6 +45,8 @@ int run_eval(const EvalArgs& a) {
     GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
     GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
     opt.replay.num_threads = a.threads;
+    opt.batching.batch_tokens = a.batch_tokens;
+    if (!a.workload.empty()) opt.batching.workload = parse_workload(a.workload);
     opt.hardware = load_hardware(a.hardware);
     if (a.hidden) opt.hardware.hidden = *a.hidden;
     if (a.intermediate) opt.hardware.intermediate = *a.intermediate;
@@ -93,16 +97,20 @@ int run_eval(const EvalArgs& a) {
         plan = std::move(dep.plan);
         opt.replay.slot_maps = std::move(dep.slot_maps);
     }
-    Replayer replayer(plan, reader.num_tokens(), opt.replay);
-    Progress progress("replaying trace", reader.num_tokens());
+    // Each batch of the schedule is priced on its own; by default the whole trace is one batch.
+    const BatchSchedule schedule = make_batch_schedule(reader.num_tokens(), opt.batching);
+    BatchedEval batched(plan, schedule, {opt.scheme}, opt.hardware, shape, opt.replay);
+    Progress progress("replaying trace", schedule.num_tokens());
     RoutingTrace chunk;
-    int64_t first = 0;
-    while (reader.next(a.chunk, chunk, &first)) {
-        replayer.consume(chunk, first);
-        progress.update(first + chunk.num_tokens);
+    int64_t first = 0, next = 0;
+    // Tokens after the schedule's (a workload's partial round) are not read.
+    while (!batched.done() && reader.next(std::min(a.chunk, schedule.num_tokens() - next), chunk, &first)) {
+        batched.consume(chunk, first);
+        next = first + chunk.num_tokens;
+        progress.update(next);
     }
     progress.finish();
-    EvalReport report = price_counts(replayer.counts(), plan, opt.scheme, opt.hardware, shape, reader.num_tokens());
+    EvalReport report = batched.report();
     report.dataset = reader.dataset();
     report.policy = routing_label(plan, opt.replay.policy);
     save_report(report, a.output);
@@ -156,6 +164,16 @@ GRACE_COMMAND(
         sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")
             ->capture_default_str()
             ->check(integer_in<int64_t>(1));
+        sub.add_option("--batch-tokens", a->batch_tokens,
+                       "Price the trace as consecutive batches of B tokens (the last one shorter), each a forward "
+                       "pass of its own; with --workload, the prefill's batch size (default: the whole trace, or "
+                       "a workload's whole prefill, is one batch)")
+            ->check(integer_in<int64_t>(1));
+        sub.add_option("--workload", a->workload,
+                       "Serving workload SxP+D: S sequences x P prefill tokens + D decode steps of S tokens, taken "
+                       "in trace order, repeated for every whole round the trace holds (e.g. 256x128+16, "
+                       "512x64+32; docs/eval.md)")
+            ->check(parsed_by([](const std::string& w) { parse_workload(w); }, "SxP+D"));
         sub.add_option("-o,--output", a->output, "Report stem: writes REPORT.json and REPORT.csv")->required();
         return [a] { return run_eval(*a); };
     },
