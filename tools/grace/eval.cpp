@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "command.hpp"
+#include "eval_modes.hpp"
 #include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/hardware.hpp"
@@ -25,6 +26,10 @@ struct EvalArgs {
     std::optional<int> hidden, intermediate;
     int threads = 0;
     int64_t chunk = 1 << 16;
+    AdaptationOptions adapt;                                    // --adapt N (eval_modes.hpp)
+    std::string switch_plan;                                    // --switch-plan PLAN2
+    std::optional<int64_t> switch_at;                           // --switch-at TOKEN
+    int weight_bytes = 0;                                       // --weight-bytes (migration); 0 = the model's
 };
 
 int run_eval(const EvalArgs& a) {
@@ -42,6 +47,9 @@ int run_eval(const EvalArgs& a) {
                     "--stats, --slots-per-gpu and --layer-offset describe an engine deployment: they need --engine");
     GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
     GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
+    a.adapt.validate();
+    GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at, a.switch_at ? "--switch-at needs --switch-plan PLAN2"
+                                                                      : "--switch-plan needs --switch-at TOKEN");
     opt.replay.num_threads = a.threads;
     opt.hardware = load_hardware(a.hardware);
     if (a.hidden) opt.hardware.hidden = *a.hidden;
@@ -92,6 +100,18 @@ int run_eval(const EvalArgs& a) {
         dep.plan.method = plan.method + "@" + a.engine;
         plan = std::move(dep.plan);
         opt.replay.slot_maps = std::move(dep.slot_maps);
+    }
+    if (a.adapt.interval > 0 || !a.switch_plan.empty()) {
+        // Both replay the trace out of order or in parts: they read it whole.
+        GRACE_CHECK_ARG(!engine, "--adapt and --switch-plan do not combine with --engine");
+        GRACE_CHECK_ARG(a.adapt.interval == 0 || a.switch_plan.empty(), "--adapt and --switch-plan do not combine");
+        RoutingTrace trace;
+        reader.next(reader.num_tokens(), trace);
+        if (a.adapt.interval > 0) return eval_adaptive(trace, plan, opt, shape, a.adapt, a.output);
+        const ExpertPlan plan2 = load_plan(a.switch_plan);
+        const int wb = a.weight_bytes > 0 ? a.weight_bytes : model && model->dtype_bytes > 0 ? model->dtype_bytes : 2;
+        return eval_switch(trace, plan, plan2, opt, shape, *a.switch_at,
+                           3.0 * shape.hidden * shape.intermediate * wb, a.plan + " -> " + a.switch_plan, a.output);
     }
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
@@ -156,6 +176,23 @@ GRACE_COMMAND(
         sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")
             ->capture_default_str()
             ->check(integer_in<int64_t>(1));
+        sub.add_option("--adapt", a->adapt.interval,
+                       "Re-predict the WRR weights (Equation 4) from the observed counts every N batches (docs/eval.md)")
+            ->check(integer_in<int>(1));
+        sub.add_option("--adapt-batch-tokens", a->adapt.batch_tokens,
+                       "With --adapt: tokens per GPU per batch, as grace run --batch-tokens")
+            ->capture_default_str()
+            ->check(integer_in<int64_t>(1));
+        sub.add_option("--adapt-decay", a->adapt.decay,
+                       "With --adapt: weight of the older history in [0, 1) (0 = the last N batches only)")
+            ->capture_default_str();
+        sub.add_option("--switch-plan", a->switch_plan,
+                       "Switch to this plan (same E, L, k and topology) at --switch-at; reports the migration cost");
+        sub.add_option("--switch-at", a->switch_at, "With --switch-plan: first token served by the new plan")
+            ->check(integer_in<int64_t>(1));
+        sub.add_option("--weight-bytes", a->weight_bytes,
+                       "With --switch-plan: bytes per expert weight element (default: the model config's, else 2)")
+            ->check(integer_in<int>(1, 8));
         sub.add_option("-o,--output", a->output, "Report stem: writes REPORT.json and REPORT.csv")->required();
         return [a] { return run_eval(*a); };
     },
