@@ -48,6 +48,9 @@ int run_eval(const EvalArgs& a) {
     GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
     GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
     a.adapt.validate();
+    GRACE_CHECK_ARG(a.adapt.interval > 0 || (a.adapt.batch_tokens == AdaptationOptions{}.batch_tokens &&
+                                             a.adapt.decay == AdaptationOptions{}.decay),
+                    "--adapt-batch-tokens and --adapt-decay need --adapt N");
     GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at, a.switch_at ? "--switch-at needs --switch-plan PLAN2"
                                                                       : "--switch-plan needs --switch-at TOKEN");
     opt.replay.num_threads = a.threads;
