@@ -198,13 +198,23 @@ struct LayerRunner {
 #endif
         return cpu->hidden();
     }
-    // Online adaptation (--adapt): this rank's per-instance selections of the last call are added to `counts`,
-    // and new WRR weights replace the router's.
-    void add_instance_counts(const LayerPlan& lp, const int32_t* ids, int64_t n, int k, std::vector<int64_t>& counts) {
+    // Online adaptation (--adapt). The CPU layer's per-instance selections are counted on the host after every
+    // call (add_batch_counts); the GPU router counts on the device, fetched once per update (take_counts).
+    void start_counting() {
 #ifdef GRACE_USE_CUDA
-        if (gpu) return gpu->add_instance_counts(counts);
+        if (gpu) gpu->set_instance_counting(true);
+#endif
+    }
+    void add_batch_counts(const LayerPlan& lp, const int32_t* ids, int64_t n, int k, std::vector<int64_t>& counts) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return;
 #endif
         count_instance_selections(lp, ids, cpu->last_dest_ranks().data(), n, k, counts);
+    }
+    void take_counts([[maybe_unused]] std::vector<int64_t>& counts) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) gpu->take_instance_counts(counts);
+#endif
     }
     void set_wrr_weights(const std::vector<std::vector<int>>& w) {
 #ifdef GRACE_USE_CUDA
@@ -520,6 +530,7 @@ int run_impl(RunOptions& o) {
                             " routes with ", to_string(mo.policy));
             adapter.emplace(lp, G, AdaptationOptions{o.adapt, B, o.adapt_decay});
             interval_counts.assign(adapter->num_instances(), 0);
+            layer.start_counting();
         }
         if (l == 0) {
             H = layer.hidden();
@@ -570,8 +581,9 @@ int run_impl(RunOptions& o) {
             layer.forward(x, ids.data(), gates.data(), n, k, out.data(), begin + b0);
             if (adapter) {
                 // Every rank reaches every step, so the sum over ranks is one collective per update.
-                layer.add_instance_counts(lp, ids.data(), n, k, interval_counts);
+                layer.add_batch_counts(lp, ids.data(), n, k, interval_counts);
                 if (adapter->due(step)) {
+                    layer.take_counts(interval_counts);
                     std::vector<double> sum(interval_counts.begin(), interval_counts.end());
                     comm->allreduce_sum(sum);
                     for (size_t i = 0; i < sum.size(); ++i) interval_counts[i] = static_cast<int64_t>(sum[i]);
