@@ -32,9 +32,9 @@ namespace grace {
 
 /// Adaptation settings.
 struct AdaptationOptions {
-    int interval = 0;            ///< N: batches between updates; 0 = no adaptation
-    int64_t batch_tokens = 64;   ///< tokens per GPU per batch (the replay's batch cut; the runtimes use theirs)
-    double decay = 0;            ///< history weight d in [0, 1)
+    int interval = 0;           ///< N: batches between updates; 0 = no adaptation
+    int64_t batch_tokens = 64;  ///< tokens per GPU per batch (the replay's batch cut; the runtimes use theirs)
+    double decay = 0;           ///< history weight d in [0, 1)
 
     /// Throws kInvalidArgument naming the option (--adapt, --adapt-batch-tokens, --adapt-decay) for N < 0,
     /// batch_tokens < 1 or d outside [0, 1).
@@ -94,11 +94,11 @@ uint64_t combine_tables_hashes(const std::vector<uint64_t>& layer_hashes);
 
 /// What an adaptive replay produced.
 struct AdaptiveReplay {
-    std::vector<LayerCounts> counts;                             ///< [L], as Replayer::counts
-    std::vector<std::vector<std::vector<int>>> final_weights;    ///< [L][E][n_e] after the last update
-    std::vector<uint64_t> layer_hashes;                          ///< [L] WrrAdapter::tables_hash
-    int64_t batches = 0;                                         ///< batches per layer
-    int updates = 0;                                             ///< updates per layer
+    std::vector<LayerCounts> counts;                           ///< [L], as Replayer::counts
+    std::vector<std::vector<std::vector<int>>> final_weights;  ///< [L][E][n_e] after the last update
+    std::vector<uint64_t> layer_hashes;                        ///< [L] WrrAdapter::tables_hash
+    int64_t batches = 0;                                       ///< batches per layer
+    int updates = 0;                                           ///< updates per layer
 };
 
 /// Replays `trace` through `plan` batch by batch (AdaptationOptions::batch_tokens per GPU), re-predicting every

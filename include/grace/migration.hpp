@@ -21,16 +21,16 @@ namespace grace {
 
 /// What a switch from PLAN1 to PLAN2 moves.
 struct MigrationCost {
-    double bytes_per_expert = 0;               ///< weights of one expert (3 * H * I * bytes per element)
-    std::vector<int64_t> experts_received;     ///< [G]: (layer, expert) instances each GPU must receive
-    std::vector<double> bytes_received;        ///< [G]
-    std::vector<double> intra_node_bytes_in;   ///< [G] of bytes_received, over NVLink
-    std::vector<double> cross_node_bytes_in;   ///< [G] of bytes_received, over the NIC
-    int64_t total_experts = 0;                 ///< sum of experts_received
-    double total_bytes = 0;                    ///< sum of bytes_received
-    double intra_node_time_s = 0;              ///< busiest GPU's NVLink direction / B_nvl
-    double cross_node_time_s = 0;              ///< busiest node's NIC direction / B_net
-    double time_s = 0;                         ///< max of the two
+    double bytes_per_expert = 0;              ///< weights of one expert (3 * H * I * bytes per element)
+    std::vector<int64_t> experts_received;    ///< [G]: (layer, expert) instances each GPU must receive
+    std::vector<double> bytes_received;       ///< [G]
+    std::vector<double> intra_node_bytes_in;  ///< [G] of bytes_received, over NVLink
+    std::vector<double> cross_node_bytes_in;  ///< [G] of bytes_received, over the NIC
+    int64_t total_experts = 0;                ///< sum of experts_received
+    double total_bytes = 0;                   ///< sum of bytes_received
+    double intra_node_time_s = 0;             ///< busiest GPU's NVLink direction / B_nvl
+    double cross_node_time_s = 0;             ///< busiest node's NIC direction / B_net
+    double time_s = 0;                        ///< max of the two
 };
 
 /// Checks that PLAN2 can replace PLAN1: same E, L, k and topology. Throws kInvalidInput naming the field and

@@ -48,9 +48,9 @@ AdaptiveReplay replay_adaptive(const RoutingTrace& trace, const ExpertPlan& plan
                     const int64_t end = block_begin(g + 1);
                     const int64_t b0 = std::min(end, block_begin(g) + b * B), b1 = std::min(end, b0 + B);
                     if (b1 > b0)
-                        replayer.consume_layer_ids(trace.expert_ids.data() + static_cast<size_t>(b0) * stride +
-                                                       static_cast<size_t>(l) * k,
-                                                   stride, b1 - b0, k, b0, l);
+                        replayer.consume_layer_ids(
+                            trace.expert_ids.data() + static_cast<size_t>(b0) * stride + static_cast<size_t>(l) * k,
+                            stride, b1 - b0, k, b0, l);
                 }
                 if (!adapter.due(b)) continue;
                 std::vector<int64_t> now = replayer.instance_selections(l), interval(now.size());

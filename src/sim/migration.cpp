@@ -7,8 +7,8 @@
 namespace grace {
 
 void check_switchable(const ExpertPlan& a, const ExpertPlan& b) {
-    GRACE_CHECK_INPUT(a.num_experts == b.num_experts, "--switch-plan has ", b.num_experts,
-                      " experts but --plan has ", a.num_experts);
+    GRACE_CHECK_INPUT(a.num_experts == b.num_experts, "--switch-plan has ", b.num_experts, " experts but --plan has ",
+                      a.num_experts);
     GRACE_CHECK_INPUT(a.num_layers == b.num_layers, "--switch-plan has ", b.num_layers, " layers but --plan has ",
                       a.num_layers);
     GRACE_CHECK_INPUT(a.top_k == b.top_k, "--switch-plan has top_k = ", b.top_k, " but --plan has top_k = ", a.top_k);

@@ -61,8 +61,8 @@ struct LayerState {
     std::vector<int64_t> dedup, hsc;  // [G*G], large G only
     std::vector<int64_t> gpu_stamp, node_stamp;
     std::vector<int64_t> expert_stamp;  // [E]: last token that selected the expert (repeated-id check)
-    int64_t next_token = 0;          // tokens replayed so far
-    std::vector<int64_t> gpu_next;   // [G]: the next token of each home GPU's block (per-GPU order suffices)
+    int64_t next_token = 0;             // tokens replayed so far
+    std::vector<int64_t> gpu_next;      // [G]: the next token of each home GPU's block (per-GPU order suffices)
 };
 
 // The id errors, worded as TraceReader's check words them (src/core/trace.cpp), for one (token, layer) row:
@@ -305,7 +305,8 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t T, const int32
         bad = replay_tokens<true, 0, false>(st, p, T, ids, stride, n, k, first_token);
     const int64_t stop = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
     st.next_token += stop - first_token;
-    for (int g = h_first; g <= h_last; ++g) st.gpu_next[g] = std::max(st.gpu_next[g], std::min(stop, block_begin(g + 1)));
+    for (int g = h_first; g <= h_last; ++g)
+        st.gpu_next[g] = std::max(st.gpu_next[g], std::min(stop, block_begin(g + 1)));
     return bad;
 }
 

@@ -94,7 +94,8 @@ TEST(GpuAdaptation, RouterTablesEqualCpuAndReplay) {
                     const int64_t b0 = std::min(block_begin(g + 1), block_begin(g) + b * kB);
                     const int64_t b1 = std::min(block_begin(g + 1), b0 + kB);
                     if (b1 == b0) continue;
-                    const std::vector<int32_t> ids(trace.expert_ids.begin() + b0 * kK, trace.expert_ids.begin() + b1 * kK);
+                    const std::vector<int32_t> ids(trace.expert_ids.begin() + b0 * kK,
+                                                   trace.expert_ids.begin() + b1 * kK);
                     const gc::RouteResult r = gpu.route_host(g, ids, static_cast<int>(b1 - b0), kK);
                     for (size_t p = 0; p < ids.size(); ++p)
                         ASSERT_EQ(r.topk_rank[p], cpu.route(g, ids[p], b0 + int64_t(p) / kK, int(p) % kK, kK))

@@ -63,13 +63,19 @@ TEST(Adaptation, EmptyIntervalKeepsWeightsAndHashTracksTables) {
 }
 
 TEST(Adaptation, BadInput) {
-    EXPECT_NE(testing::error_of([] { AdaptationOptions{1, 64, 1.0}.validate(); }).find("--adapt-decay"),
+    EXPECT_NE(testing::error_of([] {
+                  AdaptationOptions{1, 64, 1.0}.validate();
+              }).find("--adapt-decay"),
               std::string::npos);
-    EXPECT_NE(testing::error_of([] { AdaptationOptions{1, 0, 0.0}.validate(); }).find("--adapt-batch-tokens"),
+    EXPECT_NE(testing::error_of([] {
+                  AdaptationOptions{1, 0, 0.0}.validate();
+              }).find("--adapt-batch-tokens"),
               std::string::npos);
     WrrAdapter a(two_gpu_layer(), 2, AdaptationOptions{1, 64, 0.0});
     EXPECT_NE(testing::error_of([&] { a.update({1, 2, 3}); }).find("4 instances"), std::string::npos);
-    EXPECT_NE(testing::error_of([&] { repredict_wrr_weights(two_gpu_layer(), {1, -1, 0}, 2); }).find("load -1"),
+    EXPECT_NE(testing::error_of([&] {
+                  repredict_wrr_weights(two_gpu_layer(), {1, -1, 0}, 2);
+              }).find("load -1"),
               std::string::npos);
 }
 
@@ -82,8 +88,9 @@ TEST(Adaptation, CountsInstancesFromDestinations) {
     EXPECT_EQ(counts, (std::vector<int64_t>{1, 2, 1, 1}));
     const int32_t bad_dest[] = {0, 0};  // expert 2 has no instance on GPU 0
     const int32_t bad_ids[] = {0, 2};
-    EXPECT_NE(testing::error_of([&] { count_instance_selections(lp, bad_ids, bad_dest, 1, 2, counts); })
-                  .find("GPU 0, which holds no instance"),
+    EXPECT_NE(testing::error_of([&] {
+                  count_instance_selections(lp, bad_ids, bad_dest, 1, 2, counts);
+              }).find("GPU 0, which holds no instance"),
               std::string::npos);
 }
 
@@ -137,8 +144,8 @@ TEST(Adaptation, ReplayMatchesDirectSimulation) {
     }
     EXPECT_EQ(ar.final_weights[0], adapter.weights());
     EXPECT_EQ(ar.layer_hashes[0], adapter.tables_hash());
-    EXPECT_EQ(ar.counts[0].instance_load, (std::vector<std::vector<int64_t>>{{total[0], total[1]}, {total[2]},
-                                                                             {total[3]}}));
+    EXPECT_EQ(ar.counts[0].instance_load,
+              (std::vector<std::vector<int64_t>>{{total[0], total[1]}, {total[2]}, {total[3]}}));
     EXPECT_EQ(ar.counts[0].num_tokens, 23);
 
     // No update: the same counts as the plain replay (per-GPU batch order replays like trace order).
@@ -148,8 +155,7 @@ TEST(Adaptation, ReplayMatchesDirectSimulation) {
     EXPECT_EQ(none.counts[0].hsc.copies, plain[0].hsc.copies);
 
     plan.layers[0].policy = RoutingPolicy::kPrimary;
-    EXPECT_NE(testing::error_of([&] { replay_adaptive(trace, plan, {}, opt); }).find("wrr or tar"),
-              std::string::npos);
+    EXPECT_NE(testing::error_of([&] { replay_adaptive(trace, plan, {}, opt); }).find("wrr or tar"), std::string::npos);
 }
 
 TEST(Migration, ByHand) {

@@ -26,10 +26,10 @@ struct EvalArgs {
     std::optional<int> hidden, intermediate;
     int threads = 0;
     int64_t chunk = 1 << 16;
-    AdaptationOptions adapt;                                    // --adapt N (eval_modes.hpp)
-    std::string switch_plan;                                    // --switch-plan PLAN2
-    std::optional<int64_t> switch_at;                           // --switch-at TOKEN
-    int weight_bytes = 0;                                       // --weight-bytes (migration); 0 = the model's
+    AdaptationOptions adapt;           // --adapt N (eval_modes.hpp)
+    std::string switch_plan;           // --switch-plan PLAN2
+    std::optional<int64_t> switch_at;  // --switch-at TOKEN
+    int weight_bytes = 0;              // --weight-bytes (migration); 0 = the model's
 };
 
 int run_eval(const EvalArgs& a) {
@@ -51,8 +51,8 @@ int run_eval(const EvalArgs& a) {
     GRACE_CHECK_ARG(a.adapt.interval > 0 || (a.adapt.batch_tokens == AdaptationOptions{}.batch_tokens &&
                                              a.adapt.decay == AdaptationOptions{}.decay),
                     "--adapt-batch-tokens and --adapt-decay need --adapt N");
-    GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at, a.switch_at ? "--switch-at needs --switch-plan PLAN2"
-                                                                      : "--switch-plan needs --switch-at TOKEN");
+    GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at,
+                    a.switch_at ? "--switch-at needs --switch-plan PLAN2" : "--switch-plan needs --switch-at TOKEN");
     opt.replay.num_threads = a.threads;
     opt.hardware = load_hardware(a.hardware);
     if (a.hidden) opt.hardware.hidden = *a.hidden;
@@ -113,8 +113,8 @@ int run_eval(const EvalArgs& a) {
         if (a.adapt.interval > 0) return eval_adaptive(trace, plan, opt, shape, a.adapt, a.output);
         const ExpertPlan plan2 = load_plan(a.switch_plan);
         const int wb = a.weight_bytes > 0 ? a.weight_bytes : model && model->dtype_bytes > 0 ? model->dtype_bytes : 2;
-        return eval_switch(trace, plan, plan2, opt, shape, *a.switch_at,
-                           3.0 * shape.hidden * shape.intermediate * wb, a.plan + " -> " + a.switch_plan, a.output);
+        return eval_switch(trace, plan, plan2, opt, shape, *a.switch_at, 3.0 * shape.hidden * shape.intermediate * wb,
+                           a.plan + " -> " + a.switch_plan, a.output);
     }
     Replayer replayer(plan, reader.num_tokens(), opt.replay);
     Progress progress("replaying trace", reader.num_tokens());
@@ -179,8 +179,9 @@ GRACE_COMMAND(
         sub.add_option("--chunk", a->chunk, "Tokens read per chunk (memory bound)")
             ->capture_default_str()
             ->check(integer_in<int64_t>(1));
-        sub.add_option("--adapt", a->adapt.interval,
-                       "Re-predict the WRR weights (Equation 4) from the observed counts every N batches (docs/eval.md)")
+        sub.add_option(
+               "--adapt", a->adapt.interval,
+               "Re-predict the WRR weights (Equation 4) from the observed counts every N batches (docs/eval.md)")
             ->check(integer_in<int>(1));
         sub.add_option("--adapt-batch-tokens", a->adapt.batch_tokens,
                        "With --adapt: tokens per GPU per batch, as grace run --batch-tokens")

@@ -64,7 +64,9 @@ int eval_switch(const RoutingTrace& trace, const ExpertPlan& plan, const ExpertP
                     ") tokens");
     const MigrationCost mig = migration_cost(plan, plan2, bytes_per_expert, opt.hardware);
     json phases = json::array();
-    std::string csv = "phase,plan,first_token,num_tokens,end_to_end_s,moe_layer_time_s,all_to_all_time_s,migration_bytes,migration_time_s\n";
+    std::string csv =
+        "phase,plan,first_token,num_tokens,end_to_end_s,moe_layer_time_s,all_to_all_time_s,migration_bytes,migration_"
+        "time_s\n";
     double serving = 0;
     int phase = 0;
     for (const auto& [p, b, e] : {std::tuple<const ExpertPlan*, int64_t, int64_t>{&plan, 0, switch_at},
@@ -103,11 +105,13 @@ int eval_switch(const RoutingTrace& trace, const ExpertPlan& plan, const ExpertP
                 {"intra_node_time_s", mig.intra_node_time_s},
                 {"cross_node_time_s", mig.cross_node_time_s},
                 {"time_s", mig.time_s},
-                {"links", "copies from a GPU of the receiver's node over NVLink (intra_node_bandwidth) when one "
-                          "holds the expert, else over the NICs (cross_node_bandwidth); bandwidth only"}}},
+                {"links",
+                 "copies from a GPU of the receiver's node over NVLink (intra_node_bandwidth) when one "
+                 "holds the expert, else over the NICs (cross_node_bandwidth); bandwidth only"}}},
               {"phases", phases}};
     std::ostringstream mrow;
-    mrow << std::setprecision(9) << "migration,switch_plan," << switch_at << ",,,,," << mig.total_bytes << "," << mig.time_s << "\n";
+    mrow << std::setprecision(9) << "migration,switch_plan," << switch_at << ",,,,," << mig.total_bytes << ","
+         << mig.time_s << "\n";
     csv += mrow.str();
     const std::string stem = stem_of(output);
     OutputSet out;

@@ -57,8 +57,8 @@ struct RunOptions {
     double timeout_s = 300;
     TraceOverrides overrides;
     std::optional<int> experts_flag;
-    int adapt = 0;             // --adapt N: re-predict the WRR weights every N batches (adaptation.hpp)
-    double adapt_decay = 0;    // --adapt-decay
+    int adapt = 0;           // --adapt N: re-predict the WRR weights every N batches (adaptation.hpp)
+    double adapt_decay = 0;  // --adapt-decay
 };
 
 // A failure every rank detects identically (the fingerprint check): rank 0 alone prints it and ends the job.

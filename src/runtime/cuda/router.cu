@@ -134,7 +134,7 @@ void GpuReplicaRouter::route(int source, const int32_t* topk_idx, int num_tokens
     if (m.accumulate) {
         const int ni = static_cast<int>(t.instance_gpu.size());
         accumulate_counts_kernel<<<(ni + 127) / 128, 128, 0, stream>>>(out.num_tokens_per_instance, ni,
-                                                                      m.count_totals.data());
+                                                                       m.count_totals.data());
         CUDA_LAUNCH_CHECK();
     }
 }
