@@ -82,6 +82,16 @@ class GpuMoeLayer {
     /// Hidden size H.
     int hidden() const;
 
+    /// Online adaptation (adaptation.hpp; wrr and tar, which route on the device). Counting on: the router kernel's
+    /// per-instance counts of every call are summed on the device.
+    void set_instance_counting(bool on);
+    /// Adds the device-side counts since the last take to `counts` (flat [instances], instance_offsets order) and
+    /// restarts them (one device synchronization).
+    void take_instance_counts(std::vector<int64_t>& counts);
+    /// New WRR weights [E][n_e]: the device table is re-uploaded asynchronously on the router's stream (the next
+    /// call routes with it; nothing waits), the offsets carry over. Throws kInvalidArgument for another policy.
+    void set_wrr_weights(const std::vector<std::vector<int>>& weights);
+
   private:
     struct Impl;
     std::unique_ptr<Impl> impl_;

@@ -85,6 +85,16 @@ class GpuReplicaRouter {
     std::vector<int32_t> offsets() const;
     /// Sets every offset back to 0.
     void reset();
+    /// Online adaptation (adaptation.hpp): replaces the sequence table ([num_sources * E][Q], as
+    /// RouteTable::sequence, checked against the instance lists) by an asynchronous upload on `stream`. Batches
+    /// routed on that stream before the call use the old table, later ones the new; nothing waits and the offsets
+    /// stay. Throws kInvalidArgument for a table of the wrong size or an instance index out of range.
+    void set_sequences(const std::vector<int32_t>& sequence, void* stream = nullptr);
+    /// From now on (on) every route() adds its num_tokens_per_instance to a device-side int64 total.
+    void set_count_accumulation(bool on);
+    /// The device-side totals [num_instances] (CSR order) since the last take (synchronizes the device), then
+    /// restarts them at zero. Zeros when accumulation is off.
+    std::vector<int64_t> take_counts();
     int num_ranks() const;
     int num_instances() const;
 

@@ -121,6 +121,12 @@ class Replayer {
     void begin_batch(int64_t first_token, int64_t num_tokens);
     /// The counts so far (of the current batch), [L].
     std::vector<LayerCounts> counts() const;
+    /// Selections per instance of layer `layer` so far, summed over source GPUs, flat [instances] (experts in id
+    /// order, instances in instance_gpus order; adaptation.hpp's instance_offsets).
+    std::vector<int64_t> instance_selections(int layer) const;
+    /// Replaces layer `layer`'s WRR weights from the next token on, keeping the routing counters
+    /// (ReplicaRouter::set_wrr_weights; online adaptation). Throws as that.
+    void set_wrr_weights(int layer, const std::vector<std::vector<int>>& weights);
     const ExpertPlan& plan() const;
 
   private:

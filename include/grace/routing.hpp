@@ -63,6 +63,11 @@ class ReplicaRouter {
     int wrr_offset(int source, int expert) const {
         return offsets_[static_cast<size_t>(source) * num_experts_ + expert];
     }
+    /// Replaces the WRR weights ([E][n_e], each expert's summing to the period, instance_gpus order) and rebuilds
+    /// every (source, expert) sequence; the counters stay, so the next selection of (source, expert) takes
+    /// position offset of the new sequence (online adaptation, adaptation.hpp). WRR and TAR only; throws
+    /// kInvalidArgument for another policy or weights of the wrong shape, kInvalidInput for a wrong sum.
+    void set_wrr_weights(const std::vector<std::vector<int>>& weights);
     /// Sets all counters back to zero.
     void reset();
     /// Restores the WRR counters, [G * E] (e.g. carried across batches by a runtime).
@@ -95,6 +100,7 @@ class ReplicaRouter {
     std::vector<int64_t> origins_;               // [G]: first token of each source (engine policies)
 
     void attach_engine(std::unique_ptr<EngineLayerRouter> engine);
+    void build_sequences(const std::vector<std::vector<int>>& weights);
 };
 
 /// One router per layer of `plan` (which must outlive them) under `policy` (unset: each layer's own). Engine

@@ -87,33 +87,50 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
     offsets_.assign(pairs, 0);
     seq_begin_.assign(pairs, 0);
     origins_.assign(G, 0);
-    if (policy == RoutingPolicy::kWrr) {
+    if (policy == RoutingPolicy::kWrr || policy == RoutingPolicy::kTar) {
+        build_sequences(layer.wrr_weights);
+    } else if (is_engine_policy(policy)) {
+        std::vector<SlotMap> one{slot_map_of(layer)};
+        attach_engine(std::move(make_engine_routers(one, num_experts_, topology, policy, seed).front()));
+    }
+}
+
+void ReplicaRouter::build_sequences(const std::vector<std::vector<int>>& weights) {
+    GRACE_CHECK_ARG(static_cast<int>(weights.size()) == num_experts_, "WRR weights for ", weights.size(),
+                    " experts, the layer has ", num_experts_);
+    for (int e = 0; e < num_experts_; ++e)
+        GRACE_CHECK_ARG(weights[e].size() == layer_->instance_gpus[e].size(), "expert ", e, " has ",
+                        layer_->instance_gpus[e].size(), " instances but ", weights[e].size(), " WRR weights");
+    const int G = topology_.num_gpus();
+    const size_t pairs = static_cast<size_t>(G) * num_experts_;
+    sequences_.clear();
+    if (policy_ == RoutingPolicy::kWrr) {
         // Every source shares the expert's sequence over all instances.
         std::vector<int64_t> expert_begin(num_experts_);
         for (int e = 0; e < num_experts_; ++e) {
             expert_begin[e] = static_cast<int64_t>(sequences_.size());
-            auto seq = smooth_wrr_sequence(layer.wrr_weights[e]);
-            GRACE_CHECK_INPUT(static_cast<int>(seq.size()) == period_, "layer ", layer.layer,
+            auto seq = smooth_wrr_sequence(weights[e]);
+            GRACE_CHECK_INPUT(static_cast<int>(seq.size()) == period_, "layer ", layer_->layer,
                               ": WRR weights of expert ", e, " sum to ", seq.size(), ", not the period ", period_);
             sequences_.insert(sequences_.end(), seq.begin(), seq.end());
         }
         for (int s = 0; s < G; ++s)
             for (int e = 0; e < num_experts_; ++e)
                 seq_begin_[static_cast<size_t>(s) * num_experts_ + e] = expert_begin[e];
-    } else if (policy == RoutingPolicy::kTar) {
+    } else {
         // The tier depends only on (source, expert): build each tier's sequence over its instances, with the
         // instance weights renormalized to the period.
         sequences_.reserve(pairs * period_);
         for (int s = 0; s < G; ++s) {
-            const int node = topology.node_of(s);
+            const int node = topology_.node_of(s);
             for (int e = 0; e < num_experts_; ++e) {
-                const auto& gpus = layer.instance_gpus[e];
+                const auto& gpus = layer_->instance_gpus[e];
                 std::vector<int> tier;
                 for (size_t i = 0; i < gpus.size(); ++i)
                     if (gpus[i] == s) tier.push_back(static_cast<int>(i));
                 if (tier.empty())
                     for (size_t i = 0; i < gpus.size(); ++i)
-                        if (topology.node_of(gpus[i]) == node) tier.push_back(static_cast<int>(i));
+                        if (topology_.node_of(gpus[i]) == node) tier.push_back(static_cast<int>(i));
                 if (tier.empty()) {
                     tier.resize(gpus.size());
                     std::iota(tier.begin(), tier.end(), 0);
@@ -124,15 +141,18 @@ ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology, R
                     continue;
                 }
                 std::vector<double> w;
-                for (int i : tier) w.push_back(layer.wrr_weights[e][i]);
+                for (int i : tier) w.push_back(weights[e][i]);
                 auto seq = smooth_wrr_sequence(round_weights(w, period_));
                 for (uint8_t pick : seq) sequences_.push_back(static_cast<uint8_t>(tier[pick]));
             }
         }
-    } else if (is_engine_policy(policy)) {
-        std::vector<SlotMap> one{slot_map_of(layer)};
-        attach_engine(std::move(make_engine_routers(one, num_experts_, topology, policy, seed).front()));
     }
+}
+
+void ReplicaRouter::set_wrr_weights(const std::vector<std::vector<int>>& weights) {
+    GRACE_CHECK_ARG(policy_ == RoutingPolicy::kWrr || policy_ == RoutingPolicy::kTar,
+                    "WRR weights can be replaced only under the wrr and tar policies, not ", to_string(policy_));
+    build_sequences(weights);
 }
 
 ReplicaRouter::ReplicaRouter(const LayerPlan& layer, const Topology& topology,

@@ -61,7 +61,8 @@ struct LayerState {
     std::vector<int64_t> dedup, hsc;  // [G*G], large G only
     std::vector<int64_t> gpu_stamp, node_stamp;
     std::vector<int64_t> expert_stamp;  // [E]: last token that selected the expert (repeated-id check)
-    int64_t next_token = 0;
+    int64_t next_token = 0;             // tokens replayed so far
+    std::vector<int64_t> gpu_next;      // [G]: the next token of each home GPU's block (per-GPU order suffices)
 };
 
 // The id errors, worded as TraceReader's check words them (src/core/trace.cpp), for one (token, layer) row:
@@ -166,6 +167,9 @@ Replayer::Replayer(const ExpertPlan& plan, int64_t total_tokens, const ReplayOpt
             st.node_stamp.assign(p.topology.nodes, -1);
         }
         st.expert_stamp.assign(E, -1);
+        st.gpu_next.resize(G);
+        for (int g = 0; g < G; ++g)
+            st.gpu_next[g] = static_cast<int64_t>((static_cast<__int128>(g) * total_tokens + G - 1) / G);
     }
 }
 
@@ -285,13 +289,20 @@ int64_t replay_tokens(LayerState& st, const ExpertPlan& p, int64_t batch_begin, 
 int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t batch_begin, int64_t batch_tokens, int64_t T,
                      const int32_t* ids, size_t stride, int64_t n, int k, int64_t first_token, int layer) {
     GRACE_CHECK_ARG(k >= 1 && k <= 64, "top_k ", k, " is outside the evaluator's [1, 64]");
-    GRACE_CHECK_ARG(first_token == st.next_token, "layer ", layer, ": expected token ", st.next_token, " next, got ",
-                    first_token);
     GRACE_CHECK_INPUT(first_token + n <= T, "the trace has more tokens than the ", T, " the replay was set up for");
     GRACE_CHECK_ARG(first_token + n <= batch_begin + batch_tokens, "tokens up to ", first_token + n - 1,
                     " run past the batch of tokens ", batch_begin, "..", batch_begin + batch_tokens - 1);
     if (n == 0) return -1;
     const int64_t b0 = batch_begin, bn = batch_tokens;
+    // Tokens must come in order per home GPU within the batch (the routing state is per source GPU): trace order,
+    // or each GPU's block of the batch in turn as the runtimes feed it (replay_adaptive).
+    const int G = p.topology.num_gpus();
+    const int h_first = home_gpu(first_token - b0, bn, G), h_last = home_gpu(first_token + n - 1 - b0, bn, G);
+    auto block_begin = [&](int g) { return home_block_begin(b0, bn, g, G); };
+    for (int g = h_first; g <= h_last; ++g) {
+        const int64_t want = st.gpu_next[g], got = g == h_first ? first_token : block_begin(g);
+        GRACE_CHECK_ARG(got == want, "layer ", layer, ": expected token ", want, " next, got ", got);
+    }
     int64_t bad;
     if (p.topology.num_gpus() > kMaxMaskGpus)
         bad = replay_tokens<false, 0, true>(st, p, b0, bn, ids, stride, n, k, first_token);
@@ -301,7 +312,10 @@ int64_t replay_layer(LayerState& st, const ExpertPlan& p, int64_t batch_begin, i
         bad = replay_tokens<true, 8, false>(st, p, b0, bn, ids, stride, n, k, first_token);
     else
         bad = replay_tokens<true, 0, false>(st, p, b0, bn, ids, stride, n, k, first_token);
-    st.next_token = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
+    const int64_t stop = bad >= 0 ? bad : first_token + n;  // after a bad id the layer's counts are no longer usable
+    st.next_token += stop - first_token;
+    for (int g = h_first; g <= h_last; ++g)
+        st.gpu_next[g] = std::max(st.gpu_next[g], std::min(stop, block_begin(g + 1)));
     return bad;
 }
 
@@ -419,7 +433,10 @@ void Replayer::begin_batch(int64_t first_token, int64_t num_tokens) {
         std::fill(st.mask_hist.begin(), st.mask_hist.end(), 0);
         std::fill(st.dedup.begin(), st.dedup.end(), 0);
         std::fill(st.hsc.begin(), st.hsc.end(), 0);
-        for (int g = 0; g < G; ++g) st.router->set_token_origin(g, home_block_begin(first_token, num_tokens, g, G));
+        for (int g = 0; g < G; ++g) {
+            st.router->set_token_origin(g, home_block_begin(first_token, num_tokens, g, G));
+            st.gpu_next[g] = home_block_begin(first_token, num_tokens, g, G);
+        }
     }
     impl_->batch_begin = first_token;
     impl_->batch_tokens = num_tokens;
@@ -525,6 +542,41 @@ TrafficMatrix count_traffic(const RoutingTrace& trace, const ExpertPlan& plan, R
     Replayer r(plan, trace.num_tokens, options);
     r.consume_layer(trace, 0, layer);
     return r.counts()[layer].traffic(scheme);
+}
+
+}  // namespace grace
+
+namespace grace {
+
+std::vector<int64_t> Replayer::instance_selections(int layer) const {
+    const ExpertPlan& p = impl_->plan;
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    const LayerState& st = impl_->layers[layer];
+    const int num_inst = st.inst_begin[p.num_experts];
+    std::vector<int64_t> total(num_inst, 0);
+    for (int h = 0; h < p.topology.num_gpus(); ++h)
+        for (int i = 0; i < num_inst; ++i) total[i] += st.src_inst[static_cast<size_t>(h) * num_inst + i];
+    return total;
+}
+
+void Replayer::set_wrr_weights(int layer, const std::vector<std::vector<int>>& weights) {
+    ExpertPlan& p = impl_->plan;
+    GRACE_CHECK_ARG(layer >= 0 && layer < p.num_layers, "layer ", layer, " is outside [0, ", p.num_layers, ")");
+    LayerState& st = impl_->layers[layer];
+    st.router->set_wrr_weights(weights);
+    p.layers[layer].wrr_weights = weights;
+    // The table's shape does not depend on the weights (a multi-instance tier never has a constant sequence, every
+    // weight being >= 1), so the sequences are rewritten in place and their positions (the counters) kept.
+    const int E = p.num_experts, G = p.topology.num_gpus();
+    for (int src = 0; src < G; ++src)
+        for (int e = 0; e < E; ++e) {
+            const int32_t entry = st.table[static_cast<size_t>(src) * E + e];
+            if (entry > -2) continue;
+            const uint8_t* seq = st.router->sequence(src, e);
+            const auto& gpus = st.plan->instance_gpus[e];
+            int32_t* out = st.sequence_entries.data() + static_cast<size_t>(-2 - entry) * st.period;
+            for (int o = 0; o < st.period; ++o) out[o] = ((st.inst_begin[e] + seq[o]) << 8) | gpus[seq[o]];
+        }
 }
 
 }  // namespace grace

@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "command.hpp"
+#include "eval_modes.hpp"
 #include "grace/engine_eval.hpp"
 #include "grace/error.hpp"
 #include "grace/hardware.hpp"
@@ -27,6 +28,10 @@ struct EvalArgs {
     int64_t chunk = 1 << 16;
     int64_t batch_tokens = 0;  // 0 = unset
     std::string workload;
+    AdaptationOptions adapt;           // --adapt N (eval_modes.hpp)
+    std::string switch_plan;           // --switch-plan PLAN2
+    std::optional<int64_t> switch_at;  // --switch-at TOKEN
+    int weight_bytes = 0;              // --weight-bytes (migration); 0 = the model's
 };
 
 int run_eval(const EvalArgs& a) {
@@ -44,6 +49,12 @@ int run_eval(const EvalArgs& a) {
                     "--stats, --slots-per-gpu and --layer-offset describe an engine deployment: they need --engine");
     GRACE_CHECK_ARG(a.layer_offset >= 0, "--layer-offset must be >= 0, got ", a.layer_offset);
     GRACE_CHECK_ARG(a.slots_per_gpu >= 0, "--slots-per-gpu must be >= 1, got ", a.slots_per_gpu);
+    a.adapt.validate();
+    GRACE_CHECK_ARG(a.adapt.interval > 0 || (a.adapt.batch_tokens == AdaptationOptions{}.batch_tokens &&
+                                             a.adapt.decay == AdaptationOptions{}.decay),
+                    "--adapt-batch-tokens and --adapt-decay need --adapt N");
+    GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at,
+                    a.switch_at ? "--switch-at needs --switch-plan PLAN2" : "--switch-plan needs --switch-at TOKEN");
     opt.replay.num_threads = a.threads;
     opt.batching.batch_tokens = a.batch_tokens;
     if (!a.workload.empty()) opt.batching.workload = parse_workload(a.workload);
@@ -96,6 +107,21 @@ int run_eval(const EvalArgs& a) {
         dep.plan.method = plan.method + "@" + a.engine;
         plan = std::move(dep.plan);
         opt.replay.slot_maps = std::move(dep.slot_maps);
+    }
+    if (a.adapt.interval > 0 || !a.switch_plan.empty()) {
+        // Both replay the trace out of order or in parts: they read it whole.
+        GRACE_CHECK_ARG(!engine, "--adapt and --switch-plan do not combine with --engine");
+        GRACE_CHECK_ARG(a.adapt.interval == 0 || a.switch_plan.empty(), "--adapt and --switch-plan do not combine");
+        GRACE_CHECK_ARG(a.batch_tokens == 0 && a.workload.empty(),
+                        "--adapt and --switch-plan do not combine with --batch-tokens or --workload (--adapt has its "
+                        "own per-GPU batches: --adapt-batch-tokens)");
+        RoutingTrace trace;
+        reader.next(reader.num_tokens(), trace);
+        if (a.adapt.interval > 0) return eval_adaptive(trace, plan, opt, shape, a.adapt, a.output);
+        const ExpertPlan plan2 = load_plan(a.switch_plan);
+        const int wb = a.weight_bytes > 0 ? a.weight_bytes : model && model->dtype_bytes > 0 ? model->dtype_bytes : 2;
+        return eval_switch(trace, plan, plan2, opt, shape, *a.switch_at, 3.0 * shape.hidden * shape.intermediate * wb,
+                           a.plan + " -> " + a.switch_plan, a.output);
     }
     // Each batch of the schedule is priced on its own; by default the whole trace is one batch.
     const BatchSchedule schedule = make_batch_schedule(reader.num_tokens(), opt.batching);
@@ -174,6 +200,24 @@ GRACE_COMMAND(
                        "in trace order, repeated for every whole round the trace holds (e.g. 256x128+16, "
                        "512x64+32; docs/eval.md)")
             ->check(parsed_by([](const std::string& w) { parse_workload(w); }, "SxP+D"));
+        sub.add_option(
+               "--adapt", a->adapt.interval,
+               "Re-predict the WRR weights (Equation 4) from the observed counts every N batches (docs/eval.md)")
+            ->check(integer_in<int>(1));
+        sub.add_option("--adapt-batch-tokens", a->adapt.batch_tokens,
+                       "With --adapt: tokens per GPU per batch, as grace run --batch-tokens")
+            ->capture_default_str()
+            ->check(integer_in<int64_t>(1));
+        sub.add_option("--adapt-decay", a->adapt.decay,
+                       "With --adapt: weight of the older history in [0, 1) (0 = the last N batches only)")
+            ->capture_default_str();
+        sub.add_option("--switch-plan", a->switch_plan,
+                       "Switch to this plan (same E, L, k and topology) at --switch-at; reports the migration cost");
+        sub.add_option("--switch-at", a->switch_at, "With --switch-plan: first token served by the new plan")
+            ->check(integer_in<int64_t>(1));
+        sub.add_option("--weight-bytes", a->weight_bytes,
+                       "With --switch-plan: bytes per expert weight element (default: the model config's, else 2)")
+            ->check(integer_in<int>(1, 8));
         sub.add_option("-o,--output", a->output, "Report stem: writes REPORT.json and REPORT.csv")->required();
         return [a] { return run_eval(*a); };
     },

@@ -8,14 +8,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iomanip>
 #include <iostream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "command.hpp"
 #include "core/rng.hpp"
+#include "grace/adaptation.hpp"
 #include "grace/communicator.hpp"
 #include "grace/error.hpp"
 #include "grace/eval.hpp"
@@ -54,6 +57,8 @@ struct RunOptions {
     double timeout_s = 300;
     TraceOverrides overrides;
     std::optional<int> experts_flag;
+    int adapt = 0;           // --adapt N: re-predict the WRR weights every N batches (adaptation.hpp)
+    double adapt_decay = 0;  // --adapt-decay
 };
 
 // A failure every rank detects identically (the fingerprint check): rank 0 alone prints it and ends the job.
@@ -193,6 +198,30 @@ struct LayerRunner {
 #endif
         return cpu->hidden();
     }
+    // Online adaptation (--adapt). The CPU layer's per-instance selections are counted on the host after every
+    // call (add_batch_counts); the GPU router counts on the device, fetched once per update (take_counts).
+    void start_counting() {
+#ifdef GRACE_USE_CUDA
+        if (gpu) gpu->set_instance_counting(true);
+#endif
+    }
+    void add_batch_counts(const LayerPlan& lp, const int32_t* ids, int64_t n, int k, std::vector<int64_t>& counts) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return;
+#endif
+        count_instance_selections(lp, ids, cpu->last_dest_ranks().data(), n, k, counts);
+    }
+    void take_counts([[maybe_unused]] std::vector<int64_t>& counts) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) gpu->take_instance_counts(counts);
+#endif
+    }
+    void set_wrr_weights(const std::vector<std::vector<int>>& w) {
+#ifdef GRACE_USE_CUDA
+        if (gpu) return gpu->set_wrr_weights(w);
+#endif
+        cpu->router().set_wrr_weights(w);
+    }
 };
 
 // --- Run fingerprint ---------------------------------------------------------------------------------------
@@ -325,6 +354,7 @@ int run_impl(RunOptions& o) {
     std::unique_ptr<SafetensorsCheckpoint> ckpt;
     if (o.weights_ckpt) ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
 
+    AdaptationOptions{o.adapt, 1, o.adapt_decay}.validate();
     // Before any exchange: every rank must have been started with the same options and inputs.
     RunFingerprint fp;
     fp.add("fingerprint format", "grace.run.fingerprint/v1");
@@ -333,6 +363,7 @@ int run_impl(RunOptions& o) {
     fp.add("--routing", o.routing.value_or("(the plan's)"));
     fp.add("--layers", or_default(o.layers, "(all)"));
     fp.add("--batch-tokens", or_default(o.batch_tokens, "(all)"));
+    fp.add("--adapt", cat(o.adapt, " decay ", o.adapt_decay));
     fp.add("--dtype", o.dtype);
     fp.add("--hidden", or_default(o.hidden, "(preset)"));
     fp.add("--intermediate", or_default(o.intermediate, "(preset)"));
@@ -452,6 +483,9 @@ int run_impl(RunOptions& o) {
     const int fail_layer = fail_layer_env ? std::atoi(fail_layer_env) : 0;
 
     json per_layer = json::array();
+    std::vector<uint64_t> adapt_hashes;
+    std::vector<std::vector<std::vector<int>>> adapt_weights;
+    int adapt_updates = 0;
     PhaseSums all_phases;
     ByteSums all_bytes;
     double worst_err = 0, worst_abs = 0;
@@ -488,6 +522,16 @@ int run_impl(RunOptions& o) {
         mo.policy = o.routing ? parse_routing_policy(*o.routing) : lp.policy;
         mo.routing_seed = o.seed;
         LayerRunner layer(lp, plan.topology, *comm, std::move(local), mo);
+        std::optional<WrrAdapter> adapter;
+        std::vector<int64_t> interval_counts;
+        if (o.adapt > 0) {
+            GRACE_CHECK_ARG(mo.policy == RoutingPolicy::kWrr || mo.policy == RoutingPolicy::kTar,
+                            "--adapt re-predicts WRR weights, so it needs the wrr or tar routing policy; layer ", l,
+                            " routes with ", to_string(mo.policy));
+            adapter.emplace(lp, G, AdaptationOptions{o.adapt, B, o.adapt_decay});
+            interval_counts.assign(adapter->num_instances(), 0);
+            layer.start_counting();
+        }
         if (l == 0) {
             H = layer.hidden();
             hidden.resize(static_cast<size_t>(T_local) * H);
@@ -535,6 +579,18 @@ int run_impl(RunOptions& o) {
             out.resize(static_cast<size_t>(n) * H);
             const float* x = hidden.data() + b0 * H;
             layer.forward(x, ids.data(), gates.data(), n, k, out.data(), begin + b0);
+            if (adapter) {
+                // Every rank reaches every step, so the sum over ranks is one collective per update.
+                layer.add_batch_counts(lp, ids.data(), n, k, interval_counts);
+                if (adapter->due(step)) {
+                    layer.take_counts(interval_counts);
+                    std::vector<double> sum(interval_counts.begin(), interval_counts.end());
+                    comm->allreduce_sum(sum);
+                    for (size_t i = 0; i < sum.size(); ++i) interval_counts[i] = static_cast<int64_t>(sum[i]);
+                    layer.set_wrr_weights(adapter->update(interval_counts));
+                    std::fill(interval_counts.begin(), interval_counts.end(), 0);
+                }
+            }
             phases.add(layer.last_stats());
             bytes.add(layer.last_stats());
             layer_rows += layer.last_stats().expert_rows;
@@ -594,6 +650,11 @@ int run_impl(RunOptions& o) {
                    {"bytes", bytes_json(*comm, bytes)},
                    {"expert_rows", static_cast<int64_t>(rows_sum[0])}};
         if (o.verify) lj["max_rel_err"] = err_max[0];
+        if (adapter) {
+            adapt_hashes.push_back(adapter->tables_hash());
+            adapt_weights.push_back(adapter->weights());
+            adapt_updates = adapter->updates();
+        }
         per_layer.push_back(lj);
     }
     std::vector<double> errs{worst_err, worst_abs};
@@ -618,6 +679,17 @@ int run_impl(RunOptions& o) {
                    {"time_s", phase_json(*comm, all_phases)},
                    {"bytes", bytes_json(*comm, all_bytes)},
                    {"per_layer", per_layer}};
+    if (o.adapt > 0) {
+        std::ostringstream hash;
+        hash << std::hex << std::setw(16) << std::setfill('0') << combine_tables_hashes(adapt_hashes);
+        report["adaptation"] = {{"interval_batches", o.adapt},
+                                {"batch_tokens_per_gpu", B},
+                                {"decay", o.adapt_decay},
+                                {"batches", steps},
+                                {"updates", adapt_updates},
+                                {"tables_hash", hash.str()},
+                                {"final_wrr_weights", adapt_weights}};
+    }
     const bool passed = !o.verify || errs[0] <= o.tolerance;
     if (o.verify)
         report["verify"] = {{"max_rel_err", errs[0]},
@@ -677,6 +749,11 @@ GRACE_COMMAND(
             ->check(CLI::Range(1, kMaxCount));
         sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per rank per forward call (default: all)")
             ->check(CLI::Range(int64_t{1}, std::numeric_limits<int64_t>::max()));
+        sub.add_option("--adapt", o->adapt,
+                       "Re-predict the WRR weights from the counts of all ranks every N batches (docs/eval.md)")
+            ->check(CLI::Range(1, kMaxCount));
+        sub.add_option("--adapt-decay", o->adapt_decay, "With --adapt: weight of the older history in [0, 1)")
+            ->check(finite_at_least(0.0));
         sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
         sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")
             ->default_val(1e-4)

@@ -530,4 +530,25 @@ const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const { return impl_-
 bool GpuMoeLayer::routed_on_device() const { return impl_->last_on_device; }
 int GpuMoeLayer::hidden() const { return impl_->H; }
 
+void GpuMoeLayer::set_instance_counting(bool on) {
+    GRACE_CHECK_ARG(impl_->gpu_router != nullptr, "instance counting needs a policy routed on the device");
+    impl_->gpu_router->set_count_accumulation(on);
+}
+
+void GpuMoeLayer::take_instance_counts(std::vector<int64_t>& counts) {
+    GRACE_CHECK_ARG(impl_->gpu_router != nullptr, "instance counting needs a policy routed on the device");
+    const std::vector<int64_t> c = impl_->gpu_router->take_counts();
+    GRACE_CHECK_ARG(c.size() == counts.size(), "instance counts hold ", counts.size(), " entries, the layer has ",
+                    c.size(), " instances");
+    for (size_t i = 0; i < c.size(); ++i) counts[i] += c[i];
+}
+
+void GpuMoeLayer::set_wrr_weights(const std::vector<std::vector<int>>& weights) {
+    auto& m = *impl_;
+    m.host_router.set_wrr_weights(weights);  // throws for a policy other than wrr and tar
+    m.layer.wrr_weights = weights;
+    const std::vector<uint8_t> seq = m.host_router.flat_sequences();
+    m.gpu_router->set_sequences(std::vector<int32_t>(seq.begin(), seq.end()), nullptr);
+}
+
 }  // namespace grace::cuda

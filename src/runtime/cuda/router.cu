@@ -53,12 +53,20 @@ __global__ void route_kernel(const int32_t* __restrict__ topk_idx, int num_token
     }
 }
 
+// Online adaptation: the per-call instance counts added to the interval's totals, on the router's stream.
+__global__ void accumulate_counts_kernel(const int32_t* __restrict__ per_call, int n, long long* __restrict__ total) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) total[i] += per_call[i];
+}
+
 }  // namespace
 
 struct GpuReplicaRouter::Impl {
     RouteTable table;
     DeviceBuffer<int32_t> sequence, instance_ptr, instance_gpu, offsets, base, totals;
     DeviceBuffer<int32_t> local_rank, hist;
+    bool accumulate = false;
+    DeviceBuffer<long long> count_totals;  // [instances], with accumulate
 };
 
 GpuReplicaRouter::GpuReplicaRouter(const RouteTable& table) : impl_(std::make_unique<Impl>()) {
@@ -123,6 +131,42 @@ void GpuReplicaRouter::route(int source, const int32_t* topk_idx, int num_tokens
         m.local_rank.data(), m.hist.data(), m.base.data(), out.topk_instance, out.topk_rank, out.num_tokens_per_rank,
         out.is_token_in_rank, out.num_tokens_per_instance);
     CUDA_LAUNCH_CHECK();
+    if (m.accumulate) {
+        const int ni = static_cast<int>(t.instance_gpu.size());
+        accumulate_counts_kernel<<<(ni + 127) / 128, 128, 0, stream>>>(out.num_tokens_per_instance, ni,
+                                                                       m.count_totals.data());
+        CUDA_LAUNCH_CHECK();
+    }
+}
+
+void GpuReplicaRouter::set_sequences(const std::vector<int32_t>& sequence, void* stream_ptr) {
+    auto& m = *impl_;
+    RouteTable next = m.table;
+    next.sequence = sequence;
+    next.validate();
+    m.table.sequence = sequence;
+    // Pageable source: cudaMemcpyAsync returns once the bytes are staged, so `sequence` may go away after it.
+    CUDA_RUNTIME_CHECK(cudaMemcpyAsync(m.sequence.data(), sequence.data(), sequence.size() * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream_ptr)));
+}
+
+void GpuReplicaRouter::set_count_accumulation(bool on) {
+    auto& m = *impl_;
+    if (on && !m.accumulate) {
+        m.count_totals.resize(std::max<size_t>(1, m.table.instance_gpu.size()));
+        CUDA_RUNTIME_CHECK(cudaMemset(m.count_totals.data(), 0, m.count_totals.bytes()));
+    }
+    m.accumulate = on;
+}
+
+std::vector<int64_t> GpuReplicaRouter::take_counts() {
+    auto& m = *impl_;
+    const size_t ni = m.table.instance_gpu.size();
+    if (!m.accumulate) return std::vector<int64_t>(ni, 0);
+    CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+    const std::vector<long long> c = m.count_totals.download(ni);
+    CUDA_RUNTIME_CHECK(cudaMemset(m.count_totals.data(), 0, m.count_totals.bytes()));
+    return std::vector<int64_t>(c.begin(), c.end());
 }
 
 RouteResult GpuReplicaRouter::route_host(int source, const std::vector<int32_t>& topk_idx, int num_tokens, int top_k) {
