@@ -42,6 +42,9 @@ struct ReplicationOptions {
     int eplb_slots = 0;
     /// kDynamicIterative only: stop once max/mean of the predicted GPU loads is at most this.
     double target_skew = 1.05;
+    /// kDynamicIterative only: at most this many rounds (0 = no bound but G); the priced search (priced_search.hpp)
+    /// walks the rounds one at a time.
+    int max_rounds = 0;
 };
 
 /// L_g: sum of `load` over the experts whose primary is on g, [G].

@@ -109,8 +109,8 @@ std::function<int()> setup_plan(CLI::App& sub) {
             topo.slots_per_gpu = static_cast<int>((E + R) / G);
         }
         std::string pricing_note;
-        if (topo.slots_per_gpu && a->options.fill_slots) {
-            // The fill prices replicas like `grace eval`: this hardware, the statistics' model shape.
+        if (uses_pricing(a->options, topo)) {
+            // The planner prices placements like `grace eval`: this hardware, the statistics' model shape.
             a->options.pricing = planner_pricing(load_hardware(a->hardware), st.model, &pricing_note);
         }
         ExpertPlan plan = make_plan(st, topo, a->options);
