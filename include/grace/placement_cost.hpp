@@ -81,6 +81,11 @@ class LayerCostModel {
     void apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
                std::vector<std::pair<size_t, double>>* journal = nullptr) const;
     double price(const Totals& t) const;
+    // The change of the totals when `expert` gains an instance on `gpu` (nonzero entries only); cached per
+    // (expert, gpu) until the expert's instances change, since a slot-rewrite search asks for it once per
+    // (replica slot, expert) pair.
+    const std::vector<std::pair<size_t, double>>& add_delta(int expert, int gpu) const;
+    void forget_deltas(int expert);
     double mean_price(const Totals& t) const;
 
     int num_experts_, num_gpus_;
@@ -93,6 +98,9 @@ class LayerCostModel {
     mutable Totals base_;  // reused buffers of times_with (one model per thread)
     mutable std::vector<int> gpus_;
     mutable std::vector<std::pair<size_t, double>> journal_;
+    mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;  // [E * G]
+    mutable std::vector<char> add_delta_known_;                              // [E * G]
+    mutable Totals scratch_;                                                 // zeros between uses
 };
 
 }  // namespace grace

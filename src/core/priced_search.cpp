@@ -30,27 +30,48 @@ size_t cheapest(const std::vector<double>& prices) {
 
 int replicate_priced(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
                      const Topology& topology, const PlacementPricing& pricing, double* price) {
-    const int G = topology.num_gpus();
+    const int E = static_cast<int>(load.size()), G = topology.num_gpus();
+    GRACE_CHECK_ARG(static_cast<int>(layer.primary_gpu.size()) == E, "replicate_priced: ", layer.primary_gpu.size(),
+                    " primaries for ", E, " loads");
+    // One price model, built on the primaries; each round only adds instances, so it is updated in place.
+    std::vector<std::vector<int>> inst(E);
+    std::vector<char> holds(static_cast<size_t>(G) * E, 0);
+    for (int g = 0; g < G; ++g)
+        for (int e : layer.gpu_experts[g]) {
+            inst[e].push_back(g);
+            holds[static_cast<size_t>(g) * E + e] = 1;
+        }
+    LayerCostModel cost(load, source_load, inst, topology, pricing);
     const LayerPlan primaries = layer;
     ReplicationOptions ro;
     ro.method = ReplicationMethod::kNone;
-    replicate_layer(layer, load, topology, ro);
-    LayerPlan best = layer;
-    double best_price = price_layer(layer, load, source_load, topology, pricing);
-    int best_rounds = 0, last_instances = layer.num_instances();
+    replicate_layer(layer, load, topology, ro);  // records gamma and the loads before replication
+    double best_price = cost.time();
+    int best_rounds = 0, rounds = 0;
     ro.method = ReplicationMethod::kDynamicIterative;
     ro.target_skew = 1.0;
-    for (int k = 1; k <= G; ++k) {
-        LayerPlan cand = primaries;
-        ro.max_rounds = k;
-        replicate_layer(cand, load, topology, ro);
-        const int instances = cand.num_instances();
-        if (instances == last_instances) break;  // round k added nothing: later rounds are the same plan
-        last_instances = instances;
-        const double p = price_layer(cand, load, source_load, topology, pricing);
-        if (p < best_price * (1 - 1e-9)) best = std::move(cand), best_price = p, best_rounds = k;
+    ro.after_round = [&](const LayerPlan& now) {
+        ++rounds;
+        for (int g = 0; g < G; ++g)
+            for (int e : now.gpu_experts[g])
+                if (!holds[static_cast<size_t>(g) * E + e]) {
+                    holds[static_cast<size_t>(g) * E + e] = 1;
+                    cost.add(e, g);
+                }
+        const double p = cost.time();
+        if (p < best_price * (1 - 1e-9)) best_price = p, best_rounds = rounds;
+    };
+    if (G > 1) {
+        LayerPlan all = primaries;
+        replicate_layer(all, load, topology, ro);
+        if (best_rounds > 0) {
+            // Rounds are deterministic: replaying the first best_rounds gives the cheapest prefix.
+            ro.after_round = nullptr;
+            ro.max_rounds = best_rounds;
+            layer = primaries;
+            replicate_layer(layer, load, topology, ro);
+        }
     }
-    layer = std::move(best);
     if (price) *price = best_price;
     return best_rounds;
 }

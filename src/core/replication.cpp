@@ -241,6 +241,7 @@ void replicate_layer(LayerPlan& layer, const std::vector<double>& load, const To
                     break;
                 }
                 if (round == 0) layer.num_replicas = r;
+                if (options.after_round) options.after_round(layer);
             }
             break;
         }
