@@ -46,12 +46,12 @@ std::function<int()> setup_plan(CLI::App& sub) {
         ->capture_default_str()
         ->check(integer_in<int>(-1));
     sub.add_option("--hardware", a->hardware,
-                   "Hardware preset or grace.hardware/v1 file the slot fill prices replicas with")
+                   "Hardware preset or grace.hardware/v1 file the planner prices placements with")
         ->capture_default_str()
         ->check(hardware_value());
     sub.add_option("--method", a->options.method,
-                   "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
-                   "(= eplb-hierarchical+eplb+sglang-static)")
+                   "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= priced+priced+tar), 'grace-paper' (the paper's "
+                   "hierarchical+dynamic+tar) or 'eplb' (= eplb-hierarchical+eplb+sglang-static)")
         ->capture_default_str()
         ->check(parsed_by([](const std::string& m) { parse_method(m); }, "METHOD"));
     sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")
