@@ -319,6 +319,11 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
     auto consider = [&](const std::vector<int>& gpu_of_expert, LayerPlan cand) {
         set_primaries(cand, gpu_of_expert, cap, spec.grouping);
         double price = replicate_by_spec(cand, in, topo, spec, options);
+        // A slot-exact plan is priced as deployed: after its priced fill (the moves come on the winner only).
+        if (fills_slots(spec, topo, options)) {
+            fill_free_slots(cand, in.load, in.source_load, E, topo, options.pricing);
+            price = std::numeric_limits<double>::quiet_NaN();
+        }
         if (std::isnan(price)) price = price_layer(cand, in.load, in.source_load, topo, options.pricing);
         if (cheapest({best_price, price}) == 1) {
             best = std::move(cand);
@@ -355,7 +360,8 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
         consider(gpu_of, std::move(cand));
     }
     lp = std::move(best);
-    fill_and_refine(lp, in, E, topo, spec, options);
+    if (fills_slots(spec, topo, options) && options.priced_moves != 0)
+        refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
 }
 
 void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
