@@ -64,6 +64,14 @@ class LayerCostModel {
     void swap_times(int gpu, int removed, const std::vector<char>& can_add, std::vector<double>& out) const;
     /// Makes that rewrite for good.
     void swap(int gpu, int removed, int added);
+    /// The current placement's bottlenecks, the terms of time(): copies on the busiest direction of the busiest
+    /// node's NIC and of the busiest GPU's NVLink, and the slowest GPU's compute in seconds.
+    struct Bottlenecks {
+        double cross_copies = 0, intra_copies = 0, compute_seconds = 0;
+    };
+    Bottlenecks bottlenecks() const;
+    /// The pricing in use (with the analytic default filled in when none was given).
+    const PlacementPricing& pricing() const { return pricing_; }
     /// Instances of each expert (the constructor's lists plus what add() put there).
     const std::vector<std::vector<int>>& instances() const { return inst_; }
 

@@ -25,6 +25,22 @@ namespace grace {
 double price_layer(const LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
                    const Topology& topology, const PlacementPricing& pricing);
 
+/// HSC's cross-node copies (spec §6: one copy per token and remote destination node) of a placement under TAR,
+/// estimated from the statistics, on the busiest direction of the busiest node's NIC. For home node a and node b:
+/// S_ab = selections homed on a of experts with no instance on a, times the share of their instances on b (TAR
+/// sends them anywhere, evenly); P_ab = co-activated pairs among them (affinity A_ef times both shares times the
+/// pair's share homed on a); tokens a -> b ~ S_ab^2 / (S_ab + 2 P_ab), exact when every such token sends the same
+/// number of selections to b and a lower bound otherwise. `instance_gpus` [E] lists, `load` [E], `source_load`
+/// [G * E] or empty (even sources), `affinity` [E * E].
+double hsc_cross_copies(const std::vector<std::vector<int>>& instance_gpus, const std::vector<double>& load,
+                        const std::vector<double>& source_load, const std::vector<double>& affinity,
+                        const Topology& topology);
+
+/// LayerCostModel's price with its cross-node term replaced by hsc_cross_copies: what the candidates of the priced
+/// grouping and replication are judged by when the affinity is known (`affinity` empty: model.time()).
+double hsc_price(const LayerCostModel& model, const std::vector<double>& load, const std::vector<double>& source_load,
+                 const std::vector<double>& affinity, const Topology& topology);
+
 /// Index of the lowest price; a later candidate wins only when it is cheaper by more than a relative 1e-9, so ties
 /// (and rounding noise) keep the earlier one: candidates are listed with the paper's choice first. Throws
 /// kInvalidArgument for an empty list.
@@ -35,8 +51,10 @@ size_t cheapest(const std::vector<double>& prices);
 /// rounds stop only when a round adds nothing, no longer lowers the spread of the predicted loads, G rounds are
 /// done, or slots run out) for k = 1, 2, ...; the cheapest is applied to `layer` (whose gpu_experts holds the
 /// primaries, as replicate_layer wants). Returns the rounds chosen (0 = none) and, with `price`, its price.
+/// With `affinity` [E * E] (non-empty), rounds are priced by hsc_price, else by LayerCostModel::time.
 int replicate_priced(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
-                     const Topology& topology, const PlacementPricing& pricing, double* price = nullptr);
+                     const Topology& topology, const PlacementPricing& pricing, double* price = nullptr,
+                     const std::vector<double>& affinity = {});
 
 /// The node ratios whose controlled level-1 splits are candidates next to the spectral one: 0 (balanced), 0.125,
 /// 0.25, 0.5.

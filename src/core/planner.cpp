@@ -196,7 +196,7 @@ double replicate_by_spec(LayerPlan& lp, const LayerInput& in, const Topology& to
                          const PlanOptions& options) {
     if (spec.replication == "priced") {
         double price = 0;
-        replicate_priced(lp, in.load, in.source_load, topo, options.pricing, &price);
+        replicate_priced(lp, in.load, in.source_load, topo, options.pricing, &price, in.affinity);
         return price;
     }
     ReplicationOptions ro;
@@ -204,6 +204,16 @@ double replicate_by_spec(LayerPlan& lp, const LayerInput& in, const Topology& to
     ro.eplb_slots = spec.replication_slots;
     replicate_layer(lp, in.load, topo, ro);
     return std::numeric_limits<double>::quiet_NaN();
+}
+
+// What the priced choices judge a placement by: hsc_price (HSC's cross-node copies estimated from the affinity).
+double layer_price(const LayerPlan& lp, const LayerInput& in, const Topology& topo, const PlanOptions& options) {
+    const int E = static_cast<int>(in.load.size());
+    std::vector<std::vector<int>> inst(E);
+    for (int g = 0; g < topo.num_gpus(); ++g)
+        for (int e : lp.gpu_experts[g]) inst[e].push_back(g);
+    const LayerCostModel model(in.load, in.source_load, inst, topo, options.pricing);
+    return hsc_price(model, in.load, in.source_load, in.affinity, topo);
 }
 
 // Slot-exact plans: the priced fill of every free slot, then at most options.priced_moves priced rewrites.
@@ -324,7 +334,7 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
             fill_free_slots(cand, in.load, in.source_load, E, topo, options.pricing);
             price = std::numeric_limits<double>::quiet_NaN();
         }
-        if (std::isnan(price)) price = price_layer(cand, in.load, in.source_load, topo, options.pricing);
+        if (std::isnan(price)) price = layer_price(cand, in, topo, options);
         if (cheapest({best_price, price}) == 1) {
             best = std::move(cand);
             best_price = price;

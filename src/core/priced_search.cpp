@@ -20,6 +20,78 @@ double price_layer(const LayerPlan& layer, const std::vector<double>& load, cons
     return LayerCostModel(load, source_load, inst, topology, pricing).time();
 }
 
+double hsc_cross_copies(const std::vector<std::vector<int>>& instance_gpus, const std::vector<double>& load,
+                        const std::vector<double>& source_load, const std::vector<double>& affinity,
+                        const Topology& topology) {
+    const int E = static_cast<int>(load.size()), G = topology.num_gpus(), N = topology.nodes;
+    GRACE_CHECK_ARG(static_cast<int>(instance_gpus.size()) == E && affinity.size() == static_cast<size_t>(E) * E &&
+                        (source_load.empty() || source_load.size() == static_cast<size_t>(G) * E),
+                    "hsc_cross_copies: sizes do not match ", E, " experts on ", G, " GPUs");
+    if (N == 1) return 0;
+    std::vector<double> out(N, 0.0), in(N, 0.0);
+    std::vector<int> remote;       // experts with no instance on node a
+    std::vector<double> q, home;   // [|remote| * N] share of instances on node b; [|remote|] selections homed on a
+    std::vector<double> sel(N), pairs(N);
+    for (int a = 0; a < N; ++a) {
+        remote.clear();
+        q.clear();
+        home.clear();
+        for (int e = 0; e < E; ++e) {
+            const auto& gs = instance_gpus[e];
+            bool on_a = false;
+            for (int g : gs) on_a = on_a || topology.node_of(g) == a;
+            if (on_a || gs.empty()) continue;
+            double h = 0;
+            for (int m = 0; m < topology.gpus_per_node; ++m) {
+                const int s = topology.gpu_at(a, m);
+                h += source_load.empty() ? load[e] / G : source_load[static_cast<size_t>(s) * E + e];
+            }
+            if (h <= 0) continue;
+            remote.push_back(e);
+            home.push_back(h);
+            const size_t at = q.size();
+            q.resize(at + N, 0.0);
+            for (int g : gs) q[at + topology.node_of(g)] += 1.0 / static_cast<double>(gs.size());
+        }
+        std::fill(sel.begin(), sel.end(), 0.0);
+        std::fill(pairs.begin(), pairs.end(), 0.0);
+        const size_t R = remote.size();
+        for (size_t i = 0; i < R; ++i) {
+            const int e = remote[i];
+            const double* qe = &q[i * N];
+            for (int b = 0; b < N; ++b) sel[b] += home[i] * qe[b];
+            const double we = load[e] > 0 ? home[i] / load[e] : 0;
+            const double* row = affinity.data() + static_cast<size_t>(e) * E;
+            for (size_t j = i + 1; j < R; ++j) {
+                const double a_ef = row[remote[j]];
+                if (a_ef == 0) continue;
+                const int f = remote[j];
+                const double w = 0.5 * (we + (load[f] > 0 ? home[j] / load[f] : 0));
+                const double* qf = &q[j * N];
+                for (int b = 0; b < N; ++b) pairs[b] += a_ef * w * qe[b] * qf[b];
+            }
+        }
+        for (int b = 0; b < N; ++b) {
+            if (b == a || sel[b] <= 0) continue;
+            const double tokens = sel[b] * sel[b] / (sel[b] + 2 * pairs[b]);
+            out[a] += tokens;
+            in[b] += tokens;
+        }
+    }
+    double busiest = 0;
+    for (int n = 0; n < N; ++n) busiest = std::max({busiest, out[n], in[n]});
+    return busiest;
+}
+
+double hsc_price(const LayerCostModel& model, const std::vector<double>& load, const std::vector<double>& source_load,
+                 const std::vector<double>& affinity, const Topology& topology) {
+    if (affinity.empty()) return model.time();
+    const LayerCostModel::Bottlenecks b = model.bottlenecks();
+    const PlacementPricing& p = model.pricing();
+    const double cross = hsc_cross_copies(model.instances(), load, source_load, affinity, topology);
+    return 2.0 * p.bytes_per_token * (cross / p.net_bandwidth + b.intra_copies / p.nvl_bandwidth) + b.compute_seconds;
+}
+
 size_t cheapest(const std::vector<double>& prices) {
     GRACE_CHECK_ARG(!prices.empty(), "cheapest: no candidate");
     size_t best = 0;
@@ -29,7 +101,8 @@ size_t cheapest(const std::vector<double>& prices) {
 }
 
 int replicate_priced(LayerPlan& layer, const std::vector<double>& load, const std::vector<double>& source_load,
-                     const Topology& topology, const PlacementPricing& pricing, double* price) {
+                     const Topology& topology, const PlacementPricing& pricing, double* price,
+                     const std::vector<double>& affinity) {
     const int E = static_cast<int>(load.size()), G = topology.num_gpus();
     GRACE_CHECK_ARG(static_cast<int>(layer.primary_gpu.size()) == E, "replicate_priced: ", layer.primary_gpu.size(),
                     " primaries for ", E, " loads");
@@ -46,7 +119,7 @@ int replicate_priced(LayerPlan& layer, const std::vector<double>& load, const st
     ReplicationOptions ro;
     ro.method = ReplicationMethod::kNone;
     replicate_layer(layer, load, topology, ro);  // records gamma and the loads before replication
-    double best_price = cost.time();
+    double best_price = hsc_price(cost, load, source_load, affinity, topology);
     int best_rounds = 0, rounds = 0;
     ro.method = ReplicationMethod::kDynamicIterative;
     ro.target_skew = 1.0;
@@ -58,7 +131,7 @@ int replicate_priced(LayerPlan& layer, const std::vector<double>& load, const st
                     holds[static_cast<size_t>(g) * E + e] = 1;
                     cost.add(e, g);
                 }
-        const double p = cost.time();
+        const double p = hsc_price(cost, load, source_load, affinity, topology);
         if (p < best_price * (1 - 1e-9)) best_price = p, best_rounds = rounds;
     };
     if (G > 1) {

@@ -52,6 +52,26 @@ TEST(PricedSearch, PriceLayerHandWorked) {
     EXPECT_DOUBLE_EQ(price_layer(lp, {100, 100}, {80, 0, 20, 100}, topo, unit_pricing(0)), 2 * 20 + 100.0);
 }
 
+// Two nodes of one GPU; experts 0 and 1 on GPU 1, expert 2 on GPU 0; 100 tokens each, half homed on each GPU; 40
+// tokens select both 0 and 1. Node 0 sends S = 50 + 50 selections to node 1 with P = 40 * 0.5 co-activated pairs
+// among them: 100^2 / (100 + 2 * 20) = 71.43 tokens (the truth is 50 + 50 - 20 = 80: the estimate is a lower
+// bound); node 1 sends 50 selections of expert 2, no pairs: 50 tokens. Flat counting would say 100.
+TEST(PricedSearch, HscCrossCopiesHandWorked) {
+    const Topology topo{2, 1, std::nullopt};
+    const std::vector<std::vector<int>> inst = {{1}, {1}, {0}};
+    std::vector<double> a(9, 0.0);
+    a[0 * 3 + 1] = a[1 * 3 + 0] = 40;
+    const std::vector<double> load = {100, 100, 100};
+    EXPECT_DOUBLE_EQ(hsc_cross_copies(inst, load, {}, a, topo), 10000.0 / 140.0);
+    EXPECT_DOUBLE_EQ(hsc_cross_copies(inst, load, {}, std::vector<double>(9, 0.0), topo), 100.0);  // no pairs: flat
+    // hsc_price swaps that into the model's price: compute max(f(100) + f(100), f(100)) = 200, no NVLink traffic.
+    const LayerCostModel model(load, {}, inst, topo, unit_pricing(0));
+    EXPECT_DOUBLE_EQ(model.time(), 2 * 100 + 200.0);
+    EXPECT_DOUBLE_EQ(hsc_price(model, load, {}, a, topo), 2 * 10000.0 / 140.0 + 200.0);
+    EXPECT_DOUBLE_EQ(hsc_price(model, load, {}, {}, topo), model.time());  // no affinity: the flat price
+    EXPECT_THROW(hsc_cross_copies(inst, load, {}, {1.0}, topo), Error);
+}
+
 // One node of two GPUs, loads [300, 100], expert 0 on GPU 0, expert 1 on GPU 1, even sources.
 //   no replica:   GPU 1 sends 150 copies of expert 0 (GPU 0 sends 50 of expert 1): 2 * 150 + f(300) = 600 + c.
 //   DR round 1:   gamma = 1.5, R = 1, expert 0 replicated on GPU 1; TAR serves it at home: only GPU 0's 50
@@ -117,8 +137,8 @@ RoutingStats clique_stats() {
 }
 
 // The paper's HG splits the clique 6 / 2 over two single-GPU nodes (its compute is 6 f(100) on one GPU); the
-// priced grouping keeps the cheapest candidate, here a balanced split, and never one dearer than any candidate
-// that hierarchical:R or occult gives on its own.
+// priced grouping keeps the candidate that hsc_price finds cheapest, here a balanced split, and never one dearer
+// than any candidate that hierarchical:R or occult gives on its own.
 TEST(PricedSearch, PricedGroupingTakesTheCheapestCandidate) {
     const RoutingStats st = clique_stats();
     const Topology topo{2, 1, std::nullopt};
@@ -127,7 +147,12 @@ TEST(PricedSearch, PricedGroupingTakesTheCheapestCandidate) {
     opt.pricing = unit_pricing(0);
     auto price_of = [&](const std::string& method) {
         opt.method = method;
-        return price_layer(make_plan(st, topo, opt).layers[0], load, {}, topo, opt.pricing);
+        const LayerPlan lp = make_plan(st, topo, opt).layers[0];
+        std::vector<std::vector<int>> inst(8);
+        for (int g = 0; g < 2; ++g)
+            for (int e : lp.gpu_experts[g]) inst[e].push_back(g);
+        std::vector<double> a(st.affinity.begin(), st.affinity.end());
+        return hsc_price(LayerCostModel(load, {}, inst, topo, opt.pricing), load, {}, a, topo);
     };
     opt.method = "hierarchical+none+tar";  // the paper's grouping
     const ExpertPlan paper = make_plan(st, topo, opt);
@@ -148,8 +173,6 @@ TEST(PricedSearch, PricedGroupingTakesTheCheapestCandidate) {
         best = std::min(best, q);
     }
     EXPECT_DOUBLE_EQ(p, best);
-    // Hand-worked: 4 experts x 100 tokens per GPU, each node receives half of the other node's 400 selections.
-    EXPECT_DOUBLE_EQ(p, 2 * 200 + 400.0);
 }
 
 // The default method: byte-identical plans for any thread count, with and without a slot count.
