@@ -319,18 +319,23 @@ std::vector<int> hg_assign(const HgLevel2& h, int E, const Topology& topo, doubl
 // The `priced` grouping (priced_search.hpp): every candidate placement gets the spec's replication and is priced
 // whole; the cheapest is kept (ties to the earlier: the paper's HG first). Candidates: each level-1 split of
 // node_split_candidates with the knee at level 2; then, on the best split, level 2 uniform (r = 0) and fully
-// non-uniform; then Occult's equal-size groups packed onto nodes.
+// non-uniform; then Occult's equal-size groups packed onto nodes. Slot-exact plans are priced after their fill, and
+// the paper's split also gets the paper's DR and the iterated DR as candidates.
 void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
                        const PlanOptions& options, const SpectralOptions& so) {
     const int M = topo.gpus_per_node, cap = topo.slots_per_gpu ? *topo.slots_per_gpu : 0;
     LayerPlan best;
     double best_price = std::numeric_limits<double>::infinity();
     // A candidate replaces the best only when cheaper by more than a relative 1e-9 (cheapest()'s rule).
-    auto consider = [&](const std::vector<int>& gpu_of_expert, LayerPlan cand) {
+    const bool slot_exact = fills_slots(spec, topo, options);
+    // `replication` overrides the spec's (empty: the spec's).
+    auto consider = [&](const std::vector<int>& gpu_of_expert, LayerPlan cand, const std::string& replication = "") {
         set_primaries(cand, gpu_of_expert, cap, spec.grouping);
-        double price = replicate_by_spec(cand, in, topo, spec, options);
+        MethodSpec rs = spec;
+        if (!replication.empty()) rs.replication = replication;
+        double price = replicate_by_spec(cand, in, topo, rs, options);
         // A slot-exact plan is priced as deployed: after its priced fill (the moves come on the winner only).
-        if (fills_slots(spec, topo, options)) {
+        if (slot_exact) {
             fill_free_slots(cand, in.load, in.source_load, E, topo, options.pricing);
             price = std::numeric_limits<double>::quiet_NaN();
         }
@@ -351,7 +356,14 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
         HgLevel2 h = hg_level2(in, E, topo, nodes, options.seed, cap);
         LayerPlan cand = lp;
         const std::vector<int> gpu_of = hg_assign(h, E, topo, kLevel2Knee, cap, options.refine, cand);
-        if (consider(gpu_of, std::move(cand)) || best_split.ids.empty()) best_split = std::move(h);
+        const bool first = best_split.ids.empty();
+        if (first && slot_exact && spec.replication == "priced") {
+            // After a fill the round count chosen before it need not be the best: the paper's DR and the iterated
+            // DR on the paper's split are priced, filled, as well.
+            consider(gpu_of, cand, "dynamic");
+            consider(gpu_of, cand, "dynamic-iter");
+        }
+        if (consider(gpu_of, std::move(cand)) || first) best_split = std::move(h);
     }
     if (M > 1)
         for (double mode : {0.0, kLevel2Full}) {
@@ -370,7 +382,7 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
         consider(gpu_of, std::move(cand));
     }
     lp = std::move(best);
-    if (fills_slots(spec, topo, options) && options.priced_moves != 0)
+    if (slot_exact && options.priced_moves != 0)
         refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
 }
 
