@@ -93,6 +93,11 @@ class LayerCostModel {
     // (expert, gpu) until the expert's instances change, since a slot-rewrite search asks for it once per
     // (replica slot, expert) pair.
     const std::vector<std::pair<size_t, double>>& add_delta(int expert, int gpu) const;
+    // The change when `expert` is left out entirely (cached likewise).
+    const std::vector<std::pair<size_t, double>>& remove_delta(int expert) const;
+    // Records the nonzero entries that fn leaves in scratch_ (which it may only add to) into d, and clears them.
+    template <class Fn>
+    void delta_into(std::vector<std::pair<size_t, double>>& d, Fn fn) const;
     void forget_deltas(int expert);
     double mean_price(const Totals& t) const;
 
@@ -108,6 +113,8 @@ class LayerCostModel {
     mutable std::vector<std::pair<size_t, double>> journal_;
     mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;  // [E * G]
     mutable std::vector<char> add_delta_known_;                              // [E * G]
+    mutable std::vector<std::vector<std::pair<size_t, double>>> remove_delta_;  // [E]
+    mutable std::vector<char> remove_delta_known_;                              // [E]
     mutable Totals scratch_;                                                 // zeros between uses
 };
 

@@ -57,6 +57,18 @@ LayerCostModel::LayerCostModel(const std::vector<double>& load, const std::vecto
     scratch_.assign(totals_.size(), 0.0);
 }
 
+template <class Fn>
+void LayerCostModel::delta_into(std::vector<std::pair<size_t, double>>& d, Fn fn) const {
+    journal_.clear();
+    fn();
+    d.clear();
+    for (const auto& entry : journal_) {
+        const size_t i = entry.first;
+        if (scratch_[i] != 0) d.emplace_back(i, scratch_[i]);
+        scratch_[i] = 0;  // each index once; later journal entries of it see 0 and add nothing
+    }
+}
+
 const std::vector<std::pair<size_t, double>>& LayerCostModel::add_delta(int expert, int gpu) const {
     const size_t at = static_cast<size_t>(expert) * num_gpus_ + gpu;
     if (add_delta_known_.empty()) {
@@ -65,24 +77,32 @@ const std::vector<std::pair<size_t, double>>& LayerCostModel::add_delta(int expe
     }
     auto& d = add_delta_[at];
     if (add_delta_known_[at]) return d;
-    journal_.clear();
-    apply(scratch_, expert, inst_[expert], -1.0, &journal_);
-    gpus_ = inst_[expert];
-    gpus_.push_back(gpu);
-    apply(scratch_, expert, gpus_, +1.0, &journal_);
-    d.clear();
-    for (const auto& [i, old] : journal_) {
-        (void)old;
-        if (scratch_[i] != 0) d.emplace_back(i, scratch_[i]);
-        scratch_[i] = 0;  // each index once; later journal entries of it see 0 and add nothing
-    }
+    delta_into(d, [&] {
+        apply(scratch_, expert, inst_[expert], -1.0, &journal_);
+        gpus_ = inst_[expert];
+        gpus_.push_back(gpu);
+        apply(scratch_, expert, gpus_, +1.0, &journal_);
+    });
     add_delta_known_[at] = 1;
     return d;
 }
 
+const std::vector<std::pair<size_t, double>>& LayerCostModel::remove_delta(int expert) const {
+    if (remove_delta_known_.empty()) {
+        remove_delta_.assign(num_experts_, {});
+        remove_delta_known_.assign(num_experts_, 0);
+    }
+    auto& d = remove_delta_[expert];
+    if (remove_delta_known_[expert]) return d;
+    delta_into(d, [&] { apply(scratch_, expert, inst_[expert], -1.0, &journal_); });
+    remove_delta_known_[expert] = 1;
+    return d;
+}
+
 void LayerCostModel::forget_deltas(int expert) {
-    if (add_delta_known_.empty()) return;
-    std::fill_n(add_delta_known_.begin() + static_cast<ptrdiff_t>(expert) * num_gpus_, num_gpus_, 0);
+    if (!add_delta_known_.empty())
+        std::fill_n(add_delta_known_.begin() + static_cast<ptrdiff_t>(expert) * num_gpus_, num_gpus_, 0);
+    if (!remove_delta_known_.empty()) remove_delta_known_[expert] = 0;
 }
 
 void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
@@ -186,24 +206,27 @@ void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, st
     out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     mean_out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     base_ = totals_;
-    apply(base_, expert, cur, -1.0);
-    gpus_ = cur;
-    gpus_.push_back(-1);
+    std::vector<double> saved;
     for (int g = 0; g < num_gpus_; ++g) {
         if (!allowed[g] || std::find(cur.begin(), cur.end(), g) != cur.end()) continue;
-        gpus_.back() = g;
-        journal_.clear();
-        apply(base_, expert, gpus_, +1.0, &journal_);
+        // The expert's contribution does not depend on the others', so its cached delta applies to the totals.
+        const auto& d = add_delta(expert, g);
+        saved.resize(d.size());
+        for (size_t i = 0; i < d.size(); ++i) {
+            saved[i] = base_[d[i].first];
+            base_[d[i].first] += d[i].second;
+        }
         out[g] = price(base_);
         mean_out[g] = mean_price(base_);
-        for (auto it = journal_.rbegin(); it != journal_.rend(); ++it) base_[it->first] = it->second;  // undo
+        for (size_t i = 0; i < d.size(); ++i) base_[d[i].first] = saved[i];  // undo
     }
 }
 
 double LayerCostModel::time_without(int expert) const {
     GRACE_ASSERT(expert >= 0 && expert < num_experts_);
+    const auto& d = remove_delta(expert);
     base_ = totals_;
-    apply(base_, expert, inst_[expert], -1.0);
+    for (const auto& [i, v] : d) base_[i] += v;
     return price(base_);
 }
 

@@ -319,29 +319,25 @@ std::vector<int> hg_assign(const HgLevel2& h, int E, const Topology& topo, doubl
 // The `priced` grouping (priced_search.hpp): every candidate placement gets the spec's replication and is priced
 // whole; the cheapest is kept (ties to the earlier: the paper's HG first). Candidates: each level-1 split of
 // node_split_candidates with the knee at level 2; then, on the best split, level 2 uniform (r = 0) and fully
-// non-uniform; then Occult's equal-size groups packed onto nodes. Slot-exact plans are priced after their fill, and
-// the paper's split also gets the paper's DR and the iterated DR as candidates.
+// non-uniform; then Occult's equal-size groups packed onto nodes. Slot-exact plans: the paper's split also gets the
+// paper's DR and the iterated DR as candidates, and the three cheapest are filled and judged after the fill.
 void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
                        const PlanOptions& options, const SpectralOptions& so) {
     const int M = topo.gpus_per_node, cap = topo.slots_per_gpu ? *topo.slots_per_gpu : 0;
-    LayerPlan best;
+    // Every candidate with its price before any fill; a candidate counts as cheaper only by more than a relative
+    // 1e-9 (cheapest()'s rule), so ties keep the earlier one.
+    std::vector<std::pair<LayerPlan, double>> pool;
     double best_price = std::numeric_limits<double>::infinity();
-    // A candidate replaces the best only when cheaper by more than a relative 1e-9 (cheapest()'s rule).
     const bool slot_exact = fills_slots(spec, topo, options);
-    // `replication` overrides the spec's (empty: the spec's).
+    // `replication` overrides the spec's (empty: the spec's). Returns whether the candidate is the cheapest so far.
     auto consider = [&](const std::vector<int>& gpu_of_expert, LayerPlan cand, const std::string& replication = "") {
         set_primaries(cand, gpu_of_expert, cap, spec.grouping);
         MethodSpec rs = spec;
         if (!replication.empty()) rs.replication = replication;
         double price = replicate_by_spec(cand, in, topo, rs, options);
-        // A slot-exact plan is priced as deployed: after its priced fill (the moves come on the winner only).
-        if (slot_exact) {
-            fill_free_slots(cand, in.load, in.source_load, E, topo, options.pricing);
-            price = std::numeric_limits<double>::quiet_NaN();
-        }
         if (std::isnan(price)) price = layer_price(cand, in, topo, options);
+        pool.emplace_back(std::move(cand), price);
         if (cheapest({best_price, price}) == 1) {
-            best = std::move(cand);
             best_price = price;
             return true;
         }
@@ -381,7 +377,26 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
         cand.r_star = -1;
         consider(gpu_of, std::move(cand));
     }
-    lp = std::move(best);
+    std::vector<double> prices;
+    for (const auto& c : pool) prices.push_back(c.second);
+    size_t pick = cheapest(prices);
+    if (slot_exact) {
+        // A slot-exact plan is judged as deployed, after its priced fill; filling is the costly part, so only the
+        // kSlotFinalists candidates cheapest before the fill are filled (ties: the earlier).
+        constexpr size_t kSlotFinalists = 3;
+        std::vector<size_t> order(pool.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return prices[x] < prices[y]; });
+        if (order.size() > kSlotFinalists) order.erase(order.begin() + kSlotFinalists, order.end());
+        std::sort(order.begin(), order.end());  // ties after the fill go to the earlier candidate
+        std::vector<double> filled;
+        for (size_t i : order) {
+            fill_free_slots(pool[i].first, in.load, in.source_load, E, topo, options.pricing);
+            filled.push_back(layer_price(pool[i].first, in, topo, options));
+        }
+        pick = order[cheapest(filled)];
+    }
+    lp = std::move(pool[pick].first);
     if (slot_exact && options.priced_moves != 0)
         refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
 }

@@ -32,6 +32,8 @@ double hsc_cross_copies(const std::vector<std::vector<int>>& instance_gpus, cons
     std::vector<int> remote;       // experts with no instance on node a
     std::vector<double> q, home;   // [|remote| * N] share of instances on node b; [|remote|] selections homed on a
     std::vector<double> sel(N), pairs(N);
+    std::vector<std::vector<size_t>> on_node(N);
+    std::vector<size_t> spread;
     for (int a = 0; a < N; ++a) {
         remote.clear();
         q.clear();
@@ -56,19 +58,43 @@ double hsc_cross_copies(const std::vector<std::vector<int>>& instance_gpus, cons
         std::fill(sel.begin(), sel.end(), 0.0);
         std::fill(pairs.begin(), pairs.end(), 0.0);
         const size_t R = remote.size();
+        // Experts whose instances all sit on one node b (most of them) pair only with the others on b: bucket them
+        // by node; the few spread over several nodes pair with everyone, weighted by both shares.
+        for (auto& bucket : on_node) bucket.clear();
+        spread.clear();
+        std::vector<double> weight(R);  // share of the expert's selections homed on a
+        std::vector<char> is_spread(R, 0);
         for (size_t i = 0; i < R; ++i) {
-            const int e = remote[i];
             const double* qe = &q[i * N];
             for (int b = 0; b < N; ++b) sel[b] += home[i] * qe[b];
-            const double we = load[e] > 0 ? home[i] / load[e] : 0;
-            const double* row = affinity.data() + static_cast<size_t>(e) * E;
-            for (size_t j = i + 1; j < R; ++j) {
-                const double a_ef = row[remote[j]];
-                if (a_ef == 0) continue;
-                const int f = remote[j];
-                const double w = 0.5 * (we + (load[f] > 0 ? home[j] / load[f] : 0));
-                const double* qf = &q[j * N];
-                for (int b = 0; b < N; ++b) pairs[b] += a_ef * w * qe[b] * qf[b];
+            weight[i] = load[remote[i]] > 0 ? home[i] / load[remote[i]] : 0;
+            int only = -1;
+            for (int b = 0; b < N; ++b)
+                if (qe[b] > 0) only = (only == -1) ? b : -2;
+            if (only >= 0)
+                on_node[only].push_back(i);
+            else
+                spread.push_back(i), is_spread[i] = 1;
+        }
+        auto pair_term = [&](size_t i, size_t j) {
+            return affinity[static_cast<size_t>(remote[i]) * E + remote[j]] * 0.5 * (weight[i] + weight[j]);
+        };
+        for (int b = 0; b < N; ++b) {
+            const auto& u = on_node[b];
+            double sum = 0;
+            for (size_t x = 0; x < u.size(); ++x)
+                for (size_t y = x + 1; y < u.size(); ++y) sum += pair_term(u[x], u[y]);
+            pairs[b] += sum;
+        }
+        for (size_t x = 0; x < spread.size(); ++x) {
+            const size_t i = spread[x];
+            for (size_t j = 0; j < R; ++j) {
+                if (j == i) continue;
+                // each spread-spread pair once (from its lower index); spread-bucketed pairs from the spread side
+                if (is_spread[j] && j < i) continue;
+                const double t = pair_term(i, j);
+                if (t == 0) continue;
+                for (int b = 0; b < N; ++b) pairs[b] += t * q[i * N + b] * q[j * N + b];
             }
         }
         for (int b = 0; b < N; ++b) {
