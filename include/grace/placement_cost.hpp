@@ -111,11 +111,11 @@ class LayerCostModel {
     mutable Totals base_;  // reused buffers of times_with (one model per thread)
     mutable std::vector<int> gpus_;
     mutable std::vector<std::pair<size_t, double>> journal_;
-    mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;  // [E * G]
-    mutable std::vector<char> add_delta_known_;                              // [E * G]
+    mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;     // [E * G]
+    mutable std::vector<char> add_delta_known_;                                 // [E * G]
     mutable std::vector<std::vector<std::pair<size_t, double>>> remove_delta_;  // [E]
     mutable std::vector<char> remove_delta_known_;                              // [E]
-    mutable Totals scratch_;                                                 // zeros between uses
+    mutable Totals scratch_;                                                    // zeros between uses
 };
 
 }  // namespace grace

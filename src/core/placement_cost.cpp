@@ -167,7 +167,8 @@ double LayerCostModel::price(const Totals& t) const {
 LayerCostModel::Bottlenecks LayerCostModel::bottlenecks() const {
     const int G = num_gpus_, N = topology_.nodes;
     Bottlenecks b;
-    for (int i = 0; i < N; ++i) b.cross_copies = std::max({b.cross_copies, totals_[cross_out_at(i)], totals_[cross_in_at(i)]});
+    for (int i = 0; i < N; ++i)
+        b.cross_copies = std::max({b.cross_copies, totals_[cross_out_at(i)], totals_[cross_in_at(i)]});
     for (int g = 0; g < G; ++g) {
         b.intra_copies = std::max({b.intra_copies, totals_[intra_out_at(g)], totals_[intra_in_at(g)]});
         b.compute_seconds = std::max(b.compute_seconds, totals_[compute_at(g)]);

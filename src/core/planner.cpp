@@ -23,8 +23,8 @@ namespace grace {
 namespace {
 
 constexpr const char* kGroupings[] = {
-    "vanilla", "occult",           "c2r",        "spectral-full", "spectral-controlled", "hierarchical",
-    "metis",   "eplb-hierarchical", "eplb-global", "priced"};
+    "vanilla",           "occult",      "c2r",   "spectral-full", "spectral-controlled", "hierarchical", "metis",
+    "eplb-hierarchical", "eplb-global", "priced"};
 constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "dynamic-iter", "eplb", "priced"};
 
 std::string join_names(const char* const* names, size_t n) {

@@ -29,8 +29,8 @@ double hsc_cross_copies(const std::vector<std::vector<int>>& instance_gpus, cons
                     "hsc_cross_copies: sizes do not match ", E, " experts on ", G, " GPUs");
     if (N == 1) return 0;
     std::vector<double> out(N, 0.0), in(N, 0.0);
-    std::vector<int> remote;       // experts with no instance on node a
-    std::vector<double> q, home;   // [|remote| * N] share of instances on node b; [|remote|] selections homed on a
+    std::vector<int> remote;      // experts with no instance on node a
+    std::vector<double> q, home;  // [|remote| * N] share of instances on node b; [|remote|] selections homed on a
     std::vector<double> sel(N), pairs(N);
     std::vector<std::vector<size_t>> on_node(N);
     std::vector<size_t> spread;
@@ -189,7 +189,8 @@ std::vector<Grouping> node_split_candidates(const std::vector<double>& affinity,
         lo = std::max(lo, min_size);
         if (static_cast<int64_t>(lo) * n > num_experts || static_cast<int64_t>(hi) * n < num_experts) continue;
         Grouping g = controlled_grouping(affinity, num_experts, spectral, lo, hi, false);
-        const bool seen = std::any_of(out.begin(), out.end(), [&](const Grouping& x) { return x.group_of == g.group_of; });
+        const bool seen =
+            std::any_of(out.begin(), out.end(), [&](const Grouping& x) { return x.group_of == g.group_of; });
         if (!seen) out.push_back(std::move(g));
     }
     return out;
