@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["olmoe", "qwen3-30b-a3b"]
 TOPOS = ["2x2", "2x4"]
 TABLE1 = ["Occult", "Occult+HSC", "HG+HSC", "+FR+WRR", "+DR+WRR", "+DR+TAR"]
-OTHERS = ["Vanilla", "EPLB+vLLM", "EPLB+SGLang", "METIS", "+DR-iter+TAR"]
+OTHERS = ["Vanilla", "EPLB+vLLM", "EPLB+SGLang", "METIS", "+DR-iter+TAR", "GRACE"]
 
 
 def sh(*args):

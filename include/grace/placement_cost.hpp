@@ -64,6 +64,14 @@ class LayerCostModel {
     void swap_times(int gpu, int removed, const std::vector<char>& can_add, std::vector<double>& out) const;
     /// Makes that rewrite for good.
     void swap(int gpu, int removed, int added);
+    /// The current placement's bottlenecks, the terms of time(): copies on the busiest direction of the busiest
+    /// node's NIC and of the busiest GPU's NVLink, and the slowest GPU's compute in seconds.
+    struct Bottlenecks {
+        double cross_copies = 0, intra_copies = 0, compute_seconds = 0;
+    };
+    Bottlenecks bottlenecks() const;
+    /// The pricing in use (with the analytic default filled in when none was given).
+    const PlacementPricing& pricing() const { return pricing_; }
     /// Instances of each expert (the constructor's lists plus what add() put there).
     const std::vector<std::vector<int>>& instances() const { return inst_; }
 
@@ -81,6 +89,16 @@ class LayerCostModel {
     void apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
                std::vector<std::pair<size_t, double>>* journal = nullptr) const;
     double price(const Totals& t) const;
+    // The change of the totals when `expert` gains an instance on `gpu` (nonzero entries only); cached per
+    // (expert, gpu) until the expert's instances change, since a slot-rewrite search asks for it once per
+    // (replica slot, expert) pair.
+    const std::vector<std::pair<size_t, double>>& add_delta(int expert, int gpu) const;
+    // The change when `expert` is left out entirely (cached likewise).
+    const std::vector<std::pair<size_t, double>>& remove_delta(int expert) const;
+    // Records the nonzero entries that fn leaves in scratch_ (which it may only add to) into d, and clears them.
+    template <class Fn>
+    void delta_into(std::vector<std::pair<size_t, double>>& d, Fn fn) const;
+    void forget_deltas(int expert);
     double mean_price(const Totals& t) const;
 
     int num_experts_, num_gpus_;
@@ -93,6 +111,11 @@ class LayerCostModel {
     mutable Totals base_;  // reused buffers of times_with (one model per thread)
     mutable std::vector<int> gpus_;
     mutable std::vector<std::pair<size_t, double>> journal_;
+    mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;     // [E * G]
+    mutable std::vector<char> add_delta_known_;                                 // [E * G]
+    mutable std::vector<std::vector<std::pair<size_t, double>>> remove_delta_;  // [E]
+    mutable std::vector<char> remove_delta_known_;                              // [E]
+    mutable Totals scratch_;                                                    // zeros between uses
 };
 
 }  // namespace grace

@@ -5,14 +5,18 @@
 /// A method is a compact spec of three components, `GROUPING+REPLICATION+ROUTING`, e.g.
 /// `hierarchical+dynamic+tar`; `grace` is shorthand for exactly that. Components:
 ///   grouping:    vanilla | occult | c2r | spectral-full | spectral-controlled[:R] (R a ratio, default: knee)
+///                | priced (HG with the node split, the level-2 ratio and Occult's flat groups as candidates, the one
+///                the cost model of placement_cost.hpp prices lowest kept: priced_search.hpp)
 ///                | hierarchical[:R] (R bounds the node-level group sizes to [(1-R)E/N, (1+R)E/N]; without R the node
 ///                level is fully non-uniform, as in the paper) | metis | eplb-hierarchical | eplb-global
 ///   replication: none | fixed | dynamic | dynamic-iter (DR repeated on the next heaviest GPU, beyond the paper)
 ///                | eplb[:SLOTS] (EPLB water-filling with a slot budget; default: fill
-///                the GPUs' slots)
+///                the GPUs' slots) | priced (dynamic-iter's rounds 0, 1, 2, ..., the cheapest prefix kept)
 ///   routing:     primary | wrr | tar | vllm | sglang-static | sglang-dynamic | sglang-nearest | vllm-ascend
 ///                | trtllm
-/// Missing trailing components default to `none` and `primary`.
+/// Missing trailing components default to `none` and `primary`. `grace` (the default) is `priced+priced+tar`, the
+/// fastest by priced time (docs/planning.md, "Priced objective"); `grace-paper` is the paper's exact method,
+/// `hierarchical+dynamic+tar`; `eplb` is `eplb-hierarchical+eplb+sglang-static`.
 
 #include <cstdint>
 #include <string>
@@ -62,6 +66,10 @@ struct PlanOptions {
     /// The hardware and model numbers the fill prices replicas with (placement_cost.hpp; default: its defaults).
     PlacementPricing pricing;
 };
+
+/// Whether make_plan prices placements with options.pricing for this method and topology: a slot-exact fill, or a
+/// `priced` grouping or replication. Throws as parse_method.
+bool uses_pricing(const PlanOptions& options, const Topology& topology);
 
 /// Plans every layer. Throws kInvalidArgument for an impossible request (more GPUs than experts, too few
 /// slots for every expert, a zero in the topology, an unknown method component, a knee search with one point

@@ -7,6 +7,7 @@
 /// replicas only: a primary is never moved, no GPU ever holds two instances of one expert, and a GPU never
 /// holds more than `slots_per_gpu` instances when the topology sets it.
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,11 @@ struct ReplicationOptions {
     int eplb_slots = 0;
     /// kDynamicIterative only: stop once max/mean of the predicted GPU loads is at most this.
     double target_skew = 1.05;
+    /// kDynamicIterative only: at most this many rounds (0 = no bound but G); the priced search (priced_search.hpp)
+    /// walks the rounds one at a time.
+    int max_rounds = 0;
+    /// kDynamicIterative only: called with the layer after every kept round (the priced search prices each).
+    std::function<void(const LayerPlan&)> after_round;
 };
 
 /// L_g: sum of `load` over the experts whose primary is on g, [G].

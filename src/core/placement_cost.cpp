@@ -54,6 +54,55 @@ LayerCostModel::LayerCostModel(const std::vector<double>& load, const std::vecto
     for (int g = 0; g < G; ++g) node_of_[g] = topology.node_of(g);
     totals_.assign(3 * static_cast<size_t>(G) + 2 * static_cast<size_t>(topology.nodes), 0.0);
     for (int e = 0; e < E; ++e) apply(totals_, e, inst_[e], +1.0);
+    scratch_.assign(totals_.size(), 0.0);
+}
+
+template <class Fn>
+void LayerCostModel::delta_into(std::vector<std::pair<size_t, double>>& d, Fn fn) const {
+    journal_.clear();
+    fn();
+    d.clear();
+    for (const auto& entry : journal_) {
+        const size_t i = entry.first;
+        if (scratch_[i] != 0) d.emplace_back(i, scratch_[i]);
+        scratch_[i] = 0;  // each index once; later journal entries of it see 0 and add nothing
+    }
+}
+
+const std::vector<std::pair<size_t, double>>& LayerCostModel::add_delta(int expert, int gpu) const {
+    const size_t at = static_cast<size_t>(expert) * num_gpus_ + gpu;
+    if (add_delta_known_.empty()) {
+        add_delta_.assign(static_cast<size_t>(num_experts_) * num_gpus_, {});
+        add_delta_known_.assign(static_cast<size_t>(num_experts_) * num_gpus_, 0);
+    }
+    auto& d = add_delta_[at];
+    if (add_delta_known_[at]) return d;
+    delta_into(d, [&] {
+        apply(scratch_, expert, inst_[expert], -1.0, &journal_);
+        gpus_ = inst_[expert];
+        gpus_.push_back(gpu);
+        apply(scratch_, expert, gpus_, +1.0, &journal_);
+    });
+    add_delta_known_[at] = 1;
+    return d;
+}
+
+const std::vector<std::pair<size_t, double>>& LayerCostModel::remove_delta(int expert) const {
+    if (remove_delta_known_.empty()) {
+        remove_delta_.assign(num_experts_, {});
+        remove_delta_known_.assign(num_experts_, 0);
+    }
+    auto& d = remove_delta_[expert];
+    if (remove_delta_known_[expert]) return d;
+    delta_into(d, [&] { apply(scratch_, expert, inst_[expert], -1.0, &journal_); });
+    remove_delta_known_[expert] = 1;
+    return d;
+}
+
+void LayerCostModel::forget_deltas(int expert) {
+    if (!add_delta_known_.empty())
+        std::fill_n(add_delta_known_.begin() + static_cast<ptrdiff_t>(expert) * num_gpus_, num_gpus_, 0);
+    if (!remove_delta_known_.empty()) remove_delta_known_[expert] = 0;
 }
 
 void LayerCostModel::apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
@@ -115,6 +164,18 @@ double LayerCostModel::price(const Totals& t) const {
            compute;
 }
 
+LayerCostModel::Bottlenecks LayerCostModel::bottlenecks() const {
+    const int G = num_gpus_, N = topology_.nodes;
+    Bottlenecks b;
+    for (int i = 0; i < N; ++i)
+        b.cross_copies = std::max({b.cross_copies, totals_[cross_out_at(i)], totals_[cross_in_at(i)]});
+    for (int g = 0; g < G; ++g) {
+        b.intra_copies = std::max({b.intra_copies, totals_[intra_out_at(g)], totals_[intra_in_at(g)]});
+        b.compute_seconds = std::max(b.compute_seconds, totals_[compute_at(g)]);
+    }
+    return b;
+}
+
 double LayerCostModel::mean_price(const Totals& t) const {
     const int G = num_gpus_, N = topology_.nodes;
     double cross = 0, intra = 0, compute = 0;
@@ -146,24 +207,27 @@ void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, st
     out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     mean_out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     base_ = totals_;
-    apply(base_, expert, cur, -1.0);
-    gpus_ = cur;
-    gpus_.push_back(-1);
+    std::vector<double> saved;
     for (int g = 0; g < num_gpus_; ++g) {
         if (!allowed[g] || std::find(cur.begin(), cur.end(), g) != cur.end()) continue;
-        gpus_.back() = g;
-        journal_.clear();
-        apply(base_, expert, gpus_, +1.0, &journal_);
+        // The expert's contribution does not depend on the others', so its cached delta applies to the totals.
+        const auto& d = add_delta(expert, g);
+        saved.resize(d.size());
+        for (size_t i = 0; i < d.size(); ++i) {
+            saved[i] = base_[d[i].first];
+            base_[d[i].first] += d[i].second;
+        }
         out[g] = price(base_);
         mean_out[g] = mean_price(base_);
-        for (auto it = journal_.rbegin(); it != journal_.rend(); ++it) base_[it->first] = it->second;  // undo
+        for (size_t i = 0; i < d.size(); ++i) base_[d[i].first] = saved[i];  // undo
     }
 }
 
 double LayerCostModel::time_without(int expert) const {
     GRACE_ASSERT(expert >= 0 && expert < num_experts_);
+    const auto& d = remove_delta(expert);
     base_ = totals_;
-    apply(base_, expert, inst_[expert], -1.0);
+    for (const auto& [i, v] : d) base_[i] += v;
     return price(base_);
 }
 
@@ -172,6 +236,7 @@ void LayerCostModel::add(int expert, int gpu) {
     apply(totals_, expert, inst_[expert], -1.0);
     inst_[expert].push_back(gpu);
     apply(totals_, expert, inst_[expert], +1.0);
+    forget_deltas(expert);
 }
 
 void LayerCostModel::swap_times(int gpu, int removed, const std::vector<char>& can_add,
@@ -187,17 +252,19 @@ void LayerCostModel::swap_times(int gpu, int removed, const std::vector<char>& c
     for (int g : rx)
         if (g != gpu) gpus_.push_back(g);
     apply(base_, removed, gpus_, +1.0);
-    std::vector<int> more;
+    std::vector<double> saved;
     for (int y = 0; y < num_experts_; ++y) {
         const auto& iy = inst_[y];
         if (!can_add[y] || y == removed || std::find(iy.begin(), iy.end(), gpu) != iy.end()) continue;
-        more = iy;
-        more.push_back(gpu);
-        journal_.clear();
-        apply(base_, y, iy, -1.0, &journal_);
-        apply(base_, y, more, +1.0, &journal_);
+        // y's contribution does not depend on the other experts', so its cached delta applies to any base.
+        const auto& d = add_delta(y, gpu);
+        saved.resize(d.size());
+        for (size_t i = 0; i < d.size(); ++i) {
+            saved[i] = base_[d[i].first];
+            base_[d[i].first] += d[i].second;
+        }
         out[y] = price(base_);
-        for (auto it = journal_.rbegin(); it != journal_.rend(); ++it) base_[it->first] = it->second;  // undo
+        for (size_t i = 0; i < d.size(); ++i) base_[d[i].first] = saved[i];  // undo
     }
 }
 
@@ -209,6 +276,7 @@ void LayerCostModel::swap(int gpu, int removed, int added) {
     apply(totals_, removed, rx, -1.0);
     rx.erase(it);
     apply(totals_, removed, rx, +1.0);
+    forget_deltas(removed);
     add(added, gpu);
 }
 

@@ -13,6 +13,7 @@
 #include "grace/eplb.hpp"
 #include "grace/error.hpp"
 #include "grace/grouping.hpp"
+#include "grace/priced_search.hpp"
 #include "grace/replan.hpp"
 #include "grace/replication.hpp"
 #include "grace/routing.hpp"
@@ -22,9 +23,9 @@ namespace grace {
 namespace {
 
 constexpr const char* kGroupings[] = {
-    "vanilla",           "occult",     "c2r", "spectral-full", "spectral-controlled", "hierarchical", "metis",
-    "eplb-hierarchical", "eplb-global"};
-constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "dynamic-iter", "eplb"};
+    "vanilla",           "occult",      "c2r",   "spectral-full", "spectral-controlled", "hierarchical", "metis",
+    "eplb-hierarchical", "eplb-global", "priced"};
+constexpr const char* kReplications[] = {"none", "fixed", "dynamic", "dynamic-iter", "eplb", "priced"};
 
 std::string join_names(const char* const* names, size_t n) {
     std::string s;
@@ -130,6 +131,11 @@ bool fills_slots(const MethodSpec& spec, const Topology& topo, const PlanOptions
     return topo.slots_per_gpu && options.fill_slots && spec.replication != "none" && spec.replication != "eplb";
 }
 
+// Whether the layer is priced anywhere (the slot-exact fill, or a priced grouping or replication).
+bool uses_pricing(const MethodSpec& spec, const Topology& topo, const PlanOptions& options) {
+    return fills_slots(spec, topo, options) || spec.grouping == "priced" || spec.replication == "priced";
+}
+
 std::vector<double> sub_matrix(const std::vector<double>& a, int E, const std::vector<int>& ids) {
     const int n = static_cast<int>(ids.size());
     std::vector<double> s(static_cast<size_t>(n) * n);
@@ -184,6 +190,217 @@ void repair_eplb_duplicates(std::vector<int>& phy2log, const std::vector<int>& l
         }
 }
 
+// Replication as the spec names it; "priced" searches the DR rounds by price (priced_search.hpp). Returns the
+// layer's price when the search computed it, else NaN.
+double replicate_by_spec(LayerPlan& lp, const LayerInput& in, const Topology& topo, const MethodSpec& spec,
+                         const PlanOptions& options) {
+    if (spec.replication == "priced") {
+        double price = 0;
+        replicate_priced(lp, in.load, in.source_load, topo, options.pricing, &price, in.affinity);
+        return price;
+    }
+    ReplicationOptions ro;
+    ro.method = parse_replication_method(spec.replication);
+    ro.eplb_slots = spec.replication_slots;
+    replicate_layer(lp, in.load, topo, ro);
+    return std::numeric_limits<double>::quiet_NaN();
+}
+
+// What the priced choices judge a placement by: hsc_price (HSC's cross-node copies estimated from the affinity).
+double layer_price(const LayerPlan& lp, const LayerInput& in, const Topology& topo, const PlanOptions& options) {
+    const int E = static_cast<int>(in.load.size());
+    std::vector<std::vector<int>> inst(E);
+    for (int g = 0; g < topo.num_gpus(); ++g)
+        for (int e : lp.gpu_experts[g]) inst[e].push_back(g);
+    const LayerCostModel model(in.load, in.source_load, inst, topo, options.pricing);
+    return hsc_price(model, in.load, in.source_load, in.affinity, topo);
+}
+
+// Slot-exact plans: the priced fill of every free slot, then at most options.priced_moves priced rewrites.
+void fill_and_refine(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
+                     const PlanOptions& options) {
+    if (!fills_slots(spec, topo, options)) return;
+    fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
+    if (options.priced_moves != 0)
+        refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
+}
+
+// Puts every expert's primary on gpu_of_expert[e]; refuses a GPU over its slot count.
+void set_primaries(LayerPlan& lp, const std::vector<int>& gpu_of_expert, int cap, const std::string& grouping) {
+    const int E = static_cast<int>(gpu_of_expert.size()), G = static_cast<int>(lp.gpu_experts.size());
+    for (auto& ex : lp.gpu_experts) ex.clear();
+    for (int e = 0; e < E; ++e) {
+        GRACE_ASSERT(gpu_of_expert[e] >= 0 && gpu_of_expert[e] < G);
+        lp.primary_gpu[e] = gpu_of_expert[e];
+        lp.gpu_experts[gpu_of_expert[e]].push_back(e);
+    }
+    for (int g = 0; g < G; ++g)
+        GRACE_CHECK_ARG(cap == 0 || static_cast<int>(lp.gpu_experts[g].size()) <= cap, "layer ", lp.layer,
+                        ": grouping '", grouping, "' put ", lp.gpu_experts[g].size(), " experts on GPU ", g,
+                        ", more than its ", cap, " slots");
+}
+
+// HG's level-1 (node) grouping as the paper has it: fully non-uniform spectral clustering into N groups of at least
+// M experts and at most the node's slots.
+Grouping hg_node_split(const LayerInput& in, int E, const Topology& topo, const SpectralOptions& so, int cap) {
+    Grouping nodes;
+    if (topo.nodes == 1) {
+        nodes.num_groups = 1;
+        nodes.group_of.assign(E, 0);
+        return nodes;
+    }
+    const int M = topo.gpus_per_node;
+    return spectral_grouping(in.affinity, E, topo.nodes, so, M, cap > 0 ? M * cap : 0);
+}
+
+// HG level 2 for one level-1 split: each node's experts, their affinity sub-matrix and their fully non-uniform
+// spectral grouping into the node's M GPUs (computed once, shared by every level-2 choice).
+struct HgLevel2 {
+    std::vector<std::vector<int>> ids;
+    std::vector<std::vector<double>> sub;
+    std::vector<Grouping> full;
+};
+
+HgLevel2 hg_level2(const LayerInput& in, int E, const Topology& topo, const Grouping& nodes, uint64_t seed, int cap) {
+    const int N = topo.nodes, M = topo.gpus_per_node;
+    HgLevel2 h;
+    h.ids = nodes.members();
+    h.sub.resize(N);
+    h.full.resize(N);
+    for (int n = 0; n < N; ++n) {
+        const int ni = static_cast<int>(h.ids[n].size());
+        if (M == 1) {
+            h.full[n].num_groups = 1;
+            h.full[n].group_of.assign(ni, 0);
+            continue;
+        }
+        h.sub[n] = sub_matrix(in.affinity, E, h.ids[n]);
+        SpectralOptions so;
+        so.seed = mix64(seed, static_cast<uint64_t>(in.layer), static_cast<uint64_t>(n) + 1);
+        h.full[n] = spectral_grouping(h.sub[n], ni, M, so, 1, cap);
+    }
+    return h;
+}
+
+// Level-2 choices: the knee point (the paper), the fully non-uniform grouping as it is, or a ratio >= 0.
+constexpr double kLevel2Knee = -1, kLevel2Full = -2;
+
+// Assigns every expert a GPU from the level-2 grouping of its node under `mode`; with the knee, records the
+// curves and the mean r* in lp.
+std::vector<int> hg_assign(const HgLevel2& h, int E, const Topology& topo, double mode, int cap, bool refine,
+                           LayerPlan& lp) {
+    const int N = topo.nodes, M = topo.gpus_per_node;
+    std::vector<int> gpu_of_expert(E, -1);
+    lp.knee_curves.assign(N, {});
+    double r_sum = 0;
+    int r_count = 0;
+    for (int n = 0; n < N; ++n) {
+        const std::vector<int>& ids = h.ids[n];
+        const int ni = static_cast<int>(ids.size());
+        Grouping local = h.full[n];
+        if (M > 1 && mode == kLevel2Knee) {
+            KneeResult knee = knee_grouping(h.sub[n], ni, h.full[n], cap, refine, true);
+            lp.knee_curves[n] = std::move(knee.curve);
+            r_sum += knee.r_star;
+            ++r_count;
+            local = std::move(knee.grouping);
+        } else if (M > 1 && mode >= 0) {
+            const auto [lo, hi] = controlled_bounds(ni, M, mode, cap);
+            local = controlled_grouping(h.sub[n], ni, h.full[n], lo, hi, refine);
+            r_sum += mode;
+            ++r_count;
+        }
+        for (int i = 0; i < ni; ++i) gpu_of_expert[ids[i]] = topo.gpu_at(n, local.group_of[i]);
+    }
+    lp.r_star = r_count ? r_sum / r_count : -1;
+    return gpu_of_expert;
+}
+
+// The `priced` grouping (priced_search.hpp): every candidate placement gets the spec's replication and is priced
+// whole; the cheapest is kept (ties to the earlier: the paper's HG first). Candidates: each level-1 split of
+// node_split_candidates with the knee at level 2; then, on the best split, level 2 uniform (r = 0) and fully
+// non-uniform; then Occult's equal-size groups packed onto nodes. Slot-exact plans: the paper's split also gets the
+// paper's DR and the iterated DR as candidates, and the three cheapest are filled and judged after the fill.
+void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
+                       const PlanOptions& options, const SpectralOptions& so) {
+    const int M = topo.gpus_per_node, cap = topo.slots_per_gpu ? *topo.slots_per_gpu : 0;
+    // Every candidate with its price before any fill; a candidate counts as cheaper only by more than a relative
+    // 1e-9 (cheapest()'s rule), so ties keep the earlier one.
+    std::vector<std::pair<LayerPlan, double>> pool;
+    double best_price = std::numeric_limits<double>::infinity();
+    const bool slot_exact = fills_slots(spec, topo, options);
+    // `replication` overrides the spec's (empty: the spec's). Returns whether the candidate is the cheapest so far.
+    auto consider = [&](const std::vector<int>& gpu_of_expert, LayerPlan cand, const std::string& replication = "") {
+        set_primaries(cand, gpu_of_expert, cap, spec.grouping);
+        MethodSpec rs = spec;
+        if (!replication.empty()) rs.replication = replication;
+        double price = replicate_by_spec(cand, in, topo, rs, options);
+        if (std::isnan(price)) price = layer_price(cand, in, topo, options);
+        pool.emplace_back(std::move(cand), price);
+        if (cheapest({best_price, price}) == 1) {
+            best_price = price;
+            return true;
+        }
+        return false;
+    };
+    const Grouping spectral = hg_node_split(in, E, topo, so, cap);
+    const std::vector<Grouping> splits =
+        topo.nodes == 1 ? std::vector<Grouping>{spectral}
+                        : node_split_candidates(in.affinity, E, spectral, M, cap > 0 ? M * cap : 0);
+    HgLevel2 best_split;
+    for (const Grouping& nodes : splits) {
+        HgLevel2 h = hg_level2(in, E, topo, nodes, options.seed, cap);
+        LayerPlan cand = lp;
+        const std::vector<int> gpu_of = hg_assign(h, E, topo, kLevel2Knee, cap, options.refine, cand);
+        const bool first = best_split.ids.empty();
+        if (first && slot_exact && spec.replication == "priced") {
+            // After a fill the round count chosen before it need not be the best: the paper's DR and the iterated
+            // DR on the paper's split are priced, filled, as well.
+            consider(gpu_of, cand, "dynamic");
+            consider(gpu_of, cand, "dynamic-iter");
+        }
+        if (consider(gpu_of, std::move(cand)) || first) best_split = std::move(h);
+    }
+    if (M > 1)
+        for (double mode : {0.0, kLevel2Full}) {
+            LayerPlan cand = lp;
+            const std::vector<int> gpu_of = hg_assign(best_split, E, topo, mode, cap, options.refine, cand);
+            consider(gpu_of, std::move(cand));
+        }
+    if (topo.num_gpus() > 1) {
+        const Grouping g = occult_grouping(in.affinity, E, topo.num_gpus());
+        const std::vector<int> gpu_of_group = place_groups_on_nodes(in.affinity, E, g, topo);
+        std::vector<int> gpu_of(E);
+        for (int e = 0; e < E; ++e) gpu_of[e] = gpu_of_group[g.group_of[e]];
+        LayerPlan cand = lp;
+        cand.knee_curves.clear();
+        cand.r_star = -1;
+        consider(gpu_of, std::move(cand));
+    }
+    std::vector<double> prices;
+    for (const auto& c : pool) prices.push_back(c.second);
+    size_t pick = cheapest(prices);
+    if (slot_exact) {
+        // A slot-exact plan is judged as deployed, after its priced fill; filling is the costly part, so only the
+        // kSlotFinalists candidates cheapest before the fill are filled (ties: the earlier).
+        constexpr size_t kSlotFinalists = 3;
+        std::vector<size_t> order(pool.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return prices[x] < prices[y]; });
+        if (order.size() > kSlotFinalists) order.erase(order.begin() + kSlotFinalists, order.end());
+        std::sort(order.begin(), order.end());  // ties after the fill go to the earlier candidate
+        std::vector<double> filled;
+        for (size_t i : order) {
+            fill_free_slots(pool[i].first, in.load, in.source_load, E, topo, options.pricing);
+            filled.push_back(layer_price(pool[i].first, in, topo, options));
+        }
+        pick = order[cheapest(filled)];
+    }
+    lp = std::move(pool[pick].first);
+    if (slot_exact && options.priced_moves != 0)
+        refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
+}
+
 void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
                         const PlanOptions& options) {
     const int G = topo.num_gpus();
@@ -215,14 +432,8 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
         }
     }
     if (!eplb_rep) {
-        ReplicationOptions ro;
-        ro.method = parse_replication_method(spec.replication);
-        replicate_layer(lp, in.load, topo, ro);
-        if (fills_slots(spec, topo, options)) {
-            fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
-            if (options.priced_moves != 0)
-                refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
-        }
+        replicate_by_spec(lp, in, topo, spec, options);
+        fill_and_refine(lp, in, E, topo, spec, options);
         return;
     }
     ReplicationOptions none;
@@ -250,7 +461,7 @@ void plan_eplb_grouping(LayerPlan& lp, const LayerInput& in, int E, const Topolo
 
 LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
                      const PlanOptions& options) {
-    const int G = topo.num_gpus(), N = topo.nodes, M = topo.gpus_per_node;
+    const int G = topo.num_gpus();
     const int cap = topo.slots_per_gpu ? *topo.slots_per_gpu : 0;
     LayerPlan lp;
     lp.layer = in.layer;
@@ -263,45 +474,19 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
 
     if (spec.grouping == "eplb-hierarchical" || spec.grouping == "eplb-global") {
         plan_eplb_grouping(lp, in, E, topo, spec, options);
+    } else if (spec.grouping == "priced") {
+        plan_priced_layer(lp, in, E, topo, spec, options, so);
     } else {
         std::vector<int> gpu_of_expert(E, -1);
         if (spec.grouping == "hierarchical") {
-            Grouping nodes;
-            if (N == 1) {
-                nodes.num_groups = 1;
-                nodes.group_of.assign(E, 0);
-            } else {
-                nodes = spectral_grouping(in.affinity, E, N, so, M, cap > 0 ? M * cap : 0);
-                if (spec.node_ratio >= 0) {
-                    auto [lo, hi] = controlled_bounds(E, N, spec.node_ratio, cap > 0 ? M * cap : 0);
-                    nodes = controlled_grouping(in.affinity, E, nodes, std::max(lo, M), hi, options.refine);
-                }
+            Grouping nodes = hg_node_split(in, E, topo, so, cap);
+            if (topo.nodes > 1 && spec.node_ratio >= 0) {
+                const int M = topo.gpus_per_node;
+                auto [lo, hi] = controlled_bounds(E, topo.nodes, spec.node_ratio, cap > 0 ? M * cap : 0);
+                nodes = controlled_grouping(in.affinity, E, nodes, std::max(lo, M), hi, options.refine);
             }
-            const auto members = nodes.members();
-            lp.knee_curves.assign(N, {});
-            double r_sum = 0;
-            int r_count = 0;
-            for (int n = 0; n < N; ++n) {
-                const std::vector<int>& ids = members[n];
-                const int ni = static_cast<int>(ids.size());
-                Grouping local;
-                if (M == 1) {
-                    local.num_groups = 1;
-                    local.group_of.assign(ni, 0);
-                } else {
-                    const std::vector<double> sub = sub_matrix(in.affinity, E, ids);
-                    SpectralOptions so2 = so;
-                    so2.seed = mix64(options.seed, static_cast<uint64_t>(in.layer), static_cast<uint64_t>(n) + 1);
-                    const Grouping full = spectral_grouping(sub, ni, M, so2, 1, cap);
-                    KneeResult knee = knee_grouping(sub, ni, full, cap, options.refine, true);
-                    lp.knee_curves[n] = std::move(knee.curve);
-                    r_sum += knee.r_star;
-                    ++r_count;
-                    local = std::move(knee.grouping);
-                }
-                for (int i = 0; i < ni; ++i) gpu_of_expert[ids[i]] = topo.gpu_at(n, local.group_of[i]);
-            }
-            lp.r_star = r_count ? r_sum / r_count : -1;
+            const HgLevel2 h = hg_level2(in, E, topo, nodes, options.seed, cap);
+            gpu_of_expert = hg_assign(h, E, topo, kLevel2Knee, cap, options.refine, lp);
         } else {
             Grouping g;
             if (spec.grouping == "vanilla") {
@@ -350,24 +535,9 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
                                            : place_groups_on_nodes(in.affinity, E, g, topo);
             for (int e = 0; e < E; ++e) gpu_of_expert[e] = gpu_of_group[g.group_of[e]];
         }
-        for (int e = 0; e < E; ++e) {
-            GRACE_ASSERT(gpu_of_expert[e] >= 0 && gpu_of_expert[e] < G);
-            lp.primary_gpu[e] = gpu_of_expert[e];
-            lp.gpu_experts[gpu_of_expert[e]].push_back(e);
-        }
-        for (int g = 0; g < G; ++g)
-            GRACE_CHECK_ARG(cap == 0 || static_cast<int>(lp.gpu_experts[g].size()) <= cap, "layer ", in.layer,
-                            ": grouping '", spec.grouping, "' put ", lp.gpu_experts[g].size(), " experts on GPU ", g,
-                            ", more than its ", cap, " slots");
-        ReplicationOptions ro;
-        ro.method = parse_replication_method(spec.replication);
-        ro.eplb_slots = spec.replication_slots;
-        replicate_layer(lp, in.load, topo, ro);
-        if (fills_slots(spec, topo, options)) {
-            fill_free_slots(lp, in.load, in.source_load, E, topo, options.pricing);
-            if (options.priced_moves != 0)
-                refine_layer_priced(lp, in.load, in.source_load, E, topo, options.pricing, options.priced_moves);
-        }
+        set_primaries(lp, gpu_of_expert, cap, spec.grouping);
+        replicate_by_spec(lp, in, topo, spec, options);
+        fill_and_refine(lp, in, E, topo, spec, options);
     }
     build_routing_tables(lp, in.load, E, G);
     return lp;
@@ -386,7 +556,8 @@ std::string MethodSpec::to_string() const {
 
 MethodSpec parse_method(const std::string& text) {
     std::string t = text;
-    if (t == "grace") t = "hierarchical+dynamic+tar";
+    if (t == "grace") t = "priced+priced+tar";
+    if (t == "grace-paper") t = "hierarchical+dynamic+tar";
     if (t == "eplb") t = "eplb-hierarchical+eplb+sglang-static";
     std::vector<std::string> parts;
     size_t start = 0;
@@ -442,6 +613,10 @@ MethodSpec parse_method(const std::string& text) {
         }
     }
     return spec;
+}
+
+bool uses_pricing(const PlanOptions& options, const Topology& topology) {
+    return uses_pricing(parse_method(options.method), topology, options);
 }
 
 ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const PlanOptions& options) {
@@ -506,7 +681,7 @@ ExpertPlan make_plan(const RoutingStats& stats, const Topology& topology, const 
             in.load.resize(E);
             const int64_t* ld = stats.layer_load(l);
             for (int e = 0; e < E; ++e) in.load[e] = static_cast<double>(ld[e]);
-            if (fills_slots(spec, topology, options) && stats.num_gpus == G && !stats.source_load.empty()) {
+            if (uses_pricing(spec, topology, options) && stats.num_gpus == G && !stats.source_load.empty()) {
                 const int64_t* sl = stats.source_load.data() + static_cast<size_t>(l) * G * E;
                 in.source_load.assign(sl, sl + static_cast<size_t>(G) * E);
             }

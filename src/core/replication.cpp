@@ -188,7 +188,8 @@ void replicate_layer(LayerPlan& layer, const std::vector<double>& load, const To
         case ReplicationMethod::kDynamicIterative: {
             // Every round gives the currently heaviest GPU the DR treatment, with loads predicted from all
             // instances so far (each instance of e takes load[e] / count). Bounded by G rounds.
-            for (int round = 0; round < G; ++round) {
+            const int rounds = options.max_rounds > 0 ? std::min(options.max_rounds, G) : G;
+            for (int round = 0; round < rounds; ++round) {
                 std::vector<double> pred = predict_gpu_loads(layer, load, G);
                 const double skew = load_skew(pred);
                 auto spread = [](const std::vector<double>& x) {
@@ -240,6 +241,7 @@ void replicate_layer(LayerPlan& layer, const std::vector<double>& load, const To
                     break;
                 }
                 if (round == 0) layer.num_replicas = r;
+                if (options.after_round) options.after_round(layer);
             }
             break;
         }

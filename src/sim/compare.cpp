@@ -108,6 +108,8 @@ std::vector<CompareRow> default_compare_rows() {
         {"METIS", "metis+none+primary", CommScheme::kHsc, false},
         // Beyond the paper: DR repeated on the next heaviest GPU (spec §4's optional variant).
         {"+DR-iter+TAR", "hierarchical+dynamic-iter+tar", CommScheme::kHsc, false},
+        // The default method: the node split, level-2 ratio and DR rounds chosen by priced time (issue #13).
+        {"GRACE", "grace", CommScheme::kHsc, false},
     };
 }
 
@@ -115,7 +117,7 @@ std::vector<CompareRow> engine_compare_rows(const std::string& engine) {
     const std::string name = to_string(parse_engine(engine));
     return {{"EPLB in " + name, "eplb-hierarchical+eplb@" + name, CommScheme::kHsc, false},
             {"GRACE in " + name, "grace@" + name, CommScheme::kHsc, false},
-            {"GRACE native", "hierarchical+dynamic+tar", CommScheme::kHsc, false}};
+            {"GRACE native", "grace", CommScheme::kHsc, false}};
 }
 
 const CompareEntry* CompareResult::find(const std::string& name, const Topology& topology) const {
@@ -184,8 +186,8 @@ CompareResult run_compare(const std::string& trace_path, const std::string& prof
                 opt.method = method;
                 opt.seed = options.seed;
                 opt.num_threads = options.num_threads;
-                // Slot-exact plans price their fill replicas like the rows are priced here.
-                if (topo.slots_per_gpu) opt.pricing = placement_pricing(options.hardware, shape);
+                // Priced plans (slot-exact fills, the default method) price like the rows are priced here.
+                if (uses_pricing(opt, topo)) opt.pricing = placement_pricing(options.hardware, shape);
                 // METIS keeps its random state in globals: concurrent per-layer calls race and the plan changes
                 // from run to run, so METIS layers are planned one at a time.
                 if (method.rfind("metis", 0) == 0) opt.num_threads = 1;

@@ -28,7 +28,7 @@ PlacementPricing planner_pricing(const HardwareModel& hardware, const std::strin
         return placement_pricing(hardware, resolve_model_shape(hardware, model));
     } catch (const Error& e) {
         if (e.code() != ErrorCode::kInvalidArgument) throw;
-        if (note) *note = cat("slot fill priced with the default shape (H=2048, I=1024): ", e.what());
+        if (note) *note = cat("placements priced with the default shape (H=2048, I=1024): ", e.what());
     }
     PlacementPricing p;
     p.bytes_per_token = 2048.0 * hardware.element_size;

@@ -108,6 +108,10 @@ def main():
         out = run(["plan", "--stats", stats, "--topology", "2x4", "--method", "grace", "-o", plan]).stdout
         assert "gamma" in out and out.count("\n") >= 5, out
         p = json.load(open(plan))
+        assert p["method"] == "priced+priced+tar"
+        check_plan(p, load, 8)
+        run(["plan", "--stats", stats, "--topology", "2x4", "--method", "grace-paper", "-q", "-o", plan])
+        p = json.load(open(plan))
         assert p["method"] == "hierarchical+dynamic+tar"
         check_plan(p, load, 8)
         for method in ["occult+fixed+wrr", "metis+eplb+tar", "spectral-controlled:0.2+dynamic+wrr", "eplb"]:
@@ -127,8 +131,9 @@ def main():
         run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "-q", "-o", plan])
         assert json.load(open(plan_r)) == json.load(open(plan))
         # --no-fill-slots: the slot count is an upper bound, and the export says what it padded and why.
-        run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "--no-fill-slots", "-q", "-o",
-             plan])
+        # (the paper's method: the default's priced DR rounds may use every slot by themselves)
+        run(["plan", "--stats", stats, "--topology", "2x4", "--slots-per-gpu", "6", "--no-fill-slots", "--method",
+             "grace-paper", "-q", "-o", plan])
         p = json.load(open(plan))
         assert any(len(ex) < 6 for lay in p["layers"] for ex in lay["gpu_experts"])
         out = run(["export", plan, "--format", "sglang", "-o", os.path.join(d, "padded.json")]).stdout

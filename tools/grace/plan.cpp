@@ -48,12 +48,12 @@ std::function<int()> setup_plan(CLI::App& sub) {
         ->capture_default_str()
         ->check(integer_in<int>(-1));
     sub.add_option("--hardware", a->hardware,
-                   "Hardware preset or grace.hardware/v1 file the slot fill prices replicas with")
+                   "Hardware preset or grace.hardware/v1 file the planner prices placements with")
         ->capture_default_str()
         ->check(hardware_value());
     sub.add_option("--method", a->options.method,
-                   "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= hierarchical+dynamic+tar) or 'eplb' "
-                   "(= eplb-hierarchical+eplb+sglang-static)")
+                   "GROUPING[+REPLICATION[+ROUTING]], 'grace' (= priced+priced+tar), 'grace-paper' (the paper's "
+                   "hierarchical+dynamic+tar) or 'eplb' (= eplb-hierarchical+eplb+sglang-static)")
         ->capture_default_str()
         ->check(parsed_by([](const std::string& m) { parse_method(m); }, "METHOD"));
     sub.add_option("--seed", a->options.seed, "Seed of the spectral k-means (and METIS)")
@@ -122,8 +122,8 @@ std::function<int()> setup_plan(CLI::App& sub) {
             topo.slots_per_gpu = static_cast<int>((E + R) / G);
         }
         std::string pricing_note;
-        if (topo.slots_per_gpu && a->options.fill_slots) {
-            // The fill prices replicas like `grace eval`: this hardware, the statistics' model shape.
+        if (uses_pricing(a->options, topo)) {
+            // The planner prices placements like `grace eval`: this hardware, the statistics' model shape.
             a->options.pricing = planner_pricing(load_hardware(a->hardware), st.model, &pricing_note);
         }
         ExpertPlan plan = make_plan(st, topo, a->options);
