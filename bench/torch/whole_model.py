@@ -216,16 +216,23 @@ def forward(model, ids, past, keep):
     return out.logits[:, -1, :], out.past_key_values
 
 
-def greedy(model, prompt, steps, keep, watch=8):
-    """Prefill + ``steps`` greedy tokens. Returns tokens [B, steps], prefill logits [B, V] (bf16, GPU), logits of
-    the first ``watch`` sequences per step (float32, CPU), prefill and decode seconds."""
+def sync(device):
     import torch
 
-    torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def greedy(model, prompt, steps, keep, watch=8):
+    """Prefill + ``steps`` greedy tokens. Returns tokens [B, steps], prefill logits [B, V] (bf16, on the model's
+    device), logits of the first ``watch`` sequences per step (float32, CPU), prefill and decode seconds."""
+    import torch
+
+    sync(prompt.device)
     t0 = time.perf_counter()
     logits, past = forward(model, prompt, None, keep)
     tok = logits.argmax(-1)
-    torch.cuda.synchronize()
+    sync(prompt.device)
     t1 = time.perf_counter()
     prefill_logits = logits.to(torch.bfloat16)
     watched = [logits[:watch].float().cpu()]
@@ -235,7 +242,7 @@ def greedy(model, prompt, steps, keep, watch=8):
         tok = logits.argmax(-1)
         toks.append(tok)
         watched.append(logits[:watch].float().cpu())
-    torch.cuda.synchronize()
+    sync(prompt.device)
     t2 = time.perf_counter()
     return torch.stack(toks, 1), prefill_logits, watched, t1 - t0, t2 - t1
 
@@ -244,18 +251,20 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def run_shape(model, info, shape, keep, stock=None):
+def run_shape(model, info, shape, keep, device, stock=None):
     import torch
 
     b, p, d = shape
     g = torch.Generator().manual_seed(11)
-    prompt = torch.randint(0, info["config"]["vocab_size"], (b, p), generator=g).to("cuda")
-    torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(0, info["config"]["vocab_size"], (b, p), generator=g).to(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         toks, pl, watched, tp, td = greedy(model, prompt, d, keep)
     res = dict(prefill_s=tp, decode_s=td, prefill_tok_s=b * p / tp,
                decode_tok_s=b * (d - 1) / td if d > 1 else None,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     if stock is None:
         return res, (toks, pl, watched)
     s_toks, s_pl, s_watched = stock
@@ -273,7 +282,9 @@ def run_shape(model, info, shape, keep, stock=None):
     return res, None
 
 
-def run_arch(arch, info, shapes, args):
+def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
+    """One architecture: build (``build(info, device, dtype)``, default build_model), plan, stock runs, patch,
+    grace runs. ``patch_kwargs`` go to grace.hf.patch (tests pass a reference buffer factory)."""
     import inspect
 
     import torch
@@ -284,26 +295,27 @@ def run_arch(arch, info, shapes, args):
     rec = dict(arch=arch, **{k: info[k] for k in ("source", "published_layers", "used_layers", "trimmed",
                                                      "trim_reason", "params", "weight_gib")})
     t0 = time.time()
-    model = build_model(info, "cuda", torch.bfloat16)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = (build or build_model)(info, device, dtype)
     rec["build_s"] = time.time() - t0
     rec["model_class"] = type(model).__name__
     blocks = grace.hf.moe_blocks(model)
     rec["moe_blocks"] = len(blocks)
     rec["block_class"] = type(blocks[0][1]).__name__ if blocks else None
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    plan, rec["trace"] = make_plan(model, info, "cuda")
+    plan, rec["trace"] = make_plan(model, info, device)
     rec["plan_topology"] = "1x1"
     results = {}
     # warm-up of the stock model on a small batch, then the timed stock runs (tokens kept for the comparison)
     with torch.no_grad():
-        greedy(model, torch.zeros(2, 8, dtype=torch.long, device="cuda"), 2, keep)
+        greedy(model, torch.zeros(2, 8, dtype=torch.long, device=device), 2, keep)
     stock = {}
     for shape in shapes:
         b, p, d = shape
         while True:
             name = f"{b}x{p}+{d}"
             try:
-                res, kept = run_shape(model, info, (b, p, d), keep)
+                res, kept = run_shape(model, info, (b, p, d), keep, device)
                 stock[name] = ((b, p, d), kept)
                 results[name] = dict(requested=f"{shape[0]}x{shape[1]}+{shape[2]}", stock=res)
                 break
@@ -315,13 +327,13 @@ def run_arch(arch, info, shapes, args):
                 b //= 2  # smaller batch, stated in the output
     try:
         t1 = time.time()
-        grace.hf.patch(model, plan)
+        grace.hf.patch(model, plan, **(patch_kwargs or {}))
         rec["patch_s"] = time.time() - t1
         with torch.no_grad():
-            greedy(model, torch.zeros(2, 8, dtype=torch.long, device="cuda"), 2, keep)
+            greedy(model, torch.zeros(2, 8, dtype=torch.long, device=device), 2, keep)
         for name, (shape, kept) in stock.items():
             try:
-                res, _ = run_shape(model, info, shape, keep, stock=kept)
+                res, _ = run_shape(model, info, shape, keep, device, stock=kept)
                 results[name]["grace"] = res
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -331,7 +343,8 @@ def run_arch(arch, info, shapes, args):
         rec["grace_traceback"] = traceback.format_exc(limit=6)
     rec["shapes"] = results
     del model, stock
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rec
 
 
@@ -393,6 +406,8 @@ def main(argv=None):
                     "to --weight-budget-gib)")
     ap.add_argument("--weight-budget-gib", type=float, default=32.0, help="bf16 weight budget per model (GiB; the rest of the GPU holds activations, KV cache "
                     "and grace.ep buffers)")
+    ap.add_argument("--device", default="cuda", help="torch device (default %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights (default %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="only print/write the configs, trimming and shapes")
     args = ap.parse_args(argv)
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -421,9 +436,10 @@ def main(argv=None):
 
     import grace
 
+    dev = (f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+           if torch.device(args.device).type == "cuda" else args.device)
     env = (f"transformers {transformers.__version__}, torch {torch.__version__}, grace {grace.__version__}, "
-           f"device {torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} "
-           "GiB)")
+           f"device {dev}, {args.dtype}")
     print(env, flush=True)
     report = dict(environment=env, shapes=[f"{b}x{p}+{d}" for b, p, d in shapes], architectures=[])
     for arch in args.archs:
@@ -433,7 +449,8 @@ def main(argv=None):
             rec = run_arch(arch, infos[arch], shapes, args)
         except Exception as e:  # noqa: BLE001 - one architecture failing must not lose the others
             rec = dict(arch=arch, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         rec["wall_s"] = time.time() - t0
         report["architectures"].append(rec)
         write_outputs(args.out, report)
