@@ -163,9 +163,8 @@ def build_model(info, device, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # transformers picks the attention: SDPA where the model supports it, eager for GPT-OSS (attention sinks)
     cfg = AutoConfig.for_model(info["model_type"], **info["config"])
-    if info["model_type"] == "gpt_oss":
-        cfg._attn_implementation = "eager"  # transformers' GPT-OSS has no SDPA path (attention sinks)
     torch.manual_seed(0)
     with torch.device(device):
         try:
