@@ -16,7 +16,7 @@ for f in .deps/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
 PY=$(command -v python3)
 T0=$(date +%s)
 cmake -S . -B build-wm -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRACE_USE_CUDA=ON -DGRACE_BUILD_BENCH=OFF \
-  -DGRACE_BUILD_TESTS=OFF -DGRACE_USE_MPI=OFF -DCMAKE_CUDA_ARCHITECTURES=90 -DPython3_EXECUTABLE="$PY" \
+  -DGRACE_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES=90 -DPython3_EXECUTABLE="$PY" \
   -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" 2>&1 | grep -iE "error|warn" | tee "$OUT/configure.log"
 cmake --build build-wm -j16 2>&1 | tail -3 | tee "$OUT/build.log"
 echo "build: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/build.log"
