@@ -6,6 +6,9 @@
 #   GRACE_WM_LIMIT_S (default 420): time limit of the Python run; it writes its JSON/markdown after every
 #     architecture, so a run cut short still brings back the finished ones.
 #   GRACE_WM_ARGS: extra arguments of whole_model.py (e.g. "--archs olmoe,gpt_oss --shapes 256x128+16").
+# Six architectures may not fit one 10-minute call: split them over two calls on the warm machine (build-wm/ is
+# kept, so the second build is a no-op), e.g. GRACE_WM_ARGS="--archs olmoe,qwen3_moe,mixtral" then
+# GRACE_WM_ARGS="--archs deepseek_v2_lite,gpt_oss,qwen2_moe" with another OUT sub-folder.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
