@@ -10,8 +10,11 @@ modules; unsupported experts (GELU activation) are refused with nothing patched;
 expert count is refused. With grace.ep (branch ep-cpu) importable the buffers are real grace.ep.Buffers over a
 1x1 plan made by grace.plan; a reference buffer (below) covers the re-layout of a 2-rank plan's local slots."""
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import unittest
 
 SRC = os.environ.get("GRACE_SOURCE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -443,6 +446,25 @@ class HfPatch(unittest.TestCase):
             with self.subTest(fam):
                 self.check_family(make, grace_plan_1x1, None)
 
+    @unittest.skipUnless(have_ep() and torch.distributed.is_available(), "grace.ep.Buffer not available")
+    def test_grace_ep_two_ranks_over_gloo(self):
+        # Two processes, a 1x2 plan: each rank feeds its own half of the batch; its output rows must equal the
+        # stock model's rows (shared experts included: they are local, not exchanged).
+        with tempfile.TemporaryDirectory() as d:
+            init = "file://" + os.path.join(d, "rendezvous")
+            procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(r), "2", init, d],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for r in range(2)]
+            logs = [p.communicate(timeout=600)[0] for p in procs]
+            for r, p in enumerate(procs):
+                self.assertEqual(p.returncode, 0, logs[r][-3000:])
+            for r in range(2):
+                with open(os.path.join(d, f"rank{r}.json"), encoding="utf-8") as f:
+                    errs = json.load(f)
+                self.assertEqual(sorted(errs), sorted({**FAMILIES_5, **FAMILIES_4}))
+                for fam, err in errs.items():
+                    self.assertLessEqual(err, RTOL, f"rank {r} {fam}")
+
     def test_refusals(self):
         model, n = build(lambda: [HF5.OlmoeSparseMoeBlock(act=nn.GELU())])
         with self.assertRaisesRegex(ValueError, r"layers\.0\.mlp: the experts module FusedExperts is not SwiGLU"):
@@ -468,5 +490,28 @@ class HfPatch(unittest.TestCase):
         self.assertEqual(w13.data_ptr(), experts.gate_up_proj.data_ptr())  # no copy for a 1x1 plan
 
 
+def worker(rank, world, init, out_dir):
+    """One rank of test_grace_ep_two_ranks_over_gloo: every family, patched with a grace.plan 1x2 plan."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    errs = {}
+    for fam, make in {**FAMILIES_5, **FAMILIES_4}.items():
+        model, n = build(make)
+        rng = np.random.default_rng(3)
+        e = num_experts(model)
+        ids = np.stack([np.stack([rng.choice(e, 2, replace=False) for _ in range(n)]) for _ in range(256)])
+        plan = grace.plan(grace.profile(ids.astype(np.int32), e, topology="1x2"), "1x2")
+        mine = INPUT[rank::world]
+        with torch.no_grad():
+            ref = model(mine)
+            ghf.patch(model, plan)
+            errs[fam] = rel_err(model(mine), ref)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(errs, f)
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        sys.exit(0)
     unittest.main(verbosity=2)
