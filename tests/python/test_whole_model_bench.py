@@ -107,6 +107,13 @@ if HAVE:
 @unittest.skipUnless(HAVE, "needs PyTorch and the grace extension")
 class MockRun(unittest.TestCase):
     def test_run_arch_on_cpu(self):
+        self.run_arch({"buffer_factory": hfmock.ReferenceBuffer})
+
+    @unittest.skipUnless(HAVE and hfmock.have_ep(), "grace.ep.Buffer not available")
+    def test_run_arch_on_cpu_with_grace_ep(self):
+        self.run_arch(None)
+
+    def run_arch(self, patch_kwargs):
         vocab = 40
         info = dict(source="tiny", model_type="olmoe", published_layers=2, used_layers=2, trimmed=False,
                     trim_reason="", params=0, weight_gib=0.0,
@@ -118,7 +125,7 @@ class MockRun(unittest.TestCase):
 
         args = whole_model.argparse.Namespace(device="cpu", dtype="float32")
         rec = whole_model.run_arch("olmoe", info, [(4, 6, 3), (3, 5, 4)], args, build=build,
-                                   patch_kwargs={"buffer_factory": hfmock.ReferenceBuffer})
+                                   patch_kwargs=patch_kwargs)
         self.assertNotIn("grace_error", rec, rec.get("grace_traceback"))
         self.assertEqual(rec["moe_blocks"], 2)
         self.assertTrue(rec["trace"].startswith("recorded: 512 tokens"), rec["trace"])
