@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -403,10 +402,12 @@ def main(argv=None):
     ap.add_argument("--shapes", default=SHAPES, help="BATCHxPROMPT+DECODE,... (default %(default)s)")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers to build (default: published, trimmed "
                     "to --weight-budget-gib)")
-    ap.add_argument("--weight-budget-gib", type=float, default=32.0, help="bf16 weight budget per model (GiB; the rest of the GPU holds activations, KV cache "
-                    "and grace.ep buffers)")
+    ap.add_argument("--weight-budget-gib", type=float, default=32.0,
+                    help="bf16 weight budget per model (GiB; the rest of the GPU holds activations, KV cache and "
+                    "grace.ep buffers)")
     ap.add_argument("--device", default="cuda", help="torch device (default %(default)s)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights (default %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="weights (default %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="only print/write the configs, trimming and shapes")
     args = ap.parse_args(argv)
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]

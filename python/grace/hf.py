@@ -127,14 +127,15 @@ def _mlp_weights(mlp):
                 raise PatchError(f"{type(mlp).__name__}: expert projections with biases are not SwiGLU as grace.ep "
                                  "computes it")
             return lins[0].weight, lins[1].weight, lins[2].weight
-    raise PatchError(f"{type(mlp).__name__}: expert MLP without gate_proj/up_proj/down_proj (or w1/w3/w2) Linear layers")
+    raise PatchError(f"{type(mlp).__name__}: expert MLP without gate_proj/up_proj/down_proj (or w1/w3/w2) Linear "
+                     "layers")
 
 
 def _expert_layout(name, experts):
     if isinstance(experts, nn.ModuleList):
         if len(experts) == 0:
             raise PatchError(f"{name}: empty experts ModuleList")
-        gate, _, down = _mlp_weights(experts[0])
+        gate = _mlp_weights(experts[0])[0]
         return _Layout("list", len(experts), gate.shape[1], gate.shape[0])
     gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (torch.is_tensor(gu) and torch.is_tensor(dn) and gu.dim() == 3 and dn.dim() == 3):
