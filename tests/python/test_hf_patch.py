@@ -492,6 +492,7 @@ class HfPatch(unittest.TestCase):
 
 def worker(rank, world, init, out_dir):
     """One rank of test_grace_ep_two_ranks_over_gloo: every family, patched with a grace.plan 1x2 plan."""
+    torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     errs = {}
     for fam, make in {**FAMILIES_5, **FAMILIES_4}.items():
@@ -507,7 +508,10 @@ def worker(rank, world, init, out_dir):
             errs[fam] = rel_err(model(mine), ref)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(errs, f)
-    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    # Skip the process-group teardown: gloo aborts ("terminate called without an active exception") when its peer
+    # has already exited; tests/python/test_ep.py's workers end the same way.
+    os._exit(0)
 
 
 if __name__ == "__main__":
