@@ -340,7 +340,7 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
         rec["grace_error"] = f"{type(e).__name__}: {e}"
         rec["grace_traceback"] = traceback.format_exc(limit=6)
     rec["shapes"] = results
-    del model, stock
+    del model, stock, blocks  # blocks holds the MoE modules too: all of the model's memory goes back now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rec
