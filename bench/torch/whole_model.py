@@ -39,13 +39,6 @@ ARCHS = {
                     num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                     norm_topk_prob=False, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
                     tie_word_embeddings=False)),
-    "qwen2_moe": dict(
-        source="Qwen/Qwen1.5-MoE-A2.7B", model_type="qwen2_moe",
-        config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-                    shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-                    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
-                    decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0, max_position_embeddings=8192,
-                    rms_norm_eps=1e-6, tie_word_embeddings=False)),
     "qwen3_moe": dict(
         source="Qwen/Qwen3-30B-A3B", model_type="qwen3_moe",
         config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -74,6 +67,13 @@ ARCHS = {
                     num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
                     num_experts_per_tok=4, sliding_window=128, rope_theta=150000.0, max_position_embeddings=131072,
                     rms_norm_eps=1e-5, attention_bias=True, swiglu_limit=7.0, tie_word_embeddings=False)),
+    "qwen2_moe": dict(
+        source="Qwen/Qwen1.5-MoE-A2.7B", model_type="qwen2_moe",
+        config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                    shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+                    decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0, max_position_embeddings=8192,
+                    rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 SHAPES = "256x128+16,512x64+32"
