@@ -10,7 +10,8 @@ cd "$root"
 packages=(build-essential cmake ninja-build pkg-config libeigen3-dev libspectra-dev nlohmann-json3-dev libcli11-dev
           libgtest-dev libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin libmetis-dev pybind11-dev python3-dev
           python3-numpy python3-matplotlib)
-[ "$mode" = test ] && packages+=(chromium python3-torch)  # python3-torch: the engine-hook tests
+# python3-torch: the engine-hook and grace.hf tests; python3-venv/-pip/-setuptools/-wheel: the pip-install test
+[ "$mode" = test ] && packages+=(chromium python3-torch python3-venv python3-pip python3-setuptools python3-wheel)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

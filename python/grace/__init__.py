@@ -6,7 +6,8 @@ plan JSON and the replica router. Pure-Python parts need only NumPy: ``grace.tra
 ``grace.converters`` (SGLang / vLLM dumps -> traces and statistics) and, with PyTorch + transformers,
 ``grace.recorder`` (routing traces of Hugging Face MoE models).
 
-Import: ``PYTHONPATH=build/python /usr/bin/python3 -c 'import grace'`` (see docs/python.md).
+Install: ``python3 -m pip install --no-build-isolation .`` (builds the extension with the project's CMake);
+developers: ``PYTHONPATH=build/python /usr/bin/python3 -c 'import grace'`` (see docs/python.md).
 """
 
 try:
@@ -24,5 +25,5 @@ except ImportError as _e:  # the pure-Python parts stay usable without the exten
     def __getattr__(name):
         raise AttributeError(
             f"grace.{name} needs the compiled extension grace._grace, which could not be imported ({_EXT_ERROR}); "
-            "build it with `cmake -S . -B build -DGRACE_BUILD_PYTHON=ON && cmake --build build` and put "
-            "build/python on PYTHONPATH")
+            "install it with `python3 -m pip install --no-build-isolation .`, or build it with "
+            "`cmake -S . -B build -DGRACE_BUILD_PYTHON=ON && cmake --build build` and put build/python on PYTHONPATH")

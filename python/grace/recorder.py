@@ -115,6 +115,36 @@ def route_from_logits(logits, family: str, top_k: int, *, norm_topk_prob: bool =
     raise ValueError(f"unknown routing family {family!r}")
 
 
+def routing_kwargs(module, config) -> dict:
+    """The keyword arguments of ``route_from_logits`` for one MoE block: its own attributes first, then the model
+    config's (norm_topk_prob, DeepSeek's n_group/topk_group/topk_method, the gate's e_score_correction_bias and
+    routed_scaling_factor). Shared by the recorder and ``grace.hf``."""
+    m, c, gate = module, config, getattr(module, "gate", None)
+    return dict(
+        norm_topk_prob=bool(_cfg(m, "norm_topk_prob", default=None) if _cfg(m, "norm_topk_prob") is not None
+                            else _cfg(c, "norm_topk_prob", default=False)),
+        n_group=_cfg(m, "n_group", "num_group", default=None) or _cfg(c, "n_group"),
+        topk_group=_cfg(m, "topk_group", default=None) or _cfg(c, "topk_group"),
+        topk_method=_cfg(m, "topk_method", default=None) or _cfg(c, "topk_method", default="greedy"),
+        correction_bias=_cfg(gate, "e_score_correction_bias"),
+        routed_scaling_factor=float(_cfg(m, "routed_scaling_factor", default=None)
+                                    or _cfg(c, "routed_scaling_factor", default=1.0)))
+
+
+def selection_from_router_output(out):
+    """(ids [N, k], weights [N, k] or None) when a router/gate output carries its own selection (a tuple with an
+    integer tensor: ``(logits, weights, ids)`` in transformers 5.x, ``(ids, weights)`` in 4.x DeepSeek-V3);
+    None when it is logits only."""
+    if not isinstance(out, (tuple, list)):
+        return None
+    ints = [x for x in out if torch.is_tensor(x) and not torch.is_floating_point(x) and x.dim() >= 1]
+    if not ints:
+        return None
+    idx = ints[0].reshape(-1, ints[0].shape[-1])
+    ws = [x for x in out if torch.is_tensor(x) and torch.is_floating_point(x) and x.numel() == idx.numel()]
+    return idx, (ws[0].reshape(idx.shape) if ws else None)
+
+
 class _Block:
     """Hooks and per-call scratch of one MoE block."""
 
@@ -252,16 +282,10 @@ class RoutingRecorder:
 
     def _resolve(self, b):
         out = b.gate_out
-        if isinstance(out, (tuple, list)):
-            # A router that returns its selection: the integer tensor is the ids, the float tensor of the same
-            # shape the weights ((logits, weights, ids) in transformers 5.x; (ids, weights) in 4.x DeepSeek-V3).
-            ints = [x for x in out if torch.is_tensor(x) and not torch.is_floating_point(x) and x.dim() >= 1]
-            if ints:
-                idx = ints[0].reshape(-1, ints[0].shape[-1])
-                ws = [x for x in out if torch.is_tensor(x) and torch.is_floating_point(x)
-                      and x.numel() == idx.numel()]
-                b.source = "router"
-                return idx, (ws[0].reshape(idx.shape) if ws else None)
+        sel = selection_from_router_output(out)  # a router that returns its selection
+        if sel is not None:
+            b.source = "router"
+            return sel
         if b.expert_in is not None:
             idx, w = b.expert_in
             idx = idx.reshape(-1, idx.shape[-1])
@@ -278,18 +302,8 @@ class RoutingRecorder:
         if logits is None or not torch.is_tensor(logits):
             raise RuntimeError(f"{b.name} ({type(b.module).__name__}): could not capture its routing "
                                "(no router indices, experts input or gate logits)")
-        c, m, gate = self.config, b.module, getattr(b.module, "gate", None)
         b.source = "logits"
-        return route_from_logits(
-            logits, b.family, b.top_k(),
-            norm_topk_prob=bool(_cfg(m, "norm_topk_prob", default=None) if _cfg(m, "norm_topk_prob") is not None
-                                else _cfg(c, "norm_topk_prob", default=False)),
-            n_group=_cfg(m, "n_group", "num_group", default=None) or _cfg(c, "n_group"),
-            topk_group=_cfg(m, "topk_group", default=None) or _cfg(c, "topk_group"),
-            topk_method=_cfg(m, "topk_method", default=None) or _cfg(c, "topk_method", default="greedy"),
-            correction_bias=_cfg(gate, "e_score_correction_bias"),
-            routed_scaling_factor=float(_cfg(m, "routed_scaling_factor", default=None)
-                                        or _cfg(c, "routed_scaling_factor", default=1.0)))
+        return route_from_logits(logits, b.family, b.top_k(), **routing_kwargs(b.module, self.config))
 
     # --- running ------------------------------------------------------------------------------------------------
     def record_batch(self, input_ids, attention_mask=None, **model_kwargs):
