@@ -791,6 +791,9 @@ GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int32_t* 
         m.route_async(topk_ids, topk_weights, num_tokens, top_k, first_token);
         m.stats.routing_s = seconds_since(m.t0);
         m.dispatch_phase(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k);
+        // The arena's regions stay in use until here: a dispatch that is never combined must not let the next
+        // call overwrite them early.
+        CUDA_RUNTIME_CHECK(cudaEventRecord(m.staging_free, s));
     } catch (...) {
         m.open_call = 0;
         throw;
