@@ -240,9 +240,12 @@ struct EpExperts {
 
 }  // namespace
 
-void bind_ep_cuda(py::module_& m) {
-    m.attr("cuda_ep_available") = true;
-    py::class_<EpNccl, std::shared_ptr<EpNccl>>(m, "EpNcclCommunicator",
+void bind_ep_cuda(py::module_& top) {
+    // Beside the host pieces of bind_ep.cpp, in grace._grace._ep.
+    py::module_ m = py::hasattr(top, "_ep") ? top.attr("_ep").cast<py::module_>()
+                                            : top.def_submodule("_ep", "Expert-parallel layer pieces behind grace.ep");
+    m.attr("cuda_available") = true;
+    py::class_<EpNccl, std::shared_ptr<EpNccl>>(m, "NcclCommunicator",
                                                 "The 'nccl' communicator of a grace.ep Buffer (grace/ep/_cuda.py).")
         .def(py::init(&make_ep_nccl), py::arg("topology"), py::arg("device"), py::arg("timeout_s") = 300.0,
              py::arg("host_impl") = py::none(),
@@ -251,14 +254,14 @@ void bind_ep_cuda(py::module_& m) {
         .def_property_readonly("size", [](const EpNccl& e) { return e.comm->size(); })
         .def_property_readonly("device", [](const EpNccl& e) { return e.device; });
 
-    py::class_<PyHandle>(m, "EpDispatchHandle", "An open dispatch of an EpGpuLayer (valid for one combine).")
+    py::class_<PyHandle>(m, "GpuDispatchHandle", "An open dispatch of a GpuLayer (valid for one combine).")
         .def_property_readonly("num_tokens", [](const PyHandle& h) { return h.h.num_tokens; })
         .def_property_readonly("top_k", [](const PyHandle& h) { return h.h.top_k; })
         .def_property_readonly("num_recv", [](const PyHandle& h) { return h.h.num_recv; })
         .def_property_readonly("records", [](const PyHandle& h) { return h.h.records; })
         .def_property_readonly("open", [](const PyHandle& h) { return h.h.call != 0; });
 
-    py::class_<EpLayer>(m, "EpGpuLayer", "grace::cuda::GpuMoeLayer over DLPack capsules (grace/ep/_cuda.py).")
+    py::class_<EpLayer>(m, "GpuLayer", "grace::cuda::GpuMoeLayer over DLPack capsules (grace/ep/_cuda.py).")
         .def(py::init<std::shared_ptr<EpNccl>, const py::object&, int, int, int, const std::string&,
                       const std::string&, uint64_t>(),
              py::arg("comm"), py::arg("plan"), py::arg("layer"), py::arg("hidden"), py::arg("intermediate"),
@@ -293,7 +296,7 @@ void bind_ep_cuda(py::module_& m) {
             return d;
         });
 
-    py::class_<EpExperts>(m, "EpGpuExperts", "grace.ep.experts on CUDA tensors (LocalMoe over the caller's weights).")
+    py::class_<EpExperts>(m, "GpuExperts", "grace.ep.experts on CUDA tensors (LocalMoe over the caller's weights).")
         .def(py::init<>())
         .def("run", &EpExperts::run, py::arg("recv_x"), py::arg("recv_topk"), py::arg("recv_weights"), py::arg("w13"),
              py::arg("w2"), py::arg("out"), py::arg("stream"));
