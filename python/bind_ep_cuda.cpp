@@ -126,11 +126,16 @@ struct EpLayer {
 
     int dev() const { return nccl->device; }
 
+    // w13 [S, 2I, H], w2 [S, H, I] bf16; I is taken from w13 (the layer may have been built before it was known).
     void set_expert_weights(const py::object& w13, const py::object& w2) {
-        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev(), {S, 2 * I, H});
-        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev(), {S, H, I});
+        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev(), {S, -1, H});
+        GRACE_CHECK_ARG(a.shape[1] > 0 && a.shape[1] % 16 == 0, "w13: shape ", dl::shape_string(a.shape),
+                        ", dimension 1 (2I) must be a positive multiple of 16");
+        const int inter = static_cast<int>(a.shape[1] / 2);
+        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev(), {S, H, inter});
         DeviceGuard guard(dev());
-        layer->set_expert_weights(a.data, b.data);
+        layer->set_expert_weights(a.data, b.data, inter);
+        I = inter;
         w13_ref = w13, w2_ref = w2;
     }
 
@@ -264,7 +269,7 @@ void bind_ep_cuda(py::module_& top) {
     py::class_<EpLayer>(m, "GpuLayer", "grace::cuda::GpuMoeLayer over DLPack capsules (grace/ep/_cuda.py).")
         .def(py::init<std::shared_ptr<EpNccl>, const py::object&, int, int, int, const std::string&,
                       const std::string&, uint64_t>(),
-             py::arg("comm"), py::arg("plan"), py::arg("layer"), py::arg("hidden"), py::arg("intermediate"),
+             py::arg("comm"), py::arg("plan"), py::arg("layer"), py::arg("hidden"), py::arg("intermediate") = 0,
              py::arg("scheme") = "hsc", py::arg("policy") = "tar", py::arg("seed") = 0)
         .def_readonly("num_local_experts", &EpLayer::S)
         .def_readonly("num_experts", &EpLayer::E)

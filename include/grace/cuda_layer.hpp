@@ -74,8 +74,9 @@ class GpuMoeLayer {
     /// kInvalidArgument naming what is inconsistent, kBackend for CUDA failures.
     GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
                 std::vector<ExpertWeights> local_experts, const GpuMoeLayerOptions& options = {});
-    /// Without weights: every rank gives the same `hidden` and `intermediate` (positive multiples of 8); the
-    /// weights are the caller's device arrays, given with set_expert_weights() before the first call.
+    /// Without weights: every rank gives the same `hidden` and `intermediate` (multiples of 8; hidden > 0,
+    /// intermediate 0 = not known yet); the weights are the caller's device arrays, given with
+    /// set_expert_weights() before the first call that runs the layer's experts.
     GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator, int hidden,
                 int intermediate, const GpuMoeLayerOptions& options = {});
     ~GpuMoeLayer();
@@ -97,8 +98,10 @@ class GpuMoeLayer {
 
     /// Uses the caller's device bf16 weights from now on, not copied: w13 [S, 2I, H] (gate rows 0..I-1, up rows
     /// I..2I-1), w2 [S, H, I], S = layer.gpu_experts[rank].size(), row s = the expert at position s of that list.
-    /// They must stay valid and unchanged while calls that use them run (stream order).
-    void set_expert_weights(const void* w13_bf16, const void* w2_bf16);
+    /// They must stay valid and unchanged while calls that use them run (stream order). `intermediate` > 0 sets
+    /// I (this rank's experts only; 0 keeps the constructor's, which must then be > 0). Not between dispatch and
+    /// combine.
+    void set_expert_weights(const void* w13_bf16, const void* w2_bf16, int intermediate = 0);
 
     /// Stream-ordered phases (the grace.ep CUDA backend). All pointers are device memory; `stream` is a
     /// cudaStream_t (nullptr = the legacy default stream); every call is collective like forward(). Work is

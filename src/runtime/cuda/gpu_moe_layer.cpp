@@ -684,7 +684,8 @@ void GpuMoeLayer::setup(const LayerPlan& layer, const Topology& topology, Commun
     communicator.allreduce_max(shape);
     m.H = static_cast<int>(shape[0]);
     m.I = static_cast<int>(shape[1]);
-    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && m.I > 0 && m.I % 8 == 0,
+    // Without weights, I may be 0 (given later by set_expert_weights).
+    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && (m.I > 0 || !given) && m.I >= 0 && m.I % 8 == 0,
                     "GpuMoeLayer needs H and I positive multiples "
                     "of 8, got H=",
                     m.H, " I=", m.I);
@@ -769,12 +770,20 @@ std::vector<float> GpuMoeLayer::forward(const std::vector<float>& hidden, const 
     return out;
 }
 
-void GpuMoeLayer::set_expert_weights(const void* w13_bf16, const void* w2_bf16) {
+void GpuMoeLayer::set_expert_weights(const void* w13_bf16, const void* w2_bf16, int intermediate) {
     auto& m = *impl_;
+    GRACE_CHECK_ARG(intermediate >= 0 && intermediate % 8 == 0, "GpuMoeLayer::set_expert_weights: intermediate ",
+                    intermediate, " is not a multiple of 8");
     GRACE_CHECK_ARG(m.n_local == 0 || (w13_bf16 && w2_bf16), "GpuMoeLayer::set_expert_weights on rank ", m.me,
                     ": null weight pointer for ", m.n_local, " local experts");
     GRACE_CHECK_ARG(m.open_call == 0, "GpuMoeLayer::set_expert_weights on rank ", m.me,
                     " between dispatch and combine");
+    if (intermediate > 0 && intermediate != m.I) {
+        m.I = intermediate;
+        m.local_moe.reset();  // its workspace is sized for the old I
+        m.local_moe_cap = 0;
+    }
+    GRACE_CHECK_ARG(m.I > 0, "GpuMoeLayer::set_expert_weights: the intermediate size is not known (pass it)");
     m.w13_ptr = w13_bf16;
     m.w2_ptr = w2_bf16;
 }
