@@ -111,17 +111,20 @@ struct EpLayer {
         GRACE_CHECK_ARG(layer_index >= 0 && layer_index < static_cast<int>(plan.layers.size()), "layer ", layer_index,
                         " outside the plan's [0, ", plan.layers.size(), ")");
         const Topology& topo = nccl->comm->topology();
-        GRACE_CHECK_ARG(plan.topology.num_gpus() == topo.num_gpus(), "plan for ", plan.topology.to_string(),
-                        " (", plan.topology.num_gpus(), " GPUs) but the group runs ", topo.to_string());
+        GRACE_CHECK_ARG(plan.topology.num_gpus() == topo.num_gpus(), "plan for ", plan.topology.to_string(), " (",
+                        plan.topology.num_gpus(), " GPUs) but the group runs ", topo.to_string());
         E = plan.num_experts;
-        S = static_cast<int>(plan.layers[layer_index].gpu_experts[nccl->comm->rank()].size());
+        const auto& gpu_experts = plan.layers[layer_index].gpu_experts;
+        GRACE_CHECK_ARG(static_cast<int>(gpu_experts.size()) == topo.num_gpus(), "plan layer ", layer_index,
+                        " places experts on ", gpu_experts.size(), " GPUs, the group has ", topo.num_gpus());
+        S = static_cast<int>(gpu_experts[nccl->comm->rank()].size());
         cuda::GpuMoeLayerOptions o;
         o.scheme = parse_comm_scheme(scheme);
         o.policy = parse_routing_policy(policy);
         o.routing_seed = seed;
         DeviceGuard guard(nccl->device);
-        layer = std::make_unique<cuda::GpuMoeLayer>(plan.layers[layer_index], topo, *nccl->comm, hidden, intermediate,
-                                                    o);
+        layer =
+            std::make_unique<cuda::GpuMoeLayer>(plan.layers[layer_index], topo, *nccl->comm, hidden, intermediate, o);
     }
 
     int dev() const { return nccl->device; }
@@ -154,8 +157,8 @@ struct EpLayer {
         auto [vx, vi, vw] = inputs(x, ids, w);
         DeviceGuard guard(dev());
         return PyHandle{layer->dispatch(vx.data, static_cast<const int32_t*>(vi.data),
-                                        static_cast<const float*>(vw.data), vx.shape[0],
-                                        static_cast<int>(vi.shape[1]), as_stream(stream), first_token)};
+                                        static_cast<const float*>(vw.data), vx.shape[0], static_cast<int>(vi.shape[1]),
+                                        as_stream(stream), first_token)};
     }
 
     void received(const PyHandle& h, const py::object& rx, const py::object& rs, const py::object& rw,
@@ -165,8 +168,7 @@ struct EpLayer {
         auto vs = dl::import_cuda(rs, "recv_topk", dl::kInt32, dev(), {R, k});
         auto vw = dl::import_cuda(rw, "recv_weights", dl::kFloat32, dev(), {R, k});
         DeviceGuard guard(dev());
-        layer->received(h.h, vx.data, static_cast<int32_t*>(vs.data), static_cast<float*>(vw.data),
-                        as_stream(stream));
+        layer->received(h.h, vx.data, static_cast<int32_t*>(vs.data), static_cast<float*>(vw.data), as_stream(stream));
     }
 
     void experts(PyHandle& h, uintptr_t stream) {
@@ -227,15 +229,15 @@ struct EpExperts {
         GRACE_CHECK_ARG(R < (int64_t{1} << 31) / std::max<int64_t>(1, k), "experts: ", R, " rows");
         if (R == 0) return;
         DeviceGuard guard(dev);
-        auto& entry = cache[{dev, static_cast<int>(S), static_cast<int>(k), static_cast<int>(H),
-                             static_cast<int>(I2 / 2)}];
+        auto& entry =
+            cache[{dev, static_cast<int>(S), static_cast<int>(k), static_cast<int>(H), static_cast<int>(I2 / 2)}];
         if (!entry.second || entry.first < R) {
             entry.second.reset();
             entry.first = static_cast<int>(std::max<int64_t>(R, 2 * static_cast<int64_t>(entry.first)));
-            entry.second = std::make_unique<cuda::LocalMoe>(
-                cuda::LocalMoeShape{static_cast<int>(S), static_cast<int>(k), static_cast<int>(H),
-                                    static_cast<int>(I2 / 2)},
-                entry.first);
+            entry.second =
+                std::make_unique<cuda::LocalMoe>(cuda::LocalMoeShape{static_cast<int>(S), static_cast<int>(k),
+                                                                     static_cast<int>(H), static_cast<int>(I2 / 2)},
+                                                 entry.first);
         }
         entry.second->set_weights(a.data, b.data);
         entry.second->forward(vx.data, static_cast<const int32_t*>(vs.data), static_cast<const float*>(vw.data),
@@ -267,8 +269,8 @@ void bind_ep_cuda(py::module_& top) {
         .def_property_readonly("open", [](const PyHandle& h) { return h.h.call != 0; });
 
     py::class_<EpLayer>(m, "GpuLayer", "grace::cuda::GpuMoeLayer over DLPack capsules (grace/ep/_cuda.py).")
-        .def(py::init<std::shared_ptr<EpNccl>, const py::object&, int, int, int, const std::string&,
-                      const std::string&, uint64_t>(),
+        .def(py::init<std::shared_ptr<EpNccl>, const py::object&, int, int, int, const std::string&, const std::string&,
+                      uint64_t>(),
              py::arg("comm"), py::arg("plan"), py::arg("layer"), py::arg("hidden"), py::arg("intermediate") = 0,
              py::arg("scheme") = "hsc", py::arg("policy") = "tar", py::arg("seed") = 0)
         .def_readonly("num_local_experts", &EpLayer::S)
@@ -281,8 +283,7 @@ void bind_ep_cuda(py::module_& top) {
         .def("received", &EpLayer::received, py::arg("handle"), py::arg("recv_x"), py::arg("recv_topk"),
              py::arg("recv_weights"), py::arg("stream"))
         .def("experts", &EpLayer::experts, py::arg("handle"), py::arg("stream"))
-        .def("combine", &EpLayer::combine, py::arg("handle"), py::arg("expert_out"), py::arg("out"),
-             py::arg("stream"))
+        .def("combine", &EpLayer::combine, py::arg("handle"), py::arg("expert_out"), py::arg("out"), py::arg("stream"))
         .def("forward_async", &EpLayer::forward_async, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
              py::arg("out"), py::arg("stream"), py::arg("first_token") = 0)
         .def("forward_device", &EpLayer::forward_device, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),

@@ -84,13 +84,26 @@ inline constexpr DLDataType kInt32{kDLInt, 32, 1};
 inline std::string dtype_name(const DLDataType& t) {
     std::string base;
     switch (t.code) {
-        case kDLInt: base = "int"; break;
-        case kDLUInt: base = "uint"; break;
-        case kDLFloat: base = "float"; break;
-        case kDLBfloat: base = "bfloat"; break;
-        case kDLComplex: base = "complex"; break;
-        case kDLBool: return "bool";
-        default: base = cat("code", int(t.code), "_"); break;
+        case kDLInt:
+            base = "int";
+            break;
+        case kDLUInt:
+            base = "uint";
+            break;
+        case kDLFloat:
+            base = "float";
+            break;
+        case kDLBfloat:
+            base = "bfloat";
+            break;
+        case kDLComplex:
+            base = "complex";
+            break;
+        case kDLBool:
+            return "bool";
+        default:
+            base = cat("code", int(t.code), "_");
+            break;
     }
     return cat(base, int(t.bits), t.lanes != 1 ? cat("x", t.lanes) : std::string());
 }

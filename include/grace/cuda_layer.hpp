@@ -45,7 +45,7 @@ namespace grace::cuda {
 /// Collective over the host communicator. Throws kInvalidArgument (null or device-memory host communicator,
 /// topology mismatch, device out of range), kUnsupported without a CUDA device, kBackend for NCCL failures.
 std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options,
-                                                    std::shared_ptr<Communicator> host, int device = -1);
+                                                     std::shared_ptr<Communicator> host, int device = -1);
 
 /// One open dispatch of a GpuMoeLayer (returned by dispatch(), consumed by combine()). Only the latest dispatch of
 /// a layer is open: a later dispatch or a failed call makes older handles stale (combine refuses them).
@@ -59,10 +59,10 @@ struct GpuDispatchHandle {
 
 /// Options of a GpuMoeLayer.
 struct GpuMoeLayerOptions {
-    CommScheme scheme = CommScheme::kHsc;                   ///< dispatch/combine scheme
-    RoutingPolicy policy = RoutingPolicy::kTar;             ///< replica routing policy
-    uint64_t routing_seed = 0;                              ///< seed of the SGLang policies
-    GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;    ///< LocalMoe GEMM backend
+    CommScheme scheme = CommScheme::kHsc;                 ///< dispatch/combine scheme
+    RoutingPolicy policy = RoutingPolicy::kTar;           ///< replica routing policy
+    uint64_t routing_seed = 0;                            ///< seed of the SGLang policies
+    GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;  ///< LocalMoe GEMM backend
 };
 
 /// One MoE layer on one rank's GPU (the current CUDA device, which the nccl communicator selected).
@@ -134,8 +134,8 @@ class GpuMoeLayer {
     /// and writes out [num_tokens, H] fp32. Consumes the handle. `stream` must be dispatch's.
     void combine(GpuDispatchHandle& handle, const void* expert_out_bf16, float* out, void* stream);
     /// dispatch + experts + combine: the same values as forward_device on the same inputs and router state.
-    void forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
-                       int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token = 0);
+    void forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                       int top_k, float* out, void* stream, int64_t first_token = 0);
 
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per
     /// link class with payload = copies * H * 2).

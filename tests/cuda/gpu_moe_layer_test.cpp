@@ -13,6 +13,7 @@
 #include <numeric>
 #include <thread>
 
+#include "device_buffer.hpp"
 #include "grace/communicator.hpp"
 #include "grace/cuda_layer.hpp"
 #include "grace/cuda_moe.hpp"
@@ -20,7 +21,6 @@
 #include "grace/experts.hpp"
 #include "grace/plan.hpp"
 #include "grace/runtime.hpp"
-#include "device_buffer.hpp"
 #include "hub_communicator.hpp"
 
 namespace gc = grace::cuda;
@@ -387,8 +387,8 @@ void phases_on_hub(const grace::Topology& topo, const Case& c, CommScheme scheme
         });
     for (auto& t : threads) t.join();
     for (int r = 0; r < G; ++r)
-        EXPECT_EQ(failures[r], "") << "rank " << r << " " << grace::to_string(scheme) << " "
-                                   << grace::to_string(policy) << (split ? " split" : " whole");
+        EXPECT_EQ(failures[r], "") << "rank " << r << " " << grace::to_string(scheme) << " " << grace::to_string(policy)
+                                   << (split ? " split" : " whole");
 }
 
 }  // namespace

@@ -375,8 +375,7 @@ struct GpuMoeLayer::Impl {
             gpu_router->route(me, d_topk, static_cast<int>(T), k,
                               RouteOutputs{r_inst.data(), r_rank.data(), r_tpr.data(), r_in_rank.data(), r_tpi.data()},
                               stream);
-            CUDA_RUNTIME_CHECK(
-                cudaMemcpyAsync(h_route + 2 * n, r_rank.data(), n * 4, cudaMemcpyDeviceToHost, stream));
+            CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route + 2 * n, r_rank.data(), n * 4, cudaMemcpyDeviceToHost, stream));
         }
         CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route, d_topk, n * 4, cudaMemcpyDeviceToHost, stream));
         CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route + n, d_weights, n * 4, cudaMemcpyDeviceToHost, stream));
@@ -416,7 +415,8 @@ struct GpuMoeLayer::Impl {
     }
     void check_handle(const GpuDispatchHandle& h) const {
         GRACE_CHECK_ARG(h.call != 0, "GpuMoeLayer: the dispatch handle was already combined (or is empty)");
-        GRACE_CHECK_ARG(h.call == open_call, "GpuMoeLayer: the dispatch handle is stale (a later dispatch or a failed "
+        GRACE_CHECK_ARG(h.call == open_call,
+                        "GpuMoeLayer: the dispatch handle is stale (a later dispatch or a failed "
                         "call replaced it; one dispatch may be open per layer)");
     }
     void dispatch_phase(const bf16* hidden, int64_t T, int k);
@@ -557,8 +557,8 @@ void GpuMoeLayer::Impl::dispatch_phase(const bf16* hidden, int64_t T, int k) {
     std::vector<int32_t> m1(static_cast<size_t>(a.total_recv) * k * 3);
     if (!m1.empty()) {
         if (async) {
-            CUDA_RUNTIME_CHECK(cudaMemcpyAsync(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost,
-                                               stream));
+            CUDA_RUNTIME_CHECK(
+                cudaMemcpyAsync(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost, stream));
             host_wait(stream, wait_event, comm.timeout_s(), me, "HSC stage-1 records to the host");
         } else {
             CUDA_RUNTIME_CHECK(cudaMemcpy(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost));
@@ -823,8 +823,8 @@ void GpuMoeLayer::received(const GpuDispatchHandle& handle, void* recv_x_bf16, i
     const int64_t R = handle.num_recv;
     if (R == 0) return;
     auto s = static_cast<cudaStream_t>(stream);
-    CUDA_RUNTIME_CHECK(cudaMemcpyAsync(recv_x_bf16, m.last_dev->payload_recv.data(),
-                                       static_cast<size_t>(R) * m.H * 2, cudaMemcpyDeviceToDevice, s));
+    CUDA_RUNTIME_CHECK(cudaMemcpyAsync(recv_x_bf16, m.last_dev->payload_recv.data(), static_cast<size_t>(R) * m.H * 2,
+                                       cudaMemcpyDeviceToDevice, s));
     detail::split_meta_padded(m.last_dev->meta_recv.data(), R, handle.records, handle.top_k, recv_slot, recv_weights,
                               s);
 }
@@ -833,7 +833,8 @@ void GpuMoeLayer::experts(GpuDispatchHandle& handle, void* stream) {
     auto& m = *impl_;
     m.check_handle(handle);
     GRACE_CHECK_ARG(!m.experts_ran, "GpuMoeLayer::experts: already run for this dispatch");
-    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream, "GpuMoeLayer::experts: another stream than "
+    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream,
+                    "GpuMoeLayer::experts: another stream than "
                     "dispatch's");
     m.experts_phase();
 }
@@ -841,7 +842,8 @@ void GpuMoeLayer::experts(GpuDispatchHandle& handle, void* stream) {
 void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16, float* out, void* stream) {
     auto& m = *impl_;
     m.check_handle(handle);
-    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream, "GpuMoeLayer::combine: another stream than "
+    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream,
+                    "GpuMoeLayer::combine: another stream than "
                     "dispatch's");
     const bf16* partials = static_cast<const bf16*>(expert_out_bf16);
     if (!partials) {

@@ -78,8 +78,9 @@ __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* _
 void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst,
                  void* stream) {
     if (rows == 0) return;
-    gather_rows_kernel<<<blocks(rows, 8), 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(src0), static_cast<const uint4*>(src1), idx,
-                                                 rows, hidden / 8, static_cast<uint4*>(dst));
+    gather_rows_kernel<<<blocks(rows, 8), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const uint4*>(src0), static_cast<const uint4*>(src1), idx, rows, hidden / 8,
+        static_cast<uint4*>(dst));
     CUDA_LAUNCH_CHECK();
 }
 

@@ -261,7 +261,7 @@ class NcclCommunicator final : public Communicator {
     cudaStream_t stream_ = nullptr;
     cudaEvent_t ready_ = nullptr;
     cudaStream_t user_stream_ = nullptr;  // set_stream
-    bool broken_ = false;  // a wait timed out and the NCCL communicators were aborted
+    bool broken_ = false;                 // a wait timed out and the NCCL communicators were aborted
 };
 
 NcclRequest::~NcclRequest() {
@@ -328,7 +328,7 @@ std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& 
 namespace grace::cuda {
 
 std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options,
-                                                    std::shared_ptr<Communicator> host, int device) {
+                                                     std::shared_ptr<Communicator> host, int device) {
     GRACE_CHECK_ARG(host != nullptr, "nccl communicator: no host communicator given");
     GRACE_CHECK_ARG(host->memory_space() == MemorySpace::kHost, "nccl communicator: the bootstrap communicator '",
                     host->backend(), "' must work on host memory");
