@@ -70,8 +70,20 @@ struct ExpertWorkspace {
     std::vector<float> weights;  ///< fp32 copy of bf16 weights, 3*H*I
 };
 
+/// Non-owning fp32 weights of one expert, e.g. the rows of a caller's stacked tensors w13 [S, 2I, H] (gate =
+/// w13[s][0:I], up = w13[s][I:2I]) and w2 [S, H, I] (down = w2[s]). Row-major, same shapes as ExpertWeights.
+struct ExpertWeightsView {
+    ExpertShape shape;
+    const float* gate = nullptr;  ///< [I, H]
+    const float* up = nullptr;    ///< [I, H]
+    const float* down = nullptr;  ///< [H, I]
+};
+
 /// y[n, H] = down(silu(gate(x)) * up(x)) for x[n, H], through Eigen GEMMs (fp32 accumulation). n may be 0.
 void expert_forward(const ExpertWeights& weights, const float* x, int64_t n, float* y, ExpertWorkspace& workspace);
+/// The same on fp32 weights the caller owns (bit-identical to the overload above on the same values; the
+/// workspace's `weights` is not used).
+void expert_forward(const ExpertWeightsView& weights, const float* x, int64_t n, float* y, ExpertWorkspace& workspace);
 
 /// The same computation with plain loops (no BLAS; double accumulation is NOT used: fp32, natural order):
 /// the independent reference that the runtime's outputs are checked against.

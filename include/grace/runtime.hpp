@@ -88,6 +88,46 @@ struct MoeLayerOptions {
     bool overlap = true;                         ///< HSC: pack stage 2 while stage 1 is in flight
 };
 
+/// What MoeLayer::dispatch delivered to this rank: R rows, each carrying the selections served here. Own tokens
+/// with a selection on this rank come first (token order), then the received copies in arrival order.
+struct MoeReceived {
+    int64_t rows = 0;            ///< R
+    int top_k = 0;               ///< k
+    std::vector<float> x;        ///< [R, H] token vectors
+    std::vector<int32_t> topk;   ///< [R, k] local expert slot of each selection served here, -1 elsewhere
+    std::vector<float> weights;  ///< [R, k] gate weight of each such selection, 0 where topk is -1
+};
+
+/// The state one MoeLayer::dispatch leaves for its combine (the exchange layouts, where each returned vector is
+/// added). Opaque and move-only; valid for exactly one combine on the layer that made it.
+class MoeHandle {
+  public:
+    MoeHandle();
+    ~MoeHandle();
+    MoeHandle(MoeHandle&&) noexcept;
+    MoeHandle& operator=(MoeHandle&&) noexcept;
+    /// False once combined (or default-constructed).
+    bool valid() const { return state_ != nullptr; }
+    /// T: tokens of the dispatch (rows of combine's output).
+    int64_t num_tokens() const;
+    /// R: rows dispatch delivered (rows of the expert output combine expects).
+    int64_t num_rows() const;
+
+  private:
+    friend class MoeLayer;
+    struct State;
+    std::unique_ptr<State> state_;
+};
+
+/// The local experts on received rows: expert_out [rows, H] = sum_j weights[r, j] * SwiGLU_{slots[s]}(x[r]) over
+/// the j with s = topk[r, j] >= 0 (-1 = none; rows without a selection give 0). Rows are batched per slot in row
+/// order, slot by slot, and each row's terms are added in slot order: MoeLayer::forward's exact arithmetic.
+/// `workspaces` is resized to slots.size(). Throws kInvalidArgument for a slot outside [-1, S) (naming row and
+/// column) or a slot whose hidden size is not `hidden`.
+void run_local_experts(const std::vector<ExpertWeightsView>& slots, int hidden, const float* x, const int32_t* topk,
+                       const float* weights, int64_t rows, int top_k, float* expert_out,
+                       std::vector<ExpertWorkspace>& workspaces);
+
 /// One MoE layer on one rank.
 /// Checks the flat sizes of a forward call and returns num_tokens: `topk_ids` and `topk_weights` hold
 /// num_tokens * top_k values and `hidden` num_tokens * hidden_size. Throws kInvalidArgument naming the mismatch.
@@ -103,6 +143,11 @@ class MoeLayer {
     MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
              std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options = {});
     ~MoeLayer();
+    /// A layer without weights (the caller passes them to experts() each call): hidden size `hidden_size`
+    /// (all ranks must agree); local slot s is expert layer.gpu_experts[communicator.rank()][s]. forward() and
+    /// the weightless experts() throw kInvalidArgument on it.
+    MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator, int hidden_size,
+             const MoeLayerOptions& options = {});
     MoeLayer(const MoeLayer&) = delete;
     MoeLayer& operator=(const MoeLayer&) = delete;
 
@@ -118,7 +163,28 @@ class MoeLayer {
     std::vector<float> forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
                                const std::vector<float>& topk_weights, int top_k, int64_t first_token = 0);
 
-    /// Statistics of the last forward call.
+    /// forward() in three phases, DeepEP-style: forward == combine(experts(dispatch(...))) bit for bit.
+    /// dispatch: collective (every rank calls it); routes every selection (ReplicaRouter, counters carried),
+    /// exchanges the copies and returns the rows served here in `received` (with this rank's local slots: the
+    /// index into the local_experts given to the constructor, or into layer.gpu_experts[rank] for a weightless
+    /// layer). Arguments and errors as forward. `hidden` is not referenced after it returns.
+    MoeHandle dispatch(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                       int top_k, MoeReceived& received, int64_t first_token = 0);
+    /// Local, no communication: expert_out [R, H] from the layer's own weights (run_local_experts).
+    void experts(const MoeReceived& received, float* expert_out);
+    /// The same with the caller's weights: slots[s] for local slot s (as many as the layer's local experts, of
+    /// hidden size H; else kInvalidArgument).
+    void experts(const std::vector<ExpertWeightsView>& slots, const float* recv_x, const int32_t* recv_topk,
+                 const float* recv_weights, int64_t rows, int top_k, float* expert_out);
+    /// Collective: sends each row's expert output back to its token and writes out [T, H] (T = handle's
+    /// num_tokens()) = the sum over every selection of the token. expert_out is [handle.num_rows(), H]. Consumes
+    /// the handle; throws kInvalidArgument for an empty (already combined) handle or one of another layer.
+    void combine(const float* expert_out, MoeHandle& handle, float* out);
+    /// Number of local expert slots (experts of layer.gpu_experts[rank]).
+    int num_local_experts() const;
+
+    /// Statistics of the last forward call (phases: the last dispatch, experts and combine; total_s then runs
+    /// from dispatch's start to combine's end, including the caller's time between the phases).
     const MoeCallStats& last_stats() const;
     /// Layout of the last forward call.
     const DispatchLayout& last_layout() const;

@@ -122,11 +122,11 @@ void expert_forward(const ExpertWeights& weights, const float* x, int64_t n, flo
     if (n == 0) return;
     const int H = weights.shape.hidden, I = weights.shape.intermediate;
     const size_t hi = static_cast<size_t>(H) * I;
-    const float *gate, *up, *down;
+    ExpertWeightsView view{weights.shape, nullptr, nullptr, nullptr};
     if (weights.storage == DType::kF32) {
-        gate = weights.gate.data();
-        up = weights.up.data();
-        down = weights.down.data();
+        view.gate = weights.gate.data();
+        view.up = weights.up.data();
+        view.down = weights.down.data();
     } else {
         // bf16 storage: widen to fp32 per call (the stored copy stays bf16), then fp32 GEMMs.
         ws.weights.resize(3 * hi);
@@ -134,13 +134,19 @@ void expert_forward(const ExpertWeights& weights, const float* x, int64_t n, flo
         for (size_t i = 0; i < hi; ++i) dst[i] = bf16_to_float(weights.gate_bf16[i]);
         for (size_t i = 0; i < hi; ++i) dst[hi + i] = bf16_to_float(weights.up_bf16[i]);
         for (size_t i = 0; i < hi; ++i) dst[2 * hi + i] = bf16_to_float(weights.down_bf16[i]);
-        gate = dst;
-        up = dst + hi;
-        down = dst + 2 * hi;
+        view.gate = dst;
+        view.up = dst + hi;
+        view.down = dst + 2 * hi;
     }
+    expert_forward(view, x, n, y, ws);
+}
+
+void expert_forward(const ExpertWeightsView& weights, const float* x, int64_t n, float* y, ExpertWorkspace& ws) {
+    if (n == 0) return;
+    const int H = weights.shape.hidden, I = weights.shape.intermediate;
     ws.gate_up.resize(static_cast<size_t>(n) * 2 * I);
     ws.act.resize(static_cast<size_t>(n) * I);
-    ConstMap X(x, n, H), Wg(gate, I, H), Wu(up, I, H), Wd(down, H, I);
+    ConstMap X(x, n, H), Wg(weights.gate, I, H), Wu(weights.up, I, H), Wd(weights.down, H, I);
     MutMap G(ws.gate_up.data(), n, I), U(ws.gate_up.data() + static_cast<size_t>(n) * I, n, I);
     MutMap A(ws.act.data(), n, I), Y(y, n, H);
     G.noalias() = X * Wg.transpose();

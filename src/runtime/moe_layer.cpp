@@ -65,8 +65,10 @@ struct Stage {
     RecordKind kind = RecordKind::kExpertWeight;
     int records_per_copy = 1;
     int n = 0;                                 // group size
-    std::vector<std::vector<const float*>> x;  // [n][copies] payload source
-    std::vector<std::vector<float*>> accum;    // [n][copies] where the returned vector is added in combine
+    std::vector<std::vector<const float*>> x;  // [n][copies] payload source (dispatch only)
+    // [n][copies] where the returned vector is added in combine: >= 0 row t of the output, < 0 row -1 - code of
+    // the node-level accumulator of the forwarded copies (HSC).
+    std::vector<std::vector<int64_t>> accum;
     std::vector<std::vector<Record>> records;  // [n][copies * records_per_copy]
     std::vector<uint8_t> peers;                // [n] ranks exchanged with (counts), symmetric
     // Exchange state.
@@ -89,9 +91,81 @@ struct Stage {
     size_t row_bytes(int H) const {
         return static_cast<size_t>(H) * 4 + static_cast<size_t>(records_per_copy) * record_bytes(kind);
     }
+    // After dispatch only the counts and accumulators are needed: drop the buffers and payload pointers.
+    void release_dispatch_buffers() {
+        std::vector<char>().swap(send);
+        std::vector<char>().swap(recv);
+        std::vector<std::vector<const float*>>().swap(x);
+        std::vector<std::vector<Record>>().swap(records);
+    }
+};
+
+// Where a received row's expert output goes in combine.
+enum class RowTarget : uint8_t {
+    kOut,       // the caller's own token: row of the output
+    kForward,   // HSC: a stage-1 copy this rank forwards: row of the node-level accumulator
+    kPartial1,  // a stage-1 (flat) copy: row of the vectors sent back in stage 1
+    kPartial2,  // HSC: a stage-2 copy: row of the vectors sent back in stage 2
 };
 
 }  // namespace
+
+struct MoeHandle::State {
+    const void* owner = nullptr;  // the layer's Impl
+    int64_t T = 0, R = 0;
+    bool hsc = false;
+    Stage s1, s2;
+    int64_t forwarded = 0;                                  // HSC: stage-1 copies received (forward rows)
+    std::vector<std::pair<RowTarget, int64_t>> row_target;  // [R]
+    std::chrono::steady_clock::time_point start;
+};
+
+MoeHandle::MoeHandle() = default;
+MoeHandle::~MoeHandle() = default;
+MoeHandle::MoeHandle(MoeHandle&&) noexcept = default;
+MoeHandle& MoeHandle::operator=(MoeHandle&&) noexcept = default;
+int64_t MoeHandle::num_tokens() const { return state_ ? state_->T : 0; }
+int64_t MoeHandle::num_rows() const { return state_ ? state_->R : 0; }
+
+void run_local_experts(const std::vector<ExpertWeightsView>& slots, int hidden, const float* x, const int32_t* topk,
+                       const float* weights, int64_t rows, int top_k, float* expert_out,
+                       std::vector<ExpertWorkspace>& workspaces) {
+    const int H = hidden;
+    const int S = static_cast<int>(slots.size());
+    GRACE_CHECK_ARG(rows >= 0 && top_k >= 1 && H >= 1, "experts needs rows >= 0, top_k >= 1 and H >= 1, got ", rows,
+                    ", ", top_k, " and ", H);
+    for (int s = 0; s < S; ++s)
+        GRACE_CHECK_ARG(slots[s].shape.hidden == H, "local expert slot ", s, " has hidden size ", slots[s].shape.hidden,
+                        ", the rows have ", H);
+    // Per slot, the (row, column) of its selections in row order: the order forward() always evaluated them in.
+    std::vector<std::vector<std::pair<int64_t, int>>> work(S);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int j = 0; j < top_k; ++j) {
+            const int32_t s = topk[r * top_k + j];
+            GRACE_CHECK_ARG(s >= -1 && s < S, "recv_topk[", r, ", ", j, "] = ", s, " is outside [-1, ", S, ") (", S,
+                            " local experts; -1 = none)");
+            if (s >= 0) work[s].emplace_back(r, j);
+        }
+    std::fill(expert_out, expert_out + rows * H, 0.0f);
+    workspaces.resize(S);
+    std::vector<float> gather_x, gather_y;
+    for (int s = 0; s < S; ++s) {
+        const auto& list = work[s];
+        if (list.empty()) continue;
+        const int64_t n = static_cast<int64_t>(list.size());
+        gather_x.resize(static_cast<size_t>(n) * H);
+        gather_y.resize(static_cast<size_t>(n) * H);
+        for (int64_t i = 0; i < n; ++i)
+            std::memcpy(gather_x.data() + i * H, x + list[i].first * H, static_cast<size_t>(H) * 4);
+        expert_forward(slots[s], gather_x.data(), n, gather_y.data(), workspaces[s]);
+        for (int64_t i = 0; i < n; ++i) {
+            const float w = weights[list[i].first * top_k + list[i].second];
+            const float* y = gather_y.data() + i * H;
+            float* acc = expert_out + list[i].first * H;
+            for (int h = 0; h < H; ++h) acc[h] += w * y[h];
+        }
+    }
+}
 
 struct MoeLayer::Impl {
     LayerPlan layer;
@@ -100,24 +174,16 @@ struct MoeLayer::Impl {
     MoeLayerOptions options;
     ReplicaRouter router;
     bool token_origin_set = false;  // the first call's first_token is this rank's first token
+    bool has_weights = true;
     std::vector<ExpertWeights> experts;
-    std::vector<int> slot_of_expert;  // [E] index into experts or -1
+    int num_slots = 0;
+    std::vector<int> slot_of_expert;  // [E] local slot or -1
     int H = 0, E = 0, G = 0, M = 0, me = 0, my_node = 0, my_local = 0;
 
     MoeCallStats stats;
     DispatchLayout layout;
     std::vector<int32_t> dest;
     std::vector<ExpertWorkspace> workspaces;
-    // A local expert evaluation: x row, weight, where w * f(x) is added.
-    struct Assignment {
-        const float* x;
-        float weight;
-        float* accum;
-    };
-    std::vector<std::vector<Assignment>> assignments;  // [local slot]
-    Stage s1, s2;
-    std::vector<float> forward_accum;  // HSC: per received stage-1 copy, the node's partial sum
-    std::vector<float> gather_x, gather_y;
 
     Impl(const LayerPlan& l, const Topology& t, Communicator& c, std::vector<ExpertWeights> local,
          const MoeLayerOptions& o)
@@ -128,11 +194,11 @@ struct MoeLayer::Impl {
           router(layer, topo, o.policy, o.routing_seed),
           experts(std::move(local)) {}
 
-    void add_local(int32_t expert, const float* x, float weight, float* accum) {
+    int slot_of(int32_t expert) const {
         const int slot = expert >= 0 && expert < E ? slot_of_expert[expert] : -1;
         GRACE_CHECK(slot >= 0, ErrorCode::kInternal, "rank ", me, " was sent expert ", expert, " of layer ",
                     layer.layer, " which it does not hold");
-        assignments[slot].push_back({x, weight, accum});
+        return slot;
     }
 
     void count_sent(std::array<LinkBytes, 2>& bytes, int global_dest, int64_t copies, int64_t payload, int64_t meta,
@@ -231,8 +297,8 @@ struct MoeLayer::Impl {
     }
 
     // Sends back one vector per received copy (rows of `partials`, in receive order) and adds each returned
-    // vector into the accumulator of the copy it answers.
-    void combine_stage(Stage& s, const std::vector<float>& partials) {
+    // vector into the accumulator of the copy it answers (`out` rows, or `forward` rows for codes < 0).
+    void combine_stage(Stage& s, const std::vector<float>& partials, float* out, float* forward) {
         const size_t row = static_cast<size_t>(H) * 4;
         AlltoallvLayout back;
         back.send_counts.resize(s.n);
@@ -246,7 +312,7 @@ struct MoeLayer::Impl {
             back.send_counts[q] = s.recv_copies[q] * row;
             soff += back.send_counts[q];
             back.recv_displs[q] = roff;
-            back.recv_counts[q] = s.x[q].size() * row;
+            back.recv_counts[q] = s.accum[q].size() * row;
             roff += back.recv_counts[q];
             if (q != self) {
                 const int64_t c = static_cast<int64_t>(s.recv_copies[q]);
@@ -258,42 +324,70 @@ struct MoeLayer::Impl {
         for (int q = 0; q < s.n; ++q) {
             const float* src = returned.data() + back.recv_displs[q] / 4;
             for (size_t m = 0; m < s.accum[q].size(); ++m) {
-                float* acc = s.accum[q][m];
+                const int64_t code = s.accum[q][m];
+                float* acc = code >= 0 ? out + code * H : forward + (-1 - code) * H;
                 const float* v = src + m * H;
                 for (int h = 0; h < H; ++h) acc[h] += v[h];
             }
         }
     }
 
-    void run_experts() {
-        for (size_t slot = 0; slot < experts.size(); ++slot) {
-            auto& list = assignments[slot];
-            if (list.empty()) continue;
-            const int64_t n = static_cast<int64_t>(list.size());
-            gather_x.resize(static_cast<size_t>(n) * H);
-            gather_y.resize(static_cast<size_t>(n) * H);
-            for (int64_t r = 0; r < n; ++r) std::memcpy(gather_x.data() + r * H, list[r].x, static_cast<size_t>(H) * 4);
-            expert_forward(experts[slot], gather_x.data(), n, gather_y.data(), workspaces[slot]);
-            for (int64_t r = 0; r < n; ++r) {
-                const float w = list[r].weight;
-                const float* y = gather_y.data() + r * H;
-                float* acc = list[r].accum;
-                for (int h = 0; h < H; ++h) acc[h] += w * y[h];
+    MoeHandle dispatch(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k,
+                       MoeReceived& received, int64_t first_token);
+    void combine(const float* expert_out, MoeHandle::State& st, float* out);
+    void own_slots(std::vector<ExpertWeightsView>& views) {
+        GRACE_CHECK_ARG(has_weights, "layer ", layer.layer,
+                        " was built without expert weights: pass them to experts() (or build it with weights)");
+        views.resize(experts.size());
+        workspaces.resize(experts.size());
+        for (size_t s = 0; s < experts.size(); ++s) {
+            const ExpertWeights& w = experts[s];
+            ExpertWeightsView& v = views[s];
+            v.shape = w.shape;
+            if (w.storage == DType::kF32) {
+                v.gate = w.gate.data();
+                v.up = w.up.data();
+                v.down = w.down.data();
+                continue;
             }
-            stats.expert_rows += n;
+            // bf16 storage: widen to fp32 per call (the stored copy stays bf16), as expert_forward does.
+            const size_t hi = static_cast<size_t>(w.shape.hidden) * w.shape.intermediate;
+            std::vector<float>& dst = workspaces[s].weights;
+            dst.resize(3 * hi);
+            for (size_t i = 0; i < hi; ++i) dst[i] = bf16_to_float(w.gate_bf16[i]);
+            for (size_t i = 0; i < hi; ++i) dst[hi + i] = bf16_to_float(w.up_bf16[i]);
+            for (size_t i = 0; i < hi; ++i) dst[2 * hi + i] = bf16_to_float(w.down_bf16[i]);
+            v.gate = dst.data();
+            v.up = dst.data() + hi;
+            v.down = dst.data() + 2 * hi;
         }
     }
-
-    void forward(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k, float* out,
-                 int64_t first_token);
+    void run_experts(const std::vector<ExpertWeightsView>& slots, const float* x, const int32_t* topk, const float* w,
+                     int64_t rows, int k, float* expert_out) {
+        const auto t0 = Clock::now();
+        GRACE_CHECK_ARG(static_cast<int>(slots.size()) == num_slots, "experts got weights of ", slots.size(),
+                        " experts, rank ", me, " holds ", num_slots, " in layer ", layer.layer);
+        // Own bf16 weights live in workspaces[s].weights: keep them (run_local_experts resizes, never shrinks
+        // below the slot count).
+        run_local_experts(slots, H, x, topk, w, rows, k, expert_out, workspaces);
+        int64_t n = 0;
+        for (int64_t i = 0; i < rows * k; ++i) n += topk[i] >= 0;
+        stats.expert_rows = n;
+        stats.expert_s = seconds_since(t0);
+    }
 };
 
-void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k,
-                             float* out, int64_t first_token) {
+MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, const float* weights, int64_t T, int k,
+                                   MoeReceived& received, int64_t first_token) {
     GRACE_CHECK_ARG(T >= 0 && k >= 1, "forward needs num_tokens >= 0 and top_k >= 1, got ", T, " and ", k);
+    MoeHandle handle;
+    handle.state_ = std::make_unique<MoeHandle::State>();
+    MoeHandle::State& st = *handle.state_;
+    st.owner = this;
+    st.T = T;
+    st.start = Clock::now();
     stats = MoeCallStats{};
     stats.dispatch_copies_to.assign(G, 0);
-    const auto t_start = Clock::now();
     // Routing.
     auto t0 = Clock::now();
     dest.assign(static_cast<size_t>(T) * k, -1);
@@ -308,18 +402,30 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
     stats.local_selections = T * k;
     stats.routing_s = seconds_since(t0);
 
+    // Received rows, appended in the order forward() has always evaluated the local selections in.
+    received = MoeReceived{};
+    received.top_k = k;
+    auto new_row = [&](const float* x, RowTarget target, int64_t index) {
+        received.x.insert(received.x.end(), x, x + H);
+        received.topk.insert(received.topk.end(), k, -1);
+        received.weights.insert(received.weights.end(), k, 0.0f);
+        st.row_target.emplace_back(target, index);
+        return received.rows++;
+    };
+    auto set_selection = [&](int64_t row, int j, int32_t expert, float weight) {
+        received.topk[row * k + j] = slot_of(expert);
+        received.weights[row * k + j] = weight;
+    };
+
     // Layout and packing.
     t0 = Clock::now();
     layout = compute_dispatch_layout(dest.data(), ids, T, k, E, topo);
-    std::fill(out, out + T * H, 0.0f);
-    for (auto& a : assignments) a.clear();
     const float* x_of = hidden;
     auto token_x = [&](int64_t t) { return x_of + t * H; };
-    double overlap = 0;
 
     if (options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup) {
         const bool dedup = options.scheme == CommScheme::kFlatDedup;
-        Stage& s = s1;
+        Stage& s = st.s1;
         s.reset(CommGroup::kGlobal, RecordKind::kExpertWeight, dedup ? k : 1, G);
         for (int q = 0; q < G; ++q) s.peers[q] = q != me;
         for (int q = 0; q < G; ++q)
@@ -329,15 +435,17 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
             }
         for (int64_t t = 0; t < T; ++t) {
             const int32_t* d = dest.data() + t * k;
+            int64_t own_row = -1;
             for (int j = 0; j < k; ++j) {
                 if (d[j] < 0) continue;
                 if (d[j] == me) {
-                    add_local(ids[t * k + j], token_x(t), weights[t * k + j], out + t * H);
+                    if (own_row < 0) own_row = new_row(token_x(t), RowTarget::kOut, t);
+                    set_selection(own_row, j, ids[t * k + j], weights[t * k + j]);
                     continue;
                 }
                 if (!dedup) {
                     s.x[d[j]].push_back(token_x(t));
-                    s.accum[d[j]].push_back(out + t * H);
+                    s.accum[d[j]].push_back(t);
                     s.records[d[j]].push_back({ids[t * k + j], -1, weights[t * k + j]});
                     continue;
                 }
@@ -345,7 +453,7 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
                 for (int i = 0; i < j; ++i) first = first && d[i] != d[j];
                 if (!first) continue;
                 s.x[d[j]].push_back(token_x(t));
-                s.accum[d[j]].push_back(out + t * H);
+                s.accum[d[j]].push_back(t);
                 for (int i = 0; i < k; ++i)
                     s.records[d[j]].push_back(d[i] == d[j] ? Record{ids[t * k + i], -1, weights[t * k + i]} : Record{});
             }
@@ -358,23 +466,20 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
         t0 = Clock::now();
         start_stage(s);
         s.request->wait();
-        std::vector<float> partials(static_cast<size_t>(s.total_recv) * H, 0.0f);
         for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
-            for (const Record& r : recs)
-                if (r.expert >= 0) add_local(r.expert, x, r.weight, partials.data() + index * H);
+            int64_t row = -1;
+            for (size_t j = 0; j < recs.size(); ++j)
+                if (recs[j].expert >= 0) {
+                    if (row < 0) row = new_row(x, RowTarget::kPartial1, index);
+                    set_selection(row, static_cast<int>(j), recs[j].expert, recs[j].weight);
+                }
         });
+        s.release_dispatch_buffers();
         stats.dispatch_s = seconds_since(t0);
-
-        t0 = Clock::now();
-        run_experts();
-        stats.expert_s = seconds_since(t0);
-
-        t0 = Clock::now();
-        combine_stage(s, partials);
-        stats.combine_s = seconds_since(t0);
     } else {
+        st.hsc = true;
         // HSC stage 1: own tokens to the peer (same local index) of every other destination node.
-        Stage& a = s1;
+        Stage& a = st.s1;
         a.reset(CommGroup::kGlobal, RecordKind::kExpertDestWeight, k, G);
         for (int b = 0; b < topo.nodes; ++b)
             if (b != my_node) a.peers[topo.gpu_at(b, my_local)] = 1;
@@ -389,7 +494,7 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
                 if (!first) continue;
                 const int peer = topo.gpu_at(b, my_local);
                 a.x[peer].push_back(token_x(t));
-                a.accum[peer].push_back(out + t * H);
+                a.accum[peer].push_back(t);
                 for (int i = 0; i < k; ++i)
                     a.records[peer].push_back(d[i] >= 0 && topo.node_of(d[i]) == b
                                                   ? Record{ids[t * k + i], d[i], weights[t * k + i]}
@@ -405,18 +510,22 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
         start_stage(a);
         double stage1_start_s = seconds_since(t0);
 
-        // While stage 1 is in flight: the intra-node part of the own tokens (stage-2 queue and local work).
+        // While stage 1 is in flight: the intra-node part of the own tokens (stage-2 queue and local rows).
         auto t_overlap = Clock::now();
-        Stage& s = s2;
+        Stage& s = st.s2;
         s.reset(CommGroup::kNode, RecordKind::kExpertWeight, k, topo.gpus_per_node);
         for (int q = 0; q < s.n; ++q) s.peers[q] = q != my_local;
-        // Queues the copies of one entry row (x, its k records restricted to this node) into stage 2.
-        auto queue_node_copies = [&](const float* x, const Record* recs, float* accum) {
+        // Queues the copies of one entry row (x, its k records restricted to this node) into stage 2; the
+        // selections on this rank make one received row whose output goes to (target, index).
+        auto queue_node_copies = [&](const float* x, const Record* recs, RowTarget target, int64_t index) {
+            const int64_t code = target == RowTarget::kOut ? index : -1 - index;
+            int64_t row = -1;
             for (int j = 0; j < k; ++j) {
                 const int32_t dj = recs[j].dest;
                 if (recs[j].expert < 0 || dj < 0 || topo.node_of(dj) != my_node) continue;
                 if (dj == me) {
-                    add_local(recs[j].expert, x, recs[j].weight, accum);
+                    if (row < 0) row = new_row(x, target, index);
+                    set_selection(row, j, recs[j].expert, recs[j].weight);
                     continue;
                 }
                 bool first = true;
@@ -424,7 +533,7 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
                 if (!first) continue;
                 const int q = topo.local_index(dj);
                 s.x[q].push_back(x);
-                s.accum[q].push_back(accum);
+                s.accum[q].push_back(code);
                 for (int i = 0; i < k; ++i)
                     s.records[q].push_back(recs[i].expert >= 0 && recs[i].dest == dj
                                                ? Record{recs[i].expert, -1, recs[i].weight}
@@ -434,43 +543,66 @@ void MoeLayer::Impl::forward(const float* hidden, const int32_t* ids, const floa
         std::vector<Record> own(k);
         for (int64_t t = 0; t < T; ++t) {
             for (int j = 0; j < k; ++j) own[j] = Record{ids[t * k + j], dest[t * k + j], weights[t * k + j]};
-            queue_node_copies(token_x(t), own.data(), out + t * H);
+            queue_node_copies(token_x(t), own.data(), RowTarget::kOut, t);
         }
-        overlap = seconds_since(t_overlap);
-        stats.overlap_s = overlap;
-        stats.layout_s += overlap;
+        stats.overlap_s = seconds_since(t_overlap);
+        stats.layout_s += stats.overlap_s;
 
         t0 = Clock::now();
         a.request->wait();
-        // Forwarded rows: each received stage-1 copy gets a node-level accumulator.
-        forward_accum.assign(static_cast<size_t>(a.total_recv) * H, 0.0f);
+        // Forwarded copies: each received stage-1 copy gets a node-level accumulator row in combine.
+        st.forwarded = a.total_recv;
         for_each_received(a, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
             for (const Record& r : recs)
                 GRACE_CHECK(r.expert < 0 || (r.dest >= 0 && topo.node_of(r.dest) == my_node), ErrorCode::kInternal,
                             "HSC stage 1 delivered a selection for GPU ", r.dest, " to rank ", me);
-            queue_node_copies(x, recs.data(), forward_accum.data() + index * H);
+            queue_node_copies(x, recs.data(), RowTarget::kForward, index);
         });
         start_stage(s);
         s.request->wait();
-        std::vector<float> partials(static_cast<size_t>(s.total_recv) * H, 0.0f);
         for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
-            for (const Record& r : recs)
-                if (r.expert >= 0) add_local(r.expert, x, r.weight, partials.data() + index * H);
+            int64_t row = -1;
+            for (size_t j = 0; j < recs.size(); ++j)
+                if (recs[j].expert >= 0) {
+                    if (row < 0) row = new_row(x, RowTarget::kPartial2, index);
+                    set_selection(row, static_cast<int>(j), recs[j].expert, recs[j].weight);
+                }
         });
+        a.release_dispatch_buffers();
+        s.release_dispatch_buffers();
         stats.dispatch_s = stage1_start_s + seconds_since(t0);
+    }
+    st.R = received.rows;
+    return handle;
+}
 
-        t0 = Clock::now();
-        run_experts();
-        stats.expert_s = seconds_since(t0);
-
+void MoeLayer::Impl::combine(const float* expert_out, MoeHandle::State& st, float* out) {
+    const auto t0 = Clock::now();
+    const int64_t T = st.T;
+    // Every target row starts as 0 plus the expert output of at most one received row (the sum forward() built
+    // in place), then the vectors sent back are added in stage order.
+    std::fill(out, out + T * H, 0.0f);
+    std::vector<float> forward_rows(static_cast<size_t>(st.forwarded) * H, 0.0f);
+    std::vector<float> partials1(st.hsc ? 0 : static_cast<size_t>(st.s1.total_recv) * H, 0.0f);
+    std::vector<float> partials2(st.hsc ? static_cast<size_t>(st.s2.total_recv) * H : 0, 0.0f);
+    for (int64_t r = 0; r < st.R; ++r) {
+        const auto [target, index] = st.row_target[r];
+        float* dst = target == RowTarget::kOut        ? out + index * H
+                     : target == RowTarget::kForward  ? forward_rows.data() + index * H
+                     : target == RowTarget::kPartial1 ? partials1.data() + index * H
+                                                      : partials2.data() + index * H;
+        std::memcpy(dst, expert_out + r * H, static_cast<size_t>(H) * 4);
+    }
+    if (!st.hsc) {
+        combine_stage(st.s1, partials1, out, nullptr);
+    } else {
         // Combine mirrors dispatch: reduce inside the node first (stage 2 back), then one vector per
         // (token, node) back across (stage 1 back).
-        t0 = Clock::now();
-        combine_stage(s, partials);
-        combine_stage(a, forward_accum);
-        stats.combine_s = seconds_since(t0);
+        combine_stage(st.s2, partials2, out, forward_rows.data());
+        combine_stage(st.s1, forward_rows, out, nullptr);
     }
-    stats.total_s = seconds_since(t_start);
+    stats.combine_s = seconds_since(t0);
+    stats.total_s = seconds_since(st.start);
 }
 
 MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
@@ -510,6 +642,7 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
                         layer.layer, " of the plan but its weights were not given");
     GRACE_CHECK_ARG(mine.size() == m.experts.size(), "rank ", m.me, " was given ", m.experts.size(),
                     " experts but the plan puts ", mine.size(), " on it in layer ", layer.layer);
+    m.num_slots = static_cast<int>(m.experts.size());
     // H must be known even on a rank without experts: agree on it across ranks.
     std::vector<double> h{static_cast<double>(m.H)};
     communicator.allreduce_max(h);
@@ -518,14 +651,50 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
     m.H = static_cast<int>(h[0]);
     GRACE_CHECK_ARG(m.H > 0, "layer ", layer.layer, ": no rank holds any expert weights");
     m.workspaces.resize(m.experts.size());
-    m.assignments.resize(m.experts.size());
+}
+
+MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator, int hidden_size,
+                   const MoeLayerOptions& options)
+    : impl_(std::make_unique<Impl>(layer, topology, communicator, std::vector<ExpertWeights>{}, options)) {
+    Impl& m = *impl_;
+    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
+                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
+    GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
+                        communicator.topology().gpus_per_node == topology.gpus_per_node,
+                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
+                    topology.to_string());
+    m.has_weights = false;
+    m.G = topology.num_gpus();
+    m.M = topology.gpus_per_node;
+    m.me = communicator.rank();
+    m.my_node = topology.node_of(m.me);
+    m.my_local = topology.local_index(m.me);
+    m.E = static_cast<int>(layer.primary_gpu.size());
+    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == m.G, "layer ", layer.layer, " plan has ",
+                    layer.gpu_experts.size(), " GPUs but the topology has ", m.G);
+    m.slot_of_expert.assign(m.E, -1);
+    const auto& mine = layer.gpu_experts[m.me];
+    for (size_t s = 0; s < mine.size(); ++s) {
+        const int e = mine[s];
+        GRACE_CHECK_ARG(e >= 0 && e < m.E, "layer ", layer.layer, ": rank ", m.me, " holds expert ", e, " outside [0, ",
+                        m.E, ")");
+        GRACE_CHECK_ARG(m.slot_of_expert[e] < 0, "layer ", layer.layer, ": expert ", e, " listed twice on rank ", m.me);
+        m.slot_of_expert[e] = static_cast<int>(s);
+    }
+    m.num_slots = static_cast<int>(mine.size());
+    GRACE_CHECK_ARG(hidden_size >= 1, "hidden size must be >= 1, got ", hidden_size);
+    std::vector<double> h{static_cast<double>(hidden_size), -static_cast<double>(hidden_size)};
+    communicator.allreduce_max(h);
+    GRACE_CHECK_ARG(h[0] == hidden_size && -h[1] == hidden_size, "rank ", m.me, " has hidden size ", hidden_size,
+                    " but the ranks' sizes range over [", -h[1], ", ", h[0], "]");
+    m.H = hidden_size;
 }
 
 int64_t forward_num_tokens(size_t hidden_values, size_t topk_ids, size_t topk_weights, int top_k, int hidden_size) {
     GRACE_CHECK_ARG(top_k >= 1, "top_k must be >= 1, got ", top_k);
     const int64_t T = static_cast<int64_t>(topk_ids) / top_k;
-    GRACE_CHECK_ARG(static_cast<int64_t>(topk_ids) == T * top_k && topk_weights == topk_ids, "topk_ids has ",
-                    topk_ids, " and topk_weights ", topk_weights, " entries; both must be num_tokens * top_k");
+    GRACE_CHECK_ARG(static_cast<int64_t>(topk_ids) == T * top_k && topk_weights == topk_ids, "topk_ids has ", topk_ids,
+                    " and topk_weights ", topk_weights, " entries; both must be num_tokens * top_k");
     GRACE_CHECK_ARG(static_cast<int64_t>(hidden_values) == T * hidden_size, "hidden has ", hidden_values,
                     " values, expected num_tokens * H = ", T, " * ", hidden_size);
     return T;
@@ -535,7 +704,13 @@ MoeLayer::~MoeLayer() = default;
 
 void MoeLayer::forward(const float* hidden, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
                        int top_k, float* out, int64_t first_token) {
-    impl_->forward(hidden, topk_ids, topk_weights, num_tokens, top_k, out, first_token);
+    GRACE_CHECK_ARG(impl_->has_weights, "layer ", impl_->layer.layer,
+                    " was built without expert weights: forward() needs them (use dispatch/experts/combine)");
+    MoeReceived received;
+    MoeHandle handle = dispatch(hidden, topk_ids, topk_weights, num_tokens, top_k, received, first_token);
+    std::vector<float> expert_out(static_cast<size_t>(received.rows) * impl_->H);
+    experts(received, expert_out.data());
+    combine(expert_out.data(), handle, out);
 }
 
 std::vector<float> MoeLayer::forward(const std::vector<float>& hidden, const std::vector<int32_t>& topk_ids,
@@ -546,6 +721,31 @@ std::vector<float> MoeLayer::forward(const std::vector<float>& hidden, const std
     return out;
 }
 
+MoeHandle MoeLayer::dispatch(const float* hidden, const int32_t* topk_ids, const float* topk_weights,
+                             int64_t num_tokens, int top_k, MoeReceived& received, int64_t first_token) {
+    return impl_->dispatch(hidden, topk_ids, topk_weights, num_tokens, top_k, received, first_token);
+}
+
+void MoeLayer::experts(const MoeReceived& received, float* expert_out) {
+    std::vector<ExpertWeightsView> views;
+    impl_->own_slots(views);
+    impl_->run_experts(views, received.x.data(), received.topk.data(), received.weights.data(), received.rows,
+                       received.top_k, expert_out);
+}
+
+void MoeLayer::experts(const std::vector<ExpertWeightsView>& slots, const float* recv_x, const int32_t* recv_topk,
+                       const float* recv_weights, int64_t rows, int top_k, float* expert_out) {
+    impl_->run_experts(slots, recv_x, recv_topk, recv_weights, rows, top_k, expert_out);
+}
+
+void MoeLayer::combine(const float* expert_out, MoeHandle& handle, float* out) {
+    GRACE_CHECK_ARG(handle.state_ != nullptr, "combine needs the handle of a dispatch; this one was already combined");
+    GRACE_CHECK_ARG(handle.state_->owner == impl_.get(), "combine was given the handle of another layer's dispatch");
+    std::unique_ptr<MoeHandle::State> state = std::move(handle.state_);
+    impl_->combine(expert_out, *state, out);
+}
+
+int MoeLayer::num_local_experts() const { return impl_->num_slots; }
 const MoeCallStats& MoeLayer::last_stats() const { return impl_->stats; }
 const DispatchLayout& MoeLayer::last_layout() const { return impl_->layout; }
 const std::vector<int32_t>& MoeLayer::last_dest_ranks() const { return impl_->dest; }

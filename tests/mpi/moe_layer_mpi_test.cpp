@@ -3,9 +3,12 @@
 //  1. every output equals a dense reference (each token: sum_j w_j * expert_{e_j}(x), plain-loop SwiGLU);
 //  2. the bytes the runtime sent per link class (summed over ranks) equal an independent count of spec §6,
 //     replayed here over the whole trace in trace order with a fresh ReplicaRouter;
-//  3. combine sends back exactly what dispatch sent, per link class.
+//  3. combine sends back exactly what dispatch sent, per link class;
+//  4. the same layer driven in phases (dispatch, experts, combine) gives forward's output bit for bit, and
+//     dispatch delivers every selection of the trace exactly once, to a slot its rank holds.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <set>
 #include <string>
 #include <vector>
@@ -115,6 +118,8 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     const int64_t steps = std::max<int64_t>(1, (max_local + batch - 1) / batch);
 
     double max_err = 0;
+    std::vector<std::string> phase_errors;
+    double served_total = 0;            // selections delivered by dispatch on this rank, all layers and steps
     std::vector<double> sent(16, 0.0);  // [dispatch|combine][intra|cross][payload, meta, control, copies]
     std::vector<double> matrix(static_cast<size_t>(G) * G, 0.0);  // [s, d] dispatch copies, all layers
     for (int l = 0; l < kLayers; ++l) {
@@ -126,6 +131,8 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
         opt.scheme = scheme;
         opt.policy = policy;
         opt.routing_seed = 5;
+        // The same layer driven in phases (dispatch, experts, combine) must give forward's output bit for bit.
+        MoeLayer phased(lp, topo, comm, local, opt);
         MoeLayer layer(lp, topo, comm, std::move(local), opt);
         for (int64_t s = 0; s < steps; ++s) {
             const int64_t b0 = std::min(n_local, s * batch), b1 = std::min(n_local, (s + 1) * batch), n = b1 - b0;
@@ -142,6 +149,24 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
                 }
             }
             std::vector<float> out = layer.forward(x, ids, w, kTopK, begin + b0);
+            {
+                MoeReceived rec;
+                MoeHandle handle = phased.dispatch(x.data(), ids.data(), w.data(), n, kTopK, rec, begin + b0);
+                int64_t served = 0;  // selections delivered here, each to a slot this rank holds
+                for (size_t i = 0; i < rec.topk.size(); ++i) {
+                    served += rec.topk[i] >= 0;
+                    if (rec.topk[i] >= phased.num_local_experts() || (rec.topk[i] < 0 && rec.weights[i] != 0.0f))
+                        phase_errors.push_back(cat("bad received selection ", rec.topk[i]));
+                }
+                std::vector<float> expert_out(static_cast<size_t>(rec.rows) * kHidden), out2(out.size());
+                phased.experts(rec, expert_out.data());
+                phased.combine(expert_out.data(), handle, out2.data());
+                if (std::memcmp(out.data(), out2.data(), out.size() * sizeof(float)) != 0)
+                    phase_errors.push_back(cat("layer ", l, " step ", s, ": phases differ from forward"));
+                if (phased.last_stats().expert_rows != served || layer.last_stats().expert_rows != served)
+                    phase_errors.push_back(cat("expert_rows ", phased.last_stats().expert_rows, " != served ", served));
+                served_total += static_cast<double>(served);
+            }
             std::vector<float> y(kHidden), ref(kHidden);
             for (int64_t t = 0; t < n; ++t) {
                 std::fill(ref.begin(), ref.end(), 0.0f);
@@ -172,6 +197,8 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
     comm.allreduce_max(err);
     comm.allreduce_sum(sent);
     comm.allreduce_sum(matrix);
+    std::vector<double> phase_check{static_cast<double>(phase_errors.size()), served_total};
+    comm.allreduce_sum(phase_check);
 
     // The evaluator's prediction (branch eval): the per-(source, destination) copy matrix of each layer.
     RoutingTrace rt;
@@ -203,6 +230,12 @@ bool run_case(Communicator& comm, const ExpertPlan& plan, const Trace& tr, CommS
             why += what + "; ";
         }
     };
+    for (const std::string& e : phase_errors) expect(false, e);
+    expect(phase_check[0] == 0, cat(phase_check[0], " phase check(s) failed on some rank"));
+    int64_t selections = 0;  // every selection of the trace is served exactly once
+    for (int32_t e : tr.ids) selections += e >= 0;
+    expect(phase_check[1] == static_cast<double>(selections),
+           cat("dispatch delivered ", phase_check[1], " selections, the trace has ", selections));
     expect(err[0] <= 1e-5, cat("output differs from the dense reference: max rel err ", err[0]));
     const char* cls[2] = {"intra", "cross"};
     expect(matrix == eval_matrix, "per-(source, destination) copies differ from the evaluator's count_traffic");

@@ -30,6 +30,8 @@ import sys
 
 import numpy as np
 
+from .. import GraceError
+
 _NO_DEADLINE = datetime.timedelta(days=365)
 
 
@@ -81,30 +83,29 @@ class TorchComm:
     def __init__(self, group, topology, timeout_s=0.0):
         nodes, per_node = int(topology[0]), int(topology[1])
         if nodes < 1 or per_node < 1:
-            raise ValueError(f"topology {nodes}x{per_node}: nodes and GPUs per node must be >= 1")
+            raise GraceError(f"topology {nodes}x{per_node}: nodes and GPUs per node must be >= 1")
         if not (timeout_s >= 0 and timeout_s != float("inf")):
-            raise ValueError(f"timeout {timeout_s} s must be finite and >= 0 (0 = no deadline)")
+            raise GraceError(f"timeout {timeout_s} s must be finite and >= 0 (0 = no deadline)")
         self.nodes, self.gpus_per_node = nodes, per_node
         self.timeout_s = float(timeout_s)
         self._global = None
         self._node = None
         try:
-            import torch  # noqa: F401
             import torch.distributed as dist
             initialized = dist.is_available() and dist.is_initialized()
         except ImportError:
             dist, initialized = None, False
         if not initialized:
             if group is not None:
-                raise ValueError("a process group was given but torch.distributed is not initialized")
+                raise GraceError("a process group was given but torch.distributed is not initialized")
             self.rank, self.size = 0, 1
         else:
             self.rank = dist.get_rank(group)
             self.size = dist.get_world_size(group)
             if self.rank < 0:
-                raise ValueError("this process is not a member of the given process group")
+                raise GraceError("this process is not a member of the given process group")
         if nodes * per_node != self.size:
-            raise ValueError(f"topology {nodes}x{per_node} needs {nodes * per_node} processes, the group has "
+            raise GraceError(f"topology {nodes}x{per_node} needs {nodes * per_node} processes, the group has "
                              f"{self.size}")
         if self.size == 1:
             return
@@ -113,7 +114,7 @@ class TorchComm:
         if group is None or group is dist.group.WORLD:
             members = list(range(self.size))
         else:
-            members = [dist.distributed_c10d._get_global_rank(group, r) for r in range(self.size)]
+            members = list(dist.get_process_group_ranks(group))
         timeout = datetime.timedelta(seconds=self.timeout_s) if self.timeout_s > 0 else _NO_DEADLINE
         self._global = dist.new_group(members, timeout=timeout, backend="gloo")
         if nodes == 1:
@@ -130,18 +131,18 @@ class TorchComm:
             return self._global, self.size
         if which == "node":
             return self._node, self.gpus_per_node
-        raise ValueError(f"unknown group '{which}' (global or node)")
+        raise GraceError(f"unknown group '{which}' (global or node)")
 
     def alltoallv(self, which, send, send_counts, send_displs, recv, recv_counts, recv_displs):
         """Starts the exchange; returns an object whose wait() completes it. send/recv: 1-D uint8 arrays."""
         group, n = self._group(which)
         if not (len(send_counts) == len(send_displs) == len(recv_counts) == len(recv_displs) == n):
-            raise ValueError(f"alltoallv layout sizes {len(send_counts)}/{len(send_displs)}/{len(recv_counts)}/"
+            raise GraceError(f"alltoallv layout sizes {len(send_counts)}/{len(send_displs)}/{len(recv_counts)}/"
                              f"{len(recv_displs)} for a group of {n}")
         if n == 1:
             c, sd, rd = send_counts[0], send_displs[0], recv_displs[0]
             if c != recv_counts[0]:
-                raise ValueError(f"alltoallv: sending {c} bytes to self but expecting {recv_counts[0]}")
+                raise GraceError(f"alltoallv: sending {c} bytes to self but expecting {recv_counts[0]}")
             recv[rd:rd + c] = send[sd:sd + c]
             return _Done()
         import torch
@@ -179,7 +180,7 @@ class TorchComm:
     def allreduce(self, values, op):
         """values: float64 array, reduced in place over the group; op "sum" or "max"."""
         if op not in ("sum", "max"):
-            raise ValueError(f"unknown reduction '{op}' (sum or max)")
+            raise GraceError(f"unknown reduction '{op}' (sum or max)")
         if self.size == 1 or values.size == 0:
             return None
         import torch
