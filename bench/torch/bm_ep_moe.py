@@ -5,10 +5,11 @@ torch._grouped_mm, on one GPU (topology 1x1), same routing and gate weights for 
 Shapes: olmoe (H=2048, I=1024, E=64, k=8) and qwen3-30b-a3b (H=2048, I=768, E=128, k=8); T in --tokens
 (default 512, 2048, 8192). Routing: layer 0 of `grace gen --preset NAME --tokens T --seed 1` (ids and gate
 weights), plan `grace plan --topology 1x1` from that trace. Per point:
-  ep_moe_ms        grace.ep CudaBackend.moe wall time per call (host clock around the call and a stream
+  ep_moe_ms        grace.ep.moe(..., buffer=Buffer(None, plan, 0)) wall time per call (host clock around the call and a stream
                    synchronize; includes the host waits the layer needs), median of --iters after --warmup
   ep_raw_ms        the same C++ call (GpuLayer.forward_async) with prebuilt DLPack capsules and outputs
-  binding_us       ep_moe_ms - ep_raw_ms in microseconds: Python checks, torch.empty, capsules, dtype casts
+  binding_us       ep_moe_ms - ep_raw_ms in microseconds: Buffer and backend checks, torch.empty, capsules,
+                   the int64 -> int32 id cast
   cpp_total_ms     GpuMoeLayer's own total_s of the synchronous path (forward_device; the stages synchronized)
   grace_run_ms     `grace run --backend cuda` per-step layer time on the same routing: (time of W+1 steps
                    - time of 1 step) / W, so the first call's allocations drop out
@@ -152,6 +153,7 @@ def main():
     args = ap.parse_args()
 
     sys.path.insert(0, os.path.join(args.build, "python"))
+    import grace.ep as ep  # noqa: E402
     from grace.ep import _cuda  # noqa: E402
 
     grace = os.path.join(args.build, "tools", "grace", "grace")
@@ -195,11 +197,12 @@ def main():
                 ref = eager_reference(x, ids, gw, w13, w2)
                 r = {"T": T}
 
-                be = _cuda.CudaBackend(plan, 0, "1x1", None, scheme="hsc", policy="tar")
-                y = be.moe(x, ids, gw, w13_local, w2_local)
+                buf = ep.Buffer(None, plan, 0, topology="1x1", scheme="hsc", policy="tar")
+                y = ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf)
+                be = buf._backend  # the CudaBackend the Buffer built for CUDA tensors
                 r["ep_rel_l2"] = rel_l2(y, ref)
-                r["ep_moe_ms"] = median_wall_ms(lambda: be.moe(x, ids, gw, w13_local, w2_local), args.warmup,
-                                                args.iters)
+                r["ep_moe_ms"] = median_wall_ms(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
+                                                args.warmup, args.iters)
                 cap = torch.utils.dlpack.to_dlpack
                 out = torch.empty((T, H), dtype=torch.float32, device=dev)
                 caps = (cap(x), cap(ids32), cap(gw), cap(out))
@@ -212,7 +215,6 @@ def main():
                     be.forward_reference(x, ids, gw, w13_local, w2_local)
                     totals.append(be.last_stats()["total_s"] * 1e3)
                 r["cpp_total_ms"] = statistics.median(totals)
-                del be, caps
                 try:
                     r["grace_run_ms"] = grace_run_ms(grace, d, f"{d}/p.json", ids_np, gw_np, name,
                                                      args.grace_run_steps)
@@ -246,7 +248,6 @@ def main():
                 res["shapes"][name] = rows
                 with open(args.out, "w") as f:  # rewritten after every point: partial results survive a crash
                     json.dump(res, f, indent=1)
-                del x, w13, w2, w13_local, w2_local, ref
                 torch.cuda.empty_cache()
     print("\nshape          T     ep_moe  ep_raw  bind_us  cpp_total  grace_run  vllm   vllm_g  gmm    gmm_g  "
           "| vllm/ep vllm_g/ep gmm/ep run/ep")

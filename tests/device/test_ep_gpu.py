@@ -204,6 +204,26 @@ class OneGpu(unittest.TestCase):
         y = be.moe(x, ids, w, self.w13, self.w2)
         self.assertTrue(torch.isfinite(y).all())
 
+    def test_through_buffer_and_module_functions(self):
+        """grace.ep.Buffer / grace.ep.moe / grace.ep.experts pick this backend for CUDA tensors."""
+        import grace.ep as ep
+
+        buf = ep.Buffer(None, self.plan, 0, topology="1x1", scheme="hsc", policy="tar", seed=5)
+        ref = self.backend()
+        for call, T in enumerate((640, 1)):
+            x, ids, w = batch(T, self.E, self.k, self.H, 700 + call, self.dev)
+            y = ep.moe(x, ids, w, self.w13, self.w2, buffer=buf)
+            yr = ref.forward_reference(x, ids, w, self.w13, self.w2)
+            torch.cuda.synchronize()
+            self.assertTrue(torch.equal(y, yr), f"call {call}")
+        x, ids, w = batch(300, self.E, self.k, self.H, 710, self.dev)
+        rx, rt, rw, h = buf.dispatch(x, ids, w)
+        eo = ep.experts(rx, rt, rw, self.w13, self.w2)
+        self.assertTrue(torch.equal(eo, buf.experts(rx, rt, rw, self.w13, self.w2)))
+        y = buf.combine(eo, h)
+        self.assertEqual(tuple(y.shape), (300, self.H))
+        self.assertEqual(y.dtype, torch.float32)
+
     def test_stream_ordered_on_a_side_stream(self):
         """moe() on a non-default stream gives what it gives on the default stream."""
         a, b = self.backend(), self.backend()
