@@ -6,7 +6,10 @@
 # Usage on the device (steps, so that each call stays under the 10-minute limit; the build dir survives between
 # calls on a warm machine):
 #   OUT=$OUT bash bench/cuda/run_device_ep.sh build test     # configure + build, diagnostics, tests
-#   OUT=$OUT bash bench/cuda/run_device_ep.sh bench          # the benchmark (JSON rewritten after every point)
+#   OUT=$OUT bash bench/cuda/run_device_ep.sh bench-olmoe    # the benchmark at the olmoe shape, then
+#   OUT=$OUT bash bench/cuda/run_device_ep.sh bench-qwen3    # at the qwen3-30b-a3b shape ("bench": both, one call;
+#                                                            # may pass the time limit; the JSON is rewritten after
+#                                                            # every point, so what ran is kept)
 # carry: .deps (the Spectra .deb of run_device_hooks.sh and vllm_fused_moe_ref.py copied from ../shared/bench).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -59,6 +62,9 @@ print('libstdc++ mapped after import torch:', sorted({l.split()[-1] for l in ope
         strings -a "$TP" | grep -m3 "__pybind11_internals_v"
         echo "--- GLIBCXX the module needs (highest)"
         objdump -T "$M" | grep -o "GLIBCXX_[0-9.]*" | sort -uV | tail -2
+        echo "--- libraries mapped after 'import torch; import grace._grace' (libstdc++, nccl, cudart, cublas)"
+        (cd $B/python && timeout 120 $PY -c "import torch; import grace._grace
+print(sorted({l.split()[-1] for l in open('/proc/self/maps') if any(s in l for s in ('libstdc++', 'nccl', 'cudart', 'cublas'))}))") 2>&1 | tail -3
     } > "$OUT/diag.txt" 2>&1
     cat "$OUT/diag.txt" | head -60
 
@@ -89,28 +95,33 @@ print('libstdc++ mapped after import torch:', sorted({l.split()[-1] for l in ope
     ;;
 test)
     log "C++ GPU tests (stream phases, NCCL over a given host communicator, the existing layer tests)"
-    (cd $B && timeout 420 ctest -R '(GpuMoeLayerPhases|GpuMoeLayer\.(OneGpu|Rejects|SmallShape)|cuda\.nccl)' \
-        --output-on-failure --timeout 400 > "$OUT/gpu_tests.log" 2>&1)
+    (cd $B && timeout 240 ctest -R '(GpuMoeLayerPhases|GpuMoeLayer\.(OneGpu|Rejects|SmallShape)|cuda\.nccl)' \
+        --output-on-failure --timeout 200 > "$OUT/gpu_tests.log" 2>&1)
     echo "ctest rc=$?" | tee -a "$OUT/steps.log"
     tail -15 "$OUT/gpu_tests.log"
     log "tests/device/test_ep_gpu.py"
     PRE=$(preload)
     env ${PRE:+LD_PRELOAD=$PRE} GRACE_BUILD_DIR=$B PYTHONUNBUFFERED=1 \
-        timeout 400 $PY -X faulthandler tests/device/test_ep_gpu.py > "$OUT/test_ep_gpu.log" 2>&1
+        timeout 300 $PY -X faulthandler tests/device/test_ep_gpu.py > "$OUT/test_ep_gpu.log" 2>&1
     echo "test_ep_gpu rc=$?" | tee -a "$OUT/steps.log"
     tail -30 "$OUT/test_ep_gpu.log"
     ;;
-bench)
-    log "bench/torch/bm_ep_moe.py"
+bench | bench-olmoe | bench-qwen3)
+    case $step in
+        bench-olmoe) SHAPES=olmoe ;;
+        bench-qwen3) SHAPES=qwen3-30b-a3b ;;
+        *) SHAPES=olmoe,qwen3-30b-a3b ;;
+    esac
+    log "bench/torch/bm_ep_moe.py --shapes $SHAPES"
     [ -f .deps/vllm_fused_moe_ref.py ] || echo "no .deps/vllm_fused_moe_ref.py: the vLLM columns are skipped"
     PRE=$(preload)
     env ${PRE:+LD_PRELOAD=$PRE} PYTHONUNBUFFERED=1 \
-        timeout 540 $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --out "$OUT/bm_ep_moe.json" \
-        > "$OUT/bm_ep_moe.log" 2>&1
+        timeout 540 $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --shapes $SHAPES \
+        --out "$OUT/bm_ep_moe_$step.json" > "$OUT/bm_ep_moe_$step.log" 2>&1
     echo "bench rc=$?" | tee -a "$OUT/steps.log"
-    tail -20 "$OUT/bm_ep_moe.log"
+    tail -20 "$OUT/bm_ep_moe_$step.log"
     ;;
 *)
-    echo "unknown step '$step' (build, test, bench)"; exit 2 ;;
+    echo "unknown step '$step' (build, test, bench, bench-olmoe, bench-qwen3)"; exit 2 ;;
 esac
 done
