@@ -76,5 +76,6 @@ __attribute__((weak)) void bind_planner(py::module_& m);
 __attribute__((weak)) void bind_eval(py::module_& m);
 __attribute__((weak)) void bind_engines(py::module_& m);
 __attribute__((weak)) void bind_ep(py::module_& m);
+__attribute__((weak)) void bind_ep_cuda(py::module_& m);  // python/bind_ep_cuda.cpp, CUDA builds only
 
 }  // namespace grace::py_bind

@@ -327,4 +327,5 @@ PYBIND11_MODULE(_grace, m) {
     if (&grace::py_bind::bind_eval) grace::py_bind::bind_eval(m);
     if (&grace::py_bind::bind_engines) grace::py_bind::bind_engines(m);
     if (&grace::py_bind::bind_ep) grace::py_bind::bind_ep(m);
+    if (&grace::py_bind::bind_ep_cuda) grace::py_bind::bind_ep_cuda(m);
 }

@@ -39,6 +39,13 @@ class CommRequest {
     /// Blocks until the operation has completed and its receive buffer may be read. Throws kBackend, also when
     /// the communicator's deadline (CommunicatorOptions::timeout_s) passes first; see Communicator.
     virtual void wait() = 0;
+    /// Device backends: completes the operation for work queued on `stream` (a cudaStream_t; nullptr = the
+    /// legacy default stream) without blocking the host: later work on `stream` runs after the exchange. No
+    /// deadline applies (a peer that never answers stalls the stream, not this call). The default is wait().
+    virtual void wait_on_stream(void* stream) {
+        (void)stream;
+        wait();
+    }
 };
 
 /// Byte layout of a variable all-to-all: for each rank r of the group, `counts[r]` bytes at byte offset
@@ -99,6 +106,10 @@ class Communicator {
     /// `recv` must stay valid until wait(). Throws kInvalidArgument for layouts of the wrong size, kBackend.
     virtual std::unique_ptr<CommRequest> start_alltoallv(CommGroup group, const void* send, void* recv,
                                                          const AlltoallvLayout& layout) = 0;
+    /// Device backends: the CUDA stream (cudaStream_t; nullptr = the legacy default stream, the initial value)
+    /// on which the caller writes send buffers: exchanges started afterwards begin after the work queued on it.
+    /// Host backends ignore it (the default does nothing).
+    virtual void set_stream(void* stream) { (void)stream; }
     /// Blocking variant: start_alltoallv(...)->wait().
     void alltoallv(CommGroup group, const void* send, void* recv, const AlltoallvLayout& layout) {
         start_alltoallv(group, send, recv, layout)->wait();

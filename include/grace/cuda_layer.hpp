@@ -38,12 +38,31 @@
 
 namespace grace::cuda {
 
+/// The "nccl" communicator over a caller-supplied host communicator (memory_space() == kHost, the same topology):
+/// rank and topology are the host communicator's, the ncclUniqueId bootstrap and the host helpers (counts,
+/// allgather, allreduce, barrier) go through it, and it is kept alive (shared) as long as the result. `device`:
+/// this rank's CUDA device (-1: the machine-local rank modulo the device count, as make_communicator("nccl")).
+/// Collective over the host communicator. Throws kInvalidArgument (null or device-memory host communicator,
+/// topology mismatch, device out of range), kUnsupported without a CUDA device, kBackend for NCCL failures.
+std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options,
+                                                     std::shared_ptr<Communicator> host, int device = -1);
+
+/// One open dispatch of a GpuMoeLayer (returned by dispatch(), consumed by combine()). Only the latest dispatch of
+/// a layer is open: a later dispatch or a failed call makes older handles stale (combine refuses them).
+struct GpuDispatchHandle {
+    uint64_t call = 0;       ///< the layer's call number; 0 = empty or already combined
+    int64_t num_tokens = 0;  ///< T of the dispatch
+    int top_k = 0;           ///< k of the dispatch
+    int64_t num_recv = 0;    ///< R: rows this rank received (one per copy)
+    int records = 0;         ///< selections carried per received row (flat: 1, flat-dedup and hsc: k)
+};
+
 /// Options of a GpuMoeLayer.
 struct GpuMoeLayerOptions {
-    CommScheme scheme = CommScheme::kHsc;                   ///< dispatch/combine scheme
-    RoutingPolicy policy = RoutingPolicy::kTar;             ///< replica routing policy
-    uint64_t routing_seed = 0;                              ///< seed of the SGLang policies
-    GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;    ///< LocalMoe GEMM backend
+    CommScheme scheme = CommScheme::kHsc;                 ///< dispatch/combine scheme
+    RoutingPolicy policy = RoutingPolicy::kTar;           ///< replica routing policy
+    uint64_t routing_seed = 0;                            ///< seed of the SGLang policies
+    GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;  ///< LocalMoe GEMM backend
 };
 
 /// One MoE layer on one rank's GPU (the current CUDA device, which the nccl communicator selected).
@@ -55,6 +74,11 @@ class GpuMoeLayer {
     /// kInvalidArgument naming what is inconsistent, kBackend for CUDA failures.
     GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
                 std::vector<ExpertWeights> local_experts, const GpuMoeLayerOptions& options = {});
+    /// Without weights: every rank gives the same `hidden` and `intermediate` (multiples of 8; hidden > 0,
+    /// intermediate 0 = not known yet); the weights are the caller's device arrays, given with
+    /// set_expert_weights() before the first call that runs the layer's experts.
+    GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator, int hidden,
+                int intermediate, const GpuMoeLayerOptions& options = {});
     ~GpuMoeLayer();
     GpuMoeLayer(const GpuMoeLayer&) = delete;
     GpuMoeLayer& operator=(const GpuMoeLayer&) = delete;
@@ -71,6 +95,47 @@ class GpuMoeLayer {
     /// [num_tokens, H], all device memory; returns when out is written (synchronizes the device).
     void forward_device(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
                         int top_k, float* out, int64_t first_token = 0);
+
+    /// Uses the caller's device bf16 weights from now on, not copied: w13 [S, 2I, H] (gate rows 0..I-1, up rows
+    /// I..2I-1), w2 [S, H, I], S = layer.gpu_experts[rank].size(), row s = the expert at position s of that list.
+    /// They must stay valid and unchanged while calls that use them run (stream order). `intermediate` > 0 sets
+    /// I (this rank's experts only; 0 keeps the constructor's, which must then be > 0). Not between dispatch and
+    /// combine.
+    void set_expert_weights(const void* w13_bf16, const void* w2_bf16, int intermediate = 0);
+
+    /// Stream-ordered phases (the grace.ep CUDA backend). All pointers are device memory; `stream` is a
+    /// cudaStream_t (nullptr = the legacy default stream); every call is collective like forward(). Work is
+    /// queued on `stream` and the calls return without waiting for it, except where the host needs device data:
+    ///  1. dispatch: one host wait after the routing, for the [T, k] ids, weights and destinations (the dispatch
+    ///     layout is planned on the host); with hsc a second one after stage 1, for the received stage-1 records
+    ///     (they name the stage-2 destinations). The exchange counts are a host collective (no device wait).
+    ///  2. experts: none with the sm90 GEMM; the cuBLAS GEMM backends wait once for the per-expert counts.
+    ///  3. combine: none.
+    /// Exchanges complete on `stream` (CommRequest::wait_on_stream), so their deadline is not checked there; the
+    /// host waits above poll with the communicator's deadline instead. Device buffers that must grow are
+    /// reallocated (cudaFree synchronizes the device), so the first calls at a new size also wait. Not capturable
+    /// in a CUDA graph (the host waits). Phase calls fill last_stats()' byte counts; its times are then host
+    /// times to enqueue, and expert_rows stays 0.
+    ///
+    /// dispatch: hidden [num_tokens, H] bf16, topk_ids [num_tokens, k] int32 (-1 = none; an id >= E is refused
+    /// after routing, and the device router's offsets have then already advanced), topk_weights [num_tokens, k]
+    /// float. The inputs are read in stream order (usual CUDA rules: a caller that frees or rewrites them on
+    /// another stream must order that after `stream`).
+    GpuDispatchHandle dispatch(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                               int64_t num_tokens, int top_k, void* stream, int64_t first_token = 0);
+    /// Copies the open dispatch's received rows out: recv_x [R, H] bf16, recv_slot [R, k] int32 (local expert
+    /// slot of each selection carried by the row, -1 elsewhere; flat carries one, in column 0), recv_weights
+    /// [R, k] float (0 where recv_slot is -1). Row order is the order combine() expects partial rows in.
+    void received(const GpuDispatchHandle& handle, void* recv_x_bf16, int32_t* recv_slot, float* recv_weights,
+                  void* stream) const;
+    /// Runs the layer's experts (its own or set_expert_weights' weights) on the open dispatch's received rows.
+    void experts(GpuDispatchHandle& handle, void* stream);
+    /// Sends one bf16 row per received row back (`expert_out_bf16` [R, H]; nullptr = the result of experts())
+    /// and writes out [num_tokens, H] fp32. Consumes the handle. `stream` must be dispatch's.
+    void combine(GpuDispatchHandle& handle, const void* expert_out_bf16, float* out, void* stream);
+    /// dispatch + experts + combine: the same values as forward_device on the same inputs and router state.
+    void forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                       int top_k, float* out, void* stream, int64_t first_token = 0);
 
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per
     /// link class with payload = copies * H * 2).
@@ -93,6 +158,8 @@ class GpuMoeLayer {
     void set_wrr_weights(const std::vector<std::vector<int>>& weights);
 
   private:
+    void setup(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
+               const std::vector<ExpertWeights>* local_experts, int hidden, int intermediate);
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };

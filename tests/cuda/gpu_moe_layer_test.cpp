@@ -13,6 +13,7 @@
 #include <numeric>
 #include <thread>
 
+#include "device_buffer.hpp"
 #include "grace/communicator.hpp"
 #include "grace/cuda_layer.hpp"
 #include "grace/cuda_moe.hpp"
@@ -283,4 +284,187 @@ TEST(GpuMoeLayer, RejectsHostCommunicatorAndMissingExperts) {
     auto some = experts_of(layer, 0, {64, 32});
     some.pop_back();
     EXPECT_THROW(gc::GpuMoeLayer(layer, topo, dc, std::move(some)), grace::Error);
+}
+
+// ---- Stream-ordered phases (dispatch / received / experts / combine, forward_async) ----
+namespace {
+
+struct DeviceBatch {
+    grace::cuda::DeviceBuffer<uint16_t> hidden;
+    grace::cuda::DeviceBuffer<int32_t> ids;
+    grace::cuda::DeviceBuffer<float> weights;
+    explicit DeviceBatch(const Batch& b) {
+        std::vector<uint16_t> x(b.hidden.size());
+        for (size_t i = 0; i < x.size(); ++i) x[i] = gc::float_to_bf16(b.hidden[i]);
+        hidden.upload(x.empty() ? std::vector<uint16_t>{0} : x);
+        ids.upload(b.ids.empty() ? std::vector<int32_t>{0} : b.ids);
+        weights.upload(b.weights.empty() ? std::vector<float>{0} : b.weights);
+    }
+};
+
+// The experts of `layer` on GPU g as the caller-owned arrays of set_expert_weights: w13 [S, 2I, H], w2 [S, H, I].
+std::pair<std::vector<uint16_t>, std::vector<uint16_t>> packed_weights(const grace::LayerPlan& layer, int g,
+                                                                       grace::ExpertShape shape) {
+    const auto w = experts_of(layer, g, shape);
+    const size_t HI = size_t(shape.hidden) * shape.intermediate;
+    std::vector<uint16_t> w13, w2;
+    for (const auto& e : w) {
+        w13.insert(w13.end(), e.gate_bf16.begin(), e.gate_bf16.end());
+        w13.insert(w13.end(), e.up_bf16.begin(), e.up_bf16.end());
+        w2.insert(w2.end(), e.down_bf16.begin(), e.down_bf16.end());
+        EXPECT_EQ(e.gate_bf16.size(), HI);
+    }
+    return {w13, w2};
+}
+
+// Per rank: layer A runs forward_device (legacy stream, synchronous), layer B (weightless constructor, the same
+// weights given as device arrays) runs the phases on a stream of its own, twice, so router state carries. The
+// outputs must be bit-identical; `split` also copies the received rows out, runs a LocalMoe of its own on them and
+// combines that result (bit-identical where a row carries k records; flat pads its one record to k columns).
+void phases_on_hub(const grace::Topology& topo, const Case& c, CommScheme scheme, RoutingPolicy policy, bool split) {
+    const int G = topo.num_gpus();
+    const auto layer = make_layer(c.E, topo);
+    warm_experts(c.E, {c.H, c.I});
+    grace::test::ThreadHub hub(G);
+    std::vector<std::string> failures(G);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < G; ++r)
+        threads.emplace_back([&, r] {
+            try {
+                grace::test::HubCommunicator dc(hub, topo, r, grace::MemorySpace::kDevice);
+                gc::GpuMoeLayerOptions go;
+                go.scheme = scheme, go.policy = policy, go.routing_seed = 7;
+                gc::GpuMoeLayer a(layer, topo, dc, experts_of(layer, r, {c.H, c.I}), go);
+                gc::GpuMoeLayer b(layer, topo, dc, c.H, c.I, go);
+                const auto [w13, w2] = packed_weights(layer, r, {c.H, c.I});
+                gc::DeviceBuffer<uint16_t> d13, d2;
+                d13.upload(w13.empty() ? std::vector<uint16_t>{0} : w13);
+                d2.upload(w2.empty() ? std::vector<uint16_t>{0} : w2);
+                b.set_expert_weights(d13.data(), d2.data());
+                cudaStream_t stream = nullptr;
+                CUDA_RUNTIME_CHECK(cudaStreamCreate(&stream));
+                const int S = static_cast<int>(layer.gpu_experts[r].size());
+                for (int call = 0; call < 2; ++call) {
+                    const int T = c.T + call * 5 - r;
+                    const Batch hb = make_batch(300 + 10 * call + r, T, c.k, c.E, c.H);
+                    const DeviceBatch db(hb);
+                    const size_t nh = size_t(T) * c.H;
+                    gc::DeviceBuffer<float> out_a(std::max<size_t>(1, nh)), out_b(std::max<size_t>(1, nh));
+                    const int64_t first = int64_t(call) * 1000 + int64_t(r) * T;
+                    a.forward_device(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, out_a.data(), first);
+                    const auto dest_a = a.last_dest_ranks();
+                    bool exact = true;
+                    if (!split) {
+                        b.forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, out_b.data(),
+                                        stream, first);
+                    } else {
+                        auto h = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, stream, first);
+                        const int64_t R = h.num_recv;
+                        gc::DeviceBuffer<uint16_t> rx(std::max<int64_t>(1, R * c.H)), eo(std::max<int64_t>(1, R * c.H));
+                        gc::DeviceBuffer<int32_t> rs(std::max<int64_t>(1, R * c.k));
+                        gc::DeviceBuffer<float> rw(std::max<int64_t>(1, R * c.k));
+                        b.received(h, rx.data(), rs.data(), rw.data(), stream);
+                        if (R > 0) {
+                            gc::LocalMoe moe({S, c.k, c.H, c.I}, static_cast<int>(R));
+                            moe.set_weights(d13.data(), d2.data());
+                            moe.forward(rx.data(), rs.data(), rw.data(), eo.data(), static_cast<int>(R), stream);
+                        }
+                        b.combine(h, eo.data(), out_b.data(), stream);
+                        EXPECT_THROW(b.combine(h, eo.data(), out_b.data(), stream), grace::Error);  // consumed
+                        exact = h.records == c.k;
+                    }
+                    CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+                    if (b.last_dest_ranks() != dest_a) failures[r] += grace::cat("call ", call, ": destinations; ");
+                    const auto va = out_a.download(nh), vb = out_b.download(nh);
+                    if (exact && va != vb) failures[r] += grace::cat("call ", call, ": outputs not bit-identical; ");
+                    if (!exact && !(rel_l2(vb, va) <= 1e-3))
+                        failures[r] += grace::cat("call ", call, ": rel L2 ", rel_l2(vb, va), "; ");
+                }
+                CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
+            } catch (const std::exception& e) {
+                failures[r] += e.what();
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < G; ++r)
+        EXPECT_EQ(failures[r], "") << "rank " << r << " " << grace::to_string(scheme) << " " << grace::to_string(policy)
+                                   << (split ? " split" : " whole");
+}
+
+}  // namespace
+
+TEST(GpuMoeLayerPhases, WholeLayerOnStreamIsBitIdenticalToForwardDevice) {
+    REQUIRE_GPU();
+    for (auto scheme : kSchemes)
+        for (auto policy : {RoutingPolicy::kTar, RoutingPolicy::kVllm})
+            phases_on_hub(grace::Topology{2, 2}, Case{16, 4, 64, 32, 40}, scheme, policy, false);
+    phases_on_hub(grace::Topology{1, 4}, Case{16, 4, 64, 32, 33}, CommScheme::kHsc, RoutingPolicy::kWrr, false);
+}
+
+TEST(GpuMoeLayerPhases, ReceivedRowsThroughCallersExpertsThenCombine) {
+    REQUIRE_GPU();
+    for (auto scheme : kSchemes)
+        phases_on_hub(grace::Topology{2, 2}, Case{16, 4, 64, 32, 40}, scheme, RoutingPolicy::kTar, true);
+}
+
+TEST(GpuMoeLayerPhases, OlmoeShapeOnStream) {
+    REQUIRE_GPU();
+    const auto& p = grace::find_expert_preset("olmoe");
+    phases_on_hub(grace::Topology{2, 2}, Case{p.num_experts, 8, p.shape.hidden, p.shape.intermediate, 24},
+                  CommScheme::kHsc, RoutingPolicy::kTar, false);
+}
+
+// The nccl communicator over a caller-given host communicator, 1x1: the phases match forward_device bit for bit;
+// handle misuse and bad ids are refused with kInvalidArgument.
+TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
+    REQUIRE_GPU();
+    if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
+    const grace::Topology topo{1, 1};
+    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
+    EXPECT_THROW(gc::make_nccl_communicator({grace::Topology{1, 2}}, host), grace::Error);
+    EXPECT_THROW(gc::make_nccl_communicator({topo}, nullptr), grace::Error);
+    EXPECT_THROW(gc::make_nccl_communicator({topo}, host, 1 << 20), grace::Error);
+    int device = 0;
+    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+    auto nccl = gc::make_nccl_communicator({topo}, host, device);
+    ASSERT_EQ(nccl->memory_space(), grace::MemorySpace::kDevice);
+    const Case c{16, 4, 128, 64, 50};
+    const auto layer = make_layer(c.E, topo);
+    for (auto scheme : kSchemes) {
+        gc::GpuMoeLayerOptions go;
+        go.scheme = scheme;
+        gc::GpuMoeLayer a(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        gc::GpuMoeLayer b(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        cudaStream_t stream = nullptr;
+        CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        const Batch hb = make_batch(9, c.T, c.k, c.E, c.H);
+        const DeviceBatch db(hb);
+        const size_t nh = size_t(c.T) * c.H;
+        gc::DeviceBuffer<float> out_a(nh), out_b(nh);
+        a.forward_device(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, out_a.data());
+        b.forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, out_b.data(), stream);
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        EXPECT_EQ(out_a.download(nh), out_b.download(nh)) << grace::to_string(scheme);
+        // A stale handle (a later dispatch replaced it) and a second combine are refused.
+        auto h1 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);
+        auto h2 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);
+        EXPECT_THROW(b.combine(h1, nullptr, out_b.data(), stream), grace::Error);
+        b.experts(h2, stream);
+        b.combine(h2, nullptr, out_b.data(), stream);
+        EXPECT_THROW(b.combine(h2, nullptr, out_b.data(), stream), grace::Error);
+        // An expert id >= E.
+        auto bad = hb.ids;
+        bad[3] = c.E;
+        gc::DeviceBuffer<int32_t> d_bad;
+        d_bad.upload(bad);
+        try {
+            b.dispatch(db.hidden.data(), d_bad.data(), db.weights.data(), c.T, c.k, stream);
+            ADD_FAILURE() << "no error for an expert id of E";
+        } catch (const grace::Error& e) {
+            EXPECT_EQ(e.code(), grace::ErrorCode::kInvalidArgument);
+            EXPECT_NE(std::string(e.what()).find("outside [0, 16)"), std::string::npos) << e.what();
+        }
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
+    }
 }

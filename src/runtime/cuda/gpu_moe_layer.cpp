@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "cuda_check.hpp"
 #include "device_buffer.hpp"
@@ -33,11 +34,16 @@ struct Stage {
     int64_t total_send = 0, total_recv = 0;
     std::unique_ptr<CommRequest> payload_req, meta_req;  // in flight between start and finish
 
-    void finish() {
-        if (payload_req) payload_req->wait();
-        if (meta_req) meta_req->wait();
-        payload_req.reset();
-        meta_req.reset();
+    // Completes the exchanges: on the host (stream == nullptr and !on_stream), else for work queued on `stream`.
+    void finish(bool on_stream = false, cudaStream_t stream = nullptr) {
+        for (auto* r : {&payload_req, &meta_req}) {
+            if (!*r) continue;
+            if (on_stream)
+                (*r)->wait_on_stream(stream);
+            else
+                (*r)->wait();
+            r->reset();
+        }
     }
 
     void reset(CommGroup g, int size, int me, int records, int ints) {
@@ -61,6 +67,71 @@ AlltoallvLayout make_layout(const std::vector<uint64_t>& send, const std::vector
     return l;
 }
 
+// Page-locked staging for the host-to-device uploads of the stream-ordered calls (a copy from pageable memory
+// would synchronize the stream first). take() hands out regions until reset(); reset() may be called only once no
+// copy from the arena is pending (the layer waits on an event recorded after its last upload).
+class PinnedArena {
+  public:
+    PinnedArena() = default;
+    PinnedArena(const PinnedArena&) = delete;
+    PinnedArena& operator=(const PinnedArena&) = delete;
+    ~PinnedArena() {
+        for (auto& b : blocks_) cudaFreeHost(b.ptr);
+    }
+    void* take(size_t bytes) {
+        bytes = (bytes + 255) / 256 * 256;
+        if (blocks_.empty() || blocks_.back().used + bytes > blocks_.back().size) {
+            Block b;
+            b.size = std::max<size_t>(bytes, blocks_.empty() ? size_t{1} << 20 : 2 * blocks_.back().size);
+            CUDA_RUNTIME_CHECK(cudaMallocHost(&b.ptr, b.size));
+            blocks_.push_back(b);
+        }
+        Block& b = blocks_.back();
+        void* p = static_cast<char*>(b.ptr) + b.used;
+        b.used += bytes;
+        return p;
+    }
+    // Keeps one block, as large as all of the last call's together, so that the next call needs no allocation.
+    void reset() {
+        if (blocks_.size() > 1) {
+            size_t total = 0;
+            for (auto& b : blocks_) total += b.size, cudaFreeHost(b.ptr);
+            blocks_.clear();
+            Block b;
+            b.size = total;
+            CUDA_RUNTIME_CHECK(cudaMallocHost(&b.ptr, b.size));
+            blocks_.push_back(b);
+        }
+        for (auto& b : blocks_) b.used = 0;
+    }
+
+  private:
+    struct Block {
+        void* ptr = nullptr;
+        size_t size = 0, used = 0;
+    };
+    std::vector<Block> blocks_;
+};
+
+// Blocks the host until the work queued so far on `stream` is done, polling an event; throws kBackend after
+// `timeout_s` (> 0) seconds naming `what` (an exchange of an earlier call that a peer never joined would
+// otherwise stall here forever).
+void host_wait(cudaStream_t stream, cudaEvent_t event, double timeout_s, int rank, const char* what) {
+    CUDA_RUNTIME_CHECK(cudaEventRecord(event, stream));
+    const auto t0 = Clock::now();
+    for (uint64_t polls = 1;; ++polls) {
+        const cudaError_t err = cudaEventQuery(event);
+        if (err == cudaSuccess) return;
+        if (err != cudaErrorNotReady) CUDA_RUNTIME_CHECK(err);
+        if ((polls & 255) != 0) continue;
+        const double waited = seconds_since(t0);
+        GRACE_CHECK(timeout_s <= 0 || waited < timeout_s, ErrorCode::kBackend, "GpuMoeLayer on rank ", rank,
+                    ": timed out after ", timeout_s, " s waiting for the stream (", what,
+                    "); an exchange with a peer did not finish");
+        if (waited > 0.1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+}
+
 }  // namespace
 
 struct GpuMoeLayer::Impl {
@@ -74,9 +145,29 @@ struct GpuMoeLayer::Impl {
     int H = 0, I = 0, E = 0, G = 0, me = 0, my_node = 0, my_local = 0, n_local = 0;
     std::vector<int32_t> slot_of;  // [G * E]: position of expert e in gpu_experts[g], or -1
     DeviceBuffer<bf16> w13, w2;
+    const void* w13_ptr = nullptr;  // the weights in use: w13/w2 above, or the caller's (set_expert_weights)
+    const void* w2_ptr = nullptr;
     std::unique_ptr<LocalMoe> local_moe;
     int local_moe_cap = 0, local_moe_k = 0;
     bool last_on_device = false;
+
+    // Stream mode (the phase calls): work is queued on `stream`, exchanges complete on it, uploads are staged in
+    // pinned memory. Synchronous mode (forward, forward_device): the legacy stream and host waits, as before.
+    bool async = false;
+    cudaStream_t stream = nullptr;
+    PinnedArena staging;
+    cudaEvent_t staging_free = nullptr;  // recorded after the last upload of a call
+    cudaEvent_t wait_event = nullptr;    // host_wait
+    int32_t* h_route = nullptr;          // pinned [3 * T * k]: ids, weights, destinations
+    size_t h_route_size = 0;
+    // The open dispatch (between dispatch_phase and combine_phase).
+    uint64_t calls = 0, open_call = 0;
+    Stage* last_stage = nullptr;
+    int64_t call_T = 0, acc_rows = 0;
+    int call_k = 0;
+    bool experts_ran = false;
+    const bf16* expert_partials = nullptr;
+    Clock::time_point t_start, t0;
 
     MoeCallStats stats;
     std::vector<int32_t> dest;
@@ -92,12 +183,43 @@ struct GpuMoeLayer::Impl {
         DeviceBuffer<int32_t> idx, meta_send, meta_recv, ptr, list;
         DeviceBuffer<bf16> payload_send, payload_recv, back_send, back_recv;
     } ds1, ds2;
+    DevStage* last_dev = nullptr;
     DeviceBuffer<int32_t> loc_slot;
     DeviceBuffer<float> loc_w, acc;
     DeviceBuffer<bf16> acc_bf16;
 
     Impl(const LayerPlan& l, const Topology& t, Communicator& c, const GpuMoeLayerOptions& o)
-        : layer(l), topo(t), comm(c), options(o), host_router(layer, topo, o.policy, o.routing_seed) {}
+        : layer(l), topo(t), comm(c), options(o), host_router(layer, topo, o.policy, o.routing_seed) {
+        CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&staging_free, cudaEventDisableTiming));
+        CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&wait_event, cudaEventDisableTiming));
+    }
+    ~Impl() {
+        if (h_route) cudaFreeHost(h_route);
+        if (staging_free) cudaEventDestroy(staging_free);
+        if (wait_event) cudaEventDestroy(wait_event);
+    }
+
+    // Host vector -> device: a plain copy in synchronous mode, else through the pinned arena on the stream.
+    void upload(void* dst, const std::vector<int32_t>& src) {
+        if (src.empty()) return;
+        const size_t bytes = src.size() * 4;
+        if (!async) {
+            CUDA_RUNTIME_CHECK(cudaMemcpy(dst, src.data(), bytes, cudaMemcpyHostToDevice));
+            return;
+        }
+        void* h = staging.take(bytes);
+        std::memcpy(h, src.data(), bytes);
+        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(dst, h, bytes, cudaMemcpyHostToDevice, stream));
+    }
+    void finish(Stage& s) { s.finish(async, stream); }
+    // The alltoallv of combine: blocking in synchronous mode, stream-ordered otherwise.
+    void exchange(CommGroup group, const void* send, void* recv, const AlltoallvLayout& layout) {
+        auto req = comm.start_alltoallv(group, send, recv, layout);
+        if (async)
+            req->wait_on_stream(stream);
+        else
+            req->wait();
+    }
 
     int slot(int gpu, int expert) const { return slot_of[static_cast<size_t>(gpu) * E + expert]; }
 
@@ -143,9 +265,9 @@ struct GpuMoeLayer::Impl {
         d.payload_recv.reserve(std::max<int64_t>(1, s.total_recv) * H);
         d.meta_recv.reserve(std::max<int64_t>(1, s.total_recv) * s.recs * s.rec_ints);
         if (s.total_send > 0) {
-            CUDA_RUNTIME_CHECK(cudaMemcpy(d.idx.data(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
-            CUDA_RUNTIME_CHECK(cudaMemcpy(d.meta_send.data(), meta.data(), meta.size() * 4, cudaMemcpyHostToDevice));
-            detail::gather_rows(src0, src1, d.idx.data(), s.total_send, H, d.payload_send.data());
+            upload(d.idx.data(), idx);
+            upload(d.meta_send.data(), meta);
+            detail::gather_rows(src0, src1, d.idx.data(), s.total_send, H, d.payload_send.data(), stream);
         }
         s.payload_req = comm.start_alltoallv(s.group, d.payload_send.data(), d.payload_recv.data(),
                                              make_layout(s.send_copies, s.recv_copies, prow));
@@ -163,7 +285,7 @@ struct GpuMoeLayer::Impl {
                 count_sent(stats.combine, comm.global_rank(s.group, q), c, c * static_cast<int64_t>(prow), 0, 0);
             }
         d.back_recv.reserve(std::max<int64_t>(1, s.total_send) * H);
-        comm.alltoallv(s.group, partials, d.back_recv.data(), make_layout(s.recv_copies, s.send_copies, prow));
+        exchange(s.group, partials, d.back_recv.data(), make_layout(s.recv_copies, s.send_copies, prow));
         if (s.total_send == 0) return;
         // Target-major lists: returned row i (send order) adds into acc row s.acc[q][m].
         int64_t targets = 0;
@@ -179,9 +301,9 @@ struct GpuMoeLayer::Impl {
             for (int32_t a : s.acc[q]) list[fill[a]++] = i++;
         d.ptr.reserve(targets + 1);
         d.list.reserve(list.size());
-        CUDA_RUNTIME_CHECK(cudaMemcpy(d.ptr.data(), ptr.data(), ptr.size() * 4, cudaMemcpyHostToDevice));
-        CUDA_RUNTIME_CHECK(cudaMemcpy(d.list.data(), list.data(), list.size() * 4, cudaMemcpyHostToDevice));
-        detail::combine_reduce(d.back_recv.data(), d.ptr.data(), d.list.data(), targets, H, acc.data());
+        upload(d.ptr.data(), ptr);
+        upload(d.list.data(), list);
+        detail::combine_reduce(d.back_recv.data(), d.ptr.data(), d.list.data(), targets, H, acc.data(), stream);
     }
 
     // The experts on the rows received by the last stage `s` (records {slot, weight}); partials in receive order.
@@ -195,16 +317,19 @@ struct GpuMoeLayer::Impl {
             local_moe_k = s.recs;
             local_moe.reset();
             local_moe = std::make_unique<LocalMoe>(LocalMoeShape{n_local, s.recs, H, I}, local_moe_cap, options.gemm);
-            local_moe->set_weights(w13.data(), w2.data());
         }
+        GRACE_CHECK_ARG(w13_ptr && w2_ptr, "GpuMoeLayer on rank ", me, ": no expert weights (set_expert_weights)");
+        local_moe->set_weights(w13_ptr, w2_ptr);
         const int64_t n = R * s.recs;
         loc_slot.reserve(n);
         loc_w.reserve(n);
-        detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data());
+        detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data(), stream);
         d.back_send.reserve(R * H);
         local_moe->forward(d.payload_recv.data(), loc_slot.data(), loc_w.data(), d.back_send.data(),
-                           static_cast<int>(R), nullptr);
-        for (int32_t c : local_moe->last_counts()) stats.expert_rows += c;
+                           static_cast<int>(R), stream);
+        // The per-expert counts reach the host only after the GEMMs: read them in synchronous mode alone.
+        if (!async)
+            for (int32_t c : local_moe->last_counts()) stats.expert_rows += c;
         return d.back_send.data();
     }
 
@@ -229,27 +354,108 @@ struct GpuMoeLayer::Impl {
             }
     }
 
+    // Stream mode routing: the GPU router reads the caller's ids; ids, weights and destinations come to the host
+    // in one copy and one wait (the layout below is planned on the host).
+    void route_async(const int32_t* d_topk, const float* d_weights, int64_t T, int k, int64_t first_token) {
+        const size_t n = static_cast<size_t>(T) * k;
+        dest.assign(n, -1);
+        h_ids.resize(n);
+        h_w.resize(n);
+        last_on_device = static_cast<bool>(gpu_router);
+        if (T == 0) return;
+        if (h_route_size < 3 * n) {
+            if (h_route) cudaFreeHost(h_route);
+            h_route = nullptr, h_route_size = 0;
+            CUDA_RUNTIME_CHECK(cudaMallocHost(&h_route, 3 * n * 4));
+            h_route_size = 3 * n;
+        }
+        if (gpu_router) {
+            r_inst.reserve(T * k), r_rank.reserve(T * k), r_in_rank.reserve(T * G);
+            r_tpr.reserve(G), r_tpi.reserve(gpu_router->num_instances());
+            gpu_router->route(me, d_topk, static_cast<int>(T), k,
+                              RouteOutputs{r_inst.data(), r_rank.data(), r_tpr.data(), r_in_rank.data(), r_tpi.data()},
+                              stream);
+            CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route + 2 * n, r_rank.data(), n * 4, cudaMemcpyDeviceToHost, stream));
+        }
+        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route, d_topk, n * 4, cudaMemcpyDeviceToHost, stream));
+        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_route + n, d_weights, n * 4, cudaMemcpyDeviceToHost, stream));
+        host_wait(stream, wait_event, comm.timeout_s(), me, "routing destinations to the host");
+        std::memcpy(h_ids.data(), h_route, n * 4);
+        std::memcpy(h_w.data(), h_route + n, n * 4);
+        if (gpu_router) std::memcpy(dest.data(), h_route + 2 * n, n * 4);
+        // The device router skipped ids outside [0, E) (as masked); the call is refused here.
+        for (size_t i = 0; i < n; ++i)
+            GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E,
+                            ")");
+        if (gpu_router) return;
+        if (!token_origin_set) host_router.set_token_origin(me, first_token), token_origin_set = true;
+        for (int64_t t = 0; t < T; ++t)
+            for (int j = 0; j < k; ++j) {
+                const int32_t e = h_ids[t * k + j];
+                if (e >= 0) dest[t * k + j] = host_router.route(me, e, first_token + t, j, k);
+            }
+    }
+
+    // Sets the mode for one call and opens it.
+    void begin_call(bool stream_mode, cudaStream_t s) {
+        async = stream_mode;
+        stream = stream_mode ? s : nullptr;
+        comm.set_stream(stream);
+        if (async) {
+            // The arena's regions of the previous call may still be in flight (another stream).
+            CUDA_RUNTIME_CHECK(cudaEventSynchronize(staging_free));
+            staging.reset();
+        }
+        stats = MoeCallStats{};
+        t_start = Clock::now();
+        t0 = t_start;
+        open_call = ++calls;
+        experts_ran = false;
+        expert_partials = nullptr;
+    }
+    void check_handle(const GpuDispatchHandle& h) const {
+        GRACE_CHECK_ARG(h.call != 0, "GpuMoeLayer: the dispatch handle was already combined (or is empty)");
+        GRACE_CHECK_ARG(h.call == open_call,
+                        "GpuMoeLayer: the dispatch handle is stale (a later dispatch or a failed "
+                        "call replaced it; one dispatch may be open per layer)");
+    }
+    void dispatch_phase(const bf16* hidden, int64_t T, int k);
+    void experts_phase();
+    void combine_phase(const bf16* partials, float* out_dev);
     void forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token);
 };
 
+// Synchronous mode: the legacy stream, every stage synchronized for its timing (the statistics of forward()).
 void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token) {
-    stats = MoeCallStats{};
-    const auto t_start = Clock::now();
-    auto t0 = Clock::now();
-    for (int64_t i = 0; i < T * k; ++i)
-        GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E, ")");
-    route(d_ids.data(), T, k, first_token);
-    stats.local_selections = T * k;
-    stats.routing_s = seconds_since(t0);
+    begin_call(false, nullptr);
+    try {
+        for (int64_t i = 0; i < T * k; ++i)
+            GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E,
+                            ")");
+        route(d_ids.data(), T, k, first_token);
+        stats.routing_s = seconds_since(t0);
+        dispatch_phase(hidden, T, k);
+        experts_phase();
+        combine_phase(expert_partials, out_dev);
+    } catch (...) {
+        open_call = 0;
+        throw;
+    }
+}
 
+// Layout on the host (h_ids, h_w, dest set), the exchanges of dispatch; the received rows are those of
+// last_stage / last_dev.
+void GpuMoeLayer::Impl::dispatch_phase(const bf16* hidden, int64_t T, int k) {
+    stats.local_selections = T * k;
+    call_T = T;
+    call_k = k;
     t0 = Clock::now();
     auto rec2 = [&](std::vector<int32_t>& meta, int32_t slot_id, float w) {
         int32_t wb;
         std::memcpy(&wb, &w, 4);
         meta.push_back(slot_id), meta.push_back(wb);
     };
-    int64_t acc_rows = T;
-    const bf16* partials = nullptr;
+    acc_rows = T;
     if (options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup) {
         const bool dedup = options.scheme == CommScheme::kFlatDedup;
         Stage& s = s1;
@@ -279,119 +485,139 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         stats.layout_s = seconds_since(t0);
         t0 = Clock::now();
         dispatch_stage(s, ds1, hidden, hidden);
-        s.finish();
+        finish(s);
         stats.dispatch_s = seconds_since(t0);
-        t0 = Clock::now();
-        partials = run_experts(s, ds1);
-        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
-        stats.expert_s = seconds_since(t0);
-        t0 = Clock::now();
-        acc.reserve(std::max<int64_t>(1, acc_rows) * H);
-        CUDA_RUNTIME_CHECK(cudaMemsetAsync(acc.data(), 0, static_cast<size_t>(acc_rows) * H * 4, nullptr));
-        combine_stage(s, ds1, partials);
-    } else {
-        // Stage 1: one copy per (token, other destination node) to this rank's peer there, records {e, dest, w}.
-        Stage& a = s1;
-        a.reset(CommGroup::kGlobal, G, me, k, 3);
-        for (int64_t t = 0; t < T; ++t) {
-            const int32_t* d = dest.data() + t * k;
-            for (int j = 0; j < k; ++j) {
-                if (d[j] < 0) continue;
-                const int b = topo.node_of(d[j]);
-                if (b == my_node) continue;
-                bool first = true;
-                for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
-                if (!first) continue;
-                const int peer = topo.gpu_at(b, my_local);
-                a.src[peer].push_back(static_cast<int32_t>(t));
-                a.acc[peer].push_back(static_cast<int32_t>(t));
-                for (int i = 0; i < k; ++i) {
-                    const bool on_b = d[i] >= 0 && topo.node_of(d[i]) == b;
-                    float w = on_b ? h_w[t * k + i] : 0.0f;
-                    int32_t wb;
-                    std::memcpy(&wb, &w, 4);
-                    a.meta[peer].push_back(on_b ? h_ids[t * k + i] : -1);
-                    a.meta[peer].push_back(on_b ? d[i] : -1);
-                    a.meta[peer].push_back(wb);
-                }
+        last_stage = &s1, last_dev = &ds1;
+        return;
+    }
+    // Stage 1: one copy per (token, other destination node) to this rank's peer there, records {e, dest, w}.
+    Stage& a = s1;
+    a.reset(CommGroup::kGlobal, G, me, k, 3);
+    for (int64_t t = 0; t < T; ++t) {
+        const int32_t* d = dest.data() + t * k;
+        for (int j = 0; j < k; ++j) {
+            if (d[j] < 0) continue;
+            const int b = topo.node_of(d[j]);
+            if (b == my_node) continue;
+            bool first = true;
+            for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
+            if (!first) continue;
+            const int peer = topo.gpu_at(b, my_local);
+            a.src[peer].push_back(static_cast<int32_t>(t));
+            a.acc[peer].push_back(static_cast<int32_t>(t));
+            for (int i = 0; i < k; ++i) {
+                const bool on_b = d[i] >= 0 && topo.node_of(d[i]) == b;
+                float w = on_b ? h_w[t * k + i] : 0.0f;
+                int32_t wb;
+                std::memcpy(&wb, &w, 4);
+                a.meta[peer].push_back(on_b ? h_ids[t * k + i] : -1);
+                a.meta[peer].push_back(on_b ? d[i] : -1);
+                a.meta[peer].push_back(wb);
             }
         }
-        stats.layout_s = seconds_since(t0);
-        t0 = Clock::now();
-        dispatch_stage(a, ds1, hidden, hidden);
-        const double stage1_start_s = seconds_since(t0);
+    }
+    stats.layout_s = seconds_since(t0);
+    t0 = Clock::now();
+    dispatch_stage(a, ds1, hidden, hidden);
+    const double stage1_start_s = seconds_since(t0);
 
-        // Stage 2: entries are the own tokens (gather index t, accumulator row t) and the received stage-1 rows
-        // (gather index -(r+1), accumulator row T + r); one copy per (entry, destination GPU on this node). The
-        // own tokens are queued while stage 1 is in flight.
-        t0 = Clock::now();
-        Stage& s = s2;
-        s.reset(CommGroup::kNode, topo.gpus_per_node, my_local, k, 2);
-        auto queue = [&](int32_t src, int32_t acc_row, const int32_t* e, const int32_t* d, const float* w) {
-            for (int j = 0; j < k; ++j) {
-                if (e[j] < 0 || d[j] < 0 || topo.node_of(d[j]) != my_node) continue;
-                bool first = true;
-                for (int i = 0; i < j; ++i) first = first && !(e[i] >= 0 && d[i] == d[j]);
-                if (!first) continue;
-                const int q = topo.local_index(d[j]);
-                s.src[q].push_back(src);
-                s.acc[q].push_back(acc_row);
-                for (int i = 0; i < k; ++i)
-                    if (e[i] >= 0 && d[i] == d[j])
-                        rec2(s.meta[q], slot(d[j], e[i]), w[i]);
-                    else
-                        rec2(s.meta[q], -1, 0.0f);
-            }
-        };
-        for (int64_t t = 0; t < T; ++t)
-            queue(static_cast<int32_t>(t), static_cast<int32_t>(t), h_ids.data() + t * k, dest.data() + t * k,
-                  h_w.data() + t * k);
-        stats.overlap_s = seconds_since(t0);
-        stats.layout_s += stats.overlap_s;
-        t0 = Clock::now();
-        a.finish();
-        stats.dispatch_s = stage1_start_s + seconds_since(t0);
-        t0 = Clock::now();
-        std::vector<int32_t> m1(static_cast<size_t>(a.total_recv) * k * 3);
-        if (!m1.empty())
+    // Stage 2: entries are the own tokens (gather index t, accumulator row t) and the received stage-1 rows
+    // (gather index -(r+1), accumulator row T + r); one copy per (entry, destination GPU on this node). The
+    // own tokens are queued while stage 1 is in flight.
+    t0 = Clock::now();
+    Stage& s = s2;
+    s.reset(CommGroup::kNode, topo.gpus_per_node, my_local, k, 2);
+    auto queue = [&](int32_t src, int32_t acc_row, const int32_t* e, const int32_t* d, const float* w) {
+        for (int j = 0; j < k; ++j) {
+            if (e[j] < 0 || d[j] < 0 || topo.node_of(d[j]) != my_node) continue;
+            bool first = true;
+            for (int i = 0; i < j; ++i) first = first && !(e[i] >= 0 && d[i] == d[j]);
+            if (!first) continue;
+            const int q = topo.local_index(d[j]);
+            s.src[q].push_back(src);
+            s.acc[q].push_back(acc_row);
+            for (int i = 0; i < k; ++i)
+                if (e[i] >= 0 && d[i] == d[j])
+                    rec2(s.meta[q], slot(d[j], e[i]), w[i]);
+                else
+                    rec2(s.meta[q], -1, 0.0f);
+        }
+    };
+    for (int64_t t = 0; t < T; ++t)
+        queue(static_cast<int32_t>(t), static_cast<int32_t>(t), h_ids.data() + t * k, dest.data() + t * k,
+              h_w.data() + t * k);
+    stats.overlap_s = seconds_since(t0);
+    stats.layout_s += stats.overlap_s;
+    t0 = Clock::now();
+    finish(a);
+    stats.dispatch_s = stage1_start_s + seconds_since(t0);
+    t0 = Clock::now();
+    // The stage-1 records name the stage-2 destinations: the host needs them (stream mode: the second and last
+    // host wait of an HSC dispatch).
+    std::vector<int32_t> m1(static_cast<size_t>(a.total_recv) * k * 3);
+    if (!m1.empty()) {
+        if (async) {
+            CUDA_RUNTIME_CHECK(
+                cudaMemcpyAsync(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost, stream));
+            host_wait(stream, wait_event, comm.timeout_s(), me, "HSC stage-1 records to the host");
+        } else {
             CUDA_RUNTIME_CHECK(cudaMemcpy(m1.data(), ds1.meta_recv.data(), m1.size() * 4, cudaMemcpyDeviceToHost));
-        std::vector<int32_t> e(k), d(k);
-        std::vector<float> w(k);
-        for (int64_t r = 0; r < a.total_recv; ++r) {
-            for (int j = 0; j < k; ++j) {
-                const int32_t* rec = m1.data() + (r * k + j) * 3;
-                e[j] = rec[0], d[j] = rec[1];
-                std::memcpy(&w[j], &rec[2], 4);
-                GRACE_CHECK(e[j] < 0 || (d[j] >= 0 && topo.node_of(d[j]) == my_node), ErrorCode::kInternal,
-                            "HSC stage 1 delivered a selection for GPU ", d[j], " to rank ", me);
-            }
-            queue(static_cast<int32_t>(-r - 1), static_cast<int32_t>(T + r), e.data(), d.data(), w.data());
         }
-        acc_rows = T + a.total_recv;
-        stats.layout_s += seconds_since(t0);
-        t0 = Clock::now();
-        dispatch_stage(s, ds2, hidden, ds1.payload_recv.data());
-        s.finish();
-        stats.dispatch_s += seconds_since(t0);
-        t0 = Clock::now();
-        partials = run_experts(s, ds2);
-        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
-        stats.expert_s = seconds_since(t0);
+    }
+    std::vector<int32_t> e(k), d(k);
+    std::vector<float> w(k);
+    for (int64_t r = 0; r < a.total_recv; ++r) {
+        for (int j = 0; j < k; ++j) {
+            const int32_t* rec = m1.data() + (r * k + j) * 3;
+            e[j] = rec[0], d[j] = rec[1];
+            std::memcpy(&w[j], &rec[2], 4);
+            GRACE_CHECK(e[j] < 0 || (d[j] >= 0 && topo.node_of(d[j]) == my_node), ErrorCode::kInternal,
+                        "HSC stage 1 delivered a selection for GPU ", d[j], " to rank ", me);
+        }
+        queue(static_cast<int32_t>(-r - 1), static_cast<int32_t>(T + r), e.data(), d.data(), w.data());
+    }
+    acc_rows = T + a.total_recv;
+    stats.layout_s += seconds_since(t0);
+    t0 = Clock::now();
+    dispatch_stage(s, ds2, hidden, ds1.payload_recv.data());
+    finish(s);
+    stats.dispatch_s += seconds_since(t0);
+    last_stage = &s2, last_dev = &ds2;
+}
 
-        t0 = Clock::now();
-        acc.reserve(std::max<int64_t>(1, acc_rows) * H);
-        CUDA_RUNTIME_CHECK(cudaMemsetAsync(acc.data(), 0, static_cast<size_t>(acc_rows) * H * 4, nullptr));
-        combine_stage(s, ds2, partials);
+// The layer's own experts on the received rows; their outputs (receive order) in expert_partials.
+void GpuMoeLayer::Impl::experts_phase() {
+    t0 = Clock::now();
+    expert_partials = run_experts(*last_stage, *last_dev);
+    if (!async) CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+    stats.expert_s = seconds_since(t0);
+    experts_ran = true;
+}
+
+// Sends `partials` (one bf16 row per received copy, receive order) back and reduces into out_dev [T, H] fp32.
+void GpuMoeLayer::Impl::combine_phase(const bf16* partials, float* out_dev) {
+    const int64_t T = call_T;
+    t0 = Clock::now();
+    acc.reserve(std::max<int64_t>(1, acc_rows) * H);
+    CUDA_RUNTIME_CHECK(cudaMemsetAsync(acc.data(), 0, static_cast<size_t>(acc_rows) * H * 4, stream));
+    if (last_stage == &s1) {
+        combine_stage(s1, ds1, partials);
+    } else {
+        combine_stage(s2, ds2, partials);
         // Stage 1 back: the node's partial sums (fp32 rows T..) as bf16 to the origin.
-        const int64_t nf = a.total_recv * H;
+        const int64_t nf = s1.total_recv * H;
         acc_bf16.reserve(std::max<int64_t>(1, nf));
-        detail::to_bf16(acc.data() + T * H, nf, acc_bf16.data());
-        combine_stage(a, ds1, acc_bf16.data());
+        detail::to_bf16(acc.data() + T * H, nf, acc_bf16.data(), stream);
+        combine_stage(s1, ds1, acc_bf16.data());
     }
     if (T > 0)
         CUDA_RUNTIME_CHECK(
-            cudaMemcpyAsync(out_dev, acc.data(), static_cast<size_t>(T) * H * 4, cudaMemcpyDeviceToDevice, nullptr));
-    CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+            cudaMemcpyAsync(out_dev, acc.data(), static_cast<size_t>(T) * H * 4, cudaMemcpyDeviceToDevice, stream));
+    if (async)
+        CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, stream));
+    else
+        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+    open_call = 0;
     stats.combine_s = seconds_since(t0);
     stats.total_s = seconds_since(t_start);
 }
@@ -399,7 +625,21 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
 GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
                          std::vector<ExpertWeights> local_experts, const GpuMoeLayerOptions& options)
     : impl_(std::make_unique<Impl>(layer, topology, communicator, options)) {
+    setup(layer, topology, communicator, &local_experts, 0, 0);
+}
+
+GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator, int hidden,
+                         int intermediate, const GpuMoeLayerOptions& options)
+    : impl_(std::make_unique<Impl>(layer, topology, communicator, options)) {
+    setup(layer, topology, communicator, nullptr, hidden, intermediate);
+}
+
+void GpuMoeLayer::setup(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
+                        const std::vector<ExpertWeights>* given, int hidden, int intermediate) {
     Impl& m = *impl_;
+    const GpuMoeLayerOptions& options = m.options;
+    static const std::vector<ExpertWeights> kNone;
+    const std::vector<ExpertWeights>& local_experts = given ? *given : kNone;
     GRACE_CHECK(options.scheme == CommScheme::kFlat || options.scheme == CommScheme::kFlatDedup ||
                     options.scheme == CommScheme::kHsc,
                 ErrorCode::kUnsupported, "the GPU MoE layer runs flat, flat-dedup and hsc, not '",
@@ -429,7 +669,7 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
         }
     const auto& mine = layer.gpu_experts[m.me];
     m.n_local = static_cast<int>(mine.size());
-    GRACE_CHECK_ARG(local_experts.size() == mine.size(), "rank ", m.me, " was given ", local_experts.size(),
+    GRACE_CHECK_ARG(!given || local_experts.size() == mine.size(), "rank ", m.me, " was given ", local_experts.size(),
                     " experts but the plan puts ", mine.size(), " on it in layer ", layer.layer);
     std::vector<const ExpertWeights*> by_slot(mine.size(), nullptr);
     for (const auto& w : local_experts) {
@@ -439,12 +679,13 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
         GRACE_CHECK_ARG(w.shape == local_experts[0].shape, "local expert ", w.expert, " has another shape");
         by_slot[s] = &w;
     }
-    std::vector<double> shape{local_experts.empty() ? 0.0 : local_experts[0].shape.hidden,
-                              local_experts.empty() ? 0.0 : local_experts[0].shape.intermediate};
+    std::vector<double> shape{local_experts.empty() ? double(hidden) : local_experts[0].shape.hidden,
+                              local_experts.empty() ? double(intermediate) : local_experts[0].shape.intermediate};
     communicator.allreduce_max(shape);
     m.H = static_cast<int>(shape[0]);
     m.I = static_cast<int>(shape[1]);
-    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && m.I > 0 && m.I % 8 == 0,
+    // Without weights, I may be 0 (given later by set_expert_weights).
+    GRACE_CHECK_ARG(m.H > 0 && m.H % 8 == 0 && (m.I > 0 || !given) && m.I >= 0 && m.I % 8 == 0,
                     "GpuMoeLayer needs H and I positive multiples "
                     "of 8, got H=",
                     m.H, " I=", m.I);
@@ -452,7 +693,9 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
         GRACE_CHECK_ARG(w.shape.hidden == m.H && w.shape.intermediate == m.I, "rank ", m.me, " expert ", w.expert,
                         " has H=", w.shape.hidden, " I=", w.shape.intermediate, ", another rank has H=", m.H,
                         " I=", m.I);
-    if (m.n_local > 0) {
+    GRACE_CHECK_ARG(given || (hidden == m.H && intermediate == m.I), "rank ", m.me, " was given H=", hidden,
+                    " I=", intermediate, ", another rank H=", m.H, " I=", m.I);
+    if (given && m.n_local > 0) {
         const size_t HI = static_cast<size_t>(m.H) * m.I;
         std::vector<uint16_t> w13(2 * HI * m.n_local), w2(HI * m.n_local);
         auto put = [](const ExpertWeights& w, const std::vector<float>& f, const std::vector<uint16_t>& b,
@@ -472,6 +715,8 @@ GpuMoeLayer::GpuMoeLayer(const LayerPlan& layer, const Topology& topology, Commu
         m.w2.resize(w2.size());
         CUDA_RUNTIME_CHECK(cudaMemcpy(m.w13.data(), w13.data(), w13.size() * 2, cudaMemcpyHostToDevice));
         CUDA_RUNTIME_CHECK(cudaMemcpy(m.w2.data(), w2.data(), w2.size() * 2, cudaMemcpyHostToDevice));
+        m.w13_ptr = m.w13.data();
+        m.w2_ptr = m.w2.data();
     }
     if (options.policy == RoutingPolicy::kWrr || options.policy == RoutingPolicy::kTar ||
         options.policy == RoutingPolicy::kPrimary)
@@ -523,6 +768,104 @@ std::vector<float> GpuMoeLayer::forward(const std::vector<float>& hidden, const 
     std::vector<float> out(static_cast<size_t>(T) * impl_->H);
     forward(hidden.data(), topk_ids.data(), topk_weights.data(), T, top_k, out.data(), first_token);
     return out;
+}
+
+void GpuMoeLayer::set_expert_weights(const void* w13_bf16, const void* w2_bf16, int intermediate) {
+    auto& m = *impl_;
+    GRACE_CHECK_ARG(intermediate >= 0 && intermediate % 8 == 0, "GpuMoeLayer::set_expert_weights: intermediate ",
+                    intermediate, " is not a multiple of 8");
+    GRACE_CHECK_ARG(m.n_local == 0 || (w13_bf16 && w2_bf16), "GpuMoeLayer::set_expert_weights on rank ", m.me,
+                    ": null weight pointer for ", m.n_local, " local experts");
+    GRACE_CHECK_ARG(m.open_call == 0, "GpuMoeLayer::set_expert_weights on rank ", m.me,
+                    " between dispatch and combine");
+    if (intermediate > 0 && intermediate != m.I) {
+        m.I = intermediate;
+        m.local_moe.reset();  // its workspace is sized for the old I
+        m.local_moe_cap = 0;
+    }
+    GRACE_CHECK_ARG(m.I > 0, "GpuMoeLayer::set_expert_weights: the intermediate size is not known (pass it)");
+    m.w13_ptr = w13_bf16;
+    m.w2_ptr = w2_bf16;
+}
+
+GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                                        int64_t num_tokens, int top_k, void* stream, int64_t first_token) {
+    auto& m = *impl_;
+    GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens < (int64_t{1} << 31) / std::max(1, m.H) && top_k >= 1,
+                    "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
+    GRACE_CHECK_ARG(num_tokens == 0 || (hidden_bf16 && topk_ids && topk_weights), "GpuMoeLayer::dispatch: null input");
+    auto s = static_cast<cudaStream_t>(stream);
+    m.begin_call(true, s);
+    try {
+        m.route_async(topk_ids, topk_weights, num_tokens, top_k, first_token);
+        m.stats.routing_s = seconds_since(m.t0);
+        m.dispatch_phase(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k);
+        // The arena's regions stay in use until here: a dispatch that is never combined must not let the next
+        // call overwrite them early.
+        CUDA_RUNTIME_CHECK(cudaEventRecord(m.staging_free, s));
+    } catch (...) {
+        m.open_call = 0;
+        throw;
+    }
+    GpuDispatchHandle h;
+    h.call = m.open_call;
+    h.num_tokens = num_tokens;
+    h.top_k = top_k;
+    h.num_recv = m.last_stage->total_recv;
+    h.records = m.last_stage->recs;
+    return h;
+}
+
+void GpuMoeLayer::received(const GpuDispatchHandle& handle, void* recv_x_bf16, int32_t* recv_slot, float* recv_weights,
+                           void* stream) const {
+    auto& m = *impl_;
+    m.check_handle(handle);
+    const int64_t R = handle.num_recv;
+    if (R == 0) return;
+    auto s = static_cast<cudaStream_t>(stream);
+    CUDA_RUNTIME_CHECK(cudaMemcpyAsync(recv_x_bf16, m.last_dev->payload_recv.data(), static_cast<size_t>(R) * m.H * 2,
+                                       cudaMemcpyDeviceToDevice, s));
+    detail::split_meta_padded(m.last_dev->meta_recv.data(), R, handle.records, handle.top_k, recv_slot, recv_weights,
+                              s);
+}
+
+void GpuMoeLayer::experts(GpuDispatchHandle& handle, void* stream) {
+    auto& m = *impl_;
+    m.check_handle(handle);
+    GRACE_CHECK_ARG(!m.experts_ran, "GpuMoeLayer::experts: already run for this dispatch");
+    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream,
+                    "GpuMoeLayer::experts: another stream than "
+                    "dispatch's");
+    m.experts_phase();
+}
+
+void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16, float* out, void* stream) {
+    auto& m = *impl_;
+    m.check_handle(handle);
+    GRACE_CHECK_ARG(static_cast<cudaStream_t>(stream) == m.stream,
+                    "GpuMoeLayer::combine: another stream than "
+                    "dispatch's");
+    const bf16* partials = static_cast<const bf16*>(expert_out_bf16);
+    if (!partials) {
+        GRACE_CHECK_ARG(m.experts_ran || handle.num_recv == 0,
+                        "GpuMoeLayer::combine: no expert output given and experts() was not run");
+        partials = m.expert_partials;
+    }
+    GRACE_CHECK_ARG(handle.num_tokens == 0 || out, "GpuMoeLayer::combine: null output");
+    handle.call = 0;  // consumed, whatever happens below
+    try {
+        m.combine_phase(partials, out);
+    } catch (...) {
+        m.open_call = 0;
+        throw;
+    }
+}
+
+void GpuMoeLayer::forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                                int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token) {
+    GpuDispatchHandle h = dispatch(hidden_bf16, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
+    experts(h, stream);
+    combine(h, nullptr, out, stream);
 }
 
 const MoeCallStats& GpuMoeLayer::last_stats() const { return impl_->stats; }

@@ -51,6 +51,23 @@ __global__ void combine_reduce_kernel(const uint4* __restrict__ rows, const int3
     }
 }
 
+// Pads `recs` records per row to k columns (slot -1, weight 0 beyond recs).
+__global__ void split_meta_padded_kernel(const int32_t* __restrict__ meta, int64_t rows, int recs, int k,
+                                         int32_t* __restrict__ slot, float* __restrict__ weight) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= rows * k) return;
+    const int64_t r = i / k;
+    const int j = static_cast<int>(i % k);
+    if (j < recs) {
+        const int64_t m = r * recs + j;
+        slot[i] = meta[2 * m];
+        weight[i] = __int_as_float(meta[2 * m + 1]);
+    } else {
+        slot[i] = -1;
+        weight[i] = 0.0f;
+    }
+}
+
 __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* __restrict__ dst) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = __float2bfloat16(src[i]);
@@ -58,30 +75,42 @@ __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* _
 
 }  // namespace
 
-void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst) {
+void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst,
+                 void* stream) {
     if (rows == 0) return;
-    gather_rows_kernel<<<blocks(rows, 8), 256>>>(static_cast<const uint4*>(src0), static_cast<const uint4*>(src1), idx,
-                                                 rows, hidden / 8, static_cast<uint4*>(dst));
+    gather_rows_kernel<<<blocks(rows, 8), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const uint4*>(src0), static_cast<const uint4*>(src1), idx, rows, hidden / 8,
+        static_cast<uint4*>(dst));
     CUDA_LAUNCH_CHECK();
 }
 
-void split_meta(const int32_t* meta, int64_t n, int32_t* slot, float* weight) {
+void split_meta(const int32_t* meta, int64_t n, int32_t* slot, float* weight, void* stream) {
     if (n == 0) return;
-    split_meta_kernel<<<blocks(n, 256), 256>>>(meta, n, slot, weight);
+    split_meta_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(meta, n, slot, weight);
     CUDA_LAUNCH_CHECK();
 }
 
-void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, int64_t targets, int hidden, float* acc) {
+void split_meta_padded(const int32_t* meta, int64_t rows, int recs, int k, int32_t* slot, float* weight,
+                       void* stream) {
+    if (rows == 0) return;
+    split_meta_padded_kernel<<<blocks(rows * k, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(meta, rows, recs,
+                                                                                                   k, slot, weight);
+    CUDA_LAUNCH_CHECK();
+}
+
+void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, int64_t targets, int hidden, float* acc,
+                    void* stream) {
     if (targets == 0) return;
     const int hv = hidden / 8;
-    combine_reduce_kernel<<<static_cast<unsigned>(targets), hv < 256 ? hv : 256>>>(static_cast<const uint4*>(rows), ptr,
+    combine_reduce_kernel<<<static_cast<unsigned>(targets), hv < 256 ? hv : 256, 0,
+                            static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(rows), ptr,
                                                                                    idx, hv, acc);
     CUDA_LAUNCH_CHECK();
 }
 
-void to_bf16(const float* src, int64_t n, void* dst) {
+void to_bf16(const float* src, int64_t n, void* dst, void* stream) {
     if (n == 0) return;
-    to_bf16_kernel<<<blocks(n, 256), 256>>>(src, n, static_cast<bf16*>(dst));
+    to_bf16_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, n, static_cast<bf16*>(dst));
     CUDA_LAUNCH_CHECK();
 }
 

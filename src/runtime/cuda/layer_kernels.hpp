@@ -1,17 +1,23 @@
 #pragma once
-// Launchers of the GPU MoE layer's kernels (legacy default stream). bf16 rows are passed as void*; `hidden` is a
-// multiple of 8.
+// Launchers of the GPU MoE layer's kernels, asynchronous on `stream` (a cudaStream_t; nullptr = the legacy default
+// stream). bf16 rows are passed as void*; `hidden` is a multiple of 8.
 #include <cstdint>
 
 namespace grace::cuda::detail {
 
 /// dst[i] = idx[i] >= 0 ? src0[idx[i]] : src1[-idx[i] - 1], rows of `hidden` bf16.
-void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst);
+void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst,
+                 void* stream = nullptr);
 /// meta = n pairs {int32 slot, float weight (bits)} -> slot[n], weight[n].
-void split_meta(const int32_t* meta, int64_t n, int32_t* slot, float* weight);
+void split_meta(const int32_t* meta, int64_t n, int32_t* slot, float* weight, void* stream = nullptr);
+/// meta = rows * recs pairs {slot, weight bits} -> slot [rows, k] and weight [rows, k] (recs <= k): record j of a
+/// row goes to column j, columns recs..k-1 get slot -1 and weight 0.
+void split_meta_padded(const int32_t* meta, int64_t rows, int recs, int k, int32_t* slot, float* weight,
+                       void* stream = nullptr);
 /// acc[t] += sum_{i in [ptr[t], ptr[t+1])} rows[idx[i]] (bf16 rows, fp32 acc [targets, hidden]), in list order.
-void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, int64_t targets, int hidden, float* acc);
+void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, int64_t targets, int hidden, float* acc,
+                    void* stream = nullptr);
 /// dst[i] = bf16(src[i]).
-void to_bf16(const float* src, int64_t n, void* dst);
+void to_bf16(const float* src, int64_t n, void* dst, void* stream = nullptr);
 
 }  // namespace grace::cuda::detail

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "grace/communicator.hpp"
+#include "grace/cuda_layer.hpp"
 #include "grace/error.hpp"
 #include "runtime/communicator_impl.hpp"
 
@@ -101,6 +102,7 @@ class NcclRequest final : public CommRequest {
         : event_(event), owner_(owner), comm_(comm), peers_(std::move(peers)), rank_for_errors_(rank) {}
     ~NcclRequest() override;
     void wait() override;
+    void wait_on_stream(void* stream) override;
 
   private:
     cudaEvent_t event_ = nullptr;
@@ -112,7 +114,8 @@ class NcclRequest final : public CommRequest {
 
 class NcclCommunicator final : public Communicator {
   public:
-    NcclCommunicator(const CommunicatorOptions& options, std::unique_ptr<Communicator> host)
+    // `device` < 0: the machine-local rank modulo the device count; else that device (the caller's, e.g. torch's).
+    NcclCommunicator(const CommunicatorOptions& options, std::shared_ptr<Communicator> host, int device = -1)
         : Communicator(options.topology, host->rank(), options.timeout_s),
           host_comm_(std::move(host)),
           host_(host_name()) {
@@ -122,7 +125,9 @@ class NcclCommunicator final : public Communicator {
         // Built with CUDA but run where there is no GPU (CI): the backend is unavailable, like one not built.
         GRACE_CHECK(devices >= 1, ErrorCode::kUnsupported, "communicator backend 'nccl': no CUDA device on rank ",
                     rank_, " (host ", host_, ")");
-        device_ = machine_local_rank(rank_) % devices;
+        GRACE_CHECK_ARG(device < devices, "communicator backend 'nccl': device ", device, " on rank ", rank_,
+                        " but this process sees ", devices, " CUDA device(s)");
+        device_ = device >= 0 ? device : machine_local_rank(rank_) % devices;
         GRACE_NCCL_CUDA_CHECK(cudaSetDevice(device_));
 
         const char* nvls = std::getenv("NCCL_NVLS_ENABLE");
@@ -177,8 +182,8 @@ class NcclCommunicator final : public Communicator {
         const int self = group == CommGroup::kGlobal ? rank_ : local_rank();
         const auto* s = static_cast<const char*>(send);
         auto* r = static_cast<char*>(recv);
-        // The caller wrote the send buffer on the legacy default stream (or synchronized): order after it.
-        GRACE_NCCL_CUDA_CHECK(cudaEventRecord(ready_, nullptr));
+        // The caller wrote the send buffer on its stream (set_stream; the legacy default stream unless set).
+        GRACE_NCCL_CUDA_CHECK(cudaEventRecord(ready_, user_stream_));
         GRACE_NCCL_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
         GRACE_CHECK_ARG(layout.send_counts[self] == layout.recv_counts[self], "nccl alltoallv on rank ", rank_,
                         ": sending ", layout.send_counts[self], " bytes to self but expecting ",
@@ -204,6 +209,8 @@ class NcclCommunicator final : public Communicator {
         GRACE_NCCL_CUDA_CHECK(cudaEventRecord(done, stream_));
         return std::make_unique<NcclRequest>(done, this, comm, std::move(peers), rank_);
     }
+
+    void set_stream(void* stream) override { user_stream_ = static_cast<cudaStream_t>(stream); }
 
     std::vector<uint64_t> exchange_counts(CommGroup group, const std::vector<uint64_t>& send,
                                           const std::vector<uint8_t>& peers) override {
@@ -245,7 +252,7 @@ class NcclCommunicator final : public Communicator {
     }
 
   private:
-    std::unique_ptr<Communicator> host_comm_;
+    std::shared_ptr<Communicator> host_comm_;
     std::string host_;
     int rank_for_errors_ = -1;
     int device_ = 0;
@@ -253,7 +260,8 @@ class NcclCommunicator final : public Communicator {
     ncclComm_t node_ = nullptr;
     cudaStream_t stream_ = nullptr;
     cudaEvent_t ready_ = nullptr;
-    bool broken_ = false;  // a wait timed out and the NCCL communicators were aborted
+    cudaStream_t user_stream_ = nullptr;  // set_stream
+    bool broken_ = false;                 // a wait timed out and the NCCL communicators were aborted
 };
 
 NcclRequest::~NcclRequest() {
@@ -266,6 +274,15 @@ NcclRequest::~NcclRequest() {
         }
     }
     if (event_) cudaEventDestroy(event_);
+}
+
+void NcclRequest::wait_on_stream(void* stream) {
+    if (!event_) return;
+    GRACE_NCCL_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), event_, 0));
+    // Destroying a recorded event is allowed: its resources are released once it completes, and the wait above
+    // already holds the dependency.
+    cudaEventDestroy(event_);
+    event_ = nullptr;
 }
 
 void NcclRequest::wait() {
@@ -303,7 +320,23 @@ std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& 
 #else
     auto host = make_communicator("local", options);
 #endif
-    return std::make_unique<NcclCommunicator>(options, std::move(host));
+    return std::make_unique<NcclCommunicator>(options, std::shared_ptr<Communicator>(std::move(host)));
 }
 
 }  // namespace grace::detail
+
+namespace grace::cuda {
+
+std::unique_ptr<Communicator> make_nccl_communicator(const CommunicatorOptions& options,
+                                                     std::shared_ptr<Communicator> host, int device) {
+    GRACE_CHECK_ARG(host != nullptr, "nccl communicator: no host communicator given");
+    GRACE_CHECK_ARG(host->memory_space() == MemorySpace::kHost, "nccl communicator: the bootstrap communicator '",
+                    host->backend(), "' must work on host memory");
+    GRACE_CHECK_ARG(host->topology().nodes == options.topology.nodes &&
+                        host->topology().gpus_per_node == options.topology.gpus_per_node,
+                    "nccl communicator: host communicator topology ", host->topology().to_string(),
+                    " differs from the requested ", options.topology.to_string());
+    return std::make_unique<::grace::detail::NcclCommunicator>(options, std::move(host), device);
+}
+
+}  // namespace grace::cuda
