@@ -2,7 +2,10 @@
 // dedicated comm stream (pairs with zero bytes issue nothing, which is what makes HSC stage 1 sparse); the node
 // group is a communicator from ncclCommSplit(color = declared node, key = local index). Host-side helpers
 // (counts, allgather, allreduce, barrier) and the ncclUniqueId bootstrap go through a host communicator: "mpi"
-// when built with MPI (one process per GPU under mpirun), else "local" (one process).
+// when built with MPI (one process per GPU under mpirun), else "local" (one process), or the caller's
+// (grace::cuda::make_nccl_communicator: e.g. grace.ep's torch.distributed gloo groups). Exchanges start after the
+// work queued on the caller's stream (set_stream) and complete either on the host (wait: polled, with the deadline)
+// or on a stream (wait_on_stream: an event wait, no host block).
 //
 // NVLink multicast (NVLS) is always off: NCCL_NVLS_ENABLE=0 is set before ncclCommInitRank (a different value
 // in the environment is overridden with a warning), so results do not depend on a feature the multi-GPU
