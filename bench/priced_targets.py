@@ -6,7 +6,7 @@ and the ablation of the priced objective (docs/planning.md, "Priced objective").
 
 Targets: priced end-to-end time (a100-testbed, HSC rows as compare prices them) of the row "GRACE" next to the
 fastest other row, on
-  - docs/results.md's setting: `grace gen --preset MODEL --dataset wikitext --tokens 32768 --seed 0`, olmoe and
+  - docs/results.md's setting: `grace gen --preset MODEL --dataset wikitext --tokens 49152 --seed 0`, olmoe and
     qwen3-30b-a3b, topologies 2x2 and 2x4, no slot count;
   - the real GPT-OSS-20B traces (../shared/data/real/gpt-oss-20b-routing): planned on mmlu_test and evaluated on
     mmlu_pro_test, and in-domain on mmlu_test, 2x2, 2x4, 4x4, 4x8;
@@ -81,7 +81,7 @@ def target_rows(name, entries):
 def targets(g, work):
     print("| trace | topology | GRACE (default) ms | fastest other row | its ms | GRACE vs it | +DR+TAR (paper) ms |")
     print("|---|---|---|---|---|---|---|")
-    for name, trace, profile in traces(g, work, 32768, 0):
+    for name, trace, profile in traces(g, work, 49152, 0):
         target_rows(name, compare(g, work, name, trace, profile, ["2x2", "2x4"]))
     for name, trace, profile in gpt_oss():
         target_rows(name, compare(g, work, name, trace, profile, ["2x2", "2x4", "4x4", "4x8"]))
@@ -100,7 +100,7 @@ def ablation(g, work):
     cols = [c for c, _ in ABLATION]
     print("| trace | topology | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
-    for name, trace, profile in traces(g, work, 32768, 0) + gpt_oss()[:1]:
+    for name, trace, profile in traces(g, work, 49152, 0) + gpt_oss()[:1]:
         for topo in ("2x2", "2x4"):
             stats = os.path.join(work, "st-" + "".join(c if c.isalnum() else "_" for c in name) + topo)
             if not os.path.exists(stats):
