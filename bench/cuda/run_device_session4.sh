@@ -18,9 +18,9 @@ PY=$(command -v python3); B=build-dev
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRACE_USE_CUDA=ON -DGRACE_BUILD_BENCH=OFF -DGRACE_BUILD_PYTHON=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DPython3_EXECUTABLE="$PY" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
-  > "$OUT/build.log" 2>&1 || { echo "configure failed"; tail -30 "$OUT/build.log"; exit 1; }
-cmake --build $B -j16 >> "$OUT/build.log" 2>&1 || { echo "build failed"; grep -B2 -A8 "error" "$OUT/build.log" | head -60; exit 1; }
-echo "== build done at $(( $(date +%s) - T0 )) s; warnings: $(grep -c 'warning' "$OUT/build.log")"
+  > /tmp/build.log 2>&1 || { echo "configure failed"; tail -30 /tmp/build.log; exit 1; }
+cmake --build $B -j16 >> /tmp/build.log 2>&1 || { echo "build failed"; grep -B2 -A8 "error" /tmp/build.log | head -60; exit 1; }
+echo "== build done at $(( $(date +%s) - T0 )) s; warnings: $(grep -c 'warning' /tmp/build.log)"
 echo "== 1. GPU/NCCL C++ tests"
 (cd $B && timeout 200 ctest -R '^(Cuda|Gpu|LocalMoe|Nccl|RouteTable|cuda)' --output-on-failure --timeout 150 \
   > "$OUT/gpu_tests.log" 2>&1); echo "ctest rc=$?"; grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/gpu_tests.log" | head -20
@@ -34,8 +34,12 @@ G=$B/tools/grace/grace
 $G gen --preset olmoe --tokens 4096 --seed 1 -o /tmp/t.npy >/dev/null && $G plan --trace /tmp/t.npy --topology 1x1 -q -o /tmp/p.json >/dev/null
 timeout 60 $G run --plan /tmp/p.json --trace /tmp/t.npy --backend cuda --layers 2 --verify -o /tmp/run_cuda.json 2>&1 | tail -3
 timeout 60 $G run --plan /tmp/p.json --trace /tmp/t.npy --backend cuda --layers 2 --batch-tokens 256 --adapt 2 --verify -o /tmp/run_cuda_adapt.json 2>&1 | tail -3
+echo "== 3b. whole_model.py, OLMoE (left $(left) s)"
+L=$(( $(left) - 150 )); (( L > 200 )) && L=200
+(( L > 40 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT" \
+  --archs olmoe --shapes 256x128+16 > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"; tail -25 "$OUT/whole_model.log"
 echo "== 4. bm_ep_moe.py (left $(left) s)"
 L=$(( $(left) - 10 )); (( L > 40 )) && timeout --kill-after=5 $L $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B \
-  --tokens 512,2048,8192 --iters 20 --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
+  --tokens 2048,8192 --iters 10 --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
 tail -30 "$OUT/bm_ep_moe.log"
 echo "== total $(( $(date +%s) - T0 )) s"
