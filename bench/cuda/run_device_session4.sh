@@ -35,7 +35,7 @@ $G gen --preset olmoe --tokens 4096 --seed 1 -o /tmp/t.npy >/dev/null && $G plan
 timeout 60 $G run --plan /tmp/p.json --trace /tmp/t.npy --backend cuda --layers 2 --verify -o /tmp/run_cuda.json 2>&1 | tail -3
 timeout 60 $G run --plan /tmp/p.json --trace /tmp/t.npy --backend cuda --layers 2 --batch-tokens 256 --adapt 2 --verify -o /tmp/run_cuda_adapt.json 2>&1 | tail -3
 echo "== 3b. whole_model.py, OLMoE (left $(left) s)"
-L=$(( $(left) - 150 )); (( L > 200 )) && L=200
+L=$(( $(left) - 120 )); (( L > 130 )) && L=130
 (( L > 40 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT" \
   --archs olmoe --shapes 256x128+16 > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"; tail -25 "$OUT/whole_model.log"
 echo "== 4. bm_ep_moe.py (left $(left) s)"
