@@ -355,6 +355,7 @@ int run_impl(RunOptions& o) {
     if (o.weights_ckpt) ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
 
     AdaptationOptions{o.adapt, 1, o.adapt_decay}.validate();
+    GRACE_CHECK_ARG(o.adapt > 0 || o.adapt_decay == 0, "--adapt-decay ", o.adapt_decay, " needs --adapt N");
     // Before any exchange: every rank must have been started with the same options and inputs.
     RunFingerprint fp;
     fp.add("fingerprint format", "grace.run.fingerprint/v1");
@@ -753,7 +754,7 @@ GRACE_COMMAND(
                        "Re-predict the WRR weights from the counts of all ranks every N batches (docs/eval.md)")
             ->check(CLI::Range(1, kMaxCount));
         sub.add_option("--adapt-decay", o->adapt_decay, "With --adapt: weight of the older history in [0, 1)")
-            ->check(finite_at_least(0.0));
+            ->check(adapt_decay_value());
         sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
         sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")
             ->default_val(1e-4)
