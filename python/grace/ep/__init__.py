@@ -33,6 +33,7 @@ then stop at their deadline (``timeout``), as torch.distributed cannot abort the
 """
 
 import json
+import operator
 import os
 
 from .. import GraceError
@@ -207,7 +208,15 @@ class Buffer:
         self.plan = validate_plan(_plan_dict(plan))
         self.plan_json = json.dumps(self.plan)
         layers = self.plan.get("layers", [])
-        if not isinstance(layer, int) or not 0 <= layer < len(layers):
+        # Any integer type (numpy.int64 included; it was refused as 'outside' the range it is in), not a bool.
+        try:
+            layer_index = operator.index(layer) if not isinstance(layer, bool) else None
+        except TypeError:
+            layer_index = None
+        if layer_index is None:
+            _fail(f"layer must be an integer, got {type(layer).__name__} {layer!r}")
+        layer = int(layer_index)
+        if not 0 <= layer < len(layers):
             _fail(f"layer {layer!r} is outside [0, {len(layers)}) (the plan's MoE layers)")
         self.layer = layer
         self.num_experts = int(self.plan.get("num_experts", 0))
