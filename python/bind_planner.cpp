@@ -31,7 +31,10 @@ void bind_planner(py::module_& m) {
             GRACE_CHECK_ARG(robust == 0 || (std::isfinite(robust) && robust > 0 && robust <= 1), "robust = ", robust,
                             " must be 0 (mean loads) or a quantile in (0, 1]");
             opt.robust_quantile = robust;
-            if (topo.slots_per_gpu && fill_slots) opt.pricing = planner_pricing(load_hardware(hardware), st.model, nullptr);
+            // As `grace plan`: the hardware is loaded (a bad name fails) and prices every plan that uses pricing
+            // (the default priced methods too, not only slot-filling ones; it was ignored without slots_per_gpu).
+            const HardwareModel hw = load_hardware(hardware);
+            if (uses_pricing(opt, topo)) opt.pricing = planner_pricing(hw, st.model, nullptr);
             ExpertPlan plan;
             {
                 py::gil_scoped_release release;
