@@ -219,6 +219,26 @@ class CliInputs(unittest.TestCase):
         for leftover in (out, out + ".npy", out + ".json", self.path("rep.json"), self.path("rep.csv")):
             self.assertFalse(os.path.exists(leftover), leftover)
 
+    def test_run_batch_tokens_near_int64_max_is_one_step(self):
+        # grace run --batch-tokens 2^63-1: one call with every token (the step count overflowed to 0 and the run
+        # silently did nothing), as with the default.
+        plan11 = self.path("p11.json")
+        if not os.path.exists(plan11):
+            p = run("plan", "--trace", self.trace, "--topology", "1x1", "-q", "-o", plan11)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        reports = []
+        for extra in ([], ["--batch-tokens", 2**63 - 1]):
+            out = self.path("run-huge.json")
+            p = run("run", "--backend", "local", "--plan", plan11, "--trace", self.trace, "--hidden", 16,
+                    "--intermediate", 8, "--verify", "-o", out, *extra)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            with open(out) as f:
+                reports.append(json.load(f))
+            os.remove(out)
+        self.assertEqual(reports[1]["steps_per_layer"], 1)
+        self.assertEqual(reports[1]["steps_per_layer"], reports[0]["steps_per_layer"])
+        self.assertEqual(reports[1]["num_tokens"], 300)
+
     # --- gate weights --------------------------------------------------------------------------------------------
 
     def weights_commands(self, weights):

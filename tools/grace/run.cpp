@@ -473,7 +473,7 @@ int run_impl(RunOptions& o) {
     int64_t max_local = 0;
     for (int g = 0; g < G; ++g) max_local = std::max(max_local, block_begin(g + 1) - block_begin(g));
     const int64_t B = o.batch_tokens.value_or(std::max<int64_t>(max_local, 1));
-    const int64_t steps = (max_local + B - 1) / B;
+    const int64_t steps = max_local == 0 ? 0 : 1 + (max_local - 1) / B;  // no overflow for B near INT64_MAX
     const int k = trace.top_k;
 
     int H = 0;
@@ -557,7 +557,7 @@ int run_impl(RunOptions& o) {
             if (me == fail_rank && l == fail_layer)
                 throw Error(ErrorCode::kInternal,
                             cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l, " batch ", step));
-            const int64_t b0 = std::min(T_local, step * B), b1 = std::min(T_local, (step + 1) * B);
+            const int64_t b0 = std::min(T_local, step * B), b1 = b0 + std::min(B, T_local - b0);
             const int64_t n = b1 - b0;
             ids.resize(static_cast<size_t>(n) * k);
             gates.resize(static_cast<size_t>(n) * k);
