@@ -239,6 +239,25 @@ class CliInputs(unittest.TestCase):
         self.assertEqual(reports[1]["steps_per_layer"], reports[0]["steps_per_layer"])
         self.assertEqual(reports[1]["num_tokens"], 300)
 
+    def test_switch_plan_bad_id_names_the_trace_token(self):
+        # A bad id after --switch-at is named by its token in the trace (it was named from the switch point on:
+        # token 299 read as 199 with --switch-at 100).
+        ids = np.load(self.trace)
+        ids[299, 1, 0] = 64
+        bad = self.path("bad-late.npy")
+        np.save(bad, ids)
+        with open(self.path("t.json")) as f:
+            meta = json.load(f)
+        meta.pop("weights", None)
+        with open(self.path("bad-late.json"), "w") as f:
+            json.dump(meta, f)
+        for report in (self.path("rep.json"), self.path("rep.csv")):
+            if os.path.exists(report):
+                os.remove(report)
+        self.assert_error(self.eval_args("--switch-plan", self.plan, "--switch-at", 100, trace=bad),
+                          "expert id 64 at token 299, layer 1")
+        self.assertFalse(os.path.exists(self.path("rep.json")))
+
     # --- gate weights --------------------------------------------------------------------------------------------
 
     def weights_commands(self, weights):
