@@ -50,8 +50,9 @@ void bind_planner(py::module_& m) {
         "Plans expert placement from a statistics dict (grace.profile / grace.load_stats) on a topology (\"NxM\" or "
         "(N, M)) with a method spec (e.g. 'grace' = priced+priced+tar, 'grace-paper' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
         "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there). "
-        "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with replicas priced on "
-        "`hardware`, as `grace plan --hardware`) unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
+        "`hardware` prices placements as `grace plan --hardware` does (the priced methods, the slot fill). "
+        "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with priced replicas) "
+        "unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
         "q-quantile load over the profile's windows (statistics from profile(..., window_tokens=W)), as "
         "`grace plan --robust q`.");
     m.def(
