@@ -31,7 +31,10 @@ void bind_planner(py::module_& m) {
             GRACE_CHECK_ARG(robust == 0 || (std::isfinite(robust) && robust > 0 && robust <= 1), "robust = ", robust,
                             " must be 0 (mean loads) or a quantile in (0, 1]");
             opt.robust_quantile = robust;
-            if (topo.slots_per_gpu && fill_slots) opt.pricing = planner_pricing(load_hardware(hardware), st.model, nullptr);
+            // As `grace plan`: the hardware is loaded (a bad name fails) and prices every plan that uses pricing
+            // (the default priced methods too, not only slot-filling ones; it was ignored without slots_per_gpu).
+            const HardwareModel hw = load_hardware(hardware);
+            if (uses_pricing(opt, topo)) opt.pricing = planner_pricing(hw, st.model, nullptr);
             ExpertPlan plan;
             {
                 py::gil_scoped_release release;
@@ -47,8 +50,9 @@ void bind_planner(py::module_& m) {
         "Plans expert placement from a statistics dict (grace.profile / grace.load_stats) on a topology (\"NxM\" or "
         "(N, M)) with a method spec (e.g. 'grace' = priced+priced+tar, 'grace-paper' = hierarchical+dynamic+tar); returns the grace.plan/v1 dict, as "
         "`grace plan` writes it (`source` is the plan's free-text 'source' field; the CLI puts the stats path there). "
-        "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with replicas priced on "
-        "`hardware`, as `grace plan --hardware`) unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
+        "`hardware` prices placements as `grace plan --hardware` does (the priced methods, the slot fill). "
+        "With slots_per_gpu, every GPU holds exactly that many instances (free slots filled with priced replicas) "
+        "unless fill_slots=False. robust=q in (0, 1] plans for each expert's "
         "q-quantile load over the profile's windows (statistics from profile(..., window_tokens=W)), as "
         "`grace plan --robust q`.");
     m.def(

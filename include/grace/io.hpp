@@ -80,7 +80,7 @@ void write_file_atomic(const std::string& path, const std::function<void(const s
 /// Writes `contents` to `path` atomically.
 void write_text_atomic(const std::string& path, const std::string& contents);
 
-/// Reads a whole text file; throws kIo naming the path if it cannot be read.
+/// Reads a whole text file; throws kIo naming the path if it cannot be read or is a folder.
 std::string read_text(const std::string& path);
 
 /// Throws kIo ("output folder does not exist: ...") unless the folder that would hold `path` exists.

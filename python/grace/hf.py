@@ -73,7 +73,8 @@ def _plan_dict(plan):
         if text.lstrip().startswith("{"):
             return json.loads(text)
         if not os.path.isfile(text):
-            raise PatchError(f"plan: no such file {text!r} (give a path, a JSON string or a plan dict)")
+            what = "is a folder, not a plan file" if os.path.isdir(text) else "no such file"
+            raise PatchError(f"plan: {text!r} {what} (give a path, a JSON string or a plan dict)")
         with open(text, encoding="utf-8") as f:
             return json.load(f)
     import grace  # an ExpertPlan binding object
@@ -367,6 +368,11 @@ def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar",
                          f"{sorted(HF_MOE_BLOCKS)})")
     pd = _plan_dict(plan)
     layers = pd.get("layers") or []
+    if not isinstance(layers, list):  # checked here: len() of it raised a bare TypeError
+        raise PatchError(f"plan: 'layers' must be a list, got {type(layers).__name__}")
+    e_given = pd.get("num_experts")
+    if e_given is not None and (isinstance(e_given, bool) or not isinstance(e_given, int)):
+        raise PatchError(f"plan: 'num_experts' must be an integer, got {e_given!r}")
     if len(layers) != len(blocks):
         raise PatchError(f"plan has {len(layers)} layers but {type(model).__name__} has {len(blocks)} MoE blocks "
                          "(plan layer l is the l-th MoE block)")

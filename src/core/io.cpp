@@ -313,6 +313,8 @@ void write_text_atomic(const std::string& path, const std::string& contents) {
 }
 
 std::string read_text(const std::string& path) {
+    std::error_code ec;  // a folder opens as an empty stream on Linux: say what it is, not "not valid JSON"
+    GRACE_CHECK(!fs::is_directory(path, ec), ErrorCode::kIo, path, ": is a folder, not a file");
     std::ifstream in(path, std::ios::binary);
     GRACE_CHECK(in.good(), ErrorCode::kIo, "cannot read ", path);
     std::ostringstream ss;

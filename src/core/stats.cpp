@@ -476,10 +476,13 @@ RoutingStats merge_stats(const std::vector<RoutingStats>& parts, const std::vect
     // scale[d]: factor on trace d's counts. Token weighting is the plain sum (scale 1, exact integers).
     const size_t D = parts.size();
     std::vector<double> scale(D, 1.0);
+    // Weights relative to the largest: their sum stays finite for weights near DBL_MAX (1e308,1e308 summed to inf
+    // and gave every trace the share 0).
+    const double wmax = weights.empty() ? 1.0 : *std::max_element(weights.begin(), weights.end());
     double wsum = 0;
-    for (double w : weights) wsum += w;
+    for (double w : weights) wsum += w / wmax;
     for (size_t d = 0; d < weights.size(); ++d)
-        scale[d] = weights[d] / wsum * static_cast<double>(T) / static_cast<double>(parts[d].num_tokens);
+        scale[d] = weights[d] / wmax / wsum * static_cast<double>(T) / static_cast<double>(parts[d].num_tokens);
     auto combine = [&](auto member) {
         std::vector<int64_t> out((first.*member).size(), 0);
         if (weights.empty()) {

@@ -28,7 +28,7 @@ AdaptiveReplay replay_adaptive(const RoutingTrace& trace, const ExpertPlan& plan
     int64_t max_local = 0;
     for (int g = 0; g < G; ++g) max_local = std::max(max_local, block_begin(g + 1) - block_begin(g));
     const int64_t B = options.batch_tokens;
-    const int64_t batches = (max_local + B - 1) / B;
+    const int64_t batches = max_local == 0 ? 0 : 1 + (max_local - 1) / B;  // no overflow for B near INT64_MAX
 
     AdaptiveReplay out;
     out.batches = batches;
@@ -46,7 +46,7 @@ AdaptiveReplay replay_adaptive(const RoutingTrace& trace, const ExpertPlan& plan
             for (int64_t b = 0; b < batches; ++b) {
                 for (int g = 0; g < G; ++g) {
                     const int64_t end = block_begin(g + 1);
-                    const int64_t b0 = std::min(end, block_begin(g) + b * B), b1 = std::min(end, b0 + B);
+                    const int64_t b0 = std::min(end, block_begin(g) + b * B), b1 = b0 + std::min(B, end - b0);
                     if (b1 > b0)
                         replayer.consume_layer_ids(
                             trace.expert_ids.data() + static_cast<size_t>(b0) * stride + static_cast<size_t>(l) * k,

@@ -278,6 +278,26 @@ class SameAsCli(unittest.TestCase):
 
 
     @unittest.skipUnless(hasattr(grace, "plan") and cli_has("plan"), "planner not built yet")
+    def test_plan_hardware_same_as_cli(self):
+        # The default (priced) method prices with `hardware` as `grace plan --hardware` does; the binding once used
+        # it only with slots_per_gpu, so it planned for the default hardware and took any name.
+        # An OLMoE-shaped trace: there the two presets give different plans (the 8-expert one plans alike).
+        trace = os.path.join(self.d, "olmoe-hw.npy")
+        stats_dir = os.path.join(self.d, "stats-hw")
+        cli("gen", "--preset", "olmoe", "--tokens", 2048, "--layers", 2, "--seed", 1, "-o", trace)
+        cli("profile", trace, "-q", "-o", stats_dir)
+        st = grace.load_stats(stats_dir)
+        for hw in ("a100-testbed", "h100-ib"):
+            out = os.path.join(self.d, f"plan-{hw}.json")
+            cli("plan", "--stats", stats_dir, "--topology", "2x2", "--hardware", hw, "-o", out, "-q")
+            with open(out) as f:
+                want = json.load(f)
+            self.assertEqual(grace.plan(st, "2x2", hardware=hw, source=stats_dir), want, hw)
+        self.assertNotEqual(want["layers"], grace.plan(st, "2x2", source=stats_dir)["layers"])
+        with self.assertRaisesRegex(grace.GraceError, "unknown hardware 'bogus'"):
+            grace.plan(st, "2x2", hardware="bogus")
+
+    @unittest.skipUnless(hasattr(grace, "plan") and cli_has("plan"), "planner not built yet")
     def test_robust_plan_from_windows(self):
         out = os.path.join(self.d, "stats-windows")
         W = max(1, len(self.ids) // 5)

@@ -133,6 +133,131 @@ class CliInputs(unittest.TestCase):
         p = run("gen", "--tokens", 10, "--seed", 2**64 - 1, "-o", self.path("maxseed.npy"))
         self.assertEqual(p.returncode, 0, p.stderr)
 
+    def test_session4_option_ranges(self):
+        """The options of mixed/windowed profiling, robust and priced planning, batched, workload, adaptive and
+        plan-switch evaluation and gen --shift: bad values name the option and the value; parse-time ones exit 2."""
+        t, out, k2, l3 = self.trace, self.path("out"), self.path("k2.npy"), self.path("l3.npy")
+        b = self.path("t2.npy")
+        if not os.path.exists(b):
+            p = run("gen", "--preset", "olmoe", "--tokens", 200, "--layers", 2, "--seed", 7, "-o", b)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        plan11 = self.path("p11.json")  # grace run --backend local runs one rank
+        if not os.path.exists(plan11):
+            p = run("plan", "--trace", t, "--topology", "1x1", "-q", "-o", plan11)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        for report in (self.path("rep.json"), self.path("rep.csv")):  # other tests' successful evals
+            if os.path.exists(report):
+                os.remove(report)
+        max64 = str(2**63 - 1)
+        parse_errors = [
+            (["profile", t, b, "-o", out, "--mix", "1,nan"], "--mix", "'nan'"),
+            (["profile", t, b, "-o", out, "--mix", "1,-1"], "--mix", "'-1'"),
+            (["profile", t, b, "-o", out, "--mix", "1,"], "--mix", "weight 2"),
+            (["profile", t, b, "-o", out, "--mix", "0,1"], "--mix", "'0'"),
+            (["profile", t, b, "-o", out, "--mix", "1,1e309"], "--mix", "'1e309'"),
+            (["profile", t, "-o", out, "--window-tokens", -1], "--window-tokens", "'-1'"),
+            (["profile", t, "-o", out, "--window-tokens", 2**63], "--window-tokens", str(2**63)),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--robust", 0], "--robust", "'0'"),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--robust", "nan"], "--robust", "'nan'"),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--robust", "1.5"], "--robust", "'1.5'"),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--method", "priced+"], "--method", "priced+"),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--method", "grace-paper+dynamic"], "--method"),
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--priced-moves", -2], "--priced-moves", "'-2'"),
+            # An integer too large for the option's type says so (it once said only "must be >= -1").
+            (["plan", "--trace", t, "--topology", "2x2", "-o", out, "--priced-moves", max64], "--priced-moves",
+             "at most 2147483647", max64),
+            (self.eval_args("--batch-tokens", 0), "--batch-tokens", "'0'"),
+            (self.eval_args("--batch-tokens", 2**63), "--batch-tokens", str(2**63)),
+            (self.eval_args("--workload", "0x1+1"), "--workload", "0x1+1"),
+            (self.eval_args("--workload", "4x4+"), "--workload", "4x4+"),
+            (self.eval_args("--workload", max64 + "x2+1"), "--workload", "64 bits"),
+            (self.eval_args("--adapt", 0), "--adapt", "'0'"),
+            (self.eval_args("--adapt", 2**31), "--adapt", "at most 2147483647", str(2**31)),
+            (self.eval_args("--adapt", 1, "--adapt-batch-tokens", 0), "--adapt-batch-tokens", "'0'"),
+            # --adapt-decay is checked at parse time (exit 2), as the other ranges are.
+            (self.eval_args("--adapt", 1, "--adapt-decay", 1), "--adapt-decay", "'1'"),
+            (self.eval_args("--adapt", 1, "--adapt-decay", "nan"), "--adapt-decay", "'nan'"),
+            (self.eval_args("--adapt", 1, "--adapt-decay", -0.1), "--adapt-decay", "'-0.1'"),
+            (self.eval_args("--switch-plan", self.plan, "--switch-at", 0), "--switch-at", "'0'"),
+            (self.eval_args("--switch-plan", self.plan, "--switch-at", 9, "--weight-bytes", 9), "--weight-bytes"),
+            (["gen", "--shift", "nan", "-o", out + ".npy"], "--shift", "'nan'"),
+            (["gen", "--shift", "1.1", "-o", out + ".npy"], "--shift", "'1.1'"),
+            (["run", "--backend", "local", "--plan", plan11, "--trace", t, "-o", out + ".json", "--adapt", 1,
+              "--adapt-decay", 1], "--adapt-decay", "'1'"),
+        ]
+        for args, *needles in parse_errors:
+            with self.subTest(args=" ".join(map(str, args))):
+                self.assert_error(args, *needles)
+                self.assertEqual(run(*args).returncode, 2)
+        input_errors = [
+            (["profile", t, k2, "-o", out], "k2.npy has E=8"),
+            (["profile", t, l3, "-o", out, "--mix", "1,1"], "l3.npy has L=3"),
+            (["profile", t, b, "-o", out, "--mix", "1"], "1 weights for 2 traces"),
+            (["profile", t, self.path("stats"), "-o", out], "folder"),
+            # The same trace twice (also by another path) would count twice in the mix.
+            (["profile", t, b, t, "-o", out], "same file", "once"),
+            (["profile", t, os.path.join(self.d, ".", "t.npy"), "-o", out, "--mix", "1,1"], "same file"),
+            (["plan", "--stats", self.path("stats"), "--topology", "2x2", "-o", out, "--robust", 0.9],
+             "--window-tokens"),
+            (self.eval_args("--workload", "100x100+1"), "workload 100x100+1", "300"),
+            (self.eval_args("--adapt-decay", 0.5), "--adapt-decay", "--adapt N"),
+            (self.eval_args("--adapt", 1, "--batch-tokens", 8), "--batch-tokens"),
+            (self.eval_args("--adapt", 1, "--routing", "primary"), "wrr or tar"),
+            (self.eval_args("--switch-plan", self.plan, "--switch-at", 300), "--switch-at 300", "[1, 300)"),
+            (self.eval_args("--switch-plan", self.plan, "--switch-at", max64), "--switch-at " + max64),
+            (self.eval_args("--switch-plan", self.plan), "--switch-at"),
+            (self.eval_args("--switch-at", 5), "--switch-plan"),
+            (self.eval_args("--switch-plan", self.path("stats"), "--switch-at", 5), "stats"),
+            # --weight-bytes prices a switch; alone it was silently ignored.
+            (self.eval_args("--weight-bytes", 2), "--weight-bytes 2", "--switch-plan"),
+            (["run", "--backend", "local", "--plan", plan11, "--trace", t, "-o", out + ".json", "--adapt-decay",
+              0.5], "--adapt-decay 0.5", "--adapt N"),
+        ]
+        for args, *needles in input_errors:
+            with self.subTest(args=" ".join(map(str, args))):
+                self.assert_error(args, *needles)
+        for leftover in (out, out + ".npy", out + ".json", self.path("rep.json"), self.path("rep.csv")):
+            self.assertFalse(os.path.exists(leftover), leftover)
+
+    def test_run_batch_tokens_near_int64_max_is_one_step(self):
+        # grace run --batch-tokens 2^63-1: one call with every token (the step count overflowed to 0 and the run
+        # silently did nothing), as with the default.
+        plan11 = self.path("p11.json")
+        if not os.path.exists(plan11):
+            p = run("plan", "--trace", self.trace, "--topology", "1x1", "-q", "-o", plan11)
+            self.assertEqual(p.returncode, 0, p.stderr)
+        reports = []
+        for extra in ([], ["--batch-tokens", 2**63 - 1]):
+            out = self.path("run-huge.json")
+            p = run("run", "--backend", "local", "--plan", plan11, "--trace", self.trace, "--hidden", 16,
+                    "--intermediate", 8, "--verify", "-o", out, *extra)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            with open(out) as f:
+                reports.append(json.load(f))
+            os.remove(out)
+        self.assertEqual(reports[1]["steps_per_layer"], 1)
+        self.assertEqual(reports[1]["steps_per_layer"], reports[0]["steps_per_layer"])
+        self.assertEqual(reports[1]["num_tokens"], 300)
+
+    def test_switch_plan_bad_id_names_the_trace_token(self):
+        # A bad id after --switch-at is named by its token in the trace (it was named from the switch point on:
+        # token 299 read as 199 with --switch-at 100).
+        ids = np.load(self.trace)
+        ids[299, 1, 0] = 64
+        bad = self.path("bad-late.npy")
+        np.save(bad, ids)
+        with open(self.path("t.json")) as f:
+            meta = json.load(f)
+        meta.pop("weights", None)
+        with open(self.path("bad-late.json"), "w") as f:
+            json.dump(meta, f)
+        for report in (self.path("rep.json"), self.path("rep.csv")):
+            if os.path.exists(report):
+                os.remove(report)
+        self.assert_error(self.eval_args("--switch-plan", self.plan, "--switch-at", 100, trace=bad),
+                          "expert id 64 at token 299, layer 1")
+        self.assertFalse(os.path.exists(self.path("rep.json")))
+
     # --- gate weights --------------------------------------------------------------------------------------------
 
     def weights_commands(self, weights):

@@ -498,6 +498,19 @@ class BadInputTest(unittest.TestCase):
         self.expect(r"^the plan is for 8 experts, the model has num_experts=16$",
                     lambda: ep.Buffer(None, plan, 0, num_experts=16))
         self.expect(r"^layer 1 is outside \[0, 1\) \(the plan's MoE layers\)$", lambda: ep.Buffer(None, plan, 1))
+        # A numpy integer is an index like any int (it was refused as 'outside [0, 1)'); a bool or a float is not.
+        self.assertEqual(ep.Buffer(None, plan, np.int64(0)).layer, 0)
+        self.expect(r"^layer must be an integer, got bool True$", lambda: ep.Buffer(None, plan, True))
+        self.expect(r"^layer must be an integer, got float 0.0$", lambda: ep.Buffer(None, plan, 0.0))
+        # seed: a uint64 (-1 and 2^64 were a multi-line pybind TypeError, 1.5 was truncated); num_experts an integer.
+        self.expect(r"^seed -1 is outside \[0, 2\^64\)$", lambda: ep.Buffer(None, plan, 0, seed=-1))
+        self.expect(r"^seed 18446744073709551616 is outside", lambda: ep.Buffer(None, plan, 0, seed=2**64))
+        self.expect(r"^seed must be an integer, got float 1.5$", lambda: ep.Buffer(None, plan, 0, seed=1.5))
+        self.assertEqual(ep.Buffer(None, plan, 0, seed=2**64 - 1).seed, 2**64 - 1)
+        self.expect(r"^num_experts must be an integer, got str 'x'$",
+                    lambda: ep.Buffer(None, plan, 0, num_experts="x"))
+        self.expect(r"^topology \{\} must have 'nodes' and 'gpus_per_node'$",
+                    lambda: ep.Buffer(None, plan, 0, topology={}))
         self.expect(r"^scheme '2dh' is not one of flat, flat-dedup, hsc$",
                     lambda: ep.Buffer(None, plan, 0, scheme="2dh"))
         self.expect(r"^timeout -1 must be a finite", lambda: ep.Buffer(None, plan, 0, timeout=-1))

@@ -493,6 +493,15 @@ class HfPatch(unittest.TestCase):
             ghf.patch(model, identity_plan(1, 8), buffer_factory=ReferenceBuffer)
         with self.assertRaisesRegex(ValueError, "plan is for 16 experts but layers.0.mlp has 8"):
             ghf.patch(model, identity_plan(2, 16), buffer_factory=ReferenceBuffer)
+        # Malformed plans name the field (they raised a bare TypeError / int() ValueError), a folder says so.
+        with self.assertRaisesRegex(ghf.PatchError, r"^plan: 'layers' must be a list, got int$"):
+            ghf.patch(model, {"num_experts": 8, "layers": 5}, buffer_factory=ReferenceBuffer)
+        with self.assertRaisesRegex(ghf.PatchError, r"^plan: 'num_experts' must be an integer, got 'x'$"):
+            ghf.patch(model, dict(identity_plan(2, 8), num_experts="x"), buffer_factory=ReferenceBuffer)
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaisesRegex(ghf.PatchError, "is a folder, not a plan file"):
+                ghf.patch(model, d, buffer_factory=ReferenceBuffer)
+        self.assertFalse(ghf.is_patched(model))
         with self.assertRaisesRegex(ValueError, "no MoE block grace.hf supports"):
             ghf.patch(Model([], Cfg()), identity_plan(0, 8), buffer_factory=ReferenceBuffer)
         ghf.patch(model, identity_plan(2, 8), buffer_factory=ReferenceBuffer)

@@ -191,6 +191,29 @@ class OutputSafety(unittest.TestCase):
         self.assertEqual(p.stderr.strip(), f"grace: error: cannot write {stem2}{big}: File too large")
         self.assertEqual(sorted(os.listdir(self.d)), ["r.csv", "r.json"])
 
+    def test_adapt_switch_and_workload_reports_appear_together(self):
+        # The session-4 evaluation modes write REPORT.json and REPORT.csv together or not at all, and a refused
+        # run leaves an earlier report as it was.
+        plan2 = os.path.join(self.base, "plan-paper.json")
+        if not os.path.exists(plan2):
+            run("plan", "--stats", self.stats, "--topology", "2x2", "--method", "grace-paper", "-q", "-o", plan2)
+        base = ["eval", "--trace", self.trace, "--plan", self.plan, "--comm", "hsc"]
+        for name, extra in (("adapt", ["--adapt", 2, "--adapt-batch-tokens", 16]),
+                            ("switch", ["--switch-plan", plan2, "--switch-at", 300]),
+                            ("workload", ["--workload", "4x50+5", "--batch-tokens", 64])):
+            with self.subTest(name):
+                stem = os.path.join(self.d, name)
+                run(*base, "-o", stem, *extra)
+                self.assertTrue(os.path.isfile(stem + ".json") and os.path.isfile(stem + ".csv"))
+                before = tree(self.d)
+                big = os.path.getsize(stem + ".json")
+                p = run(*base, "-o", stem, *extra, ok=False, fsize=big - 1)
+                self.assertIn("File too large", p.stderr)
+                self.assertEqual(tree(self.d), before)
+                p = run(*base, "-o", stem, *extra, "--switch-at", 600, ok=False)  # past the trace (or no plan)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertEqual(tree(self.d), before)
+
     def test_write_error_names_the_target_and_keeps_the_old_trace(self):
         path = os.path.join(self.d, "t.npy")
         run("gen", "--tokens", 50, "--seed", 1, "-o", path)

@@ -158,6 +158,23 @@ TEST(Adaptation, ReplayMatchesDirectSimulation) {
     EXPECT_NE(testing::error_of([&] { replay_adaptive(trace, plan, {}, opt); }).find("wrr or tar"), std::string::npos);
 }
 
+// --adapt-batch-tokens near INT64_MAX is one batch per GPU holding all its tokens (the batch count once
+// overflowed to 0 and nothing was replayed).
+TEST(Adaptation, HugeBatchIsOneBatch) {
+    ExpertPlan plan;
+    plan.num_experts = 3, plan.num_layers = 1, plan.top_k = 1;
+    plan.topology = Topology::parse("1x2");
+    plan.layers = {two_gpu_layer()};
+    RoutingTrace trace;
+    trace.num_tokens = 23, trace.num_layers = 1, trace.top_k = 1, trace.num_experts = 3;
+    for (int t = 0; t < 23; ++t) trace.expert_ids.push_back(t % 3);
+    const AdaptiveReplay ar =
+        replay_adaptive(trace, plan, {}, AdaptationOptions{1, std::numeric_limits<int64_t>::max(), 0.0});
+    EXPECT_EQ(ar.batches, 1);
+    EXPECT_EQ(ar.counts[0].num_tokens, 23);
+    EXPECT_EQ(ar.counts[0].instance_load, replay_trace(trace, plan)[0].instance_load);
+}
+
 TEST(Migration, ByHand) {
     // 2x2, one layer. PLAN2 adds expert 1 on GPU 0 (from GPU 1, same node: NVLink), expert 0 on GPU 2 (no holder
     // on node 1: from GPU 0 over the NICs) and expert 2 on GPU 3 (from GPU 2, NVLink).

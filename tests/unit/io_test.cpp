@@ -13,6 +13,7 @@
 
 #include "grace/eval.hpp"
 #include "grace/npy.hpp"
+#include "grace/plan.hpp"
 #include "grace/trace.hpp"
 #include "test_util.hpp"
 
@@ -87,6 +88,15 @@ TEST(OutputFile, OpenFailureNamesTarget) {
     TempDir dir;
     EXPECT_EQ(error_of([&] { OutputFile f(dir.file("missing/x.tmp"), "out/x.json"); }),
               "cannot write out/x.json: No such file or directory");
+}
+
+// A folder given where a text file (a plan, a hardware file) is read says so; it read as empty and then failed
+// as "not valid JSON".
+TEST(ReadText, FolderSaysItIsAFolder) {
+    TempDir dir;
+    std::filesystem::create_directory(dir.file("plans"));
+    EXPECT_EQ(error_of([&] { read_text(dir.file("plans")); }), dir.file("plans") + ": is a folder, not a file");
+    EXPECT_NE(error_of([&] { load_plan(dir.file("plans")); }).find("is a folder"), std::string::npos);
 }
 
 TEST(OutputSet, FileTooLargeNamesTargetAndLeavesNothing) {

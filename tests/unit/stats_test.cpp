@@ -356,6 +356,14 @@ TEST(MixStats, ExplicitWeightsRescaleEachTraceToItsShare) {
     // Equal shares for traces of equal length are the plain sum.
     RoutingStats same = merge_stats({profile_trace(tiny_a()), profile_trace(tiny_a())}, {"a", "a2"}, {5, 5});
     EXPECT_EQ(same.load, (std::vector<int64_t>{6, 6, 4}));
+    // Weights whose sum is not finite: the shares of {1, 1} still (they once summed to inf and gave all-zero counts).
+    const RoutingStats a = profile_trace(tiny_a(), o), b = profile_trace(tiny_b(), o);
+    const RoutingStats even = merge_stats({a, b}, {"a", "b"}, {1, 1});
+    const RoutingStats huge = merge_stats({a, b}, {"a", "b"}, {1e308, 1e308});
+    EXPECT_GT(even.load[0], 0);
+    EXPECT_EQ(huge.load, even.load);
+    EXPECT_EQ(huge.affinity, even.affinity);
+    EXPECT_DOUBLE_EQ(huge.sources[0].scale, even.sources[0].scale);
 }
 
 TEST(MixStats, RejectsUnlikeTracesAndBadWeights) {

@@ -51,6 +51,9 @@ CLI::Validator integer_in(T lo, T hi = std::numeric_limits<T>::max()) {
             const char* end = text.data() + text.size();
             const auto [stop, ec] = std::from_chars(text.data(), end, value);
             if (ec == std::errc() && stop == end && value >= lo && value <= hi) return {};
+            // A whole number too large for the option's type: say so, not just the lower bound.
+            if (ec == std::errc::result_out_of_range && stop == end && hi == std::numeric_limits<T>::max())
+                return "must be an integer " + range + " and at most " + std::to_string(hi) + ", got '" + text + "'";
             return "must be an integer " + range + ", got '" + text + "'";
         },
         // Shown in --help after the type, e.g. `INT:POSITIVE=65536`, `INT:[0, 1024]`.
@@ -61,6 +64,8 @@ CLI::Validator integer_in(T lo, T hi = std::numeric_limits<T>::max()) {
 }
 /// --threads: 0 (= all) to kMaxThreads.
 CLI::Validator thread_count();
+/// --adapt-decay: a number in [0, 1) (AdaptationOptions::decay), checked at parse time.
+CLI::Validator adapt_decay_value();
 /// A value accepted by `parse` (any function that throws on a bad value, e.g. parse_comm_scheme); the error is
 /// the exception's message.
 CLI::Validator parsed_by(std::function<void(const std::string&)> parse, std::string description);

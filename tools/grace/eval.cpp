@@ -55,6 +55,8 @@ int run_eval(const EvalArgs& a) {
                     "--adapt-batch-tokens and --adapt-decay need --adapt N");
     GRACE_CHECK_ARG(a.switch_plan.empty() == !a.switch_at,
                     a.switch_at ? "--switch-at needs --switch-plan PLAN2" : "--switch-plan needs --switch-at TOKEN");
+    GRACE_CHECK_ARG(a.weight_bytes == 0 || !a.switch_plan.empty(), "--weight-bytes ", a.weight_bytes,
+                    " prices a plan switch: it needs --switch-plan PLAN2");
     opt.replay.num_threads = a.threads;
     opt.batching.batch_tokens = a.batch_tokens;
     if (!a.workload.empty()) opt.batching.workload = parse_workload(a.workload);
@@ -210,7 +212,8 @@ GRACE_COMMAND(
             ->check(integer_in<int64_t>(1));
         sub.add_option("--adapt-decay", a->adapt.decay,
                        "With --adapt: weight of the older history in [0, 1) (0 = the last N batches only)")
-            ->capture_default_str();
+            ->capture_default_str()
+            ->check(adapt_decay_value());
         sub.add_option("--switch-plan", a->switch_plan,
                        "Switch to this plan (same E, L, k and topology) at --switch-at; reports the migration cost");
         sub.add_option("--switch-at", a->switch_at, "With --switch-plan: first token served by the new plan")

@@ -59,6 +59,7 @@ int eval_switch(const RoutingTrace& trace, const ExpertPlan& plan, const ExpertP
                 const std::string& output) {
     check_switchable(plan, plan2);
     check_plan_matches_trace(plan2, trace);
+    trace.validate();  // here, not in the replay of the second slice, whose errors named tokens from the slice's start
     const int64_t T = trace.num_tokens;
     GRACE_CHECK_ARG(switch_at >= 1 && switch_at < T, "--switch-at ", switch_at, " must be inside the trace's [1, ", T,
                     ") tokens");

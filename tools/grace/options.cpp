@@ -1,5 +1,6 @@
 // Option validators shared by the subcommands (declared in command.hpp): bad values fail at parse time with
 // CLI11's one-line `--option: message`, before any file is read or written.
+#include <cstdlib>
 #include <sstream>
 
 #include "command.hpp"
@@ -9,6 +10,17 @@
 namespace grace::cli {
 
 CLI::Validator thread_count() { return integer_in<int>(0, kMaxThreads); }
+
+CLI::Validator adapt_decay_value() {
+    return CLI::Validator(
+        [](std::string& text) -> std::string {
+            char* end = nullptr;
+            const double d = std::strtod(text.c_str(), &end);
+            if (!text.empty() && end && *end == '\0' && d >= 0 && d < 1) return {};  // NaN fails both
+            return "must be a number in [0, 1), got '" + text + "'";
+        },
+        "[0, 1)");
+}
 
 CLI::Validator parsed_by(std::function<void(const std::string&)> parse, std::string description) {
     return CLI::Validator(

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <numeric>
 
 #include "command.hpp"
@@ -92,6 +93,13 @@ std::function<int()> setup_profile(CLI::App& sub) {
         std::string out = a->out;
         while (out.size() > 1 && out.back() == '/') out.pop_back();
         check_output_folder(out, "stats");  // a wrong -o fails before the profiling
+        // A trace named twice (also as another path to the same file) would silently count twice in the mix.
+        for (size_t d = 1; d < D; ++d)
+            for (size_t e = 0; e < d; ++e) {
+                std::error_code ec;
+                GRACE_CHECK_ARG(!std::filesystem::equivalent(a->traces[e], a->traces[d], ec), a->traces[d],
+                                " is the same file as ", a->traces[e], "; a mix names each trace once");
+            }
         // Every trace's header first: a mix of unlike traces fails before any of them is profiled.
         TraceOverrides per_trace = a->overrides;  // --model / --dataset name the mix, not each trace
         if (D > 1) per_trace.model.reset(), per_trace.dataset.reset();

@@ -355,6 +355,7 @@ int run_impl(RunOptions& o) {
     if (o.weights_ckpt) ckpt = std::make_unique<SafetensorsCheckpoint>(*o.weights_ckpt);
 
     AdaptationOptions{o.adapt, 1, o.adapt_decay}.validate();
+    GRACE_CHECK_ARG(o.adapt > 0 || o.adapt_decay == 0, "--adapt-decay ", o.adapt_decay, " needs --adapt N");
     // Before any exchange: every rank must have been started with the same options and inputs.
     RunFingerprint fp;
     fp.add("fingerprint format", "grace.run.fingerprint/v1");
@@ -472,7 +473,7 @@ int run_impl(RunOptions& o) {
     int64_t max_local = 0;
     for (int g = 0; g < G; ++g) max_local = std::max(max_local, block_begin(g + 1) - block_begin(g));
     const int64_t B = o.batch_tokens.value_or(std::max<int64_t>(max_local, 1));
-    const int64_t steps = (max_local + B - 1) / B;
+    const int64_t steps = max_local == 0 ? 0 : 1 + (max_local - 1) / B;  // no overflow for B near INT64_MAX
     const int k = trace.top_k;
 
     int H = 0;
@@ -556,7 +557,7 @@ int run_impl(RunOptions& o) {
             if (me == fail_rank && l == fail_layer)
                 throw Error(ErrorCode::kInternal,
                             cat("injected failure (GRACE_FAIL_RANK=", fail_rank, ") at layer ", l, " batch ", step));
-            const int64_t b0 = std::min(T_local, step * B), b1 = std::min(T_local, (step + 1) * B);
+            const int64_t b0 = std::min(T_local, step * B), b1 = b0 + std::min(B, T_local - b0);
             const int64_t n = b1 - b0;
             ids.resize(static_cast<size_t>(n) * k);
             gates.resize(static_cast<size_t>(n) * k);
@@ -753,7 +754,7 @@ GRACE_COMMAND(
                        "Re-predict the WRR weights from the counts of all ranks every N batches (docs/eval.md)")
             ->check(CLI::Range(1, kMaxCount));
         sub.add_option("--adapt-decay", o->adapt_decay, "With --adapt: weight of the older history in [0, 1)")
-            ->check(finite_at_least(0.0));
+            ->check(adapt_decay_value());
         sub.add_flag("--verify", o->verify, "Compare every output with a dense single-process reference");
         sub.add_option("--tolerance", o->tolerance, "Relative tolerance of --verify")
             ->default_val(1e-4)

@@ -33,6 +33,7 @@ then stop at their deadline (``timeout``), as torch.distributed cannot abort the
 """
 
 import json
+import operator
 import os
 
 from .. import GraceError
@@ -70,6 +71,16 @@ def _plan_dict(plan):
         _fail(f"plan: not valid JSON ({e})")
 
 
+def _integer(value, name):
+    """An int (numpy integers too), not a bool or a float; else GraceError naming the argument."""
+    try:
+        if not isinstance(value, bool):
+            return int(operator.index(value))
+    except TypeError:
+        pass
+    _fail(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
 def _topology(value, fallback):
     if value is None:
         value = fallback
@@ -79,7 +90,9 @@ def _topology(value, fallback):
             _fail(f"topology {value!r} must be 'NxM'")
         value = (int(parts[0]), int(parts[1]))
     elif isinstance(value, dict):  # the plan's {"nodes": N, "gpus_per_node": M}
-        value = (int(value["nodes"]), int(value["gpus_per_node"]))
+        if "nodes" not in value or "gpus_per_node" not in value:
+            _fail(f"topology {value!r} must have 'nodes' and 'gpus_per_node'")
+        value = (value["nodes"], value["gpus_per_node"])
     try:
         n, m = (int(v) for v in value)
     except (TypeError, ValueError):
@@ -207,15 +220,20 @@ class Buffer:
         self.plan = validate_plan(_plan_dict(plan))
         self.plan_json = json.dumps(self.plan)
         layers = self.plan.get("layers", [])
-        if not isinstance(layer, int) or not 0 <= layer < len(layers):
+        # Any integer type (numpy.int64 included; it was refused as 'outside' the range it is in), not a bool.
+        layer = _integer(layer, "layer")
+        if not 0 <= layer < len(layers):
             _fail(f"layer {layer!r} is outside [0, {len(layers)}) (the plan's MoE layers)")
         self.layer = layer
         self.num_experts = int(self.plan.get("num_experts", 0))
-        if num_experts is not None and int(num_experts) != self.num_experts:
+        if num_experts is not None and _integer(num_experts, "num_experts") != self.num_experts:
             _fail(f"the plan is for {self.num_experts} experts, the model has num_experts={num_experts}")
         if scheme not in SCHEMES:
             _fail(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
-        self.scheme, self.policy, self.seed = scheme, str(policy), int(seed)
+        seed = _integer(seed, "seed")  # the routers take a uint64 (a float was truncated, -1 a pybind TypeError)
+        if not 0 <= seed < 2**64:
+            _fail(f"seed {seed} is outside [0, 2^64)")
+        self.scheme, self.policy, self.seed = scheme, str(policy), seed
         from .._grace import ReplicaRouter
         ReplicaRouter(self.plan, layer, self.policy, self.seed)  # an unknown policy fails here, not at the first call
         if not (isinstance(timeout, (int, float)) and 0 <= timeout < float("inf")):
