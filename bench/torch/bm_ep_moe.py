@@ -132,8 +132,9 @@ def grace_run_ms(grace, d, plan, ids, gw, name, steps):
         subprocess.run([grace, "run", "--plan", plan, "--trace", base + ".npy", "--gate-weights", base + ".weights.npy",
                         "--model", name, "--preset", name, "--dtype", "bf16", "--layers", "1", "--batch-tokens",
                         str(ids.shape[0]), "--backend", "cuda", "--routing", "tar", "--comm", "hsc", "-o",
-                        base + ".json"], check=True, capture_output=True)
-        with open(base + ".json") as f:
+                        base + ".run.json"], check=True, capture_output=True)
+        # Not base + ".json": that name is the trace's metadata sidecar, which grace run reads beside the .npy.
+        with open(base + ".run.json") as f:
             return json.load(f)["per_layer"][0]["time_s"]["total"]["max"]
     one, many = run(1), run(steps)
     return (many - one) / (steps - 1) * 1e3
