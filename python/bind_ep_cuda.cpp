@@ -103,8 +103,10 @@ struct EpLayer {
     int H = 0, I = 0, E = 0, S = 0;
     py::object w13_ref, w2_ref;  // the registered weights' capsules, kept alive while in use
 
+    // workspace: scratch shared with the other layers given the same one (nullptr: the layer's own).
     EpLayer(std::shared_ptr<EpNccl> n, const py::object& plan_obj, int layer_index, int hidden, int intermediate,
-            const std::string& scheme, const std::string& policy, uint64_t seed)
+            const std::string& scheme, const std::string& policy, uint64_t seed,
+            std::shared_ptr<cuda::GpuWorkspace> workspace)
         : nccl(std::move(n)), H(hidden), I(intermediate) {
         GRACE_CHECK_ARG(nccl && nccl->comm, "grace.ep CUDA layer: no communicator");
         const ExpertPlan plan = plan_from_py(plan_obj);
@@ -122,6 +124,7 @@ struct EpLayer {
         o.scheme = parse_comm_scheme(scheme);
         o.policy = parse_routing_policy(policy);
         o.routing_seed = seed;
+        o.workspace = std::move(workspace);
         DeviceGuard guard(nccl->device);
         layer =
             std::make_unique<cuda::GpuMoeLayer>(plan.layers[layer_index], topo, *nccl->comm, hidden, intermediate, o);
@@ -261,6 +264,16 @@ void bind_ep_cuda(py::module_& top) {
         .def_property_readonly("size", [](const EpNccl& e) { return e.comm->size(); })
         .def_property_readonly("device", [](const EpNccl& e) { return e.device; });
 
+    py::class_<cuda::GpuWorkspace, std::shared_ptr<cuda::GpuWorkspace>>(
+        m, "GpuWorkspace",
+        "Device scratch shared by the GpuLayers given it (one device; used by one layer's call at a time, from "
+        "dispatch to combine). Construction does no CUDA work.")
+        .def(py::init<>())
+        .def_property_readonly("buffer_bytes", &cuda::GpuWorkspace::buffer_bytes,
+                               "device bytes of its exchange, routing and accumulator buffers (LocalMoe's not "
+                               "counted)")
+        .def_property_readonly("in_use", &cuda::GpuWorkspace::in_use, "True while a layer's dispatch is open on it");
+
     py::class_<PyHandle>(m, "GpuDispatchHandle", "An open dispatch of a GpuLayer (valid for one combine).")
         .def_property_readonly("num_tokens", [](const PyHandle& h) { return h.h.num_tokens; })
         .def_property_readonly("top_k", [](const PyHandle& h) { return h.h.top_k; })
@@ -270,9 +283,10 @@ void bind_ep_cuda(py::module_& top) {
 
     py::class_<EpLayer>(m, "GpuLayer", "grace::cuda::GpuMoeLayer over DLPack capsules (grace/ep/_cuda.py).")
         .def(py::init<std::shared_ptr<EpNccl>, const py::object&, int, int, int, const std::string&, const std::string&,
-                      uint64_t>(),
+                      uint64_t, std::shared_ptr<cuda::GpuWorkspace>>(),
              py::arg("comm"), py::arg("plan"), py::arg("layer"), py::arg("hidden"), py::arg("intermediate") = 0,
-             py::arg("scheme") = "hsc", py::arg("policy") = "tar", py::arg("seed") = 0)
+             py::arg("scheme") = "hsc", py::arg("policy") = "tar", py::arg("seed") = 0,
+             py::arg("workspace") = py::none())
         .def_readonly("num_local_experts", &EpLayer::S)
         .def_readonly("num_experts", &EpLayer::E)
         .def_readonly("hidden", &EpLayer::H)

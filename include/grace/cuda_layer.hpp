@@ -25,6 +25,7 @@
 /// the CPU MoeLayer (fp32 activations, the same bf16 weights) the relative L2 error of a rank's output is
 /// about 4e-3; tests allow 2e-2.
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -57,12 +58,42 @@ struct GpuDispatchHandle {
     int records = 0;         ///< selections carried per received row (flat: 1, flat-dedup and hsc: k)
 };
 
+/// Grow-only device scratch of GpuMoeLayer calls (the input staging, routing outputs, exchange send/receive
+/// buffers, LocalMoe's workspace, the combine accumulators): everything a call needs only until it returns or,
+/// for the phases, until its combine. Router state, weights, route tables and host staging stay in each layer.
+/// Without one (GpuMoeLayerOptions::workspace == nullptr) a layer owns its own, as before; several layers on one
+/// device may share one to keep one set of buffers (sized by the largest call of any of them) instead of one each.
+///
+/// Sharing is sequential: from a layer's dispatch (or forward) until its combine returns, the workspace belongs to
+/// that layer; a call of another layer sharing it meanwhile throws kInvalidArgument naming both layers (combine
+/// the open handle first). The next owner's work is ordered after the previous owner's last use on the device
+/// (an event, so the layers may use different streams). All layers sharing one must use the same CUDA device
+/// (else kInvalidArgument). Not thread-safe: the layers sharing it are called from one thread at a time.
+class GpuWorkspace {
+  public:
+    GpuWorkspace();
+    ~GpuWorkspace();
+    GpuWorkspace(const GpuWorkspace&) = delete;
+    GpuWorkspace& operator=(const GpuWorkspace&) = delete;
+    /// Device bytes held by the exchange, routing and accumulator buffers (without LocalMoe's workspace).
+    size_t buffer_bytes() const;
+    /// True while a layer's dispatch is open (not yet combined) on it.
+    bool in_use() const;
+    struct Impl;  // defined with GpuMoeLayer
+
+  private:
+    friend class GpuMoeLayer;
+    std::unique_ptr<Impl> impl_;
+};
+
 /// Options of a GpuMoeLayer.
 struct GpuMoeLayerOptions {
     CommScheme scheme = CommScheme::kHsc;                 ///< dispatch/combine scheme
     RoutingPolicy policy = RoutingPolicy::kTar;           ///< replica routing policy
     uint64_t routing_seed = 0;                            ///< seed of the SGLang policies
     GroupedGemmBackend gemm = GroupedGemmBackend::kAuto;  ///< LocalMoe GEMM backend
+    /// Scratch shared with other layers (see GpuWorkspace); nullptr = this layer's own.
+    std::shared_ptr<GpuWorkspace> workspace;
 };
 
 /// One MoE layer on one rank's GPU (the current CUDA device, which the nccl communicator selected).

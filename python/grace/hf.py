@@ -343,7 +343,7 @@ def _parent(model, name):
 
 
 def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
-          buffer_factory=None):
+          share_workspace=True, buffer_factory=None):
     """Runs every MoE block's routed experts of ``model`` through grace.ep with ``plan``; returns ``model``.
 
     Args:
@@ -352,6 +352,8 @@ def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar",
         group: torch.distributed process group (None: the default group, or a world of one without
             torch.distributed); rank r of the group holds ``gpu_experts[r]`` of every layer.
         topology, scheme, policy, seed, timeout: passed to ``grace.ep.Buffer``.
+        share_workspace: passed to ``grace.ep.Buffer`` (default True: on CUDA the blocks, which run one after another
+            through ``Buffer.moe``, share one set of device scratch buffers instead of one per block).
         buffer_factory: ``f(group, plan_dict, layer, **kwargs) -> buffer`` instead of ``grace.ep.Buffer``.
     Raises:
         PatchError (ValueError): no supported block, the plan's layer or expert count differs from the model's, an
@@ -379,7 +381,8 @@ def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar",
     rank = _group_rank(group)
     config = getattr(model, "config", None)
     factory = buffer_factory or _default_buffer_factory
-    bkw = dict(topology=topology, scheme=scheme, policy=policy, seed=seed, timeout=timeout)
+    bkw = dict(topology=topology, scheme=scheme, policy=policy, seed=seed, timeout=timeout,
+               share_workspace=share_workspace)
 
     # Check everything before replacing anything.
     prepared = []

@@ -468,3 +468,131 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
         CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
     }
 }
+
+// ---- A GpuWorkspace shared by two layers ----
+namespace {
+
+// Per rank (2x2 over the hub): layers 0 and 1 (other shapes: the shared buffers and LocalMoe are resized and
+// rebuilt between them) sharing one workspace, against the same two layers with workspaces of their own. Calls
+// alternate between the layers with changing T, through forward_async, the split phases and forward_device; the
+// outputs and destinations must be bit-identical. While layer 0's dispatch is open, layer 1's dispatch and
+// forward_device are refused naming both layers, and leave no trace (the next calls still match).
+void shared_workspace_on_hub(CommScheme scheme) {
+    const grace::Topology topo{2, 2};
+    const int G = topo.num_gpus();
+    const Case ca{16, 4, 64, 32, 40}, cb{16, 4, 128, 48, 40};
+    auto layer_a = make_layer(ca.E, topo), layer_b = make_layer(cb.E, topo);
+    layer_a.layer = 0, layer_b.layer = 1;
+    warm_experts(ca.E, {ca.H, ca.I});
+    warm_experts(cb.E, {cb.H, cb.I});
+    grace::test::ThreadHub hub(G);
+    std::vector<std::string> failures(G);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < G; ++r)
+        threads.emplace_back([&, r] {
+            try {
+                grace::test::HubCommunicator dc(hub, topo, r, grace::MemorySpace::kDevice);
+                auto shared = std::make_shared<gc::GpuWorkspace>();
+                auto own_a = std::make_shared<gc::GpuWorkspace>(), own_b = std::make_shared<gc::GpuWorkspace>();
+                gc::GpuMoeLayerOptions go;
+                go.scheme = scheme, go.policy = RoutingPolicy::kTar;
+                auto with = [&](std::shared_ptr<gc::GpuWorkspace> w) {
+                    gc::GpuMoeLayerOptions o = go;
+                    o.workspace = std::move(w);
+                    return o;
+                };
+                gc::GpuMoeLayer sa(layer_a, topo, dc, experts_of(layer_a, r, {ca.H, ca.I}), with(shared));
+                gc::GpuMoeLayer sb(layer_b, topo, dc, experts_of(layer_b, r, {cb.H, cb.I}), with(shared));
+                gc::GpuMoeLayer oa(layer_a, topo, dc, experts_of(layer_a, r, {ca.H, ca.I}), with(own_a));
+                gc::GpuMoeLayer ob(layer_b, topo, dc, experts_of(layer_b, r, {cb.H, cb.I}), with(own_b));
+                cudaStream_t stream = nullptr;
+                CUDA_RUNTIME_CHECK(cudaStreamCreate(&stream));
+                const int Ts[] = {40, 7, 90, 0, 23, 64};
+                for (int call = 0; call < 6; ++call) {
+                    const bool on_a = call % 2 == 0;
+                    const Case& c = on_a ? ca : cb;
+                    gc::GpuMoeLayer& s = on_a ? sa : sb;
+                    gc::GpuMoeLayer& o = on_a ? oa : ob;
+                    const int T = std::max(0, Ts[call] - r);
+                    const Batch hb = make_batch(700 + 10 * call + r, T, c.k, c.E, c.H);
+                    const DeviceBatch db(hb);
+                    const size_t nh = size_t(T) * c.H;
+                    gc::DeviceBuffer<float> out_s(std::max<size_t>(1, nh)), out_o(std::max<size_t>(1, nh));
+                    const int mode = call % 3;  // 0: forward_async, 1: split phases, 2: forward_device
+                    for (gc::GpuMoeLayer* l : {&s, &o}) {
+                        float* out = l == &s ? out_s.data() : out_o.data();
+                        if (mode == 0) {
+                            l->forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, out, stream);
+                        } else if (mode == 1) {
+                            auto h = l->dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, stream);
+                            l->experts(h, stream);
+                            l->combine(h, nullptr, out, stream);
+                        } else {
+                            l->forward_device(db.hidden.data(), db.ids.data(), db.weights.data(), T, c.k, out);
+                        }
+                        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+                    }
+                    if (s.last_dest_ranks() != o.last_dest_ranks())
+                        failures[r] += grace::cat("call ", call, ": destinations differ; ");
+                    if (out_s.download(nh) != out_o.download(nh))
+                        failures[r] += grace::cat("call ", call, ": shared-workspace output not bit-identical; ");
+                    if (shared->in_use()) failures[r] += grace::cat("call ", call, ": workspace still in use; ");
+                }
+                if (!(shared->buffer_bytes() < own_a->buffer_bytes() + own_b->buffer_bytes()))
+                    failures[r] +=
+                        grace::cat("shared workspace holds ", shared->buffer_bytes(), " bytes, the own ones ",
+                                   own_a->buffer_bytes(), " + ", own_b->buffer_bytes(), "; ");
+
+                // Layer 0's handle outstanding: layer 1 is refused (every rank, before any exchange).
+                const Batch ha = make_batch(900 + r, 30, ca.k, ca.E, ca.H),
+                            hbb = make_batch(950 + r, 30, cb.k, cb.E, cb.H);
+                const DeviceBatch da(ha), dbb(hbb);
+                gc::DeviceBuffer<float> out_s(30 * cb.H), out_o(30 * cb.H);
+                auto h = sa.dispatch(da.hidden.data(), da.ids.data(), da.weights.data(), 30, ca.k, stream);
+                if (!shared->in_use()) failures[r] += "workspace not in use during a dispatch; ";
+                for (int attempt = 0; attempt < 2; ++attempt) {
+                    try {
+                        if (attempt == 0)
+                            sb.dispatch(dbb.hidden.data(), dbb.ids.data(), dbb.weights.data(), 30, cb.k, stream);
+                        else
+                            sb.forward_device(dbb.hidden.data(), dbb.ids.data(), dbb.weights.data(), 30, cb.k,
+                                              out_s.data());
+                        failures[r] += grace::cat("attempt ", attempt, ": no error while layer 0's handle is open; ");
+                    } catch (const grace::Error& e) {
+                        const std::string what = e.what();
+                        if (e.code() != grace::ErrorCode::kInvalidArgument ||
+                            what.find("layer 1 on rank " + std::to_string(r)) == std::string::npos ||
+                            what.find("in use by layer 0 on rank " + std::to_string(r)) == std::string::npos)
+                            failures[r] += grace::cat("attempt ", attempt, ": unexpected error: ", what, "; ");
+                    }
+                }
+                sa.experts(h, stream);
+                sa.combine(h, nullptr, out_o.data(), stream);
+                // Layer 1 runs again and still matches its twin (the refused calls left its router untouched).
+                sb.forward_async(dbb.hidden.data(), dbb.ids.data(), dbb.weights.data(), 30, cb.k, out_s.data(), stream);
+                ob.forward_async(dbb.hidden.data(), dbb.ids.data(), dbb.weights.data(), 30, cb.k, out_o.data(), stream);
+                CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+                if (out_s.download() != out_o.download() || sb.last_dest_ranks() != ob.last_dest_ranks())
+                    failures[r] += "layer 1 after the refused calls differs from its twin; ";
+                CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
+            } catch (const std::exception& e) {
+                failures[r] += e.what();
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < G; ++r) EXPECT_EQ(failures[r], "") << "rank " << r << " " << grace::to_string(scheme);
+}
+
+}  // namespace
+
+TEST(GpuWorkspace, SharedByTwoLayersBitIdenticalAndRefusesAnOpenHandle) {
+    REQUIRE_GPU();
+    for (auto scheme : kSchemes) shared_workspace_on_hub(scheme);
+}
+
+TEST(GpuWorkspace, ConstructionDoesNoCudaWork) {
+    // No device needed: an unused workspace holds nothing and is free.
+    gc::GpuWorkspace w;
+    EXPECT_EQ(w.buffer_bytes(), 0u);
+    EXPECT_FALSE(w.in_use());
+}

@@ -1,6 +1,7 @@
 """grace.ep: GRACE's expert-parallel MoE layer from PyTorch, with a DeepEP-shaped API (docs/python.md, "grace.ep").
 
-    buf = grace.ep.Buffer(group, plan, layer, topology=None, scheme="hsc", policy="tar", seed=0, timeout=300.0)
+    buf = grace.ep.Buffer(group, plan, layer, topology=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
+                          share_workspace=True)
     recv_x, recv_topk, recv_weights, handle = buf.dispatch(x, topk_idx, topk_weights)   # collective
     expert_out = buf.experts(recv_x, recv_topk, recv_weights, w13, w2)                  # local
     y = buf.combine(expert_out, handle)                                                  # collective
@@ -18,6 +19,12 @@ the host communicator, float32 activations, float32 or bfloat16 weights); CUDA t
 The first Buffer of a (group, topology, timeout) is collective: it creates the host communicator
 (grace.ep._torch_comm.TorchComm: gloo groups made with dist.new_group, which every process of the default group must
 enter in the same order); later Buffers with the same three share it (one Buffer per layer of a model).
+
+share_workspace (CUDA; default True): the Buffers of one group on one device share one set of device scratch
+buffers (grace::cuda::GpuWorkspace: exchange buffers, expert workspace, accumulators), sized by the largest call of
+any of them, instead of one set per Buffer. They must then run one at a time: while a Buffer's dispatch is not yet
+combined, dispatch/moe of another sharing Buffer raises GraceError naming both layers (never a silent overwrite).
+Pass share_workspace=False to a Buffer whose handle must stay open across other layers' calls. No effect on CPU.
 
 Backend contract (``_cpu.CpuBackend`` and ``_cuda.CudaBackend``): built on first use as
 ``Backend(plan, layer, topology, host_impl=torch_comm, scheme=, policy=, seed=, timeout=)`` with the Buffer's
@@ -207,11 +214,12 @@ class Buffer:
     plan's; N*M must equal the group size; rank r of the group is GPU r of the plan (node r // M). scheme: flat,
     flat-dedup or hsc. policy: a replica routing policy (tar, wrr, primary, ...); its state (WRR counters) carries
     across calls. timeout: deadline of each collective in seconds (0 = none). num_experts: if given, the model's
-    expert count, which must equal the plan's.
+    expert count, which must equal the plan's. share_workspace: True (default) or False, CUDA only: share the
+    device scratch with the other Buffers of this group on the same device (see the module docstring).
     """
 
     def __init__(self, group=None, plan=None, layer=0, *, topology=None, scheme="hsc", policy="tar", seed=0,
-                 timeout=300.0, num_experts=None):
+                 timeout=300.0, num_experts=None, share_workspace=True):
         if plan is None:
             _fail("plan is required (a path, a JSON string or a dict)")
         from .._grace import validate_plan
@@ -228,6 +236,9 @@ class Buffer:
         self.num_experts = int(self.plan.get("num_experts", 0))
         if num_experts is not None and _integer(num_experts, "num_experts") != self.num_experts:
             _fail(f"the plan is for {self.num_experts} experts, the model has num_experts={num_experts}")
+        if not isinstance(share_workspace, bool):
+            _fail(f"share_workspace must be True or False, got {share_workspace!r}")
+        self.share_workspace = share_workspace
         if scheme not in SCHEMES:
             _fail(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
         seed = _integer(seed, "seed")  # the routers take a uint64 (a float was truncated, -1 a pybind TypeError)
@@ -254,9 +265,13 @@ class Buffer:
     def _backend_for(self, device):
         if self._backend is None:
             module = _backend_module(device)
-            backend = module.CpuBackend if device.type == "cpu" else module.CudaBackend
+            if device.type == "cpu":
+                backend, extra = module.CpuBackend, {}  # the CPU layer has no device scratch to share
+            else:
+                backend, extra = module.CudaBackend, {"share_workspace": self.share_workspace}
             self._backend = backend(self.plan, self.layer, self.topology, host_impl=self.torch_comm,
-                                    scheme=self.scheme, policy=self.policy, seed=self.seed, timeout=self.timeout)
+                                    scheme=self.scheme, policy=self.policy, seed=self.seed, timeout=self.timeout,
+                                    **extra)
             self._device_type = device.type
         elif device.type != self._device_type:
             _fail(f"this Buffer runs on {self._device_type}; got tensors on {device}")

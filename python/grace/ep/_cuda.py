@@ -23,6 +23,13 @@ keeps references to the registered tensors.
 
 Router state (WRR/TAR sequence offsets, SGLang-dynamic state) lives in the one C++ layer of this object and carries
 across calls of ``dispatch``/``moe``.
+
+Workspace sharing (``share_workspace=True``, the default): the backends of one (CUDA device, host communicator)
+share one ``grace::cuda::GpuWorkspace``, the device scratch that a call needs only until it returns (exchange
+buffers, LocalMoe's workspace, accumulators), so a model with one Buffer per layer keeps one set of scratch buffers
+instead of one per layer. The layers then run one at a time: between a Buffer's ``dispatch`` and its ``combine``
+another Buffer sharing the workspace refuses ``dispatch``/``moe`` (GraceError naming both layers). A handle that is
+never combined keeps the workspace until its own Buffer's next call. ``share_workspace=False``: the layer's own.
 """
 
 import os
@@ -38,6 +45,20 @@ _ep = getattr(_grace, "_ep", None)
 def available():
     """True when grace._grace was built with CUDA (GRACE_USE_CUDA) and torch sees a CUDA device."""
     return bool(getattr(_ep, "cuda_available", False)) and torch.cuda.is_available()
+
+
+# (CUDA device index, id of the host communicator object) -> (that object, GpuWorkspace): the scratch shared by the
+# Buffers of one group on one device. The object is kept so that its id is not reused while the entry exists.
+_WORKSPACES = {}
+
+
+def shared_workspace(device_index, host_impl):
+    """The GpuWorkspace shared by the layers of `host_impl`'s group on CUDA device `device_index` (made on first
+    use; making one does no CUDA work)."""
+    key = (int(device_index), id(host_impl))
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (host_impl, _ep.GpuWorkspace())
+    return _WORKSPACES[key][1]
 
 
 def _capsule(t):
@@ -116,10 +137,14 @@ class CudaBackend:
     Arguments: plan (path, JSON string or dict), layer (index in the plan), topology ("NxM" or (N, M): must be the
     group's), host_impl (the torch.distributed host communicator object, grace.ep._torch_comm.TorchComm, or None for
     a world of one process), scheme ("hsc", "flat", "flat-dedup"), policy ("tar", "wrr", "primary", "vllm",
-    "sglang-static", "sglang-dynamic"), seed, timeout (seconds, 0 = none).
+    "sglang-static", "sglang-dynamic"), seed, timeout (seconds, 0 = none), share_workspace (bool: the device scratch
+    shared with the other backends of this host_impl on the same device, see the module docstring; False: its own).
     """
 
-    def __init__(self, plan, layer, topology, host_impl=None, scheme="hsc", policy="tar", seed=0, timeout=300.0):
+    def __init__(self, plan, layer, topology, host_impl=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
+                 share_workspace=True):
+        if not isinstance(share_workspace, bool):
+            raise ValueError(f"share_workspace must be True or False, got {share_workspace!r}")
         if not available():
             raise ValueError("grace.ep CUDA backend: grace._grace was built without CUDA or torch sees no GPU")
         self._plan = _plan_arg(plan)
@@ -130,6 +155,8 @@ class CudaBackend:
         self._policy = policy
         self._seed = int(seed)
         self._timeout = float(timeout)
+        self._share_workspace = share_workspace
+        self._workspace = None
         self._comm = None
         self._layer = None
         self._device = None
@@ -151,8 +178,10 @@ class CudaBackend:
         self._device = x.device
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self._comm = _ep.NcclCommunicator(self._topology, index, self._timeout, self._host_impl)
+        if self._share_workspace:
+            self._workspace = shared_workspace(index, self._host_impl)
         self._layer = _ep.GpuLayer(self._comm, self._plan, self._layer_index, int(x.shape[1]), 0, self._scheme,
-                                   self._policy, self._seed)
+                                   self._policy, self._seed, self._workspace)
 
     def set_experts(self, w13, w2):
         """Registers this rank's expert weights explicitly (moe() does it on demand)."""

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "cuda_check.hpp"
@@ -132,7 +133,58 @@ void host_wait(cudaStream_t stream, cudaEvent_t event, double timeout_s, int ran
     }
 }
 
+// The device buffers of one exchange stage.
+struct DevStage {
+    DeviceBuffer<int32_t> idx, meta_send, meta_recv, ptr, list;
+    DeviceBuffer<bf16> payload_send, payload_recv, back_send, back_recv;
+    size_t bytes() const {
+        return idx.bytes() + meta_send.bytes() + meta_recv.bytes() + ptr.bytes() + list.bytes() + payload_send.bytes() +
+               payload_recv.bytes() + back_send.bytes() + back_recv.bytes();
+    }
+};
+
 }  // namespace
+
+// The scratch of the calls (grow only; contents matter only within one call / one dispatch..combine).
+struct GpuWorkspace::Impl {
+    DeviceBuffer<bf16> d_hidden;
+    DeviceBuffer<int32_t> d_ids;
+    DeviceBuffer<int32_t> r_inst, r_rank, r_tpr, r_tpi;
+    DeviceBuffer<bool> r_in_rank;
+    DevStage ds1, ds2;
+    DeviceBuffer<int32_t> loc_slot;
+    DeviceBuffer<float> loc_w, acc;
+    DeviceBuffer<bf16> acc_bf16;
+    // LocalMoe's workspace, for the shape it was built for (rebuilt when a layer of another shape uses it).
+    std::unique_ptr<LocalMoe> local_moe;
+    int local_moe_cap = 0, local_moe_k = 0;
+    LocalMoeShape local_moe_shape{};
+    GroupedGemmBackend local_moe_gemm = GroupedGemmBackend::kAuto;
+    // Sequential sharing: the layer whose call is open, and its name for the error of another layer.
+    const void* owner = nullptr;
+    std::string owner_name;
+    int device = -1;                 // the device of the first layer that used it
+    cudaEvent_t released = nullptr;  // recorded on the last owner's stream when it released the workspace
+    bool release_recorded = false;
+
+    Impl() = default;  // no CUDA work here: the event is made on the first owner's device
+    ~Impl() {
+        local_moe.reset();
+        if (released) cudaEventDestroy(released);
+    }
+    Impl(const Impl&) = delete;
+    Impl& operator=(const Impl&) = delete;
+};
+
+GpuWorkspace::GpuWorkspace() : impl_(std::make_unique<Impl>()) {}
+GpuWorkspace::~GpuWorkspace() = default;
+bool GpuWorkspace::in_use() const { return impl_->owner != nullptr; }
+size_t GpuWorkspace::buffer_bytes() const {
+    const Impl& w = *impl_;
+    return w.d_hidden.bytes() + w.d_ids.bytes() + w.r_inst.bytes() + w.r_rank.bytes() + w.r_tpr.bytes() +
+           w.r_tpi.bytes() + w.r_in_rank.bytes() + w.ds1.bytes() + w.ds2.bytes() + w.loc_slot.bytes() +
+           w.loc_w.bytes() + w.acc.bytes() + w.acc_bf16.bytes();
+}
 
 struct GpuMoeLayer::Impl {
     LayerPlan layer;
@@ -147,8 +199,6 @@ struct GpuMoeLayer::Impl {
     DeviceBuffer<bf16> w13, w2;
     const void* w13_ptr = nullptr;  // the weights in use: w13/w2 above, or the caller's (set_expert_weights)
     const void* w2_ptr = nullptr;
-    std::unique_ptr<LocalMoe> local_moe;
-    int local_moe_cap = 0, local_moe_k = 0;
     bool last_on_device = false;
 
     // Stream mode (the phase calls): work is queued on `stream`, exchanges complete on it, uploads are staged in
@@ -174,26 +224,52 @@ struct GpuMoeLayer::Impl {
     std::vector<int32_t> h_ids;
     std::vector<float> h_w;
     Stage s1, s2;
-    // Device buffers (grow only).
-    DeviceBuffer<bf16> d_hidden;
-    DeviceBuffer<int32_t> d_ids;
-    DeviceBuffer<int32_t> r_inst, r_rank, r_tpr, r_tpi;
-    DeviceBuffer<bool> r_in_rank;
-    struct DevStage {
-        DeviceBuffer<int32_t> idx, meta_send, meta_recv, ptr, list;
-        DeviceBuffer<bf16> payload_send, payload_recv, back_send, back_recv;
-    } ds1, ds2;
+    // Device scratch (grow only): the workspace's, shared or this layer's own; the members below name its
+    // buffers.
+    std::shared_ptr<GpuWorkspace> workspace;
+    GpuWorkspace::Impl& ws;
+    DeviceBuffer<bf16>& d_hidden;
+    DeviceBuffer<int32_t>& d_ids;
+    DeviceBuffer<int32_t>&r_inst, &r_rank, &r_tpr, &r_tpi;
+    DeviceBuffer<bool>& r_in_rank;
+    DevStage &ds1, &ds2;
     DevStage* last_dev = nullptr;
-    DeviceBuffer<int32_t> loc_slot;
-    DeviceBuffer<float> loc_w, acc;
-    DeviceBuffer<bf16> acc_bf16;
+    DeviceBuffer<int32_t>& loc_slot;
+    DeviceBuffer<float>&loc_w, &acc;
+    DeviceBuffer<bf16>& acc_bf16;
+    std::unique_ptr<LocalMoe>& local_moe;
+    int &local_moe_cap, &local_moe_k;
 
     Impl(const LayerPlan& l, const Topology& t, Communicator& c, const GpuMoeLayerOptions& o)
-        : layer(l), topo(t), comm(c), options(o), host_router(layer, topo, o.policy, o.routing_seed) {
+        : layer(l),
+          topo(t),
+          comm(c),
+          options(o),
+          host_router(layer, topo, o.policy, o.routing_seed),
+          workspace(o.workspace ? o.workspace : std::make_shared<GpuWorkspace>()),
+          ws(*workspace->impl_),
+          d_hidden(ws.d_hidden),
+          d_ids(ws.d_ids),
+          r_inst(ws.r_inst),
+          r_rank(ws.r_rank),
+          r_tpr(ws.r_tpr),
+          r_tpi(ws.r_tpi),
+          r_in_rank(ws.r_in_rank),
+          ds1(ws.ds1),
+          ds2(ws.ds2),
+          loc_slot(ws.loc_slot),
+          loc_w(ws.loc_w),
+          acc(ws.acc),
+          acc_bf16(ws.acc_bf16),
+          local_moe(ws.local_moe),
+          local_moe_cap(ws.local_moe_cap),
+          local_moe_k(ws.local_moe_k) {
+        options.workspace.reset();  // held once, in `workspace`
         CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&staging_free, cudaEventDisableTiming));
         CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&wait_event, cudaEventDisableTiming));
     }
     ~Impl() {
+        if (ws.owner == this) ws.owner = nullptr;  // a dispatch never combined: the workspace is free again
         if (h_route) cudaFreeHost(h_route);
         if (staging_free) cudaEventDestroy(staging_free);
         if (wait_event) cudaEventDestroy(wait_event);
@@ -311,12 +387,20 @@ struct GpuMoeLayer::Impl {
         const int64_t R = s.total_recv;
         if (R == 0) return d.payload_recv.data();
         GRACE_CHECK(n_local > 0, ErrorCode::kInternal, "rank ", me, " received ", R, " copies but holds no experts");
-        if (!local_moe || R > local_moe_cap || local_moe_k != s.recs) {
-            const int64_t grown = local_moe_k == s.recs ? 2 * static_cast<int64_t>(local_moe_cap) : 0;
+        // Built for this layer's shape (a shared workspace may hold another layer's), grown when R exceeds it.
+        const LocalMoeShape shape{n_local, s.recs, H, I};
+        const bool same_shape = local_moe && ws.local_moe_shape.num_experts == shape.num_experts &&
+                                ws.local_moe_shape.top_k == shape.top_k && ws.local_moe_shape.hidden == shape.hidden &&
+                                ws.local_moe_shape.intermediate == shape.intermediate &&
+                                ws.local_moe_gemm == options.gemm;
+        if (!same_shape || R > local_moe_cap) {
+            const int64_t grown = same_shape ? 2 * static_cast<int64_t>(local_moe_cap) : 0;
             local_moe_cap = static_cast<int>(std::max<int64_t>(R, grown));
             local_moe_k = s.recs;
             local_moe.reset();
-            local_moe = std::make_unique<LocalMoe>(LocalMoeShape{n_local, s.recs, H, I}, local_moe_cap, options.gemm);
+            local_moe = std::make_unique<LocalMoe>(shape, local_moe_cap, options.gemm);
+            ws.local_moe_shape = shape;
+            ws.local_moe_gemm = options.gemm;
         }
         GRACE_CHECK_ARG(w13_ptr && w2_ptr, "GpuMoeLayer on rank ", me, ": no expert weights (set_expert_weights)");
         local_moe->set_weights(w13_ptr, w2_ptr);
@@ -396,8 +480,41 @@ struct GpuMoeLayer::Impl {
             }
     }
 
-    // Sets the mode for one call and opens it.
+    std::string name() const { return "layer " + std::to_string(layer.layer) + " on rank " + std::to_string(me); }
+    // Takes the workspace for one call (or one dispatch..combine); throws while another layer holds it.
+    void acquire(cudaStream_t s) {
+        stream = s;  // where release() records the end of this layer's use
+        if (ws.owner == this) return;  // this layer's own open dispatch, which the new call replaces
+        GRACE_CHECK_ARG(ws.owner == nullptr, "GpuMoeLayer ", name(), ": its shared GpuWorkspace is in use by ",
+                        ws.owner_name, " (a dispatch not yet combined); combine that handle before calling ",
+                        "another layer that shares the workspace");
+        int device = 0;
+        CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+        GRACE_CHECK_ARG(ws.device < 0 || ws.device == device, "GpuMoeLayer ", name(), " runs on CUDA device ", device,
+                        " but its shared GpuWorkspace belongs to device ", ws.device);
+        if (!ws.released) CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&ws.released, cudaEventDisableTiming));
+        // The previous owner's last use (on its stream) before this call's.
+        if (ws.release_recorded) CUDA_RUNTIME_CHECK(cudaStreamWaitEvent(s, ws.released, 0));
+        ws.device = device;
+        ws.owner = this;
+        ws.owner_name = name();
+    }
+    // Gives the workspace back at the end of a call (or a failed one); never throws.
+    void release() noexcept {
+        if (ws.owner != this) return;
+        ws.release_recorded = cudaEventRecord(ws.released, stream) == cudaSuccess;
+        if (!ws.release_recorded) cudaGetLastError();
+        ws.owner = nullptr;
+    }
+    // Closes the open call (after combine, or after a failure).
+    void close_call() noexcept {
+        open_call = 0;
+        release();
+    }
+
+    // Sets the mode for one call and opens it (call it inside the try whose catch calls close_call()).
     void begin_call(bool stream_mode, cudaStream_t s) {
+        acquire(stream_mode ? s : nullptr);
         async = stream_mode;
         stream = stream_mode ? s : nullptr;
         comm.set_stream(stream);
@@ -427,8 +544,8 @@ struct GpuMoeLayer::Impl {
 
 // Synchronous mode: the legacy stream, every stage synchronized for its timing (the statistics of forward()).
 void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token) {
-    begin_call(false, nullptr);
     try {
+        begin_call(false, nullptr);
         for (int64_t i = 0; i < T * k; ++i)
             GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E,
                             ")");
@@ -438,7 +555,7 @@ void GpuMoeLayer::Impl::forward(const bf16* hidden, int64_t T, int k, float* out
         experts_phase();
         combine_phase(expert_partials, out_dev);
     } catch (...) {
-        open_call = 0;
+        close_call();
         throw;
     }
 }
@@ -617,7 +734,7 @@ void GpuMoeLayer::Impl::combine_phase(const bf16* partials, float* out_dev) {
         CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, stream));
     else
         CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
-    open_call = 0;
+    close_call();
     stats.combine_s = seconds_since(t0);
     stats.total_s = seconds_since(t_start);
 }
@@ -733,13 +850,19 @@ void GpuMoeLayer::forward_device(const void* hidden_bf16, const int32_t* topk_id
     const size_t n = static_cast<size_t>(num_tokens) * top_k;
     m.h_ids.resize(n);
     m.h_w.resize(n);
-    if (n) {
-        CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToHost));
-        CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_w.data(), topk_weights, n * 4, cudaMemcpyDeviceToHost));
+    try {
+        m.acquire(nullptr);  // before the workspace's d_ids is written
+        if (n) {
+            CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToHost));
+            CUDA_RUNTIME_CHECK(cudaMemcpy(m.h_w.data(), topk_weights, n * 4, cudaMemcpyDeviceToHost));
+        }
+        // The router reads its ids from d_ids.
+        m.d_ids.reserve(std::max<size_t>(1, n));
+        if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToDevice));
+    } catch (...) {
+        m.close_call();
+        throw;
     }
-    // The router reads its ids from d_ids.
-    m.d_ids.reserve(std::max<size_t>(1, n));
-    if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyDeviceToDevice));
     m.forward(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k, out, first_token);
 }
 
@@ -753,11 +876,17 @@ void GpuMoeLayer::forward(const float* hidden, const int32_t* topk_ids, const fl
     m.h_w.assign(topk_weights, topk_weights + n);
     std::vector<uint16_t> xb(nh);
     for (size_t i = 0; i < nh; ++i) xb[i] = float_to_bf16(hidden[i]);
-    m.d_hidden.reserve(std::max<size_t>(1, nh));
-    m.d_ids.reserve(std::max<size_t>(1, n));
     DeviceBuffer<float> d_out(std::max<size_t>(1, nh));
-    if (nh) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_hidden.data(), xb.data(), nh * 2, cudaMemcpyHostToDevice));
-    if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyHostToDevice));
+    try {
+        m.acquire(nullptr);  // before the workspace's d_hidden and d_ids are written
+        m.d_hidden.reserve(std::max<size_t>(1, nh));
+        m.d_ids.reserve(std::max<size_t>(1, n));
+        if (nh) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_hidden.data(), xb.data(), nh * 2, cudaMemcpyHostToDevice));
+        if (n) CUDA_RUNTIME_CHECK(cudaMemcpy(m.d_ids.data(), topk_ids, n * 4, cudaMemcpyHostToDevice));
+    } catch (...) {
+        m.close_call();
+        throw;
+    }
     m.forward(m.d_hidden.data(), num_tokens, top_k, d_out.data(), first_token);
     if (nh) CUDA_RUNTIME_CHECK(cudaMemcpy(out, d_out.data(), nh * 4, cudaMemcpyDeviceToHost));
 }
@@ -778,11 +907,8 @@ void GpuMoeLayer::set_expert_weights(const void* w13_bf16, const void* w2_bf16, 
                     ": null weight pointer for ", m.n_local, " local experts");
     GRACE_CHECK_ARG(m.open_call == 0, "GpuMoeLayer::set_expert_weights on rank ", m.me,
                     " between dispatch and combine");
-    if (intermediate > 0 && intermediate != m.I) {
-        m.I = intermediate;
-        m.local_moe.reset();  // its workspace is sized for the old I
-        m.local_moe_cap = 0;
-    }
+    // A new I rebuilds LocalMoe's workspace at the next experts call (run_experts compares the shape).
+    if (intermediate > 0) m.I = intermediate;
     GRACE_CHECK_ARG(m.I > 0, "GpuMoeLayer::set_expert_weights: the intermediate size is not known (pass it)");
     m.w13_ptr = w13_bf16;
     m.w2_ptr = w2_bf16;
@@ -795,8 +921,8 @@ GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int32_t* 
                     "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
     GRACE_CHECK_ARG(num_tokens == 0 || (hidden_bf16 && topk_ids && topk_weights), "GpuMoeLayer::dispatch: null input");
     auto s = static_cast<cudaStream_t>(stream);
-    m.begin_call(true, s);
     try {
+        m.begin_call(true, s);
         m.route_async(topk_ids, topk_weights, num_tokens, top_k, first_token);
         m.stats.routing_s = seconds_since(m.t0);
         m.dispatch_phase(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k);
@@ -804,7 +930,7 @@ GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int32_t* 
         // call overwrite them early.
         CUDA_RUNTIME_CHECK(cudaEventRecord(m.staging_free, s));
     } catch (...) {
-        m.open_call = 0;
+        m.close_call();
         throw;
     }
     GpuDispatchHandle h;
@@ -856,7 +982,7 @@ void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16
     try {
         m.combine_phase(partials, out);
     } catch (...) {
-        m.open_call = 0;
+        m.close_call();
         throw;
     }
 }
