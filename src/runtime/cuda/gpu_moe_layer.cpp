@@ -269,7 +269,7 @@ struct GpuMoeLayer::Impl {
         CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&wait_event, cudaEventDisableTiming));
     }
     ~Impl() {
-        if (ws.owner == this) ws.owner = nullptr;  // a dispatch never combined: the workspace is free again
+        release();  // a dispatch never combined: the workspace is free again (after its queued work)
         if (h_route) cudaFreeHost(h_route);
         if (staging_free) cudaEventDestroy(staging_free);
         if (wait_event) cudaEventDestroy(wait_event);
@@ -483,7 +483,7 @@ struct GpuMoeLayer::Impl {
     std::string name() const { return "layer " + std::to_string(layer.layer) + " on rank " + std::to_string(me); }
     // Takes the workspace for one call (or one dispatch..combine); throws while another layer holds it.
     void acquire(cudaStream_t s) {
-        stream = s;  // where release() records the end of this layer's use
+        stream = s;                    // where release() records the end of this layer's use
         if (ws.owner == this) return;  // this layer's own open dispatch, which the new call replaces
         GRACE_CHECK_ARG(ws.owner == nullptr, "GpuMoeLayer ", name(), ": its shared GpuWorkspace is in use by ",
                         ws.owner_name, " (a dispatch not yet combined); combine that handle before calling ",
