@@ -249,6 +249,10 @@ struct EvalReport {
     std::vector<PhaseReport> phases;  ///< the phases that have batches, prefill first
 };
 
+/// Adds the summable fields of `m` (copies, bytes, times, the per-layer balance measures, and per-GPU load and
+/// compute time over the GPUs both hold) to `total`; the totals row of a report is the sum of its layers.
+void add_metrics(EvalMetrics& total, const EvalMetrics& m);
+
 /// Prices replay counts under `scheme` (spec §7):
 ///   flat, flat-dedup: t = max(max_node max(cross bytes out, in) / B_net, max_gpu max(intra out, in) / B_nvl)
 ///                     + max_gpu(alpha_net * cross messages + alpha_nvl * intra messages);

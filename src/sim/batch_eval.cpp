@@ -58,25 +58,7 @@ EvalMetrics sum_layers(std::vector<EvalMetrics>& layers, int num_gpus) {
     tot.gpu_compute_time_s.assign(num_gpus, 0);
     for (EvalMetrics& m : layers) {
         m.cross_node_ratio = ratio(m.cross_node_copies, m.intra_node_copies);
-        tot.cross_node_copies += m.cross_node_copies;
-        tot.intra_node_copies += m.intra_node_copies;
-        tot.local_selections += m.local_selections;
-        tot.cross_node_bytes += m.cross_node_bytes;
-        tot.intra_node_bytes += m.intra_node_bytes;
-        tot.load_std += m.load_std;
-        tot.balancedness += m.balancedness;
-        tot.imbalance_ratio += m.imbalance_ratio;
-        tot.dispatch_time_s += m.dispatch_time_s;
-        tot.combine_time_s += m.combine_time_s;
-        tot.all_to_all_time_s += m.all_to_all_time_s;
-        tot.compute_time_s += m.compute_time_s;
-        tot.mean_compute_time_s += m.mean_compute_time_s;
-        tot.gpu_idle_time_s += m.gpu_idle_time_s;
-        tot.moe_layer_time_s += m.moe_layer_time_s;
-        tot.non_moe_time_s += m.non_moe_time_s;
-        tot.end_to_end_s += m.end_to_end_s;
-        for (int g = 0; g < num_gpus && g < static_cast<int>(m.gpu_load.size()); ++g)
-            tot.gpu_load[g] += m.gpu_load[g], tot.gpu_compute_time_s[g] += m.gpu_compute_time_s[g];
+        add_metrics(tot, m);
     }
     const double L = static_cast<double>(std::max<size_t>(layers.size(), 1));
     tot.load_std /= L;

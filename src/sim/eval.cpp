@@ -217,6 +217,29 @@ CommScheme parse_comm_scheme(const std::string& name) {
     return CommScheme::kFlat;
 }
 
+void add_metrics(EvalMetrics& total, const EvalMetrics& m) {
+    total.cross_node_copies += m.cross_node_copies;
+    total.intra_node_copies += m.intra_node_copies;
+    total.local_selections += m.local_selections;
+    total.cross_node_bytes += m.cross_node_bytes;
+    total.intra_node_bytes += m.intra_node_bytes;
+    total.load_std += m.load_std;
+    total.balancedness += m.balancedness;
+    total.imbalance_ratio += m.imbalance_ratio;
+    total.dispatch_time_s += m.dispatch_time_s;
+    total.combine_time_s += m.combine_time_s;
+    total.all_to_all_time_s += m.all_to_all_time_s;
+    total.compute_time_s += m.compute_time_s;
+    total.mean_compute_time_s += m.mean_compute_time_s;
+    total.gpu_idle_time_s += m.gpu_idle_time_s;
+    total.moe_layer_time_s += m.moe_layer_time_s;
+    total.non_moe_time_s += m.non_moe_time_s;
+    total.end_to_end_s += m.end_to_end_s;
+    const size_t g_end = std::min(total.gpu_load.size(), m.gpu_load.size());
+    for (size_t g = 0; g < g_end; ++g)
+        total.gpu_load[g] += m.gpu_load[g], total.gpu_compute_time_s[g] += m.gpu_compute_time_s[g];
+}
+
 EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan& plan, CommScheme scheme,
                         const HardwareModel& hw, const ModelShape& shape, int64_t num_tokens) {
     hw.validate();
@@ -279,25 +302,7 @@ EvalReport price_counts(const std::vector<LayerCounts>& counts, const ExpertPlan
         m.non_moe_time_s = static_cast<double>(tokens_per_gpu) * compute.non_moe_seconds_per_token();
         m.end_to_end_s = m.moe_layer_time_s + m.non_moe_time_s;
 
-        tot.cross_node_copies += m.cross_node_copies;
-        tot.intra_node_copies += m.intra_node_copies;
-        tot.local_selections += m.local_selections;
-        tot.cross_node_bytes += m.cross_node_bytes;
-        tot.intra_node_bytes += m.intra_node_bytes;
-        tot.load_std += m.load_std;
-        tot.balancedness += m.balancedness;
-        tot.imbalance_ratio += m.imbalance_ratio;
-        tot.dispatch_time_s += m.dispatch_time_s;
-        tot.combine_time_s += m.combine_time_s;
-        tot.all_to_all_time_s += m.all_to_all_time_s;
-        tot.compute_time_s += m.compute_time_s;
-        tot.mean_compute_time_s += m.mean_compute_time_s;
-        tot.gpu_idle_time_s += m.gpu_idle_time_s;
-        tot.moe_layer_time_s += m.moe_layer_time_s;
-        tot.non_moe_time_s += m.non_moe_time_s;
-        tot.end_to_end_s += m.end_to_end_s;
-        for (int g = 0; g < G; ++g)
-            tot.gpu_load[g] += m.gpu_load[g], tot.gpu_compute_time_s[g] += m.gpu_compute_time_s[g];
+        add_metrics(tot, m);
         r.layers.push_back(std::move(m));
     }
     const double L = std::max<size_t>(counts.size(), 1);
