@@ -145,23 +145,35 @@ struct EpLayer {
         w13_ref = w13, w2_ref = w2;
     }
 
-    // x [T, H] bf16, ids [T, k] int32, weights [T, k] float32 (the Python side converts int64 ids and checks k).
-    std::tuple<dl::TensorView, dl::TensorView, dl::TensorView> inputs(const py::object& x, const py::object& ids,
-                                                                      const py::object& w) const {
-        auto vx = dl::import_cuda(x, "x", dl::kBFloat16, dev(), {-1, H});
-        auto vi = dl::import_cuda(ids, "topk_idx", dl::kInt32, dev(), {vx.shape[0], -1});
-        GRACE_CHECK_ARG(vi.shape[1] >= 1, "topk_idx: shape ", dl::shape_string(vi.shape), ", k must be >= 1");
-        auto vw = dl::import_cuda(w, "topk_weights", dl::kFloat32, dev(), {vx.shape[0], vi.shape[1]});
-        return {vx, vi, vw};
+    // x [T, H] bf16, ids [T, k] int32 or int64 (torch's index dtype, narrowed on the device by the layer),
+    // weights [T, k] float32.
+    struct Inputs {
+        dl::TensorView x, ids, w;
+        bool ids64 = false;
+        const int32_t* ids32() const { return ids64 ? nullptr : static_cast<const int32_t*>(ids.data); }
+        const int64_t* ids_64() const { return ids64 ? static_cast<const int64_t*>(ids.data) : nullptr; }
+    };
+    Inputs inputs(const py::object& x, const py::object& ids, const py::object& w) const {
+        Inputs in;
+        in.x = dl::import_cuda(x, "x", dl::kBFloat16, dev(), {-1, H});
+        in.ids64 = dl::dtype_of(ids, dl::kInt32) == dl::kInt64;
+        in.ids = dl::import_cuda(ids, "topk_idx", in.ids64 ? dl::kInt64 : dl::kInt32, dev(), {in.x.shape[0], -1});
+        GRACE_CHECK_ARG(in.ids.shape[1] >= 1, "topk_idx: shape ", dl::shape_string(in.ids.shape),
+                        ", k must be >= 1");
+        in.w = dl::import_cuda(w, "topk_weights", dl::kFloat32, dev(), {in.x.shape[0], in.ids.shape[1]});
+        return in;
     }
 
     PyHandle dispatch(const py::object& x, const py::object& ids, const py::object& w, uintptr_t stream,
                       int64_t first_token) {
-        auto [vx, vi, vw] = inputs(x, ids, w);
+        const Inputs in = inputs(x, ids, w);
         DeviceGuard guard(dev());
-        return PyHandle{layer->dispatch(vx.data, static_cast<const int32_t*>(vi.data),
-                                        static_cast<const float*>(vw.data), vx.shape[0], static_cast<int>(vi.shape[1]),
-                                        as_stream(stream), first_token)};
+        const auto* wp = static_cast<const float*>(in.w.data);
+        const int k = static_cast<int>(in.ids.shape[1]);
+        return PyHandle{in.ids64 ? layer->dispatch(in.x.data, in.ids_64(), wp, in.x.shape[0], k, as_stream(stream),
+                                                   first_token)
+                                 : layer->dispatch(in.x.data, in.ids32(), wp, in.x.shape[0], k, as_stream(stream),
+                                                   first_token)};
     }
 
     void received(const PyHandle& h, const py::object& rx, const py::object& rs, const py::object& rw,
@@ -190,22 +202,27 @@ struct EpLayer {
 
     void forward_async(const py::object& x, const py::object& ids, const py::object& w, const py::object& out,
                        uintptr_t stream, int64_t first_token) {
-        auto [vx, vi, vw] = inputs(x, ids, w);
-        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {vx.shape[0], H});
+        const Inputs in = inputs(x, ids, w);
+        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H});
         DeviceGuard guard(dev());
-        layer->forward_async(vx.data, static_cast<const int32_t*>(vi.data), static_cast<const float*>(vw.data),
-                             vx.shape[0], static_cast<int>(vi.shape[1]), static_cast<float*>(vo.data),
-                             as_stream(stream), first_token);
+        const auto* wp = static_cast<const float*>(in.w.data);
+        const int k = static_cast<int>(in.ids.shape[1]);
+        auto* op = static_cast<float*>(vo.data);
+        if (in.ids64)
+            layer->forward_async(in.x.data, in.ids_64(), wp, in.x.shape[0], k, op, as_stream(stream), first_token);
+        else
+            layer->forward_async(in.x.data, in.ids32(), wp, in.x.shape[0], k, op, as_stream(stream), first_token);
     }
 
     // The synchronous C++ path (legacy stream, device synchronized), for bit-for-bit checks of the binding.
     void forward_device(const py::object& x, const py::object& ids, const py::object& w, const py::object& out,
                         int64_t first_token) {
-        auto [vx, vi, vw] = inputs(x, ids, w);
-        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {vx.shape[0], H});
+        const Inputs in = inputs(x, ids, w);
+        GRACE_CHECK_ARG(!in.ids64, "forward_device: topk_idx must be int32 (the reference path takes no int64)");
+        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H});
         DeviceGuard guard(dev());
-        layer->forward_device(vx.data, static_cast<const int32_t*>(vi.data), static_cast<const float*>(vw.data),
-                              vx.shape[0], static_cast<int>(vi.shape[1]), static_cast<float*>(vo.data), first_token);
+        layer->forward_device(in.x.data, in.ids32(), static_cast<const float*>(in.w.data), in.x.shape[0],
+                              static_cast<int>(in.ids.shape[1]), static_cast<float*>(vo.data), first_token);
     }
 };
 

@@ -79,6 +79,7 @@ inline bool operator==(const DLDataType& a, const DLDataType& b) {
 inline constexpr DLDataType kBFloat16{kDLBfloat, 16, 1};
 inline constexpr DLDataType kFloat32{kDLFloat, 32, 1};
 inline constexpr DLDataType kInt32{kDLInt, 32, 1};
+inline constexpr DLDataType kInt64{kDLInt, 64, 1};
 
 /// "bfloat16", "float32", "int64", ... (torch's spelling) for error messages.
 inline std::string dtype_name(const DLDataType& t) {
@@ -134,6 +135,14 @@ inline int cuda_device_of(const pybind11::handle& obj, const char* name) {
     const auto* managed = static_cast<const DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
     GRACE_CHECK_ARG(managed && managed->dl_tensor.device.device_type == kDLCUDA, name, ": must be a CUDA tensor");
     return managed->dl_tensor.device.device_id;
+}
+
+/// The dtype of an unconsumed capsule's tensor, or `fallback` when `obj` is not one (import_cuda then names the
+/// problem).
+inline DLDataType dtype_of(const pybind11::handle& obj, DLDataType fallback) {
+    if (!PyCapsule_CheckExact(obj.ptr()) || !PyCapsule_IsValid(obj.ptr(), "dltensor")) return fallback;
+    const auto* managed = static_cast<const DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
+    return managed ? managed->dl_tensor.dtype : fallback;
 }
 
 /// Imports the "dltensor" capsule `obj` as argument `name`: a CUDA tensor on device `device_id`, dtype `dtype`,

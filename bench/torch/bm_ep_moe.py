@@ -8,8 +8,9 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
   ep_moe_ms        grace.ep.moe(..., buffer=Buffer(None, plan, 0)) wall time per call (host clock around the call and a stream
                    synchronize; includes the host waits the layer needs), median of --iters after --warmup
   ep_raw_ms        the same C++ call (GpuLayer.forward_async) with prebuilt DLPack capsules and outputs
-  binding_us       ep_moe_ms - ep_raw_ms in microseconds: Buffer and backend checks, torch.empty, capsules,
-                   the int64 -> int32 id cast
+  binding_us       what grace.ep.moe adds to that C++ call, in microseconds: median over max(--iters, 50) alternating
+                   pairs of (ep.moe wall time - raw call wall time); covers the Buffer, torch.empty, the capsules and
+                   the int64 -> int32 id narrowing kernel (the raw call gets int32 ids)
   cpp_total_ms     GpuMoeLayer's own total_s of the synchronous path (forward_device; the stages synchronized)
   grace_run_ms     `grace run --backend cuda` per-step layer time on the same routing: (time of W+1 steps
                    - time of 1 step) / W, so the first call's allocations drop out
@@ -57,6 +58,24 @@ def median_wall_ms(fn, warmup, iters):
         torch.cuda.current_stream().synchronize()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def paired_overhead_us(fn, base, pairs):
+    """Median over `pairs` alternating calls of (wall time of fn - wall time of base) in microseconds: the GPU
+    work of the two is the same, so their difference is what fn adds on the host; pairing cancels the drift
+    that two separate medians of millisecond calls keep (tens of microseconds)."""
+    fn(), base()
+    torch.cuda.synchronize()
+    diffs = []
+    for _ in range(pairs):
+        t = []
+        for f in (fn, base):
+            t0 = time.perf_counter()
+            f()
+            torch.cuda.current_stream().synchronize()
+            t.append(time.perf_counter() - t0)
+        diffs.append((t[0] - t[1]) * 1e6)
+    return statistics.median(diffs)
 
 
 def event_ms(fn, warmup, iters):
@@ -210,7 +229,9 @@ def main():
                 stream = torch.cuda.current_stream().cuda_stream
                 r["ep_raw_ms"] = median_wall_ms(lambda: be._layer.forward_async(*caps, stream, 0), args.warmup,
                                                 args.iters)
-                r["binding_us"] = (r["ep_moe_ms"] - r["ep_raw_ms"]) * 1e3
+                r["binding_us"] = paired_overhead_us(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
+                                                     lambda: be._layer.forward_async(*caps, stream, 0),
+                                                     max(args.iters, 50))
                 totals = []
                 for _ in range(args.iters):
                     be.forward_reference(x, ids, gw, w13_local, w2_local)

@@ -145,7 +145,8 @@ class GpuMoeLayer {
     /// Exchanges complete on `stream` (CommRequest::wait_on_stream), so their deadline is not checked there; the
     /// host waits above poll with the communicator's deadline instead. Device buffers that must grow are
     /// reallocated (cudaFree synchronizes the device), so the first calls at a new size also wait. Not capturable
-    /// in a CUDA graph (the host waits). Phase calls fill last_stats()' byte counts; its times are then host
+    /// in a CUDA graph (the host waits): a call on a capturing stream is refused (kInvalidArgument) before it
+    /// queues anything. Phase calls fill last_stats()' byte counts; its times are then host
     /// times to enqueue, and expert_rows stays 0.
     ///
     /// dispatch: hidden [num_tokens, H] bf16, topk_ids [num_tokens, k] int32 (-1 = none; an id >= E is refused
@@ -153,6 +154,10 @@ class GpuMoeLayer {
     /// float. The inputs are read in stream order (usual CUDA rules: a caller that frees or rewrites them on
     /// another stream must order that after `stream`).
     GpuDispatchHandle dispatch(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                               int64_t num_tokens, int top_k, void* stream, int64_t first_token = 0);
+    /// The same with int64 topk_ids (torch's index dtype), narrowed to int32 on `stream` by one kernel into the
+    /// workspace (negative -> none; an id >= E is refused after routing and named with its int64 value).
+    GpuDispatchHandle dispatch(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights,
                                int64_t num_tokens, int top_k, void* stream, int64_t first_token = 0);
     /// Copies the open dispatch's received rows out: recv_x [R, H] bf16, recv_slot [R, k] int32 (local expert
     /// slot of each selection carried by the row, -1 elsewhere; flat carries one, in column 0), recv_weights
@@ -166,6 +171,9 @@ class GpuMoeLayer {
     void combine(GpuDispatchHandle& handle, const void* expert_out_bf16, float* out, void* stream);
     /// dispatch + experts + combine: the same values as forward_device on the same inputs and router state.
     void forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights, int64_t num_tokens,
+                       int top_k, float* out, void* stream, int64_t first_token = 0);
+    /// The same with int64 topk_ids (see the int64 dispatch).
+    void forward_async(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights, int64_t num_tokens,
                        int top_k, float* out, void* stream, int64_t first_token = 0);
 
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per

@@ -464,6 +464,55 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
             EXPECT_EQ(e.code(), grace::ErrorCode::kInvalidArgument);
             EXPECT_NE(std::string(e.what()).find("outside [0, 16)"), std::string::npos) << e.what();
         }
+        // int64 ids (torch's index dtype, narrowed on the device): the same output as int32 ids on a fresh layer
+        // (same router state); values < -1 count as none like -1; an id of 2^40 is refused naming that value.
+        {
+            gc::GpuMoeLayer c32(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+            gc::GpuMoeLayer c64(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+            std::vector<int64_t> ids64(hb.ids.begin(), hb.ids.end());
+            auto ids32 = hb.ids;
+            ids64[5] = -7, ids32[5] = -1;
+            gc::DeviceBuffer<int64_t> d64;
+            d64.upload(ids64);
+            gc::DeviceBuffer<int32_t> d32;
+            d32.upload(ids32);
+            gc::DeviceBuffer<float> out_32(nh), out_64(nh);
+            for (int rep = 0; rep < 2; ++rep) {  // the second call: router offsets carried the same way
+                c32.forward_async(db.hidden.data(), d32.data(), db.weights.data(), c.T, c.k, out_32.data(), stream);
+                c64.forward_async(db.hidden.data(), d64.data(), db.weights.data(), c.T, c.k, out_64.data(), stream);
+                CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+                EXPECT_EQ(out_32.download(nh), out_64.download(nh)) << grace::to_string(scheme) << " rep " << rep;
+                EXPECT_EQ(c32.last_dest_ranks(), c64.last_dest_ranks());
+            }
+            ids64[7] = int64_t{1} << 40;
+            d64.upload(ids64);
+            try {
+                c64.forward_async(db.hidden.data(), d64.data(), db.weights.data(), c.T, c.k, out_64.data(), stream);
+                ADD_FAILURE() << "no error for an int64 expert id of 2^40";
+            } catch (const grace::Error& e) {
+                EXPECT_EQ(e.code(), grace::ErrorCode::kInvalidArgument);
+                EXPECT_NE(std::string(e.what()).find("= 1099511627776 is outside [0, 16)"), std::string::npos)
+                    << e.what();
+            }
+        }
+        // A call on a capturing stream is refused before it queues anything: the capture stays valid (and empty).
+        {
+            CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+            CUDA_RUNTIME_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+            bool refused = false;
+            try {
+                b.forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, out_b.data(), stream);
+            } catch (const grace::Error& e) {
+                refused = e.code() == grace::ErrorCode::kInvalidArgument &&
+                          std::string(e.what()).find("CUDA graph") != std::string::npos;
+            }
+            cudaGraph_t graph = nullptr;
+            EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+            EXPECT_TRUE(refused);
+            if (graph) cudaGraphDestroy(graph);
+            // The layer is usable afterwards.
+            b.forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, out_b.data(), stream);
+        }
         CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
         CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
     }

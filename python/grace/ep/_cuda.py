@@ -61,11 +61,16 @@ def shared_workspace(device_index, host_impl):
     return _WORKSPACES[key][1]
 
 
-def _capsule(t):
-    return _dlpack.to_dlpack(t)
+_capsule = _dlpack.to_dlpack  # borrowed, zero copy
+_BF16, _F32 = torch.bfloat16, torch.float32
+# torch's current CUDA stream of a device index as an int, without building a torch.cuda.Stream object (the
+# private accessor that Triton and Inductor use; torch.cuda.current_stream where a build lacks it).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _stream(device):
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -96,14 +101,12 @@ def _check_tensor(t, name, device=None):
                          "call .contiguous()")
 
 
-def _as_ids(topk_idx, num_experts):
-    """int32 ids for the layer. int64 values are clamped to [-1, E] first, so that nothing wraps: a value >= E
-    becomes E, which the layer refuses (the error is then re-raised naming the original value)."""
-    if topk_idx.dtype == torch.int32:
-        return topk_idx
-    if topk_idx.dtype != torch.int64:
+def _check_ids(topk_idx):
+    """int64 ids go to the layer as they are: it narrows them on the device (one kernel; a value >= E is refused
+    after routing, named with its int64 value, so nothing wraps)."""
+    if topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_idx must be int64 or int32, got {topk_idx.dtype}")
-    return topk_idx.clamp(min=-1, max=num_experts).to(torch.int32)
+    return topk_idx
 
 
 def _bad_id_error(topk_idx, num_experts, err):
@@ -162,6 +165,7 @@ class CudaBackend:
         self._device = None
         self._weights_key = None
         self._weights = None
+        self._fast = None  # (w13, w2, their data_ptrs, H) once moe() has checked them
         self._tokens = 0  # this rank's tokens so far: first_token of the next call (vLLM / SGLang policies)
         self._experts = _ep.GpuExperts()
 
@@ -191,6 +195,7 @@ class CudaBackend:
             raise ValueError(f"w13 and w2 must be bfloat16 on CUDA, got {w13.dtype} and {w2.dtype}")
         key = (w13.data_ptr(), tuple(w13.shape), w2.data_ptr(), tuple(w2.shape), w13.device)
         if key != self._weights_key:
+            self._fast = None
             self._layer.set_expert_weights(_capsule(w13), _capsule(w2))
             self._weights_key = key
             self._weights = (w13, w2)
@@ -211,7 +216,7 @@ class CudaBackend:
         if tuple(topk_weights.shape) != tuple(topk_idx.shape):
             raise ValueError(f"topk_weights must have topk_idx's shape {tuple(topk_idx.shape)}, "
                              f"got {tuple(topk_weights.shape)}")
-        return x, _as_ids(topk_idx, self._layer.num_experts)
+        return x, _check_ids(topk_idx)
 
     # -- the contract --------------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights):
@@ -245,6 +250,34 @@ class CudaBackend:
         return y
 
     def moe(self, x, topk_idx, topk_weights, w13, w2):
+        # The per-call path, once the layer exists and (w13, w2) are the registered tensors with the same storage:
+        # no Python checks, C++ checks every capsule (dtype, shape, device, contiguity) and a refusal is re-checked
+        # below for a Python message. This keeps the binding's cost near the capsules and one torch.empty
+        # (bench/torch/bm_ep_moe.py measures it).
+        fast = self._fast
+        if (fast is not None and w13 is fast[0] and w2 is fast[1] and type(x) is torch.Tensor and x.dtype is _BF16
+                and w13.data_ptr() == fast[2] and w2.data_ptr() == fast[3]):
+            y = torch.empty((x.shape[0], fast[4]), dtype=_F32, device=self._device)
+            try:
+                self._layer.forward_async(_capsule(x), _capsule(topk_idx), _capsule(topk_weights), _capsule(y),
+                                          _stream(self._device), self._tokens)
+            except (ValueError, TypeError, AttributeError, RuntimeError) as err:
+                self._refused(x, topk_idx, topk_weights, err)
+            self._tokens += y.shape[0]
+            return y
+        return self._moe_checked(x, topk_idx, topk_weights, w13, w2)
+
+    def _refused(self, x, topk_idx, topk_weights, err):
+        """Raises the error for a call that the C++ layer (or to_dlpack) refused: the Python checks' message where
+        one applies, else the bad expert id, else the layer's own."""
+        if isinstance(err, ValueError) and torch.cuda.is_current_stream_capturing():
+            raise err  # the layer's 'cannot be captured' (nothing may sync during a capture)
+        self._inputs(x, topk_idx, topk_weights)
+        if isinstance(err, ValueError):
+            raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
+        raise ValueError(str(err)) from err
+
+    def _moe_checked(self, x, topk_idx, topk_weights, w13, w2):
         if torch.cuda.is_current_stream_capturing():
             raise ValueError("grace.ep.moe cannot be captured in a CUDA graph: the dispatch layout is planned on "
                              "the host from the routing destinations (a device-to-host copy and a host wait per "
@@ -258,6 +291,7 @@ class CudaBackend:
         except ValueError as err:
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
         self._tokens += int(x.shape[0])
+        self._fast = (w13, w2, w13.data_ptr(), w2.data_ptr(), self._layer.hidden)
         return y
 
     # -- for tests and benchmarks --------------------------------------------------------------------------

@@ -209,6 +209,7 @@ struct GpuMoeLayer::Impl {
     cudaEvent_t staging_free = nullptr;  // recorded after the last upload of a call
     cudaEvent_t wait_event = nullptr;    // host_wait
     int32_t* h_route = nullptr;          // pinned [3 * T * k]: ids, weights, destinations
+    const int64_t* ids64 = nullptr;      // the caller's int64 ids of the open dispatch (error messages)
     size_t h_route_size = 0;
     // The open dispatch (between dispatch_phase and combine_phase).
     uint64_t calls = 0, open_call = 0;
@@ -468,9 +469,12 @@ struct GpuMoeLayer::Impl {
         std::memcpy(h_w.data(), h_route + n, n * 4);
         if (gpu_router) std::memcpy(dest.data(), h_route + 2 * n, n * 4);
         // The device router skipped ids outside [0, E) (as masked); the call is refused here.
-        for (size_t i = 0; i < n; ++i)
-            GRACE_CHECK_ARG(h_ids[i] < E, "topk_ids[", i / k, ", ", i % k, "] = ", h_ids[i], " is outside [0, ", E,
-                            ")");
+        for (size_t i = 0; i < n; ++i) {
+            if (h_ids[i] < E) continue;
+            int64_t v = h_ids[i];  // int64 ids were clamped to E by narrow_ids: name the caller's value
+            if (ids64 && cudaMemcpy(&v, ids64 + i, sizeof v, cudaMemcpyDeviceToHost) != cudaSuccess) v = h_ids[i];
+            GRACE_CHECK_ARG(false, "topk_ids[", i / k, ", ", i % k, "] = ", v, " is outside [0, ", E, ")");
+        }
         if (gpu_router) return;
         if (!token_origin_set) host_router.set_token_origin(me, first_token), token_origin_set = true;
         for (int64_t t = 0; t < T; ++t)
@@ -514,6 +518,14 @@ struct GpuMoeLayer::Impl {
 
     // Sets the mode for one call and opens it (call it inside the try whose catch calls close_call()).
     void begin_call(bool stream_mode, cudaStream_t s) {
+        if (stream_mode && s) {
+            // Refused before anything is queued, so that the caller's capture is left as it was.
+            cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+            CUDA_RUNTIME_CHECK(cudaStreamIsCapturing(s, &capture));
+            GRACE_CHECK_ARG(capture == cudaStreamCaptureStatusNone, "GpuMoeLayer ", name(),
+                            ": cannot be captured in a CUDA graph: the dispatch layout is planned on the host from "
+                            "the routing destinations (a device-to-host copy and a host wait per call)");
+        }
         acquire(stream_mode ? s : nullptr);
         async = stream_mode;
         stream = stream_mode ? s : nullptr;
@@ -536,6 +548,10 @@ struct GpuMoeLayer::Impl {
                         "GpuMoeLayer: the dispatch handle is stale (a later dispatch or a failed "
                         "call replaced it; one dispatch may be open per layer)");
     }
+    // GpuMoeLayer::dispatch with int32 or int64 ids (exactly one non-null unless num_tokens is 0).
+    GpuDispatchHandle dispatch(const void* hidden_bf16, const int32_t* ids32, const int64_t* ids_64,
+                               const float* topk_weights, int64_t num_tokens, int top_k, void* stream,
+                               int64_t first_token);
     void dispatch_phase(const bf16* hidden, int64_t T, int k);
     void experts_phase();
     void combine_phase(const bf16* partials, float* out_dev);
@@ -916,20 +932,43 @@ void GpuMoeLayer::set_expert_weights(const void* w13_bf16, const void* w2_bf16, 
 
 GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
                                         int64_t num_tokens, int top_k, void* stream, int64_t first_token) {
-    auto& m = *impl_;
+    return impl_->dispatch(hidden_bf16, topk_ids, nullptr, topk_weights, num_tokens, top_k, stream, first_token);
+}
+
+GpuDispatchHandle GpuMoeLayer::dispatch(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights,
+                                        int64_t num_tokens, int top_k, void* stream, int64_t first_token) {
+    return impl_->dispatch(hidden_bf16, nullptr, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
+}
+
+GpuDispatchHandle GpuMoeLayer::Impl::dispatch(const void* hidden_bf16, const int32_t* ids32, const int64_t* ids_64,
+                                              const float* topk_weights, int64_t num_tokens, int top_k, void* stream_,
+                                              int64_t first_token) {
+    auto& m = *this;
     GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens < (int64_t{1} << 31) / std::max(1, m.H) && top_k >= 1,
                     "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
-    GRACE_CHECK_ARG(num_tokens == 0 || (hidden_bf16 && topk_ids && topk_weights), "GpuMoeLayer::dispatch: null input");
-    auto s = static_cast<cudaStream_t>(stream);
+    GRACE_CHECK_ARG(num_tokens == 0 || (hidden_bf16 && (ids32 || ids_64) && topk_weights),
+                    "GpuMoeLayer::dispatch: null input");
+    auto s = static_cast<cudaStream_t>(stream_);
     try {
         m.begin_call(true, s);
-        m.route_async(topk_ids, topk_weights, num_tokens, top_k, first_token);
+        const int32_t* ids = ids32;
+        m.ids64 = ids_64;
+        if (ids_64) {
+            // Narrowed into the workspace's id buffer (acquired above), in stream order before the router reads it.
+            const size_t n = static_cast<size_t>(num_tokens) * top_k;
+            m.d_ids.reserve(std::max<size_t>(1, n));
+            detail::narrow_ids(ids_64, static_cast<int64_t>(n), m.E, m.d_ids.data(), s);
+            ids = m.d_ids.data();
+        }
+        m.route_async(ids, topk_weights, num_tokens, top_k, first_token);
+        m.ids64 = nullptr;
         m.stats.routing_s = seconds_since(m.t0);
         m.dispatch_phase(static_cast<const bf16*>(hidden_bf16), num_tokens, top_k);
         // The arena's regions stay in use until here: a dispatch that is never combined must not let the next
         // call overwrite them early.
         CUDA_RUNTIME_CHECK(cudaEventRecord(m.staging_free, s));
     } catch (...) {
+        m.ids64 = nullptr;
         m.close_call();
         throw;
     }
@@ -988,6 +1027,13 @@ void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16
 }
 
 void GpuMoeLayer::forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
+                                int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token) {
+    GpuDispatchHandle h = dispatch(hidden_bf16, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
+    experts(h, stream);
+    combine(h, nullptr, out, stream);
+}
+
+void GpuMoeLayer::forward_async(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights,
                                 int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token) {
     GpuDispatchHandle h = dispatch(hidden_bf16, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
     experts(h, stream);

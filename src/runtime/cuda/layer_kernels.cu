@@ -68,6 +68,14 @@ __global__ void split_meta_padded_kernel(const int32_t* __restrict__ meta, int64
     }
 }
 
+__global__ void narrow_ids_kernel(const int64_t* __restrict__ src, int64_t n, int num_experts,
+                                  int32_t* __restrict__ dst) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int64_t v = src[i];
+    dst[i] = v < 0 ? -1 : (v >= num_experts ? num_experts : static_cast<int32_t>(v));
+}
+
 __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* __restrict__ dst) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = __float2bfloat16(src[i]);
@@ -105,6 +113,12 @@ void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, in
     combine_reduce_kernel<<<static_cast<unsigned>(targets), hv < 256 ? hv : 256, 0,
                             static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(rows), ptr,
                                                                                    idx, hv, acc);
+    CUDA_LAUNCH_CHECK();
+}
+
+void narrow_ids(const int64_t* src, int64_t n, int num_experts, int32_t* dst, void* stream) {
+    if (n == 0) return;
+    narrow_ids_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, n, num_experts, dst);
     CUDA_LAUNCH_CHECK();
 }
 

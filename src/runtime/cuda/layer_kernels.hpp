@@ -17,6 +17,9 @@ void split_meta_padded(const int32_t* meta, int64_t rows, int recs, int k, int32
 /// acc[t] += sum_{i in [ptr[t], ptr[t+1])} rows[idx[i]] (bf16 rows, fp32 acc [targets, hidden]), in list order.
 void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, int64_t targets, int hidden, float* acc,
                     void* stream = nullptr);
+/// dst[i] = int32 id of src[i] (int64 expert ids, torch's index dtype): negative -> -1 (none), >= num_experts ->
+/// num_experts (refused by the caller after routing, so nothing wraps).
+void narrow_ids(const int64_t* src, int64_t n, int num_experts, int32_t* dst, void* stream = nullptr);
 /// dst[i] = bf16(src[i]).
 void to_bf16(const float* src, int64_t n, void* dst, void* stream = nullptr);
 
