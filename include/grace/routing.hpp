@@ -113,4 +113,21 @@ std::vector<std::unique_ptr<ReplicaRouter>> make_layer_routers(const ExpertPlan&
                                                                uint64_t seed,
                                                                const std::vector<SlotMap>& slot_maps = {});
 
+/// Copy rules of the dispatch layouts (the MPI and GPU layers share them). `dest` is one token's row of k
+/// destination GPUs (-1 = none) and dest[j] >= 0.
+/// True when selection j is the token's first to GPU dest[j] (flat-dedup sends one copy per token and GPU).
+inline bool first_to_gpu(const int32_t* dest, int j) {
+    for (int i = 0; i < j; ++i)
+        if (dest[i] == dest[j]) return false;
+    return true;
+}
+/// True when selection j is the token's first to node `topo.node_of(dest[j])` (HSC stage 1 sends one copy per
+/// token and destination node).
+inline bool first_to_node(const int32_t* dest, int j, const Topology& topo) {
+    const int b = topo.node_of(dest[j]);
+    for (int i = 0; i < j; ++i)
+        if (dest[i] >= 0 && topo.node_of(dest[i]) == b) return false;
+    return true;
+}
+
 }  // namespace grace

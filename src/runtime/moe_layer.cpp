@@ -449,9 +449,7 @@ MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, cons
                     s.records[d[j]].push_back({ids[t * k + j], -1, weights[t * k + j]});
                     continue;
                 }
-                bool first = true;
-                for (int i = 0; i < j; ++i) first = first && d[i] != d[j];
-                if (!first) continue;
+                if (!first_to_gpu(d, j)) continue;
                 s.x[d[j]].push_back(token_x(t));
                 s.accum[d[j]].push_back(t);
                 for (int i = 0; i < k; ++i)
@@ -489,9 +487,7 @@ MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, cons
                 if (d[j] < 0) continue;
                 const int b = topo.node_of(d[j]);
                 if (b == my_node) continue;
-                bool first = true;
-                for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
-                if (!first) continue;
+                if (!first_to_node(d, j, topo)) continue;
                 const int peer = topo.gpu_at(b, my_local);
                 a.x[peer].push_back(token_x(t));
                 a.accum[peer].push_back(t);

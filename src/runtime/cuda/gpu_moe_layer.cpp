@@ -603,9 +603,7 @@ void GpuMoeLayer::Impl::dispatch_phase(const bf16* hidden, int64_t T, int k) {
                     rec2(s.meta[d[j]], slot(d[j], h_ids[t * k + j]), h_w[t * k + j]);
                     continue;
                 }
-                bool first = true;
-                for (int i = 0; i < j; ++i) first = first && d[i] != d[j];
-                if (!first) continue;
+                if (!first_to_gpu(d, j)) continue;
                 s.src[d[j]].push_back(static_cast<int32_t>(t));
                 s.acc[d[j]].push_back(static_cast<int32_t>(t));
                 for (int i = 0; i < k; ++i)
@@ -632,9 +630,7 @@ void GpuMoeLayer::Impl::dispatch_phase(const bf16* hidden, int64_t T, int k) {
             if (d[j] < 0) continue;
             const int b = topo.node_of(d[j]);
             if (b == my_node) continue;
-            bool first = true;
-            for (int i = 0; i < j; ++i) first = first && (d[i] < 0 || topo.node_of(d[i]) != b);
-            if (!first) continue;
+            if (!first_to_node(d, j, topo)) continue;
             const int peer = topo.gpu_at(b, my_local);
             a.src[peer].push_back(static_cast<int32_t>(t));
             a.acc[peer].push_back(static_cast<int32_t>(t));
