@@ -11,7 +11,8 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
   binding_us       what grace.ep.moe adds to that C++ call, in microseconds: median over max(--iters, 50) alternating
                    pairs of (ep.moe wall time - raw call wall time); covers the Buffer, torch.empty, the capsules and
                    the int64 -> int32 id narrowing kernel (the raw call gets int32 ids)
-  cpp_total_ms     GpuMoeLayer's own total_s of the synchronous path (forward_device; the stages synchronized)
+  cpp_total_ms     GpuMoeLayer's own total_s of the synchronous path (forward_device; the stages synchronized);
+                   cpp_stages_ms: its routing / layout / dispatch / expert / combine times (medians)
   grace_run_ms     `grace run --backend cuda` per-step layer time on the same routing: (time of W+1 steps
                    - time of 1 step) / W, so the first call's allocations drop out
   vllm_ms, vllm_graph_ms   vLLM fused_moe_forward (vendored Triton kernel, ../shared/bench/vllm_fused_moe_ref.py,
@@ -232,11 +233,16 @@ def main():
                 r["binding_us"] = paired_overhead_us(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
                                                      lambda: be._layer.forward_async(*caps, stream, 0),
                                                      max(args.iters, 50))
-                totals = []
+                totals, stages = [], {}
                 for _ in range(args.iters):
                     be.forward_reference(x, ids, gw, w13_local, w2_local)
-                    totals.append(be.last_stats()["total_s"] * 1e3)
+                    st = be.last_stats()
+                    totals.append(st["total_s"] * 1e3)
+                    for key in ("routing_s", "layout_s", "dispatch_s", "expert_s", "combine_s"):
+                        stages.setdefault(key[:-2] + "_ms", []).append(st[key] * 1e3)
                 r["cpp_total_ms"] = statistics.median(totals)
+                # Where the synchronous path's time goes (each stage synchronized; medians).
+                r["cpp_stages_ms"] = {key: statistics.median(v) for key, v in stages.items()}
                 try:
                     r["grace_run_ms"] = grace_run_ms(grace, d, f"{d}/p.json", ids_np, gw_np, name,
                                                      args.grace_run_steps)
