@@ -123,7 +123,7 @@ class MockRun(unittest.TestCase):
             torch.manual_seed(0)
             return TinyCausalLM([hfmock.HF5.OlmoeSparseMoeBlock(), hfmock.HF5.OlmoeSparseMoeBlock()], vocab).eval()
 
-        args = whole_model.argparse.Namespace(device="cpu", dtype="float32")
+        args = whole_model.argparse.Namespace(device="cpu", dtype="float32", repeats=2)
         rec = whole_model.run_arch("olmoe", info, [(4, 6, 3), (3, 5, 4)], args, build=build,
                                    patch_kwargs=patch_kwargs)
         self.assertNotIn("grace_error", rec, rec.get("grace_traceback"))
