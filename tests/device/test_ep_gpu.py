@@ -268,6 +268,33 @@ def _two_gpu_worker(rank, port, plan_path, q):
         q.put((rank, False, repr(e)))
 
 
+@unittest.skipUnless(torch.cuda.is_available() and _cuda.available(), "needs a GPU and a CUDA build of grace")
+class LargeShapes(unittest.TestCase):
+    """Mixtral-8x7B's expert shape (E=8, k=2, H=4096, I=14336: the largest H and I the whole-model benchmark
+    patches), small and prefill-sized T: the layer (moe) and its expert kernel alone (grace.ep.experts on every
+    token's own selections) against the torch fp32 reference."""
+
+    def test_mixtral_shape(self):
+        E, k, H, I = 8, 2, 4096, 14336
+        dev = torch.device("cuda", torch.cuda.current_device())
+        with tempfile.TemporaryDirectory() as d:
+            plan = make_plan(d, "mixtral", "1x1")
+        slots = plan["layers"][0]["gpu_experts"][0]
+        w13_all, w2_all = weights(E, H, I, 21, dev)
+        order = torch.tensor(slots, device=dev)
+        w13, w2 = w13_all[order].contiguous(), w2_all[order].contiguous()
+        be = _cuda.CudaBackend(plan, 0, "1x1", None, scheme="hsc", policy="tar", seed=5)
+        for T in (300, 8192, 32768):
+            x, ids, w = batch(T, E, k, H, 30 + T, dev)
+            ref = reference(x, ids, w, w13_all, w2_all)
+            err_moe = rel_l2(be.moe(x, ids, w, w13, w2), ref)
+            # The expert kernel alone: row t carries token t's selections, weights by logical id.
+            err_experts = rel_l2(_cuda.experts(x, ids.to(torch.int32), w, w13_all, w2_all), ref)
+            print(f"  mixtral shape T={T}: rel L2 moe {err_moe:.2e}, experts alone {err_experts:.2e}")
+            self.assertLess(err_experts, REL_L2_BOUND, f"T={T}: the expert kernel")
+            self.assertLess(err_moe, REL_L2_BOUND, f"T={T}: the layer")
+
+
 @unittest.skipUnless(torch.cuda.is_available() and _cuda.available() and torch.cuda.device_count() >= 2,
                      "needs 2 GPUs")
 class TwoGpus(unittest.TestCase):

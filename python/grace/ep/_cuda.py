@@ -299,6 +299,8 @@ class CudaBackend:
         """The synchronous C++ path (GpuMoeLayer::forward_device: legacy stream, device synchronized) on this
         Buffer's layer (the router state advances as with moe)."""
         xb, ids = self._inputs(x, topk_idx, topk_weights)
+        if ids.dtype == torch.int64:  # the reference path takes int32 ids (clamped first, so nothing wraps)
+            ids = ids.clamp(min=-1, max=self._layer.num_experts).to(torch.int32)
         self.set_experts(w13, w2)
         y = torch.empty((x.shape[0], self._layer.hidden), dtype=torch.float32, device=self._device)
         torch.cuda.current_stream(self._device).synchronize()  # xb, ids were made on it; the C++ path uses stream 0
