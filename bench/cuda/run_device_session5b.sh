@@ -15,3 +15,6 @@ grep "mixtral shape\|rel L2" $OUT/test_ep_gpu.log
 PYTHONPATH=$PWD/$B/python timeout 150 $PY bench/torch/hf_block_check.py --archs mixtral,olmoe,qwen3_moe --tokens 512,32768 --out $OUT/hf_block_check.json 2>&1 | tail -8
 L=130; timeout --kill-after=5 $L $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens 2048,8192 --iters 10 --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
 tail -8 $OUT/bm_ep_moe.log
+PYTHONPATH=$PWD/$B/python timeout --kill-after=5 ${WM_LIMIT:-150} $PY bench/torch/whole_model.py --out "$OUT/wm" \
+  --archs ${WM_ARCHS:-olmoe} --shapes ${WM_SHAPES:-256x128+16} --stock-experts eager > "$OUT/whole_model.log" 2>&1
+echo "whole_model rc=$?"; tail -30 "$OUT/wm/whole_model.md"

@@ -245,6 +245,48 @@ def greedy(model, prompt, steps, keep, watch=8):
     return torch.stack(toks, 1), prefill_logits, watched, t1 - t0, t2 - t1
 
 
+def moe_block_modules(model):
+    """The MoE blocks of ``model`` as they run now: transformers' blocks grace.hf knows (5.x keeps them and swaps
+    their experts) and grace.hf's 4.x replacement blocks."""
+    import grace.hf
+
+    known = set(grace.hf.HF_MOE_BLOCKS) | {"GraceMoeBlock"}
+    return [m for m in model.modules() if type(m).__name__ in known]
+
+
+def moe_share(model, prompt, steps, keep):
+    """One extra greedy run with CUDA events around every MoE block: (seconds in MoE blocks during prefill,
+    during decode). Not part of the timed runs (the events add a little host work per block)."""
+    import torch
+
+    blocks = moe_block_modules(model)
+    if not blocks or prompt.device.type != "cuda":
+        return None, None
+    spans = []
+
+    def pre(_m, _args):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        spans.append([e, None])
+
+    def post(_m, _args, _out):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        spans[-1][1] = e
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            greedy(model, prompt, steps, keep)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.cuda.synchronize()
+    ms = [a.elapsed_time(b) for a, b in spans]
+    n = len(blocks)  # the prefill is the first forward: one span per block
+    return sum(ms[:n]) / 1e3, sum(ms[n:]) / 1e3
+
+
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
@@ -263,7 +305,9 @@ def run_shape(model, info, shape, keep, device, stock=None, repeats=2):
     with torch.no_grad():
         for _ in range(max(1, repeats)):
             toks, pl, watched, tp, td = greedy(model, prompt, d, keep)
-    res = dict(timed_run=f"{max(1, repeats)} of {max(1, repeats)}", prefill_s=tp, decode_s=td, prefill_tok_s=b * p / tp,
+    moe_prefill_s, moe_decode_s = moe_share(model, prompt, d, keep)
+    res = dict(timed_run=f"{max(1, repeats)} of {max(1, repeats)}", prefill_s=tp, decode_s=td,
+               moe_prefill_s=moe_prefill_s, moe_decode_s=moe_decode_s, prefill_tok_s=b * p / tp,
                decode_tok_s=b * (d - 1) / td if d > 1 else None,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     if stock is None:
@@ -310,6 +354,8 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
     # warm-up of the stock model on a small batch, then the timed stock runs (tokens kept for the comparison)
     with torch.no_grad():
         greedy(model, torch.zeros(2, 8, dtype=torch.long, device=device), 2, keep)
+    get_impl = getattr(model, "get_experts_implementation", None)
+    rec["stock_experts_implementation"] = get_impl() if callable(get_impl) else "n/a (transformers 4.x)"
     stock = {}
     for shape in shapes:
         b, p, d = shape
@@ -326,6 +372,22 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
                     results[name] = dict(requested=f"{shape[0]}x{shape[1]}+{shape[2]}", stock="out of memory")
                     break
                 b //= 2  # smaller batch, stated in the output
+    # The same shapes with the stock block on transformers' loop-over-experts backend ("eager"), where the model
+    # has the switch (transformers 5.x): the baseline grace.hf replaces in 4.x, for reference.
+    set_impl = getattr(model, "set_experts_implementation", None)
+    extra = [b for b in getattr(args, "stock_experts", []) if b]
+    if callable(set_impl) and callable(get_impl) and extra:
+        default = get_impl()
+        for backend in extra:
+            try:
+                set_impl(backend)
+                for name, (shape, _) in stock.items():
+                    res, _ = run_shape(model, info, shape, keep, device, repeats=args.repeats)
+                    results[name][f"stock_{backend}"] = res
+            except Exception as e:  # noqa: BLE001 - an unavailable backend is reported, the run goes on
+                for name in stock:
+                    results[name][f"stock_{backend}"] = f"{type(e).__name__}: {e}"
+        set_impl(default.get("", default) if isinstance(default, dict) else default)
     try:
         t1 = time.time()
         grace.hf.patch(model, plan, **(patch_kwargs or {}))
@@ -362,6 +424,10 @@ def write_outputs(out_dir, report):
     with open(os.path.join(out_dir, "whole_model.json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = ["# grace.hf whole-model run", "", report["environment"], ""]
+    impls = {r["arch"]: r.get("stock_experts_implementation") for r in report["architectures"] if "error" not in r}
+    if impls:
+        lines += ["Stock experts backend (transformers' default): " +
+                  ", ".join(f"{a}: {v}" for a, v in impls.items()), ""]
     lines.append("| arch (config of) | layers used / published | MoE block | shape BxP+D | stock prefill tok/s | "
                  "grace prefill tok/s | stock decode tok/s | grace decode tok/s | identical seqs | first divergence "
                  "(min / mean step) | prefill logits rel err | step logits rel err (max) |")
@@ -392,6 +458,23 @@ def write_outputs(out_dir, report):
                 row += [fmt(st["prefill_tok_s"], 0) if isinstance(st, dict) else str(st), str(gr or "-"),
                         fmt(st["decode_tok_s"], 0) if isinstance(st, dict) else "-"] + ["-"] * 5
             lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    split = []
+    for r in report["architectures"]:
+        for name, sh in r.get("shapes", {}).items():
+            for label in ["stock"] + sorted(k for k in sh if k.startswith("stock_")) + ["grace"]:
+                v = sh.get(label)
+                if not isinstance(v, dict):
+                    continue
+                split.append(f"| {r['arch']} | {name} | {label} | {fmt(v['prefill_s'] * 1e3)} | "
+                             f"{fmt((v.get('moe_prefill_s') or 0) * 1e3) if v.get('moe_prefill_s') is not None else '-'} | "
+                             f"{fmt(v['decode_s'] * 1e3)} | "
+                             f"{fmt(v['moe_decode_s'] * 1e3) if v.get('moe_decode_s') is not None else '-'} | "
+                             f"{fmt(v['prefill_tok_s'], 0)} | {fmt(v['decode_tok_s'], 0)} |")
+    if split:
+        lines += ["", "Where the time goes (ms; 'in MoE' = CUDA-event time inside the MoE blocks, from one extra run "
+                  "with hooks; stock_X = the stock block on transformers' experts backend X):", "",
+                  "| arch | shape | block | prefill | in MoE | decode (all steps) | in MoE | prefill tok/s | "
+                  "decode tok/s |", "|---" * 9 + "|"] + split
     lines += ["", "Random weights (published shapes, bf16); greedy decode; 'first divergence' = first step whose "
               "greedy token differs from the stock model's (= steps when none does).", ""] + notes
     with open(os.path.join(out_dir, "whole_model.md"), "w") as f:
@@ -411,11 +494,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help="torch device (default %(default)s)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs per shape and model, the last timed (default %(default)s: the first warms the caches)")
+    ap.add_argument("--stock-experts", default="",
+                    help="comma-separated extra transformers experts backends to time the stock model with (e.g. "
+                    "eager), besides the model's default; transformers 5.x only")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="weights (default %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="only print/write the configs, trimming and shapes")
     args = ap.parse_args(argv)
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    args.stock_experts = [b.strip() for b in args.stock_experts.split(",") if b.strip()]
     bad = [a for a in args.archs if a not in ARCHS]
     if bad:
         ap.error(f"--archs: unknown {','.join(bad)} (known: {','.join(ARCHS)})")
