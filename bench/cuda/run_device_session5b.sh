@@ -22,8 +22,8 @@ echo "== hf_block_check"
 PYTHONPATH=$PWD/$B/python timeout 150 $PY bench/torch/hf_block_check.py --archs mixtral,olmoe,qwen3_moe \
   --tokens 512,32768 --out $OUT/hf_block_check.json 2>&1 | tail -8
 echo "== whole_model"
-PYTHONPATH=$PWD/$B/python timeout --kill-after=5 ${WM_LIMIT:-120} $PY bench/torch/whole_model.py --out "$OUT/wm" \
-  --archs ${WM_ARCHS:-olmoe} --shapes ${WM_SHAPES:-256x128+16} --stock-experts eager > "$OUT/whole_model.log" 2>&1
+PYTHONPATH=$PWD/$B/python timeout --kill-after=5 ${WM_LIMIT:-150} $PY bench/torch/whole_model.py --out "$OUT/wm" \
+  --archs ${WM_ARCHS:-olmoe,mixtral} --shapes ${WM_SHAPES:-256x128+16} --stock-experts eager > "$OUT/whole_model.log" 2>&1
 echo "whole_model rc=$?"; tail -22 "$OUT/wm/whole_model.md"
 echo "== bm_ep_moe"
 L=${BM_LIMIT:-100}; timeout --kill-after=5 $L $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens 2048,8192 \
