@@ -475,11 +475,11 @@ def write_outputs(out_dir, report):
                              + (f"{v['identical_sequences']} / {v['sequences']} | {fmt(v['prefill_logits_rel_err'], 4)} |"
                                 if "identical_sequences" in v else "- | - |"))
     if split:
-        lines += ["", "Where the time goes (ms; 'in MoE' = CUDA-event time inside the MoE blocks, from one extra run "
+        lines += (["", "Where the time goes (ms; 'in MoE' = CUDA-event time inside the MoE blocks, from one extra run "
                   "with hooks; stock_X = the stock block on transformers' experts backend X):", "",
                   "| arch | shape | block | prefill | in MoE | decode (all steps) | in MoE | prefill tok/s | "
                   "decode tok/s | identical seqs vs stock | prefill logits rel err vs stock |", "|---" * 11 + "|"]
-                  + split
+                  + split)
     lines += ["", "Random weights (published shapes, bf16); greedy decode; 'first divergence' = first step whose "
               "greedy token differs from the stock model's (= steps when none does).", ""] + notes
     with open(os.path.join(out_dir, "whole_model.md"), "w") as f:
