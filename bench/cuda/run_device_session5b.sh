@@ -25,7 +25,7 @@ echo "test_ep_gpu rc=$?"; grep -E "^(ok|FAIL|ERROR)|Ran |OK|FAILED|mixtral shape
 fi
 if step hf; then
 echo "== hf_block_check"
-PYTHONPATH=$PWD/$B/python timeout 150 $PY bench/torch/hf_block_check.py --archs mixtral,olmoe,qwen3_moe \
+PYTHONPATH=$PWD/$B/python timeout 150 $PY bench/torch/hf_block_check.py --archs ${HF_ARCHS:-mixtral,olmoe,qwen3_moe} \
   --tokens 512,32768 --out $OUT/hf_block_check.json 2>&1 | tail -8
 fi
 if step wm; then
