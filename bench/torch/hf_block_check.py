@@ -52,6 +52,17 @@ def check_arch(arch, tokens, device):
     w13, w2 = hf._expert_tensors(experts, layout, list(range(layout.num_experts)))
     w13, w2 = w13.clone(), w2.clone()  # the patch may re-lay out the module's own tensors
     gate = getattr(block, "gate", None) or getattr(block, "router")
+    top_k = info["config"]["num_experts_per_tok"]
+
+    def select(moe_block, x):
+        """(ids [T, k], weights [T, k]) from the block's router, as the block itself would route x."""
+        out = gate(x)
+        sel = selection_from_router_output(out)
+        if sel is not None:
+            return sel
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        return route_from_logits(logits, family, top_k, **routing_kwargs(moe_block, model.config))
+
     h = layout.hidden
     rows = []
     inputs = {}
@@ -59,15 +70,7 @@ def check_arch(arch, tokens, device):
     for t in tokens:
         x = torch.randn(1, t, h, generator=g).to(device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            out = gate(x.reshape(-1, h))
-            sel = selection_from_router_output(out)
-            if sel is not None:
-                idx, w = sel
-            else:
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-                idx, w = route_from_logits(logits, family, info["config"]["num_experts_per_tok"],
-                                           **routing_kwargs(block, model.config))
-            ref = experts_reference(x.reshape(-1, h), idx, w, w13, w2)
+            ref = experts_reference(x.reshape(-1, h), *select(block, x.reshape(-1, h)), w13, w2)
             y = block(x)
             y = (y[0] if isinstance(y, (tuple, list)) else y).reshape(-1, h).float()
         inputs[t] = x
@@ -82,15 +85,7 @@ def check_arch(arch, tokens, device):
         # the reference again for this T (same input, same router)
         with torch.no_grad():
             x = inputs[row["T"]].reshape(-1, h)
-            out = gate(x)
-            sel = selection_from_router_output(out)
-            if sel is not None:
-                idx, w = sel
-            else:
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-                idx, w = route_from_logits(logits, family, info["config"]["num_experts_per_tok"],
-                                           **routing_kwargs(getattr(block, "original", block), model.config))
-            ref = experts_reference(x, idx, w, w13, w2)
+            ref = experts_reference(x, *select(getattr(block, "original", block), x), w13, w2)
         row["grace_rel_err"] = float((y - ref).norm() / ref.norm())
     del patched
     return {"block": type(getattr(block, "original", block)).__name__, "E": layout.num_experts, "H": h,
