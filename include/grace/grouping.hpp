@@ -68,6 +68,8 @@ Grouping c2r_grouping(const std::vector<double>& affinity, int num_experts, int 
 /// METIS k-way partition of the affinity graph with expert loads as vertex weights.
 Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<double>& load, int num_experts,
                         int num_groups, uint64_t seed = 0, double imbalance = 1.03);
+/// True when grace was built with METIS (metis_grouping throws kUnsupported otherwise).
+bool metis_available();
 /// Vanilla: expert e in group floor(e * n / E).
 Grouping vanilla_grouping(int num_experts, int num_groups);
 

@@ -193,6 +193,14 @@ Grouping c2r_grouping(const std::vector<double>& affinity, int num_experts, int 
     return detail::canonical(g);
 }
 
+bool metis_available() {
+#ifdef GRACE_HAVE_METIS
+    return true;
+#else
+    return false;
+#endif
+}
+
 Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<double>& load, int num_experts,
                         int num_groups, uint64_t seed, double imbalance) {
     const std::vector<double> a = detail::clean_affinity(affinity, num_experts, "metis_grouping");

@@ -316,10 +316,21 @@ std::vector<int> hg_assign(const HgLevel2& h, int E, const Topology& topo, doubl
     return gpu_of_expert;
 }
 
+// METIS's grouping into `groups` GPUs with every GPU holding 1..cap experts (cap 0 = E): METIS balances load,
+// not counts, so a grouping outside those sizes is repaired by controlled_grouping.
+Grouping repaired_metis_grouping(const LayerInput& in, int E, int groups, int cap, uint64_t seed) {
+    Grouping g = metis_grouping(in.affinity, in.load, E, groups, seed);
+    bool repair = false;
+    for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);
+    if (repair) g = controlled_grouping(in.affinity, E, g, 1, cap > 0 ? cap : E, false);
+    return g;
+}
+
 // The `priced` grouping (priced_search.hpp): every candidate placement gets the spec's replication and is priced
 // whole; the cheapest is kept (ties to the earlier: the paper's HG first). Candidates: each level-1 split of
 // node_split_candidates with the knee at level 2; then, on the best split, level 2 uniform (r = 0) and fully
-// non-uniform; then Occult's equal-size groups packed onto nodes. Slot-exact plans: the paper's split also gets the
+// non-uniform; then Occult's equal-size groups and METIS's load-balanced groups (where grace has METIS), packed
+// onto nodes. Slot-exact plans: the paper's split also gets the
 // paper's DR and the iterated DR as candidates, and the three cheapest are filled and judged after the fill.
 void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topology& topo, const MethodSpec& spec,
                        const PlanOptions& options, const SpectralOptions& so) {
@@ -368,14 +379,19 @@ void plan_priced_layer(LayerPlan& lp, const LayerInput& in, int E, const Topolog
             consider(gpu_of, std::move(cand));
         }
     if (topo.num_gpus() > 1) {
-        const Grouping g = occult_grouping(in.affinity, E, topo.num_gpus());
-        const std::vector<int> gpu_of_group = place_groups_on_nodes(in.affinity, E, g, topo);
-        std::vector<int> gpu_of(E);
-        for (int e = 0; e < E; ++e) gpu_of[e] = gpu_of_group[g.group_of[e]];
-        LayerPlan cand = lp;
-        cand.knee_curves.clear();
-        cand.r_star = -1;
-        consider(gpu_of, std::move(cand));
+        // Flat groupings, one group per GPU, packed onto nodes by affinity: Occult's equal-size groups and METIS's
+        // load-balanced min-cut (sizes repaired to 1..cap, as the `metis` method does).
+        auto consider_flat = [&](const Grouping& g) {
+            const std::vector<int> gpu_of_group = place_groups_on_nodes(in.affinity, E, g, topo);
+            std::vector<int> gpu_of(E);
+            for (int e = 0; e < E; ++e) gpu_of[e] = gpu_of_group[g.group_of[e]];
+            LayerPlan cand = lp;
+            cand.knee_curves.clear();
+            cand.r_star = -1;
+            consider(gpu_of, std::move(cand));
+        };
+        consider_flat(occult_grouping(in.affinity, E, topo.num_gpus()));
+        if (metis_available()) consider_flat(repaired_metis_grouping(in, E, topo.num_gpus(), cap, so.seed));
     }
     std::vector<double> prices;
     for (const auto& c : pool) prices.push_back(c.second);
@@ -496,10 +512,7 @@ LayerPlan plan_layer(const LayerInput& in, int E, const Topology& topo, const Me
             } else if (spec.grouping == "c2r") {
                 g = c2r_grouping(in.affinity, E, G);
             } else if (spec.grouping == "metis") {
-                g = metis_grouping(in.affinity, in.load, E, G, so.seed);
-                bool repair = false;  // METIS balances load, not counts: enforce 1..cap experts per GPU
-                for (int s : g.sizes()) repair = repair || s == 0 || (cap > 0 && s > cap);
-                if (repair) g = controlled_grouping(in.affinity, E, g, 1, cap > 0 ? cap : E, false);
+                g = repaired_metis_grouping(in, E, G, cap, so.seed);
             } else if (spec.grouping == "spectral-full") {
                 g = spectral_grouping(in.affinity, E, G, so, 1, cap);
             } else if (spec.grouping == "spectral-controlled") {
