@@ -65,9 +65,11 @@ KneeResult knee_grouping(const std::vector<double>& affinity, int num_experts, c
 Grouping occult_grouping(const std::vector<double>& affinity, int num_experts, int num_groups);
 /// C2R placement (reconstruction): greedy pairing of the highest co-activation pairs into equal-size groups.
 Grouping c2r_grouping(const std::vector<double>& affinity, int num_experts, int num_groups);
-/// METIS k-way partition of the affinity graph with expert loads as vertex weights.
+/// METIS k-way partition of the affinity graph with expert loads as vertex weights. `max_edges_per_vertex` > 0
+/// keeps only each expert's heaviest edges (an edge stays when it is among the heaviest of either end, so the
+/// graph stays symmetric): METIS's refinement time grows with the edges, and the affinity graph is dense.
 Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<double>& load, int num_experts,
-                        int num_groups, uint64_t seed = 0, double imbalance = 1.03);
+                        int num_groups, uint64_t seed = 0, double imbalance = 1.03, int max_edges_per_vertex = 0);
 /// True when grace was built with METIS (metis_grouping throws kUnsupported otherwise).
 bool metis_available();
 /// Vanilla: expert e in group floor(e * n / E).

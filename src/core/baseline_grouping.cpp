@@ -202,7 +202,7 @@ bool metis_available() {
 }
 
 Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<double>& load, int num_experts,
-                        int num_groups, uint64_t seed, double imbalance) {
+                        int num_groups, uint64_t seed, double imbalance, int max_edges_per_vertex) {
     const std::vector<double> a = detail::clean_affinity(affinity, num_experts, "metis_grouping");
     detail::check_num_groups(num_experts, num_groups, "metis_grouping");
     GRACE_CHECK_ARG(static_cast<int>(load.size()) == num_experts, "metis_grouping: load has ", load.size(),
@@ -223,11 +223,31 @@ Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<d
     // heaviest expert is 1e5 (each >= 1), which keeps sums far inside idx_t.
     const double amax = *std::max_element(a.begin(), a.end());
     const double lmax = *std::max_element(load.begin(), load.end());
+    // keep[i * E + j]: edge (i, j) is among the heaviest max_edges_per_vertex of i or of j (all when 0).
+    std::vector<char> keep(static_cast<size_t>(E) * E, max_edges_per_vertex > 0 && max_edges_per_vertex < E - 1 ? 0 : 1);
+    if (!keep.empty() && !keep[0]) {
+        std::vector<int> order(E);
+        for (int i = 0; i < E; ++i) {
+            for (int j = 0; j < E; ++j) order[j] = j;
+            const double* row = a.data() + static_cast<size_t>(i) * E;
+            // heaviest first, ties to the lower index (deterministic)
+            std::partial_sort(order.begin(), order.begin() + max_edges_per_vertex + 1, order.end(), [&](int x, int y) {
+                return row[x] != row[y] ? row[x] > row[y] : x < y;
+            });
+            int kept = 0;
+            for (int q = 0; q <= max_edges_per_vertex && kept < max_edges_per_vertex; ++q) {
+                const int j = order[q];
+                if (j == i) continue;
+                keep[static_cast<size_t>(i) * E + j] = keep[static_cast<size_t>(j) * E + i] = 1;
+                ++kept;
+            }
+        }
+    }
     std::vector<idx_t> xadj{0}, adjncy, adjwgt, vwgt(E);
     for (int i = 0; i < E; ++i) {
         for (int j = 0; j < E; ++j) {
             const double w = a[static_cast<size_t>(i) * E + j];
-            if (i == j || w <= 0) continue;
+            if (i == j || w <= 0 || !keep[static_cast<size_t>(i) * E + j]) continue;
             adjncy.push_back(j);
             adjwgt.push_back(std::max<idx_t>(1, static_cast<idx_t>(std::llround(w / amax * 1e6))));
         }
