@@ -6,8 +6,8 @@
 ///
 /// Used by the `priced` grouping and `priced` replication of planner.hpp (the default method `grace`):
 ///   grouping    HG whose level-1 node split is chosen among node_split_candidates and whose level-2 ratio is
-///               chosen among the knee point (the paper's), uniform and fully non-uniform, each candidate priced
-///               after its replication;
+///               chosen among the knee point (the paper's), uniform and fully non-uniform, and the flat Occult and
+///               METIS groupings packed onto nodes, each candidate priced after its replication;
 ///   replication dynamic-iter rounds 0, 1, 2, ... (replicate_priced), the cheapest prefix kept.
 
 #include <vector>
