@@ -156,7 +156,10 @@ struct EpLayer {
     Inputs inputs(const py::object& x, const py::object& ids, const py::object& w) const {
         Inputs in;
         in.x = dl::import_cuda(x, "x", dl::kBFloat16, dev(), {-1, H});
-        in.ids64 = dl::dtype_of(ids, dl::kInt32) == dl::kInt64;
+        const auto id_type = dl::dtype_of(ids, dl::kInt32);
+        GRACE_CHECK_ARG(id_type == dl::kInt32 || id_type == dl::kInt64, "topk_idx: dtype ", dl::dtype_name(id_type),
+                        ", expected int32 or int64");
+        in.ids64 = id_type == dl::kInt64;
         in.ids = dl::import_cuda(ids, "topk_idx", in.ids64 ? dl::kInt64 : dl::kInt32, dev(), {in.x.shape[0], -1});
         GRACE_CHECK_ARG(in.ids.shape[1] >= 1, "topk_idx: shape ", dl::shape_string(in.ids.shape),
                         ", k must be >= 1");
