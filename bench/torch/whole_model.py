@@ -7,7 +7,9 @@ by grace from a trace recorded on the stock model, or a generated one where the 
 Reports per architecture and batch shape (BATCH x PROMPT + DECODE steps): greedy tokens identical for how many
 steps (first divergence step per sequence), relative error of the prefill logits (all sequences, last position)
 and of each step's logits while a sequence's history is still identical (first 8 sequences), tokens/s of prefill
-and decode for both. Layers are trimmed to fit --weight-budget-gib (the published count is reported next to the
+and decode for both (each model runs each shape --repeats times, the last timed), and the time spent inside the
+MoE blocks (CUDA events, one extra run). --stock-experts eager also times the stock model on transformers' per-expert
+loop backend and compares it with the default stock run (the model's own bf16 noise floor). Layers are trimmed to fit --weight-budget-gib (the published count is reported next to the
 used one). Writes whole_model.json + whole_model.md to --out (after every architecture, so a time limit still
 leaves the finished ones).
 

@@ -224,8 +224,9 @@ Grouping metis_grouping(const std::vector<double>& affinity, const std::vector<d
     const double amax = *std::max_element(a.begin(), a.end());
     const double lmax = *std::max_element(load.begin(), load.end());
     // keep[i * E + j]: edge (i, j) is among the heaviest max_edges_per_vertex of i or of j (all when 0).
-    std::vector<char> keep(static_cast<size_t>(E) * E, max_edges_per_vertex > 0 && max_edges_per_vertex < E - 1 ? 0 : 1);
-    if (!keep.empty() && !keep[0]) {
+    const bool sparse = max_edges_per_vertex > 0 && max_edges_per_vertex < E - 1;
+    std::vector<char> keep(static_cast<size_t>(E) * E, sparse ? 0 : 1);
+    if (sparse) {
         std::vector<int> order(E);
         for (int i = 0; i < E; ++i) {
             for (int j = 0; j < E; ++j) order[j] = j;
