@@ -15,6 +15,7 @@
 ///             (bytes / B_nvl); the factor 2 is dispatch + combine. Latency terms are left out (they do not
 ///             depend on which replica is added).
 
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -89,6 +90,12 @@ class LayerCostModel {
     void apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
                std::vector<std::pair<size_t, double>>* journal = nullptr) const;
     double price(const Totals& t) const;
+    // price(base_ + d) for a sparse d (each index once) without touching base_, in O(|d|) plus a short scan: the
+    // untouched entries' maximum of each term is the first untouched one in rank_base()'s order. Bit-identical
+    // to applying d and calling price (the same sums, the same maxima).
+    double price_with(const std::vector<std::pair<size_t, double>>& d) const;
+    // Ranks base_'s entries of each term (compute, intra, cross) by value, descending, for price_with.
+    void rank_base() const;
     // The change of the totals when `expert` gains an instance on `gpu` (nonzero entries only); cached per
     // (expert, gpu) until the expert's instances change, since a slot-rewrite search asks for it once per
     // (replica slot, expert) pair.
@@ -116,6 +123,10 @@ class LayerCostModel {
     mutable std::vector<std::vector<std::pair<size_t, double>>> remove_delta_;  // [E]
     mutable std::vector<char> remove_delta_known_;                              // [E]
     mutable Totals scratch_;                                                    // zeros between uses
+    mutable std::vector<uint32_t> ranked_[3];  // rank_base(): base_'s indices per term, the largest first
+    mutable uint32_t ranked_top_[3] = {0, 0, 0};  // how many of ranked_[term] are in order
+    mutable std::vector<uint32_t> mark_;       // [totals size]: == stamp_ where the current d touches
+    mutable uint32_t stamp_ = 0;
 };
 
 }  // namespace grace

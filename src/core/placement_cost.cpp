@@ -176,6 +176,54 @@ LayerCostModel::Bottlenecks LayerCostModel::bottlenecks() const {
     return b;
 }
 
+void LayerCostModel::rank_base() const {
+    const uint32_t G = static_cast<uint32_t>(num_gpus_), N = static_cast<uint32_t>(topology_.nodes);
+    const uint32_t begin[4] = {0, G, 3 * G, 3 * G + 2 * N};  // [compute G | intra 2G | cross 2N]
+    // Only the largest few of each term are ranked: a candidate touches few entries, so the scan in price_with
+    // nearly always stops inside them; the rest of the term, unordered, is scanned in full otherwise.
+    constexpr uint32_t kRanked = 8;
+    for (int term = 0; term < 3; ++term) {
+        auto& r = ranked_[term];
+        r.resize(begin[term + 1] - begin[term]);
+        for (uint32_t i = 0; i < r.size(); ++i) r[i] = begin[term] + i;
+        const auto larger = [&](uint32_t x, uint32_t y) { return base_[x] > base_[y]; };
+        const uint32_t top = std::min<uint32_t>(kRanked, static_cast<uint32_t>(r.size()));
+        std::partial_sort(r.begin(), r.begin() + top, r.end(), larger);
+        ranked_top_[term] = top;
+    }
+    if (mark_.size() != base_.size()) {
+        mark_.assign(base_.size(), 0);
+        stamp_ = 0;
+    }
+}
+
+double LayerCostModel::price_with(const std::vector<std::pair<size_t, double>>& d) const {
+    const size_t G = static_cast<size_t>(num_gpus_);
+    if (++stamp_ == 0) {  // wrapped: clear the marks once every 2^32 calls
+        std::fill(mark_.begin(), mark_.end(), 0);
+        stamp_ = 1;
+    }
+    double top[3] = {0, 0, 0};  // compute, intra, cross; price() starts its maxima at 0 as well
+    for (const auto& [i, v] : d) {
+        mark_[i] = stamp_;
+        const int term = i < G ? 0 : i < 3 * G ? 1 : 2;
+        top[term] = std::max(top[term], base_[i] + v);
+    }
+    for (int term = 0; term < 3; ++term) {
+        const auto& r = ranked_[term];
+        size_t q = 0;
+        while (q < ranked_top_[term] && mark_[r[q]] == stamp_) ++q;
+        if (q < ranked_top_[term]) {
+            top[term] = std::max(top[term], base_[r[q]]);
+        } else {  // every ranked entry touched: the untouched maximum is among the rest
+            for (; q < r.size(); ++q)
+                if (mark_[r[q]] != stamp_) top[term] = std::max(top[term], base_[r[q]]);
+        }
+    }
+    return 2.0 * pricing_.bytes_per_token * (top[2] / pricing_.net_bandwidth + top[1] / pricing_.nvl_bandwidth) +
+           top[0];
+}
+
 double LayerCostModel::mean_price(const Totals& t) const {
     const int G = num_gpus_, N = topology_.nodes;
     double cross = 0, intra = 0, compute = 0;
@@ -207,17 +255,18 @@ void LayerCostModel::times_with(int expert, const std::vector<char>& allowed, st
     out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     mean_out.assign(num_gpus_, std::numeric_limits<double>::infinity());
     base_ = totals_;
+    rank_base();
     std::vector<double> saved;
     for (int g = 0; g < num_gpus_; ++g) {
         if (!allowed[g] || std::find(cur.begin(), cur.end(), g) != cur.end()) continue;
         // The expert's contribution does not depend on the others', so its cached delta applies to the totals.
         const auto& d = add_delta(expert, g);
+        out[g] = price_with(d);
         saved.resize(d.size());
         for (size_t i = 0; i < d.size(); ++i) {
             saved[i] = base_[d[i].first];
             base_[d[i].first] += d[i].second;
         }
-        out[g] = price(base_);
         mean_out[g] = mean_price(base_);
         for (size_t i = 0; i < d.size(); ++i) base_[d[i].first] = saved[i];  // undo
     }
@@ -252,19 +301,12 @@ void LayerCostModel::swap_times(int gpu, int removed, const std::vector<char>& c
     for (int g : rx)
         if (g != gpu) gpus_.push_back(g);
     apply(base_, removed, gpus_, +1.0);
-    std::vector<double> saved;
+    rank_base();
     for (int y = 0; y < num_experts_; ++y) {
         const auto& iy = inst_[y];
         if (!can_add[y] || y == removed || std::find(iy.begin(), iy.end(), gpu) != iy.end()) continue;
         // y's contribution does not depend on the other experts', so its cached delta applies to any base.
-        const auto& d = add_delta(y, gpu);
-        saved.resize(d.size());
-        for (size_t i = 0; i < d.size(); ++i) {
-            saved[i] = base_[d[i].first];
-            base_[d[i].first] += d[i].second;
-        }
-        out[y] = price(base_);
-        for (size_t i = 0; i < d.size(); ++i) base_[d[i].first] = saved[i];  // undo
+        out[y] = price_with(add_delta(y, gpu));
     }
 }
 

@@ -3,7 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "grace/error.hpp"
@@ -59,6 +61,61 @@ TEST(PlacementCost, SourceLoadsAndIntraNode) {
     const Topology two_nodes{2, 1};
     LayerCostModel cross({8, 4}, {0, 4, 8, 0}, {{0}, {1}}, two_nodes, p);
     EXPECT_DOUBLE_EQ(cross.time(), 2.0 * 8.0 + 8.0);
+}
+
+// The incremental answers (times_with, swap_times: cached deltas priced against a ranked base) against a model
+// built from scratch with the change made, on random placements of 2 x 4 and 1 x 8 GPUs with source loads.
+TEST(PlacementCost, IncrementalAnswersMatchAModelBuiltWithTheChange) {
+    std::mt19937 rng(7);
+    for (const Topology topo : {Topology{2, 4}, Topology{1, 8}}) {
+        const int E = 12, G = topo.num_gpus();
+        std::vector<double> load(E), sources(static_cast<size_t>(G) * E);
+        for (int e = 0; e < E; ++e)
+            for (int g = 0; g < G; ++g) {
+                sources[static_cast<size_t>(g) * E + e] = static_cast<double>(rng() % 50);
+                load[e] += sources[static_cast<size_t>(g) * E + e];
+            }
+        std::vector<std::vector<int>> inst(E);
+        for (int e = 0; e < E; ++e) {
+            inst[e].push_back(e % G);
+            if (e % 3 == 0) inst[e].push_back((e + 3) % G);  // every third expert replicated
+        }
+        PlacementPricing p = unit_pricing();
+        p.nvl_bandwidth = 3;
+        const LayerCostModel cost(load, sources, inst, topo, p);
+        auto fresh_time = [&](const std::vector<std::vector<int>>& changed) {
+            return LayerCostModel(load, sources, changed, topo, p).time();
+        };
+        std::vector<double> t, m;
+        for (int e = 0; e < E; ++e) {
+            cost.times_with(e, std::vector<char>(G, 1), t, m);
+            for (int g = 0; g < G; ++g) {
+                if (std::find(inst[e].begin(), inst[e].end(), g) != inst[e].end()) {
+                    EXPECT_TRUE(std::isinf(t[g]));
+                    continue;
+                }
+                auto changed = inst;
+                changed[e].push_back(g);
+                EXPECT_NEAR(t[g], fresh_time(changed), 1e-9 * fresh_time(changed)) << "e" << e << " g" << g;
+            }
+        }
+        for (int x = 0; x < E; ++x) {
+            if (inst[x].size() < 2) continue;
+            const int gpu = inst[x][1];
+            cost.swap_times(gpu, x, std::vector<char>(E, 1), t);
+            for (int y = 0; y < E; ++y) {
+                const bool held = std::find(inst[y].begin(), inst[y].end(), gpu) != inst[y].end();
+                if (y == x || held) {
+                    EXPECT_TRUE(std::isinf(t[y]));
+                    continue;
+                }
+                auto changed = inst;
+                changed[x].erase(changed[x].begin() + 1);
+                changed[y].push_back(gpu);
+                EXPECT_NEAR(t[y], fresh_time(changed), 1e-9 * fresh_time(changed)) << "x" << x << " y" << y;
+            }
+        }
+    }
 }
 
 TEST(PlacementCost, BadInput) {
