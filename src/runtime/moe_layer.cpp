@@ -416,6 +416,17 @@ MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, cons
         received.topk[row * k + j] = slot_of(expert);
         received.weights[row * k + j] = weight;
     };
+    // The last stage's arrivals: each entry with a selection on this rank becomes one received row.
+    auto receive_rows = [&](const Stage& s, RowTarget target) {
+        for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
+            int64_t row = -1;
+            for (size_t j = 0; j < recs.size(); ++j)
+                if (recs[j].expert >= 0) {
+                    if (row < 0) row = new_row(x, target, index);
+                    set_selection(row, static_cast<int>(j), recs[j].expert, recs[j].weight);
+                }
+        });
+    };
 
     // Layout and packing.
     t0 = Clock::now();
@@ -464,14 +475,7 @@ MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, cons
         t0 = Clock::now();
         start_stage(s);
         s.request->wait();
-        for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
-            int64_t row = -1;
-            for (size_t j = 0; j < recs.size(); ++j)
-                if (recs[j].expert >= 0) {
-                    if (row < 0) row = new_row(x, RowTarget::kPartial1, index);
-                    set_selection(row, static_cast<int>(j), recs[j].expert, recs[j].weight);
-                }
-        });
+        receive_rows(s, RowTarget::kPartial1);
         s.release_dispatch_buffers();
         stats.dispatch_s = seconds_since(t0);
     } else {
@@ -556,14 +560,7 @@ MoeHandle MoeLayer::Impl::dispatch(const float* hidden, const int32_t* ids, cons
         });
         start_stage(s);
         s.request->wait();
-        for_each_received(s, [&](int, int64_t index, const float* x, const std::vector<Record>& recs) {
-            int64_t row = -1;
-            for (size_t j = 0; j < recs.size(); ++j)
-                if (recs[j].expert >= 0) {
-                    if (row < 0) row = new_row(x, RowTarget::kPartial2, index);
-                    set_selection(row, static_cast<int>(j), recs[j].expert, recs[j].weight);
-                }
-        });
+        receive_rows(s, RowTarget::kPartial2);
         a.release_dispatch_buffers();
         s.release_dispatch_buffers();
         stats.dispatch_s = stage1_start_s + seconds_since(t0);
