@@ -57,6 +57,8 @@ class LayerCostModel {
     /// Predicted time with expert e left out entirely: a lower bound of time_with(e, g) for every g, since adding
     /// an expert's (non-negative) contribution back never lowers a total.
     double time_without(int expert) const;
+    /// time_without(e) for every expert, into out [E] (the same values; ranks the totals once for all of them).
+    void times_without(std::vector<double>& out) const;
     /// Adds that instance for good.
     void add(int expert, int gpu);
     /// Slot rewrites (re-planning): the predicted time when the instance of `removed` on `gpu` (which must hold it,

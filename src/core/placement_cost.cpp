@@ -280,6 +280,13 @@ double LayerCostModel::time_without(int expert) const {
     return price(base_);
 }
 
+void LayerCostModel::times_without(std::vector<double>& out) const {
+    base_ = totals_;
+    rank_base();
+    out.resize(num_experts_);
+    for (int e = 0; e < num_experts_; ++e) out[e] = price_with(remove_delta(e));
+}
+
 void LayerCostModel::add(int expert, int gpu) {
     GRACE_ASSERT(expert >= 0 && expert < num_experts_ && gpu >= 0 && gpu < num_gpus_);
     apply(totals_, expert, inst_[expert], -1.0);

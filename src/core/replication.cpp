@@ -369,7 +369,7 @@ int fill_free_slots(LayerPlan& layer, const std::vector<double>& load, const std
         for (int e : layer.gpu_experts[g]) instances[e].push_back(g);
     LayerCostModel cost(load, source_load, instances, topology, pricing);
     std::vector<char> free_gpu(G);
-    std::vector<double> times, means;
+    std::vector<double> times, means, bounds;
     std::vector<std::pair<double, int>> order;  // (lower bound, expert)
     int added = 0;
     for (;;) {
@@ -380,7 +380,8 @@ int fill_free_slots(LayerPlan& layer, const std::vector<double>& load, const std
         // in order of their lower bound time_without(e), stopping once the bound exceeds the best time found: the
         // result is the same as trying them all.
         order.clear();
-        for (int e = 0; e < E; ++e) order.emplace_back(cost.time_without(e), e);
+        cost.times_without(bounds);
+        for (int e = 0; e < E; ++e) order.emplace_back(bounds[e], e);
         std::sort(order.begin(), order.end());
         int best_e = -1, best_g = -1;
         double best_t = std::numeric_limits<double>::infinity(), best_m = best_t;

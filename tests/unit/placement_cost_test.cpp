@@ -99,6 +99,10 @@ TEST(PlacementCost, IncrementalAnswersMatchAModelBuiltWithTheChange) {
                 EXPECT_NEAR(t[g], fresh_time(changed), 1e-9 * fresh_time(changed)) << "e" << e << " g" << g;
             }
         }
+        std::vector<double> without;
+        cost.times_without(without);
+        ASSERT_EQ(static_cast<int>(without.size()), E);
+        for (int e = 0; e < E; ++e) EXPECT_EQ(without[e], cost.time_without(e)) << "e" << e;
         for (int x = 0; x < E; ++x) {
             if (inst[x].size() < 2) continue;
             const int gpu = inst[x][1];
