@@ -169,7 +169,8 @@ def main():
     ap.add_argument("--tokens", default="512,2048,8192")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--grace-run-steps", type=int, default=6, help="W+1 steps of the grace run difference")
+    ap.add_argument("--grace-run-steps", type=int, default=6,
+                    help="W+1 steps of the grace run difference (< 2: grace run is not timed)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -244,8 +245,9 @@ def main():
                 # Where the synchronous path's time goes (each stage synchronized; medians).
                 r["cpp_stages_ms"] = {key: statistics.median(v) for key, v in stages.items()}
                 try:
-                    r["grace_run_ms"] = grace_run_ms(grace, d, f"{d}/p.json", ids_np, gw_np, name,
-                                                     args.grace_run_steps)
+                    if args.grace_run_steps >= 2:
+                        r["grace_run_ms"] = grace_run_ms(grace, d, f"{d}/p.json", ids_np, gw_np, name,
+                                                         args.grace_run_steps)
                 except subprocess.CalledProcessError as e:
                     r["grace_run_error"] = e.stderr.decode(errors="replace").strip().splitlines()[-1:]
 

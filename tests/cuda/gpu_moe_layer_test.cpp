@@ -445,6 +445,12 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
         b.forward_async(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, out_b.data(), stream);
         CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
         EXPECT_EQ(out_a.download(nh), out_b.download(nh)) << grace::to_string(scheme);
+        EXPECT_EQ(a.last_dest_ranks(), b.last_dest_ranks()) << grace::to_string(scheme);
+        // One GPU, hsc or flat-dedup: forward_async is the local expert layer alone (no exchange stages).
+        if (scheme != grace::CommScheme::kFlat) {
+            EXPECT_EQ(b.last_stats().layout_s, 0.0);
+            EXPECT_EQ(b.last_stats().dispatch_s, 0.0);
+        }
         // A stale handle (a later dispatch replaced it) and a second combine are refused.
         auto h1 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);
         auto h2 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);

@@ -117,8 +117,8 @@ class PinnedArena {
 // Blocks the host until the work queued so far on `stream` is done, polling an event; throws kBackend after
 // `timeout_s` (> 0) seconds naming `what` (an exchange of an earlier call that a peer never joined would
 // otherwise stall here forever).
-void host_wait(cudaStream_t stream, cudaEvent_t event, double timeout_s, int rank, const char* what) {
-    CUDA_RUNTIME_CHECK(cudaEventRecord(event, stream));
+// Waits for `event` (already recorded), polling, up to timeout_s (0 = no limit).
+void event_wait(cudaEvent_t event, double timeout_s, int rank, const char* what) {
     const auto t0 = Clock::now();
     for (uint64_t polls = 1;; ++polls) {
         const cudaError_t err = cudaEventQuery(event);
@@ -131,6 +131,11 @@ void host_wait(cudaStream_t stream, cudaEvent_t event, double timeout_s, int ran
                     "); an exchange with a peer did not finish");
         if (waited > 0.1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
+}
+
+void host_wait(cudaStream_t stream, cudaEvent_t event, double timeout_s, int rank, const char* what) {
+    CUDA_RUNTIME_CHECK(cudaEventRecord(event, stream));
+    event_wait(event, timeout_s, rank, what);
 }
 
 // The device buffers of one exchange stage.
@@ -220,6 +225,16 @@ struct GpuMoeLayer::Impl {
     const bf16* expert_partials = nullptr;
     Clock::time_point t_start, t0;
 
+    // One GPU's whole layer (forward_local): the slot of every expert on the device, the first bad id's index
+    // and the slots of the last call on their way to the host (last_dest_ranks builds `dest` from them on demand).
+    DeviceBuffer<int32_t> d_slot_of, d_first_bad;
+    int32_t* h_local = nullptr;  // pinned [1 + T * k]: first bad index, then the slots
+    size_t h_local_size = 0;
+    cudaEvent_t ids_checked = nullptr, slots_copied = nullptr;
+    bool counting = false;       // set_instance_counting: the device router must see every call
+    bool dest_pending = false;   // dest is still to be built from h_local (the last call was forward_local)
+    int64_t dest_pending_n = 0;
+
     MoeCallStats stats;
     std::vector<int32_t> dest;
     std::vector<int32_t> h_ids;
@@ -268,10 +283,15 @@ struct GpuMoeLayer::Impl {
         options.workspace.reset();  // held once, in `workspace`
         CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&staging_free, cudaEventDisableTiming));
         CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&wait_event, cudaEventDisableTiming));
+        CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&ids_checked, cudaEventDisableTiming));
+        CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&slots_copied, cudaEventDisableTiming));
     }
     ~Impl() {
         release();  // a dispatch never combined: the workspace is free again (after its queued work)
         if (h_route) cudaFreeHost(h_route);
+        if (h_local) cudaFreeHost(h_local);
+        if (ids_checked) cudaEventDestroy(ids_checked);
+        if (slots_copied) cudaEventDestroy(slots_copied);
         if (staging_free) cudaEventDestroy(staging_free);
         if (wait_event) cudaEventDestroy(wait_event);
     }
@@ -388,8 +408,26 @@ struct GpuMoeLayer::Impl {
         const int64_t R = s.total_recv;
         if (R == 0) return d.payload_recv.data();
         GRACE_CHECK(n_local > 0, ErrorCode::kInternal, "rank ", me, " received ", R, " copies but holds no experts");
-        // Built for this layer's shape (a shared workspace may hold another layer's), grown when R exceeds it.
-        const LocalMoeShape shape{n_local, s.recs, H, I};
+        LocalMoe& moe = local_moe_for(s.recs, R);
+        const int64_t n = R * s.recs;
+        loc_slot.reserve(n);
+        loc_w.reserve(n);
+        detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data(), stream);
+        d.back_send.reserve(R * H);
+        moe.forward(d.payload_recv.data(), loc_slot.data(), loc_w.data(), d.back_send.data(), static_cast<int>(R),
+                    stream);
+        // The per-expert counts reach the host only after the GEMMs: read them in synchronous mode alone.
+        if (!async)
+            for (int32_t c : moe.last_counts()) stats.expert_rows += c;
+        return d.back_send.data();
+    }
+
+    // The workspace's LocalMoe over this rank's slots with `recs` selections a row, for at least `rows` rows, with
+    // this layer's weights. Built for this layer's shape (a shared workspace may hold another layer's), grown when
+    // rows exceed it.
+    LocalMoe& local_moe_for(int recs, int64_t rows) {
+        const int64_t R = rows;
+        const LocalMoeShape shape{n_local, recs, H, I};
         const bool same_shape = local_moe && ws.local_moe_shape.num_experts == shape.num_experts &&
                                 ws.local_moe_shape.top_k == shape.top_k && ws.local_moe_shape.hidden == shape.hidden &&
                                 ws.local_moe_shape.intermediate == shape.intermediate &&
@@ -397,7 +435,7 @@ struct GpuMoeLayer::Impl {
         if (!same_shape || R > local_moe_cap) {
             const int64_t grown = same_shape ? 2 * static_cast<int64_t>(local_moe_cap) : 0;
             local_moe_cap = static_cast<int>(std::max<int64_t>(R, grown));
-            local_moe_k = s.recs;
+            local_moe_k = recs;
             local_moe.reset();
             local_moe = std::make_unique<LocalMoe>(shape, local_moe_cap, options.gemm);
             ws.local_moe_shape = shape;
@@ -405,17 +443,7 @@ struct GpuMoeLayer::Impl {
         }
         GRACE_CHECK_ARG(w13_ptr && w2_ptr, "GpuMoeLayer on rank ", me, ": no expert weights (set_expert_weights)");
         local_moe->set_weights(w13_ptr, w2_ptr);
-        const int64_t n = R * s.recs;
-        loc_slot.reserve(n);
-        loc_w.reserve(n);
-        detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data(), stream);
-        d.back_send.reserve(R * H);
-        local_moe->forward(d.payload_recv.data(), loc_slot.data(), loc_w.data(), d.back_send.data(),
-                           static_cast<int>(R), stream);
-        // The per-expert counts reach the host only after the GEMMs: read them in synchronous mode alone.
-        if (!async)
-            for (int32_t c : local_moe->last_counts()) stats.expert_rows += c;
-        return d.back_send.data();
+        return *local_moe;
     }
 
     void route(const int32_t* d_topk, int64_t T, int k, int64_t first_token) {
@@ -556,6 +584,13 @@ struct GpuMoeLayer::Impl {
     void experts_phase();
     void combine_phase(const bf16* partials, float* out_dev);
     void forward(const bf16* hidden, int64_t T, int k, float* out_dev, int64_t first_token);
+    // One GPU holds every expert once and needs no exchange: forward_async's work is the local expert layer on
+    // the slots of the ids. Not for the `flat` scheme (one copy per selection rounds each selection's output to
+    // bf16 before the sum, which the local layer does not) and not while instances are counted.
+    bool local_shortcut() const { return G == 1 && options.scheme != CommScheme::kFlat && !counting; }
+    void forward_local(const void* hidden, const int32_t* ids32, const int64_t* ids_64, const float* topk_weights,
+                       int64_t T, int k, float* out, cudaStream_t s);
+    void build_pending_dest();
 };
 
 // Synchronous mode: the legacy stream, every stage synchronized for its timing (the statistics of forward()).
@@ -854,6 +889,85 @@ void GpuMoeLayer::setup(const LayerPlan& layer, const Topology& topology, Commun
 
 GpuMoeLayer::~GpuMoeLayer() = default;
 
+// forward_async on one GPU (local_shortcut): ids -> slots on the device, LocalMoe, its bf16 sums widened into out.
+// The same output bit for bit as the dispatch/experts/combine path there (which sends each token once, with its k
+// records, to this GPU's LocalMoe and adds the bf16 result to zeros), without its host layout and with one host
+// wait, for the bad-id check, that returns as soon as the ids are mapped: the expert GEMMs are queued by then.
+void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, const int64_t* ids_64,
+                                      const float* topk_weights, int64_t T, int k, float* out, cudaStream_t s) {
+    GRACE_CHECK_ARG(T >= 0 && T < (int64_t{1} << 31) / std::max(1, H) && k >= 1, "GpuMoeLayer: num_tokens ", T,
+                    ", top_k ", k);
+    GRACE_CHECK_ARG(T == 0 || (hidden && (ids32 || ids_64) && topk_weights && out), "GpuMoeLayer::forward_async: null input");
+    const int64_t n = T * k;
+    try {
+        begin_call(true, s);
+        dest_pending = false;
+        dest.assign(static_cast<size_t>(n), -1);
+        last_on_device = true;
+        stats.local_selections = n;
+        call_T = T, call_k = k;
+        if (T > 0) {
+            if (d_slot_of.size() < static_cast<size_t>(E)) {
+                d_slot_of.resize(E);
+                CUDA_RUNTIME_CHECK(cudaMemcpy(d_slot_of.data(), slot_of.data(), static_cast<size_t>(E) * 4,
+                                              cudaMemcpyHostToDevice));
+                d_first_bad.resize(1);
+            }
+            if (h_local_size < static_cast<size_t>(n) + 1) {
+                if (h_local) cudaFreeHost(h_local);
+                h_local = nullptr, h_local_size = 0;
+                CUDA_RUNTIME_CHECK(cudaMallocHost(&h_local, (static_cast<size_t>(n) + 1) * 4));
+                h_local_size = static_cast<size_t>(n) + 1;
+            }
+            loc_slot.reserve(n);
+            CUDA_RUNTIME_CHECK(cudaMemsetAsync(d_first_bad.data(), 0x7f, 4, s));  // above every index (n < 2^31)
+            detail::map_slots(ids32, ids_64, n, E, d_slot_of.data(), loc_slot.data(), d_first_bad.data(), s);
+            CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_local, d_first_bad.data(), 4, cudaMemcpyDeviceToHost, s));
+            CUDA_RUNTIME_CHECK(cudaEventRecord(ids_checked, s));
+            LocalMoe& moe = local_moe_for(k, T);
+            acc_bf16.reserve(T * H);
+            moe.forward(hidden, loc_slot.data(), topk_weights, acc_bf16.data(), static_cast<int>(T), s);
+            detail::to_f32(acc_bf16.data(), T * H, out, s);
+            // The slots for last_dest_ranks, copied behind the work (read only if asked for).
+            CUDA_RUNTIME_CHECK(
+                cudaMemcpyAsync(h_local + 1, loc_slot.data(), static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, s));
+            CUDA_RUNTIME_CHECK(cudaEventRecord(slots_copied, s));
+            // The next call (any stream) waits for this one's copies into h_local before reusing it.
+            CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, s));
+            stats.routing_s = seconds_since(t0);
+            event_wait(ids_checked, comm.timeout_s(), me, "the expert ids' range check");
+            if (h_local[0] != 0x7f7f7f7f) {
+                const int64_t i = h_local[0];
+                int64_t v = 0;
+                if (ids_64) {
+                    CUDA_RUNTIME_CHECK(cudaMemcpy(&v, ids_64 + i, sizeof v, cudaMemcpyDeviceToHost));
+                } else {
+                    int32_t v32 = 0;
+                    CUDA_RUNTIME_CHECK(cudaMemcpy(&v32, ids32 + i, sizeof v32, cudaMemcpyDeviceToHost));
+                    v = v32;
+                }
+                GRACE_CHECK_ARG(false, "topk_ids[", i / k, ", ", i % k, "] = ", v, " is outside [0, ", E, ")");
+            }
+            dest_pending = true;
+            dest_pending_n = n;
+        }
+        close_call();
+        stats.total_s = seconds_since(t_start);
+    } catch (...) {
+        dest_pending = false;
+        close_call();
+        throw;
+    }
+}
+
+// The last forward_local's destinations: rank 0 for every selection with a slot, -1 for none.
+void GpuMoeLayer::Impl::build_pending_dest() {
+    CUDA_RUNTIME_CHECK(cudaEventSynchronize(slots_copied));
+    dest.resize(static_cast<size_t>(dest_pending_n));
+    for (int64_t i = 0; i < dest_pending_n; ++i) dest[i] = h_local[1 + i] >= 0 ? 0 : -1;
+    dest_pending = false;
+}
+
 void GpuMoeLayer::forward_device(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
                                  int64_t num_tokens, int top_k, float* out, int64_t first_token) {
     auto& m = *impl_;
@@ -1024,6 +1138,11 @@ void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16
 
 void GpuMoeLayer::forward_async(const void* hidden_bf16, const int32_t* topk_ids, const float* topk_weights,
                                 int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token) {
+    if (impl_->local_shortcut()) {
+        impl_->forward_local(hidden_bf16, topk_ids, nullptr, topk_weights, num_tokens, top_k, out,
+                             static_cast<cudaStream_t>(stream));
+        return;
+    }
     GpuDispatchHandle h = dispatch(hidden_bf16, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
     experts(h, stream);
     combine(h, nullptr, out, stream);
@@ -1031,19 +1150,28 @@ void GpuMoeLayer::forward_async(const void* hidden_bf16, const int32_t* topk_ids
 
 void GpuMoeLayer::forward_async(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights,
                                 int64_t num_tokens, int top_k, float* out, void* stream, int64_t first_token) {
+    if (impl_->local_shortcut()) {
+        impl_->forward_local(hidden_bf16, nullptr, topk_ids, topk_weights, num_tokens, top_k, out,
+                             static_cast<cudaStream_t>(stream));
+        return;
+    }
     GpuDispatchHandle h = dispatch(hidden_bf16, topk_ids, topk_weights, num_tokens, top_k, stream, first_token);
     experts(h, stream);
     combine(h, nullptr, out, stream);
 }
 
 const MoeCallStats& GpuMoeLayer::last_stats() const { return impl_->stats; }
-const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const { return impl_->dest; }
+const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const {
+    if (impl_->dest_pending) impl_->build_pending_dest();
+    return impl_->dest;
+}
 bool GpuMoeLayer::routed_on_device() const { return impl_->last_on_device; }
 int GpuMoeLayer::hidden() const { return impl_->H; }
 
 void GpuMoeLayer::set_instance_counting(bool on) {
     GRACE_CHECK_ARG(impl_->gpu_router != nullptr, "instance counting needs a policy routed on the device");
     impl_->gpu_router->set_count_accumulation(on);
+    impl_->counting = on;
 }
 
 void GpuMoeLayer::take_instance_counts(std::vector<int64_t>& counts) {

@@ -81,6 +81,25 @@ __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* _
     if (i < n) dst[i] = __float2bfloat16(src[i]);
 }
 
+__global__ void to_f32_kernel(const bf16* __restrict__ src, int64_t n, float* __restrict__ dst) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __bfloat162float(src[i]);
+}
+
+__global__ void map_slots_kernel(const int32_t* __restrict__ ids32, const int64_t* __restrict__ ids64, int64_t n,
+                                 int num_experts, const int32_t* __restrict__ slot_of, int32_t* __restrict__ slots,
+                                 int32_t* __restrict__ first_bad) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int64_t v = ids32 ? static_cast<int64_t>(ids32[i]) : ids64[i];
+    int32_t s = -1;
+    if (v >= num_experts)
+        atomicMin(first_bad, static_cast<int32_t>(i));
+    else if (v >= 0)
+        s = slot_of[v];
+    slots[i] = s;
+}
+
 }  // namespace
 
 void gather_rows(const void* src0, const void* src1, const int32_t* idx, int64_t rows, int hidden, void* dst,
@@ -119,6 +138,20 @@ void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, in
 void narrow_ids(const int64_t* src, int64_t n, int num_experts, int32_t* dst, void* stream) {
     if (n == 0) return;
     narrow_ids_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, n, num_experts, dst);
+    CUDA_LAUNCH_CHECK();
+}
+
+void to_f32(const void* src, int64_t n, float* dst, void* stream) {
+    if (n == 0) return;
+    to_f32_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const bf16*>(src), n, dst);
+    CUDA_LAUNCH_CHECK();
+}
+
+void map_slots(const int32_t* ids32, const int64_t* ids64, int64_t n, int num_experts, const int32_t* slot_of,
+               int32_t* slots, int32_t* first_bad, void* stream) {
+    if (n == 0) return;
+    map_slots_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(ids32, ids64, n, num_experts,
+                                                                                   slot_of, slots, first_bad);
     CUDA_LAUNCH_CHECK();
 }
 
