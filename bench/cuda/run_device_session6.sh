@@ -33,10 +33,12 @@ GRACE_BUILD_DIR=$B timeout 90 $PY -X faulthandler tests/device/test_ep_gpu.py On
 echo "test_ep_gpu rc=$?"; grep -E "^(ok|FAIL|ERROR)|Ran |^OK|FAILED|rel L2|Error" "$OUT/test_ep_gpu.log" | tail -15
 echo "== 3. bm_ep_moe.py (left $(left) s)"
 timeout --kill-after=5 ${BM_LIMIT:-110} $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens ${BM_TOKENS:-2048,8192} \
+  --shapes ${BM_SHAPES:-olmoe,qwen3-30b-a3b} \
   --iters 10 --grace-run-steps 0 --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
 tail -7 "$OUT/bm_ep_moe.log"
 echo "== 4. whole_model.py, OLMoE (left $(left) s)"
-PYTHONPATH=$PWD/$B/python timeout --kill-after=5 ${WM_LIMIT:-130} $PY bench/torch/whole_model.py --out "$OUT/wm_olmoe" \
+L=$(( $(left) - 5 )); (( L > ${WM_LIMIT:-130} )) && L=${WM_LIMIT:-130}
+(( L > 30 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT/wm_olmoe" \
   --archs olmoe --shapes 256x128+16 > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"; tail -16 "$OUT/wm_olmoe/whole_model.md"
 echo "== 5. whole_model.py, Qwen3 and Mixtral (left $(left) s)"
 L=$(( $(left) - 10 ))
