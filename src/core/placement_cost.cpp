@@ -75,10 +75,17 @@ const std::vector<std::pair<size_t, double>>& LayerCostModel::add_delta(int expe
         add_delta_.assign(static_cast<size_t>(num_experts_) * num_gpus_, {});
         add_delta_known_.assign(static_cast<size_t>(num_experts_) * num_gpus_, 0);
     }
+    if (add_delta_known_[at]) return add_delta_[at];
+    // The expert's current contribution taken out is remove_delta (the same for every gpu, so computed once):
+    // its values are what apply(-1) leaves in the scratch, entry for entry, so loading them and then applying the
+    // new contribution gives the same sums as the two applies.
+    const auto& removed = remove_delta(expert);
     auto& d = add_delta_[at];
-    if (add_delta_known_[at]) return d;
     delta_into(d, [&] {
-        apply(scratch_, expert, inst_[expert], -1.0, &journal_);
+        for (const auto& [i, v] : removed) {
+            journal_.emplace_back(i, 0.0);
+            scratch_[i] = v;
+        }
         gpus_ = inst_[expert];
         gpus_.push_back(gpu);
         apply(scratch_, expert, gpus_, +1.0, &journal_);
