@@ -22,6 +22,7 @@ Needs transformers >= 5 for the fused experts modules (4.x ModuleList blocks wor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -410,6 +411,7 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
         rec["grace_traceback"] = traceback.format_exc(limit=6)
     rec["shapes"] = results
     del model, stock, blocks  # blocks holds the MoE modules too: all of the model's memory goes back now
+    gc.collect()  # the patched modules and their Buffers may sit in reference cycles with the model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rec

@@ -111,7 +111,8 @@ class SharedWorkspaces(unittest.TestCase):
         self.cuda._WORKSPACES.update(self.saved)
 
     def check(self):
-        host_a, host_b = object(), object()
+        self.host_a = host_a = object()
+        host_b = object()
         w = self.cuda.shared_workspace(0, host_a)
         self.assertIs(self.cuda.shared_workspace(0, host_a), w)
         self.assertIsNot(self.cuda.shared_workspace(1, host_a), w)
@@ -121,15 +122,38 @@ class SharedWorkspaces(unittest.TestCase):
         return w
 
     def test_keyed_by_device_and_group(self):
-        made = []
+        made = [0]  # a count, not the objects: the registry must be free to let them go
 
         class Workspace:
             def __init__(self):
-                made.append(self)
+                made[0] += 1
 
         self.cuda._ep = types.SimpleNamespace(GpuWorkspace=Workspace)
-        self.check()
-        self.assertEqual(len(made), 4)
+        w = self.check()
+        # (0, a) is held by w; (1, a), (0, b) and the first (0, None) were dropped at once; the last pair of (0, None)
+        # calls shared one.
+        self.assertEqual(made[0], 5)
+        self.assertIs(self.cuda.shared_workspace(0, "a"), self.cuda.shared_workspace(0, "a"))
+        self.assertIs(self.cuda.shared_workspace(0, self.host_a), w)
+
+    def test_freed_with_its_last_holder(self):
+        import gc
+        import weakref
+
+        class Workspace:
+            pass
+
+        self.cuda._ep = types.SimpleNamespace(GpuWorkspace=Workspace)
+        host = object()
+        w = self.cuda.shared_workspace(0, host)
+        gone = weakref.ref(w)
+        self.assertIs(self.cuda.shared_workspace(0, host), w)
+        del w
+        gc.collect()
+        self.assertIsNone(gone(), "the registry must not keep a workspace alive")
+        w2 = self.cuda.shared_workspace(0, host)
+        self.assertIsInstance(w2, Workspace)
+        self.assertEqual(len(self.cuda._WORKSPACES), 1)
 
     @unittest.skipUnless(getattr(_ep, "cuda_available", False), "grace._grace built without CUDA")
     def test_real_workspace_needs_no_gpu_to_make(self):

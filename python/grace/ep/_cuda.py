@@ -33,6 +33,7 @@ never combined keeps the workspace until its own Buffer's next call. ``share_wor
 """
 
 import os
+import weakref
 
 import torch
 from torch.utils import dlpack as _dlpack
@@ -47,18 +48,25 @@ def available():
     return bool(getattr(_ep, "cuda_available", False)) and torch.cuda.is_available()
 
 
-# (CUDA device index, id of the host communicator object) -> (that object, GpuWorkspace): the scratch shared by the
-# Buffers of one group on one device. The object is kept so that its id is not reused while the entry exists.
+# (CUDA device index, id of the host communicator object) -> (that object, weak reference to a GpuWorkspace): the
+# scratch shared by the Buffers of one group on one device. The Buffers hold the workspace; once the last of them is
+# gone (a model deleted or unpatched) its device memory is freed, and the next Buffer gets a new one. The object is
+# kept so that its id is not reused while the entry exists.
 _WORKSPACES = {}
 
 
 def shared_workspace(device_index, host_impl):
     """The GpuWorkspace shared by the layers of `host_impl`'s group on CUDA device `device_index` (made on first
-    use; making one does no CUDA work)."""
+    use, or again once every Buffer that held the last one is gone; making one does no CUDA work)."""
+    for key in [k for k, (_, ref) in _WORKSPACES.items() if ref() is None]:
+        del _WORKSPACES[key]
     key = (int(device_index), id(host_impl))
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (host_impl, _ep.GpuWorkspace())
-    return _WORKSPACES[key][1]
+    entry = _WORKSPACES.get(key)
+    workspace = entry[1]() if entry is not None else None
+    if workspace is None:
+        workspace = _ep.GpuWorkspace()
+        _WORKSPACES[key] = (host_impl, weakref.ref(workspace))
+    return workspace
 
 
 _capsule = _dlpack.to_dlpack  # borrowed, zero copy
