@@ -564,6 +564,7 @@ struct GpuMoeLayer::Impl {
             staging.reset();
         }
         stats = MoeCallStats{};
+        dest_pending = false;  // a general-path call sets dest itself; forward_local sets this again at its end
         t_start = Clock::now();
         t0 = t_start;
         open_call = ++calls;
@@ -897,11 +898,11 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                                       const float* topk_weights, int64_t T, int k, float* out, cudaStream_t s) {
     GRACE_CHECK_ARG(T >= 0 && T < (int64_t{1} << 31) / std::max(1, H) && k >= 1, "GpuMoeLayer: num_tokens ", T,
                     ", top_k ", k);
-    GRACE_CHECK_ARG(T == 0 || (hidden && (ids32 || ids_64) && topk_weights && out), "GpuMoeLayer::forward_async: null input");
+    GRACE_CHECK_ARG(T == 0 || (hidden && (ids32 || ids_64) && topk_weights && out),
+                    "GpuMoeLayer::forward_async: null input");
     const int64_t n = T * k;
     try {
         begin_call(true, s);
-        dest_pending = false;
         dest.assign(static_cast<size_t>(n), -1);
         last_on_device = true;
         stats.local_selections = n;
