@@ -451,6 +451,18 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
             EXPECT_EQ(b.last_stats().layout_s, 0.0);
             EXPECT_EQ(b.last_stats().dispatch_s, 0.0);
         }
+        // A general-path call after it (split phases, another batch) reports its own destinations.
+        {
+            const Batch hb2 = make_batch(17, c.T, c.k, c.E, c.H);
+            const DeviceBatch db2(hb2);
+            a.forward_device(db2.hidden.data(), db2.ids.data(), db2.weights.data(), c.T, c.k, out_a.data());
+            auto h = b.dispatch(db2.hidden.data(), db2.ids.data(), db2.weights.data(), c.T, c.k, stream);
+            b.experts(h, stream);
+            b.combine(h, nullptr, out_b.data(), stream);
+            CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+            EXPECT_EQ(a.last_dest_ranks(), b.last_dest_ranks()) << grace::to_string(scheme);
+            EXPECT_EQ(out_a.download(nh), out_b.download(nh)) << grace::to_string(scheme);
+        }
         // A stale handle (a later dispatch replaced it) and a second combine are refused.
         auto h1 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);
         auto h2 = b.dispatch(db.hidden.data(), db.ids.data(), db.weights.data(), c.T, c.k, stream);
