@@ -903,7 +903,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
     const int64_t n = T * k;
     try {
         begin_call(true, s);
-        dest.assign(static_cast<size_t>(n), -1);
+        dest.clear();  // built from the copied slots when asked for (build_pending_dest)
         last_on_device = true;
         stats.local_selections = n;
         call_T = T, call_k = k;
