@@ -21,6 +21,7 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
                    weighted index_add), eager and as a CUDA graph
 grace.ep.moe cannot be captured in a CUDA graph (host wait for the routing destinations), so it has no graph
 column. Ratios printed: vllm/ep, vllm_graph/ep, grouped_mm/ep, grace_run/ep (> 1: grace.ep faster).
+--kernels adds kernels_us: each method's kernels and device time per call (torch.profiler), largest first.
 Correctness: every method's output is compared with a torch fp32 eager reference (rel L2 printed).
 Usage (device): python3 -X faulthandler bench/torch/bm_ep_moe.py --build build-dev --out $OUT/bm_ep_moe.json
 """
@@ -107,6 +108,27 @@ def graph_ms(fn, warmup, iters):
     return event_ms(g.replay, warmup, iters)
 
 
+def kernel_table(fn, calls, top=8):
+    """Device time per call of fn's CUDA kernels and copies (torch.profiler over `calls` calls after one warm-up):
+    [[name (60 chars), microseconds per call], ...], the `top` largest first, then the total over all of them."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append([ev.key[:60], dev_us / calls])
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top] + [["total", sum(r[1] for r in rows)]]
+
+
 def eager_reference(x, ids, w, w13, w2):
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     I = w2.shape[2]
@@ -171,6 +193,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grace-run-steps", type=int, default=6,
                     help="W+1 steps of the grace run difference (< 2: grace run is not timed)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list each method's kernels with their device time per call (torch.profiler)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -270,6 +294,12 @@ def main():
                 except Exception as e:
                     r["grouped_mm_error"] = repr(e)
 
+                if args.kernels:
+                    r["kernels_us"] = {"ep": kernel_table(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
+                                                          5)}
+                    if "vllm_ms" in r:
+                        r["kernels_us"]["vllm"] = kernel_table(
+                            lambda: vllm.fused_moe_forward(x, w13, w2, gw, ids32, config), 5)
                 for other in ("vllm_ms", "vllm_graph_ms", "grouped_mm_ms", "grouped_mm_graph_ms", "grace_run_ms"):
                     if other in r:
                         r[f"ratio_{other[:-3]}_over_ep"] = r[other] / r["ep_moe_ms"]

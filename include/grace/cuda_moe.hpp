@@ -154,6 +154,10 @@ class LocalMoe {
     /// asynchronous throughout.
     void forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                  void* stream = nullptr);
+    /// forward() writing out [T, H] as float32: each sum is rounded to bf16 first, so out holds exactly the
+    /// widened values of forward()'s bf16 output, without a second pass over them.
+    void forward_f32(const void* x, const int32_t* topk_idx, const float* topk_weights, float* out, int num_tokens,
+                     void* stream = nullptr);
     /// Host convenience wrapper (uploads weights and inputs, runs forward, downloads out).
     static std::vector<uint16_t> forward_host(const LocalMoeShape& shape, GroupedGemmBackend backend,
                                               const std::vector<uint16_t>& w13, const std::vector<uint16_t>& w2,

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 
@@ -337,6 +338,48 @@ TEST(LocalMoe, Sm90CountsAndBackendChoice) {
     moe.set_weights(w13.data(), w2.data());
     moe.forward(x.data(), d_idx.data(), d_w.data(), out.data(), T);
     EXPECT_EQ(moe.last_counts(), expect);
+}
+
+// forward_f32 writes the widened bf16 sums of forward(): the same values, element for element, on each backend
+// (masked selections included; out is poisoned first so an unwritten element shows).
+TEST(LocalMoe, ForwardF32IsTheWidenedBf16Output) {
+    REQUIRE_GPU();
+    std::vector<gc::GroupedGemmBackend> backends{gc::GroupedGemmBackend::kCublasGrouped,
+                                                 gc::GroupedGemmBackend::kHybrid};
+    if (gc::sm90_gemm_available()) backends.push_back(gc::GroupedGemmBackend::kSm90);
+    const gc::LocalMoeShape sh{16, 4, 128, 128};
+    const int T = 257;
+    std::mt19937 rng(21);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    auto random_bf16 = [&](size_t n, float scale) {
+        std::vector<uint16_t> v(n);
+        for (auto& b : v) b = gc::float_to_bf16(nd(rng) * scale);
+        return v;
+    };
+    const auto w13 = random_bf16(size_t(16) * 2 * 128 * 128, 0.1f), w2 = random_bf16(size_t(16) * 128 * 128, 0.1f),
+               x = random_bf16(size_t(T) * 128, 1.f);
+    const auto idx = random_topk(rng, T, sh.top_k, sh.num_experts, 0.1);
+    std::vector<float> wt(idx.size());
+    for (auto& w : wt) w = 0.05f + std::abs(nd(rng));
+    gc::DeviceBuffer<uint16_t> dw13, dw2, dx, out16(size_t(T) * 128);
+    gc::DeviceBuffer<int32_t> didx;
+    gc::DeviceBuffer<float> dwt, out32(size_t(T) * 128);
+    dw13.upload(w13), dw2.upload(w2), dx.upload(x), didx.upload(idx), dwt.upload(wt);
+    for (auto backend : backends) {
+        SCOPED_TRACE(::testing::Message() << "backend " << int(backend));
+        gc::LocalMoe moe(sh, T, backend);
+        moe.set_weights(dw13.data(), dw2.data());
+        CUDA_RUNTIME_CHECK(cudaMemset(out32.data(), 0xff, out32.bytes()));
+        moe.forward(dx.data(), didx.data(), dwt.data(), out16.data(), T);
+        moe.forward_f32(dx.data(), didx.data(), dwt.data(), out32.data(), T);
+        CUDA_RUNTIME_CHECK(cudaDeviceSynchronize());
+        const auto a = out16.download(size_t(T) * 128);
+        const auto b = out32.download(size_t(T) * 128);
+        for (size_t i = 0; i < a.size(); ++i) {
+            const float widened = gc::bf16_to_float(a[i]);
+            ASSERT_EQ(std::memcmp(&widened, &b[i], 4), 0) << "element " << i << ": " << widened << " vs " << b[i];
+        }
+    }
 }
 
 TEST(LocalMoe, ZeroTokensIsANoOp) {

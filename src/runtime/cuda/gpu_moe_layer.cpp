@@ -890,7 +890,8 @@ void GpuMoeLayer::setup(const LayerPlan& layer, const Topology& topology, Commun
 
 GpuMoeLayer::~GpuMoeLayer() = default;
 
-// forward_async on one GPU (local_shortcut): ids -> slots on the device, LocalMoe, its bf16 sums widened into out.
+// forward_async on one GPU (local_shortcut): ids -> slots on the device, LocalMoe, its bf16 sums widened into out
+// by its last kernel.
 // The same output bit for bit as the dispatch/experts/combine path there (which sends each token once, with its k
 // records, to this GPU's LocalMoe and adds the bf16 result to zeros), without its host layout and with one host
 // wait, for the bad-id check, that returns as soon as the ids are mapped: the expert GEMMs are queued by then.
@@ -926,9 +927,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
             CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_local, d_first_bad.data(), 4, cudaMemcpyDeviceToHost, s));
             CUDA_RUNTIME_CHECK(cudaEventRecord(ids_checked, s));
             LocalMoe& moe = local_moe_for(k, T);
-            acc_bf16.reserve(T * H);
-            moe.forward(hidden, loc_slot.data(), topk_weights, acc_bf16.data(), static_cast<int>(T), s);
-            detail::to_f32(acc_bf16.data(), T * H, out, s);
+            moe.forward_f32(hidden, loc_slot.data(), topk_weights, out, static_cast<int>(T), s);
             // The slots for last_dest_ranks, copied behind the work (read only if asked for).
             CUDA_RUNTIME_CHECK(
                 cudaMemcpyAsync(h_local + 1, loc_slot.data(), static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, s));

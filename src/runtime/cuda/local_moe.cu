@@ -59,9 +59,11 @@ __global__ void silu_mul_kernel(const uint4* __restrict__ y1, int64_t rows, int 
     a[i] = o4;
 }
 
-// out[t] = sum_j w[t, j] * y2[pos[t, j]], fp32 accumulation; one block per token, 8 columns per thread.
+// out[t] = sum_j w[t, j] * y2[pos[t, j]], fp32 accumulation rounded to bf16; one block per token, 8 columns per
+// thread. Out = bf16, or float (the rounded sum widened: forward_f32's output without a separate widening pass).
+template <typename Out>
 __global__ void unpermute_kernel(const uint4* __restrict__ y2, const int32_t* __restrict__ pos,
-                                 const float* __restrict__ weights, int top_k, int hidden_vec, uint4* __restrict__ out) {
+                                 const float* __restrict__ weights, int top_k, int hidden_vec, Out* __restrict__ out) {
     const int64_t t = blockIdx.x;
     for (int c = threadIdx.x; c < hidden_vec; c += blockDim.x) {
         float acc[kVec] = {};
@@ -78,7 +80,15 @@ __global__ void unpermute_kernel(const uint4* __restrict__ y2, const int32_t* __
         bf16* o = reinterpret_cast<bf16*>(&o4);
 #pragma unroll
         for (int q = 0; q < kVec; ++q) o[q] = __float2bfloat16(acc[q]);
-        out[t * hidden_vec + c] = o4;
+        if constexpr (sizeof(Out) == sizeof(uint4)) {
+            out[t * hidden_vec + c] = o4;
+        } else {  // float4 pairs: the rounded values widened
+            float4* dst = reinterpret_cast<float4*>(out) + (t * hidden_vec + c) * 2;
+            dst[0] = make_float4(__bfloat162float(o[0]), __bfloat162float(o[1]), __bfloat162float(o[2]),
+                                 __bfloat162float(o[3]));
+            dst[1] = make_float4(__bfloat162float(o[4]), __bfloat162float(o[5]), __bfloat162float(o[6]),
+                                 __bfloat162float(o[7]));
+        }
     }
 }
 
@@ -110,6 +120,8 @@ struct LocalMoe::Impl {
     cudaEvent_t ev[7] = {};
     LocalMoeTimings timings;
 
+    void forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, bool out_f32,
+                 int num_tokens, void* stream);
     void gemm(int which, const std::vector<int>& experts, cudaStream_t stream);
     void sm90_up(cudaStream_t stream) const;
     void sm90_down(cudaStream_t stream) const;
@@ -254,8 +266,18 @@ void LocalMoe::Impl::gemm(int which, const std::vector<int>& experts, cudaStream
 }
 
 void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
-                       void* stream_ptr) {
-    auto& m = *impl_;
+                       void* stream) {
+    impl_->forward(x, topk_idx, topk_weights, out, false, num_tokens, stream);
+}
+
+void LocalMoe::forward_f32(const void* x, const int32_t* topk_idx, const float* topk_weights, float* out,
+                           int num_tokens, void* stream) {
+    impl_->forward(x, topk_idx, topk_weights, out, true, num_tokens, stream);
+}
+
+void LocalMoe::Impl::forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out,
+                             bool out_f32, int num_tokens, void* stream_ptr) {
+    auto& m = *this;
     GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens <= m.max_tokens, "LocalMoe: num_tokens ", num_tokens,
                     " outside [0, ", m.max_tokens, "]");
     GRACE_CHECK_ARG(m.w13 && m.w2, "LocalMoe: set_weights was not called");
@@ -316,8 +338,12 @@ void LocalMoe::forward(const void* x, const int32_t* topk_idx, const float* topk
         m.gemm(1, experts, stream);
     }
     if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[5], stream));
-    unpermute_kernel<<<num_tokens, std::min(hv, 256), 0, stream>>>(
-        reinterpret_cast<const uint4*>(m.y2.data()), m.pos.data(), topk_weights, k, hv, static_cast<uint4*>(out));
+    if (out_f32)
+        unpermute_kernel<<<num_tokens, std::min(hv, 256), 0, stream>>>(
+            reinterpret_cast<const uint4*>(m.y2.data()), m.pos.data(), topk_weights, k, hv, static_cast<float*>(out));
+    else
+        unpermute_kernel<<<num_tokens, std::min(hv, 256), 0, stream>>>(
+            reinterpret_cast<const uint4*>(m.y2.data()), m.pos.data(), topk_weights, k, hv, static_cast<uint4*>(out));
     CUDA_LAUNCH_CHECK();
     if (m.profiling) {
         CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[6], stream));
