@@ -87,10 +87,8 @@ class LayerCostModel {
     size_t intra_in_at(int g) const { return 2 * static_cast<size_t>(num_gpus_) + g; }
     size_t cross_out_at(int n) const { return 3 * static_cast<size_t>(num_gpus_) + n; }
     size_t cross_in_at(int n) const { return 3 * static_cast<size_t>(num_gpus_) + topology_.nodes + n; }
-    // Adds sign * expert e's contribution, with instances `gpus`, to t; with `journal`, first records each
-    // touched entry's old value there (so the caller can undo).
-    void apply(Totals& t, int e, const std::vector<int>& gpus, double sign,
-               std::vector<std::pair<size_t, double>>* journal = nullptr) const;
+    // Adds sign * expert e's contribution, with instances `gpus`, to t.
+    void apply(Totals& t, int e, const std::vector<int>& gpus, double sign) const;
     double price(const Totals& t) const;
     // price(base_ + d) for a sparse d (each index once) without touching base_, in O(|d|) plus a short scan: the
     // untouched entries' maximum of each term is the first untouched one in rank_base()'s order. Bit-identical
@@ -104,7 +102,8 @@ class LayerCostModel {
     const std::vector<std::pair<size_t, double>>& add_delta(int expert, int gpu) const;
     // The change when `expert` is left out entirely (cached likewise).
     const std::vector<std::pair<size_t, double>>& remove_delta(int expert) const;
-    // Records the nonzero entries that fn leaves in scratch_ (which it may only add to) into d, and clears them.
+    // Records the nonzero entries that fn leaves in scratch_ (zeros before it) into d, in index order, and clears
+    // them. Every consumer of d uses each index once, so the order does not change any sum or maximum.
     template <class Fn>
     void delta_into(std::vector<std::pair<size_t, double>>& d, Fn fn) const;
     void forget_deltas(int expert);
@@ -119,7 +118,8 @@ class LayerCostModel {
     Totals totals_;
     mutable Totals base_;  // reused buffers of times_with (one model per thread)
     mutable std::vector<int> gpus_;
-    mutable std::vector<std::pair<size_t, double>> journal_;
+    mutable std::vector<int> slot_on_gpu_;  // apply(): [G] the instance on each GPU, -1 for none (-1 between uses)
+    mutable std::vector<int> on_node_;      // apply(): [nodes] instances per node (0 between uses)
     mutable std::vector<std::vector<std::pair<size_t, double>>> add_delta_;     // [E * G]
     mutable std::vector<char> add_delta_known_;                                 // [E * G]
     mutable std::vector<std::vector<std::pair<size_t, double>>> remove_delta_;  // [E]
