@@ -320,6 +320,10 @@ void bind_ep_cuda(py::module_& top) {
         .def("combine", &EpLayer::combine, py::arg("handle"), py::arg("expert_out"), py::arg("out"), py::arg("stream"))
         .def("forward_async", &EpLayer::forward_async, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
              py::arg("out"), py::arg("stream"), py::arg("first_token") = 0)
+        .def(
+            "set_host_id_check", [](EpLayer& l, bool on) { l.layer->set_host_id_check(on); }, py::arg("on"),
+            "GpuMoeLayer::set_host_id_check: off = the one-GPU path waits for nothing on the host (ids >= E then "
+            "select no expert, unreported)")
         .def("forward_device", &EpLayer::forward_device, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
              py::arg("out"), py::arg("first_token") = 0)
         .def("last_dest_ranks",

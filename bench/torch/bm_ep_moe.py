@@ -21,6 +21,9 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
                    weighted index_add), eager and as a CUDA graph
 grace.ep.moe cannot be captured in a CUDA graph (host wait for the routing destinations), so it has no graph
 column. Ratios printed: vllm/ep, vllm_graph/ep, grouped_mm/ep, grace_run/ep (> 1: grace.ep faster).
+  ep_nocheck_ms, ep_nocheck_event_ms   the same with Buffer(check_ids=False) (no host wait: the ids' range check
+                   dropped, grace.hf's default): wall time per call as ep_moe_ms, and CUDA-event time around the call
+                   as vllm_ms is timed (ratios vllm/nc, vllm_g/nc use the event time)
 --kernels adds kernels_us: each method's kernels and device time per call (torch.profiler), largest first.
 Correctness: every method's output is compared with a torch fp32 eager reference (rel L2 printed).
 Usage (device): python3 -X faulthandler bench/torch/bm_ep_moe.py --build build-dev --out $OUT/bm_ep_moe.json
@@ -249,6 +252,12 @@ def main():
                 r["ep_rel_l2"] = rel_l2(y, ref)
                 r["ep_moe_ms"] = median_wall_ms(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
                                                 args.warmup, args.iters)
+                # check_ids=False: no host wait on one GPU (the ids' range check dropped; grace.hf's default).
+                buf_nc = ep.Buffer(None, plan, 0, topology="1x1", scheme="hsc", policy="tar", check_ids=False)
+                fn_nc = lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf_nc)  # noqa: E731
+                r["ep_nocheck_rel_l2"] = rel_l2(fn_nc(), ref)
+                r["ep_nocheck_ms"] = median_wall_ms(fn_nc, args.warmup, args.iters)
+                r["ep_nocheck_event_ms"] = event_ms(fn_nc, args.warmup, args.iters)
                 cap = torch.utils.dlpack.to_dlpack
                 out = torch.empty((T, H), dtype=torch.float32, device=dev)
                 caps = (cap(x), cap(ids32), cap(gw), cap(out))
@@ -303,6 +312,9 @@ def main():
                 for other in ("vllm_ms", "vllm_graph_ms", "grouped_mm_ms", "grouped_mm_graph_ms", "grace_run_ms"):
                     if other in r:
                         r[f"ratio_{other[:-3]}_over_ep"] = r[other] / r["ep_moe_ms"]
+                for other in ("vllm_ms", "vllm_graph_ms"):
+                    if other in r:
+                        r[f"ratio_{other[:-3]}_over_ep_nocheck"] = r[other] / r["ep_nocheck_event_ms"]
                 print(name, json.dumps(r), flush=True)
                 rows.append(r)
                 res["shapes"][name] = rows
@@ -310,7 +322,7 @@ def main():
                     json.dump(res, f, indent=1)
                 torch.cuda.empty_cache()
     print("\nshape          T     ep_moe  ep_raw  bind_us  cpp_total  grace_run  vllm   vllm_g  gmm    gmm_g  "
-          "| vllm/ep vllm_g/ep gmm/ep run/ep")
+          "| vllm/ep vllm_g/ep gmm/ep run/ep | ep_nc  ep_nc_ev vllm/nc vllm_g/nc")
     for name, rows in res["shapes"].items():
         for r in rows:
             def f(key, fmt="{:7.3f}"):
@@ -319,7 +331,8 @@ def main():
                   f"{f('cpp_total_ms')}   {f('grace_run_ms')}  {f('vllm_ms')} {f('vllm_graph_ms')} "
                   f"{f('grouped_mm_ms')} {f('grouped_mm_graph_ms')} | {f('ratio_vllm_over_ep', '{:6.2f}')} "
                   f"{f('ratio_vllm_graph_over_ep', '{:8.2f}')} {f('ratio_grouped_mm_over_ep', '{:6.2f}')} "
-                  f"{f('ratio_grace_run_over_ep', '{:6.2f}')}")
+                  f"{f('ratio_grace_run_over_ep', '{:6.2f}')} | {f('ep_nocheck_ms')} {f('ep_nocheck_event_ms')} "
+                  f"{f('ratio_vllm_over_ep_nocheck', '{:6.2f}')} {f('ratio_vllm_graph_over_ep_nocheck', '{:8.2f}')}")
 
 
 if __name__ == "__main__":

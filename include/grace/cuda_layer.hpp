@@ -176,6 +176,13 @@ class GpuMoeLayer {
     void forward_async(const void* hidden_bf16, const int64_t* topk_ids, const float* topk_weights, int64_t num_tokens,
                        int top_k, float* out, void* stream, int64_t first_token = 0);
 
+    /// The one-GPU path of forward_async (one GPU holding every expert, scheme hsc or flat-dedup, no instance
+    /// counting) maps ids to slots on the device and runs the local experts; its one host wait is the range check
+    /// of the ids (an id >= E throws kInvalidArgument naming it). Off (`on` = false): that path waits for nothing
+    /// on the host, so the caller's thread runs ahead of the GPU; an id >= E then selects no expert (as -1 does)
+    /// and is not reported. For callers whose ids are a top-k over E logits. Every other path checks regardless.
+    void set_host_id_check(bool on);
+
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per
     /// link class with payload = copies * H * 2).
     const MoeCallStats& last_stats() const;

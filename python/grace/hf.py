@@ -343,7 +343,7 @@ def _parent(model, name):
 
 
 def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
-          share_workspace=True, buffer_factory=None):
+          share_workspace=True, check_ids=False, buffer_factory=None):
     """Runs every MoE block's routed experts of ``model`` through grace.ep with ``plan``; returns ``model``.
 
     Args:
@@ -354,6 +354,8 @@ def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar",
         topology, scheme, policy, seed, timeout: passed to ``grace.ep.Buffer``.
         share_workspace: passed to ``grace.ep.Buffer`` (default True: on CUDA the blocks, which run one after another
             through ``Buffer.moe``, share one set of device scratch buffers instead of one per block).
+        check_ids: passed to ``grace.ep.Buffer`` (default False: the ids are the block's own router's top-k over its
+            E logits, so on one GPU ``moe`` needs no host wait for their range check).
         buffer_factory: ``f(group, plan_dict, layer, **kwargs) -> buffer`` instead of ``grace.ep.Buffer``.
     Raises:
         PatchError (ValueError): no supported block, the plan's layer or expert count differs from the model's, an
@@ -382,7 +384,7 @@ def patch(model, plan, *, group=None, topology=None, scheme="hsc", policy="tar",
     config = getattr(model, "config", None)
     factory = buffer_factory or _default_buffer_factory
     bkw = dict(topology=topology, scheme=scheme, policy=policy, seed=seed, timeout=timeout,
-               share_workspace=share_workspace)
+               share_workspace=share_workspace, check_ids=check_ids)
 
     # Check everything before replacing anything.
     prepared = []

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <thread>
@@ -534,6 +535,82 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
         CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
         CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
     }
+}
+
+// set_host_id_check(false) on one GPU: calls queued back to back with no host wait (T grows between them, so the
+// pinned slot copy is reallocated behind in-flight copies) give the same outputs and destinations as the checked
+// layer; an id >= E then selects no expert (the output of the same batch with -1 there) instead of throwing. The
+// flat scheme (no one-GPU path) still refuses it.
+TEST(GpuMoeLayerPhases, OneGpuWithoutHostIdCheck) {
+    REQUIRE_GPU();
+    if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
+    const grace::Topology topo{1, 1};
+    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
+    int device = 0;
+    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+    auto nccl = gc::make_nccl_communicator({topo}, host, device);
+    const Case c{16, 4, 128, 64, 50};
+    const auto layer = make_layer(c.E, topo);
+    cudaStream_t stream = nullptr;
+    CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (auto scheme : kSchemes) {
+        SCOPED_TRACE(grace::to_string(scheme));
+        gc::GpuMoeLayerOptions go;
+        go.scheme = scheme;
+        gc::GpuMoeLayer checked(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        gc::GpuMoeLayer unchecked(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        unchecked.set_host_id_check(false);
+        const int Ts[3] = {c.T, 4 * c.T, c.T + 3};
+        std::vector<Batch> batches;
+        std::vector<std::unique_ptr<DeviceBatch>> dbs;
+        std::vector<std::unique_ptr<gc::DeviceBuffer<float>>> outs;
+        for (int i = 0; i < 3; ++i) {
+            batches.push_back(make_batch(30 + i, Ts[i], c.k, c.E, c.H));
+            dbs.push_back(std::make_unique<DeviceBatch>(batches.back()));
+            outs.push_back(std::make_unique<gc::DeviceBuffer<float>>(size_t(Ts[i]) * c.H));
+        }
+        for (int i = 0; i < 3; ++i)  // no synchronization between the calls
+            unchecked.forward_async(dbs[i]->hidden.data(), dbs[i]->ids.data(), dbs[i]->weights.data(), Ts[i], c.k,
+                                    outs[i]->data(), stream);
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        const auto unchecked_dest = unchecked.last_dest_ranks();
+        for (int i = 0; i < 3; ++i) {
+            const size_t nh = size_t(Ts[i]) * c.H;
+            const auto got = outs[i]->download(nh);
+            gc::DeviceBuffer<float> ref(nh);
+            checked.forward_async(dbs[i]->hidden.data(), dbs[i]->ids.data(), dbs[i]->weights.data(), Ts[i], c.k,
+                                  ref.data(), stream);
+            CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+            EXPECT_EQ(got, ref.download(nh)) << "call " << i;
+        }
+        EXPECT_EQ(unchecked_dest, checked.last_dest_ranks());
+        // An expert id of E at selection 3.
+        auto bad = batches[0].ids, masked = batches[0].ids;
+        bad[3] = c.E, masked[3] = -1;
+        gc::DeviceBuffer<int32_t> d_bad, d_masked;
+        d_bad.upload(bad);
+        d_masked.upload(masked);
+        const size_t nh = size_t(c.T) * c.H;
+        gc::DeviceBuffer<float> out_bad(nh), out_masked(nh);
+        if (scheme == grace::CommScheme::kFlat) {
+            EXPECT_THROW(unchecked.forward_async(dbs[0]->hidden.data(), d_bad.data(), dbs[0]->weights.data(), c.T,
+                                                 c.k, out_bad.data(), stream),
+                         grace::Error);
+            continue;
+        }
+        unchecked.forward_async(dbs[0]->hidden.data(), d_bad.data(), dbs[0]->weights.data(), c.T, c.k,
+                                out_bad.data(), stream);
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        const auto bad_dest = unchecked.last_dest_ranks();
+        ASSERT_EQ(bad_dest.size(), bad.size());
+        EXPECT_EQ(bad_dest[3], -1);
+        checked.forward_async(dbs[0]->hidden.data(), d_masked.data(), dbs[0]->weights.data(), c.T, c.k,
+                              out_masked.data(), stream);
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        EXPECT_EQ(out_bad.download(nh), out_masked.download(nh));
+        EXPECT_EQ(bad_dest, checked.last_dest_ranks());
+    }
+    CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
 }
 
 // ---- A GpuWorkspace shared by two layers ----

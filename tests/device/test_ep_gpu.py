@@ -118,6 +118,30 @@ class OneGpu(unittest.TestCase):
                                     f"max diff {(ya - yb).abs().max().item()}")
                     self.assertTrue((a.last_dest_ranks() == b.last_dest_ranks()).all())
 
+    def test_without_host_id_check(self):
+        """check_ids=False (no host wait on one GPU): calls queued back to back match the checked Buffer bit for
+        bit; an id >= E selects no expert (the output with -1 there) instead of raising; flat still raises."""
+        for scheme in ("hsc", "flat-dedup", "flat"):
+            checked = self.backend(scheme)
+            unchecked = _cuda.CudaBackend(self.plan, 0, "1x1", None, scheme=scheme, seed=5, check_ids=False)
+            inputs = [batch(T, self.E, self.k, self.H, 300 + call, self.dev) for call, T in enumerate((300, 2048, 77))]
+            ys = [unchecked.moe(x, ids, w, self.w13, self.w2) for x, ids, w in inputs]
+            torch.cuda.synchronize()
+            for call, ((x, ids, w), y) in enumerate(zip(inputs, ys)):
+                ref = checked.moe(x, ids, w, self.w13, self.w2)
+                self.assertTrue(torch.equal(y, ref), f"{scheme} call {call}")
+            x, ids, w = inputs[0]
+            bad, masked = ids.clone(), ids.clone()
+            bad[1, 2], masked[1, 2] = self.E, -1
+            if scheme == "flat":
+                with self.assertRaises(ValueError):
+                    unchecked.moe(x, bad, w, self.w13, self.w2)
+                continue
+            y = unchecked.moe(x, bad, w, self.w13, self.w2)
+            self.assertEqual(int(unchecked.last_dest_ranks().reshape(-1, self.k)[1, 2]), -1)
+            ref = checked.moe(x, masked, w, self.w13, self.w2)
+            self.assertTrue(torch.equal(y, ref), scheme)
+
     def test_phases_match_moe(self):
         for scheme in SCHEMES:
             a, b = self.backend(scheme), self.backend(scheme)

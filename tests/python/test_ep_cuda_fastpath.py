@@ -11,7 +11,8 @@ backend's own logic:
 - a float32 x is rounded to bfloat16 on the checked path;
 - a call that the layer refuses gets the Python check's message where one applies (CPU x, wrong dtype), else the
   bad expert id with its int64 value;
-- the token offset (first_token of the vLLM/SGLang policies) advances by T on both paths.
+- the token offset (first_token of the vLLM/SGLang policies) advances by T on both paths;
+- check_ids=False turns the layer's host id check off once, when the layer is built; the default leaves it on.
 The GPU side (bit-identical outputs of both paths, int64 ids, the capture refusal) is tests/device/test_ep_gpu.py
 and tests/cuda/gpu_moe_layer_test.cpp. Skips when the module was not built or torch is missing."""
 
@@ -46,6 +47,10 @@ class FakeLayer:
 
     def __init__(self, comm, plan, layer, hidden, intermediate, scheme, policy, seed, workspace):
         self.hidden, self.num_experts, self.calls, self.registered = hidden, E, [], 0
+        self.host_id_check = []  # the values given to set_host_id_check, in order
+
+    def set_host_id_check(self, on):
+        self.host_id_check.append(on)
 
     def set_expert_weights(self, w13, w2):
         dlpack.from_dlpack(w13), dlpack.from_dlpack(w2)
@@ -114,6 +119,18 @@ class CpuAsCuda(unittest.TestCase):
         self.assertEqual([c[0] for c in layer.calls], [torch.int64] * 4)
         self.assertEqual([c[2] for c in layer.calls], [0, 5, 10, 15])
         self.assertEqual(be._tokens, 20)
+
+    def test_check_ids_reaches_the_layer_once(self):
+        self.be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        self.assertEqual(self.be._layer.host_id_check, [])  # default: the layer's own default (on)
+        be = _cuda.CudaBackend({"layers": [{}]}, 0, "1x1", None, share_workspace=False, check_ids=False)
+        for _ in range(3):
+            be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        self.assertEqual(be._layer.host_id_check, [False])
+        for bad in (0, "no", None):
+            with self.assertRaises(ValueError) as cm:
+                _cuda.CudaBackend({"layers": [{}]}, 0, "1x1", None, check_ids=bad)
+            self.assertEqual(str(cm.exception), f"check_ids must be True or False, got {bad!r}")
 
     def test_new_weights_are_checked_and_registered_again(self):
         be = self.be

@@ -1,6 +1,7 @@
-"""The share_workspace option of grace.ep.Buffer and grace.hf.patch, without a GPU: the value is checked (a bool,
-else a one-line GraceError naming it), the CUDA backend is built with it (the CPU backend, which has no device
-scratch, without it), grace.ep._cuda.shared_workspace hands out one workspace per (CUDA device, host communicator),
+"""The share_workspace and check_ids options of grace.ep.Buffer and grace.hf.patch, without a GPU: each value is
+checked (a bool, else a one-line GraceError naming it), the CUDA backend is built with both (the CPU backend, which
+has no device scratch and checks ids at no cost, with neither); grace.hf.patch passes check_ids=False (its ids are the
+router's top-k) unless told otherwise; grace.ep._cuda.shared_workspace hands out one workspace per (CUDA device, host communicator),
 and grace.hf.patch passes share_workspace=True to its buffers by default. The GPU side (bit-identical outputs, the
 refusal of a second layer while a handle is open) is tests/cuda/gpu_moe_layer_test.cpp (GpuWorkspace.*). Skips when
 the module was not built or torch is missing."""
@@ -87,6 +88,22 @@ class BufferOption(unittest.TestCase):
         buf._backend_for(torch.device("cpu"))
         self.assertEqual(self.fake.calls[-1][0], "CpuBackend")
         self.assertNotIn("share_workspace", self.fake.calls[-1][1])
+
+    def test_check_ids_reaches_the_cuda_backend_only(self):
+        for given, expected in ((None, True), (True, True), (False, False)):
+            extra = {} if given is None else {"check_ids": given}
+            buf = ep.Buffer(None, plan_1x1(), 0, **extra)
+            self.assertIs(buf.check_ids, expected)
+            buf._backend_for(torch.device("cuda", 0))
+            self.assertIs(self.fake.calls[-1][1]["check_ids"], expected)
+        buf = ep.Buffer(None, plan_1x1(), 0, check_ids=False)
+        buf._backend_for(torch.device("cpu"))
+        self.assertNotIn("check_ids", self.fake.calls[-1][1])
+        for bad in (0, "no", None):
+            with self.assertRaises(ValueError) as cm:
+                ep.Buffer(None, plan_1x1(), 0, check_ids=bad)
+            self.assertIsInstance(cm.exception, grace.GraceError)
+            self.assertEqual(str(cm.exception), f"check_ids must be True or False, got {bad!r}")
 
     def test_non_bool_is_refused(self):
         for bad in (1, "yes", None):
@@ -177,6 +194,23 @@ class HfPatchOption(unittest.TestCase):
 
             model, n = hfmock.build(hfmock.FAMILIES_5["olmoe"])
             extra = {} if given is None else {"share_workspace": given}
+            ghf.patch(model, hfmock.identity_plan(n, hfmock.num_experts(model)), buffer_factory=factory, **extra)
+            self.assertEqual(seen, [expected] * n)
+
+    def test_patch_passes_check_ids(self):
+        sys.path.insert(0, HERE)
+        import test_hf_patch as hfmock
+        import grace.hf as ghf
+
+        for given, expected in ((None, False), (True, True)):
+            seen = []
+
+            def factory(group, plan, layer, **kwargs):
+                seen.append(kwargs.get("check_ids", "missing"))
+                return hfmock.ReferenceBuffer(group, plan, layer, **kwargs)
+
+            model, n = hfmock.build(hfmock.FAMILIES_5["olmoe"])
+            extra = {} if given is None else {"check_ids": given}
             ghf.patch(model, hfmock.identity_plan(n, hfmock.num_experts(model)), buffer_factory=factory, **extra)
             self.assertEqual(seen, [expected] * n)
 

@@ -1,7 +1,7 @@
 """grace.ep: GRACE's expert-parallel MoE layer from PyTorch, with a DeepEP-shaped API (docs/python.md, "grace.ep").
 
     buf = grace.ep.Buffer(group, plan, layer, topology=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
-                          share_workspace=True)
+                          share_workspace=True, check_ids=True)
     recv_x, recv_topk, recv_weights, handle = buf.dispatch(x, topk_idx, topk_weights)   # collective
     expert_out = buf.experts(recv_x, recv_topk, recv_weights, w13, w2)                  # local
     y = buf.combine(expert_out, handle)                                                  # collective
@@ -25,6 +25,11 @@ buffers (grace::cuda::GpuWorkspace: exchange buffers, expert workspace, accumula
 any of them, instead of one set per Buffer. They must then run one at a time: while a Buffer's dispatch is not yet
 combined, dispatch/moe of another sharing Buffer raises GraceError naming both layers (never a silent overwrite).
 Pass share_workspace=False to a Buffer whose handle must stay open across other layers' calls. No effect on CPU.
+
+check_ids (CUDA; default True): on one GPU, ``moe`` maps ids to local slots on the device and its one host wait is
+the range check of the ids (an id >= E raises). check_ids=False drops that wait, so the Python thread runs ahead of
+the GPU: an id >= E then selects no expert (as -1 does) and is not reported. For ids that are a top-k over the
+model's E router logits (grace.hf passes False). With several GPUs, and on CPU, ids are always checked.
 
 Backend contract (``_cpu.CpuBackend`` and ``_cuda.CudaBackend``): built on first use as
 ``Backend(plan, layer, topology, host_impl=torch_comm, scheme=, policy=, seed=, timeout=)`` with the Buffer's
@@ -215,11 +220,13 @@ class Buffer:
     flat-dedup or hsc. policy: a replica routing policy (tar, wrr, primary, ...); its state (WRR counters) carries
     across calls. timeout: deadline of each collective in seconds (0 = none). num_experts: if given, the model's
     expert count, which must equal the plan's. share_workspace: True (default) or False, CUDA only: share the
-    device scratch with the other Buffers of this group on the same device (see the module docstring).
+    device scratch with the other Buffers of this group on the same device (see the module docstring). check_ids:
+    True (default) or False, CUDA only: False drops the one-GPU path's host wait for the ids' range check (see the
+    module docstring).
     """
 
     def __init__(self, group=None, plan=None, layer=0, *, topology=None, scheme="hsc", policy="tar", seed=0,
-                 timeout=300.0, num_experts=None, share_workspace=True):
+                 timeout=300.0, num_experts=None, share_workspace=True, check_ids=True):
         if plan is None:
             _fail("plan is required (a path, a JSON string or a dict)")
         from .._grace import validate_plan
@@ -239,6 +246,9 @@ class Buffer:
         if not isinstance(share_workspace, bool):
             _fail(f"share_workspace must be True or False, got {share_workspace!r}")
         self.share_workspace = share_workspace
+        if not isinstance(check_ids, bool):
+            _fail(f"check_ids must be True or False, got {check_ids!r}")
+        self.check_ids = check_ids
         if scheme not in SCHEMES:
             _fail(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
         seed = _integer(seed, "seed")  # the routers take a uint64 (a float was truncated, -1 a pybind TypeError)
@@ -266,9 +276,11 @@ class Buffer:
         if self._backend is None:
             module = _backend_module(device)
             if device.type == "cpu":
-                backend, extra = module.CpuBackend, {}  # the CPU layer has no device scratch to share
+                # The CPU layer has no device scratch to share, and checks ids at no cost.
+                backend, extra = module.CpuBackend, {}
             else:
-                backend, extra = module.CudaBackend, {"share_workspace": self.share_workspace}
+                backend, extra = module.CudaBackend, {"share_workspace": self.share_workspace,
+                                                      "check_ids": self.check_ids}
             self._backend = backend(self.plan, self.layer, self.topology, host_impl=self.torch_comm,
                                     scheme=self.scheme, policy=self.policy, seed=self.seed, timeout=self.timeout,
                                     **extra)

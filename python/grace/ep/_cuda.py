@@ -149,13 +149,17 @@ class CudaBackend:
     group's), host_impl (the torch.distributed host communicator object, grace.ep._torch_comm.TorchComm, or None for
     a world of one process), scheme ("hsc", "flat", "flat-dedup"), policy ("tar", "wrr", "primary", "vllm",
     "sglang-static", "sglang-dynamic"), seed, timeout (seconds, 0 = none), share_workspace (bool: the device scratch
-    shared with the other backends of this host_impl on the same device, see the module docstring; False: its own).
+    shared with the other backends of this host_impl on the same device, see the module docstring; False: its own),
+    check_ids (bool: False = GpuMoeLayer::set_host_id_check(false), the one-GPU path's host wait for the ids' range
+    check dropped; ids >= E then select no expert).
     """
 
     def __init__(self, plan, layer, topology, host_impl=None, scheme="hsc", policy="tar", seed=0, timeout=300.0,
-                 share_workspace=True):
+                 share_workspace=True, check_ids=True):
         if not isinstance(share_workspace, bool):
             raise ValueError(f"share_workspace must be True or False, got {share_workspace!r}")
+        if not isinstance(check_ids, bool):
+            raise ValueError(f"check_ids must be True or False, got {check_ids!r}")
         if not available():
             raise ValueError("grace.ep CUDA backend: grace._grace was built without CUDA or torch sees no GPU")
         self._plan = _plan_arg(plan)
@@ -167,6 +171,7 @@ class CudaBackend:
         self._seed = int(seed)
         self._timeout = float(timeout)
         self._share_workspace = share_workspace
+        self._check_ids = check_ids
         self._workspace = None
         self._comm = None
         self._layer = None
@@ -194,6 +199,8 @@ class CudaBackend:
             self._workspace = shared_workspace(index, self._host_impl)
         self._layer = _ep.GpuLayer(self._comm, self._plan, self._layer_index, int(x.shape[1]), 0, self._scheme,
                                    self._policy, self._seed, self._workspace)
+        if not self._check_ids:
+            self._layer.set_host_id_check(False)
 
     def set_experts(self, w13, w2):
         """Registers this rank's expert weights explicitly (moe() does it on demand)."""

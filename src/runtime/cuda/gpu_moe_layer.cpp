@@ -233,6 +233,7 @@ struct GpuMoeLayer::Impl {
     cudaEvent_t ids_checked = nullptr, slots_copied = nullptr;
     bool counting = false;       // set_instance_counting: the device router must see every call
     bool dest_pending = false;   // dest is still to be built from h_local (the last call was forward_local)
+    bool host_id_check = true;   // forward_local waits on the host for the ids' range check (set_host_id_check)
     int64_t dest_pending_n = 0;
 
     MoeCallStats stats;
@@ -545,7 +546,9 @@ struct GpuMoeLayer::Impl {
     }
 
     // Sets the mode for one call and opens it (call it inside the try whose catch calls close_call()).
-    void begin_call(bool stream_mode, cudaStream_t s) {
+    // `host_free`: the call writes no host staging (forward_local without the host id check), so the previous
+    // call's staging copies need only be ordered before this call's on the device, not waited for.
+    void begin_call(bool stream_mode, cudaStream_t s, bool host_free = false) {
         if (stream_mode && s) {
             // Refused before anything is queued, so that the caller's capture is left as it was.
             cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -558,7 +561,9 @@ struct GpuMoeLayer::Impl {
         async = stream_mode;
         stream = stream_mode ? s : nullptr;
         comm.set_stream(stream);
-        if (async) {
+        if (async && host_free) {
+            CUDA_RUNTIME_CHECK(cudaStreamWaitEvent(s, staging_free, 0));  // h_local's previous copies first
+        } else if (async) {
             // The arena's regions of the previous call may still be in flight (another stream).
             CUDA_RUNTIME_CHECK(cudaEventSynchronize(staging_free));
             staging.reset();
@@ -903,7 +908,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                     "GpuMoeLayer::forward_async: null input");
     const int64_t n = T * k;
     try {
-        begin_call(true, s);
+        begin_call(true, s, !host_id_check);
         dest.clear();  // built from the copied slots when asked for (build_pending_dest)
         last_on_device = true;
         stats.local_selections = n;
@@ -916,16 +921,22 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                 d_first_bad.resize(1);
             }
             if (h_local_size < static_cast<size_t>(n) + 1) {
+                // Without the host id check the last call's copies into h_local may still be in flight.
+                CUDA_RUNTIME_CHECK(cudaEventSynchronize(staging_free));
                 if (h_local) cudaFreeHost(h_local);
                 h_local = nullptr, h_local_size = 0;
                 CUDA_RUNTIME_CHECK(cudaMallocHost(&h_local, (static_cast<size_t>(n) + 1) * 4));
                 h_local_size = static_cast<size_t>(n) + 1;
             }
             loc_slot.reserve(n);
-            CUDA_RUNTIME_CHECK(cudaMemsetAsync(d_first_bad.data(), 0x7f, 4, s));  // above every index (n < 2^31)
+            // Without the host check an id >= E still maps to no slot (the kernel's flag is then never read).
+            if (host_id_check)
+                CUDA_RUNTIME_CHECK(cudaMemsetAsync(d_first_bad.data(), 0x7f, 4, s));  // above every index (n < 2^31)
             detail::map_slots(ids32, ids_64, n, E, d_slot_of.data(), loc_slot.data(), d_first_bad.data(), s);
-            CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_local, d_first_bad.data(), 4, cudaMemcpyDeviceToHost, s));
-            CUDA_RUNTIME_CHECK(cudaEventRecord(ids_checked, s));
+            if (host_id_check) {
+                CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_local, d_first_bad.data(), 4, cudaMemcpyDeviceToHost, s));
+                CUDA_RUNTIME_CHECK(cudaEventRecord(ids_checked, s));
+            }
             LocalMoe& moe = local_moe_for(k, T);
             moe.forward_f32(hidden, loc_slot.data(), topk_weights, out, static_cast<int>(T), s);
             // The slots for last_dest_ranks, copied behind the work (read only if asked for).
@@ -935,8 +946,8 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
             // The next call (any stream) waits for this one's copies into h_local before reusing it.
             CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, s));
             stats.routing_s = seconds_since(t0);
-            event_wait(ids_checked, comm.timeout_s(), me, "the expert ids' range check");
-            if (h_local[0] != 0x7f7f7f7f) {
+            if (host_id_check) event_wait(ids_checked, comm.timeout_s(), me, "the expert ids' range check");
+            if (host_id_check && h_local[0] != 0x7f7f7f7f) {
                 const int64_t i = h_local[0];
                 int64_t v = 0;
                 if (ids_64) {
@@ -1159,6 +1170,8 @@ void GpuMoeLayer::forward_async(const void* hidden_bf16, const int64_t* topk_ids
     experts(h, stream);
     combine(h, nullptr, out, stream);
 }
+
+void GpuMoeLayer::set_host_id_check(bool on) { impl_->host_id_check = on; }
 
 const MoeCallStats& GpuMoeLayer::last_stats() const { return impl_->stats; }
 const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const {
