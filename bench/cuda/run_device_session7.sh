@@ -3,10 +3,12 @@
 # 1. every grace_cuda_tests test (LocalMoe.ForwardF32IsTheWidenedBf16Output is new; GpuMoeLayerPhases.
 #    NcclOverGivenHostCommunicator now also checks a general-path call's destinations after a one-GPU call),
 # 2. tests/device/test_ep_gpu.py (grace.ep.moe against forward_reference bit for bit) and the shared-workspace test,
-# 3. bench/torch/bm_ep_moe.py at the olmoe and qwen3-30b-a3b shapes, T = 512 / 2048 / 8192, with each method's
-#    kernels (--kernels), after the one-GPU path's last kernel writes float32 itself (no widening pass),
-# 4. bench/torch/whole_model.py on Qwen3-30B-A3B then Mixtral in one process (the out-of-memory of session 6's
-#    call 2, after gc.collect between architectures was added).
+# 3. bench/torch/bm_ep_moe.py at the olmoe and qwen3-30b-a3b shapes, T = 2048 / 8192, with each method's kernels
+#    (--kernels), after the one-GPU path's last kernel writes float32 itself (no widening pass), and with
+#    Buffer(check_ids=False) (no host wait),
+# 4. bench/torch/whole_model.py on OLMoE, Qwen3-30B-A3B then Mixtral in one process (grace.hf now passes
+#    check_ids=False; Mixtral after Qwen3 is session 6 call 2's out-of-memory, after gc.collect between
+#    architectures was added), as far as the time allows (results are written after each architecture).
 # Usage (repository root, carry .deps): OUT=$OUT bash bench/cuda/run_device_session7.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,13 +38,13 @@ GRACE_BUILD_DIR=$B timeout 60 $PY tests/python/test_ep_workspace.py > "$OUT/test
 echo "test_ep_workspace rc=$?"; tail -3 "$OUT/test_ep_workspace.log"
 fi
 echo "== 3. bm_ep_moe.py (left $(left) s)"
-timeout --kill-after=5 ${BM_LIMIT:-170} $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens ${BM_TOKENS:-512,2048,8192} \
+timeout --kill-after=5 ${BM_LIMIT:-170} $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens ${BM_TOKENS:-2048,8192} \
   --shapes ${BM_SHAPES:-olmoe,qwen3-30b-a3b} --iters 10 --grace-run-steps 0 --kernels \
   --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
 tail -8 "$OUT/bm_ep_moe.log"
-echo "== 4. whole_model.py, ${WM_ARCHS:-qwen3_moe,mixtral} in one process (left $(left) s)"
+echo "== 4. whole_model.py, ${WM_ARCHS:-olmoe,qwen3_moe,mixtral} in one process (left $(left) s)"
 L=$(( $(left) - 10 ))
 (( L > 60 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT/wm" \
-  --archs ${WM_ARCHS:-qwen3_moe,mixtral} --shapes ${WM_SHAPES:-256x128+16} > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"
+  --archs ${WM_ARCHS:-olmoe,qwen3_moe,mixtral} --shapes ${WM_SHAPES:-256x128+16} > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"
 [ -f "$OUT/wm/whole_model.md" ] && tail -14 "$OUT/wm/whole_model.md"
 echo "== total $(( $(date +%s) - T0 )) s"
