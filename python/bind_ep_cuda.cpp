@@ -134,11 +134,11 @@ struct EpLayer {
 
     // w13 [S, 2I, H], w2 [S, H, I] bf16; I is taken from w13 (the layer may have been built before it was known).
     void set_expert_weights(const py::object& w13, const py::object& w2) {
-        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev(), {S, -1, H});
+        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev(), {S, -1, H}, 16);
         GRACE_CHECK_ARG(a.shape[1] > 0 && a.shape[1] % 16 == 0, "w13: shape ", dl::shape_string(a.shape),
                         ", dimension 1 (2I) must be a positive multiple of 16");
         const int inter = static_cast<int>(a.shape[1] / 2);
-        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev(), {S, H, inter});
+        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev(), {S, H, inter}, 16);
         DeviceGuard guard(dev());
         layer->set_expert_weights(a.data, b.data, inter);
         I = inter;
@@ -155,7 +155,7 @@ struct EpLayer {
     };
     Inputs inputs(const py::object& x, const py::object& ids, const py::object& w) const {
         Inputs in;
-        in.x = dl::import_cuda(x, "x", dl::kBFloat16, dev(), {-1, H});
+        in.x = dl::import_cuda(x, "x", dl::kBFloat16, dev(), {-1, H}, 16);
         const auto id_type = dl::dtype_of(ids, dl::kInt32);
         GRACE_CHECK_ARG(id_type == dl::kInt32 || id_type == dl::kInt64, "topk_idx: dtype ", dl::dtype_name(id_type),
                         ", expected int32 or int64");
@@ -182,7 +182,7 @@ struct EpLayer {
     void received(const PyHandle& h, const py::object& rx, const py::object& rs, const py::object& rw,
                   uintptr_t stream) {
         const int64_t R = h.h.num_recv, k = h.h.top_k;
-        auto vx = dl::import_cuda(rx, "recv_x", dl::kBFloat16, dev(), {R, H});
+        auto vx = dl::import_cuda(rx, "recv_x", dl::kBFloat16, dev(), {R, H}, 16);
         auto vs = dl::import_cuda(rs, "recv_topk", dl::kInt32, dev(), {R, k});
         auto vw = dl::import_cuda(rw, "recv_weights", dl::kFloat32, dev(), {R, k});
         DeviceGuard guard(dev());
@@ -197,8 +197,8 @@ struct EpLayer {
     void combine(PyHandle& h, const py::object& expert_out, const py::object& out, uintptr_t stream) {
         const void* partials = nullptr;
         if (!expert_out.is_none())
-            partials = dl::import_cuda(expert_out, "expert_out", dl::kBFloat16, dev(), {h.h.num_recv, H}).data;
-        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {h.h.num_tokens, H});
+            partials = dl::import_cuda(expert_out, "expert_out", dl::kBFloat16, dev(), {h.h.num_recv, H}, 16).data;
+        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {h.h.num_tokens, H}, 16);
         DeviceGuard guard(dev());
         layer->combine(h.h, partials, static_cast<float*>(vo.data), as_stream(stream));
     }
@@ -206,7 +206,7 @@ struct EpLayer {
     void forward_async(const py::object& x, const py::object& ids, const py::object& w, const py::object& out,
                        uintptr_t stream, int64_t first_token) {
         const Inputs in = inputs(x, ids, w);
-        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H});
+        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H}, 16);
         DeviceGuard guard(dev());
         const auto* wp = static_cast<const float*>(in.w.data);
         const int k = static_cast<int>(in.ids.shape[1]);
@@ -222,7 +222,7 @@ struct EpLayer {
                         int64_t first_token) {
         const Inputs in = inputs(x, ids, w);
         GRACE_CHECK_ARG(!in.ids64, "forward_device: topk_idx must be int32 (the reference path takes no int64)");
-        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H});
+        auto vo = dl::import_cuda(out, "out", dl::kFloat32, dev(), {in.x.shape[0], H}, 16);
         DeviceGuard guard(dev());
         layer->forward_device(in.x.data, in.ids32(), static_cast<const float*>(in.w.data), in.x.shape[0],
                               static_cast<int>(in.ids.shape[1]), static_cast<float*>(vo.data), first_token);
@@ -235,17 +235,17 @@ struct EpExperts {
 
     void run(const py::object& x, const py::object& slots, const py::object& weights, const py::object& w13,
              const py::object& w2, const py::object& out, uintptr_t stream) {
-        const auto vx = dl::import_cuda(x, "recv_x", dl::kBFloat16, dl::cuda_device_of(x, "recv_x"), {-1, -1});
+        const auto vx = dl::import_cuda(x, "recv_x", dl::kBFloat16, dl::cuda_device_of(x, "recv_x"), {-1, -1}, 16);
         const int dev = vx.device_id;
         const int64_t R = vx.shape[0], H = vx.shape[1];
         const auto vs = dl::import_cuda(slots, "recv_topk", dl::kInt32, dev, {R, -1});
         const int64_t k = vs.shape[1];
         const auto vw = dl::import_cuda(weights, "recv_weights", dl::kFloat32, dev, {R, k});
-        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev, {-1, -1, H});
+        const auto a = dl::import_cuda(w13, "w13", dl::kBFloat16, dev, {-1, -1, H}, 16);
         const int64_t S = a.shape[0], I2 = a.shape[1];
         GRACE_CHECK_ARG(I2 % 2 == 0, "w13: shape ", dl::shape_string(a.shape), ", dimension 1 (2I) must be even");
-        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev, {S, H, I2 / 2});
-        const auto vo = dl::import_cuda(out, "expert_out", dl::kBFloat16, dev, {R, H});
+        const auto b = dl::import_cuda(w2, "w2", dl::kBFloat16, dev, {S, H, I2 / 2}, 16);
+        const auto vo = dl::import_cuda(out, "expert_out", dl::kBFloat16, dev, {R, H}, 16);
         GRACE_CHECK_ARG(k >= 1 && S >= 1, "experts: k ", k, ", S ", S, " must be >= 1");
         GRACE_CHECK_ARG(H % 8 == 0 && (I2 / 2) % 8 == 0 && H > 0 && I2 > 0, "experts: H ", H, " and I ", I2 / 2,
                         " must be positive multiples of 8");

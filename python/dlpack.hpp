@@ -147,10 +147,12 @@ inline DLDataType dtype_of(const pybind11::handle& obj, DLDataType fallback) {
 
 /// Imports the "dltensor" capsule `obj` as argument `name`: a CUDA tensor on device `device_id`, dtype `dtype`,
 /// `ndim` dimensions whose sizes match `dims` (-1 = any), C-contiguous (strides null or row-major; dimensions of
-/// size 1 may have any stride). Throws kInvalidArgument naming the argument and the problem (not a capsule, a
-/// consumed capsule, device, dtype, rank, size, strides).
+/// size 1 may have any stride), its first element on a multiple of `align` bytes when `align` > 0 (tensors whose
+/// rows the kernels move with 16-byte accesses or TMA; a misaligned address there is a CUDA fault that ends the
+/// process's CUDA context). Throws kInvalidArgument naming the argument and the problem (not a capsule, a consumed
+/// capsule, device, dtype, rank, size, strides, alignment).
 inline TensorView import_cuda(const pybind11::handle& obj, const char* name, DLDataType dtype, int device_id,
-                              const std::vector<int64_t>& dims) {
+                              const std::vector<int64_t>& dims, size_t align = 0) {
     GRACE_CHECK_ARG(PyCapsule_CheckExact(obj.ptr()), name,
                     ": expected a DLPack capsule (torch.utils.dlpack.to_dlpack(tensor)), got ",
                     pybind11::str(obj.get_type()).cast<std::string>());
@@ -184,6 +186,9 @@ inline TensorView import_cuda(const pybind11::handle& obj, const char* name, DLD
     v.device_id = t.device.device_id;
     v.data = t.data ? static_cast<char*>(t.data) + t.byte_offset : nullptr;
     GRACE_CHECK_ARG(v.data || v.numel() == 0, name, ": null data pointer for shape ", shape_string(v.shape));
+    GRACE_CHECK_ARG(align == 0 || v.numel() == 0 || reinterpret_cast<uintptr_t>(v.data) % align == 0, name,
+                    ": starts at an address that is not a multiple of ", align,
+                    " bytes (a view at an odd offset into its storage); pass .clone() of it");
     return v;
 }
 

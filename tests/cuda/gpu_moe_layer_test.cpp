@@ -601,6 +601,13 @@ TEST(GpuMoeLayerPhases, OneGpuWithoutHostIdCheck) {
         unchecked.forward_async(dbs[0]->hidden.data(), d_bad.data(), dbs[0]->weights.data(), c.T, c.k,
                                 out_bad.data(), stream);
         CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        // Pointers off the 16-byte grid are refused, not faulted on.
+        EXPECT_THROW(unchecked.forward_async(reinterpret_cast<const char*>(dbs[0]->hidden.data()) + 2, d_bad.data(),
+                                             dbs[0]->weights.data(), c.T, c.k, out_bad.data(), stream),
+                     grace::Error);
+        EXPECT_THROW(unchecked.forward_async(dbs[0]->hidden.data(), d_bad.data(), dbs[0]->weights.data(), c.T, c.k,
+                                             out_bad.data() + 1, stream),
+                     grace::Error);
         const auto bad_dest = unchecked.last_dest_ranks();
         ASSERT_EQ(bad_dest.size(), bad.size());
         EXPECT_EQ(bad_dest[3], -1);

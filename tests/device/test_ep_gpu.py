@@ -183,7 +183,11 @@ class OneGpu(unittest.TestCase):
         be.moe(x, ids, w, self.w13, self.w2)
         bad = ids.clone()
         bad[5, 3] = self.E
+        # A contiguous view that starts 2 bytes into its storage (the kernels move rows with 16-byte accesses).
+        x_odd = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+        x_odd.copy_(x)
         cases = {
+            "x misaligned": lambda: be.moe(x_odd, ids, w, self.w13, self.w2),
             "x float16": lambda: be.moe(x.half(), ids, w, self.w13, self.w2),
             "x on the CPU": lambda: be.moe(x.cpu(), ids, w, self.w13, self.w2),
             "ids on the CPU": lambda: be.moe(x, ids.cpu(), w, self.w13, self.w2),
@@ -205,6 +209,7 @@ class OneGpu(unittest.TestCase):
             print(f"  {name}: {messages[name]}")
         self.assertIn(f"topk_idx[5, 3] = {self.E} is outside [0, {self.E})", messages["expert id = E"])
         self.assertIn(f"= {2**40} is outside", messages["expert id huge int64"])
+        self.assertIn("x: starts at an address that is not a multiple of 16 bytes", messages["x misaligned"])
         # Handles: valid for one combine; a later dispatch makes an open one stale.
         rx, rt, rw, h = be.dispatch(x, ids, w)
         eo = be.experts(rx, rt, rw, self.w13, self.w2)

@@ -17,6 +17,10 @@
 namespace grace::cuda {
 namespace {
 
+// The layer's kernels move rows with 16-byte accesses: a pointer off that grid would be a device fault (which ends
+// the process's CUDA context), so the entry points refuse it instead.
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 using bf16 = uint16_t;  // bf16 bits; the kernels see __nv_bfloat16
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -906,6 +910,8 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                     ", top_k ", k);
     GRACE_CHECK_ARG(T == 0 || (hidden && (ids32 || ids_64) && topk_weights && out),
                     "GpuMoeLayer::forward_async: null input");
+    GRACE_CHECK_ARG(T == 0 || (aligned16(hidden) && aligned16(out)),
+                    "GpuMoeLayer::forward_async: hidden and out must start on 16-byte boundaries");
     const int64_t n = T * k;
     try {
         begin_call(true, s, !host_id_check);
@@ -1069,6 +1075,8 @@ GpuDispatchHandle GpuMoeLayer::Impl::dispatch(const void* hidden_bf16, const int
                     "GpuMoeLayer: num_tokens ", num_tokens, ", top_k ", top_k);
     GRACE_CHECK_ARG(num_tokens == 0 || (hidden_bf16 && (ids32 || ids_64) && topk_weights),
                     "GpuMoeLayer::dispatch: null input");
+    GRACE_CHECK_ARG(num_tokens == 0 || aligned16(hidden_bf16),
+                    "GpuMoeLayer::dispatch: hidden must start on a 16-byte boundary");
     auto s = static_cast<cudaStream_t>(stream_);
     try {
         m.begin_call(true, s);
@@ -1138,6 +1146,8 @@ void GpuMoeLayer::combine(GpuDispatchHandle& handle, const void* expert_out_bf16
         partials = m.expert_partials;
     }
     GRACE_CHECK_ARG(handle.num_tokens == 0 || out, "GpuMoeLayer::combine: null output");
+    GRACE_CHECK_ARG((handle.num_tokens == 0 || aligned16(out)) && (!expert_out_bf16 || aligned16(expert_out_bf16)),
+                    "GpuMoeLayer::combine: expert_out and out must start on 16-byte boundaries");
     handle.call = 0;  // consumed, whatever happens below
     try {
         m.combine_phase(partials, out);
