@@ -151,7 +151,7 @@ class LocalMoe {
     /// out [T, H] bf16 = sum_j topk_weights[t, j] * expert_{topk_idx[t, j]}(x[t]). x, out: device bf16;
     /// topk_idx: device int32 [T, k] in [0, E) or -1; topk_weights: device float [T, k]. The cuBLAS backends
     /// synchronize the stream once (they need the per-expert counts on the host for the GEMM shapes); kSm90 is
-    /// asynchronous throughout.
+    /// asynchronous throughout. x and out must start on 16-byte boundaries (kInvalidArgument otherwise).
     void forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                  void* stream = nullptr);
     /// forward() writing out [T, H] as float32: each sum is rounded to bf16 first, so out holds exactly the
