@@ -185,6 +185,8 @@ struct MoeLayer::Impl {
     std::vector<int32_t> dest;
     std::vector<ExpertWorkspace> workspaces;
 
+    void set_up(const LayerPlan& layer, const Topology& topology, const Communicator& communicator,
+                const MoeLayerOptions& options);
     Impl(const LayerPlan& l, const Topology& t, Communicator& c, std::vector<ExpertWeights> local,
          const MoeLayerOptions& o)
         : layer(l),
@@ -598,26 +600,31 @@ void MoeLayer::Impl::combine(const float* expert_out, MoeHandle::State& st, floa
     stats.total_s = seconds_since(st.start);
 }
 
+// What both constructors check and derive: the scheme, the communicator's shape, this rank's place, E and G.
+void MoeLayer::Impl::set_up(const LayerPlan& layer, const Topology& topology, const Communicator& communicator,
+                            const MoeLayerOptions& options) {
+    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
+                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
+    GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
+                        communicator.topology().gpus_per_node == topology.gpus_per_node,
+                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
+                    topology.to_string());
+    G = topology.num_gpus();
+    M = topology.gpus_per_node;
+    me = communicator.rank();
+    my_node = topology.node_of(me);
+    my_local = topology.local_index(me);
+    E = static_cast<int>(layer.primary_gpu.size());
+    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == G, "layer ", layer.layer, " plan has ",
+                    layer.gpu_experts.size(), " GPUs but the topology has ", G);
+    slot_of_expert.assign(E, -1);
+}
+
 MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicator& communicator,
                    std::vector<ExpertWeights> local_experts, const MoeLayerOptions& options)
     : impl_(std::make_unique<Impl>(layer, topology, communicator, std::move(local_experts), options)) {
     Impl& m = *impl_;
-    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
-                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
-    GRACE_CHECK_ARG(
-        communicator.topology() == topology || (communicator.topology().nodes == topology.nodes &&
-                                                communicator.topology().gpus_per_node == topology.gpus_per_node),
-        "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
-        topology.to_string());
-    m.G = topology.num_gpus();
-    m.M = topology.gpus_per_node;
-    m.me = communicator.rank();
-    m.my_node = topology.node_of(m.me);
-    m.my_local = topology.local_index(m.me);
-    m.E = static_cast<int>(layer.primary_gpu.size());
-    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == m.G, "layer ", layer.layer, " plan has ",
-                    layer.gpu_experts.size(), " GPUs but the topology has ", m.G);
-    m.slot_of_expert.assign(m.E, -1);
+    m.set_up(layer, topology, communicator, options);
     for (size_t s = 0; s < m.experts.size(); ++s) {
         const int e = m.experts[s].expert;
         GRACE_CHECK_ARG(e >= 0 && e < m.E, "local expert ", e, " is outside [0, ", m.E, ")");
@@ -650,22 +657,8 @@ MoeLayer::MoeLayer(const LayerPlan& layer, const Topology& topology, Communicato
                    const MoeLayerOptions& options)
     : impl_(std::make_unique<Impl>(layer, topology, communicator, std::vector<ExpertWeights>{}, options)) {
     Impl& m = *impl_;
-    GRACE_CHECK(options.scheme != CommScheme::k2dh, ErrorCode::kUnsupported,
-                "the runtime executes flat, flat-dedup and hsc; 2dh is priced by the evaluator only");
-    GRACE_CHECK_ARG(communicator.topology().nodes == topology.nodes &&
-                        communicator.topology().gpus_per_node == topology.gpus_per_node,
-                    "communicator topology ", communicator.topology().to_string(), " differs from the layer's ",
-                    topology.to_string());
+    m.set_up(layer, topology, communicator, options);
     m.has_weights = false;
-    m.G = topology.num_gpus();
-    m.M = topology.gpus_per_node;
-    m.me = communicator.rank();
-    m.my_node = topology.node_of(m.me);
-    m.my_local = topology.local_index(m.me);
-    m.E = static_cast<int>(layer.primary_gpu.size());
-    GRACE_CHECK_ARG(static_cast<int>(layer.gpu_experts.size()) == m.G, "layer ", layer.layer, " plan has ",
-                    layer.gpu_experts.size(), " GPUs but the topology has ", m.G);
-    m.slot_of_expert.assign(m.E, -1);
     const auto& mine = layer.gpu_experts[m.me];
     for (size_t s = 0; s < mine.size(); ++s) {
         const int e = mine[s];
