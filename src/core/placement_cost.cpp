@@ -189,11 +189,21 @@ void LayerCostModel::rank_base() const {
     constexpr uint32_t kRanked = 8;
     for (int term = 0; term < 3; ++term) {
         auto& r = ranked_[term];
-        r.resize(begin[term + 1] - begin[term]);
-        for (uint32_t i = 0; i < r.size(); ++i) r[i] = begin[term] + i;
-        const auto larger = [&](uint32_t x, uint32_t y) { return base_[x] > base_[y]; };
-        const uint32_t top = std::min<uint32_t>(kRanked, static_cast<uint32_t>(r.size()));
-        std::partial_sort(r.begin(), r.begin() + top, r.end(), larger);
+        const uint32_t n = begin[term + 1] - begin[term];
+        r.resize(n);
+        for (uint32_t i = 0; i < n; ++i) r[i] = begin[term] + i;
+        const uint32_t top = std::min<uint32_t>(kRanked, n);
+        // r[0, top) kept in descending order by insertion; a later entry larger than r[top - 1] swaps in and moves
+        // up. r stays a permutation (the rest, unordered, is what price_with scans when every ranked one is taken).
+        const double* v = base_.data();
+        for (uint32_t i = 1; i < n; ++i) {
+            uint32_t j = i < top ? i : top - 1;
+            if (i >= top) {
+                if (!(v[r[i]] > v[r[j]])) continue;
+                std::swap(r[i], r[j]);
+            }
+            for (; j > 0 && v[r[j]] > v[r[j - 1]]; --j) std::swap(r[j], r[j - 1]);
+        }
         ranked_top_[term] = top;
     }
     if (mark_.size() != base_.size()) {
