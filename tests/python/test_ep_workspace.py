@@ -180,39 +180,29 @@ class SharedWorkspaces(unittest.TestCase):
 
 
 class HfPatchOption(unittest.TestCase):
-    def test_patch_passes_share_workspace(self):
+    def check_passed(self, option, cases):
+        """grace.hf.patch hands `option` to every block's buffer: for each (given, expected), given None = left out."""
         sys.path.insert(0, HERE)
         import test_hf_patch as hfmock
         import grace.hf as ghf
 
-        for given, expected in ((None, True), (False, False)):
+        for given, expected in cases:
             seen = []
 
             def factory(group, plan, layer, **kwargs):
-                seen.append(kwargs.get("share_workspace", "missing"))
+                seen.append(kwargs.get(option, "missing"))
                 return hfmock.ReferenceBuffer(group, plan, layer, **kwargs)
 
             model, n = hfmock.build(hfmock.FAMILIES_5["olmoe"])
-            extra = {} if given is None else {"share_workspace": given}
+            extra = {} if given is None else {option: given}
             ghf.patch(model, hfmock.identity_plan(n, hfmock.num_experts(model)), buffer_factory=factory, **extra)
-            self.assertEqual(seen, [expected] * n)
+            self.assertEqual(seen, [expected] * n, f"{option}={given!r}")
+
+    def test_patch_passes_share_workspace(self):
+        self.check_passed("share_workspace", ((None, True), (False, False)))
 
     def test_patch_passes_check_ids(self):
-        sys.path.insert(0, HERE)
-        import test_hf_patch as hfmock
-        import grace.hf as ghf
-
-        for given, expected in ((None, False), (True, True)):
-            seen = []
-
-            def factory(group, plan, layer, **kwargs):
-                seen.append(kwargs.get("check_ids", "missing"))
-                return hfmock.ReferenceBuffer(group, plan, layer, **kwargs)
-
-            model, n = hfmock.build(hfmock.FAMILIES_5["olmoe"])
-            extra = {} if given is None else {"check_ids": given}
-            ghf.patch(model, hfmock.identity_plan(n, hfmock.num_experts(model)), buffer_factory=factory, **extra)
-            self.assertEqual(seen, [expected] * n)
+        self.check_passed("check_ids", ((None, False), (True, True)))
 
 
 if __name__ == "__main__":

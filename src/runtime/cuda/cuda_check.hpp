@@ -5,6 +5,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "grace/error.hpp"
 
 #define CUDA_RUNTIME_CHECK(expr)                                                                                \
@@ -31,3 +33,9 @@
 
 /// Host-side invariant for the backend (caller mistakes use GRACE_CHECK_ARG).
 #define EP_HOST_ASSERT(cond) GRACE_ASSERT(cond)
+
+namespace grace::cuda {
+/// The kernels move rows with 16-byte accesses (and the GEMMs load weights by TMA): a pointer off that grid would be
+/// a device fault, which ends the process's CUDA context, so the entry points refuse it first.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+}  // namespace grace::cuda

@@ -17,10 +17,6 @@
 namespace grace::cuda {
 namespace {
 
-// The layer's kernels move rows with 16-byte accesses: a pointer off that grid would be a device fault (which ends
-// the process's CUDA context), so the entry points refuse it instead.
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 using bf16 = uint16_t;  // bf16 bits; the kernels see __nv_bfloat16
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }

@@ -81,11 +81,6 @@ __global__ void to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16* _
     if (i < n) dst[i] = __float2bfloat16(src[i]);
 }
 
-__global__ void to_f32_kernel(const bf16* __restrict__ src, int64_t n, float* __restrict__ dst) {
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = __bfloat162float(src[i]);
-}
-
 __global__ void map_slots_kernel(const int32_t* __restrict__ ids32, const int64_t* __restrict__ ids64, int64_t n,
                                  int num_experts, const int32_t* __restrict__ slot_of, int32_t* __restrict__ slots,
                                  int32_t* __restrict__ first_bad) {
@@ -138,12 +133,6 @@ void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, in
 void narrow_ids(const int64_t* src, int64_t n, int num_experts, int32_t* dst, void* stream) {
     if (n == 0) return;
     narrow_ids_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, n, num_experts, dst);
-    CUDA_LAUNCH_CHECK();
-}
-
-void to_f32(const void* src, int64_t n, float* dst, void* stream) {
-    if (n == 0) return;
-    to_f32_kernel<<<blocks(n, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const bf16*>(src), n, dst);
     CUDA_LAUNCH_CHECK();
 }
 

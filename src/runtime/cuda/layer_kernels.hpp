@@ -22,11 +22,9 @@ void combine_reduce(const void* rows, const int32_t* ptr, const int32_t* idx, in
 void narrow_ids(const int64_t* src, int64_t n, int num_experts, int32_t* dst, void* stream = nullptr);
 /// dst[i] = bf16(src[i]).
 void to_bf16(const float* src, int64_t n, void* dst, void* stream = nullptr);
-/// dst[i] = float(src[i]) for bf16 src (exact).
-void to_f32(const void* src, int64_t n, float* dst, void* stream = nullptr);
 /// One GPU's whole layer: slots[i] = slot_of[id] for the id at i (ids32 or ids64, exactly one non-null), -1 for a
-/// negative id (none); an id >= num_experts gets -1 as well and lowers *first_bad to i (n < 2^31; the caller sets
-/// *first_bad above every index first and refuses the call when it comes back lower).
+/// negative id (none); an id >= num_experts gets -1 as well and lowers *first_bad to i (n < 2^31; a caller that
+/// checks sets *first_bad above every index first and refuses the call when it comes back lower).
 void map_slots(const int32_t* ids32, const int64_t* ids64, int64_t n, int num_experts, const int32_t* slot_of,
                int32_t* slots, int32_t* first_bad, void* stream = nullptr);
 

@@ -202,7 +202,7 @@ LocalMoe::~LocalMoe() {
 }
 
 void LocalMoe::set_weights(const void* w13, const void* w2) {
-    GRACE_CHECK_ARG(reinterpret_cast<uintptr_t>(w13) % 16 == 0 && reinterpret_cast<uintptr_t>(w2) % 16 == 0,
+    GRACE_CHECK_ARG(aligned16(w13) && aligned16(w2),
                     "LocalMoe::set_weights: w13 and w2 must start on 16-byte boundaries (the GEMMs load them by TMA)");
     impl_->w13 = static_cast<const bf16*>(w13);
     impl_->w2 = static_cast<const bf16*>(w2);
@@ -283,9 +283,7 @@ void LocalMoe::Impl::forward(const void* x, const int32_t* topk_idx, const float
     GRACE_CHECK_ARG(num_tokens >= 0 && num_tokens <= m.max_tokens, "LocalMoe: num_tokens ", num_tokens,
                     " outside [0, ", m.max_tokens, "]");
     GRACE_CHECK_ARG(m.w13 && m.w2, "LocalMoe: set_weights was not called");
-    // Rows move with 16-byte accesses: an address off that grid would fault on the device.
-    GRACE_CHECK_ARG(num_tokens == 0 || (reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                                        reinterpret_cast<uintptr_t>(out) % 16 == 0),
+    GRACE_CHECK_ARG(num_tokens == 0 || (aligned16(x) && aligned16(out)),
                     "LocalMoe::forward: x and out must start on 16-byte boundaries");
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const int E = m.shape.num_experts, k = m.shape.top_k, H = m.shape.hidden, I = m.shape.intermediate;
