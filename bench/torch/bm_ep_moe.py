@@ -19,11 +19,13 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
                    found via --vllm-ref), eager and replayed as a CUDA graph
   grouped_mm_ms, grouped_mm_graph_ms   a torch._grouped_mm MoE (sort by expert, two grouped GEMMs, SiLU*up,
                    weighted index_add), eager and as a CUDA graph
-grace.ep.moe cannot be captured in a CUDA graph (host wait for the routing destinations), so it has no graph
-column. Ratios printed: vllm/ep, vllm_graph/ep, grouped_mm/ep, grace_run/ep (> 1: grace.ep faster).
+Ratios printed: vllm/ep, vllm_graph/ep, grouped_mm/ep, grace_run/ep (> 1: grace.ep faster).
   ep_nocheck_ms, ep_nocheck_event_ms   the same with Buffer(check_ids=False) (no host wait: the ids' range check
                    dropped, grace.hf's default): wall time per call as ep_moe_ms, and CUDA-event time around the call
                    as vllm_ms is timed (ratios vllm/nc, vllm_g/nc use the event time)
+  ep_graph_ms      that Buffer(check_ids=False)'s moe captured in a CUDA graph (after uncaptured warm-up calls) and
+                   replayed, timed as vllm_graph_ms (ratio vllm_g/ep_g: both replayed as graphs); the one-GPU path
+                   with check_ids=True waits on the host and cannot be captured
 --kernels adds kernels_us: each method's kernels and device time per call (torch.profiler), largest first.
 Correctness: every method's output is compared with a torch fp32 eager reference (rel L2 printed).
 Usage (device): python3 -X faulthandler bench/torch/bm_ep_moe.py --build build-dev --out $OUT/bm_ep_moe.json
@@ -99,6 +101,7 @@ def event_ms(fn, warmup, iters):
 
 
 def graph_ms(fn, warmup, iters):
+    """(median ms of a replay, the output tensor the replays write) of fn captured in a CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -107,8 +110,8 @@ def graph_ms(fn, warmup, iters):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return event_ms(g.replay, warmup, iters)
+        out = fn()
+    return event_ms(g.replay, warmup, iters), out
 
 
 def kernel_table(fn, calls, top=8):
@@ -258,6 +261,12 @@ def main():
                 r["ep_nocheck_rel_l2"] = rel_l2(fn_nc(), ref)
                 r["ep_nocheck_ms"] = median_wall_ms(fn_nc, args.warmup, args.iters)
                 r["ep_nocheck_event_ms"] = event_ms(fn_nc, args.warmup, args.iters)
+                try:
+                    r["ep_graph_ms"], y_graph = graph_ms(fn_nc, args.warmup, args.iters)
+                    r["ep_graph_rel_l2"] = rel_l2(y_graph, ref)
+                    r["ep_graph_equal_eager"] = bool(torch.equal(y_graph, fn_nc()))
+                except Exception as e:
+                    r["ep_graph_error"] = repr(e)
                 cap = torch.utils.dlpack.to_dlpack
                 out = torch.empty((T, H), dtype=torch.float32, device=dev)
                 caps = (cap(x), cap(ids32), cap(gw), cap(out))
@@ -292,14 +301,14 @@ def main():
                         r["vllm_rel_l2"] = rel_l2(fn(), ref)
                         r["vllm_config_source"] = source
                         r["vllm_ms"] = event_ms(fn, args.warmup, args.iters)
-                        r["vllm_graph_ms"] = graph_ms(fn, args.warmup, args.iters)
+                        r["vllm_graph_ms"] = graph_ms(fn, args.warmup, args.iters)[0]
                     except Exception as e:
                         r["vllm_error"] = repr(e)
                 try:
                     fn = lambda: grouped_mm_moe(x, ids, gw, w13, w2)  # noqa: E731
                     r["grouped_mm_rel_l2"] = rel_l2(fn(), ref)
                     r["grouped_mm_ms"] = event_ms(fn, args.warmup, args.iters)
-                    r["grouped_mm_graph_ms"] = graph_ms(fn, args.warmup, args.iters)
+                    r["grouped_mm_graph_ms"] = graph_ms(fn, args.warmup, args.iters)[0]
                 except Exception as e:
                     r["grouped_mm_error"] = repr(e)
 
@@ -315,6 +324,8 @@ def main():
                 for other in ("vllm_ms", "vllm_graph_ms"):
                     if other in r:
                         r[f"ratio_{other[:-3]}_over_ep_nocheck"] = r[other] / r["ep_nocheck_event_ms"]
+                if "vllm_graph_ms" in r and "ep_graph_ms" in r:
+                    r["ratio_vllm_graph_over_ep_graph"] = r["vllm_graph_ms"] / r["ep_graph_ms"]
                 print(name, json.dumps(r), flush=True)
                 rows.append(r)
                 res["shapes"][name] = rows
@@ -322,7 +333,7 @@ def main():
                     json.dump(res, f, indent=1)
                 torch.cuda.empty_cache()
     print("\nshape          T     ep_moe  ep_raw  bind_us  cpp_total  grace_run  vllm   vllm_g  gmm    gmm_g  "
-          "| vllm/ep vllm_g/ep gmm/ep run/ep | ep_nc  ep_nc_ev vllm/nc vllm_g/nc")
+          "| vllm/ep vllm_g/ep gmm/ep run/ep | ep_nc  ep_nc_ev vllm/nc vllm_g/nc | ep_g   vllm_g/ep_g")
     for name, rows in res["shapes"].items():
         for r in rows:
             def f(key, fmt="{:7.3f}"):
@@ -332,7 +343,8 @@ def main():
                   f"{f('grouped_mm_ms')} {f('grouped_mm_graph_ms')} | {f('ratio_vllm_over_ep', '{:6.2f}')} "
                   f"{f('ratio_vllm_graph_over_ep', '{:8.2f}')} {f('ratio_grouped_mm_over_ep', '{:6.2f}')} "
                   f"{f('ratio_grace_run_over_ep', '{:6.2f}')} | {f('ep_nocheck_ms')} {f('ep_nocheck_event_ms')} "
-                  f"{f('ratio_vllm_over_ep_nocheck', '{:6.2f}')} {f('ratio_vllm_graph_over_ep_nocheck', '{:8.2f}')}")
+                  f"{f('ratio_vllm_over_ep_nocheck', '{:6.2f}')} {f('ratio_vllm_graph_over_ep_nocheck', '{:8.2f}')} | "
+                  f"{f('ep_graph_ms')} {f('ratio_vllm_graph_over_ep_graph', '{:8.2f}')}")
 
 
 if __name__ == "__main__":

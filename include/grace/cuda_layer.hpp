@@ -146,7 +146,8 @@ class GpuMoeLayer {
     /// host waits above poll with the communicator's deadline instead. Device buffers that must grow are
     /// reallocated (cudaFree synchronizes the device), so the first calls at a new size also wait. Not capturable
     /// in a CUDA graph (the host waits): a call on a capturing stream is refused (kInvalidArgument) before it
-    /// queues anything. Phase calls fill last_stats()' byte counts; its times are then host
+    /// queues anything; the one exception is forward_async's one-GPU path without the host id check (below).
+    /// Phase calls fill last_stats()' byte counts; its times are then host
     /// times to enqueue, and expert_rows stays 0.
     ///
     /// dispatch: hidden [num_tokens, H] bf16, topk_ids [num_tokens, k] int32 (-1 = none; an id >= E is refused
@@ -181,12 +182,22 @@ class GpuMoeLayer {
     /// of the ids (an id >= E throws kInvalidArgument naming it). Off (`on` = false): that path waits for nothing
     /// on the host, so the caller's thread runs ahead of the GPU; an id >= E then selects no expert (as -1 does)
     /// and is not reported. For callers whose ids are a top-k over E logits. Every other path checks regardless.
+    ///
+    /// That path (one GPU, host id check off) can be captured in a CUDA graph: a call on a capturing stream
+    /// queues kernels only. Its buffers must exist before the capture (an uncaptured call on this layer with at
+    /// least as many tokens and the same top_k; otherwise kInvalidArgument before anything is queued, as for the
+    /// cuBLAS GEMM fallback, which cannot be captured). A replay computes the captured num_tokens from whatever
+    /// the captured input pointers hold then, ordered by the replay stream alone (no event orders it after calls
+    /// on other streams that share the workspace). Buffers the graph uses stay allocated when later calls grow the
+    /// workspace; keep the layer, its workspace and the weights alive while the graph may replay.
+    /// last_dest_ranks() after a captured call throws kInvalidArgument (nothing is copied to the host).
     void set_host_id_check(bool on);
 
     /// Statistics of the last call (wall-clock seconds on this rank, each stage synchronized; bytes sent per
     /// link class with payload = copies * H * 2).
     const MoeCallStats& last_stats() const;
-    /// Destination GPU of every selection of the last call, [num_tokens, k] (-1 for none).
+    /// Destination GPU of every selection of the last call, [num_tokens, k] (-1 for none). Throws
+    /// kInvalidArgument when the last call was captured in a CUDA graph.
     const std::vector<int32_t>& last_dest_ranks() const;
     /// True when the last call routed on the device (WRR, TAR, primary).
     bool routed_on_device() const;

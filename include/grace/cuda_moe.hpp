@@ -152,6 +152,10 @@ class LocalMoe {
     /// topk_idx: device int32 [T, k] in [0, E) or -1; topk_weights: device float [T, k]. The cuBLAS backends
     /// synchronize the stream once (they need the per-expert counts on the host for the GEMM shapes); kSm90 is
     /// asynchronous throughout. x and out must start on 16-byte boundaries (kInvalidArgument otherwise).
+    /// CUDA graphs: with kSm90 a call on a capturing stream is captured (kernels only; that call's counts are then
+    /// not read back, so last_counts() throws kInvalidArgument until the next uncaptured forward); the cuBLAS
+    /// backends and profiling refuse it (kInvalidArgument). The graph holds this LocalMoe's workspace and the
+    /// pointers it was given: keep them alive, and num_tokens is fixed, while it may replay.
     void forward(const void* x, const int32_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                  void* stream = nullptr);
     /// forward() writing out [T, H] as float32: each sum is rounded to bf16 first, so out holds exactly the
@@ -172,7 +176,7 @@ class LocalMoe {
     void set_profiling(bool on);
     const LocalMoeTimings& last_timings() const;
     /// [E] tokens per expert of the last forward (host copy; with kSm90 the first call after a forward waits for
-    /// that forward's counts to arrive).
+    /// that forward's counts to arrive). Throws kInvalidArgument when the last forward was captured in a graph.
     const std::vector<int32_t>& last_counts() const;
     /// The backend in use (kAuto resolved).
     GroupedGemmBackend backend() const;

@@ -382,6 +382,73 @@ TEST(LocalMoe, ForwardF32IsTheWidenedBf16Output) {
     }
 }
 
+// kSm90 forward_f32 captured in a CUDA graph: replays on new inputs in the captured buffers equal uncaptured calls
+// bit for bit; last_counts() then throws (the counts stay on the device) until an uncaptured forward. The cuBLAS
+// backend refuses a capture before queueing anything (the graph ends empty).
+TEST(LocalMoe, Sm90ForwardCapturedInACudaGraph) {
+    REQUIRE_GPU();
+    if (!gc::sm90_gemm_available()) GTEST_SKIP() << "needs a compute capability 9.0 GPU";
+    const gc::LocalMoeShape sh{16, 4, 128, 128};
+    const int T = 300;
+    std::mt19937 rng(33);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    auto random_bf16 = [&](size_t n, float scale) {
+        std::vector<uint16_t> v(n);
+        for (auto& b : v) b = gc::float_to_bf16(nd(rng) * scale);
+        return v;
+    };
+    gc::DeviceBuffer<uint16_t> dw13, dw2, dx(size_t(T) * 128);
+    gc::DeviceBuffer<int32_t> didx(size_t(T) * sh.top_k);
+    gc::DeviceBuffer<float> dwt(size_t(T) * sh.top_k), out(size_t(T) * 128), ref(size_t(T) * 128);
+    dw13.upload(random_bf16(size_t(16) * 2 * 128 * 128, 0.1f));
+    dw2.upload(random_bf16(size_t(16) * 128 * 128, 0.1f));
+    auto write_inputs = [&] {
+        const auto x = random_bf16(size_t(T) * 128, 1.f);
+        const auto idx = random_topk(rng, T, sh.top_k, sh.num_experts, 0.1);
+        std::vector<float> wt(idx.size());
+        for (auto& w : wt) w = 0.05f + std::abs(nd(rng));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(dx.data(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(didx.data(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+        CUDA_RUNTIME_CHECK(cudaMemcpy(dwt.data(), wt.data(), wt.size() * 4, cudaMemcpyHostToDevice));
+    };
+    cudaStream_t stream = nullptr;
+    CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    gc::LocalMoe graphed(sh, T, gc::GroupedGemmBackend::kSm90), eager(sh, T, gc::GroupedGemmBackend::kSm90);
+    graphed.set_weights(dw13.data(), dw2.data());
+    eager.set_weights(dw13.data(), dw2.data());
+    write_inputs();
+    CUDA_RUNTIME_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    graphed.forward_f32(dx.data(), didx.data(), dwt.data(), out.data(), T, stream);
+    cudaGraph_t graph = nullptr;
+    CUDA_RUNTIME_CHECK(cudaStreamEndCapture(stream, &graph));
+    cudaGraphExec_t exec = nullptr;
+    CUDA_RUNTIME_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    CUDA_RUNTIME_CHECK(cudaGraphDestroy(graph));
+    EXPECT_THROW(graphed.last_counts(), grace::Error);
+    for (int rep = 0; rep < 3; ++rep) {
+        if (rep) write_inputs();
+        CUDA_RUNTIME_CHECK(cudaMemset(out.data(), 0xff, out.bytes()));
+        CUDA_RUNTIME_CHECK(cudaGraphLaunch(exec, stream));
+        eager.forward_f32(dx.data(), didx.data(), dwt.data(), ref.data(), T, stream);
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        EXPECT_EQ(out.download(size_t(T) * 128), ref.download(size_t(T) * 128)) << "replay " << rep;
+    }
+    CUDA_RUNTIME_CHECK(cudaGraphExecDestroy(exec));
+    graphed.forward_f32(dx.data(), didx.data(), dwt.data(), out.data(), T, stream);  // uncaptured: counts again
+    EXPECT_EQ(graphed.last_counts(), eager.last_counts());
+    // The cuBLAS backend cannot be captured: refused with nothing queued.
+    gc::LocalMoe cublas(sh, T, gc::GroupedGemmBackend::kCublasGrouped);
+    cublas.set_weights(dw13.data(), dw2.data());
+    CUDA_RUNTIME_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    EXPECT_THROW(cublas.forward_f32(dx.data(), didx.data(), dwt.data(), out.data(), T, stream), grace::Error);
+    CUDA_RUNTIME_CHECK(cudaStreamEndCapture(stream, &graph));
+    size_t nodes = 1;
+    CUDA_RUNTIME_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+    EXPECT_EQ(nodes, 0u);
+    CUDA_RUNTIME_CHECK(cudaGraphDestroy(graph));
+    CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
+}
+
 TEST(LocalMoe, ZeroTokensIsANoOp) {
     REQUIRE_GPU();
     gc::LocalMoeShape sh{4, 2, 64, 32};

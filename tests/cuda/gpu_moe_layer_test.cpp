@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -616,6 +617,152 @@ TEST(GpuMoeLayerPhases, OneGpuWithoutHostIdCheck) {
         CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
         EXPECT_EQ(out_bad.download(nh), out_masked.download(nh));
         EXPECT_EQ(bad_dest, checked.last_dest_ranks());
+    }
+    CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
+}
+
+namespace {
+
+// Captures what `queue` queues on `stream` and instantiates it; a call refused inside returns nullptr, its message
+// in `why`, after checking that the capture still ends valid and holds nothing.
+cudaGraphExec_t capture_call(cudaStream_t stream, const std::function<void()>& queue, std::string& why) {
+    CUDA_RUNTIME_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));  // torch.cuda.graph's mode
+    why.clear();
+    try {
+        queue();
+    } catch (const grace::Error& e) {
+        EXPECT_EQ(e.code(), grace::ErrorCode::kInvalidArgument) << e.what();
+        why = e.what();
+        if (why.empty()) why = "?";
+    }
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphExec_t exec = nullptr;
+    if (graph && why.empty()) CUDA_RUNTIME_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    if (graph && !why.empty()) {
+        size_t nodes = 0;
+        CUDA_RUNTIME_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+        EXPECT_EQ(nodes, 0u) << "a refused call queued work: " << why;
+    }
+    if (graph) cudaGraphDestroy(graph);
+    return exec;
+}
+
+// Writes batch b into the device buffers of d (the pointers a graph captured), as bf16 / int32 or int64 / float.
+void write_batch(const Batch& b, DeviceBatch& d, gc::DeviceBuffer<int64_t>* ids64) {
+    std::vector<uint16_t> x(b.hidden.size());
+    for (size_t i = 0; i < x.size(); ++i) x[i] = gc::float_to_bf16(b.hidden[i]);
+    CUDA_RUNTIME_CHECK(cudaMemcpy(d.hidden.data(), x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_RUNTIME_CHECK(cudaMemcpy(d.ids.data(), b.ids.data(), b.ids.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_RUNTIME_CHECK(cudaMemcpy(d.weights.data(), b.weights.data(), b.weights.size() * 4, cudaMemcpyHostToDevice));
+    if (ids64) {
+        const std::vector<int64_t> wide(b.ids.begin(), b.ids.end());
+        CUDA_RUNTIME_CHECK(cudaMemcpy(ids64->data(), wide.data(), wide.size() * 8, cudaMemcpyHostToDevice));
+    }
+}
+
+}  // namespace
+
+// The one-GPU path without the host id check, captured in a CUDA graph: each replay, on new inputs written into
+// the captured buffers, gives bit for bit what an uncaptured layer gives on them (int32 ids with hsc, int64 with
+// flat-dedup), also after a larger uncaptured call grew the shared buffers between replays (the graph's stay
+// alive). Refused before anything is queued, the capture ending valid and empty: before any uncaptured call (no
+// buffers yet), at more tokens than the buffers hold, with the host id check on, and on the flat scheme (the
+// general path). last_dest_ranks after a captured call throws. Needs the sm90 GEMM (the cuBLAS ones read counts on
+// the host).
+TEST(GpuMoeLayerPhases, OneGpuCapturedInACudaGraph) {
+    REQUIRE_GPU();
+    if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
+    if (!gc::sm90_gemm_available()) GTEST_SKIP() << "capture needs the sm90 GEMM (compute capability 9.0)";
+    const grace::Topology topo{1, 1};
+    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
+    int device = 0;
+    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+    auto nccl = gc::make_nccl_communicator({topo}, host, device);
+    const Case c{16, 4, 128, 128, 50};
+    const auto layer = make_layer(c.E, topo);
+    cudaStream_t stream = nullptr;
+    CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const size_t nh = size_t(c.T) * c.H;
+    for (auto scheme : kSchemes) {
+        SCOPED_TRACE(grace::to_string(scheme));
+        gc::GpuMoeLayerOptions go;
+        go.scheme = scheme;
+        gc::GpuMoeLayer graphed(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        gc::GpuMoeLayer eager(layer, topo, *nccl, experts_of(layer, 0, {c.H, c.I}), go);
+        graphed.set_host_id_check(false);
+        eager.set_host_id_check(false);
+        const bool wide = scheme == grace::CommScheme::kFlatDedup;
+        DeviceBatch in(make_batch(60, c.T, c.k, c.E, c.H));
+        gc::DeviceBuffer<int64_t> in64(size_t(c.T) * c.k);
+        write_batch(make_batch(60, c.T, c.k, c.E, c.H), in, &in64);
+        gc::DeviceBuffer<float> out(nh), ref(nh);
+        auto call = [&](gc::GpuMoeLayer& l, int T, float* o) {
+            if (wide)
+                l.forward_async(in.hidden.data(), in64.data(), in.weights.data(), T, c.k, o, stream);
+            else
+                l.forward_async(in.hidden.data(), in.ids.data(), in.weights.data(), T, c.k, o, stream);
+        };
+        std::string why;
+        if (scheme == grace::CommScheme::kFlat) {
+            EXPECT_EQ(capture_call(stream, [&] { call(graphed, c.T, out.data()); }, why), nullptr);
+            EXPECT_NE(why.find("dispatch layout is planned on the host"), std::string::npos) << why;
+            continue;
+        }
+        EXPECT_EQ(capture_call(stream, [&] { call(graphed, c.T, out.data()); }, why), nullptr);
+        EXPECT_NE(why.find("make one uncaptured call with at least 50 tokens"), std::string::npos) << why;
+        call(graphed, c.T, out.data());  // the uncaptured call that sizes the buffers
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        cudaGraphExec_t exec = capture_call(stream, [&] { call(graphed, c.T, out.data()); }, why);
+        ASSERT_NE(exec, nullptr) << why;
+        EXPECT_THROW(graphed.last_dest_ranks(), grace::Error);
+        for (int rep = 0; rep < 3; ++rep) {
+            write_batch(make_batch(61 + rep, c.T, c.k, c.E, c.H), in, &in64);
+            CUDA_RUNTIME_CHECK(cudaMemset(out.data(), 0xff, out.bytes()));
+            CUDA_RUNTIME_CHECK(cudaGraphLaunch(exec, stream));
+            CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+            call(eager, c.T, ref.data());
+            CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+            EXPECT_EQ(out.download(nh), ref.download(nh)) << "replay " << rep;
+            if (rep == 0) {
+                // An uncaptured call with 4x the tokens grows the slots and the LocalMoe between replays.
+                const Batch big = make_batch(70, 4 * c.T, c.k, c.E, c.H);
+                DeviceBatch dbig(big);
+                gc::DeviceBuffer<float> obig(4 * nh), rbig(4 * nh);
+                graphed.forward_async(dbig.hidden.data(), dbig.ids.data(), dbig.weights.data(), 4 * c.T, c.k,
+                                      obig.data(), stream);
+                eager.forward_async(dbig.hidden.data(), dbig.ids.data(), dbig.weights.data(), 4 * c.T, c.k,
+                                    rbig.data(), stream);
+                CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+                EXPECT_EQ(obig.download(4 * nh), rbig.download(4 * nh));
+                EXPECT_EQ(graphed.last_dest_ranks(), eager.last_dest_ranks());
+            }
+        }
+        CUDA_RUNTIME_CHECK(cudaGraphExecDestroy(exec));
+        // More tokens than the buffers hold (4T after the call above): refused.
+        {
+            DeviceBatch dhuge(make_batch(71, 5 * c.T, c.k, c.E, c.H));
+            gc::DeviceBuffer<float> ohuge(5 * nh);
+            EXPECT_EQ(capture_call(stream,
+                                   [&] {
+                                       graphed.forward_async(dhuge.hidden.data(), dhuge.ids.data(),
+                                                             dhuge.weights.data(), 5 * c.T, c.k, ohuge.data(), stream);
+                                   },
+                                   why),
+                      nullptr);
+            EXPECT_NE(why.find("at least 250 tokens"), std::string::npos) << why;
+        }
+        // With the host id check on: refused, naming the check.
+        graphed.set_host_id_check(true);
+        EXPECT_EQ(capture_call(stream, [&] { call(graphed, c.T, out.data()); }, why), nullptr);
+        EXPECT_NE(why.find("range check waits on the host"), std::string::npos) << why;
+        // The layer still works uncaptured afterwards (and checks the ids again).
+        write_batch(make_batch(80, c.T, c.k, c.E, c.H), in, &in64);
+        call(graphed, c.T, out.data());
+        call(eager, c.T, ref.data());
+        CUDA_RUNTIME_CHECK(cudaStreamSynchronize(stream));
+        EXPECT_EQ(out.download(nh), ref.download(nh));
+        EXPECT_EQ(graphed.last_dest_ranks(), eager.last_dest_ranks());
     }
     CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
 }

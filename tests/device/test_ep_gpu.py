@@ -10,7 +10,8 @@
 - against a torch fp32 reference (bf16 x and weights upcast, fp32 math): relative L2 <= 2e-2 (the bound of
   include/grace/cuda_layer.hpp: bf16 wire and bf16 expert activations, fp32 accumulation);
 - bad inputs raise ValueError (dtype, device, shape, non-contiguous, expert id >= E, handle reuse, capture in a
-  CUDA graph) and the process goes on working.
+  CUDA graph with the id check on) and the process goes on working;
+- with check_ids=False, moe captured in a CUDA graph replays bit for bit like uncaptured calls.
 Run by bench/cuda/run_device_ep.sh: GRACE_BUILD_DIR=build-dev python3 -X faulthandler tests/device/test_ep_gpu.py
 """
 import json
@@ -141,6 +142,49 @@ class OneGpu(unittest.TestCase):
             self.assertEqual(int(unchecked.last_dest_ranks().reshape(-1, self.k)[1, 2]), -1)
             ref = checked.moe(x, masked, w, self.w13, self.w2)
             self.assertTrue(torch.equal(y, ref), scheme)
+
+    def test_moe_captured_in_cuda_graph(self):
+        """check_ids=False on one GPU: moe captured by torch.cuda.graph after one uncaptured call; each replay, on new
+        inputs copied into the captured tensors, equals an uncaptured Buffer's moe on them bit for bit (int64 ids from
+        topk). A capture before any call, with check_ids=True, or with the flat scheme raises ValueError naming the
+        reason, and the Buffer keeps working."""
+        T = 512
+        for scheme in ("hsc", "flat-dedup", "flat"):
+            graphed = _cuda.CudaBackend(self.plan, 0, "1x1", None, scheme=scheme, seed=5, check_ids=False)
+            eager = _cuda.CudaBackend(self.plan, 0, "1x1", None, scheme=scheme, seed=5, check_ids=False)
+            x, ids, w = batch(T, self.E, self.k, self.H, 400, self.dev)
+            with self.assertRaises(ValueError) as cm:  # no uncaptured call yet
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    graphed.moe(x, ids, w, self.w13, self.w2)
+            self.assertIn("uncaptured call", str(cm.exception))
+            graphed.moe(x, ids, w, self.w13, self.w2)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            if scheme == "flat":
+                with self.assertRaises(ValueError) as cm:
+                    with torch.cuda.graph(graph):
+                        graphed.moe(x, ids, w, self.w13, self.w2)
+                self.assertIn("dispatch layout is planned on the host", str(cm.exception))
+                continue
+            with torch.cuda.graph(graph):
+                y = graphed.moe(x, ids, w, self.w13, self.w2)
+            with self.assertRaises(ValueError):
+                graphed.last_dest_ranks()
+            for rep in range(3):
+                x2, ids2, w2 = batch(T, self.E, self.k, self.H, 401 + rep, self.dev)
+                x.copy_(x2), ids.copy_(ids2), w.copy_(w2)
+                graph.replay()
+                ref = eager.moe(x, ids, w, self.w13, self.w2)
+                torch.cuda.synchronize()
+                self.assertTrue(torch.equal(y, ref), f"{scheme} replay {rep}: max diff {(y - ref).abs().max().item()}")
+            print(f"  {scheme}: 3 replays of the captured moe == uncaptured moe")
+        checked = self.backend("hsc")
+        checked.moe(x, ids, w, self.w13, self.w2)
+        with self.assertRaises(ValueError) as cm:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                checked.moe(x, ids, w, self.w13, self.w2)
+        self.assertIn("range check waits on the host", str(cm.exception))
+        self.assertTrue(torch.isfinite(checked.moe(x, ids, w, self.w13, self.w2)).all())
 
     def test_phases_match_moe(self):
         for scheme in SCHEMES:

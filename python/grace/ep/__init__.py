@@ -29,7 +29,9 @@ Pass share_workspace=False to a Buffer whose handle must stay open across other 
 check_ids (CUDA; default True): on one GPU, ``moe`` maps ids to local slots on the device and its one host wait is
 the range check of the ids (an id >= E raises). check_ids=False drops that wait, so the Python thread runs ahead of
 the GPU: an id >= E then selects no expert (as -1 does) and is not reported. For ids that are a top-k over the
-model's E router logits (grace.hf passes False). With several GPUs, and on CPU, ids are always checked.
+model's E router logits (grace.hf passes False). With several GPUs, and on CPU, ids are always checked. With
+check_ids=False, ``moe`` on one GPU can be captured in a CUDA graph after one uncaptured call (docs/python.md,
+"CUDA graphs").
 
 Backend contract (``_cpu.CpuBackend`` and ``_cuda.CudaBackend``): built on first use as
 ``Backend(plan, layer, topology, host_impl=torch_comm, scheme=, policy=, seed=, timeout=)`` with the Buffer's

@@ -286,7 +286,7 @@ class CudaBackend:
         """Raises the error for a call that the C++ layer (or to_dlpack) refused: the Python checks' message where
         one applies, else the bad expert id, else the layer's own."""
         if isinstance(err, ValueError) and torch.cuda.is_current_stream_capturing():
-            raise err  # the layer's 'cannot be captured' (nothing may sync during a capture)
+            raise err  # the layer's reason it cannot be captured (nothing may sync during a capture)
         self._inputs(x, topk_idx, topk_weights)
         if isinstance(err, ValueError):
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
@@ -294,9 +294,9 @@ class CudaBackend:
 
     def _moe_checked(self, x, topk_idx, topk_weights, w13, w2):
         if torch.cuda.is_current_stream_capturing():
-            raise ValueError("grace.ep.moe cannot be captured in a CUDA graph: the dispatch layout is planned on "
-                             "the host from the routing destinations (a device-to-host copy and a host wait per "
-                             "call), see docs/python.md")
+            raise ValueError("grace.ep.moe in a CUDA graph capture needs an uncaptured call of this Buffer with the "
+                             "same w13 and w2 first (it checks and registers them on the host), and can be captured "
+                             "only on one GPU with check_ids=False; see docs/python.md")
         xb, ids = self._inputs(x, topk_idx, topk_weights)
         self.set_experts(w13, w2)
         y = torch.empty((x.shape[0], self._layer.hidden), dtype=torch.float32, device=self._device)

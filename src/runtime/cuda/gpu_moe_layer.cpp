@@ -171,10 +171,16 @@ struct GpuWorkspace::Impl {
     int device = -1;                 // the device of the first layer that used it
     cudaEvent_t released = nullptr;  // recorded on the last owner's stream when it released the workspace
     bool release_recorded = false;
+    // A CUDA graph captured a call on loc_slot / local_moe: when they must grow (or local_moe is rebuilt for
+    // another shape) the old ones are kept here, alive for graphs that may still replay, instead of freed.
+    bool slots_in_graph = false, moe_in_graph = false;
+    std::vector<DeviceBuffer<int32_t>> retired_slots;
+    std::vector<std::unique_ptr<LocalMoe>> retired_moes;
 
     Impl() = default;  // no CUDA work here: the event is made on the first owner's device
     ~Impl() {
         local_moe.reset();
+        retired_moes.clear();
         if (released) cudaEventDestroy(released);
     }
     Impl(const Impl&) = delete;
@@ -234,6 +240,8 @@ struct GpuMoeLayer::Impl {
     bool counting = false;       // set_instance_counting: the device router must see every call
     bool dest_pending = false;   // dest is still to be built from h_local (the last call was forward_local)
     bool host_id_check = true;   // forward_local waits on the host for the ids' range check (set_host_id_check)
+    bool capturing = false;      // the open call is being captured in a CUDA graph (forward_local only)
+    bool dest_captured = false;  // the last call was captured: its destinations never reach the host
     int64_t dest_pending_n = 0;
 
     MoeCallStats stats;
@@ -411,7 +419,7 @@ struct GpuMoeLayer::Impl {
         GRACE_CHECK(n_local > 0, ErrorCode::kInternal, "rank ", me, " received ", R, " copies but holds no experts");
         LocalMoe& moe = local_moe_for(s.recs, R);
         const int64_t n = R * s.recs;
-        loc_slot.reserve(n);
+        reserve_slots(n);
         loc_w.reserve(n);
         detail::split_meta(d.meta_recv.data(), n, loc_slot.data(), loc_w.data(), stream);
         d.back_send.reserve(R * H);
@@ -429,14 +437,13 @@ struct GpuMoeLayer::Impl {
     LocalMoe& local_moe_for(int recs, int64_t rows) {
         const int64_t R = rows;
         const LocalMoeShape shape{n_local, recs, H, I};
-        const bool same_shape = local_moe && ws.local_moe_shape.num_experts == shape.num_experts &&
-                                ws.local_moe_shape.top_k == shape.top_k && ws.local_moe_shape.hidden == shape.hidden &&
-                                ws.local_moe_shape.intermediate == shape.intermediate &&
-                                ws.local_moe_gemm == options.gemm;
+        const bool same_shape = local_moe_has_shape(recs);
         if (!same_shape || R > local_moe_cap) {
             const int64_t grown = same_shape ? 2 * static_cast<int64_t>(local_moe_cap) : 0;
             local_moe_cap = static_cast<int>(std::max<int64_t>(R, grown));
             local_moe_k = recs;
+            if (ws.moe_in_graph && local_moe) ws.retired_moes.push_back(std::move(local_moe));
+            ws.moe_in_graph = false;
             local_moe.reset();
             local_moe = std::make_unique<LocalMoe>(shape, local_moe_cap, options.gemm);
             ws.local_moe_shape = shape;
@@ -445,6 +452,19 @@ struct GpuMoeLayer::Impl {
         GRACE_CHECK_ARG(w13_ptr && w2_ptr, "GpuMoeLayer on rank ", me, ": no expert weights (set_expert_weights)");
         local_moe->set_weights(w13_ptr, w2_ptr);
         return *local_moe;
+    }
+    // The workspace's LocalMoe exists for this layer's shape with `recs` selections a row.
+    bool local_moe_has_shape(int recs) const {
+        return local_moe && ws.local_moe_shape.num_experts == n_local && ws.local_moe_shape.top_k == recs &&
+               ws.local_moe_shape.hidden == H && ws.local_moe_shape.intermediate == I &&
+               ws.local_moe_gemm == options.gemm;
+    }
+    // Grows the workspace's slot buffer to n (a buffer a graph captured stays alive in the workspace).
+    void reserve_slots(int64_t n) {
+        if (static_cast<size_t>(n) <= loc_slot.size()) return;
+        if (ws.slots_in_graph) ws.retired_slots.push_back(std::move(loc_slot));
+        ws.slots_in_graph = false;
+        loc_slot.reserve(static_cast<size_t>(n));
     }
 
     void route(const int32_t* d_topk, int64_t T, int k, int64_t first_token) {
@@ -516,6 +536,7 @@ struct GpuMoeLayer::Impl {
     std::string name() const { return "layer " + std::to_string(layer.layer) + " on rank " + std::to_string(me); }
     // Takes the workspace for one call (or one dispatch..combine); throws while another layer holds it.
     void acquire(cudaStream_t s) {
+        // A captured call is ordered by its stream alone: a graph cannot wait on an event recorded outside it.
         stream = s;                    // where release() records the end of this layer's use
         if (ws.owner == this) return;  // this layer's own open dispatch, which the new call replaces
         GRACE_CHECK_ARG(ws.owner == nullptr, "GpuMoeLayer ", name(), ": its shared GpuWorkspace is in use by ",
@@ -527,7 +548,7 @@ struct GpuMoeLayer::Impl {
                         " but its shared GpuWorkspace belongs to device ", ws.device);
         if (!ws.released) CUDA_RUNTIME_CHECK(cudaEventCreateWithFlags(&ws.released, cudaEventDisableTiming));
         // The previous owner's last use (on its stream) before this call's.
-        if (ws.release_recorded) CUDA_RUNTIME_CHECK(cudaStreamWaitEvent(s, ws.released, 0));
+        if (ws.release_recorded && !capturing) CUDA_RUNTIME_CHECK(cudaStreamWaitEvent(s, ws.released, 0));
         ws.device = device;
         ws.owner = this;
         ws.owner_name = name();
@@ -535,8 +556,10 @@ struct GpuMoeLayer::Impl {
     // Gives the workspace back at the end of a call (or a failed one); never throws.
     void release() noexcept {
         if (ws.owner != this) return;
-        ws.release_recorded = cudaEventRecord(ws.released, stream) == cudaSuccess;
-        if (!ws.release_recorded) cudaGetLastError();
+        if (!capturing) {  // an event recorded in a capture could not be waited on by a later uncaptured call
+            ws.release_recorded = cudaEventRecord(ws.released, stream) == cudaSuccess;
+            if (!ws.release_recorded) cudaGetLastError();
+        }
         ws.owner = nullptr;
     }
     // Closes the open call (after combine, or after a failure).
@@ -548,20 +571,28 @@ struct GpuMoeLayer::Impl {
     // Sets the mode for one call and opens it (call it inside the try whose catch calls close_call()).
     // `host_free`: the call writes no host staging (forward_local without the host id check), so the previous
     // call's staging copies need only be ordered before this call's on the device, not waited for.
-    void begin_call(bool stream_mode, cudaStream_t s, bool host_free = false) {
+    // `not_capturable`: why the call cannot run in a CUDA graph capture (nullptr: it can; forward_local only).
+    static constexpr const char* kHostLayout =
+        "the dispatch layout is planned on the host from the routing destinations (a device-to-host copy and a "
+        "host wait per call)";
+    void begin_call(bool stream_mode, cudaStream_t s, bool host_free = false,
+                    const char* not_capturable = kHostLayout) {
+        capturing = false;
         if (stream_mode && s) {
             // Refused before anything is queued, so that the caller's capture is left as it was.
             cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
             CUDA_RUNTIME_CHECK(cudaStreamIsCapturing(s, &capture));
-            GRACE_CHECK_ARG(capture == cudaStreamCaptureStatusNone, "GpuMoeLayer ", name(),
-                            ": cannot be captured in a CUDA graph: the dispatch layout is planned on the host from "
-                            "the routing destinations (a device-to-host copy and a host wait per call)");
+            GRACE_CHECK_ARG(capture == cudaStreamCaptureStatusNone || !not_capturable, "GpuMoeLayer ", name(),
+                            ": cannot be captured in a CUDA graph: ", not_capturable);
+            capturing = capture != cudaStreamCaptureStatusNone;
         }
         acquire(stream_mode ? s : nullptr);
         async = stream_mode;
         stream = stream_mode ? s : nullptr;
         comm.set_stream(stream);
-        if (async && host_free) {
+        if (capturing) {
+            // h_local is not written by a captured call; the stream orders it after earlier work.
+        } else if (async && host_free) {
             CUDA_RUNTIME_CHECK(cudaStreamWaitEvent(s, staging_free, 0));  // h_local's previous copies first
         } else if (async) {
             // The arena's regions of the previous call may still be in flight (another stream).
@@ -570,6 +601,7 @@ struct GpuMoeLayer::Impl {
         }
         stats = MoeCallStats{};
         dest_pending = false;  // a general-path call sets dest itself; forward_local sets this again at its end
+        dest_captured = false;
         t_start = Clock::now();
         t0 = t_start;
         open_call = ++calls;
@@ -900,6 +932,8 @@ GpuMoeLayer::~GpuMoeLayer() = default;
 // The same output bit for bit as the dispatch/experts/combine path there (which sends each token once, with its k
 // records, to this GPU's LocalMoe and adds the bf16 result to zeros), without its host layout and with one host
 // wait, for the bad-id check, that returns as soon as the ids are mapped: the expert GEMMs are queued by then.
+// Without the host id check the call queues kernels only and can be captured in a CUDA graph: its buffers must
+// then exist already (an earlier uncaptured call at least as large), and it copies nothing to the host.
 void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, const int64_t* ids_64,
                                       const float* topk_weights, int64_t T, int k, float* out, cudaStream_t s) {
     GRACE_CHECK_ARG(T >= 0 && T < (int64_t{1} << 31) / std::max(1, H) && k >= 1, "GpuMoeLayer: num_tokens ", T,
@@ -910,11 +944,25 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                     "GpuMoeLayer::forward_async: hidden and out must start on 16-byte boundaries");
     const int64_t n = T * k;
     try {
-        begin_call(true, s, !host_id_check);
+        begin_call(true, s, !host_id_check,
+                   host_id_check ? "the expert ids' range check waits on the host (turn it off to capture: "
+                                   "set_host_id_check(false), grace.ep Buffer(check_ids=False))"
+                                 : nullptr);
         dest.clear();  // built from the copied slots when asked for (build_pending_dest)
         last_on_device = true;
         stats.local_selections = n;
         call_T = T, call_k = k;
+        if (capturing && T > 0) {
+            // Checked before anything is queued: a refused call leaves the caller's capture as it was.
+            GRACE_CHECK_ARG(d_slot_of.size() >= static_cast<size_t>(E) && loc_slot.size() >= static_cast<size_t>(n) &&
+                                local_moe_has_shape(k) && T <= local_moe_cap,
+                            "GpuMoeLayer ", name(), ": a call captured in a CUDA graph needs its buffers allocated "
+                            "beforehand: make one uncaptured call with at least ", T, " tokens (top_k ", k,
+                            ") on this layer first");
+            GRACE_CHECK_ARG(local_moe->backend() == GroupedGemmBackend::kSm90, "GpuMoeLayer ", name(),
+                            ": only the sm90 GEMM backend can be captured in a CUDA graph (the cuBLAS backends "
+                            "read the per-expert counts on the host)");
+        }
         if (T > 0) {
             if (d_slot_of.size() < static_cast<size_t>(E)) {
                 d_slot_of.resize(E);
@@ -922,7 +970,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                                               cudaMemcpyHostToDevice));
                 d_first_bad.resize(1);
             }
-            if (h_local_size < static_cast<size_t>(n) + 1) {
+            if (!capturing && h_local_size < static_cast<size_t>(n) + 1) {
                 // Without the host id check the last call's copies into h_local may still be in flight.
                 CUDA_RUNTIME_CHECK(cudaEventSynchronize(staging_free));
                 if (h_local) cudaFreeHost(h_local);
@@ -930,7 +978,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                 CUDA_RUNTIME_CHECK(cudaMallocHost(&h_local, (static_cast<size_t>(n) + 1) * 4));
                 h_local_size = static_cast<size_t>(n) + 1;
             }
-            loc_slot.reserve(n);
+            reserve_slots(n);
             // Without the host check an id >= E still maps to no slot (the kernel's flag is then never read).
             if (host_id_check)
                 CUDA_RUNTIME_CHECK(cudaMemsetAsync(d_first_bad.data(), 0x7f, 4, s));  // above every index (n < 2^31)
@@ -941,12 +989,18 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
             }
             LocalMoe& moe = local_moe_for(k, T);
             moe.forward_f32(hidden, loc_slot.data(), topk_weights, out, static_cast<int>(T), s);
-            // The slots for last_dest_ranks, copied behind the work (read only if asked for).
-            CUDA_RUNTIME_CHECK(
-                cudaMemcpyAsync(h_local + 1, loc_slot.data(), static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, s));
-            CUDA_RUNTIME_CHECK(cudaEventRecord(slots_copied, s));
-            // The next call (any stream) waits for this one's copies into h_local before reusing it.
-            CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, s));
+            if (capturing) {
+                // The graph holds these buffers: growing them later keeps them alive (reserve_slots, local_moe_for).
+                ws.slots_in_graph = ws.moe_in_graph = true;
+                dest_captured = true;
+            } else {
+                // The slots for last_dest_ranks, copied behind the work (read only if asked for).
+                CUDA_RUNTIME_CHECK(cudaMemcpyAsync(h_local + 1, loc_slot.data(), static_cast<size_t>(n) * 4,
+                                                   cudaMemcpyDeviceToHost, s));
+                CUDA_RUNTIME_CHECK(cudaEventRecord(slots_copied, s));
+                // The next call (any stream) waits for this one's copies into h_local before reusing it.
+                CUDA_RUNTIME_CHECK(cudaEventRecord(staging_free, s));
+            }
             stats.routing_s = seconds_since(t0);
             if (host_id_check) event_wait(ids_checked, comm.timeout_s(), me, "the expert ids' range check");
             if (host_id_check && h_local[0] != 0x7f7f7f7f) {
@@ -961,7 +1015,7 @@ void GpuMoeLayer::Impl::forward_local(const void* hidden, const int32_t* ids32, 
                 }
                 GRACE_CHECK_ARG(false, "topk_ids[", i / k, ", ", i % k, "] = ", v, " is outside [0, ", E, ")");
             }
-            dest_pending = true;
+            dest_pending = !capturing;
             dest_pending_n = n;
         }
         close_call();
@@ -1181,6 +1235,8 @@ void GpuMoeLayer::set_host_id_check(bool on) { impl_->host_id_check = on; }
 
 const MoeCallStats& GpuMoeLayer::last_stats() const { return impl_->stats; }
 const std::vector<int32_t>& GpuMoeLayer::last_dest_ranks() const {
+    GRACE_CHECK_ARG(!impl_->dest_captured, "GpuMoeLayer::last_dest_ranks: the last call was captured in a CUDA "
+                    "graph; its destinations are not copied to the host");
     if (impl_->dest_pending) impl_->build_pending_dest();
     return impl_->dest;
 }

@@ -113,6 +113,7 @@ struct LocalMoe::Impl {
     int32_t* h_seg = nullptr;          // pinned [E + 1]
     std::vector<int32_t> counts;
     bool counts_pending = false;  // kSm90: h_seg is still on its way (counts_ready marks its arrival)
+    bool counts_captured = false;  // the last forward was captured in a CUDA graph: its counts never reach the host
     int64_t last_selections = 0;  // T * k of the last forward: the row bound of rerun_experts
     cudaEvent_t counts_ready = nullptr;
     bool profiling = false;
@@ -152,6 +153,8 @@ void LocalMoe::Impl::sm90_down(cudaStream_t stream) const {
                            last_selections, stream);
 }
 void LocalMoe::Impl::fill_counts() {
+    GRACE_CHECK_ARG(!counts_captured, "LocalMoe: the last forward was captured in a CUDA graph; its per-expert "
+                    "counts are not copied to the host");
     if (!counts_pending) return;
     CUDA_RUNTIME_CHECK(cudaEventSynchronize(counts_ready));
     for (int e = 0; e < shape.num_experts; ++e) counts[e] = h_seg[e + 1] - h_seg[e];
@@ -286,9 +289,20 @@ void LocalMoe::Impl::forward(const void* x, const int32_t* topk_idx, const float
     GRACE_CHECK_ARG(num_tokens == 0 || (aligned16(x) && aligned16(out)),
                     "LocalMoe::forward: x and out must start on 16-byte boundaries");
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    // Captured in a CUDA graph: kernels only (the sm90 GEMMs read the segment starts on the device); the counts'
+    // copy to the host and its event stay out of the graph (an event recorded in a capture cannot be waited on
+    // from outside it).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (stream) CUDA_RUNTIME_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool captured = capture != cudaStreamCaptureStatusNone;
+    GRACE_CHECK_ARG(!captured || m.backend == GroupedGemmBackend::kSm90,
+                    "LocalMoe: only the sm90 GEMM backend can be captured in a CUDA graph (the cuBLAS backends read "
+                    "the per-expert counts on the host)");
+    GRACE_CHECK_ARG(!captured || !m.profiling, "LocalMoe: profiling cannot be captured in a CUDA graph");
     const int E = m.shape.num_experts, k = m.shape.top_k, H = m.shape.hidden, I = m.shape.intermediate;
     m.counts.assign(E, 0);
     m.counts_pending = false;
+    m.counts_captured = captured;
     m.last_selections = static_cast<int64_t>(num_tokens) * k;
     if (num_tokens == 0) return;
     CUBLAS_CHECK(cublasSetStream(m.handle, stream));
@@ -304,8 +318,9 @@ void LocalMoe::Impl::forward(const void* x, const int32_t* topk_idx, const float
     position_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
         topk_idx, n, E, m.local_rank.data(), m.hist.data(), m.seg_start.data(), m.pos.data());
     CUDA_LAUNCH_CHECK();
-    CUDA_RUNTIME_CHECK(cudaMemcpyAsync(m.h_seg, m.seg_start.data(), sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost,
-                                       stream));
+    if (!captured)
+        CUDA_RUNTIME_CHECK(cudaMemcpyAsync(m.h_seg, m.seg_start.data(), sizeof(int32_t) * (E + 1),
+                                           cudaMemcpyDeviceToHost, stream));
     if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[1], stream));
     permute_kernel<<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(
         static_cast<const uint4*>(x), m.pos.data(), n, k, H / kVec, reinterpret_cast<uint4*>(m.xp.data()));
@@ -313,8 +328,10 @@ void LocalMoe::Impl::forward(const void* x, const int32_t* topk_idx, const float
     if (m.profiling) CUDA_RUNTIME_CHECK(cudaEventRecord(m.ev[2], stream));
     const int hv = H / kVec;
     if (m.backend == GroupedGemmBackend::kSm90) {  // no host synchronization: the GEMMs read seg_start
-        CUDA_RUNTIME_CHECK(cudaEventRecord(m.counts_ready, stream));
-        m.counts_pending = true;
+        if (!captured) {
+            CUDA_RUNTIME_CHECK(cudaEventRecord(m.counts_ready, stream));
+            m.counts_pending = true;
+        }
         detail::sm90_tile_starts(m.seg_start.data(), E, m.tile_start.data(), stream);
         m.sm90_up(stream);
         if (m.profiling) {

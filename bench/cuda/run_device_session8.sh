@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Session 7, one device call: what changed after session 6's calls, on the GPU. Build, then
-# 1. every grace_cuda_tests test (LocalMoe.ForwardF32IsTheWidenedBf16Output is new; GpuMoeLayerPhases.
+# Session 8, one device call: what changed after session 6's calls, on the GPU (session 7 ran none). Build, then
+# 1. every grace_cuda_tests test (new since session 6: LocalMoe.ForwardF32IsTheWidenedBf16Output,
+#    LocalMoe.Sm90ForwardCapturedInACudaGraph, GpuMoeLayerPhases.OneGpuWithoutHostIdCheck and .OneGpuCapturedInACudaGraph;
 #    NcclOverGivenHostCommunicator now also checks a general-path call's destinations after a one-GPU call),
-# 2. tests/device/test_ep_gpu.py (grace.ep.moe against forward_reference bit for bit) and the shared-workspace test,
+# 2. tests/device/test_ep_gpu.py (grace.ep.moe against forward_reference bit for bit; check_ids=False; moe captured in
+#    a CUDA graph) and the shared-workspace test,
 # 3. bench/torch/bm_ep_moe.py at the olmoe and qwen3-30b-a3b shapes, T = 2048 / 8192, with each method's kernels
-#    (--kernels), after the one-GPU path's last kernel writes float32 itself (no widening pass), and with
-#    Buffer(check_ids=False) (no host wait),
-# 4. bench/torch/whole_model.py on OLMoE, Qwen3-30B-A3B then Mixtral in one process (grace.hf now passes
+#    (--kernels), with Buffer(check_ids=False) (no host wait), and that moe captured in a CUDA graph (ep_graph_ms),
+# 4. bench/torch/whole_model.py on OLMoE, Qwen3-30B-A3B then Mixtral in one process (grace.hf passes
 #    check_ids=False; Mixtral after Qwen3 is session 6 call 2's out-of-memory, after gc.collect between
 #    architectures was added), as far as the time allows (results are written after each architecture).
-# Usage (repository root, carry .deps): OUT=$OUT bash bench/cuda/run_device_session7.sh
+# Usage (repository root, carry .deps): OUT=$OUT bash bench/cuda/run_device_session8.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); BUDGET=${GRACE_DEV_BUDGET_S:-560}
