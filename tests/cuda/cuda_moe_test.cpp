@@ -97,6 +97,14 @@ std::vector<int32_t> random_topk(std::mt19937& rng, int T, int k, int E, double 
     return idx;
 }
 
+// n bf16 values drawn from N(0, scale^2).
+std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t n, float scale) {
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<uint16_t> v(n);
+    for (auto& b : v) b = gc::float_to_bf16(nd(rng) * scale);
+    return v;
+}
+
 }  // namespace
 
 TEST(RouteTable, TarStaysInNearestTier) {
@@ -351,13 +359,8 @@ TEST(LocalMoe, ForwardF32IsTheWidenedBf16Output) {
     const int T = 257;
     std::mt19937 rng(21);
     std::normal_distribution<float> nd(0.f, 1.f);
-    auto random_bf16 = [&](size_t n, float scale) {
-        std::vector<uint16_t> v(n);
-        for (auto& b : v) b = gc::float_to_bf16(nd(rng) * scale);
-        return v;
-    };
-    const auto w13 = random_bf16(size_t(16) * 2 * 128 * 128, 0.1f), w2 = random_bf16(size_t(16) * 128 * 128, 0.1f),
-               x = random_bf16(size_t(T) * 128, 1.f);
+    const auto w13 = random_bf16(rng, size_t(16) * 2 * 128 * 128, 0.1f);
+    const auto w2 = random_bf16(rng, size_t(16) * 128 * 128, 0.1f), x = random_bf16(rng, size_t(T) * 128, 1.f);
     const auto idx = random_topk(rng, T, sh.top_k, sh.num_experts, 0.1);
     std::vector<float> wt(idx.size());
     for (auto& w : wt) w = 0.05f + std::abs(nd(rng));
@@ -392,18 +395,13 @@ TEST(LocalMoe, Sm90ForwardCapturedInACudaGraph) {
     const int T = 300;
     std::mt19937 rng(33);
     std::normal_distribution<float> nd(0.f, 1.f);
-    auto random_bf16 = [&](size_t n, float scale) {
-        std::vector<uint16_t> v(n);
-        for (auto& b : v) b = gc::float_to_bf16(nd(rng) * scale);
-        return v;
-    };
     gc::DeviceBuffer<uint16_t> dw13, dw2, dx(size_t(T) * 128);
     gc::DeviceBuffer<int32_t> didx(size_t(T) * sh.top_k);
     gc::DeviceBuffer<float> dwt(size_t(T) * sh.top_k), out(size_t(T) * 128), ref(size_t(T) * 128);
-    dw13.upload(random_bf16(size_t(16) * 2 * 128 * 128, 0.1f));
-    dw2.upload(random_bf16(size_t(16) * 128 * 128, 0.1f));
+    dw13.upload(random_bf16(rng, size_t(16) * 2 * 128 * 128, 0.1f));
+    dw2.upload(random_bf16(rng, size_t(16) * 128 * 128, 0.1f));
     auto write_inputs = [&] {
-        const auto x = random_bf16(size_t(T) * 128, 1.f);
+        const auto x = random_bf16(rng, size_t(T) * 128, 1.f);
         const auto idx = random_topk(rng, T, sh.top_k, sh.num_experts, 0.1);
         std::vector<float> wt(idx.size());
         for (auto& w : wt) w = 0.05f + std::abs(nd(rng));
