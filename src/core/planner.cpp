@@ -7,6 +7,7 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <map>
 #include <sstream>
 
 #include "core/rng.hpp"
@@ -123,6 +124,9 @@ struct LayerInput {
     std::vector<double> affinity;  // [E, E]
     std::vector<double> load;      // [E]
     std::vector<double> source_load;  // [G, E] when the statistics were profiled on this topology, else empty
+    // hg_level2's grouping of one node's experts, by (node, its expert ids): the level-1 candidates of a layer
+    // share most of their nodes, and the grouping is a function of these alone (same seed and cap in a layer).
+    mutable std::map<std::pair<int, std::vector<int>>, Grouping> level2_memo;
 };
 
 // Slot-exact plans (spec §4): replication methods that choose replicas fill every free slot; "none" keeps the
@@ -275,9 +279,14 @@ HgLevel2 hg_level2(const LayerInput& in, int E, const Topology& topo, const Grou
             continue;
         }
         h.sub[n] = sub_matrix(in.affinity, E, h.ids[n]);
-        SpectralOptions so;
-        so.seed = mix64(seed, static_cast<uint64_t>(in.layer), static_cast<uint64_t>(n) + 1);
-        h.full[n] = spectral_grouping(h.sub[n], ni, M, so, 1, cap);
+        std::pair<int, std::vector<int>> key{n, h.ids[n]};
+        auto it = in.level2_memo.find(key);
+        if (it == in.level2_memo.end()) {
+            SpectralOptions so;
+            so.seed = mix64(seed, static_cast<uint64_t>(in.layer), static_cast<uint64_t>(n) + 1);
+            it = in.level2_memo.emplace(std::move(key), spectral_grouping(h.sub[n], ni, M, so, 1, cap)).first;
+        }
+        h.full[n] = it->second;
     }
     return h;
 }
