@@ -12,8 +12,9 @@ backend's own logic:
 - a call that the layer refuses gets the Python check's message where one applies (CPU x, wrong dtype), else the
   bad expert id with its int64 value;
 - the token offset (first_token of the vLLM/SGLang policies) advances by T on both paths;
-- check_ids=False turns the layer's host id check off once, when the layer is built; the default leaves it on.
-The GPU side (bit-identical outputs of both paths, int64 ids, the capture refusal) is tests/device/test_ep_gpu.py
+- check_ids=False turns the layer's host id check off once, when the layer is built; the default leaves it on;
+- under a CUDA-graph capture only the short path reaches the layer, and the layer's refusal is raised as it is.
+The GPU side (bit-identical outputs of both paths, int64 ids, capture and its refusals) is tests/device/test_ep_gpu.py
 and tests/cuda/gpu_moe_layer_test.cpp. Skips when the module was not built or torch is missing."""
 
 import os
@@ -131,6 +132,34 @@ class CpuAsCuda(unittest.TestCase):
             with self.assertRaises(ValueError) as cm:
                 _cuda.CudaBackend({"layers": [{}]}, 0, "1x1", None, check_ids=bad)
             self.assertEqual(str(cm.exception), f"check_ids must be True or False, got {bad!r}")
+
+    def test_capture_takes_the_short_path_only(self):
+        """Under a CUDA-graph capture (is_current_stream_capturing mocked to True): a first call, or one with
+        weights not yet registered, raises before reaching the layer (it would check and register on the host); a
+        call on the short path reaches the layer as usual (which decides whether it can be captured), and a
+        refusal by the layer is raised as it is (re-checking in Python could sync inside the capture)."""
+        be = self.be
+        torch.cuda.is_current_stream_capturing = lambda: True
+        with self.assertRaises(ValueError) as cm:
+            be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        self.assertIn("needs an uncaptured call of this Buffer with the same w13 and w2 first", str(cm.exception))
+        self.assertIsNone(be._layer)
+        torch.cuda.is_current_stream_capturing = lambda: False
+        be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        torch.cuda.is_current_stream_capturing = lambda: True
+        be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        self.assertEqual(len(be._layer.calls), 2)
+        with self.assertRaises(ValueError) as cm:
+            be.moe(self.x, self.ids, self.w, self.w13.clone(), self.w2)  # new weights: not registered in a capture
+        self.assertIn("uncaptured call", str(cm.exception))
+        self.assertEqual(be._layer.registered, 1)
+
+        def refuse(*args):
+            raise ValueError("GpuMoeLayer layer 0 on rank 0: cannot be captured in a CUDA graph: (reason)")
+        be._layer.forward_async = refuse
+        with self.assertRaises(ValueError) as cm:
+            be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+        self.assertIn("cannot be captured in a CUDA graph: (reason)", str(cm.exception))
 
     def test_new_weights_are_checked_and_registered_again(self):
         be = self.be
