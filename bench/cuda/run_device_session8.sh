@@ -11,6 +11,8 @@
 #    check_ids=False; Mixtral after Qwen3 is session 6 call 2's out-of-memory, after gc.collect between
 #    architectures was added), as far as the time allows (results are written after each architecture).
 # Usage (repository root, carry .deps): OUT=$OUT bash bench/cuda/run_device_session8.sh
+# Env: GRACE_DEV_BUDGET_S, SKIP_TESTS=1, TEST_LIMIT, GPU_FILTER, BM_LIMIT, BM_SHAPES, BM_TOKENS, BM_ITERS,
+# BM_KERNELS (empty: no --kernels), SKIP_WM=1, WM_ARCHS, WM_SHAPES.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); BUDGET=${GRACE_DEV_BUDGET_S:-560}
@@ -26,7 +28,8 @@ cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRACE_USE_CUDA=ON -DGRACE
   -DCMAKE_CUDA_ARCHITECTURES=90 -DPython3_EXECUTABLE="$PY" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
   > /tmp/build.log 2>&1 || { echo "configure failed"; tail -30 /tmp/build.log; exit 1; }
 fi
-cmake --build $B -j16 --target grace grace-run _grace grace_cuda_tests >> /tmp/build.log 2>&1 || { echo "build failed"; grep -B2 -A8 "error" /tmp/build.log | head -60; exit 1; }
+TARGETS="grace grace-run _grace"; [ "${SKIP_TESTS:-0}" != 1 ] && TARGETS="$TARGETS grace_cuda_tests"
+cmake --build $B -j16 --target $TARGETS >> /tmp/build.log 2>&1 || { echo "build failed"; grep -B2 -A8 "error" /tmp/build.log | head -60; exit 1; }
 echo "== build done at $(( $(date +%s) - T0 )) s"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
 echo "== 1. grace_cuda_tests, all"
@@ -40,12 +43,12 @@ echo "test_ep_workspace rc=$?"; tail -3 "$OUT/test_ep_workspace.log"
 fi
 echo "== 3. bm_ep_moe.py (left $(left) s)"
 timeout --kill-after=5 ${BM_LIMIT:-170} $PY -X faulthandler bench/torch/bm_ep_moe.py --build $B --tokens ${BM_TOKENS:-2048,8192} \
-  --shapes ${BM_SHAPES:-olmoe,qwen3-30b-a3b} --iters 10 --grace-run-steps 0 --kernels \
+  --shapes ${BM_SHAPES:-olmoe,qwen3-30b-a3b} --iters ${BM_ITERS:-10} --grace-run-steps 0 ${BM_KERNELS---kernels} \
   --out "$OUT/bm_ep_moe.json" > "$OUT/bm_ep_moe.log" 2>&1; echo "bench rc=$?"
 tail -8 "$OUT/bm_ep_moe.log"
 echo "== 4. whole_model.py, ${WM_ARCHS:-olmoe,qwen3_moe,mixtral} in one process (left $(left) s)"
 L=$(( $(left) - 10 ))
-(( L > 60 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT/wm" \
+[ "${SKIP_WM:-0}" != 1 ] && (( L > 60 )) && PYTHONPATH=$PWD/$B/python timeout --kill-after=5 $L $PY bench/torch/whole_model.py --out "$OUT/wm" \
   --archs ${WM_ARCHS:-olmoe,qwen3_moe,mixtral} --shapes ${WM_SHAPES:-256x128+16} > "$OUT/whole_model.log" 2>&1; echo "whole_model rc=$?"
 [ -f "$OUT/wm/whole_model.md" ] && tail -14 "$OUT/wm/whole_model.md"
 echo "== total $(( $(date +%s) - T0 )) s"

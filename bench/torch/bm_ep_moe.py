@@ -10,7 +10,9 @@ weights), plan `grace plan --topology 1x1` from that trace. Per point:
   ep_raw_ms        the same C++ call (GpuLayer.forward_async) with prebuilt DLPack capsules and outputs
   binding_us       what grace.ep.moe adds to that C++ call, in microseconds: median over max(--iters, 50) alternating
                    pairs of (ep.moe wall time - raw call wall time); covers the Buffer, torch.empty, the capsules and
-                   the int64 -> int32 id narrowing kernel (the raw call gets int32 ids)
+                   the int64 ids (the raw call gets int32 ids); carries the jitter of the GPU time in each wall time
+  binding_host_us  the same pairs with Buffer(check_ids=False) against its layer's raw call (same int64 ids), each
+                   timed from call to return (the stream drained between calls, untimed): the host cost alone
   cpp_total_ms     GpuMoeLayer's own total_s of the synchronous path (forward_device; the stages synchronized);
                    cpp_stages_ms: its routing / layout / dispatch / expert / combine times (medians)
   grace_run_ms     `grace run --backend cuda` per-step layer time on the same routing: (time of W+1 steps
@@ -81,6 +83,25 @@ def paired_overhead_us(fn, base, pairs):
             f()
             torch.cuda.current_stream().synchronize()
             t.append(time.perf_counter() - t0)
+        diffs.append((t[0] - t[1]) * 1e6)
+    return statistics.median(diffs)
+
+
+def paired_host_us(fn, base, pairs):
+    """Median over `pairs` alternating calls of (host time of fn - host time of base) in microseconds, each call
+    timed from its start to its return and the stream drained after it (untimed): for calls that queue their work
+    and return without waiting for the GPU (check_ids=False), this is what fn adds on the host, free of the GPU
+    time's jitter that the wall-time pairs above carry."""
+    fn(), base()
+    torch.cuda.synchronize()
+    diffs = []
+    for _ in range(pairs):
+        t = []
+        for f in (fn, base):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+            torch.cuda.current_stream().synchronize()
         diffs.append((t[0] - t[1]) * 1e6)
     return statistics.median(diffs)
 
@@ -276,6 +297,11 @@ def main():
                 r["binding_us"] = paired_overhead_us(lambda: ep.moe(x, ids, gw, w13_local, w2_local, buffer=buf),
                                                      lambda: be._layer.forward_async(*caps, stream, 0),
                                                      max(args.iters, 50))
+                # The same C++ call on buf_nc's layer (no host wait): the host time the binding adds, GPU excluded.
+                caps64 = (cap(x), cap(ids), cap(gw), cap(out))
+                r["binding_host_us"] = paired_host_us(fn_nc,
+                                                      lambda: buf_nc._backend._layer.forward_async(*caps64, stream, 0),
+                                                      max(args.iters, 50))
                 totals, stages = [], {}
                 for _ in range(args.iters):
                     be.forward_reference(x, ids, gw, w13_local, w2_local)
@@ -333,7 +359,7 @@ def main():
                     json.dump(res, f, indent=1)
                 torch.cuda.empty_cache()
     print("\nshape          T     ep_moe  ep_raw  bind_us  cpp_total  grace_run  vllm   vllm_g  gmm    gmm_g  "
-          "| vllm/ep vllm_g/ep gmm/ep run/ep | ep_nc  ep_nc_ev vllm/nc vllm_g/nc | ep_g   vllm_g/ep_g")
+          "| vllm/ep vllm_g/ep gmm/ep run/ep | ep_nc  ep_nc_ev vllm/nc vllm_g/nc | ep_g   vllm_g/ep_g | host_us")
     for name, rows in res["shapes"].items():
         for r in rows:
             def f(key, fmt="{:7.3f}"):
@@ -344,7 +370,8 @@ def main():
                   f"{f('ratio_vllm_graph_over_ep', '{:8.2f}')} {f('ratio_grouped_mm_over_ep', '{:6.2f}')} "
                   f"{f('ratio_grace_run_over_ep', '{:6.2f}')} | {f('ep_nocheck_ms')} {f('ep_nocheck_event_ms')} "
                   f"{f('ratio_vllm_over_ep_nocheck', '{:6.2f}')} {f('ratio_vllm_graph_over_ep_nocheck', '{:8.2f}')} | "
-                  f"{f('ep_graph_ms')} {f('ratio_vllm_graph_over_ep_graph', '{:8.2f}')}")
+                  f"{f('ep_graph_ms')} {f('ratio_vllm_graph_over_ep_graph', '{:8.2f}')} | "
+                  f"{f('binding_host_us', '{:7.1f}')}")
 
 
 if __name__ == "__main__":
