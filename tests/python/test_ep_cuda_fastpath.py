@@ -13,7 +13,8 @@ backend's own logic:
   bad expert id with its int64 value;
 - the token offset (first_token of the vLLM/SGLang policies) advances by T on both paths;
 - check_ids=False turns the layer's host id check off once, when the layer is built; the default leaves it on;
-- under a CUDA-graph capture only the short path reaches the layer, and the layer's refusal is raised as it is.
+- under a CUDA-graph capture only the short path reaches the layer, and the layer's refusal is raised as it is;
+- the layer's own cudaMalloc failing is retried once after torch.cuda.empty_cache().
 The GPU side (bit-identical outputs of both paths, int64 ids, capture and its refusals) is tests/device/test_ep_gpu.py
 and tests/cuda/gpu_moe_layer_test.cpp. Skips when the module was not built or torch is missing."""
 
@@ -160,6 +161,46 @@ class CpuAsCuda(unittest.TestCase):
         with self.assertRaises(ValueError) as cm:
             be.moe(self.x, self.ids, self.w, self.w13, self.w2)
         self.assertIn("cannot be captured in a CUDA graph: (reason)", str(cm.exception))
+
+    def test_out_of_memory_is_retried_once_after_empty_cache(self):
+        """The layer's cudaMalloc failing (torch's cache holding the memory) is retried once after
+        torch.cuda.empty_cache(), with new capsules, on the checked and the short path; a second failure raises the
+        layer's message."""
+        emptied = []
+        saved = torch.cuda.empty_cache
+        torch.cuda.empty_cache = lambda: emptied.append(1)
+        try:
+            be = self.be
+            be.moe(self.x, self.ids, self.w, self.w13, self.w2)  # builds the layer, registers the weights
+            layer = be._layer
+            real = layer.forward_async
+            failures = [1]
+
+            def flaky(*args):
+                if failures:
+                    failures.pop()
+                    raise ValueError("CUDA error cudaErrorMemoryAllocation (out of memory) in cudaMalloc(...)")
+                return real(*args)
+            layer.forward_async = flaky
+            y = be.moe(self.x, self.ids, self.w, self.w13, self.w2)  # short path
+            self.assertTrue(bool((y == 1).all()))
+            self.assertEqual((len(emptied), len(layer.calls)), (1, 2))
+            be._fast = None  # the checked path
+            failures.append(1)
+            be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+            self.assertEqual((len(emptied), len(layer.calls)), (2, 3))
+            failures.extend([1, 1])
+            with self.assertRaises(ValueError) as cm:
+                be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+            self.assertIn("cudaErrorMemoryAllocation", str(cm.exception))
+            self.assertEqual((len(emptied), len(layer.calls)), (3, 3))
+            # Any other refusal is not retried.
+            layer.forward_async = lambda *a: (_ for _ in ()).throw(ValueError("topk_ids[0, 0] is outside [0, 8)"))
+            with self.assertRaises(ValueError):
+                be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+            self.assertEqual(len(emptied), 3)
+        finally:
+            torch.cuda.empty_cache = saved
 
     def test_new_weights_are_checked_and_registered_again(self):
         be = self.be

@@ -117,6 +117,20 @@ def _check_ids(topk_idx):
     return topk_idx
 
 
+def _retry_out_of_memory(call):
+    """call(), retried once after torch.cuda.empty_cache() when it fails for CUDA memory. The layer's scratch is
+    cudaMalloc'ed outside torch's caching allocator, which keeps freed blocks cached for torch: a model that ran
+    without grace before (or another model in the same process) can hold the memory the layer needs to grow. Not
+    inside a CUDA-graph capture (a captured call allocates nothing, and empty_cache may not run there)."""
+    try:
+        return call()
+    except ValueError as err:
+        if "cudaErrorMemoryAllocation" not in str(err) or torch.cuda.is_current_stream_capturing():
+            raise
+    torch.cuda.empty_cache()
+    return call()
+
+
 def _bad_id_error(topk_idx, num_experts, err):
     bad = (topk_idx >= num_experts).nonzero()
     if bad.numel() == 0:
@@ -238,7 +252,8 @@ class CudaBackend:
         xb, ids = self._inputs(x, topk_idx, topk_weights)
         stream = _stream(self._device)
         try:
-            native = self._layer.dispatch(_capsule(xb), _capsule(ids), _capsule(topk_weights), stream, self._tokens)
+            native = _retry_out_of_memory(lambda: self._layer.dispatch(_capsule(xb), _capsule(ids),
+                                                                       _capsule(topk_weights), stream, self._tokens))
         except ValueError as err:
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
         self._tokens += int(x.shape[0])
@@ -261,7 +276,8 @@ class CudaBackend:
         elif expert_out.dtype != torch.bfloat16:
             raise ValueError(f"expert_out must be bfloat16 or float32, got {expert_out.dtype}")
         y = torch.empty((handle.num_tokens, self._layer.hidden), dtype=torch.float32, device=self._device)
-        self._layer.combine(handle._native, _capsule(expert_out), _capsule(y), _stream(self._device))
+        _retry_out_of_memory(lambda: self._layer.combine(handle._native, _capsule(expert_out), _capsule(y),
+                                                         _stream(self._device)))
         return y
 
     def moe(self, x, topk_idx, topk_weights, w13, w2):
@@ -273,9 +289,10 @@ class CudaBackend:
         if (fast is not None and w13 is fast[0] and w2 is fast[1] and type(x) is torch.Tensor and x.dtype is _BF16
                 and w13.data_ptr() == fast[2] and w2.data_ptr() == fast[3]):
             y = torch.empty((x.shape[0], fast[4]), dtype=_F32, device=self._device)
-            try:
-                self._layer.forward_async(_capsule(x), _capsule(topk_idx), _capsule(topk_weights), _capsule(y),
-                                          _stream(self._device), self._tokens)
+            try:  # the capsules are made inside the lambda: a call consumes them, a retry needs new ones
+                _retry_out_of_memory(lambda: self._layer.forward_async(
+                    _capsule(x), _capsule(topk_idx), _capsule(topk_weights), _capsule(y), _stream(self._device),
+                    self._tokens))
             except (ValueError, TypeError, AttributeError, RuntimeError) as err:
                 self._refused(x, topk_idx, topk_weights, err)
             self._tokens += y.shape[0]
@@ -301,8 +318,8 @@ class CudaBackend:
         self.set_experts(w13, w2)
         y = torch.empty((x.shape[0], self._layer.hidden), dtype=torch.float32, device=self._device)
         try:
-            self._layer.forward_async(_capsule(xb), _capsule(ids), _capsule(topk_weights), _capsule(y),
-                                      _stream(self._device), self._tokens)
+            _retry_out_of_memory(lambda: self._layer.forward_async(_capsule(xb), _capsule(ids), _capsule(topk_weights),
+                                                                   _capsule(y), _stream(self._device), self._tokens))
         except ValueError as err:
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
         self._tokens += int(x.shape[0])
@@ -355,8 +372,8 @@ def experts(recv_x, recv_topk, recv_weights, w13, w2, runner=None):
         raise ValueError(f"recv_x must be [R, H], got shape {tuple(recv_x.shape)}")
     out = torch.empty(tuple(recv_x.shape), dtype=torch.bfloat16, device=recv_x.device)
     runner = runner if runner is not None else _default_runner()
-    runner.run(_capsule(recv_x), _capsule(recv_topk), _capsule(recv_weights), _capsule(w13), _capsule(w2),
-               _capsule(out), _stream(recv_x.device))
+    _retry_out_of_memory(lambda: runner.run(_capsule(recv_x), _capsule(recv_topk), _capsule(recv_weights),
+                                            _capsule(w13), _capsule(w2), _capsule(out), _stream(recv_x.device)))
     return out
 
 
