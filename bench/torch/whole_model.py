@@ -344,6 +344,11 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
                                                      "trim_reason", "params", "weight_gib")})
     t0 = time.time()
     device, dtype = args.device, getattr(torch, args.dtype)
+    if torch.cuda.is_available():  # what earlier architectures left (a leak shows here, not in this one's peak)
+        free, total = torch.cuda.mem_get_info()
+        rec["cuda_at_start_gib"] = dict(allocated=torch.cuda.memory_allocated() / 2**30,
+                                        reserved=torch.cuda.memory_reserved() / 2**30, free=free / 2**30,
+                                        total=total / 2**30)
     model = (build or build_model)(info, device, dtype)
     rec["build_s"] = time.time() - t0
     rec["model_class"] = type(model).__name__
@@ -409,6 +414,10 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
     except Exception as e:  # noqa: BLE001 - reported per architecture; the other architectures still run
         rec["grace_error"] = f"{type(e).__name__}: {e}"
         rec["grace_traceback"] = traceback.format_exc(limit=6)
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            rec["cuda_at_error_gib"] = dict(allocated=torch.cuda.memory_allocated() / 2**30,
+                                            reserved=torch.cuda.memory_reserved() / 2**30, free=free / 2**30)
     rec["shapes"] = results
     del model, stock, blocks  # blocks holds the MoE modules too: all of the model's memory goes back now
     gc.collect()  # the patched modules and their Buffers may sit in reference cycles with the model
