@@ -8,6 +8,7 @@
 #include <exception>
 #include <limits>
 #include <map>
+#include <tuple>
 #include <sstream>
 
 #include "core/rng.hpp"
@@ -124,9 +125,9 @@ struct LayerInput {
     std::vector<double> affinity;  // [E, E]
     std::vector<double> load;      // [E]
     std::vector<double> source_load;  // [G, E] when the statistics were profiled on this topology, else empty
-    // hg_level2's grouping of one node's experts, by (node, its expert ids): the level-1 candidates of a layer
-    // share most of their nodes, and the grouping is a function of these alone (same seed and cap in a layer).
-    mutable std::map<std::pair<int, std::vector<int>>, Grouping> level2_memo;
+    // hg_level2's grouping of one node's experts, by (node, seed, slot cap, the node's expert ids): the level-1
+    // candidates of a layer share most of their nodes, and the grouping is a function of these alone.
+    mutable std::map<std::tuple<int, uint64_t, int, std::vector<int>>, Grouping> level2_memo;
 };
 
 // Slot-exact plans (spec §4): replication methods that choose replicas fill every free slot; "none" keeps the
@@ -279,7 +280,7 @@ HgLevel2 hg_level2(const LayerInput& in, int E, const Topology& topo, const Grou
             continue;
         }
         h.sub[n] = sub_matrix(in.affinity, E, h.ids[n]);
-        std::pair<int, std::vector<int>> key{n, h.ids[n]};
+        std::tuple<int, uint64_t, int, std::vector<int>> key{n, seed, cap, h.ids[n]};
         auto it = in.level2_memo.find(key);
         if (it == in.level2_memo.end()) {
             SpectralOptions so;
