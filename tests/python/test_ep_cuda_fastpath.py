@@ -79,7 +79,7 @@ class CpuAsCuda(unittest.TestCase):
         torch.cuda.current_device = lambda: 0
         torch.cuda.is_current_stream_capturing = lambda: False
         _cuda._ep = types.SimpleNamespace(GpuLayer=FakeLayer, GpuExperts=lambda: None,
-                                          NcclCommunicator=lambda *a: object(), GpuWorkspace=lambda: object())
+                                          NcclCommunicator=lambda *a: types.SimpleNamespace(size=1), GpuWorkspace=lambda: object())
         _cuda.available = lambda: True
         real_check = self.saved[2]
 
@@ -165,7 +165,7 @@ class CpuAsCuda(unittest.TestCase):
     def test_out_of_memory_is_retried_once_after_empty_cache(self):
         """The layer's cudaMalloc failing (torch's cache holding the memory) is retried once after
         torch.cuda.empty_cache(), with new capsules, on the checked and the short path; a second failure raises the
-        layer's message."""
+        layer's message; a rank of a larger group does not retry."""
         emptied = []
         saved = torch.cuda.empty_cache
         torch.cuda.empty_cache = lambda: emptied.append(1)
@@ -194,6 +194,13 @@ class CpuAsCuda(unittest.TestCase):
                 be.moe(self.x, self.ids, self.w, self.w13, self.w2)
             self.assertIn("cudaErrorMemoryAllocation", str(cm.exception))
             self.assertEqual((len(emptied), len(layer.calls)), (3, 3))
+            # In a group of more than one rank a failed call is not redone alone.
+            be._comm = types.SimpleNamespace(size=2)
+            failures.append(1)
+            with self.assertRaises(ValueError):
+                be.moe(self.x, self.ids, self.w, self.w13, self.w2)
+            self.assertEqual((len(emptied), len(layer.calls)), (3, 3))
+            be._comm = types.SimpleNamespace(size=1)
             # Any other refusal is not retried.
             layer.forward_async = lambda *a: (_ for _ in ()).throw(ValueError("topk_ids[0, 0] is outside [0, 8)"))
             with self.assertRaises(ValueError):

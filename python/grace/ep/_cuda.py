@@ -121,7 +121,8 @@ def _retry_out_of_memory(call):
     """call(), retried once after torch.cuda.empty_cache() when it fails for CUDA memory. The layer's scratch is
     cudaMalloc'ed outside torch's caching allocator, which keeps freed blocks cached for torch: a model that ran
     without grace before (or another model in the same process) can hold the memory the layer needs to grow. Not
-    inside a CUDA-graph capture (a captured call allocates nothing, and empty_cache may not run there)."""
+    inside a CUDA-graph capture (a captured call allocates nothing, and empty_cache may not run there). Only for
+    calls without peers: a rank of a larger group that failed mid-exchange cannot redo its part alone."""
     try:
         return call()
     except ValueError as err:
@@ -252,8 +253,8 @@ class CudaBackend:
         xb, ids = self._inputs(x, topk_idx, topk_weights)
         stream = _stream(self._device)
         try:
-            native = _retry_out_of_memory(lambda: self._layer.dispatch(_capsule(xb), _capsule(ids),
-                                                                       _capsule(topk_weights), stream, self._tokens))
+            native = self._alone_retry(lambda: self._layer.dispatch(_capsule(xb), _capsule(ids),
+                                                                    _capsule(topk_weights), stream, self._tokens))
         except ValueError as err:
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
         self._tokens += int(x.shape[0])
@@ -276,8 +277,7 @@ class CudaBackend:
         elif expert_out.dtype != torch.bfloat16:
             raise ValueError(f"expert_out must be bfloat16 or float32, got {expert_out.dtype}")
         y = torch.empty((handle.num_tokens, self._layer.hidden), dtype=torch.float32, device=self._device)
-        _retry_out_of_memory(lambda: self._layer.combine(handle._native, _capsule(expert_out), _capsule(y),
-                                                         _stream(self._device)))
+        self._layer.combine(handle._native, _capsule(expert_out), _capsule(y), _stream(self._device))
         return y
 
     def moe(self, x, topk_idx, topk_weights, w13, w2):
@@ -290,7 +290,7 @@ class CudaBackend:
                 and w13.data_ptr() == fast[2] and w2.data_ptr() == fast[3]):
             y = torch.empty((x.shape[0], fast[4]), dtype=_F32, device=self._device)
             try:  # the capsules are made inside the lambda: a call consumes them, a retry needs new ones
-                _retry_out_of_memory(lambda: self._layer.forward_async(
+                self._alone_retry(lambda: self._layer.forward_async(
                     _capsule(x), _capsule(topk_idx), _capsule(topk_weights), _capsule(y), _stream(self._device),
                     self._tokens))
             except (ValueError, TypeError, AttributeError, RuntimeError) as err:
@@ -298,6 +298,11 @@ class CudaBackend:
             self._tokens += y.shape[0]
             return y
         return self._moe_checked(x, topk_idx, topk_weights, w13, w2)
+
+    def _alone_retry(self, call):
+        """call() with _retry_out_of_memory in a group of one; in a larger group as it is (a combine is never
+        retried: the failed call has consumed its handle)."""
+        return _retry_out_of_memory(call) if self._comm.size == 1 else call()
 
     def _refused(self, x, topk_idx, topk_weights, err):
         """Raises the error for a call that the C++ layer (or to_dlpack) refused: the Python checks' message where
@@ -318,8 +323,8 @@ class CudaBackend:
         self.set_experts(w13, w2)
         y = torch.empty((x.shape[0], self._layer.hidden), dtype=torch.float32, device=self._device)
         try:
-            _retry_out_of_memory(lambda: self._layer.forward_async(_capsule(xb), _capsule(ids), _capsule(topk_weights),
-                                                                   _capsule(y), _stream(self._device), self._tokens))
+            self._alone_retry(lambda: self._layer.forward_async(_capsule(xb), _capsule(ids), _capsule(topk_weights),
+                                                                _capsule(y), _stream(self._device), self._tokens))
         except ValueError as err:
             raise _bad_id_error(topk_idx, self._layer.num_experts, err) from None
         self._tokens += int(x.shape[0])
