@@ -69,10 +69,13 @@ def median_wall_ms(fn, warmup, iters):
     return statistics.median(samples)
 
 
-def paired_overhead_us(fn, base, pairs):
-    """Median over `pairs` alternating calls of (wall time of fn - wall time of base) in microseconds: the GPU
-    work of the two is the same, so their difference is what fn adds on the host; pairing cancels the drift
-    that two separate medians of millisecond calls keep (tens of microseconds)."""
+def paired_overhead_us(fn, base, pairs, host_only=False):
+    """Median over `pairs` alternating calls of (time of fn - time of base) in microseconds. By default each time is
+    the call's wall time up to the end of its GPU work: the GPU work of the two is the same, so the difference is
+    what fn adds on the host; pairing cancels the drift that two separate medians of millisecond calls keep (tens
+    of microseconds), not the jitter of each call's GPU time. host_only: each call is timed to its return and the
+    stream drained after it, untimed: for calls that queue their work without waiting for the GPU
+    (check_ids=False), the host cost alone."""
     fn(), base()
     torch.cuda.synchronize()
     diffs = []
@@ -81,27 +84,11 @@ def paired_overhead_us(fn, base, pairs):
         for f in (fn, base):
             t0 = time.perf_counter()
             f()
-            torch.cuda.current_stream().synchronize()
+            if not host_only:
+                torch.cuda.current_stream().synchronize()
             t.append(time.perf_counter() - t0)
-        diffs.append((t[0] - t[1]) * 1e6)
-    return statistics.median(diffs)
-
-
-def paired_host_us(fn, base, pairs):
-    """Median over `pairs` alternating calls of (host time of fn - host time of base) in microseconds, each call
-    timed from its start to its return and the stream drained after it (untimed): for calls that queue their work
-    and return without waiting for the GPU (check_ids=False), this is what fn adds on the host, free of the GPU
-    time's jitter that the wall-time pairs above carry."""
-    fn(), base()
-    torch.cuda.synchronize()
-    diffs = []
-    for _ in range(pairs):
-        t = []
-        for f in (fn, base):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-            torch.cuda.current_stream().synchronize()
+            if host_only:
+                torch.cuda.current_stream().synchronize()
         diffs.append((t[0] - t[1]) * 1e6)
     return statistics.median(diffs)
 
@@ -299,9 +286,9 @@ def main():
                                                      max(args.iters, 50))
                 # The same C++ call on buf_nc's layer (no host wait): the host time the binding adds, GPU excluded.
                 caps64 = (cap(x), cap(ids), cap(gw), cap(out))
-                r["binding_host_us"] = paired_host_us(fn_nc,
-                                                      lambda: buf_nc._backend._layer.forward_async(*caps64, stream, 0),
-                                                      max(args.iters, 50))
+                r["binding_host_us"] = paired_overhead_us(
+                    fn_nc, lambda: buf_nc._backend._layer.forward_async(*caps64, stream, 0), max(args.iters, 50),
+                    host_only=True)
                 totals, stages = [], {}
                 for _ in range(args.iters):
                     be.forward_reference(x, ids, gw, w13_local, w2_local)
