@@ -164,7 +164,7 @@ class CpuAsCuda(unittest.TestCase):
 
     def test_out_of_memory_is_retried_once_after_empty_cache(self):
         """The layer's cudaMalloc failing (torch's cache holding the memory) is retried once after
-        torch.cuda.empty_cache(), with new capsules, on the checked and the short path; a second failure raises the
+        torch.cuda.empty_cache(), on the checked and the short path; a second failure raises the
         layer's message; a rank of a larger group does not retry."""
         emptied = []
         saved = torch.cuda.empty_cache

@@ -289,7 +289,7 @@ class CudaBackend:
         if (fast is not None and w13 is fast[0] and w2 is fast[1] and type(x) is torch.Tensor and x.dtype is _BF16
                 and w13.data_ptr() == fast[2] and w2.data_ptr() == fast[3]):
             y = torch.empty((x.shape[0], fast[4]), dtype=_F32, device=self._device)
-            try:  # the capsules are made inside the lambda: a call consumes them, a retry needs new ones
+            try:  # a layer allocation failing for memory is retried once in a group of one
                 self._alone_retry(lambda: self._layer.forward_async(
                     _capsule(x), _capsule(topk_idx), _capsule(topk_weights), _capsule(y), _stream(self._device),
                     self._tokens))
