@@ -189,6 +189,7 @@ class CudaBackend:
         self._check_ids = check_ids
         self._workspace = None
         self._comm = None
+        self._alone = True
         self._layer = None
         self._device = None
         self._weights_key = None
@@ -210,6 +211,7 @@ class CudaBackend:
         self._device = x.device
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         self._comm = _ep.NcclCommunicator(self._topology, index, self._timeout, self._host_impl)
+        self._alone = self._comm.size == 1  # a group of one process (the out-of-memory retry is for it alone)
         if self._share_workspace:
             self._workspace = shared_workspace(index, self._host_impl)
         self._layer = _ep.GpuLayer(self._comm, self._plan, self._layer_index, int(x.shape[1]), 0, self._scheme,
@@ -302,7 +304,7 @@ class CudaBackend:
     def _alone_retry(self, call):
         """call() with _retry_out_of_memory in a group of one; in a larger group as it is (a combine is never
         retried: the failed call has consumed its handle)."""
-        return _retry_out_of_memory(call) if self._comm.size == 1 else call()
+        return _retry_out_of_memory(call) if self._alone else call()
 
     def _refused(self, x, topk_idx, topk_weights, err):
         """Raises the error for a call that the C++ layer (or to_dlpack) refused: the Python checks' message where
