@@ -413,7 +413,7 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
                 results[name]["grace"] = "out of memory"
     except Exception as e:  # noqa: BLE001 - reported per architecture; the other architectures still run
         rec["grace_error"] = f"{type(e).__name__}: {e}"
-        rec["grace_traceback"] = traceback.format_exc(limit=6)
+        rec["grace_traceback"] = short_traceback(6)
         if torch.cuda.is_available():
             free, _ = torch.cuda.mem_get_info()
             rec["cuda_at_error_gib"] = dict(allocated=torch.cuda.memory_allocated() / 2**30,
@@ -424,6 +424,29 @@ def run_arch(arch, info, shapes, args, build=None, patch_kwargs=None):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rec
+
+
+def short_traceback(limit):
+    """traceback.format_exc with the machine's own directories cut out of the file names (the repository root;
+    site-packages and the standard library as <site-packages>/ and <stdlib>/), so that a recorded result names no
+    local path."""
+    import re
+    import sysconfig
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+    stdlib = sysconfig.get_paths()["stdlib"] + os.sep
+
+    def short(m):
+        path = m.group(1)
+        if path.startswith(root):
+            path = path[len(root):]
+        else:
+            path = re.sub(r"^.*?[/\\](?:site|dist)-packages[/\\]", "<site-packages>/", path)
+            if path.startswith(stdlib):
+                path = "<stdlib>/" + path[len(stdlib):]
+        return f'File "{path}"'
+
+    return re.sub(r'File "([^"]*)"', short, traceback.format_exc(limit=limit))
 
 
 def fmt(x, digits=1):
@@ -558,7 +581,7 @@ def main(argv=None):
         try:
             rec = run_arch(arch, infos[arch], shapes, args)
         except Exception as e:  # noqa: BLE001 - one architecture failing must not lose the others
-            rec = dict(arch=arch, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+            rec = dict(arch=arch, error=f"{type(e).__name__}: {e}", traceback=short_traceback(8))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rec["wall_s"] = time.time() - t0
