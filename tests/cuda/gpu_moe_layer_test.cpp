@@ -538,6 +538,26 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
     }
 }
 
+// One GPU as a 1x1 group: the NCCL communicator over a local host communicator, and a non-blocking stream
+// (destroyed with it, also when a test stops early).
+struct OneGpu {
+    grace::Topology topo{1, 1};
+    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
+    std::unique_ptr<grace::Communicator> nccl;
+    cudaStream_t stream = nullptr;
+    OneGpu() {
+        int device = 0;
+        CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
+        nccl = gc::make_nccl_communicator({topo}, host, device);
+        CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    }
+    ~OneGpu() {
+        if (stream) cudaStreamDestroy(stream);
+    }
+    OneGpu(const OneGpu&) = delete;
+    OneGpu& operator=(const OneGpu&) = delete;
+};
+
 // set_host_id_check(false) on one GPU: calls queued back to back with no host wait (T grows between them, so the
 // pinned slot copy is reallocated behind in-flight copies) give the same outputs and destinations as the checked
 // layer; an id >= E then selects no expert (the output of the same batch with -1 there) instead of throwing. The
@@ -545,15 +565,12 @@ TEST(GpuMoeLayerPhases, NcclOverGivenHostCommunicator) {
 TEST(GpuMoeLayerPhases, OneGpuWithoutHostIdCheck) {
     REQUIRE_GPU();
     if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
-    const grace::Topology topo{1, 1};
-    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
-    int device = 0;
-    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
-    auto nccl = gc::make_nccl_communicator({topo}, host, device);
+    const OneGpu one;
+    const grace::Topology& topo = one.topo;
+    const auto& nccl = one.nccl;
+    cudaStream_t stream = one.stream;
     const Case c{16, 4, 128, 64, 50};
     const auto layer = make_layer(c.E, topo);
-    cudaStream_t stream = nullptr;
-    CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     for (auto scheme : kSchemes) {
         SCOPED_TRACE(grace::to_string(scheme));
         gc::GpuMoeLayerOptions go;
@@ -618,7 +635,6 @@ TEST(GpuMoeLayerPhases, OneGpuWithoutHostIdCheck) {
         EXPECT_EQ(out_bad.download(nh), out_masked.download(nh));
         EXPECT_EQ(bad_dest, checked.last_dest_ranks());
     }
-    CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
 }
 
 namespace {
@@ -674,15 +690,12 @@ TEST(GpuMoeLayerPhases, OneGpuCapturedInACudaGraph) {
     REQUIRE_GPU();
     if (grace::launched_process_count() != 1) GTEST_SKIP() << "1x1 test: run with one process";
     if (!gc::sm90_gemm_available()) GTEST_SKIP() << "capture needs the sm90 GEMM (compute capability 9.0)";
-    const grace::Topology topo{1, 1};
-    std::shared_ptr<grace::Communicator> host = grace::make_communicator("local", {topo});
-    int device = 0;
-    CUDA_RUNTIME_CHECK(cudaGetDevice(&device));
-    auto nccl = gc::make_nccl_communicator({topo}, host, device);
+    const OneGpu one;
+    const grace::Topology& topo = one.topo;
+    const auto& nccl = one.nccl;
+    cudaStream_t stream = one.stream;
     const Case c{16, 4, 128, 128, 50};
     const auto layer = make_layer(c.E, topo);
-    cudaStream_t stream = nullptr;
-    CUDA_RUNTIME_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     const size_t nh = size_t(c.T) * c.H;
     for (auto scheme : kSchemes) {
         SCOPED_TRACE(grace::to_string(scheme));
@@ -764,7 +777,6 @@ TEST(GpuMoeLayerPhases, OneGpuCapturedInACudaGraph) {
         EXPECT_EQ(out.download(nh), ref.download(nh));
         EXPECT_EQ(graphed.last_dest_ranks(), eager.last_dest_ranks());
     }
-    CUDA_RUNTIME_CHECK(cudaStreamDestroy(stream));
 }
 
 // ---- A GpuWorkspace shared by two layers ----
